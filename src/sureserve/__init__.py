@@ -1,0 +1,29 @@
+"""sureserve: run Hugging Face transformer models fast, and never silently wrong.
+
+Public API (pinned by tests/test_public_api.py)::
+
+    import sureserve
+    m = sureserve.load("minilm")          # zoo alias, local folder or cached hub id
+    vecs = m.embed(["some text"])         # (n, dim) numpy array, input order
+    sureserve.info("smollm2")             # plan + facts, no weights loaded
+"""
+
+from sureserve import errors
+from sureserve.api import info, load
+from sureserve.engine import Engine, RunSummary
+from sureserve.settings import Settings
+from sureserve.zoo import DEFAULT_MODEL, ZOO
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ZOO",
+    "Engine",
+    "RunSummary",
+    "Settings",
+    "__version__",
+    "errors",
+    "info",
+    "load",
+]

@@ -1,0 +1,149 @@
+"""The batch planner: pure Python, no torch, no I/O.
+
+A padded batch costs ``longest × count`` tokens of compute, so the planner sorts pending
+work by length and cuts batches that stay under a token budget. Sorting a whole window
+makes neighbours in a batch similar in length, which is what keeps padding small; the
+window bounds how many texts are held at once.
+
+Two forms share one cutting rule (``cut``):
+* ``plan_batches(lengths, ...)`` for offline work over a known list;
+* ``BatchPlanner`` with ``add / plan / update``, the state machine the server's engine
+  loop drives (vLLM's SchedulerInterface, in miniature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Items run together in one forward pass, padded to ``max_len``."""
+
+    ids: tuple[int, ...]
+    max_len: int
+    real_tokens: int
+
+    @property
+    def cost(self) -> int:
+        """Tokens the forward pass computes, padding included."""
+        return self.max_len * len(self.ids)
+
+
+def cut(
+    items: Iterable[tuple[int, int]],
+    max_tokens: int,
+    max_size: int,
+    min_tokens: int = 0,
+    max_padding: float = 1.0,
+) -> list[Batch]:
+    """Cut ``(id, length)`` items into batches, longest first.
+
+    A batch closes when it is full (``max_size`` items or ``max_tokens`` of cost), or when
+    it already costs ``min_tokens`` and the next item would push its padding share above
+    ``max_padding``. The second rule exists because on a CPU the forward pass is about as
+    efficient at ~1-2k tokens as at 8k, so a bigger batch buys nothing once it is that size,
+    while padding costs its full price.
+
+    Invariant: every item is in exactly one batch, and a batch's cost is at most
+    ``max_tokens`` unless it holds a single item that is longer than the budget on its own
+    (it still has to run; the usable-length limit, not the budget, bounds single texts).
+    Longest-first puts the most memory-hungry batch at the start, so an out-of-memory
+    problem shows at once rather than at the end of a long run.
+    """
+    ordered = sorted(items, key=lambda it: (-it[1], it[0]))
+    batches: list[Batch] = []
+    ids: list[int] = []
+    longest = 0
+    real = 0
+    for item_id, length in ordered:
+        # lengths descend, so the batch's longest is its first item's length
+        if ids and _closes(len(ids), longest, real, length, max_tokens, max_size,
+                           min_tokens, max_padding):
+            batches.append(Batch(tuple(ids), longest, real))
+            ids, real = [], 0
+        if not ids:
+            longest = max(length, 1)
+        ids.append(item_id)
+        real += length
+    if ids:
+        batches.append(Batch(tuple(ids), longest, real))
+    return batches
+
+
+def _closes(n: int, longest: int, real: int, length: int, max_tokens: int, max_size: int,
+            min_tokens: int, max_padding: float) -> bool:
+    """Whether a batch of ``n`` items must close before taking one of ``length`` tokens."""
+    cost = longest * (n + 1)
+    if n >= max_size or cost > max_tokens:
+        return True
+    padding_share = (cost - real - length) / cost
+    return longest * n >= min_tokens and padding_share > max_padding
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    max_tokens: int,
+    max_size: int,
+    window: int,
+    min_tokens: int = 0,
+    max_padding: float = 1.0,
+) -> list[Batch]:
+    """Batches over ``lengths`` (ids are positions), sorting ``window`` items at a time."""
+    if max_tokens < 1 or max_size < 1 or window < 1:
+        raise ValueError("max_tokens, max_size and window must be positive")
+    out: list[Batch] = []
+    for start in range(0, len(lengths), window):
+        part = range(start, min(start + window, len(lengths)))
+        out.extend(cut(((i, lengths[i]) for i in part), max_tokens, max_size,
+                       min_tokens, max_padding))
+    return out
+
+
+@dataclass
+class BatchPlanner:
+    """State machine for the serving loop: ``add`` work, ``plan`` a batch, ``update`` after.
+
+    One step is one forward pass; an embedding or classification item finishes in the step
+    that runs it. ``plan`` takes the waiting window sorted by length and returns the first
+    batch cut from it (the longest texts first), leaving the rest waiting.
+    """
+
+    max_tokens: int
+    max_size: int
+    window: int = 4096
+    min_tokens: int = 0
+    max_padding: float = 1.0
+    waiting: dict[int, int] = field(default_factory=dict)  # id -> length, insertion ordered
+    running: set[int] = field(default_factory=set)
+
+    def add(self, item_id: int, length: int) -> None:
+        if item_id in self.waiting or item_id in self.running:
+            raise ValueError(f"item {item_id} is already planned")
+        self.waiting[item_id] = length
+
+    def cancel(self, item_ids: Iterable[int]) -> None:
+        """Forget waiting items whose caller went away (running ones finish anyway)."""
+        for i in item_ids:
+            self.waiting.pop(i, None)
+
+    def plan(self) -> Batch | None:
+        if not self.waiting:
+            return None
+        # the oldest `window` items are eligible, so nothing waits forever behind newcomers
+        eligible = list(self.waiting.items())[: self.window]
+        batch = cut(eligible, self.max_tokens, self.max_size, self.min_tokens,
+                    self.max_padding)[0]
+        for i in batch.ids:
+            del self.waiting[i]
+            self.running.add(i)
+        return batch
+
+    def update(self, finished: Iterable[int]) -> None:
+        for i in finished:
+            self.running.discard(i)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)

@@ -1,0 +1,266 @@
+"""The ``sureserve`` command line. Flags' help text comes from ``Settings``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sureserve.errors import BadLineError, SureserveError
+from sureserve.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run transformer models fast, and never silently wrong.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Build or inspect the packaged model zoo.")
+app.add_typer(zoo_app, name="zoo")
+err = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _opt(name: str, *flags: str) -> Any:
+    return typer.Option(*flags, help=Settings.help(name), show_default=False)
+
+
+ModelArg = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id.")]
+TaskOpt = Annotated[str | None, typer.Option("--task", help="embed, classify or generate "
+                                              "(default: inferred from the config).")]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Pinned hub revision.")]
+DeviceOpt = Annotated[str | None, _opt("device", "--device")]
+DtypeOpt = Annotated[str | None, _opt("dtype", "--dtype")]
+AttnOpt = Annotated[str | None, _opt("attn_implementation", "--attn")]
+PickleOpt = Annotated[bool | None, _opt("allow_pickle", "--allow-pickle/--no-allow-pickle")]
+TruncOpt = Annotated[str | None, _opt("truncation", "--truncation")]
+StrideOpt = Annotated[int | None, _opt("chunk_stride", "--chunk-stride")]
+BudgetOpt = Annotated[int | None, _opt("max_batch_tokens", "--max-batch-tokens")]
+SkipOpt = Annotated[bool | None, _opt("skip_bad_lines", "--skip-bad-lines/--no-skip-bad-lines")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except SureserveError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        if exc.fix:
+            err.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
+        sys.exit(1)
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """List the packaged model zoo."""
+    from sureserve.zoo import DEFAULT_MODEL, ZOO
+
+    s = Settings()
+    rows = [{"name": e.name, "task": e.task, "default": e.name == DEFAULT_MODEL,
+             "ready": e.is_ready(s), "package": e.package, "description": e.description}
+            for e in ZOO.values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table("alias", "task", "ready", "from package", "description")
+    for r in rows:
+        name = r["name"] + (" (default)" if r["default"] else "")
+        ready = "yes" if r["ready"] else "built on first use"
+        t.add_row(name, r["task"], ready, r["package"], r["description"])
+    out.print(t)
+
+
+@app.command()
+def info(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")],
+         task: TaskOpt = None, revision: RevisionOpt = None, device: DeviceOpt = None,
+         dtype: DtypeOpt = None, attn: AttnOpt = None, allow_pickle: PickleOpt = None,
+         as_json: JsonOpt = False) -> None:
+    """Show the load plan and why, and what the model folder holds."""
+    from sureserve.loading.describe import describe
+
+    s = Settings.build(device=device, dtype=dtype, attn_implementation=attn,
+                       allow_pickle=allow_pickle)
+    d = describe(model, task, revision, s)
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    _print_info(d)
+
+
+def _print_info(d: dict[str, Any]) -> None:
+    plan = d["plan"]
+    out.print(f"[bold]{d['identifier']}[/] ({d['source']}) → {d['path']}")
+    t = Table(show_header=False, box=None)
+    params = d["parameters"]
+    for k, v in [
+        ("task", d["task"]), ("architecture", f"{d['architecture']} ({d['model_type']})"),
+        ("parameters", f"{params:,}" if params else "unknown"),
+        ("vocab (config / tokenizer)", f"{d['config_vocab_size']} / {d['tokenizer_vocab_size']} "
+                                      f"({d['tokenizer_class']})"),
+        ("max positions", d["max_position_embeddings"]),
+        ("usable max tokens", f"{d['usable_max_tokens']} (set by {d['usable_max_bound_by']})"),
+        ("special tokens", ", ".join(f"{k}={v}" for k, v in d["special_tokens"].items())),
+        ("sentence-transformers", d["sentence_transformers"]),
+        ("labels", d["labels"]),
+        ("chat template", d["chat_template"]),
+        ("KV cache bytes/token", d["kv_cache_bytes_per_token"]),
+        ("plan", f"device={plan['device']} dtype={plan['dtype']} "
+                 f"attention={plan['attn_implementation']}"),
+    ]:
+        if v is not None:
+            t.add_row(f"[bold]{k}[/]", str(v))
+    out.print(t)
+    for r in plan["reasons"]:
+        out.print(f"  why: {r}", highlight=False)
+    for w in plan["warnings"]:
+        out.print(f"  [yellow]warning:[/] {w}", highlight=False)
+    ft = Table("file", "bytes")
+    for f in d["files"]:
+        ft.add_row(f["name"], f"{f['bytes']:,}")
+    out.print(ft)
+
+
+@zoo_app.command("build")
+def zoo_build(names: Annotated[list[str] | None, typer.Argument(help="Aliases (default: all).")]
+              = None, corpora: Annotated[bool, typer.Option(help="Also fetch the corpora.")]
+              = True) -> None:
+    """Build zoo entries and fetch corpora now, instead of on first use."""
+    from sureserve.zoo import ZOO
+    from sureserve.zoo.corpora import bbc_dir, vader_dir
+
+    s = Settings()
+    if corpora:
+        err.print(f"corpora: vader at {vader_dir(s)}, bbc at {bbc_dir()}")
+    for name in names or list(ZOO):
+        if name not in ZOO:
+            raise SureserveError(f"unknown zoo alias {name!r}", f"use one of {', '.join(ZOO)}")
+        err.print(f"{name}: {ZOO[name].path(s)}")
+
+
+def _texts_source(texts: list[str] | None, input_file: Path | None, field: str,
+                  skip: bool, skipped: list[BadLineError]) -> tuple[Iterator[Any], str]:
+    from sureserve.textio import Record, read_records
+
+    if texts and input_file:
+        raise typer.BadParameter("give texts as arguments or --input, not both")
+    if texts:
+        return iter([Record(i + 1, t) for i, t in enumerate(texts)]), "args"
+    if input_file is None:
+        return read_records(sys.stdin.buffer, ".txt", skip=skip, skipped=skipped), "stdin"
+    fmt = input_file.suffix.lower()
+    fh = open(input_file, "rb")  # noqa: SIM115 - closed when the process ends
+    return read_records(fh, fmt, field=field, skip=skip, skipped=skipped), str(input_file)
+
+
+def _run_texts(kind: str, model: str, texts: list[str] | None, input_file: Path | None,
+               output: Path | None, field: str, settings: Settings, task: str | None,
+               emit: Callable[[Any, list[Any], Any], None], finish: Callable[[], None]) -> None:
+    import sureserve
+    from sureserve.engine import RunSummary
+    from sureserve.textio import windows
+
+    skipped: list[BadLineError] = []
+    records, _ = _texts_source(texts, input_file, field, settings.skip_bad_lines, skipped)
+    engine = sureserve.load(model, task=task, settings=settings)
+    total = RunSummary()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="text", desc=kind, disable=None, file=sys.stderr)
+    done = 0
+    try:
+        for win in windows(records, settings.planner_window):
+            rows, summary = engine.run([r.text for r in win], first_index=done,
+                                       on_texts_done=bar.update)
+            emit(engine, win, (rows, summary, done))
+            total.add(summary)
+            done += len(win)
+    finally:
+        finish()
+        bar.close()
+        for bad in skipped:
+            err.print(f"[yellow]skipped[/] {bad.message}", highlight=False)
+        err.print(f"{kind}: {total.line()}" + (f", {len(skipped)} bad lines skipped"
+                                                if skipped else ""), highlight=False)
+
+
+@app.command()
+def embed(texts: Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / "
+                                                            "stdin).")] = None,
+          model: ModelArg = "minilm",
+          input_file: Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl or "
+                                                          ".csv file.")] = None,
+          output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl or .npy "
+                                                      "(default: JSONL on stdout).")] = None,
+          field: Annotated[str, typer.Option(help="JSONL field or CSV column.")] = "text",
+          normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize",
+                               help="Unit-length vectors (default: as the model says).")] = None,
+          truncation: TruncOpt = None, chunk_stride: StrideOpt = None,
+          max_batch_tokens: BudgetOpt = None, skip_bad_lines: SkipOpt = None,
+          device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
+    """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
+    from sureserve.textio import JsonlWriter, NpyWriter
+
+    s = Settings.build(truncation=truncation, chunk_stride=chunk_stride, device=device,
+                       dtype=dtype, max_batch_tokens=max_batch_tokens,
+                       skip_bad_lines=skip_bad_lines)
+    npy = output is not None and output.suffix == ".npy"
+    writer: Any = NpyWriter(output) if npy and output else JsonlWriter(output)
+
+    def emit(engine: Any, win: list[Any], res: Any) -> None:
+        rows, summary, start = res
+        vecs = engine.task.postprocess(rows, normalize=normalize)
+        if npy:
+            writer.write(vecs)
+            return
+        cut = set(summary.truncated)
+        writer.write({"index": start + i, "line": r.line, "embedding": v.tolist(),
+                      "truncated": start + i in cut, "windows": summary.chunked.get(start + i, 1)}
+                     for i, (r, v) in enumerate(zip(win, vecs, strict=True)))
+
+    _run_texts("embed", model, texts, input_file, output, field, s, "embed", emit, writer.close)
+
+
+@app.command()
+def classify(texts: Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / "
+                                                               "stdin).")] = None,
+             model: ModelArg = "sentiment-demo",
+             input_file: Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl "
+                                                             "or .csv file.")] = None,
+             output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl file "
+                                                         "(default: stdout).")] = None,
+             field: Annotated[str, typer.Option(help="JSONL field or CSV column.")] = "text",
+             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1,
+             truncation: TruncOpt = None, chunk_stride: StrideOpt = None,
+             max_batch_tokens: BudgetOpt = None, skip_bad_lines: SkipOpt = None,
+             device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
+    """Classify texts; writes one JSON line per text in input order."""
+    from sureserve.textio import JsonlWriter
+
+    s = Settings.build(truncation=truncation, chunk_stride=chunk_stride, device=device,
+                       dtype=dtype, max_batch_tokens=max_batch_tokens,
+                       skip_bad_lines=skip_bad_lines)
+    writer = JsonlWriter(output)
+
+    def emit(engine: Any, win: list[Any], res: Any) -> None:
+        rows, summary, start = res
+        results = engine.task.postprocess(rows, top_k=top_k or None)
+        cut = set(summary.truncated)
+        lines = []
+        for i, (r, res_i) in enumerate(zip(win, results, strict=True)):
+            item = dict(res_i) if top_k == 1 else {"labels": res_i}
+            item.update({"index": start + i, "line": r.line, "truncated": start + i in cut,
+                         "windows": summary.chunked.get(start + i, 1)})
+            lines.append(item)
+        writer.write(lines)
+
+    _run_texts("classify", model, texts, input_file, output, field, s, "classify", emit,
+               writer.close)
+
+
+if __name__ == "__main__":
+    main()

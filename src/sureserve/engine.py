@@ -1,0 +1,192 @@
+"""The engine: owns model + task + planner and runs texts through them.
+
+``Engine.run`` is the whole offline request path:
+
+    texts → task.preprocess (tokenize once) → apply_policy (error/truncate/chunk)
+          → plan_batches (sorted, token budget) → task.forward per batch
+          → merge pieces per text → task.postprocess → outputs in input order
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sureserve.batching.planner import plan_batches
+from sureserve.batching.truncation import apply_policy
+from sureserve.errors import TaskMismatchError
+from sureserve.loading.loader import Loaded
+from sureserve.settings import Settings
+from sureserve.tasks import TASK_CLASSES, Task
+from sureserve.tasks.base import merge
+
+
+@dataclass
+class RunSummary:
+    """What one run did, for the user: counts, padding, truncation and the limit in force."""
+
+    texts: int = 0
+    pieces: int = 0
+    batches: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    truncated: list[int] = field(default_factory=list)
+    chunked: dict[int, int] = field(default_factory=dict)
+    limit: int = 0
+    bound_by: str = ""
+    policy: str = "error"
+    seconds: float = 0.0
+
+    @property
+    def padding_ratio(self) -> float:
+        """Padded tokens computed per real token."""
+        return (self.computed_tokens - self.real_tokens) / max(self.real_tokens, 1)
+
+    @property
+    def padding_share(self) -> float:
+        """Share of computed tokens that were padding."""
+        return (self.computed_tokens - self.real_tokens) / max(self.computed_tokens, 1)
+
+    def add(self, other: RunSummary) -> None:
+        """Accumulate a later window's summary into this one (indices are global)."""
+        for name in ("texts", "pieces", "batches", "real_tokens", "computed_tokens", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.truncated.extend(other.truncated)
+        self.chunked.update(other.chunked)
+        self.limit, self.bound_by, self.policy = other.limit, other.bound_by, other.policy
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["chunked"] = {str(k): v for k, v in self.chunked.items()}
+        d["padding_ratio"] = round(self.padding_ratio, 4)
+        d["padding_share"] = round(self.padding_share, 4)
+        d["texts_per_s"] = round(self.texts / self.seconds, 1) if self.seconds else None
+        return d
+
+    def line(self) -> str:
+        parts = [f"{self.texts} texts in {self.seconds:.2f}s",
+                 f"{self.real_tokens} real tokens",
+                 f"padding {self.padding_ratio:.1%} of real tokens",
+                 f"limit {self.limit} tokens ({self.bound_by})"]
+        if self.truncated:
+            parts.append(f"{len(self.truncated)} TRUNCATED")
+        if self.chunked:
+            parts.append(f"{len(self.chunked)} split into {sum(self.chunked.values())} windows")
+        return ", ".join(parts)
+
+
+class Engine:
+    """A loaded model ready to run: returned by ``sureserve.load``."""
+
+    def __init__(self, loaded: Loaded, settings: Settings) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self.task_name = loaded.task
+        cls = TASK_CLASSES.get(loaded.task)
+        self.task: Task | None = cls(loaded) if cls else None
+        self.last_summary: RunSummary | None = None
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    def _require(self, task: str) -> Task:
+        if self.task is None or self.task_name != task:
+            raise TaskMismatchError(
+                f"this model was loaded for {self.task_name!r}, not {task!r}",
+                f"load it with task={task!r} if the model has the head for it",
+            )
+        return self.task
+
+    def run(
+        self,
+        texts: Sequence[str],
+        *,
+        truncation: str | None = None,
+        first_index: int = 0,
+        on_texts_done: Callable[[int], None] | None = None,
+    ) -> tuple[np.ndarray, RunSummary]:
+        """Merged per-text rows (pooled embeddings or logits) in input order, and a summary.
+
+        ``first_index`` offsets the indices in errors and the summary, for callers that
+        feed a long input in windows.
+        """
+        task = self.task
+        if task is None:
+            raise TaskMismatchError(f"run() serves embed/classify; this model is for "
+                                    f"{self.task_name!r}", "use the generation API")
+        started = time.perf_counter()
+        s = self.settings
+        policy = truncation or s.truncation
+        limit = self.loaded.limit
+        ids = task.preprocess(texts)
+        res = apply_policy(ids, limit.value, policy, prefix=task.prefix, suffix=task.suffix,
+                           stride=s.chunk_stride, bound_by=limit.bound_by,
+                           first_index=first_index)
+        pieces = res.pieces
+        batches = plan_batches([p.weight for p in pieces], s.max_batch_tokens,
+                               s.max_batch_size, s.planner_window, s.min_batch_tokens,
+                               s.max_padding_share)
+        remaining = np.bincount([p.text_index - first_index for p in pieces],
+                                minlength=len(texts))
+        rows: np.ndarray | None = None
+        for batch in batches:
+            out = task.forward([pieces[i] for i in batch.ids])
+            if rows is None:
+                rows = np.empty((len(pieces), out.shape[1]), dtype=np.float32)
+            rows[list(batch.ids)] = out
+            if on_texts_done is not None:
+                done_idx = [pieces[i].text_index - first_index for i in batch.ids]
+                np.subtract.at(remaining, done_idx, 1)
+                on_texts_done(int(sum(remaining[j] == 0 for j in set(done_idx))))
+        width = rows.shape[1] if rows is not None else self._output_width()
+        merged = merge(pieces, rows if rows is not None else np.zeros((0, width), np.float32),
+                       len(texts), first_index)
+        summary = RunSummary(
+            texts=len(texts), pieces=len(pieces), batches=len(batches),
+            real_tokens=sum(p.weight for p in pieces),
+            computed_tokens=sum(b.cost for b in batches),
+            truncated=res.truncated, chunked=res.chunked, limit=limit.value,
+            bound_by=limit.bound_by, policy=policy, seconds=time.perf_counter() - started,
+        )
+        self.last_summary = summary
+        return merged, summary
+
+    def _output_width(self) -> int:
+        if self.task_name == "classify":
+            return len(self._require("classify").labels)  # type: ignore[attr-defined]
+        return int(self.loaded.config.get("hidden_size", 0))
+
+    def embed(self, texts: Sequence[str], *, truncation: str | None = None,
+              normalize: bool | None = None) -> np.ndarray:
+        """Embeddings, shape (n, dim), in input order; unit length if the model says so."""
+        task = self._require("embed")
+        rows, _ = self.run(texts, truncation=truncation)
+        return task.postprocess(rows, normalize=normalize)  # type: ignore[no-any-return]
+
+    def classify(self, texts: Sequence[str], *, truncation: str | None = None,
+                 top_k: int | None = 1) -> list[Any]:
+        """Labels with scores, in input order (see ClassifyTask.postprocess for top_k)."""
+        task = self._require("classify")
+        rows, summary = self.run(texts, truncation=truncation)
+        out = task.postprocess(rows, top_k=top_k)
+        if summary.policy != "error":  # per-item flags whenever cutting was allowed
+            cut = set(summary.truncated)
+            for i, item in enumerate(out):
+                for d in item if isinstance(item, list) else [item]:
+                    d["truncated"] = i in cut
+                    d["windows"] = summary.chunked.get(i, 1)
+        return out  # type: ignore[no-any-return]
+
+    def info(self) -> dict[str, Any]:
+        from sureserve.loading.describe import describe_loaded
+
+        return describe_loaded(self.loaded)

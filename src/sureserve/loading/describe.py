@@ -1,0 +1,85 @@
+"""``sureserve info``: the plan and why, plus facts about the model folder and tokenizer.
+
+Reads headers and configs only; the weights are not loaded, so it is quick on any model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sureserve.loading.inspect import (
+    architecture,
+    files_with_sizes,
+    infer_task,
+    kv_bytes_per_token,
+    parameter_count,
+    position_limit,
+    read_json,
+    sentence_transformers_config,
+    usable_max,
+)
+from sureserve.loading.loader import Loaded, load_tokenizer
+from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
+from sureserve.loading.source import Source, resolve, vet_weights
+from sureserve.settings import Settings
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def describe(identifier: str, task: str | None = None, revision: str | None = None,
+             settings: Settings | None = None) -> dict[str, Any]:
+    settings = settings or Settings()
+    source = resolve(identifier, revision, settings)
+    config = read_json(source.path / "config.json")
+    task = infer_task(source.path, config, task)
+    vet_weights(source.path, settings.allow_pickle)
+    plan = make_plan(detect_caps(), settings.device, settings.dtype, settings.attn_implementation)
+    tok = load_tokenizer(source)
+    return _facts(source, source, task, plan, config, tok)
+
+
+def describe_loaded(loaded: Loaded) -> dict[str, Any]:
+    d = _facts(loaded.source, loaded.tokenizer_source, loaded.task, loaded.plan,
+               loaded.config, loaded.tokenizer)
+    d["warnings"] = list(loaded.warnings)
+    d["load_seconds"] = round(loaded.load_seconds, 2)
+    return d
+
+
+def _facts(source: Source, tok_source: Source, task: str, plan: LoadPlan,
+           config: dict[str, Any], tok: Any) -> dict[str, Any]:
+    st = sentence_transformers_config(source.path)
+    limit = usable_max(config, getattr(tok, "model_max_length", None), st)
+    kv = kv_bytes_per_token(config, DTYPE_BYTES.get(plan.dtype, 4)) if task == "generate" else None
+    return {
+        "identifier": source.identifier,
+        "source": source.kind,
+        "revision": source.revision,
+        "path": str(source.path),
+        "tokenizer_path": str(tok_source.path),
+        "tokenizer_overridden": tok_source.path != source.path,
+        "task": task,
+        "architecture": architecture(config),
+        "model_type": config.get("model_type"),
+        "parameters": parameter_count(source.path),
+        "config_vocab_size": config.get("vocab_size"),
+        "tokenizer_vocab_size": len(tok),
+        "tokenizer_class": type(tok).__name__,
+        "max_position_embeddings": position_limit(config),
+        "tokenizer_model_max_length": _finite(getattr(tok, "model_max_length", None)),
+        "usable_max_tokens": limit.value,
+        "usable_max_bound_by": limit.bound_by,
+        "special_tokens": {k: str(v) for k, v in tok.special_tokens_map.items()},
+        "sentence_transformers": (
+            {"pooling": st.pooling, "normalize": st.normalize, "max_seq_length": st.max_seq_length}
+            if st else None),
+        "labels": config.get("id2label") if task == "classify" else None,
+        "chat_template": bool(getattr(tok, "chat_template", None)),
+        "kv_cache_bytes_per_token": kv,
+        "plan": plan.to_dict(),
+        "files": files_with_sizes(source.path),
+    }
+
+
+def _finite(n: int | None) -> int | None:
+    return int(n) if n is not None and n < 1_000_000 else None

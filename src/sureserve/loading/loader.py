@@ -1,0 +1,120 @@
+"""Load a tokenizer and a model together, following a LoadPlan.
+
+The tokenizer comes from the model's own folder unless the caller names another source;
+then the report carries a loud warning, because a mismatched tokenizer is the classic way
+to get confident, wrong answers with no error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sureserve.errors import ModelSourceError
+from sureserve.loading.inspect import (
+    STConfig,
+    TokenLimit,
+    infer_task,
+    read_json,
+    sentence_transformers_config,
+    usable_max,
+)
+from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
+from sureserve.loading.source import Source, resolve, vet_weights
+from sureserve.settings import Settings
+
+log = logging.getLogger("sureserve.loading")
+
+AUTO_CLASSES = {"embed": "AutoModel", "classify": "AutoModelForSequenceClassification",
+                "generate": "AutoModelForCausalLM"}
+
+
+@dataclass
+class Loaded:
+    """Everything a task needs: model, tokenizer, and how they were chosen."""
+
+    model: Any
+    tokenizer: Any
+    source: Source
+    tokenizer_source: Source
+    task: str
+    plan: LoadPlan
+    config: dict[str, Any]
+    st: STConfig | None
+    limit: TokenLimit
+    warnings: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
+
+
+def load_tokenizer(source: Source) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+    except Exception as exc:
+        raise ModelSourceError(f"could not load a tokenizer from {source.path}: {exc}",
+                               "check that the folder holds tokenizer.json or its vocab files") \
+            from exc
+
+
+def load(
+    identifier: str,
+    task: str | None = None,
+    revision: str | None = None,
+    settings: Settings | None = None,
+    tokenizer: str | None = None,
+) -> Loaded:
+    import torch
+    import transformers
+
+    settings = settings or Settings()
+    started = time.perf_counter()
+    source = resolve(identifier, revision, settings)
+    config = read_json(source.path / "config.json")
+    task = infer_task(source.path, config, task)
+    use_safetensors = vet_weights(source.path, settings.allow_pickle)
+    plan = make_plan(detect_caps(), settings.device, settings.dtype, settings.attn_implementation)
+    warnings = list(plan.warnings)
+
+    tok_source = source
+    if tokenizer is not None and tokenizer != identifier:
+        tok_source = resolve(tokenizer, None, settings, need_config=False)
+        warnings.append(f"TOKENIZER OVERRIDE: the tokenizer comes from {tokenizer!r}, not from "
+                        f"the model's own folder {identifier!r}; outputs are only right if the "
+                        "two were trained together")
+    tok = load_tokenizer(tok_source)
+
+    cls = getattr(transformers, AUTO_CLASSES[task])
+    try:
+        model = cls.from_pretrained(
+            str(source.path), dtype=getattr(torch, plan.dtype),
+            attn_implementation=plan.attn_implementation, use_safetensors=use_safetensors,
+            trust_remote_code=settings.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"could not load the model in {source.path}: {exc}",
+                               "check that the folder is a complete transformers model") from exc
+    model.to(plan.device).eval()
+
+    st = sentence_transformers_config(source.path)
+    limit = usable_max(config, getattr(tok, "model_max_length", None), st)
+    if task == "generate":
+        _prepare_decoder_tokenizer(tok, warnings)
+    for w in warnings:
+        log.warning(w)
+    return Loaded(model, tok, source, tok_source, task, plan, config, st, limit, warnings,
+                  time.perf_counter() - started)
+
+
+def _prepare_decoder_tokenizer(tok: Any, warnings: list[str]) -> None:
+    """Decoder batching needs left padding and a pad token (pad = eos is the usual fix)."""
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelSourceError("the tokenizer has neither a pad nor an eos token",
+                                   "set pad_token in tokenizer_config.json")
+        tok.pad_token = tok.eos_token
+        warnings.append(f"pad token was missing: using eos {tok.eos_token!r} as pad, with "
+                        "left padding")

@@ -1,0 +1,162 @@
+"""One typed Settings object for the library, the CLI and the server.
+
+Every knob lives here once: its default, its type, its help text (the field description)
+and its environment variable (``SURESERVE_<NAME>``). The CLI builds its flags' help from
+these descriptions and passes only the flags the user gave as overrides, so the precedence
+is: explicit flag or keyword > environment variable > default here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sureserve.errors import SettingsError
+
+Truncation = Literal["error", "truncate", "chunk"]
+
+
+class Settings(BaseSettings):
+    """All settings. Field descriptions double as CLI help and README documentation."""
+
+    model_config = SettingsConfigDict(env_prefix="SURESERVE_", extra="forbid")
+
+    # --- cache and sources -------------------------------------------------------------
+    home: Path = Field(
+        default=Path("~/.cache/sureserve"),
+        description="Cache folder for built zoo models and corpora.",
+    )
+    allow_download: bool = Field(
+        default=False,
+        description="Allow fetching a model from the Hugging Face hub when it is not in the "
+        "local cache. Off by default: nothing is downloaded behind your back.",
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Allow loading pickled PyTorch weights (.bin/.pt). Off by default because "
+        "unpickling runs arbitrary code from the file; prefer safetensors.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow model repositories to run their own Python code. Off by default.",
+    )
+
+    # --- load plan -----------------------------------------------------------------------
+    device: str | None = Field(
+        default=None, description="Device to run on: cpu, cuda, cuda:N or mps. Default: best."
+    )
+    dtype: str | None = Field(
+        default=None,
+        description="Weights dtype: float32, bfloat16 or float16. Default: float32 on CPU, "
+        "bfloat16 (or float16) on GPUs that support it.",
+    )
+    attn_implementation: str | None = Field(
+        default=None,
+        description="Attention kernel: sdpa, eager or flash_attention_2. Default: sdpa; "
+        "flash_attention_2 when installed on a GPU with compute capability >= 8.0.",
+    )
+    accept_gate_failure: bool = Field(
+        default=False,
+        description="Load and serve a model even when its preflight gate fails. The override "
+        "is logged and shown in every report. Use only when you understand the failure.",
+    )
+
+    # --- batching and truncation ---------------------------------------------------------
+    truncation: Truncation = Field(
+        default="error",
+        description="What to do with texts longer than the model's usable maximum: error "
+        "(refuse, naming the text), truncate (cut and report each one) or chunk (split into "
+        "overlapping windows and combine).",
+    )
+    chunk_stride: int = Field(
+        default=32,
+        ge=0,
+        description="Tokens of overlap between consecutive windows when truncation=chunk.",
+    )
+    max_batch_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Token budget of one forward pass, counted as longest text x batch size "
+        "(padding included).",
+    )
+    min_batch_tokens: int = Field(
+        default=1024,
+        ge=0,
+        description="A batch that already costs this many tokens closes rather than take a "
+        "text that would raise its padding share above max_padding_share.",
+    )
+    max_padding_share: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Largest share of padding in a batch that has reached min_batch_tokens.",
+    )
+    max_batch_size: int = Field(
+        default=128, ge=1, description="Most texts in one forward pass, whatever their length."
+    )
+    planner_window: int = Field(
+        default=4096,
+        ge=1,
+        description="How many pending texts are sorted by length together before batches are "
+        "cut. Larger windows pad less but hold more texts in memory.",
+    )
+    skip_bad_lines: bool = Field(
+        default=False,
+        description="When reading an input file, skip lines that cannot be decoded or lack "
+        "the field, reporting them, instead of stopping at the first one.",
+    )
+
+    # --- server --------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address the server binds to.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port the server listens on.")
+    api_key: str | None = Field(
+        default=None,
+        description="If set, every request must carry 'Authorization: Bearer <key>'.",
+    )
+    open_health: bool = Field(
+        default=True,
+        description="Leave /health and /metrics open when an API key is set.",
+    )
+    max_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a request may wait for others to share its batch.",
+    )
+    max_queue_inputs: int = Field(
+        default=2048,
+        ge=1,
+        description="Most inputs waiting in the queue; beyond it requests get 429.",
+    )
+    max_client_batch: int = Field(
+        default=256, ge=1, description="Most inputs one request may carry."
+    )
+    max_payload_bytes: int = Field(
+        default=2_000_000, ge=1, description="Largest request body accepted, in bytes."
+    )
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """Help text of one field plus its environment variable, for CLI flags."""
+        field = cls.model_fields[name]
+        return f"{field.description} [env: SURESERVE_{name.upper()}]"
+
+    @classmethod
+    def build(cls, **overrides: Any) -> Settings:
+        """Settings from env + the overrides that are not None, with readable errors."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise SettingsError(
+                f"invalid setting: {problems}",
+                "check the flag or the SURESERVE_* environment variable of that name",
+            ) from exc
+
+    def home_dir(self) -> Path:
+        return self.home.expanduser()

@@ -1,0 +1,97 @@
+"""The task skeleton shared by every task: ``preprocess → forward → postprocess``.
+
+Only ``forward`` touches the device, and it runs under ``torch.inference_mode()``. Outputs
+of the pieces of one text (windows, under the chunk policy) are merged by ``merge`` before
+``postprocess``: a token-count-weighted mean of the per-piece vectors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sureserve.batching.truncation import Piece
+from sureserve.errors import InputError
+from sureserve.loading.loader import Loaded
+
+
+class Task(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.prefix, self.suffix = special_token_layout(loaded.tokenizer)
+        # We tokenize untruncated on purpose and enforce the limit ourselves (naming the
+        # text), so silence transformers' generic "sequence longer than maximum" warning.
+        warned = getattr(loaded.tokenizer, "deprecation_warnings", None)
+        if isinstance(warned, dict):
+            warned["sequence-length-is-longer-than-the-specified-maximum"] = True
+        pad = loaded.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def preprocess(self, texts: Sequence[str]) -> list[list[int]]:
+        """Tokenize every text once, with its special tokens, untruncated and unpadded.
+
+        Contract: returns one id list per text, in input order. Texts must be strings;
+        empty strings are allowed (they become just the special tokens).
+        """
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"input {i} is a {type(t).__name__}, not a string",
+                                 "send text as strings")
+        if not texts:
+            return []
+        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False,
+                             padding=False, return_attention_mask=False,
+                             return_token_type_ids=False)
+        return [list(x) for x in enc["input_ids"]]
+
+    @abstractmethod
+    def forward(self, pieces: Sequence[Piece]) -> np.ndarray:
+        """Run one batch on the device; returns one float32 row per piece, in order."""
+
+    @abstractmethod
+    def postprocess(self, rows: np.ndarray, **options: Any) -> Any:
+        """Turn merged per-text rows into the user-facing outputs, in the same order."""
+
+    def collate(self, pieces: Sequence[Piece]) -> dict[str, Any]:
+        """Right-padded input_ids and attention_mask tensors for an encoder batch."""
+        import torch
+
+        longest = max(len(p.ids) for p in pieces)
+        ids = torch.full((len(pieces), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pieces), longest), dtype=torch.long)
+        for row, p in enumerate(pieces):
+            ids[row, : len(p.ids)] = torch.tensor(p.ids, dtype=torch.long)
+            mask[row, : len(p.ids)] = 1
+        device = self.loaded.plan.device
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def merge(pieces: Sequence[Piece], rows: np.ndarray, n_texts: int, first_index: int = 0) -> np.ndarray:
+    """Token-count-weighted mean of piece rows per text; texts with one piece pass through."""
+    out = np.zeros((n_texts, rows.shape[1]), dtype=np.float64)
+    weight = np.zeros(n_texts, dtype=np.float64)
+    for p, row in zip(pieces, rows, strict=True):
+        k = p.text_index - first_index
+        out[k] += p.weight * row.astype(np.float64)
+        weight[k] += p.weight
+    return (out / weight[:, None]).astype(np.float32)
+
+
+def special_token_layout(tokenizer: Any) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a text's content."""
+    enc = tokenizer("a", add_special_tokens=True, return_special_tokens_mask=True)
+    mask = list(enc["special_tokens_mask"])
+    prefix = 0
+    while prefix < len(mask) and mask[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < len(mask) - prefix and mask[len(mask) - 1 - suffix]:
+        suffix += 1
+    return prefix, suffix

