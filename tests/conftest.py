@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated SURESERVE_HOME and tiny random models built on the fly."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sureserve.zoo.registry import minilm_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random BERT with minilm's real tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_cls")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                     num_labels=3, id2label={0: "A", 1: "B", 2: "C"},
+                     label2id={"A": 0, "B": 1, "C": 2})
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def pickled_bert(tiny_bert: Path, tmp_path: Path) -> Path:
+    """The tiny BERT with its weights saved as a pickle (pytorch_model.bin) only."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = tmp_path / "pickled"
+    shutil.copytree(tiny_bert, path)
+    # transformers 5 no longer writes pickles itself; write one the way old checkpoints were
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    return path
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SURESERVE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"

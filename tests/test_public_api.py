@@ -1,0 +1,19 @@
+import sureserve
+
+
+def test_public_api_is_pinned() -> None:
+    # Changing this list is a deliberate API change: update the README with it.
+    assert sorted(sureserve.__all__) == sorted([
+        "DEFAULT_MODEL", "ZOO", "Engine", "RunSummary", "Settings", "__version__", "errors",
+        "info", "load",
+    ])
+    for name in sureserve.__all__:
+        assert hasattr(sureserve, name)
+
+
+def test_zoo_has_the_packaged_models() -> None:
+    assert set(sureserve.ZOO) == {"minilm", "smollm2", "sentiment-demo"}
+    assert sureserve.ZOO["minilm"].task == "embed"
+    assert sureserve.ZOO["smollm2"].task == "generate"
+    assert sureserve.ZOO["sentiment-demo"].task == "classify"
+    assert sureserve.DEFAULT_MODEL in sureserve.ZOO
