@@ -19,7 +19,6 @@ def test_env_var_is_read_and_explicit_value_wins(monkeypatch: pytest.MonkeyPatch
 
 def test_safe_defaults() -> None:
     s = Settings()
-    assert s.host == "127.0.0.1"
     assert s.allow_pickle is False
     assert s.trust_remote_code is False
     assert s.allow_download is False

@@ -61,9 +61,10 @@ def models(as_json: JsonOpt = False) -> None:
     from sureserve.zoo import DEFAULT_MODEL, ZOO
 
     s = Settings()
-    rows = [{"name": e.name, "task": e.task, "default": e.name == DEFAULT_MODEL,
-             "ready": e.is_ready(s), "package": e.package, "description": e.description}
-            for e in ZOO.values()]
+    rows: list[dict[str, Any]] = [
+        {"name": e.name, "task": e.task, "default": e.name == DEFAULT_MODEL,
+         "ready": e.is_ready(s), "package": e.package, "description": e.description}
+        for e in ZOO.values()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -170,7 +170,7 @@ class Engine:
         """Embeddings, shape (n, dim), in input order; unit length if the model says so."""
         task = self._require("embed")
         rows, _ = self.run(texts, truncation=truncation)
-        return task.postprocess(rows, normalize=normalize)  # type: ignore[no-any-return]
+        return np.asarray(task.postprocess(rows, normalize=normalize))
 
     def classify(self, texts: Sequence[str], *, truncation: str | None = None,
                  top_k: int | None = 1) -> list[Any]:
@@ -184,7 +184,7 @@ class Engine:
                 for d in item if isinstance(item, list) else [item]:
                     d["truncated"] = i in cut
                     d["windows"] = summary.chunked.get(i, 1)
-        return out  # type: ignore[no-any-return]
+        return list(out)
 
     def info(self) -> dict[str, Any]:
         from sureserve.loading.describe import describe_loaded

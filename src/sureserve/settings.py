@@ -58,11 +58,6 @@ class Settings(BaseSettings):
         description="Attention kernel: sdpa, eager or flash_attention_2. Default: sdpa; "
         "flash_attention_2 when installed on a GPU with compute capability >= 8.0.",
     )
-    accept_gate_failure: bool = Field(
-        default=False,
-        description="Load and serve a model even when its preflight gate fails. The override "
-        "is logged and shown in every report. Use only when you understand the failure.",
-    )
 
     # --- batching and truncation ---------------------------------------------------------
     truncation: Truncation = Field(
@@ -107,34 +102,6 @@ class Settings(BaseSettings):
         default=False,
         description="When reading an input file, skip lines that cannot be decoded or lack "
         "the field, reporting them, instead of stopping at the first one.",
-    )
-
-    # --- server --------------------------------------------------------------------------
-    host: str = Field(default="127.0.0.1", description="Address the server binds to.")
-    port: int = Field(default=8080, ge=0, le=65535, description="Port the server listens on.")
-    api_key: str | None = Field(
-        default=None,
-        description="If set, every request must carry 'Authorization: Bearer <key>'.",
-    )
-    open_health: bool = Field(
-        default=True,
-        description="Leave /health and /metrics open when an API key is set.",
-    )
-    max_wait_ms: float = Field(
-        default=5.0,
-        ge=0,
-        description="How long a request may wait for others to share its batch.",
-    )
-    max_queue_inputs: int = Field(
-        default=2048,
-        ge=1,
-        description="Most inputs waiting in the queue; beyond it requests get 429.",
-    )
-    max_client_batch: int = Field(
-        default=256, ge=1, description="Most inputs one request may carry."
-    )
-    max_payload_bytes: int = Field(
-        default=2_000_000, ge=1, description="Largest request body accepted, in bytes."
     )
 
     @classmethod

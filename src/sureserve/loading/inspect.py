@@ -119,7 +119,9 @@ def position_limit(config: dict[str, Any]) -> int | None:
     return n
 
 
-def usable_max(config: dict[str, Any], tokenizer_max: int | None, st: STConfig | None) -> TokenLimit:
+def usable_max(
+    config: dict[str, Any], tokenizer_max: int | None, st: STConfig | None
+) -> TokenLimit:
     cands: dict[str, int] = {}
     # tokenizers without a limit report a huge sentinel (int(1e30)); ignore those.
     if tokenizer_max and tokenizer_max < 1_000_000:

@@ -94,8 +94,9 @@ def _choose_device(caps: DeviceCaps, device: str | None, reasons: list[str]) -> 
         kind, _, index = device.partition(":")
         if kind == "cuda":
             if caps.cuda_count == 0:
-                raise SettingsError("device cuda was requested but no CUDA GPU is visible",
-                                    "install a CUDA build of torch (see README) or use --device cpu")
+                raise SettingsError(
+                    "device cuda was requested but no CUDA GPU is visible",
+                    "install a CUDA build of torch (see README) or use --device cpu")
             if index and int(index) >= caps.cuda_count:
                 raise SettingsError(f"device {device} requested but only {caps.cuda_count} "
                                     "CUDA GPU(s) are visible", "pick an index below that")

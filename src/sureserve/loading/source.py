@@ -94,7 +94,8 @@ def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
     """(safetensors files, pickled files) directly inside ``path``."""
     files = [p for p in sorted(path.iterdir()) if p.is_file()]
     safe = [p for p in files if p.name.endswith(SAFE_WEIGHTS)]
-    pickled = [p for p in files if p.name.endswith(PICKLED_WEIGHTS) and "training_args" not in p.name]
+    pickled = [p for p in files
+               if p.name.endswith(PICKLED_WEIGHTS) and "training_args" not in p.name]
     return safe, pickled
 
 

@@ -73,7 +73,9 @@ class Task(ABC):
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def merge(pieces: Sequence[Piece], rows: np.ndarray, n_texts: int, first_index: int = 0) -> np.ndarray:
+def merge(
+    pieces: Sequence[Piece], rows: np.ndarray, n_texts: int, first_index: int = 0
+) -> np.ndarray:
     """Token-count-weighted mean of piece rows per text; texts with one piece pass through."""
     out = np.zeros((n_texts, rows.shape[1]), dtype=np.float64)
     weight = np.zeros(n_texts, dtype=np.float64)

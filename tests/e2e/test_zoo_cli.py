@@ -1,0 +1,82 @@
+"""The zoo and the CLI on the real packaged models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sureserve.settings import Settings
+from sureserve.zoo import ZOO
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sureserve.cli", *args], capture_output=True,
+                          text=True, input=stdin, timeout=600)
+
+
+def test_models_lists_the_zoo() -> None:
+    r = cli("models", "--json")
+    assert r.returncode == 0, r.stderr
+    names = {row["name"] for row in json.loads(r.stdout)}
+    assert names == set(ZOO)
+
+
+@pytest.mark.parametrize("alias,arch,task", [
+    ("minilm", "BertModel", "embed"),
+    ("smollm2", "LlamaForCausalLM", "generate"),
+    ("sentiment-demo", "BertForSequenceClassification", "classify"),
+])
+def test_info_json(alias: str, arch: str, task: str) -> None:
+    r = cli("info", alias, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["architecture"] == arch and d["task"] == task
+    assert d["plan"]["device"] == "cpu" and d["plan"]["dtype"] == "float32"
+    assert d["plan"]["reasons"]
+    assert any(f["name"] == "model.safetensors" for f in d["files"])
+    assert d["parameters"] > 1_000_000
+    if alias == "smollm2":
+        assert d["chat_template"] is True
+        # 2 x 30 layers x 3 kv heads x 64 head dim x 4 bytes
+        assert d["kv_cache_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
+        assert d["max_position_embeddings"] == 8192
+    if alias == "minilm":
+        assert d["usable_max_tokens"] == 256
+        assert d["sentence_transformers"] == {"pooling": "mean", "normalize": True,
+                                              "max_seq_length": 256}
+
+
+def test_info_table_shows_plan_and_why() -> None:
+    r = cli("info", "minilm")
+    assert r.returncode == 0
+    assert "why: device cpu" in r.stdout and "model.safetensors" in r.stdout
+
+
+def test_info_task_mismatch_is_a_clear_error() -> None:
+    r = cli("info", "minilm", "--task", "generate")
+    assert r.returncode == 1
+    assert "BertModel" in r.stderr and "fix:" in r.stderr
+
+
+def test_sentiment_demo_accuracy_report() -> None:
+    report = json.loads((ZOO["sentiment-demo"].path(Settings()) / "build_report.json").read_text())
+    assert report["held_out"] == 1000
+    assert report["held_out_accuracy"] >= 0.85
+
+
+def test_smollm2_greedy_answer() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ZOO["smollm2"].path(Settings())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
