@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run transformer models fast, and never silently wrong.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Build or inspect the packaged model zoo.")
 app.add_typer(zoo_app, name="zoo")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (print a table, write JSON).")
+app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -261,6 +263,53 @@ def classify(texts: Annotated[list[str] | None, typer.Argument(help="Texts (or u
 
     _run_texts("classify", model, texts, input_file, output, field, s, "classify", emit,
                writer.close)
+
+
+def _bench(kind: str, n: int, long_share: float, skip: list[str] | None, bf16: bool | None,
+           output: Path) -> None:
+    from sureserve.bench.offline import run_bench
+
+    rep = run_bench(kind, n=n, long_share=long_share, skip=skip or [], bf16=bf16, out=output,
+                    log=lambda m: err.print(m, highlight=False))
+    fid = "min_cosine_to_ref" if kind == "embed" else "max_prob_diff_to_ref"
+    t = Table("contender", "s", "texts/s", "tokens/s", "padding", "peak RSS MB", "x sureserve",
+              fid.replace("_", " "), "GEMM eff.",
+              title=f"{kind}: {rep['texts']} texts, {rep['real_tokens']} real tokens, "
+                    f"GEMM {rep['gemm_gflops']} GFLOP/s")
+    for r in rep["results"]:
+        eff = r["gemm_efficiency"]
+        t.add_row(r["name"], f"{r['seconds']:.1f}", f"{r['texts_per_s']:.1f}",
+                  f"{r['tokens_per_s']}", f"{r['padding_share']:.1%} of computed",
+                  f"{r['peak_rss_mb']}", f"{r['speed_vs_sureserve']:.3f}", f"{r[fid]:.6f}",
+                  f"{eff:.0%}" if eff is not None else "-")
+    out.print(t)
+    err.print(f"wrote {output}")
+
+
+BenchN = Annotated[int, typer.Option("--n", help="Texts in the corpus.")]
+BenchLong = Annotated[float, typer.Option(help="Share of long BBC articles in the mix.")]
+BenchSkip = Annotated[list[str] | None, typer.Option("--skip", help="Contender to leave out "
+                                                     "(repeatable).")]
+BenchBf16 = Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Also run sureserve "
+                                                "in bfloat16 (default: if the CPU has it).")]
+
+
+@bench_app.command("embed")
+def bench_embed(n: BenchN = 2000, long_share: BenchLong = 0.05, skip: BenchSkip = None,
+                bf16: BenchBf16 = None,
+                output: Annotated[Path, typer.Option("--output", "-o")] =
+                Path("bench-results/embed.json")) -> None:
+    """Embeddings: pipeline, sentence-transformers, arrival-order batches, sureserve."""
+    _bench("embed", n, long_share, skip, bf16, output)
+
+
+@bench_app.command("classify")
+def bench_classify(n: BenchN = 2000, long_share: BenchLong = 0.05, skip: BenchSkip = None,
+                   bf16: BenchBf16 = None,
+                   output: Annotated[Path, typer.Option("--output", "-o")] =
+                   Path("bench-results/classify.json")) -> None:
+    """Classification: pipeline, arrival-order batches, sureserve (sentiment-demo)."""
+    _bench("classify", n, long_share, skip, bf16, output)
 
 
 if __name__ == "__main__":

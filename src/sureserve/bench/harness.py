@@ -1,0 +1,105 @@
+"""Timing, peak memory and hardware-rate helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+
+class RssSampler:
+    """Peak resident memory of this process while a block runs (sampled every 10 ms)."""
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process(os.getpid())
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self.proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    texts: int
+    real_tokens: int
+    computed_tokens: int
+    peak_rss_mb: float
+    outputs: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.seconds
+
+    @property
+    def padding_ratio(self) -> float:
+        return (self.computed_tokens - self.real_tokens) / max(self.real_tokens, 1)
+
+    @property
+    def padding_share(self) -> float:
+        return (self.computed_tokens - self.real_tokens) / max(self.computed_tokens, 1)
+
+
+def timed(name: str, fn: Callable[[], tuple[Any, int]], texts: int, real_tokens: int) -> Result:
+    """Run ``fn`` (returning outputs and computed tokens) under the clock and RSS sampler."""
+    with RssSampler() as rss:
+        start = time.perf_counter()
+        outputs, computed = fn()
+        seconds = time.perf_counter() - start
+    return Result(name, seconds, texts, real_tokens, computed, rss.peak / 2**20, outputs)
+
+
+def gemm_gflops(dtype_name: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
+    """Measured matrix-multiply rate of this machine, in GFLOP/s, for square n x n."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up
+    reps = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        reps += 1
+    elapsed = time.perf_counter() - start
+    return 2 * n**3 * reps / elapsed / 1e9
+
+
+def linear_flops_per_token(model: Any) -> int:
+    """2 x weights of every nn.Linear the tokens pass through (the GEMM work per token)."""
+    import torch
+
+    return sum(2 * m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+def cpu_has_bf16() -> bool:
+    from sureserve.loading.plan import detect_caps
+
+    return detect_caps().cpu_bf16
