@@ -282,7 +282,7 @@ def _bench(kind: str, n: int, long_share: float, skip: list[str] | None, bf16: b
                   f"{r['tokens_per_s']}", f"{r['padding_share']:.1%} of computed",
                   f"{r['peak_rss_mb']}", f"{r['speed_vs_sureserve']:.3f}", f"{r[fid]:.6f}",
                   f"{eff:.0%}" if eff is not None else "-")
-    out.print(t)
+    Console(width=200).print(t)
     err.print(f"wrote {output}")
 
 

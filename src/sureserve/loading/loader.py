@@ -66,7 +66,6 @@ def load(
     settings: Settings | None = None,
     tokenizer: str | None = None,
 ) -> Loaded:
-    import torch
     import transformers
 
     settings = settings or Settings()
@@ -86,16 +85,8 @@ def load(
                         "two were trained together")
     tok = load_tokenizer(tok_source)
 
-    cls = getattr(transformers, AUTO_CLASSES[task])
-    try:
-        model = cls.from_pretrained(
-            str(source.path), dtype=getattr(torch, plan.dtype),
-            attn_implementation=plan.attn_implementation, use_safetensors=use_safetensors,
-            trust_remote_code=settings.trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"could not load the model in {source.path}: {exc}",
-                               "check that the folder is a complete transformers model") from exc
+    model = _load_model(getattr(transformers, AUTO_CLASSES[task]), source, task, plan,
+                        use_safetensors, settings, warnings)
     model.to(plan.device).eval()
 
     st = sentence_transformers_config(source.path)
@@ -106,6 +97,47 @@ def load(
         log.warning(w)
     return Loaded(model, tok, source, tok_source, task, plan, config, st, limit, warnings,
                   time.perf_counter() - started)
+
+
+def _load_model(cls: Any, source: Source, task: str, plan: LoadPlan, use_safetensors: bool,
+                settings: Settings, warnings: list[str]) -> Any:
+    """from_pretrained with our plan; weights left out of the checkpoint become a warning.
+
+    transformers prints its own load report; we take its facts instead (so that a head that
+    was initialised at random is stated in our report, not lost in a log).
+    """
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    kwargs: dict[str, Any] = dict(
+        dtype=getattr(torch, plan.dtype), attn_implementation=plan.attn_implementation,
+        use_safetensors=use_safetensors, trust_remote_code=settings.trust_remote_code,
+        output_loading_info=True)
+    # Embeddings pool the token states themselves: BERT-style pooler heads would be computed
+    # for nothing (and their weights are often untrained).
+    extra = {"add_pooling_layer": False} if task == "embed" else {}
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        try:
+            model, info = cls.from_pretrained(str(source.path), **extra, **kwargs)
+        except TypeError:
+            model, info = cls.from_pretrained(str(source.path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"could not load the model in {source.path}: {exc}",
+                               "check that the folder is a complete transformers model") from exc
+    finally:
+        hf_logging.set_verbosity(before)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                          else "")
+        warnings.append(f"{len(missing)} weights are not in the checkpoint and were initialised "
+                        f"at random: {shown}; outputs that depend on them are meaningless")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        warnings.append(f"{len(mismatched)} weights had the wrong shape and were re-initialised")
+    return model
 
 
 def _prepare_decoder_tokenizer(tok: Any, warnings: list[str]) -> None:
