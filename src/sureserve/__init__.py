@@ -6,11 +6,13 @@ Public API (pinned by tests/test_public_api.py)::
     m = sureserve.load("minilm")          # zoo alias, local folder or cached hub id
     vecs = m.embed(["some text"])         # (n, dim) numpy array, input order
     sureserve.info("smollm2")             # plan + facts, no weights loaded
+    sureserve.check("minilm")             # the preflight gate's report
 """
 
 from sureserve import errors
-from sureserve.api import info, load
+from sureserve.api import check, info, load
 from sureserve.engine import Engine, RunSummary
+from sureserve.gate.report import Check, GateReport
 from sureserve.settings import Settings
 from sureserve.zoo import DEFAULT_MODEL, ZOO
 
@@ -19,10 +21,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "ZOO",
+    "Check",
     "Engine",
+    "GateReport",
     "RunSummary",
     "Settings",
     "__version__",
+    "check",
     "errors",
     "info",
     "load",

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sureserve.engine import Engine
+from sureserve.errors import GateError
+from sureserve.gate.report import GateReport
+from sureserve.gate.run import run_gate
 from sureserve.loading import loader
 from sureserve.loading.describe import describe
 from sureserve.settings import Settings
+
+log = logging.getLogger("sureserve")
+
+
+def _settings(settings: Settings | None, device: str | None, dtype: str | None,
+              overrides: dict[str, Any]) -> Settings:
+    base = settings.model_dump() if settings else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if device is not None:
+        base["device"] = device
+    if dtype is not None:
+        base["dtype"] = dtype
+    return Settings.build(**base)
 
 
 def load(
@@ -27,16 +44,41 @@ def load(
     already in the local Hugging Face cache (``revision`` pins it). ``task`` is inferred
     from the config when omitted. ``tokenizer`` names another tokenizer source explicitly
     (reported loudly). Any other ``Settings`` field can be passed as a keyword.
+
+    The preflight gate runs before this returns (``engine.gate_report``); a failure raises
+    ``GateError`` unless ``accept_gate_failure=True``, which is logged and reported.
     """
-    base = settings.model_dump() if settings else {}
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    if device is not None:
-        base["device"] = device
-    if dtype is not None:
-        base["dtype"] = dtype
-    s = Settings.build(**base)
+    s = _settings(settings, device, dtype, overrides)
     loaded = loader.load(identifier, task=task, revision=revision, settings=s, tokenizer=tokenizer)
-    return Engine(loaded, s)
+    engine = Engine(loaded, s)
+    report = run_gate(loaded, engine.task)
+    engine.gate_report = report
+    if not report.passed:
+        if not s.accept_gate_failure:
+            raise gate_error(report)
+        report.overridden = True
+        log.warning("GATE OVERRIDDEN (accept_gate_failure): %s", report.summary())
+    return engine
+
+
+def gate_error(report: GateReport) -> GateError:
+    lines = "; ".join(f"{c.name}: {c.evidence}" for c in report.failures)
+    fixes = "; ".join(dict.fromkeys(c.fix for c in report.failures if c.fix))
+    return GateError(
+        f"{report.model} (tokenizer {report.tokenizer}) failed its preflight gate: {lines}",
+        f"{fixes}. Run `sureserve check {report.model}` for the full table; to load anyway, "
+        "set accept_gate_failure=True / SURESERVE_ACCEPT_GATE_FAILURE=1",
+    )
+
+
+def check(model: str, tokenizer: str | None = None, task: str | None = None,
+          revision: str | None = None, **overrides: Any) -> GateReport:
+    """Run the preflight gate on a model (and optionally another tokenizer); never raises
+    for a failed check: the verdicts are in the returned report."""
+    s = _settings(None, None, None, overrides)
+    loaded = loader.load(model, task=task, revision=revision, settings=s, tokenizer=tokenizer)
+    engine = Engine(loaded, s)
+    return run_gate(loaded, engine.task)
 
 
 def info(identifier: str, task: str | None = None, revision: str | None = None,

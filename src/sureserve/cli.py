@@ -13,7 +13,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sureserve.errors import BadLineError, SureserveError
+from sureserve.errors import (
+    BadLineError,
+    GateError,
+    ModelSourceError,
+    SettingsError,
+    SureserveError,
+    TaskMismatchError,
+)
 from sureserve.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -54,7 +61,11 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
         if exc.fix:
             err.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
-        sys.exit(1)
+        # usage errors (bad settings, unknown models) exit 2 like click's own, a failed gate
+        # 3 like `sureserve check`, anything else 1
+        if isinstance(exc, SettingsError | ModelSourceError | TaskMismatchError):
+            sys.exit(2)
+        sys.exit(3 if isinstance(exc, GateError) else 1)
 
 
 @app.command()
@@ -126,6 +137,33 @@ def _print_info(d: dict[str, Any]) -> None:
     for f in d["files"]:
         ft.add_row(f["name"], f"{f['bytes']:,}")
     out.print(ft)
+
+
+@app.command()
+def check(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")],
+          tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Check this "
+                               "tokenizer with the model instead of the model's own.")] = None,
+          task: TaskOpt = None, revision: RevisionOpt = None, device: DeviceOpt = None,
+          dtype: DtypeOpt = None, allow_pickle: PickleOpt = None,
+          as_json: JsonOpt = False) -> None:
+    """Run the preflight gate. Exit 0: nothing failed; 3: a check failed; 2: usage error."""
+    import sureserve
+
+    report = sureserve.check(model, tokenizer=tokenizer, task=task, revision=revision,
+                             device=device, dtype=dtype, allow_pickle=allow_pickle)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        colour = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+        t = Table("check", "status", "evidence / fix", title=f"gate: {report.model} with "
+                  f"tokenizer {report.tokenizer}", show_lines=True)
+        for c in report.checks:
+            text = c.evidence + (f"\n[bold]fix:[/] {c.fix}" if c.fix and c.status != "pass"
+                                 else "")
+            t.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", text)
+        Console(width=160).print(t)
+        out.print(report.summary(), highlight=False)
+    raise typer.Exit(0 if report.passed else 3)
 
 
 @zoo_app.command("build")
@@ -272,7 +310,8 @@ def _bench(kind: str, n: int, long_share: float, skip: list[str] | None, bf16: b
     rep = run_bench(kind, n=n, long_share=long_share, skip=skip or [], bf16=bf16, out=output,
                     log=lambda m: err.print(m, highlight=False))
     fid = "min_cosine_to_ref" if kind == "embed" else "max_prob_diff_to_ref"
-    t = Table("contender", "s", "texts/s", "tokens/s", "padding", "peak RSS MB", "x sureserve",
+    t = Table("contender", "s", "texts/s", "tokens/s", "padding", "peak RSS MB (growth)",
+              "x sureserve",
               fid.replace("_", " "), "GEMM eff.",
               title=f"{kind}: {rep['texts']} texts, {rep['real_tokens']} real tokens, "
                     f"GEMM {rep['gemm_gflops']} GFLOP/s")
@@ -280,7 +319,8 @@ def _bench(kind: str, n: int, long_share: float, skip: list[str] | None, bf16: b
         eff = r["gemm_efficiency"]
         t.add_row(r["name"], f"{r['seconds']:.1f}", f"{r['texts_per_s']:.1f}",
                   f"{r['tokens_per_s']}", f"{r['padding_share']:.1%} of computed",
-                  f"{r['peak_rss_mb']}", f"{r['speed_vs_sureserve']:.3f}", f"{r[fid]:.6f}",
+                  f"{r['peak_rss_mb']} (+{r['rss_growth_mb']})",
+                  f"{r['speed_vs_sureserve']:.3f}", f"{r[fid]:.6f}",
                   f"{eff:.0%}" if eff is not None else "-")
     Console(width=200).print(t)
     err.print(f"wrote {output}")

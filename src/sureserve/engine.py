@@ -19,6 +19,7 @@ import numpy as np
 from sureserve.batching.planner import plan_batches
 from sureserve.batching.truncation import apply_policy
 from sureserve.errors import TaskMismatchError
+from sureserve.gate.report import GateReport
 from sureserve.loading.loader import Loaded
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
@@ -89,6 +90,7 @@ class Engine:
         cls = TASK_CLASSES.get(loaded.task)
         self.task: Task | None = cls(loaded) if cls else None
         self.last_summary: RunSummary | None = None
+        self.gate_report: GateReport | None = None
 
     @property
     def model(self) -> Any:

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         description="Attention kernel: sdpa, eager or flash_attention_2. Default: sdpa; "
         "flash_attention_2 when installed on a GPU with compute capability >= 8.0.",
     )
+    accept_gate_failure: bool = Field(
+        default=False,
+        description="Load and serve a model even when its preflight gate fails. The override "
+        "is logged and shown in the gate report. Use only when you understand the failure.",
+    )
 
     # --- batching and truncation ---------------------------------------------------------
     truncation: Truncation = Field(

@@ -59,7 +59,7 @@ def test_info_table_shows_plan_and_why() -> None:
 
 def test_info_task_mismatch_is_a_clear_error() -> None:
     r = cli("info", "minilm", "--task", "generate")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "BertModel" in r.stderr and "fix:" in r.stderr
 
 

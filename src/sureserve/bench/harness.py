@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -67,11 +68,15 @@ class Result:
 
 def timed(name: str, fn: Callable[[], tuple[Any, int]], texts: int, real_tokens: int) -> Result:
     """Run ``fn`` (returning outputs and computed tokens) under the clock and RSS sampler."""
+    gc.collect()
     with RssSampler() as rss:
+        start_rss = rss.peak
         start = time.perf_counter()
         outputs, computed = fn()
         seconds = time.perf_counter() - start
-    return Result(name, seconds, texts, real_tokens, computed, rss.peak / 2**20, outputs)
+    r = Result(name, seconds, texts, real_tokens, computed, rss.peak / 2**20, outputs)
+    r.extra["rss_growth_mb"] = round((rss.peak - start_rss) / 2**20)
+    return r
 
 
 def gemm_gflops(dtype_name: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:

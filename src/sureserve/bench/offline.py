@@ -142,8 +142,12 @@ def _pipeline_embed(path: str, texts: list[str], max_len: int,
     pipe = pipeline("feature-extraction", model=path, device="cpu",
                     tokenize_kwargs={"truncation": True, "max_length": max_len})
     vecs = []
-    for feats in pipe(texts, batch_size=BATCH):
-        v = np.asarray(feats[0], dtype=np.float32).mean(axis=0)  # no padding in the output
+    for i, feats in enumerate(pipe(texts, batch_size=BATCH)):
+        # Batched feature-extraction returns every text padded to its batch's longest: the
+        # rows past the text's own length are padding states and must not be averaged in
+        # (averaging them all gives cosines of ~0.1 to the true embedding on this mix).
+        tokens = np.asarray(feats[0], dtype=np.float32)[: lengths[i]]
+        v = tokens.mean(axis=0)
         vecs.append(v / np.linalg.norm(v))
     return np.vstack(vecs), _padded_cost(lengths, list(range(len(texts))))
 
@@ -190,7 +194,8 @@ def _report(kind: str, results: list[Result], ref: Result, gemm: dict[str, float
             "name": r.name, "seconds": round(r.seconds, 2),
             "texts_per_s": round(r.texts_per_s, 1), "tokens_per_s": round(r.tokens_per_s),
             "padding_ratio": round(r.padding_ratio, 4), "padding_share": round(r.padding_share, 4),
-            "peak_rss_mb": round(r.peak_rss_mb), "speed_vs_sureserve":
+            "peak_rss_mb": round(r.peak_rss_mb),
+            "rss_growth_mb": r.extra.get("rss_growth_mb"), "speed_vs_sureserve":
                 round(r.texts_per_s / base.texts_per_s, 3),
             "min_cosine_to_ref" if kind == "embed" else "max_prob_diff_to_ref": fidelity,
             "linear_gflops": round(achieved, 1),

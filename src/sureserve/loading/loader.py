@@ -46,6 +46,8 @@ class Loaded:
     limit: TokenLimit
     warnings: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    #: the tokenizer had no pad token and eos is used in its place (decoders)
+    pad_from_eos: bool = False
 
 
 def load_tokenizer(source: Source) -> Any:
@@ -91,12 +93,11 @@ def load(
 
     st = sentence_transformers_config(source.path)
     limit = usable_max(config, getattr(tok, "model_max_length", None), st)
-    if task == "generate":
-        _prepare_decoder_tokenizer(tok, warnings)
+    pad_from_eos = _prepare_decoder_tokenizer(tok, warnings) if task == "generate" else False
     for w in warnings:
         log.warning(w)
     return Loaded(model, tok, source, tok_source, task, plan, config, st, limit, warnings,
-                  time.perf_counter() - started)
+                  time.perf_counter() - started, pad_from_eos)
 
 
 def _load_model(cls: Any, source: Source, task: str, plan: LoadPlan, use_safetensors: bool,
@@ -140,8 +141,11 @@ def _load_model(cls: Any, source: Source, task: str, plan: LoadPlan, use_safeten
     return model
 
 
-def _prepare_decoder_tokenizer(tok: Any, warnings: list[str]) -> None:
-    """Decoder batching needs left padding and a pad token (pad = eos is the usual fix)."""
+def _prepare_decoder_tokenizer(tok: Any, warnings: list[str]) -> bool:
+    """Decoder batching needs left padding and a pad token (pad = eos is the usual fix).
+
+    Returns whether eos had to stand in for a missing pad token.
+    """
     tok.padding_side = "left"
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -150,3 +154,5 @@ def _prepare_decoder_tokenizer(tok: Any, warnings: list[str]) -> None:
         tok.pad_token = tok.eos_token
         warnings.append(f"pad token was missing: using eos {tok.eos_token!r} as pad, with "
                         "left padding")
+        return True
+    return False

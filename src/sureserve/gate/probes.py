@@ -1,0 +1,172 @@
+"""Probes: run the model on built-in text and judge what comes out.
+
+Thresholds are justified by measurements recorded in BENCHMARKS.md ("gate calibration").
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+
+from sureserve.gate import probe_texts as P
+from sureserve.gate.report import Check
+
+# Alignment probe: z-score of related-word similarity above random token pairs.
+ALIGN_PASS = 2.5
+ALIGN_WARN = 1.5
+ALIGN_MIN_WORDS = 30
+# Unknown-token rate on ordinary English.
+UNK_FAIL = 0.05
+UNK_WARN = 0.01
+# Collapse.
+EMBED_COLLAPSE_COS = 0.95
+CLASSIFY_COLLAPSE_SPREAD = 0.05
+# Batch invariance tolerances (absolute), by dtype.
+INVARIANCE_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+# LM affinity: shuffled-token loss must exceed the real loss by this many nats per token.
+LM_MARGIN = 1.0
+
+
+def word_ids(tok: Any, word: str) -> list[int]:
+    """Ids of ``word`` as it appears inside running text (after a space).
+
+    Byte-level BPE and SentencePiece vocabularies store the in-text form with a space
+    marker ('Ġword', '▁word'), so the word is tokenized after a space; a bare leading-space
+    token, if the tokenizer emits one, is dropped.
+    """
+    ids = list(tok(" " + word, add_special_tokens=False)["input_ids"])
+    while len(ids) > 1 and tok.decode(ids[:1]).strip() == "":
+        ids = ids[1:]
+    return ids
+
+
+def alignment_score(tok: Any, emb: np.ndarray, seed: int = 0) -> tuple[float, int, int]:
+    """(z-score, words used, groups used) of related-word closeness in input embeddings.
+
+    Rows are mean-centred (the shared offset common to all rows would otherwise make every
+    pair look similar). A word split into several tokens is the mean of its pieces' rows.
+    z = (mean cosine within groups - mean cosine of random token pairs) / std of the latter.
+    """
+    rows = emb.shape[0]
+    centred_mean = emb.mean(axis=0)
+    special = set(tok.all_special_ids)
+    groups: list[np.ndarray] = []
+    words = 0
+    for members in P.WORD_GROUPS.values():
+        vecs = []
+        for w in members:
+            ids = [i for i in word_ids(tok, w) if i < rows and i not in special]
+            if ids:
+                vecs.append(emb[ids].mean(axis=0) - centred_mean)
+        if len(vecs) >= 3:
+            groups.append(_unit(np.stack(vecs)))
+            words += len(vecs)
+    if not groups:
+        return 0.0, 0, 0
+    within = np.concatenate([(g @ g.T)[np.triu_indices(len(g), 1)] for g in groups])
+    rng = random.Random(seed)
+    top = min(rows, max_id(tok) + 1)
+    candidates = [i for i in rng.sample(range(top), min(top, 4000)) if i not in special]
+    a = _unit(emb[candidates[: len(candidates) // 2]] - centred_mean)
+    b = _unit(emb[candidates[len(candidates) // 2: 2 * (len(candidates) // 2)]] - centred_mean)
+    rand = (a * b).sum(axis=1)
+    z = (float(within.mean()) - float(rand.mean())) / max(float(rand.std()), 1e-9)
+    return z, words, len(groups)
+
+
+def max_id(tok: Any) -> int:
+    return max(list(tok.get_vocab().values()) + list(tok.all_special_ids))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def check_alignment(tok: Any, emb: np.ndarray) -> Check:
+    z, words, groups = alignment_score(tok, emb)
+    evidence = (f"related words ({words} words in {groups} groups) are {z:.1f} standard "
+                "deviations closer in the input embeddings than random token pairs")
+    fix = ("the tokenizer's token→id map does not match the one the model was trained with: "
+           "use the tokenizer saved with the model")
+    if words < ALIGN_MIN_WORDS:
+        return Check("alignment", "warn", f"only {words} probe words map into this vocabulary; "
+                     "too few to judge the tokenizer", "")
+    if z >= ALIGN_PASS:
+        return Check("alignment", "pass", evidence)
+    if z >= ALIGN_WARN:
+        return Check("alignment", "warn", evidence + f" (pass >= {ALIGN_PASS})", fix)
+    return Check("alignment", "fail", evidence + f" (a matched pair scores >= {ALIGN_PASS})", fix)
+
+
+def check_unknown_rate(tok: Any) -> Check:
+    ids = tok(P.PARAGRAPH, add_special_tokens=False)["input_ids"]
+    unk = tok.unk_token_id
+    n_unk = sum(1 for i in ids if unk is not None and i == unk)
+    rate = n_unk / max(len(ids), 1)
+    evidence = f"{n_unk} of {len(ids)} tokens of ordinary English are unknown ({rate:.1%})"
+    if rate > UNK_FAIL:
+        return Check("unknown-tokens", "fail", evidence,
+                     "wrong tokenizer or wrong casing: use the model's own tokenizer")
+    if rate > UNK_WARN:
+        return Check("unknown-tokens", "warn", evidence, "check the tokenizer's casing")
+    return Check("unknown-tokens", "pass", evidence)
+
+
+def check_embed_collapse(vecs: np.ndarray) -> Check:
+    u = _unit(vecs)
+    sims = (u @ u.T)[np.triu_indices(len(u), 1)]
+    evidence = (f"mean cosine between {len(u)} unrelated probe texts {sims.mean():.3f} "
+                f"(max {sims.max():.3f})")
+    if sims.mean() > EMBED_COLLAPSE_COS:
+        return Check("output-collapse", "fail", evidence + f" > {EMBED_COLLAPSE_COS}: "
+                     "every text maps to nearly the same vector",
+                     "check the tokenizer and the weights (see the other checks)")
+    return Check("output-collapse", "pass", evidence)
+
+
+def check_classify_collapse(probs: np.ndarray, labels: list[str]) -> Check:
+    top = probs.argmax(axis=1)
+    counts = {labels[i]: int((top == i).sum()) for i in sorted(set(top.tolist()))}
+    spread = float(probs.max(axis=1).max() - probs.max(axis=1).min())
+    evidence = (f"labels over {len(probs)} diverse probe texts: {counts}; "
+                f"top-score spread {spread:.3f}")
+    if len(counts) == 1 and spread < CLASSIFY_COLLAPSE_SPREAD:
+        return Check("output-collapse", "fail", evidence + ": one label with near-identical "
+                     "scores for everything", "check the tokenizer and the classifier weights")
+    if len(counts) == 1:
+        return Check("output-collapse", "warn", evidence + ": one label for every probe text",
+                     "check that the model suits these texts")
+    return Check("output-collapse", "pass", evidence)
+
+
+def check_generate_collapse(next_tokens: list[str]) -> Check:
+    distinct = len(set(next_tokens))
+    evidence = f"greedy next tokens for {len(next_tokens)} prompts: {next_tokens!r}"
+    if distinct == 1:
+        return Check("output-collapse", "fail", evidence + ": the same token whatever the prompt",
+                     "check the tokenizer and the weights")
+    return Check("output-collapse", "pass", evidence)
+
+
+def check_invariance(alone: np.ndarray, batched: np.ndarray, dtype: str, what: str) -> Check:
+    tol = INVARIANCE_TOL.get(dtype, 1e-4)
+    diff = float(np.abs(alone - batched).max())
+    evidence = (f"largest difference of {what} alone vs inside a padded batch of very "
+                f"different lengths: {diff:.2e} (tolerance {tol:g} for {dtype})")
+    if diff > tol:
+        return Check("batch-invariance", "fail", evidence,
+                     "padding leaks into outputs: check the attention mask, padding side and "
+                     "position ids (for decoders: left padding with positions from the mask)")
+    return Check("batch-invariance", "pass", evidence)
+
+
+def check_lm_affinity(loss: float, shuffled: float) -> Check:
+    evidence = (f"loss on a reference paragraph {loss:.2f} nats/token, on the same tokens "
+                f"shuffled {shuffled:.2f} (needs a margin of {LM_MARGIN})")
+    if shuffled - loss < LM_MARGIN:
+        return Check("lm-affinity", "fail", evidence + ": the model does not read this text as "
+                     "language", "use the tokenizer saved with the model")
+    return Check("lm-affinity", "pass", evidence)

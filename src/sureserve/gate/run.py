@@ -1,0 +1,104 @@
+"""Run every check and probe that fits a loaded model, and gather the report."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+from sureserve.batching.truncation import Piece, apply_policy
+from sureserve.gate import probe_texts as P
+from sureserve.gate import probes, static
+from sureserve.gate.report import Check, GateReport
+from sureserve.loading.loader import Loaded
+
+log = logging.getLogger("sureserve.gate")
+
+
+def run_gate(loaded: Loaded, task_impl: Any | None = None) -> GateReport:
+    """All checks for ``loaded``; ``task_impl`` is its embed/classify Task (None: generate)."""
+    started = time.perf_counter()
+    tok = loaded.tokenizer
+    report = GateReport(loaded.source.identifier, loaded.tokenizer_source.identifier)
+    emb = loaded.model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    model_type = str(loaded.config.get("model_type", ""))
+    layout = (task_impl.prefix, task_impl.suffix) if task_impl is not None else (0, 0)
+    vocab = static.check_vocab(tok, emb.shape[0])
+    report.checks += [
+        vocab,
+        static.check_family(model_type, tok),
+        static.check_casing(tok),
+        *static.check_special_tokens(loaded.task, model_type, tok, layout, loaded.pad_from_eos),
+        static.check_max_length(loaded.config, tok),
+        probes.check_unknown_rate(tok),
+        probes.check_alignment(tok, emb),
+    ]
+    if vocab.status == "fail":
+        # Running the model would index past its embedding matrix: stop here.
+        report.checks.append(Check("model-probes", "skip",
+                                   "not run: token ids would index past the embeddings"))
+    elif loaded.task == "generate":
+        report.checks += _decoder_probes(loaded)
+    elif task_impl is not None:
+        report.checks += _encoder_probes(loaded, task_impl)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _pieces(task: Any, texts: list[str], limit: int) -> list[Piece]:
+    ids = task.preprocess(texts)
+    return apply_policy(ids, limit, "truncate", prefix=task.prefix, suffix=task.suffix).pieces
+
+
+def _encoder_probes(loaded: Loaded, task: Any) -> list[Check]:
+    texts = P.DIVERSE
+    pieces = _pieces(task, [*texts, P.LONG], loaded.limit.value)
+    # (a) every probe text in one padded batch next to a much longer text, (b) each alone
+    together = task.forward(pieces)[: len(texts)]
+    alone = np.vstack([task.forward([p]) for p in pieces[: len(texts)]])
+    if task.name == "embed":
+        out = task.postprocess(together, normalize=True)
+        return [probes.check_embed_collapse(out),
+                probes.check_invariance(task.postprocess(alone, normalize=True), out,
+                                        loaded.plan.dtype, "unit embeddings")]
+    probs_together = task.probabilities(together)
+    return [probes.check_classify_collapse(probs_together, task.labels),
+            probes.check_invariance(task.probabilities(alone), probs_together,
+                                    loaded.plan.dtype, "class probabilities")]
+
+
+def _decoder_probes(loaded: Loaded) -> list[Check]:
+    import torch
+
+    model, tok = loaded.model, loaded.tokenizer
+    device = loaded.plan.device
+    prompts = [list(tok(p)["input_ids"]) for p in P.PROMPTS]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding: the last column is every prompt's end
+        ids[row, longest - len(p):] = torch.tensor(p)
+        mask[row, longest - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        batched = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device)).logits[:, -1].float().softmax(-1)
+        alone = torch.cat([model(input_ids=torch.tensor([p], device=device)).logits[:, -1]
+                           .float().softmax(-1) for p in prompts])
+        text_ids = tok(P.PARAGRAPH, return_tensors="pt")["input_ids"].to(device)
+        loss = float(model(input_ids=text_ids, labels=text_ids).loss)
+        order = list(range(text_ids.shape[1]))
+        random.Random(0).shuffle(order)
+        shuffled_ids = text_ids[:, order]
+        shuffled = float(model(input_ids=shuffled_ids, labels=shuffled_ids).loss)
+    next_tokens = [tok.decode([int(i)]) for i in alone.argmax(-1).tolist()]
+    return [
+        probes.check_generate_collapse(next_tokens),
+        probes.check_invariance(alone.cpu().numpy(), batched.cpu().numpy(), loaded.plan.dtype,
+                                "next-token probabilities (left padding, positions from mask)"),
+        probes.check_lm_affinity(loss, shuffled),
+    ]
