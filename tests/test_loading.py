@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 import sureserve
-from sureserve.errors import ModelSourceError, TaskMismatchError, UnsafeWeightsError
+from sureserve.errors import (
+    GateError,
+    ModelSourceError,
+    TaskMismatchError,
+    UnsafeWeightsError,
+)
 from sureserve.loading.inspect import infer_task, usable_max
 from sureserve.loading.source import resolve, vet_weights
 from sureserve.settings import Settings
@@ -90,8 +95,8 @@ def test_pickled_weights_are_refused_with_reason(pickled_bert: Path) -> None:
 
 def test_pickled_weights_load_when_opted_in(pickled_bert: Path, tiny_bert: Path) -> None:
     assert vet_weights(pickled_bert, allow_pickle=True) is False
-    m = sureserve.load(str(pickled_bert), allow_pickle=True)
-    ref = sureserve.load(str(tiny_bert))
+    m = sureserve.load(str(pickled_bert), allow_pickle=True, accept_gate_failure=True)
+    ref = sureserve.load(str(tiny_bert), accept_gate_failure=True)
     np.testing.assert_allclose(m.embed(["hello there"]), ref.embed(["hello there"]), atol=1e-6)
 
 
@@ -136,19 +141,31 @@ def test_usable_max_is_the_smallest_and_says_which() -> None:
     assert roberta.value == 512
 
 
+def test_random_tiny_model_fails_the_gate_and_loads_only_when_accepted(tiny_bert: Path) -> None:
+    # Its embeddings are random: related words are no closer than any others.
+    with pytest.raises(GateError) as exc:
+        sureserve.load(str(tiny_bert))
+    assert "alignment" in exc.value.message
+    m = sureserve.load(str(tiny_bert), accept_gate_failure=True)
+    assert m.gate_report is not None and m.gate_report.overridden
+
+
 def test_load_tiny_and_info(tiny_bert: Path) -> None:
-    m = sureserve.load(str(tiny_bert))
+    m = sureserve.load(str(tiny_bert), accept_gate_failure=True)
     assert m.task_name == "embed"
     d = m.info()
     assert d["path"] == str(tiny_bert.resolve())
-    assert d["parameters"] == sum(p.numel() for p in m.model.parameters())
+    from safetensors.torch import load_file
+
+    stored = load_file(tiny_bert / "model.safetensors")
+    assert d["parameters"] == sum(t.numel() for t in stored.values())
     assert d["plan"]["device"] == "cpu" and d["plan"]["dtype"] == "float32"
     assert d["usable_max_tokens"] == 128
 
 
 def test_explicit_tokenizer_override_is_reported_loudly(tiny_bert: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    m = sureserve.load(str(tiny_bert), tokenizer="minilm")
+    m = sureserve.load(str(tiny_bert), tokenizer="minilm", accept_gate_failure=True)
     assert any("TOKENIZER OVERRIDE" in w for w in m.loaded.warnings)
     assert "TOKENIZER OVERRIDE" in caplog.text
     assert m.info()["tokenizer_overridden"] is True
@@ -162,6 +179,6 @@ def test_trust_remote_code_is_off(tiny_bert: Path, tmp_path: Path) -> None:
     cfg["auto_map"] = {"AutoModel": "evil.EvilModel"}
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "evil.py").write_text("raise SystemExit('remote code ran')\n")
-    m = sureserve.load(str(d))
+    m = sureserve.load(str(d), accept_gate_failure=True)
     assert type(m.model).__name__ == "BertModel"
     assert Settings().trust_remote_code is False

@@ -166,6 +166,58 @@ def check(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id
     raise typer.Exit(0 if report.passed else 3)
 
 
+@app.command()
+def lock(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")],
+         output: Annotated[Path, typer.Option("--output", "-o")] = Path("sureserve.lock"),
+         tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
+         task: TaskOpt = None, revision: RevisionOpt = None, device: DeviceOpt = None,
+         dtype: DtypeOpt = None) -> None:
+    """Write a lockfile: file hashes, versions, tokenizer fingerprint, golden outputs."""
+    import sureserve
+    from sureserve.gate.lock import write_lock
+
+    engine = sureserve.load(model, task=task, revision=revision, tokenizer=tokenizer,
+                            device=device, dtype=dtype)
+    data = write_lock(engine, output)
+    err.print(f"wrote {output}: {len(data['files'])} files hashed, "
+              f"{len(data['tokenizer']['probe_ids'])} probe texts, "
+              f"{data['outputs']['kind']} with tolerance {data['outputs']['tolerance']:g}",
+              highlight=False)
+
+
+@app.command()
+def verify(lockfile: Annotated[Path, typer.Argument(help="Lockfile to check against.")] =
+           Path("sureserve.lock"), as_json: JsonOpt = False) -> None:
+    """Recompute a lockfile's facts. Exit 0 when token ids and outputs agree, 3 otherwise."""
+    import sureserve
+    from sureserve.gate.lock import verify as verify_lock
+
+    if not lockfile.is_file():
+        raise SettingsError(f"no lockfile at {lockfile}", "write one with `sureserve lock MODEL`")
+    data = json.loads(lockfile.read_text(encoding="utf-8"))
+    m = data["model"]
+    engine = sureserve.load(m["identifier"],
+                            task=m["task"], revision=m["snapshot"] or m["revision"],
+                            tokenizer=data.get("tokenizer_source"),
+                            device=data["plan"]["device"], dtype=data["plan"]["dtype"],
+                            accept_gate_failure=True)
+    rep = verify_lock(data, engine)
+    if as_json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        for title, items in (("a file changed", rep.files),
+                             ("the tokenizer now produces different ids", rep.tokenizer),
+                             ("library versions changed", rep.versions),
+                             ("outputs drifted beyond tolerance", rep.outputs)):
+            mark = "[green]ok[/]" if not items else f"[yellow]{len(items)}[/]"
+            out.print(f"{mark} {title}")
+            for item in items:
+                out.print(f"    {item}", highlight=False)
+        out.print(f"largest output difference: {rep.max_drift:.2e}")
+        out.print("[green]verified[/]" if rep.ok else "[bold red]NOT verified[/]")
+    raise typer.Exit(0 if rep.ok else 3)
+
+
 @zoo_app.command("build")
 def zoo_build(names: Annotated[list[str] | None, typer.Argument(help="Aliases (default: all).")]
               = None, corpora: Annotated[bool, typer.Option(help="Also fetch the corpora.")]

@@ -68,10 +68,12 @@ def casing_flipped_tokenizer(src: Path, dest: Path) -> Path:
 
 
 def no_pad_tokenizer(src: Path, dest: Path) -> Path:
+    """The tokenizer with its pad token removed (an explicit null: some tokenizer classes
+    would otherwise fall back to a default pad token)."""
     copy_tokenizer(src, dest)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (dest / name).is_file():
-            _edit_json(dest / name, lambda d: d.pop("pad_token", None))
+            _edit_json(dest / name, lambda d: d.update(pad_token=None))
     return dest
 
 

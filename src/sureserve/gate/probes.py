@@ -14,8 +14,9 @@ from sureserve.gate import probe_texts as P
 from sureserve.gate.report import Check
 
 # Alignment probe: z-score of related-word similarity above random token pairs.
-ALIGN_PASS = 2.5
-ALIGN_WARN = 1.5
+# Measured (BENCHMARKS.md, gate calibration): matched pairs 3.8-6.0, mismatched -0.0-1.6.
+ALIGN_PASS = 3.0
+ALIGN_WARN = 2.5
 ALIGN_MIN_WORDS = 30
 # Unknown-token rate on ordinary English.
 UNK_FAIL = 0.05

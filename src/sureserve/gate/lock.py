@@ -1,0 +1,189 @@
+"""Lockfile and verify: catch upgrade regressions before they are deployed.
+
+``write_lock`` records what a model *is* (file hashes, source, revision), what it runs on
+(library versions), how its tokenizer behaves (ids of the probe texts, normalizer and
+pre-tokenizer settings) and what it answers (golden outputs on the probe texts, with
+tolerances). ``verify`` recomputes all of it and sorts the differences into four kinds:
+files, tokenizer ids, library versions, output drift. Only the last two that matter for
+answers (ids and outputs) make verify fail; changed files or versions with identical
+behaviour are reported, not failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sureserve.gate import probe_texts as P
+
+LOCK_VERSION = 1
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+PROBE_TEXTS = [P.PARAGRAPH, *P.DIVERSE]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def versions() -> dict[str, str]:
+    import tokenizers
+    import torch
+    import transformers
+
+    import sureserve
+
+    return {"sureserve": sureserve.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "python": platform.python_version()}
+
+
+def tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    return {
+        "class": type(tok).__name__,
+        "normalizer": spec.get("normalizer"),
+        "pre_tokenizer": spec.get("pre_tokenizer"),
+        "special_tokens": {k: str(v) for k, v in tok.special_tokens_map.items()},
+        "probe_ids": [list(tok(t)["input_ids"]) for t in PROBE_TEXTS],
+    }
+
+
+def golden_outputs(engine: Any) -> dict[str, Any]:
+    """What the model answers on the probe texts, as plain lists."""
+    dtype = engine.loaded.plan.dtype
+    tol = TOLERANCE.get(dtype, 1e-4)
+    if engine.task_name == "embed":
+        vecs = engine.embed(PROBE_TEXTS, truncation="truncate")
+        return {"kind": "embeddings", "dtype": dtype, "tolerance": tol,
+                "values": np.round(vecs, 6).tolist()}
+    if engine.task_name == "classify":
+        rows, _ = engine.run(PROBE_TEXTS, truncation="truncate")
+        return {"kind": "probabilities", "dtype": dtype, "tolerance": tol,
+                "values": np.round(engine.task.probabilities(rows), 6).tolist()}
+    return _decoder_golden(engine, dtype, tol)
+
+
+def _decoder_golden(engine: Any, dtype: str, tol: float) -> dict[str, Any]:
+    import torch
+
+    model, tok = engine.model, engine.tokenizer
+    probs = []
+    with torch.inference_mode():
+        for prompt in P.PROMPTS:
+            ids = torch.tensor([tok(prompt)["input_ids"]], device=engine.loaded.plan.device)
+            p = model(input_ids=ids).logits[0, -1].float().softmax(-1)
+            top = torch.topk(p, 5)
+            probs.append({"ids": top.indices.tolist(),
+                          "probs": [round(float(x), 6) for x in top.values]})
+    return {"kind": "next-token top-5", "dtype": dtype, "tolerance": tol * 10, "values": probs}
+
+
+def write_lock(engine: Any, out: Path) -> dict[str, Any]:
+    loaded = engine.loaded
+    src, tsrc = loaded.source, loaded.tokenizer_source
+    lock = {
+        "sureserve_lock": LOCK_VERSION,
+        "model": {"identifier": src.identifier, "kind": src.kind, "revision": src.revision,
+                  "snapshot": src.path.name if src.kind.startswith("hub") else None,
+                  "task": loaded.task},
+        "tokenizer_source": None if tsrc.path == src.path else tsrc.identifier,
+        "files": file_hashes(src.path),
+        "tokenizer_files": file_hashes(tsrc.path) if tsrc.path != src.path else None,
+        "versions": versions(),
+        "plan": {"device": loaded.plan.device, "dtype": loaded.plan.dtype},
+        "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
+        "outputs": golden_outputs(engine),
+    }
+    out.write_text(json.dumps(lock, indent=1) + "\n", encoding="utf-8")
+    return lock
+
+
+@dataclass
+class VerifyReport:
+    files: list[str] = field(default_factory=list)
+    tokenizer: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    max_drift: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Outputs and token ids agree (files or versions may have changed)."""
+        return not self.tokenizer and not self.outputs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "files_changed": self.files, "tokenizer_changed": self.tokenizer,
+                "versions_changed": self.versions, "outputs_drifted": self.outputs,
+                "max_drift": self.max_drift}
+
+
+def _diff_files(old: dict[str, str], new: dict[str, str], what: str) -> list[str]:
+    out = [f"{what} {n}: changed" for n in sorted(old) if n in new and new[n] != old[n]]
+    out += [f"{what} {n}: missing" for n in sorted(old) if n not in new]
+    out += [f"{what} {n}: added" for n in sorted(new) if n not in old]
+    return out
+
+
+def verify(lock: dict[str, Any], engine: Any) -> VerifyReport:
+    rep = VerifyReport()
+    loaded = engine.loaded
+    rep.files = _diff_files(lock["files"], file_hashes(loaded.source.path), "file")
+    if lock.get("tokenizer_files"):
+        rep.files += _diff_files(lock["tokenizer_files"],
+                                 file_hashes(loaded.tokenizer_source.path), "tokenizer file")
+    now = versions()
+    rep.versions = [f"{k}: {v} -> {now.get(k)}" for k, v in lock["versions"].items()
+                    if now.get(k) != v]
+    fp_old, fp_new = lock["tokenizer"], tokenizer_fingerprint(loaded.tokenizer)
+    for i, (a, b) in enumerate(zip(fp_old["probe_ids"], fp_new["probe_ids"], strict=True)):
+        if a != b:
+            rep.tokenizer.append(f"probe text {i}: {len(a)} ids -> {len(b)} ids, first "
+                                 f"difference at position {_first_diff(a, b)}")
+    for key in ("normalizer", "pre_tokenizer", "special_tokens"):
+        if fp_old.get(key) != fp_new.get(key):
+            rep.tokenizer.append(f"{key} settings changed")
+    _diff_outputs(lock["outputs"], golden_outputs(engine), rep)
+    return rep
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+def _diff_outputs(old: dict[str, Any], new: dict[str, Any], rep: VerifyReport) -> None:
+    tol = float(old["tolerance"])
+    if old["kind"] == "next-token top-5":
+        for i, (a, b) in enumerate(zip(old["values"], new["values"], strict=True)):
+            if a["ids"][0] != b["ids"][0]:
+                rep.outputs.append(f"prompt {i}: greedy next token {a['ids'][0]} -> "
+                                   f"{b['ids'][0]}")
+            drift = abs(a["probs"][0] - b["probs"][0])
+            rep.max_drift = max(rep.max_drift, drift)
+            if drift > tol:
+                rep.outputs.append(f"prompt {i}: top probability drifted by {drift:.2e} "
+                                   f"(tolerance {tol:g})")
+        return
+    a, b = np.asarray(old["values"]), np.asarray(new["values"])
+    drift = np.abs(a - b).max(axis=1)
+    rep.max_drift = float(drift.max())
+    for i, d in enumerate(drift):
+        if d > tol:
+            rep.outputs.append(f"probe text {i}: {old['kind']} drifted by {d:.2e} "
+                               f"(tolerance {tol:g})")
