@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/packaged.txt
 zoo: $(STAMP)
 	$(BIN)/sureserve zoo build
 
+PORT ?= 8080
 run: setup
-	$(BIN)/sureserve embed "sureserve runs transformer models" "and never silently wrong"
+	$(BIN)/sureserve serve minilm --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

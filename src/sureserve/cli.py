@@ -167,6 +167,41 @@ def check(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id
 
 
 @app.command()
+def serve(models: Annotated[list[str] | None, typer.Argument(help="Models to serve; requests "
+                            "choose with the 'model' field (default: minilm).")] = None,
+          host: Annotated[str | None, _opt("host", "--host")] = None,
+          port: Annotated[int | None, _opt("port", "--port")] = None,
+          api_key: Annotated[str | None, _opt("api_key", "--api-key")] = None,
+          max_batch_tokens: BudgetOpt = None,
+          max_wait_ms: Annotated[float | None, _opt("max_wait_ms", "--max-wait-ms")] = None,
+          max_queue_inputs: Annotated[int | None, _opt("max_queue_inputs",
+                                                       "--max-queue-inputs")] = None,
+          max_client_batch: Annotated[int | None, _opt("max_client_batch",
+                                                       "--max-client-batch")] = None,
+          max_payload_bytes: Annotated[int | None, _opt("max_payload_bytes",
+                                                        "--max-payload-bytes")] = None,
+          truncation: TruncOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None,
+          accept_gate_failure: Annotated[bool | None, _opt(
+              "accept_gate_failure", "--accept-gate-failure/--no-accept-gate-failure")] = None,
+          ) -> None:
+    """Serve models over HTTP (TEI- and OpenAI-style routes). SIGTERM drains, then exits 0."""
+    from sureserve.server.app import create_app
+    from sureserve.server.run import serve_forever
+    from sureserve.zoo import DEFAULT_MODEL
+
+    s = Settings.build(host=host, port=port, api_key=api_key, max_batch_tokens=max_batch_tokens,
+                       max_wait_ms=max_wait_ms, max_queue_inputs=max_queue_inputs,
+                       max_client_batch=max_client_batch, max_payload_bytes=max_payload_bytes,
+                       truncation=truncation, device=device, dtype=dtype,
+                       accept_gate_failure=accept_gate_failure)
+    names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
+    app_ = create_app(s, names)
+    err.print(f"serving {', '.join(names)} on http://{s.host}:{s.port} "
+              "(GET /health answers 200 once the models passed their gate)", highlight=False)
+    serve_forever(app_, s.host, s.port)
+
+
+@app.command()
 def lock(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")],
          output: Annotated[Path, typer.Option("--output", "-o")] = Path("sureserve.lock"),
          tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,

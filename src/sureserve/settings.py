@@ -109,6 +109,34 @@ class Settings(BaseSettings):
         "the field, reporting them, instead of stopping at the first one.",
     )
 
+    # --- server --------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address the server binds to "
+                      "(loopback only by default; 0.0.0.0 exposes it to the network).")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port the server listens on.")
+    api_key: str | None = Field(
+        default=None,
+        description="If set, every request must carry 'Authorization: Bearer <key>' "
+        "(compared in constant time).",
+    )
+    open_health: bool = Field(
+        default=True, description="Leave /health and /metrics open when an API key is set."
+    )
+    max_wait_ms: float = Field(
+        default=2.0, ge=0,
+        description="Longest a request waits for others to share its forward pass.",
+    )
+    max_queue_inputs: int = Field(
+        default=1024, ge=1,
+        description="Most inputs queued for the model; a request beyond it gets 429 with "
+        "Retry-After at once.",
+    )
+    max_client_batch: int = Field(
+        default=256, ge=1, description="Most inputs one request may carry (413 beyond)."
+    )
+    max_payload_bytes: int = Field(
+        default=2_000_000, ge=1, description="Largest request body accepted, in bytes (413)."
+    )
+
     @classmethod
     def help(cls, name: str) -> str:
         """Help text of one field plus its environment variable, for CLI flags."""

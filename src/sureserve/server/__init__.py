@@ -1,0 +1,1 @@
+"""HTTP server: routes, schemas, batching engine, metrics."""

@@ -1,0 +1,170 @@
+"""Dynamic batching for the server: requests from many clients share forward passes.
+
+Request handlers tokenize in the event loop and ``submit`` pieces; one loop per model
+plans a batch with the pure ``BatchPlanner`` and runs ``task.forward`` in a worker thread,
+so the next requests are tokenized while the current batch computes. The queue is bounded
+(``OverloadedError`` → 429 at once), inputs of clients that went away are dropped before
+they cost compute, and a batch that raises is split until the failing input is isolated:
+only its request gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sureserve.batching.planner import BatchPlanner
+from sureserve.batching.truncation import Piece
+from sureserve.errors import InferenceError, OverloadedError
+from sureserve.server.metrics import Metrics
+from sureserve.settings import Settings
+
+log = logging.getLogger("sureserve.server")
+
+
+@dataclass
+class _Waiting:
+    piece: Piece
+    future: asyncio.Future[np.ndarray]
+    enqueued: float
+
+
+class Batcher:
+    def __init__(self, name: str, task: Any, settings: Settings, metrics: Metrics) -> None:
+        self.name = name
+        self.task = task
+        self.settings = settings
+        self.metrics = metrics
+        self.planner = BatchPlanner(settings.max_batch_tokens, settings.max_batch_size,
+                                    settings.planner_window, settings.min_batch_tokens,
+                                    settings.max_padding_share)
+        self.waiting: dict[int, _Waiting] = {}
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        self._pool.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting)
+
+    async def submit(self, pieces: Sequence[Piece]) -> list[np.ndarray]:
+        """Rows for ``pieces`` in order. Raises OverloadedError when the queue is full."""
+        limit = self.settings.max_queue_inputs
+        if self.depth + len(pieces) > limit:
+            self.metrics.rejected.inc()
+            raise OverloadedError(
+                f"the server is at capacity: {self.depth} inputs are queued and this request "
+                f"adds {len(pieces)} (limit {limit})",
+                "retry after the Retry-After delay; operators can raise --max-queue-inputs "
+                "(SURESERVE_MAX_QUEUE_INPUTS)", retry_after_s=1.0)
+        loop = asyncio.get_running_loop()
+        ids = []
+        now = time.perf_counter()
+        for p in pieces:
+            i = next(self._ids)
+            self.waiting[i] = _Waiting(p, loop.create_future(), now)
+            self.planner.add(i, p.weight)
+            ids.append(i)
+        futures = [self.waiting[i].future for i in ids]
+        self.metrics.queue_depth.labels(self.name).set(self.depth)
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            self._forget(ids)  # the client went away: do not compute its inputs
+            raise
+        except Exception:
+            self._forget(ids)
+            raise
+
+    def _forget(self, ids: list[int]) -> None:
+        self.planner.cancel(ids)
+        for i in ids:
+            w = self.waiting.pop(i, None)
+            if w and not w.future.done():
+                w.future.cancel()
+        self.metrics.queue_depth.labels(self.name).set(self.depth)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            await self._wait_for_company()
+            batch = self.planner.plan()
+            if batch is None:
+                self._wake.clear()
+                continue
+            live = [i for i in batch.ids if i in self.waiting
+                    and not self.waiting[i].future.done()]
+            self.planner.update(batch.ids)
+            if not live:
+                continue
+            items = [self.waiting[i] for i in live]
+            start = time.perf_counter()
+            for w in items:
+                self.metrics.queue_seconds.observe(start - w.enqueued)
+            outs = await loop.run_in_executor(self._pool, self._forward_isolating,
+                                              [w.piece for w in items])
+            self._observe(items, time.perf_counter() - start)
+            for i, w, out in zip(live, items, outs, strict=True):
+                self.waiting.pop(i, None)
+                if w.future.done():
+                    continue
+                if isinstance(out, Exception):
+                    w.future.set_exception(out)
+                else:
+                    w.future.set_result(out)
+            self.metrics.queue_depth.labels(self.name).set(self.depth)
+
+    async def _wait_for_company(self) -> None:
+        """Hold a lone request up to max_wait_ms so that others can share its batch."""
+        wait = self.settings.max_wait_ms / 1000
+        if wait <= 0 or not self.waiting:
+            return
+        oldest = min(w.enqueued for w in self.waiting.values())
+        cost = max(w.piece.weight for w in self.waiting.values()) * len(self.waiting)
+        remaining = oldest + wait - time.perf_counter()
+        if remaining > 0 and cost < self.settings.max_batch_tokens:
+            await asyncio.sleep(remaining)
+
+    def _observe(self, items: list[_Waiting], seconds: float) -> None:
+        m = self.metrics
+        longest = max(w.piece.weight for w in items)
+        real = sum(w.piece.weight for w in items)
+        m.inference_seconds.observe(seconds)
+        m.batch_size.observe(len(items))
+        m.batch_tokens.observe(longest * len(items))
+        m.padding_ratio.observe(1 - real / (longest * len(items)))
+
+    def _forward_isolating(self, pieces: list[Piece]) -> list[np.ndarray | Exception]:
+        """Forward a batch; if it raises, split it to find the inputs that fail alone."""
+        try:
+            rows = self.task.forward(pieces)
+            return [rows[k] for k in range(len(pieces))]
+        except Exception as exc:
+            if len(pieces) == 1:
+                log.warning("input failed in the model: %s", exc)
+                return [InferenceError(f"the model raised on this input: {exc}",
+                                       "check the input; other requests were not affected")]
+            mid = len(pieces) // 2
+            return self._forward_isolating(pieces[:mid]) + self._forward_isolating(pieces[mid:])

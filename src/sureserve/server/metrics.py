@@ -1,0 +1,45 @@
+"""Prometheus metrics, measured at the boundaries (HTTP in/out, queue, forward pass)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """One registry per app, so tests (and several apps in one process) do not collide."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("sureserve_requests_total", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.request_seconds = Histogram("sureserve_request_duration_seconds",
+                                         "HTTP request duration", ["route"], buckets=LATENCY,
+                                         registry=r)
+        self.queue_seconds = Histogram("sureserve_queue_time_seconds",
+                                       "Time an input waited before its forward pass",
+                                       buckets=LATENCY, registry=r)
+        self.inference_seconds = Histogram("sureserve_inference_time_seconds",
+                                           "Duration of one batched forward pass",
+                                           buckets=LATENCY, registry=r)
+        self.batch_size = Histogram("sureserve_batch_size", "Inputs per forward pass",
+                                    buckets=BATCH_SIZES, registry=r)
+        self.batch_tokens = Histogram("sureserve_batch_tokens",
+                                      "Tokens computed per forward pass (padding included)",
+                                      buckets=BATCH_TOKENS, registry=r)
+        self.padding_ratio = Histogram("sureserve_padding_ratio",
+                                       "Share of a batch's computed tokens that were padding",
+                                       buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+                                       registry=r)
+        self.queue_depth = Gauge("sureserve_queue_depth", "Inputs waiting for a forward pass",
+                                 ["model"], registry=r)
+        self.truncated = Counter("sureserve_truncated_inputs_total",
+                                 "Inputs truncated at the client's request", registry=r)
+        self.rejected = Counter("sureserve_rejected_total", "Requests refused by backpressure",
+                                registry=r)
+        self.gate_passed = Gauge("sureserve_gate_passed",
+                                 "1 when the model passed its preflight gate", ["model"],
+                                 registry=r)

@@ -1,0 +1,158 @@
+"""What the server holds: one slot per served model, loaded in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from sureserve.batching.truncation import Piece, apply_policy
+from sureserve.errors import (
+    InputError,
+    InputTooLongError,
+    ModelSourceError,
+    SureserveError,
+    TaskMismatchError,
+    TooManyInputsError,
+)
+from sureserve.server.batcher import Batcher
+from sureserve.server.metrics import Metrics
+from sureserve.settings import Settings
+from sureserve.tasks.base import merge
+
+log = logging.getLogger("sureserve.server")
+
+EngineFactory = Callable[[str, Settings], Any]
+
+
+def default_factory(name: str, settings: Settings) -> Any:
+    import sureserve
+
+    return sureserve.load(name, settings=settings)
+
+
+@dataclass
+class Slot:
+    name: str
+    state: str = "loading"  # loading | ready | failed
+    reason: str | None = None
+    engine: Any = None
+    batcher: Batcher | None = None
+
+
+@dataclass
+class Outcome:
+    rows: np.ndarray  # merged per text
+    tokens: int
+    truncated: list[int] = field(default_factory=list)
+
+
+class ServerState:
+    def __init__(self, settings: Settings, names: Sequence[str],
+                 factory: EngineFactory = default_factory) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.slots = {n: Slot(n) for n in names}
+        self.factory = factory
+        self.started = int(time.time())
+
+    async def load_all(self) -> None:
+        """Load, gate and warm up every model, one after the other, off the event loop."""
+        for slot in self.slots.values():
+            try:
+                engine = await asyncio.to_thread(self.factory, slot.name, self.settings)
+                if engine.task is None:
+                    raise TaskMismatchError(
+                        f"{slot.name} is a {engine.task_name!r} model; this server serves "
+                        "embed and classify models", "serve an embedding or classifier model")
+                await asyncio.to_thread(engine.task.forward,
+                                        [Piece(0, engine.task.preprocess(["warm up"])[0])])
+                slot.engine = engine
+                slot.batcher = Batcher(slot.name, engine.task, self.settings, self.metrics)
+                slot.batcher.start()
+                report = engine.gate_report
+                self.metrics.gate_passed.labels(slot.name).set(
+                    1 if report is None or report.passed else 0)
+                slot.state = "ready"
+                log.info("%s ready (%s)", slot.name, report.summary() if report else "no gate")
+            except Exception as exc:  # reported by /health, never a crash
+                slot.state, slot.reason = "failed", str(exc)
+                self.metrics.gate_passed.labels(slot.name).set(0)
+                log.error("could not serve %s: %s", slot.name, exc)
+
+    async def stop(self) -> None:
+        for slot in self.slots.values():
+            if slot.batcher:
+                await slot.batcher.stop()
+
+    @property
+    def status(self) -> Literal["ok", "loading", "failed"]:
+        states = {s.state for s in self.slots.values()}
+        if "failed" in states:
+            return "failed"
+        return "ok" if states == {"ready"} else "loading"
+
+    def pick(self, name: str | None, task: str) -> Slot:
+        """The slot a request asks for, or the first ready one that does ``task``."""
+        if name is not None:
+            slot = self.slots.get(name)
+            if slot is None:
+                raise ModelSourceError(f"model {name!r} is not served here",
+                                       f"use one of {', '.join(self.slots)} (GET /v1/models)")
+            candidates = [slot]
+        else:
+            candidates = [s for s in self.slots.values()
+                          if s.engine is None or s.engine.task_name == task]
+        for slot in candidates:
+            if slot.state != "ready":
+                raise SureserveError(f"model {slot.name} is {slot.state}"
+                                     + (f": {slot.reason}" if slot.reason else ""),
+                                     "wait for GET /health to answer 200", http_status=503)
+            if slot.engine.task_name != task:
+                raise TaskMismatchError(f"model {slot.name} does {slot.engine.task_name}, "
+                                        f"not {task}", "choose a model that does " + task)
+            return slot
+        raise TaskMismatchError(f"no served model does {task}",
+                                f"start the server with a model for {task}")
+
+    def validate(self, inputs: str | list[str]) -> list[str]:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        limit = self.settings.max_client_batch
+        if not texts:
+            raise InputError("inputs is empty", "send at least one text")
+        if len(texts) > limit:
+            raise TooManyInputsError(
+                f"{len(texts)} inputs in one request; the limit is {limit}",
+                "split the request, or raise --max-client-batch (SURESERVE_MAX_CLIENT_BATCH)")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise InputError(f"input {i} is empty", "send non-empty text")
+        return texts
+
+    async def run(self, slot: Slot, texts: list[str], truncate: bool) -> Outcome:
+        """Tokenize (here, on the event loop, overlapping the running forward pass), apply
+        the truncation policy, and wait for the batcher's rows."""
+        task, engine = slot.engine.task, slot.engine
+        assert slot.batcher is not None
+        ids = task.preprocess(texts)
+        policy = "truncate" if truncate else self.settings.truncation
+        limit = engine.loaded.limit
+        try:
+            res = apply_policy(ids, limit.value, policy, prefix=task.prefix,
+                               suffix=task.suffix, stride=self.settings.chunk_stride,
+                               bound_by=limit.bound_by)
+        except InputTooLongError as exc:
+            raise InputTooLongError(
+                exc.message, 'send "truncate": true to cut it (the cut is counted in '
+                "metrics), shorten it, or start the server with --truncation chunk",
+                index=exc.index, length=exc.length, limit=exc.limit) from exc
+        if res.truncated:
+            self.metrics.truncated.inc(len(res.truncated))
+        rows = await slot.batcher.submit(res.pieces)
+        merged = merge(res.pieces, np.vstack(rows), len(texts))
+        return Outcome(merged, sum(p.weight for p in res.pieces), res.truncated)

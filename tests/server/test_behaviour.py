@@ -1,0 +1,107 @@
+"""Isolation of a poisoned input, graceful shutdown, and the OpenAPI schema (schemathesis)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+import sureserve
+from sureserve.settings import Settings
+from tests.server.conftest import Server, free_port, start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+
+
+def _poisoned_factory(name: str, settings: Settings) -> Any:
+    """minilm whose forward pass raises whenever a batch holds the word 'poison'."""
+    engine = sureserve.load(name, settings=settings)
+    poison = engine.tokenizer("poison", add_special_tokens=False)["input_ids"][0]
+    real_forward = engine.task.forward
+
+    def forward(pieces: Any) -> Any:
+        if any(poison in p.ids for p in pieces):
+            raise RuntimeError("poisoned input")
+        return real_forward(pieces)
+
+    engine.task.forward = forward
+    return engine
+
+
+@pytest.fixture(scope="module")
+def poisoned() -> Iterator[str]:
+    from sureserve.server.app import create_app
+
+    port = free_port()
+    # a long wait for company so that all concurrent requests land in one batch
+    app = create_app(Settings(max_wait_ms=300), ["minilm"], factory=_poisoned_factory)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_poisoned_input_is_isolated_from_its_batch(poisoned: str) -> None:
+    texts = ["a calm morning", "poison in the well", "markets closed higher", "hello"]
+
+    def one(t: str) -> httpx.Response:
+        return httpx.post(f"{poisoned}/embed", json={"inputs": [t]}, timeout=60)
+
+    with cf.ThreadPoolExecutor(len(texts)) as pool:
+        results = list(pool.map(one, texts))
+    assert [r.status_code for r in results] == [200, 500, 200, 200]
+    assert results[1].json()["error_type"] == "inference_failed"
+    ref = sureserve.load("minilm").embed([t for t in texts if "poison" not in t])
+    got = np.array([r.json()[0] for r in results if r.status_code == 200])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    batches = httpx.get(f"{poisoned}/metrics").text
+    assert "sureserve_batch_size_count" in batches
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0() -> None:
+    s: Server = start_server(["minilm"], {})
+    texts = ["a sentence that takes a little while to embed " * 20] * 16
+
+    def one(_: int) -> int:
+        return httpx.post(f"{s.url}/embed", json={"inputs": texts}, timeout=120).status_code
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+        time.sleep(0.5)  # requests are in flight
+        code = stop_server(s)
+        statuses = [f.result() for f in futures]
+    assert statuses == [200] * 6
+    assert code == 0
+
+
+def test_openapi_schema_with_schemathesis(server: Server) -> None:
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/embed", "/predict", "/tokenize", "/info", "/health", "/v1/embeddings",
+            "/v1/models"} <= set(schema["paths"])
+    r = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
+         "--max-examples", "15", "--checks", "not_a_server_error,status_code_conformance,"
+         "content_type_conformance,response_schema_conformance",
+         "--generation-deterministic", "--request-timeout", "60"],
+        capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

@@ -1,0 +1,168 @@
+"""Every route of the real server over loopback HTTP, and every input limit."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+
+import httpx
+import numpy as np
+import pytest
+
+import sureserve
+from tests.server.conftest import Server
+
+pytestmark = pytest.mark.e2e
+
+TEXTS = ["The film was a delight from start to finish.", "Rates rose on Tuesday.", "ok"]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> sureserve.Engine:
+    return sureserve.load("minilm")
+
+
+def test_health_and_info(server: Server) -> None:
+    r = httpx.get(f"{server.url}/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["model_id"] == "minilm" and info["max_client_batch_size"] == 16
+    assert {m["name"] for m in info["models"]} == {"minilm", "sentiment-demo"}
+    assert all(m["gate_passed"] for m in info["models"])
+
+
+def test_embed_matches_offline(server: Server, minilm: sureserve.Engine) -> None:
+    r = httpx.post(f"{server.url}/embed", json={"inputs": TEXTS})
+    assert r.status_code == 200
+    np.testing.assert_allclose(np.array(r.json()), minilm.embed(TEXTS), atol=1e-5)
+    one = httpx.post(f"{server.url}/embed", json={"inputs": TEXTS[0]}).json()
+    assert len(one) == 1 and len(one[0]) == 384
+
+
+def test_predict_single_and_batch(server: Server) -> None:
+    r = httpx.post(f"{server.url}/predict", json={"inputs": "A wonderful, moving film."})
+    assert r.status_code == 200
+    body = r.json()
+    assert body[0]["label"] == "POSITIVE" and abs(sum(d["score"] for d in body) - 1) < 1e-6
+    r = httpx.post(f"{server.url}/predict", json={"inputs": ["Awful.", "Superb!"],
+                                                  "raw_scores": True})
+    assert [x[0]["label"] for x in r.json()] == ["NEGATIVE", "POSITIVE"]
+
+
+def test_tokenize(server: Server) -> None:
+    r = httpx.post(f"{server.url}/tokenize", json={"inputs": "Hello world"})
+    toks = r.json()[0]
+    assert [t["text"] for t in toks] == ["[CLS]", "hello", "world", "[SEP]"]
+    assert toks[0]["special"] and toks[1]["start"] == 0 and toks[1]["stop"] == 5
+
+
+def test_openai_embeddings_with_the_official_client(server: Server,
+                                                    minilm: sureserve.Engine) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    res = client.embeddings.create(model="minilm", input=TEXTS)
+    got = np.array([d.embedding for d in res.data])
+    np.testing.assert_allclose(got, minilm.embed(TEXTS), atol=1e-5)
+    assert res.usage.prompt_tokens > 0
+    models = [m.id for m in client.models.list()]
+    assert models == ["minilm", "sentiment-demo"]
+
+
+def test_openai_base64(server: Server, minilm: sureserve.Engine) -> None:
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"input": "hi there",
+                                                        "encoding_format": "base64"})
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, minilm.embed(["hi there"])[0], atol=1e-5)
+
+
+def test_metrics(server: Server) -> None:
+    httpx.post(f"{server.url}/embed", json={"inputs": TEXTS})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("sureserve_requests_total", "sureserve_request_duration_seconds",
+                 "sureserve_queue_time_seconds", "sureserve_inference_time_seconds",
+                 "sureserve_batch_size", "sureserve_batch_tokens", "sureserve_padding_ratio",
+                 "sureserve_queue_depth", "sureserve_truncated_inputs_total",
+                 "sureserve_gate_passed"):
+        assert name in text, name
+    assert 'route="/embed",status="200"' in text
+
+
+@pytest.mark.parametrize("payload,status,needle", [
+    ({"inputs": ["x"] * 17}, 413, "SURESERVE_MAX_CLIENT_BATCH"),
+    ({"inputs": []}, 422, "empty"),
+    ({"inputs": ""}, 422, "empty"),
+    ({"inputs": 5}, 422, "inputs"),
+    ({"inputs": ["ok", None]}, 422, "inputs"),
+    ({"text": "wrong field"}, 422, "inputs"),
+    ({"inputs": "x", "model": "nope"}, 404, "not served"),
+    ({"inputs": "x", "model": "sentiment-demo"}, 400, "classify"),
+])
+def test_input_errors_name_the_problem(server: Server, payload: dict[str, object], status: int,
+                                       needle: str) -> None:
+    r = httpx.post(f"{server.url}/embed", json=payload)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert needle in body["error"] + body.get("fix", "")
+    assert body["error_type"]
+
+
+def test_too_long_input_is_413_unless_truncate(server: Server) -> None:
+    long = "word " * 400
+    r = httpx.post(f"{server.url}/embed", json={"inputs": [long]})
+    assert r.status_code == 413
+    assert "256" in r.json()["error"] and "truncate" in r.json()["fix"]
+    r = httpx.post(f"{server.url}/embed", json={"inputs": [long], "truncate": True})
+    assert r.status_code == 200
+    assert "sureserve_truncated_inputs_total 1.0" in httpx.get(f"{server.url}/metrics").text \
+        or "sureserve_truncated_inputs_total" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_payload_limit(server: Server) -> None:
+    r = httpx.post(f"{server.url}/embed", json={"inputs": ["a" * 70000]})
+    assert r.status_code == 413 and "SURESERVE_MAX_PAYLOAD_BYTES" in r.json()["fix"]
+
+
+def test_malformed_json_and_invalid_utf8(server: Server) -> None:
+    for raw in (b'{"inputs": ', b'{"inputs": "\xff\xfe"}'):
+        r = httpx.post(f"{server.url}/embed", content=raw,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert "JSON" in r.json()["error"]
+
+
+def test_openai_error_shape(server: Server) -> None:
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"input": []})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_input"
+
+
+def test_flood_gets_429_while_accepted_requests_succeed(server: Server) -> None:
+    texts = ["a fairly ordinary sentence about the weather " * 4] * 16
+
+    def one(_: int) -> httpx.Response:
+        return httpx.post(f"{server.url}/embed", json={"inputs": texts}, timeout=120)
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(48)))
+    codes = [r.status_code for r in results]
+    assert 429 in codes and 200 in codes
+    assert set(codes) <= {200, 429}
+    for r in results:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert "SURESERVE_MAX_QUEUE_INPUTS" in r.json()["fix"]
+        else:
+            assert len(r.json()) == 16
+
+
+def test_api_key(keyed_server: Server) -> None:
+    url = keyed_server.url
+    assert httpx.post(f"{url}/embed", json={"inputs": "x"}).status_code == 401
+    wrong = {"authorization": "Bearer nope"}
+    assert httpx.post(f"{url}/embed", json={"inputs": "x"}, headers=wrong).status_code == 401
+    ok = {"authorization": "Bearer s3cret"}
+    assert httpx.post(f"{url}/embed", json={"inputs": "x"}, headers=ok).status_code == 200
+    assert httpx.get(f"{url}/health").status_code == 200  # open by default
+    assert httpx.get(f"{url}/metrics").status_code == 200
