@@ -439,5 +439,31 @@ def bench_classify(n: BenchN = 2000, long_share: BenchLong = 0.05, skip: BenchSk
     _bench("classify", n, long_share, skip, bf16, output)
 
 
+@bench_app.command("serve")
+def bench_serve(levels: Annotated[list[int] | None, typer.Option("--clients", help="Concurrency "
+                                                                   "levels (repeatable).")] = None,
+                seconds: Annotated[float, typer.Option(help="Seconds per level.")] = 10.0,
+                max_requests: Annotated[int, typer.Option(help="Cap per level.")] = 3000,
+                skip: BenchSkip = None,
+                output: Annotated[Path, typer.Option("--output", "-o")] =
+                Path("bench-results/serve.json")) -> None:
+    """HTTP load on loopback: sureserve's server vs a plain FastAPI + pipeline endpoint."""
+    from sureserve.bench.serve import run_serve_bench
+
+    rep = run_serve_bench(levels or [1, 8, 32, 64], seconds, max_requests, skip=skip or [],
+                          out=output, log=lambda m: err.print(m, highlight=False))
+    t = Table("contender", "clients", "req/s", "x offline", "p50 ms", "p95 ms", "p99 ms",
+              "p99/p50", "avg batch", "errors",
+              title=f"serve: offline engine {rep['offline_texts_per_s']} texts/s")
+    for name, rows in rep["contenders"].items():
+        for r in rows:
+            t.add_row(name, str(r["clients"]), str(r["req_per_s"]), str(r["vs_offline"]),
+                      str(r["p50_ms"]), str(r["p95_ms"]), str(r["p99_ms"]),
+                      str(r["p99_over_p50"]), str(r.get("avg_batch_size", "-")),
+                      str(r["errors"]))
+    Console(width=200).print(t)
+    err.print(f"wrote {output}")
+
+
 if __name__ == "__main__":
     main()

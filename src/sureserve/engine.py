@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sureserve.batching.planner import plan_batches
+from sureserve.batching.planner import padding_ratio, padding_share, plan_batches
 from sureserve.batching.truncation import apply_policy
 from sureserve.errors import TaskMismatchError
 from sureserve.gate.report import GateReport
@@ -44,13 +44,11 @@ class RunSummary:
 
     @property
     def padding_ratio(self) -> float:
-        """Padded tokens computed per real token."""
-        return (self.computed_tokens - self.real_tokens) / max(self.real_tokens, 1)
+        return padding_ratio(self.real_tokens, self.computed_tokens)
 
     @property
     def padding_share(self) -> float:
-        """Share of computed tokens that were padding."""
-        return (self.computed_tokens - self.real_tokens) / max(self.computed_tokens, 1)
+        return padding_share(self.real_tokens, self.computed_tokens)
 
     def add(self, other: RunSummary) -> None:
         """Accumulate a later window's summary into this one (indices are global)."""

@@ -17,6 +17,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
+def padding_ratio(real: int, computed: int) -> float:
+    """Padded tokens computed per real token."""
+    return (computed - real) / max(real, 1)
+
+
+def padding_share(real: int, computed: int) -> float:
+    """Share of computed tokens that were padding."""
+    return (computed - real) / max(computed, 1)
+
+
 @dataclass(frozen=True)
 class Batch:
     """Items run together in one forward pass, padded to ``max_len``."""

@@ -12,6 +12,8 @@ from typing import Any
 
 import psutil
 
+from sureserve.batching.planner import padding_ratio, padding_share
+
 
 class RssSampler:
     """Peak resident memory of this process while a block runs (sampled every 10 ms)."""
@@ -59,11 +61,11 @@ class Result:
 
     @property
     def padding_ratio(self) -> float:
-        return (self.computed_tokens - self.real_tokens) / max(self.real_tokens, 1)
+        return padding_ratio(self.real_tokens, self.computed_tokens)
 
     @property
     def padding_share(self) -> float:
-        return (self.computed_tokens - self.real_tokens) / max(self.computed_tokens, 1)
+        return padding_share(self.real_tokens, self.computed_tokens)
 
 
 def timed(name: str, fn: Callable[[], tuple[Any, int]], texts: int, real_tokens: int) -> Result:

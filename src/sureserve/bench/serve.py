@@ -1,0 +1,150 @@
+"""``sureserve bench serve``: closed-loop HTTP clients against the server, in one run.
+
+For each concurrency level, that many clients each send one text per request (drawn in
+order from the realistic mix) and send the next as soon as the answer arrives, for a
+bounded time and count, to a server on loopback. Contenders: sureserve's server, and a
+plain FastAPI endpoint running a transformers pipeline per request. The offline throughput
+of the same engine on the same texts is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(cmd: list[str], url: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            text=True, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{cmd} did not become ready")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def _load(url: str, texts: Sequence[str], clients: int, seconds: float,
+                max_requests: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(max_requests))
+    stop_at = time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for i in counter:
+            if time.perf_counter() > stop_at:
+                return
+            t0 = time.perf_counter()
+            r = await http.post(f"{url}/embed", json={"inputs": texts[i % len(texts)]})
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1000
+    p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99)) if len(lat) else (0,) * 3
+    return {"clients": clients, "requests": len(latencies), "errors": errors,
+            "seconds": round(elapsed, 2), "req_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "p99_ms": round(p99, 1),
+            "p99_over_p50": round(p99 / p50, 2) if p50 else None}
+
+
+def _batch_stats(url: str) -> tuple[float, float]:
+    text = httpx.get(f"{url}/metrics").text
+    total = float(re.search(r"^sureserve_batch_size_sum (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    count = float(re.search(r"^sureserve_batch_size_count (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return total, count
+
+
+def run_serve_bench(levels: Sequence[int] = (1, 8, 32, 64), seconds: float = 10.0,
+                    max_requests: int = 3000, n_texts: int = 2000, long_share: float = 0.05,
+                    skip: Sequence[str] = (), out: Path | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    import sureserve
+    from sureserve.zoo.corpora import realistic_mix
+
+    texts = realistic_mix(n_texts, long_share, seed=1)
+    engine = sureserve.load("minilm", truncation="truncate")
+    engine.embed(texts[:32])
+    t0 = time.perf_counter()
+    engine.embed(texts)
+    offline = len(texts) / (time.perf_counter() - t0)
+    log(f"offline: {offline:.1f} texts/s on {len(texts)} texts")
+    path = str(engine.loaded.source.path)
+    del engine
+
+    report: dict[str, Any] = {"offline_texts_per_s": round(offline, 1), "texts": n_texts,
+                              "long_share": long_share, "seconds_per_level": seconds,
+                              "contenders": {}}
+    contenders = {
+        "sureserve": [sys.executable, "-m", "sureserve.cli", "serve", "minilm"],
+        "plain-fastapi-pipeline": [sys.executable, "-m", "sureserve.bench.plain_server", path],
+    }
+    for name, base in contenders.items():
+        if name in skip:
+            continue
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = base + (["--port", str(port), "--truncation", "truncate"] if name == "sureserve"
+                      else [str(port)])
+        proc = _start(cmd, url)
+        rows = []
+        try:
+            asyncio.run(_load(url, texts, 4, 2.0, 50))  # warm-up
+            for clients in levels:
+                before = _batch_stats(url) if name == "sureserve" else None
+                row = asyncio.run(_load(url, texts, clients, seconds, max_requests))
+                if before is not None:
+                    after = _batch_stats(url)
+                    row["avg_batch_size"] = round((after[0] - before[0]) /
+                                                  max(after[1] - before[1], 1), 2)
+                row["vs_offline"] = round(row["req_per_s"] / offline, 3)
+                rows.append(row)
+                log(f"{name} x{clients}: {row}")
+        finally:
+            _stop(proc)
+        report["contenders"][name] = rows
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
