@@ -1,0 +1,62 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sureserve.batching.generation import GenerationScheduler
+from sureserve.errors import InputTooLongError
+
+
+def test_requests_that_can_never_fit_are_refused_with_numbers() -> None:
+    s = GenerationScheduler(kv_budget_tokens=1000, context_limit=512)
+    with pytest.raises(InputTooLongError) as exc:
+        s.add(1, 500, 20)
+    assert "520" in exc.value.message and "512" in exc.value.message
+    big = GenerationScheduler(kv_budget_tokens=300, context_limit=8192)
+    with pytest.raises(InputTooLongError) as exc:
+        big.add(1, 200, 200)
+    assert "400" in exc.value.message and "300" in exc.value.message
+
+
+def test_admission_waits_for_budget_and_frees_on_finish() -> None:
+    s = GenerationScheduler(kv_budget_tokens=100, context_limit=1000)
+    s.add(1, 30, 30)
+    s.add(2, 30, 30)
+    p = s.plan()
+    assert p.prefill == (1,) and p.decode == ()
+    p = s.plan()
+    assert p.prefill == () and p.decode == (1,)  # 2 waits: 60 + 60 > 100
+    s.update([1], [1])
+    p = s.plan()
+    assert p.prefill == (2,)
+
+
+def test_fifo_no_overtaking() -> None:
+    s = GenerationScheduler(kv_budget_tokens=100, context_limit=1000)
+    s.add(1, 50, 10)
+    s.plan()
+    s.add(2, 50, 10)  # does not fit next to 1
+    s.add(3, 5, 5)  # would fit, but must not overtake 2
+    assert s.plan().prefill == ()
+
+
+@settings(max_examples=100, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40)), min_size=1,
+                     max_size=30),
+       budget=st.integers(100, 400), max_running=st.integers(1, 8))
+def test_budget_never_exceeded_and_everything_finishes(reqs: list[tuple[int, int]], budget: int,
+                                                       max_running: int) -> None:
+    s = GenerationScheduler(kv_budget_tokens=budget, context_limit=10_000,
+                            max_running=max_running)
+    for i, (p, n) in enumerate(reqs):
+        s.add(i, p, n)
+    done: set[int] = set()
+    for _ in range(10_000):
+        if not s.waiting and not s.running:
+            break
+        plan = s.plan()
+        assert s.reserved <= budget and len(s.running) <= max_running
+        stepped = list(plan.prefill) + list(plan.decode)
+        finished = [i for i in stepped if s.running[i].generated + 1 >= s.running[i].max_new_tokens]
+        s.update(stepped, finished)
+        done.update(finished)
+    assert done == set(range(len(reqs)))
