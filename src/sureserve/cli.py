@@ -185,6 +185,13 @@ def serve(models: Annotated[list[str] | None, typer.Argument(help="Models to ser
               "accept_gate_failure", "--accept-gate-failure/--no-accept-gate-failure")] = None,
           ) -> None:
     """Serve models over HTTP (TEI- and OpenAI-style routes). SIGTERM drains, then exits 0."""
+    import os
+
+    # OpenMP threads busy-wait after each parallel region by default; on a small machine
+    # that spinning starves the event loop that parses and tokenizes the next requests
+    # (measured: 0.13 -> 0.33 of offline throughput at 32 clients on 2 cores). Must be set
+    # before torch loads its OpenMP runtime; an explicit user setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from sureserve.server.app import create_app
     from sureserve.server.run import serve_forever
     from sureserve.zoo import DEFAULT_MODEL
