@@ -256,6 +256,9 @@ def verify(lockfile: Annotated[Path, typer.Argument(help="Lockfile to check agai
             for item in items:
                 out.print(f"    {item}", highlight=False)
         out.print(f"largest output difference: {rep.max_drift:.2e}")
+        gate = engine.gate_report
+        if gate is not None and not gate.passed:
+            out.print(f"[yellow]note:[/] {gate.summary()} (run `sureserve check` for details)")
         out.print("[green]verified[/]" if rep.ok else "[bold red]NOT verified[/]")
     raise typer.Exit(0 if rep.ok else 3)
 

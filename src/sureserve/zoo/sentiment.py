@@ -65,10 +65,15 @@ def build_sentiment(dest: Path, minilm_dir: Path, settings: Settings) -> None:
     random.seed(SEED)
     torch.manual_seed(SEED)
     tok = AutoTokenizer.from_pretrained(minilm_dir)
+    from transformers.utils import logging as hf_logging
+
+    # the fresh head is "missing from the checkpoint" on purpose: no load report for it
+    hf_logging.set_verbosity_error()
     model = AutoModelForSequenceClassification.from_pretrained(
         minilm_dir, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
         problem_type="single_label_classification", dtype=torch.float32,
     )
+    hf_logging.set_verbosity_warning()
     enc = tok([r.text for r in train], truncation=True, max_length=MAX_LENGTH)
     ids: list[list[int]] = enc["input_ids"]
     labels = [int(r.score > 0) for r in train]
