@@ -48,13 +48,12 @@ def load(
     The preflight gate runs before this returns (``engine.gate_report``); a failure raises
     ``GateError`` unless ``accept_gate_failure=True``, which is logged and reported.
     """
-    s = _settings(settings, device, dtype, overrides)
-    loaded = loader.load(identifier, task=task, revision=revision, settings=s, tokenizer=tokenizer)
-    engine = Engine(loaded, s)
-    report = run_gate(loaded, engine.task)
-    engine.gate_report = report
+    engine = _load_and_gate(identifier, task, revision, tokenizer,
+                            _settings(settings, device, dtype, overrides))
+    report = engine.gate_report
+    assert report is not None
     if not report.passed:
-        if not s.accept_gate_failure:
+        if not engine.settings.accept_gate_failure:
             raise gate_error(report)
         report.overridden = True
         log.warning("GATE OVERRIDDEN (accept_gate_failure): %s", report.summary())
@@ -75,10 +74,18 @@ def check(model: str, tokenizer: str | None = None, task: str | None = None,
           revision: str | None = None, **overrides: Any) -> GateReport:
     """Run the preflight gate on a model (and optionally another tokenizer); never raises
     for a failed check: the verdicts are in the returned report."""
-    s = _settings(None, None, None, overrides)
-    loaded = loader.load(model, task=task, revision=revision, settings=s, tokenizer=tokenizer)
+    report = _load_and_gate(model, task, revision, tokenizer,
+                            _settings(None, None, None, overrides)).gate_report
+    assert report is not None
+    return report
+
+
+def _load_and_gate(identifier: str, task: str | None, revision: str | None,
+                   tokenizer: str | None, s: Settings) -> Engine:
+    loaded = loader.load(identifier, task=task, revision=revision, settings=s, tokenizer=tokenizer)
     engine = Engine(loaded, s)
-    return run_gate(loaded, engine.task)
+    engine.gate_report = run_gate(loaded, engine.task)
+    return engine
 
 
 def info(identifier: str, task: str | None = None, revision: str | None = None,

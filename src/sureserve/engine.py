@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from sureserve.batching.planner import padding_ratio, padding_share, plan_batches
-from sureserve.batching.truncation import apply_policy
 from sureserve.errors import TaskMismatchError
 from sureserve.gate.report import GateReport
 from sureserve.loading.loader import Loaded
@@ -127,10 +126,7 @@ class Engine:
         s = self.settings
         policy = truncation or s.truncation
         limit = self.loaded.limit
-        ids = task.preprocess(texts)
-        res = apply_policy(ids, limit.value, policy, prefix=task.prefix, suffix=task.suffix,
-                           stride=s.chunk_stride, bound_by=limit.bound_by,
-                           first_index=first_index)
+        res = task.to_pieces(texts, policy, stride=s.chunk_stride, first_index=first_index)
         pieces = res.pieces
         batches = plan_batches([p.weight for p in pieces], s.max_batch_tokens,
                                s.max_batch_size, s.planner_window, s.min_batch_tokens,

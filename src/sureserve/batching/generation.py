@@ -19,7 +19,7 @@ from sureserve.errors import InputTooLongError
 
 
 @dataclass
-class Sequence:
+class Request:
     id: int
     prompt_len: int
     max_new_tokens: int
@@ -41,8 +41,8 @@ class GenerationScheduler:
     kv_budget_tokens: int
     context_limit: int
     max_running: int = 64
-    waiting: OrderedDict[int, Sequence] = field(default_factory=OrderedDict)
-    running: dict[int, Sequence] = field(default_factory=dict)
+    waiting: OrderedDict[int, Request] = field(default_factory=OrderedDict)
+    running: dict[int, Request] = field(default_factory=dict)
 
     @property
     def reserved(self) -> int:
@@ -64,7 +64,7 @@ class GenerationScheduler:
                 index=seq_id, length=need, limit=self.kv_budget_tokens)
         if seq_id in self.waiting or seq_id in self.running:
             raise ValueError(f"sequence {seq_id} is already scheduled")
-        self.waiting[seq_id] = Sequence(seq_id, prompt_len, max_new_tokens)
+        self.waiting[seq_id] = Request(seq_id, prompt_len, max_new_tokens)
 
     def plan(self) -> StepPlan:
         """Admit waiting requests first-come first-served while their reservation fits."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from sureserve.gate import probe_texts as P
 from sureserve.gate.report import Check
+from sureserve.gate.static import max_token_id
 
 # Alignment probe: z-score of related-word similarity above random token pairs.
 # Measured (BENCHMARKS.md, gate calibration): matched pairs 3.8-6.0, mismatched -0.0-1.6.
@@ -68,17 +69,13 @@ def alignment_score(tok: Any, emb: np.ndarray, seed: int = 0) -> tuple[float, in
         return 0.0, 0, 0
     within = np.concatenate([(g @ g.T)[np.triu_indices(len(g), 1)] for g in groups])
     rng = random.Random(seed)
-    top = min(rows, max_id(tok) + 1)
+    top = min(rows, max_token_id(tok) + 1)
     candidates = [i for i in rng.sample(range(top), min(top, 4000)) if i not in special]
     a = _unit(emb[candidates[: len(candidates) // 2]] - centred_mean)
     b = _unit(emb[candidates[len(candidates) // 2: 2 * (len(candidates) // 2)]] - centred_mean)
     rand = (a * b).sum(axis=1)
     z = (float(within.mean()) - float(rand.mean())) / max(float(rand.std()), 1e-9)
     return z, words, len(groups)
-
-
-def max_id(tok: Any) -> int:
-    return max(list(tok.get_vocab().values()) + list(tok.all_special_ids))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

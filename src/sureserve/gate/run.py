@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from sureserve.batching.truncation import Piece, apply_policy
 from sureserve.gate import probe_texts as P
 from sureserve.gate import probes, static
 from sureserve.gate.report import Check, GateReport
@@ -48,14 +47,9 @@ def run_gate(loaded: Loaded, task_impl: Any | None = None) -> GateReport:
     return report
 
 
-def _pieces(task: Any, texts: list[str], limit: int) -> list[Piece]:
-    ids = task.preprocess(texts)
-    return apply_policy(ids, limit, "truncate", prefix=task.prefix, suffix=task.suffix).pieces
-
-
 def _encoder_probes(loaded: Loaded, task: Any) -> list[Check]:
     texts = P.DIVERSE
-    pieces = _pieces(task, [*texts, P.LONG], loaded.limit.value)
+    pieces = task.to_pieces([*texts, P.LONG], "truncate").pieces
     # (a) every probe text in one padded batch next to a much longer text, (b) each alone
     together = task.forward(pieces)[: len(texts)]
     alone = np.vstack([task.forward([p]) for p in pieces[: len(texts)]])

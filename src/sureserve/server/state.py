@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sureserve.batching.truncation import Piece, apply_policy
+from sureserve.batching.truncation import Piece
 from sureserve.errors import (
     InputError,
     InputTooLongError,
@@ -137,15 +137,10 @@ class ServerState:
     async def run(self, slot: Slot, texts: list[str], truncate: bool) -> Outcome:
         """Tokenize (here, on the event loop, overlapping the running forward pass), apply
         the truncation policy, and wait for the batcher's rows."""
-        task, engine = slot.engine.task, slot.engine
         assert slot.batcher is not None
-        ids = task.preprocess(texts)
         policy = "truncate" if truncate else self.settings.truncation
-        limit = engine.loaded.limit
         try:
-            res = apply_policy(ids, limit.value, policy, prefix=task.prefix,
-                               suffix=task.suffix, stride=self.settings.chunk_stride,
-                               bound_by=limit.bound_by)
+            res = slot.engine.task.to_pieces(texts, policy, stride=self.settings.chunk_stride)
         except InputTooLongError as exc:
             raise InputTooLongError(
                 exc.message, 'send "truncate": true to cut it (the cut is counted in '

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from sureserve.batching.truncation import Piece
+from sureserve.batching.truncation import Piece, PolicyResult, apply_policy
 from sureserve.errors import InputError
 from sureserve.loading.loader import Loaded
 
@@ -50,6 +50,17 @@ class Task(ABC):
                              padding=False, return_attention_mask=False,
                              return_token_type_ids=False)
         return [list(x) for x in enc["input_ids"]]
+
+    def to_pieces(self, texts: Sequence[str], policy: str, *, stride: int = 32,
+                  first_index: int = 0) -> PolicyResult:
+        """Tokenize once and apply the truncation policy against the usable maximum.
+
+        Shared by offline runs, the server and the gate, so all three cut texts the same way.
+        """
+        limit = self.loaded.limit
+        return apply_policy(self.preprocess(texts), limit.value, policy, prefix=self.prefix,
+                            suffix=self.suffix, stride=stride, bound_by=limit.bound_by,
+                            first_index=first_index)
 
     @abstractmethod
     def forward(self, pieces: Sequence[Piece]) -> np.ndarray:
