@@ -10,19 +10,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sureserve.batching.planner import padding_ratio, padding_share, plan_batches
-from sureserve.errors import TaskMismatchError
+from sureserve.errors import InferenceError, InputError, TaskMismatchError
 from sureserve.gate.report import GateReport
 from sureserve.loading.loader import Loaded
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
 from sureserve.tasks.base import merge
+from sureserve.tasks.generate import Completion, GenerationEngine, Prompt
+from sureserve.tasks.sampling import SamplingParams
 
 
 @dataclass
@@ -77,6 +79,15 @@ class RunSummary:
         return ", ".join(parts)
 
 
+def kv_budget_tokens(loaded: Loaded, settings: Settings) -> int:
+    """The kv_cache_mb setting in tokens of this model's cache."""
+    from sureserve.loading.inspect import kv_bytes_per_token
+    from sureserve.tasks.generate import DTYPE_BYTES
+
+    per = kv_bytes_per_token(loaded.config, DTYPE_BYTES.get(loaded.plan.dtype, 4)) or 1
+    return max(1, int(settings.kv_cache_mb * 2**20 // per))
+
+
 class Engine:
     """A loaded model ready to run: returned by ``sureserve.load``."""
 
@@ -88,6 +99,10 @@ class Engine:
         self.task: Task | None = cls(loaded) if cls else None
         self.last_summary: RunSummary | None = None
         self.gate_report: GateReport | None = None
+        self.generator: GenerationEngine | None = None
+        if loaded.task == "generate":
+            self.generator = GenerationEngine(loaded, kv_budget_tokens(loaded, settings),
+                                              settings.max_running_seqs)
 
     @property
     def model(self) -> Any:
@@ -181,6 +196,59 @@ class Engine:
                     d["truncated"] = i in cut
                     d["windows"] = summary.chunked.get(i, 1)
         return list(out)
+
+    # ---- generation -----------------------------------------------------------------
+    def _gen(self) -> GenerationEngine:
+        if self.generator is None:
+            raise TaskMismatchError(
+                f"this model was loaded for {self.task_name!r}, not 'generate'",
+                "load a causal language model (e.g. sureserve.load('smollm2'))")
+        return self.generator
+
+    def sampling(self, **params: Any) -> SamplingParams:
+        """Sampling parameters, defaults filled in from settings (max_new_tokens)."""
+        params = {k: v for k, v in params.items() if v is not None}
+        params.setdefault("max_new_tokens", self.settings.max_new_tokens)
+        if isinstance(params.get("stop"), list):
+            params["stop"] = tuple(params["stop"])
+        return SamplingParams(**params)
+
+    def complete(self, prompts: Sequence[Prompt], **params: Any) -> list[Completion]:
+        """Like ``generate`` with the details: finish_reason, token counts, token ids."""
+        gen = self._gen()
+        if isinstance(prompts, str):
+            raise InputError("prompts must be a list", "wrap a single prompt: [prompt]")
+        sp = self.sampling(**params)
+        return gen.run([gen.encode(p) for p in prompts], sp)
+
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, stop: str | Sequence[str] = (),
+                 seed: int | None = None) -> list[str]:
+        """Generated text of each prompt (without the prompt), in input order.
+
+        A prompt is a string, or a list of chat messages (``{"role", "content"}``) to which
+        the model's chat template is applied once. ``temperature=0`` is greedy; the default
+        ``max_new_tokens`` is the ``max_new_tokens`` setting. All prompts run together with
+        continuous batching (and with concurrent calls from other threads)."""
+        done = self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                             stop=stop, seed=seed)
+        for c in done:
+            if c.error:
+                raise InferenceError(c.error, "check the prompt; other prompts were fine")
+        return [c.text for c in done]
+
+    def stream(self, prompt: Prompt, **params: Any) -> Iterator[str]:
+        """Text pieces of one prompt as they are generated (same parameters as
+        ``generate``); breaking out of the loop cancels the request."""
+        gen = self._gen()
+        sp = self.sampling(**params)
+        for ev in gen.stream(gen.encode(prompt), sp):
+            if ev.error:
+                raise InferenceError(ev.error, "check the prompt")
+            if ev.delta:
+                yield ev.delta
 
     def info(self) -> dict[str, Any]:
         from sureserve.loading.describe import describe_loaded

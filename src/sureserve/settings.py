@@ -109,6 +109,21 @@ class Settings(BaseSettings):
         "the field, reporting them, instead of stopping at the first one.",
     )
 
+    # --- generation ----------------------------------------------------------------------
+    kv_cache_mb: float = Field(
+        default=1024, gt=0,
+        description="KV-cache budget of a generation model, in MiB. A request reserves "
+        "prompt + max_new_tokens tokens for its whole life (counted as the rectangle of the "
+        "padded batch cache) and waits until that fits; one that could never fit is refused.",
+    )
+    max_running_seqs: int = Field(
+        default=64, ge=1, description="Most sequences decoded together in one step."
+    )
+    max_new_tokens: int = Field(
+        default=256, ge=1,
+        description="Tokens generated when a request does not say (max_tokens).",
+    )
+
     # --- server --------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address the server binds to "
                       "(loopback only by default; 0.0.0.0 exposes it to the network).")

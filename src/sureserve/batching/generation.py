@@ -4,7 +4,10 @@ One step is one forward pass. ``plan`` says which waiting requests are admitted 
 prefilled) this step and which running ones decode one token; ``update`` records what the
 step produced. Admission control is by KV-cache reservation: a request reserves
 ``prompt + max_new_tokens`` tokens of cache for its whole life, and is admitted only
-while the sum of reservations fits the budget, so the cache can never run out mid-way.
+while the reservations fit the budget, so the cache can never run out mid-way. The engine
+keeps the running rows in one left-padded rectangular cache, so by default the reservation
+is counted as the rectangle it may grow to (rows x the largest reservation), not the sum:
+that is the memory really allocated at the worst moment.
 A request that could never fit (longer than the context, or than the whole budget) is
 refused when it is added, with the numbers. No torch, no threads, no I/O.
 """
@@ -41,14 +44,29 @@ class GenerationScheduler:
     kv_budget_tokens: int
     context_limit: int
     max_running: int = 64
+    rectangular: bool = True  # count rows x largest reservation (the engine's cache layout)
     waiting: OrderedDict[int, Request] = field(default_factory=OrderedDict)
     running: dict[int, Request] = field(default_factory=dict)
 
     @property
     def reserved(self) -> int:
-        return sum(s.reservation for s in self.running.values())
+        return self._cost([s.reservation for s in self.running.values()])
+
+    def _cost(self, reservations: list[int]) -> int:
+        if not reservations:
+            return 0
+        if self.rectangular:
+            return len(reservations) * max(reservations)
+        return sum(reservations)
 
     def add(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
+        self.check(seq_id, prompt_len, max_new_tokens)
+        if seq_id in self.waiting or seq_id in self.running:
+            raise ValueError(f"sequence {seq_id} is already scheduled")
+        self.waiting[seq_id] = Request(seq_id, prompt_len, max_new_tokens)
+
+    def check(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse, with the numbers, a request that could never be admitted."""
         need = prompt_len + max_new_tokens
         if need > self.context_limit:
             raise InputTooLongError(
@@ -62,22 +80,19 @@ class GenerationScheduler:
                 f"needs more KV cache than the whole budget of {self.kv_budget_tokens} tokens",
                 "lower max_new_tokens, or raise the KV-cache budget setting",
                 index=seq_id, length=need, limit=self.kv_budget_tokens)
-        if seq_id in self.waiting or seq_id in self.running:
-            raise ValueError(f"sequence {seq_id} is already scheduled")
-        self.waiting[seq_id] = Request(seq_id, prompt_len, max_new_tokens)
 
     def plan(self) -> StepPlan:
         """Admit waiting requests first-come first-served while their reservation fits."""
         decode = tuple(self.running)
         admitted: list[int] = []
-        reserved = self.reserved
+        reservations = [s.reservation for s in self.running.values()]
         for seq_id, seq in list(self.waiting.items()):
             if len(self.running) + len(admitted) >= self.max_running:
                 break
-            if reserved + seq.reservation > self.kv_budget_tokens:
+            if self._cost([*reservations, seq.reservation]) > self.kv_budget_tokens:
                 break  # FIFO: a big request is not overtaken forever by small ones
             admitted.append(seq_id)
-            reserved += seq.reservation
+            reservations.append(seq.reservation)
         for seq_id in admitted:
             self.running[seq_id] = self.waiting.pop(seq_id)
         return StepPlan(tuple(admitted), decode)

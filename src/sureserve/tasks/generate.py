@@ -1,101 +1,362 @@
-"""Greedy text generation with continuous batching over one left-padded KV cache.
+"""Text generation with continuous batching over one left-padded KV cache.
 
-The scheduler (``batching/generation.py``) decides each step who joins and who decodes.
-Here, a joining prompt is prefilled on its own, then its KV cache is left-padded and
-concatenated to the running batch's; every step decodes one token for all running rows
-with an attention mask that hides the padding and position ids counted from the mask
-(so a row's positions are what they would be alone); finished rows are dropped at once
-and fully-padded leading columns trimmed.
+The scheduler (``batching/generation.py``) decides each step who joins and who decodes;
+this module does the tensor work and owns each request's life:
 
-Status: the engine core for issue 5 (greedy decoding, eos / max_new_tokens). Sampling,
-stop strings, streaming and the HTTP routes are not built yet.
+- a joining prompt is prefilled on its own (so its numbers are exactly those of a lone
+  ``model.generate``), then its KV cache is left-padded and stacked onto the running
+  batch's; every step decodes one token for all running rows with an attention mask that
+  hides the padding and position ids counted per row (a row's positions are what they
+  would be alone); finished rows leave at once and fully padded leading columns are cut;
+- tokens are chosen per row (``sampling.choose``) and released as text through
+  ``TextStream`` (stop strings across token boundaries, unfinished UTF-8 held back);
+- requests arrive from any thread (``submit``/``cancel`` only touch a locked inbox); one
+  thread at a time runs ``step``. The server runs steps on a worker thread; the Python API
+  runs them in the caller's thread, so two threads calling ``generate`` share batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sureserve.batching.generation import GenerationScheduler
+from sureserve.errors import InputError
+from sureserve.loading.inspect import kv_bytes_per_token
 from sureserve.loading.loader import Loaded
+from sureserve.tasks.sampling import RowState, SamplingParams, choose, new_generator
+from sureserve.tasks.textstream import TextStream
+
+log = logging.getLogger("sureserve.generate")
+
+Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
-class _Row:
+class Completion:
+    """One finished request."""
+
+    text: str
+    finish_reason: str  # stop | length | cancelled | error
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    error: str | None = None
+
+
+@dataclass
+class GenEvent:
+    """New text for one request (``delta`` may be empty while text is held back)."""
+
     seq_id: int
-    tokens: list[int] = field(default_factory=list)  # generated so far
-    length: int = 0  # real tokens in the cache for this row (prompt + generated - 1)
+    delta: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    wait_s: float  # since submission (first token) or since the previous token
+    first: bool
+    error: str | None = None
+    completion: Completion | None = None  # on the last event
 
 
-class Generator:
+@dataclass
+class _Seq:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    text: TextStream
+    row: RowState
+    on_event: Callable[[GenEvent], None] | None
+    submitted: float = field(default_factory=time.perf_counter)
+    last: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0  # real tokens in the cache for this row
+    done: Completion | None = None
+
+
+class GenerationEngine:
     def __init__(self, loaded: Loaded, kv_budget_tokens: int = 65_536,
-                 max_running: int = 32) -> None:
+                 max_running: int = 64) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = loaded.plan.device
-        self.kv_budget_tokens = kv_budget_tokens
-        self.max_running = max_running
         self.context = int(loaded.limit.value)
+        self.kv_budget_tokens = kv_budget_tokens
+        self.bytes_per_token = kv_bytes_per_token(loaded.config,
+                                                  DTYPE_BYTES.get(loaded.plan.dtype, 4)) or 0
+        self.sched = GenerationScheduler(kv_budget_tokens, self.context, max_running)
+        self.eos_ids = _eos_ids(loaded)
+        self._ids = itertools.count()
+        self._inbox: list[_Seq] = []
+        self._cancels: set[int] = set()
+        self._lock = threading.Lock()  # inbox and cancels
+        self._step_lock = threading.Lock()  # one step at a time
+        self._seqs: dict[int, _Seq] = {}  # scheduled (waiting or running)
+        self._rows: list[_Seq] = []  # running, in cache row order
+        self._finished: dict[int, Completion] = {}
+        self._cache: Any = None
+        self._mask: Any = None  # (rows, cache_len): 1 for real tokens
+
+    # ---- requests ---------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt; chat messages go through the chat template exactly once
+        (the rendered text already holds the special tokens, so none are added again)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InputError("the prompt is empty", "send at least one character")
+            return list(self.tok(prompt)["input_ids"])
+        messages = [dict(m) for m in prompt]
+        if not messages:
+            raise InputError("messages is empty", "send at least one message")
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InputError(f"message {i} needs a string 'role' and 'content'",
+                                 "send messages like {'role': 'user', 'content': 'Hi'}")
+        if not getattr(self.tok, "chat_template", None):
+            raise InputError(f"{self.loaded.source.identifier} has no chat template",
+                             "send a plain text prompt instead of messages")
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               on_event: Callable[[GenEvent], None] | None = None) -> int:
+        """Queue one request; refused at once (with the numbers) if it could never fit."""
+        if not prompt_ids:
+            raise InputError("the prompt has no tokens", "send a non-empty prompt")
+        seq_id = next(self._ids)
+        self.sched.check(seq_id, len(prompt_ids), params.max_new_tokens)
+        seq = _Seq(seq_id, list(prompt_ids), params, TextStream(self.tok, params.stop),
+                   RowState(params, list(prompt_ids) if params.repetition_penalty != 1 else [],
+                            new_generator(params, self.device)), on_event)
+        with self._lock:
+            self._inbox.append(seq)
+        return seq_id
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a request (client gone): its slot and cache rows are freed at the next step."""
+        with self._lock:
+            self._cancels.add(seq_id)
+
+    def result(self, seq_id: int) -> Completion | None:
+        """The completion of a finished request submitted without ``on_event`` (handed
+        out once), else None."""
+        with self._lock:
+            return self._finished.pop(seq_id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.sched.waiting or self.sched.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._inbox) + len(self.sched.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.sched.running)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.sched.reserved
+
+    @property
+    def cache_bytes(self) -> int:
+        """KV-cache bytes allocated now (rows x padded width x bytes per token)."""
+        if self._mask is None:
+            return 0
+        return int(self._mask.shape[0] * self._mask.shape[1] * self.bytes_per_token)
+
+    # ---- synchronous helpers (the Python API) -----------------------------------------
+    def run(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]
+            ) -> list[Completion]:
+        """Generate for every prompt (token ids), stepping in this thread; input order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids: list[int] = []
+        out: dict[int, Completion] = {}
+        try:
+            for p, sp in zip(prompts, plist, strict=True):
+                ids.append(self.submit(p, sp))
+            while len(out) < len(ids):
+                self.step()
+                for i in ids:
+                    if i not in out and (c := self.result(i)) is not None:
+                        out[i] = c
+            return [out[i] for i in ids]
+        finally:
+            for i in ids:
+                if i not in out:  # we are leaving early (an exception): free their slots
+                    self.cancel(i)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenEvent]:
+        """Events of one request as they come; closing the iterator cancels the request."""
+        events: list[GenEvent] = []
+        seq_id = self.submit(prompt_ids, params, events.append)
+        finished = False
+        try:
+            while not finished:
+                if not events:
+                    self.step()
+                while events:
+                    ev = events.pop(0)
+                    finished = ev.finish_reason is not None
+                    yield ev
+        finally:
+            if not finished:
+                self.cancel(seq_id)
+                self.step()  # free its slot now rather than at someone's next step
 
     def generate_ids(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations (token ids, prompt excluded) of every prompt, in order."""
+        """Greedy continuations (token ids, prompt excluded), for tests and benchmarks."""
+        done = self.run(prompts, SamplingParams(max_new_tokens=max_new_tokens))
+        return [c.token_ids for c in done]
+
+    # ---- one iteration ----------------------------------------------------------------
+    def step(self) -> None:
+        """Admit, prefill and decode once; deliver events. Safe to call with no work."""
         import torch
 
-        sched = GenerationScheduler(self.kv_budget_tokens, self.context, self.max_running)
-        for i, p in enumerate(prompts):
-            sched.add(i, len(p), max_new_tokens)
-        eos = self.tok.eos_token_id
-        out: dict[int, list[int]] = {}
-        rows: list[_Row] = []
-        cache: Any = None
-        mask: Any = None  # (rows, cache_len) 1 for real tokens
-        with torch.inference_mode():
-            while sched.waiting or sched.running:
-                plan = sched.plan()
-                produced: list[int] = []
-                if rows:  # decode one token for every running row
-                    last = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
-                    mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype,
-                                                       device=self.device)], dim=1)
-                    pos = torch.tensor([[r.length] for r in rows], device=self.device)
-                    logits = self.model(input_ids=last, attention_mask=mask, position_ids=pos,
-                                        cache=cache, use_cache=True).logits[:, -1]
-                    for r, t in zip(rows, logits.argmax(-1).tolist(), strict=True):
-                        r.length += 1
-                        r.tokens.append(int(t))
-                        produced.append(r.seq_id)
-                for seq_id in plan.prefill:  # join: prefill alone, then merge caches
-                    ids = torch.tensor([prompts[seq_id]], device=self.device)
-                    res = self.model(input_ids=ids, use_cache=True)
-                    row = _Row(seq_id, [int(res.logits[0, -1].argmax())], len(prompts[seq_id]))
-                    cache, mask = _merge(cache, mask, res.past_key_values, len(prompts[seq_id]),
-                                         self.device)
-                    rows.append(row)
-                    produced.append(seq_id)
-                finished = [r.seq_id for r in rows
-                            if r.tokens[-1] == eos or len(r.tokens) >= max_new_tokens]
-                sched.update(produced, finished)
-                if finished:
-                    keep = [k for k, r in enumerate(rows) if r.seq_id not in finished]
-                    for r in rows:
-                        if r.seq_id in finished:
-                            out[r.seq_id] = r.tokens
-                    rows = [rows[k] for k in keep]
-                    if rows:
-                        idx = torch.tensor(keep, device=self.device)
-                        cache.batch_select_indices(idx)
-                        mask = mask[idx]
-                        cache, mask = _trim(cache, mask)
-                    else:
-                        cache, mask = None, None
-        return [out[i] for i in range(len(prompts))]
+        with self._step_lock, torch.inference_mode():
+            self._take_inbox()
+            plan = self.sched.plan()
+            stepped: list[_Seq] = []
+            if self._rows:
+                try:
+                    stepped += self._decode()
+                except Exception as exc:
+                    log.exception("decode step failed")
+                    for seq in list(self._rows):
+                        self._finish(seq, "error", error=f"the model raised: {exc}")
+                    self._drop_finished()
+            for seq_id in plan.prefill:
+                seq = self._seqs[seq_id]
+                try:
+                    self._prefill(seq)
+                    stepped.append(seq)
+                except Exception as exc:
+                    log.exception("prefill failed for request %d", seq_id)
+                    self._finish(seq, "error", error=f"the model raised on this prompt: {exc}")
+            now = time.perf_counter()
+            produced = []
+            for seq in stepped:
+                if seq.done is None:
+                    produced.append(seq.id)
+                    self._advance(seq, now)
+            self.sched.update(produced, [])
+            self._drop_finished()
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64) -> list[str]:
-        ids = [list(self.tok(p)["input_ids"]) for p in prompts]
-        outs = self.generate_ids(ids, max_new_tokens)
-        return [self.tok.decode(o, skip_special_tokens=True) for o in outs]
+    def _take_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
+        for seq in inbox:
+            self._seqs[seq.id] = seq
+            self.sched.add(seq.id, len(seq.prompt), seq.params.max_new_tokens)
+        for seq_id in cancels:
+            gone = self._seqs.get(seq_id)
+            if gone is not None and gone.done is None:
+                self._finish(gone, "cancelled")
+        self._drop_finished()
+
+    def _decode(self) -> list[_Seq]:
+        import torch
+
+        rows = self._rows
+        last = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
+        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=self._mask.dtype,
+                                                       device=self.device)], dim=1)
+        pos = torch.tensor([[s.length] for s in rows], device=self.device)
+        logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=pos,
+                            cache=self._cache, use_cache=True).logits[:, -1]
+        for s, t in zip(rows, choose(logits, [s.row for s in rows]), strict=True):
+            s.length += 1
+            s.tokens.append(t)
+        return list(rows)
+
+    def _prefill(self, seq: _Seq) -> None:
+        import torch
+
+        ids = torch.tensor([seq.prompt], device=self.device)
+        res = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        token = choose(res.logits[:, -1], [seq.row])[0]
+        self._cache, self._mask = _merge(self._cache, self._mask, res.cache,
+                                         len(seq.prompt), self.device)
+        seq.length = len(seq.prompt)
+        seq.tokens.append(token)
+        self._rows.append(seq)
+
+    def _advance(self, seq: _Seq, now: float) -> None:
+        """Turn the row's newest token into text and decide whether it is finished."""
+        token = seq.tokens[-1]
+        if seq.row.params.repetition_penalty != 1:
+            seq.row.seen.append(token)
+        first = len(seq.tokens) == 1
+        wait = now - (seq.submitted if first else seq.last)
+        seq.last = now
+        reason = None
+        if token in self.eos_ids:
+            reason = "stop"
+        elif len(seq.tokens) >= seq.params.max_new_tokens:
+            reason = "length"
+        delta, hit = seq.text.push(seq.tokens, final=reason is not None)
+        if hit:
+            reason = "stop"
+        if reason is not None:
+            self._finish(seq, reason, delta=delta, wait=wait, first=first)
+        elif seq.on_event is not None:
+            seq.on_event(GenEvent(seq.id, delta, None, len(seq.prompt), len(seq.tokens),
+                                  wait, first))
+
+    def _finish(self, seq: _Seq, reason: str, *, delta: str = "", wait: float = 0.0,
+                first: bool = False, error: str | None = None) -> None:
+        seq.done = Completion(seq.text.released, reason, len(seq.prompt), len(seq.tokens),
+                              list(seq.tokens), error)
+        if seq.on_event is None:  # kept for ``result``; event consumers get the last event
+            with self._lock:
+                self._finished[seq.id] = seq.done
+        else:
+            seq.on_event(GenEvent(seq.id, delta, reason, len(seq.prompt), len(seq.tokens),
+                                  wait, first, error, seq.done))
+
+    def _drop_finished(self) -> None:
+        """Free finished requests: scheduler slots, cache rows, padding columns."""
+        import torch
+
+        gone = [i for i, s in self._seqs.items() if s.done is not None]
+        if not gone:
+            return
+        self.sched.update((), gone)
+        for i in gone:
+            del self._seqs[i]
+        keep = [k for k, s in enumerate(self._rows) if s.done is None]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[k] for k in keep]
+        if not self._rows:
+            self._cache, self._mask = None, None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(idx)
+        self._mask = self._mask[idx]
+        self._cache, self._mask = _trim(self._cache, self._mask)
+
+
+def _eos_ids(loaded: Loaded) -> set[int]:
+    ids: set[int] = set()
+    gen_cfg = getattr(loaded.model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    for e in eos if isinstance(eos, list) else [eos]:
+        if e is not None:
+            ids.add(int(e))
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    return ids
 
 
 def _merge(cache: Any, mask: Any, new: Any, new_len: int, device: str) -> tuple[Any, Any]:
