@@ -60,3 +60,19 @@ def test_budget_never_exceeded_and_everything_finishes(reqs: list[tuple[int, int
         s.update(stepped, finished)
         done.update(finished)
     assert done == set(range(len(reqs)))
+
+
+def test_reservation_counts_the_padded_rectangle_by_default() -> None:
+    # the engine's cache is rows x longest row: a short request next to a long one costs
+    # as much as the long one (2 x 120 = 240 > 230, though 120 + 10 = 130 would fit)
+    rect = GenerationScheduler(kv_budget_tokens=230, context_limit=1000)
+    summed = GenerationScheduler(kv_budget_tokens=230, context_limit=1000, rectangular=False)
+    for s in (rect, summed):
+        s.add(1, 100, 20)
+        s.add(2, 5, 5)
+    assert rect.plan().prefill == (1,) and rect.reserved == 120
+    assert summed.plan().prefill == (1, 2) and summed.reserved == 130
+    roomy = GenerationScheduler(kv_budget_tokens=240, context_limit=1000)
+    roomy.add(1, 100, 20)
+    roomy.add(2, 5, 5)
+    assert roomy.plan().prefill == (1, 2) and roomy.reserved == 240

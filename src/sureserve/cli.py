@@ -183,6 +183,11 @@ def serve(models: Annotated[list[str] | None, typer.Argument(help="Models to ser
           truncation: TruncOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None,
           accept_gate_failure: Annotated[bool | None, _opt(
               "accept_gate_failure", "--accept-gate-failure/--no-accept-gate-failure")] = None,
+          kv_cache_mb: KvOpt = None,
+          max_running_seqs: Annotated[int | None, _opt("max_running_seqs",
+                                                       "--max-running-seqs")] = None,
+          max_new_tokens: Annotated[int | None, _opt("max_new_tokens",
+                                                     "--max-new-tokens")] = None,
           ) -> None:
     """Serve models over HTTP (TEI- and OpenAI-style routes). SIGTERM drains, then exits 0."""
     import os
@@ -200,12 +205,106 @@ def serve(models: Annotated[list[str] | None, typer.Argument(help="Models to ser
                        max_wait_ms=max_wait_ms, max_queue_inputs=max_queue_inputs,
                        max_client_batch=max_client_batch, max_payload_bytes=max_payload_bytes,
                        truncation=truncation, device=device, dtype=dtype,
-                       accept_gate_failure=accept_gate_failure)
+                       accept_gate_failure=accept_gate_failure, kv_cache_mb=kv_cache_mb,
+                       max_running_seqs=max_running_seqs, max_new_tokens=max_new_tokens)
     names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
     app_ = create_app(s, names)
     err.print(f"serving {', '.join(names)} on http://{s.host}:{s.port} "
               "(GET /health answers 200 once the models passed their gate)", highlight=False)
     serve_forever(app_, s.host, s.port)
+
+
+GenModel = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id of "
+                                       "a causal language model.")]
+MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help=Settings.help(
+    "max_new_tokens"), show_default=False)]
+TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k likeliest tokens (0 = off).")]
+RepOpt = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable, "
+                                                   "not included in the output).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Makes sampling reproducible.")]
+KvOpt = Annotated[float | None, _opt("kv_cache_mb", "--kv-cache-mb")]
+
+
+def _sampling(max_new_tokens: int | None, temperature: float, top_p: float, top_k: int,
+              repetition_penalty: float, stop: list[str] | None, seed: int | None
+              ) -> dict[str, Any]:
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "top_k": top_k, "repetition_penalty": repetition_penalty,
+            "stop": tuple(stop or ()), "seed": seed}
+
+
+@app.command()
+def generate(prompts: Annotated[list[str], typer.Argument(help="Prompt(s). One prompt is "
+                                                          "streamed as it is generated.")],
+             model: GenModel = "smollm2", chat: Annotated[bool, typer.Option(
+                 "--chat", help="Send each prompt as a user message through the model's "
+                 "chat template.")] = False,
+             max_new_tokens: MaxNewOpt = None, temperature: TempOpt = 0.0, top_p: TopPOpt = 1.0,
+             top_k: TopKOpt = 0, repetition_penalty: RepOpt = 1.0, stop: StopOpt = None,
+             seed: SeedOpt = None, kv_cache_mb: KvOpt = None, device: DeviceOpt = None,
+             dtype: DtypeOpt = None, as_json: Annotated[bool, typer.Option(
+                 "--json", help="Print one JSON line per prompt (text, finish_reason, "
+                 "token counts) instead of streaming.")] = False) -> None:
+    """Generate text (greedy by default). Several prompts run together, batched."""
+    import sureserve
+
+    engine = sureserve.load(model, task="generate", device=device, dtype=dtype,
+                            kv_cache_mb=kv_cache_mb)
+    params = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop,
+                       seed)
+    inputs: list[Any] = [[{"role": "user", "content": p}] if chat else p for p in prompts]
+    if len(inputs) == 1 and not as_json:
+        for piece in engine.stream(inputs[0], **params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for prompt, c in zip(prompts, engine.complete(inputs, **params), strict=True):
+        if as_json:
+            print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                              "prompt_tokens": c.prompt_tokens,
+                              "completion_tokens": c.completion_tokens, "error": c.error}))
+        else:
+            out.rule(prompt[:60])
+            print(c.text)
+
+
+@app.command("chat")
+def chat_cmd(model: GenModel = "smollm2",
+             system: Annotated[str | None, typer.Option("--system", help="System message.")]
+             = None, max_new_tokens: MaxNewOpt = None, temperature: TempOpt = 0.0,
+             top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, repetition_penalty: RepOpt = 1.0,
+             seed: SeedOpt = None, device: DeviceOpt = None) -> None:
+    """Interactive chat with the model's chat template. /reset clears, /exit or EOF quits."""
+    import sureserve
+
+    engine = sureserve.load(model, task="generate", device=device)
+    params = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, None,
+                       seed)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            err.print("[bold]>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        for piece in engine.stream(history, **params):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
 
 
 @app.command()
@@ -472,6 +571,37 @@ def bench_serve(levels: Annotated[list[int] | None, typer.Option("--clients", he
                       str(r["p99_over_p50"]), str(r.get("avg_batch_size", "-")),
                       str(r["errors"]))
     Console(width=200).print(t)
+    err.print(f"wrote {output}")
+
+
+@bench_app.command("generate")
+def bench_generate(model: GenModel = "smollm2",
+                   n: Annotated[int, typer.Option("--requests", help="Requests per "
+                                                  "concurrency level.")] = 96,
+                   sample: Annotated[int, typer.Option(help="Requests run one at a time (and "
+                                                       "at concurrency 1).")] = 8,
+                   levels: Annotated[list[int] | None, typer.Option(
+                       "--clients", help="Concurrency levels (repeatable).")] = None,
+                   min_new: Annotated[int, typer.Option(help="Smallest max_new_tokens.")] = 16,
+                   max_new: Annotated[int, typer.Option(help="Largest max_new_tokens.")] = 128,
+                   seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+                   output: Annotated[Path, typer.Option("--output", "-o")] =
+                   Path("bench-results/generate.json")) -> None:
+    """Continuous batching vs generate one at a time vs static left-padded batches."""
+    from sureserve.bench.generate import run_generate_bench
+
+    rep = run_generate_bench(model, n=n, sample=sample, levels=levels or [1, 8, 32], seed=seed,
+                             min_new=min_new, max_new=max_new, out=output)
+    t = Table("contender", "clients", "requests", "out tok/s", "TTFT p50 s", "TTFT p99 s",
+              "peak RSS MiB", "peak KV MiB", "identical", title="generate")
+    for r in rep["phases"]:
+        t.add_row(r["name"], str(r["concurrency"]), str(r["requests"]), str(r["tokens_per_s"]),
+                  str(r["ttft_p50_s"]), str(r["ttft_p99_s"]), f"{r['peak_rss_mb']:.0f}",
+                  "-" if r["peak_kv_mb"] is None else f"{r['peak_kv_mb']:.0f}",
+                  f"{r['identical']}/{r['compared']}")
+    Console(width=200).print(t)
+    for k, v in rep["ratios"].items():
+        out.print(f"{k}: {v}x", highlight=False)
     err.print(f"wrote {output}")
 
 

@@ -1,13 +1,16 @@
-"""Continuous batching must not change greedy outputs: token for token equal to
-``model.generate`` run one prompt at a time, with prompts joining at different steps."""
+"""Generation on the packaged smollm2: continuous batching must not change greedy outputs,
+stop strings, streaming, cancellation, chat template, and the KV/context refusals."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
 import sureserve
-from sureserve.errors import InputTooLongError
-from sureserve.tasks.generate import Generator
+from sureserve.errors import InputError, InputTooLongError, TaskMismatchError
+from sureserve.tasks.generate import GenerationEngine
+from sureserve.tasks.sampling import SamplingParams
 
 pytestmark = pytest.mark.e2e
 
@@ -21,28 +24,132 @@ def smollm2() -> sureserve.Engine:
     return sureserve.load("smollm2")
 
 
+def _reference(engine: sureserve.Engine, prompt: str, n: int) -> list[int]:
+    ids = engine.tokenizer(prompt, return_tensors="pt")
+    ref = engine.model.generate(**ids, max_new_tokens=n, do_sample=False)
+    return list(ref[0, ids["input_ids"].shape[1]:].tolist())
+
+
 def test_greedy_equals_one_at_a_time(smollm2: sureserve.Engine) -> None:
     tok = smollm2.tokenizer
-    n = 12
-    # max_running 3 < 7 prompts: later prompts join a running batch at different steps,
-    # and rows finish (eos or length) and leave while others continue
-    gen = Generator(smollm2.loaded, max_running=3)
-    ours = gen.generate_ids([list(tok(p)["input_ids"]) for p in PROMPTS], n)
-    for prompt, got in zip(PROMPTS, ours, strict=True):
-        ids = tok(prompt, return_tensors="pt")
-        ref = smollm2.model.generate(**ids, max_new_tokens=n, do_sample=False)
-        assert got == ref[0, ids["input_ids"].shape[1]:].tolist(), prompt
+    # max_running 3 < 7 prompts and different max_new_tokens: later prompts join a running
+    # batch at different steps, rows finish (eos or length) and leave while others continue
+    gen = GenerationEngine(smollm2.loaded, max_running=3)
+    lengths = [12, 5, 9, 12, 3, 7, 10]
+    done = gen.run([list(tok(p)["input_ids"]) for p in PROMPTS],
+                   [SamplingParams(max_new_tokens=n) for n in lengths])
+    for prompt, n, got in zip(PROMPTS, lengths, done, strict=True):
+        assert got.token_ids == _reference(smollm2, prompt, n), prompt
+        assert got.finish_reason == ("stop" if got.token_ids[-1] in gen.eos_ids else "length")
+    assert gen.running == 0 and gen.waiting == 0 and gen.cache_bytes == 0
 
 
-def test_budget_refuses_what_can_never_fit(smollm2: sureserve.Engine) -> None:
-    gen = Generator(smollm2.loaded, kv_budget_tokens=20)
+def test_generate_api_returns_texts_in_order(smollm2: sureserve.Engine) -> None:
+    outs = smollm2.generate(PROMPTS[:3], max_new_tokens=6)
+    tok = smollm2.tokenizer
+    for prompt, text in zip(PROMPTS[:3], outs, strict=True):
+        assert text == tok.decode(_reference(smollm2, prompt, 6), skip_special_tokens=True)
+    assert "Paris" in outs[0]
+
+
+def test_stream_pieces_join_to_the_generated_text(smollm2: sureserve.Engine) -> None:
+    pieces = list(smollm2.stream("Once upon a time", max_new_tokens=16))
+    assert len(pieces) > 3
+    assert "".join(pieces) == smollm2.generate(["Once upon a time"], max_new_tokens=16)[0]
+
+
+def test_stop_string_spanning_tokens(smollm2: sureserve.Engine) -> None:
+    prompt = "The capital of France is"
+    full = smollm2.complete([prompt], max_new_tokens=12)[0]
+    tok = smollm2.tokenizer
+    pieces = [tok.decode(full.token_ids[:k]) for k in range(1, len(full.token_ids) + 1)]
+    # a stop string that starts inside one token's text and ends in a later token's
+    boundary = len(pieces[1])
+    stop = full.text[boundary - 2:boundary + 3]
+    assert len(stop) == 5 and full.text.count(stop) == 1
+    got = smollm2.complete([prompt], max_new_tokens=12, stop=[stop])[0]
+    assert got.finish_reason == "stop"
+    assert got.text == full.text[:boundary - 2]
+    streamed = list(smollm2.stream(prompt, max_new_tokens=12, stop=[stop]))
+    assert "".join(streamed) == got.text and all(stop not in s for s in streamed)
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_company(smollm2: sureserve.Engine) -> None:
+    kw = {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 11}
+    alone = smollm2.generate(["Once upon a time"], **kw)[0]
+    crowd = smollm2.generate(["Tell me a joke", "Once upon a time", "1, 2, 3,"], **kw)[1]
+    assert alone == crowd
+    other = smollm2.generate(["Once upon a time"], **{**kw, "seed": 12})[0]
+    assert other != alone  # not a proof of randomness, but a seed must matter
+
+
+def test_chat_template_is_applied_exactly_once(smollm2: sureserve.Engine) -> None:
+    gen = smollm2.generator
+    assert gen is not None
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    ids = gen.encode(messages)
+    tok = smollm2.tokenizer
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ids == list(tok(rendered, add_special_tokens=False)["input_ids"])
+    # the template opens with BOS itself; nothing adds a second one in front of it
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    assert ids.count(tok.bos_token_id) == rendered.count(tok.bos_token)
+    reply = smollm2.generate([messages], max_new_tokens=12)[0]
+    assert "4" in reply
+
+
+def test_cancelling_a_stream_frees_its_slot(smollm2: sureserve.Engine) -> None:
+    gen = smollm2.generator
+    assert gen is not None
+    it = smollm2.stream("Once upon a time", max_new_tokens=200)
+    first = [next(it) for _ in range(3)]
+    assert gen.running == 1
+    it.close()  # the consumer leaves mid-stream
+    assert gen.running == 0 and gen.waiting == 0 and gen.cache_bytes == 0
+    assert first and smollm2.generate(["Hi"], max_new_tokens=3)
+
+
+def test_two_threads_share_the_engine(smollm2: sureserve.Engine) -> None:
+    results: dict[int, list[str]] = {}
+
+    def work(k: int) -> None:
+        results[k] = smollm2.generate(PROMPTS[k * 2:k * 2 + 2], max_new_tokens=6)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = smollm2.generate(PROMPTS[:6], max_new_tokens=6)
+    assert [x for k in range(3) for x in results[k]] == alone
+
+
+def test_context_and_budget_refusals_name_the_numbers(smollm2: sureserve.Engine) -> None:
     with pytest.raises(InputTooLongError) as exc:
-        gen.generate(["a prompt of a few tokens"], max_new_tokens=30)
-    assert "budget of 20 tokens" in exc.value.message
+        smollm2.generate(["Hi"], max_new_tokens=9000)
+    assert "9001" in exc.value.message and "8192" in exc.value.message
+    small = sureserve.load("smollm2", kv_cache_mb=1)  # 1 MiB = 22 tokens of smollm2's cache
+    with pytest.raises(InputTooLongError) as exc:
+        small.generate(["a prompt of a few tokens"], max_new_tokens=30)
+    assert "budget of 22 tokens" in exc.value.message
+    assert "SURESERVE_KV_CACHE_MB" in exc.value.fix
 
 
-def test_kv_budget_small_enough_to_queue_still_completes(smollm2: sureserve.Engine) -> None:
-    # room for about one request at a time: the others wait in the queue, then run
-    gen = Generator(smollm2.loaded, kv_budget_tokens=40, max_running=8)
-    outs = gen.generate(PROMPTS[:3], max_new_tokens=6)
-    assert len(outs) == 3 and "Paris" in outs[0]
+def test_small_budget_queues_requests_and_still_completes(smollm2: sureserve.Engine) -> None:
+    # room for about one request at a time: the others wait, then run
+    gen = GenerationEngine(smollm2.loaded, kv_budget_tokens=40, max_running=8)
+    ids = [list(smollm2.tokenizer(p)["input_ids"]) for p in PROMPTS[:3]]
+    done = gen.run(ids, SamplingParams(max_new_tokens=6))
+    assert [c.token_ids for c in done] == [_reference(smollm2, p, 6) for p in PROMPTS[:3]]
+
+
+def test_invalid_requests(smollm2: sureserve.Engine, tiny_bert: object) -> None:
+    with pytest.raises(InputError, match="temperature"):
+        smollm2.generate(["Hi"], temperature=-1)
+    with pytest.raises(InputError, match="empty"):
+        smollm2.generate([""])
+    with pytest.raises(InputError, match="list"):
+        smollm2.generate("Hi")  # type: ignore[arg-type]
+    embedder = sureserve.load(str(tiny_bert), accept_gate_failure=True)
+    with pytest.raises(TaskMismatchError):
+        embedder.generate(["Hi"])

@@ -78,7 +78,8 @@ class GenerationScheduler:
             raise InputTooLongError(
                 f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {need} "
                 f"needs more KV cache than the whole budget of {self.kv_budget_tokens} tokens",
-                "lower max_new_tokens, or raise the KV-cache budget setting",
+                "lower max_new_tokens, or raise the KV-cache budget: --kv-cache-mb "
+                "(SURESERVE_KV_CACHE_MB)",
                 index=seq_id, length=need, limit=self.kv_budget_tokens)
 
     def plan(self) -> StepPlan:

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import sureserve
 from sureserve.errors import InputError, OverloadedError, SureserveError
 from sureserve.server import schemas as S
+from sureserve.server.generation import install_generation_routes
 from sureserve.server.state import EngineFactory, ServerState, default_factory
 from sureserve.settings import Settings
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings, models: Sequence[str],
     app.state.sureserve = state
     _install_handlers(app, state)
     _install_routes(app, state)
+    install_generation_routes(app, state, OPENAI_ERRORS, _until_done_or_gone)
     app.add_middleware(BodyLimit, limit=settings.max_payload_bytes)
     return app
 

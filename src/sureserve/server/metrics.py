@@ -40,6 +40,31 @@ class Metrics:
                                  "Inputs truncated at the client's request", registry=r)
         self.rejected = Counter("sureserve_rejected_total", "Requests refused by backpressure",
                                 registry=r)
+        # generation
+        self.ttft = Histogram("sureserve_time_to_first_token_seconds",
+                              "From a request's arrival to its first generated token",
+                              ["model"], buckets=LATENCY, registry=r)
+        self.itl = Histogram("sureserve_inter_token_latency_seconds",
+                             "Between consecutive tokens of one sequence", ["model"],
+                             buckets=LATENCY, registry=r)
+        self.step_seconds = Histogram("sureserve_generation_step_seconds",
+                                      "One continuous-batching step (prefills + one decode)",
+                                      ["model"], buckets=LATENCY, registry=r)
+        self.gen_tokens = Counter("sureserve_generated_tokens_total", "Tokens generated",
+                                  ["model"], registry=r)
+        self.gen_running = Gauge("sureserve_running_sequences", "Sequences being decoded",
+                                 ["model"], registry=r)
+        self.gen_waiting = Gauge("sureserve_waiting_sequences",
+                                 "Sequences waiting for KV-cache room or a slot", ["model"],
+                                 registry=r)
+        self.kv_reserved = Gauge("sureserve_kv_cache_reserved_tokens",
+                                 "KV-cache tokens reserved by running sequences", ["model"],
+                                 registry=r)
+        self.kv_budget = Gauge("sureserve_kv_cache_budget_tokens",
+                               "KV-cache budget (the kv_cache_mb setting, in tokens)",
+                               ["model"], registry=r)
+        self.kv_bytes = Gauge("sureserve_kv_cache_bytes", "KV-cache bytes allocated now",
+                              ["model"], registry=r)
         self.gate_passed = Gauge("sureserve_gate_passed",
                                  "1 when the model passed its preflight gate", ["model"],
                                  registry=r)

@@ -139,3 +139,95 @@ class Info(BaseModel):
     max_queue_inputs: int
     max_input_length: int
     models: list[ModelInfo]
+
+
+# --- generation (OpenAI completions and chat completions) -------------------------------
+# Parameters that change what OpenAI would return and that sureserve does not implement are
+# refused with a 422 naming them (see server/generation.py), never silently ignored.
+
+class _GenParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    temperature: float = Field(default=1.0, description="0 is greedy; OpenAI's default is 1.")
+    top_p: float = 1.0
+    top_k: int = Field(default=0, description="sureserve extension: keep the k most likely "
+                       "tokens (0 = off).")
+    repetition_penalty: float = Field(default=1.0, description="sureserve extension (as in "
+                                      "transformers): > 1 discourages repeating tokens.")
+    n: int = Field(default=1, description="Completions per prompt.")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, bool] | None = Field(default=None, description="{'include_usage':"
+                                                   " true} adds a final usage chunk.")
+    max_tokens: int | None = Field(default=None, description="Tokens to generate (default: the "
+                                   "server's max_new_tokens setting).")
+    user: str | None = None
+
+
+class CompletionRequest(_GenParams):
+    """OpenAI ``POST /v1/completions``."""
+
+    prompt: str | list[str]
+
+
+class ChatContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ChatContentPart]
+    name: str | None = None
+
+
+class ChatCompletionRequest(_GenParams):
+    """OpenAI ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage

@@ -21,6 +21,7 @@ from sureserve.errors import (
     TooManyInputsError,
 )
 from sureserve.server.batcher import Batcher
+from sureserve.server.generation import GenWorker
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings
 from sureserve.tasks.base import merge
@@ -43,6 +44,7 @@ class Slot:
     reason: str | None = None
     engine: Any = None
     batcher: Batcher | None = None
+    gen: GenWorker | None = None
 
 
 @dataclass
@@ -66,15 +68,22 @@ class ServerState:
         for slot in self.slots.values():
             try:
                 engine = await asyncio.to_thread(self.factory, slot.name, self.settings)
-                if engine.task is None:
-                    raise TaskMismatchError(
-                        f"{slot.name} is a {engine.task_name!r} model; this server serves "
-                        "embed and classify models", "serve an embedding or classifier model")
-                await asyncio.to_thread(engine.task.forward,
-                                        [Piece(0, engine.task.preprocess(["warm up"])[0])])
+                if engine.generator is not None:
+                    gen = engine.generator
+                    await asyncio.to_thread(gen.generate_ids, [gen.encode("Hello")], 2)
+                    slot.gen = GenWorker(slot.name, gen, self.settings, self.metrics)
+                    slot.gen.start()
+                    self.metrics.kv_budget.labels(slot.name).set(gen.kv_budget_tokens)
+                elif engine.task is not None:
+                    await asyncio.to_thread(engine.task.forward,
+                                            [Piece(0, engine.task.preprocess(["warm up"])[0])])
+                    slot.batcher = Batcher(slot.name, engine.task, self.settings, self.metrics)
+                    slot.batcher.start()
+                else:
+                    raise TaskMismatchError(f"{slot.name} is a {engine.task_name!r} model, "
+                                            "which the server cannot serve",
+                                            "serve an embedding, classifier or generation model")
                 slot.engine = engine
-                slot.batcher = Batcher(slot.name, engine.task, self.settings, self.metrics)
-                slot.batcher.start()
                 report = engine.gate_report
                 self.metrics.gate_passed.labels(slot.name).set(
                     1 if report is None or report.passed else 0)
@@ -89,6 +98,8 @@ class ServerState:
         for slot in self.slots.values():
             if slot.batcher:
                 await slot.batcher.stop()
+            if slot.gen:
+                await slot.gen.stop()
 
     @property
     def status(self) -> Literal["ok", "loading", "failed"]:

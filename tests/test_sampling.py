@@ -1,0 +1,63 @@
+"""Sampling parameters and the per-row token choice (no model: logits made by hand)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sureserve.errors import InputError
+from sureserve.tasks.sampling import RowState, SamplingParams, choose, new_generator
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_new_tokens", 0), ("max_new_tokens", 1.5), ("temperature", -0.1),
+    ("temperature", 2.5), ("temperature", math.nan), ("top_p", 0.0), ("top_p", 1.1),
+    ("top_k", -1), ("repetition_penalty", 0.0), ("stop", ("",)),
+    ("stop", ("a", "b", "c", "d", "e")), ("seed", -1), ("seed", True)])
+def test_invalid_values_are_refused_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(InputError) as exc:
+        SamplingParams(**{field: value})  # type: ignore[arg-type]
+    assert field in exc.value.message
+
+
+def test_single_stop_string_is_accepted_as_a_tuple() -> None:
+    assert SamplingParams(stop="\n").stop == ("\n",)  # type: ignore[arg-type]
+
+
+def _row(**kw: object) -> RowState:
+    p = SamplingParams(**kw)  # type: ignore[arg-type]
+    return RowState(p, [], new_generator(p, "cpu"))
+
+
+def test_greedy_rows_take_the_argmax_and_sampling_rows_sample() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    assert choose(logits, [_row(), _row()]) == [1, 0]
+    # top_k=1 keeps only the best token whatever the temperature
+    assert choose(logits, [_row(temperature=2.0, top_k=1, seed=1)] * 2) == [1, 0]
+    # a tiny top_p keeps only the best token too
+    assert choose(logits, [_row(temperature=2.0, top_p=0.01, seed=1)] * 2) == [1, 0]
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    a = [choose(logits, [row])[0] for row in [_row(temperature=1.0, seed=7)] for _ in range(400)]
+    b = [choose(logits, [row])[0] for row in [_row(temperature=1.0, seed=7)] for _ in range(400)]
+    assert a == b
+    freq = [a.count(k) / len(a) for k in range(3)]
+    assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.08)
+
+
+def test_top_p_drops_the_tail() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    row = _row(temperature=1.0, top_p=0.8, seed=0)
+    picks = {choose(logits, [row])[0] for _ in range(300)}
+    assert picks == {0, 1}  # 0.5 + 0.3 reach 0.8: tokens 2 and 3 are never drawn
+
+
+def test_repetition_penalty_discourages_seen_tokens() -> None:
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    p = SamplingParams(repetition_penalty=1.5)
+    assert choose(logits, [RowState(p, [0])]) == [1]  # 2.0/1.5 < 1.9
+    assert choose(logits, [RowState(SamplingParams(), [0])]) == [0]
