@@ -1,0 +1,213 @@
+"""The OpenAI generation routes on a real server (smollm2 on loopback), with the official
+``openai`` client and with raw HTTP: streaming, stop strings, refusals, backpressure,
+cancellation on disconnect, metrics and graceful shutdown mid-stream."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import re
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.server.conftest import Server, start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+
+# 90 MiB of smollm2's 45 KiB/token cache = a 2048-token budget; a short queue for 429s
+ENV = {"SURESERVE_KV_CACHE_MB": "90", "SURESERVE_MAX_QUEUE_INPUTS": "4",
+       "SURESERVE_MAX_RUNNING_SEQS": "4"}
+
+
+@pytest.fixture(scope="module")
+def gen_server() -> Iterator[Server]:
+    s = start_server(["smollm2"], ENV)
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def client(gen_server: Server) -> OpenAI:
+    return OpenAI(base_url=f"{gen_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _sse_lines(resp: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_openai_client_completion(client: OpenAI) -> None:
+    r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                  max_tokens=8, temperature=0)
+    assert "Paris" in r.choices[0].text
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage is not None and 1 <= r.usage.completion_tokens <= 8
+    assert r.usage.prompt_tokens == 5 and r.usage.total_tokens == r.usage.prompt_tokens + \
+        r.usage.completion_tokens
+
+
+def test_openai_client_chat_stream_equals_non_stream(client: OpenAI) -> None:
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    whole = client.chat.completions.create(model="smollm2", messages=messages,  # type: ignore
+                                           max_tokens=12, temperature=0)
+    text = whole.choices[0].message.content
+    assert text and "4" in text
+    chunks = list(client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=12, temperature=0,  # type: ignore
+        stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices
+              and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore
+
+
+def test_raw_sse_ends_with_done_and_several_prompts_are_indexed(gen_server: Server) -> None:
+    body = {"prompt": ["1, 2, 3,", "The chemical symbol for gold is"], "max_tokens": 6,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gen_server.url}/v1/completions", json=body,
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = _sse_lines(resp)
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        assert c["object"] == "text_completion"
+        for ch in c["choices"]:
+            texts[ch["index"]] += ch["text"]
+    plain = httpx.post(f"{gen_server.url}/v1/completions",
+                       json={**body, "stream": False}, timeout=60).json()
+    assert [ch["text"] for ch in plain["choices"]] == [texts[0], texts[1]]
+
+
+def test_stop_string_spanning_tokens_over_http(gen_server: Server) -> None:
+    url = f"{gen_server.url}/v1/completions"
+    base = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    full = httpx.post(url, json=base, timeout=60).json()["choices"][0]["text"]
+    stop = full[3:9]  # six characters: more than one token of this text
+    assert full.count(stop) == 1
+    got = httpx.post(url, json={**base, "stop": [stop]}, timeout=60).json()["choices"][0]
+    assert got["text"] == full[:3] and got["finish_reason"] == "stop"
+
+
+def test_sampling_with_seed_and_n(gen_server: Server) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.9, "seed": 5,
+            "n": 2}
+    a = httpx.post(f"{gen_server.url}/v1/completions", json=body, timeout=60).json()
+    b = httpx.post(f"{gen_server.url}/v1/completions", json=body, timeout=60).json()
+    assert [c["index"] for c in a["choices"]] == [0, 1]
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ({"prompt": "Hi", "max_tokens": 9000}, 413, "8192"),
+    ({"prompt": "Hi", "max_tokens": 3000}, 413, "budget of 2048"),
+    ({"prompt": "Hi", "temperature": 3}, 422, "temperature"),
+    ({"prompt": "Hi", "top_p": 0}, 422, "top_p"),
+    ({"prompt": "Hi", "frequency_penalty": 0.5}, 422, "frequency_penalty"),
+    ({"prompt": "Hi", "logprobs": 2}, 422, "logprobs"),
+    ({"prompt": "Hi", "n": 0}, 422, "n=0"),
+    ({"prompt": ""}, 422, "empty"),
+    ({"prompt": []}, 422, "empty"),
+    ({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+    ({"prompt": "Hi", "model": "nope"}, 404, "nope"),
+])
+def test_refusals_name_the_limit(gen_server: Server, body: dict[str, object], status: int,
+                                 needle: str) -> None:
+    r = httpx.post(f"{gen_server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_chat_refusals(gen_server: Server) -> None:
+    url = f"{gen_server.url}/v1/chat/completions"
+    assert httpx.post(url, json={"messages": []}, timeout=30).status_code == 422
+    r = httpx.post(url, json={"messages": [{"role": "wizard", "content": "x"}]}, timeout=30)
+    assert r.status_code == 422
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function"}]}, timeout=30)
+    assert r.status_code == 422 and "tools" in r.json()["error"]["message"]
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    m = re.search(rf'^{name}{{model="smollm2"}} (\S+)$', text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def test_disconnect_mid_stream_cancels_the_sequence(gen_server: Server) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gen_server.url}/v1/completions", json=body,
+                      timeout=60) as resp:
+        got = 0
+        for line in resp.iter_lines():
+            got += line.startswith("data: ")
+            if got == 3:
+                break
+    # 400 tokens would take tens of seconds; the cancelled sequence leaves at once
+    deadline = time.monotonic() + 10
+    while _metric(gen_server.url, "sureserve_running_sequences") > 0:
+        assert time.monotonic() < deadline, "the sequence kept running after the disconnect"
+        time.sleep(0.2)
+    assert _metric(gen_server.url, "sureserve_kv_cache_bytes") == 0
+
+
+def test_flood_gets_429_while_accepted_requests_finish(gen_server: Server) -> None:
+    url = f"{gen_server.url}/v1/completions"
+
+    def one(i: int) -> httpx.Response:
+        return httpx.post(url, json={"prompt": f"Count to {i}:", "max_tokens": 24,
+                                     "temperature": 0}, timeout=120)
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(one, range(24)))
+    codes = [r.status_code for r in responses]
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert "SURESERVE_MAX_QUEUE_INPUTS" in r.json()["error"]["message"]
+        else:
+            assert r.json()["choices"][0]["text"]
+
+
+def test_generation_metrics_are_exported(gen_server: Server) -> None:
+    text = httpx.get(f"{gen_server.url}/metrics", timeout=10).text
+    for name in ("sureserve_time_to_first_token_seconds_count",
+                 "sureserve_inter_token_latency_seconds_count", "sureserve_running_sequences",
+                 "sureserve_waiting_sequences", "sureserve_kv_cache_reserved_tokens",
+                 "sureserve_kv_cache_budget_tokens", "sureserve_generated_tokens_total"):
+        assert name in text, name
+    assert _metric(gen_server.url, "sureserve_kv_cache_budget_tokens") == 2048
+    schema = httpx.get(f"{gen_server.url}/openapi.json", timeout=10).json()
+    assert {"/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
+
+
+def test_sigterm_finishes_the_stream_in_flight() -> None:
+    s = start_server(["smollm2"], {})
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as resp:
+            lines = []
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 2:
+                        s.proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]"
+        finals = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
+        assert finals[-1] in ("stop", "length")
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        stop_server(s)
