@@ -4,8 +4,8 @@ import sureserve
 def test_public_api_is_pinned() -> None:
     # Changing this list is a deliberate API change: update the README with it.
     assert sorted(sureserve.__all__) == sorted([
-        "DEFAULT_MODEL", "ZOO", "Check", "Engine", "GateReport", "RunSummary", "Settings",
-        "__version__", "check", "errors", "info", "load",
+        "DEFAULT_MODEL", "ZOO", "Check", "Completion", "Engine", "GateReport", "RunSummary",
+        "SamplingParams", "Settings", "__version__", "check", "errors", "info", "load",
     ])
     for name in sureserve.__all__:
         assert hasattr(sureserve, name)

@@ -7,6 +7,9 @@ Public API (pinned by tests/test_public_api.py)::
     vecs = m.embed(["some text"])         # (n, dim) numpy array, input order
     sureserve.info("smollm2")             # plan + facts, no weights loaded
     sureserve.check("minilm")             # the preflight gate's report
+    lm = sureserve.load("smollm2")
+    lm.generate(["The capital of France is"], max_new_tokens=8)   # texts, input order
+    for piece in lm.stream("Once upon a time"): ...               # streamed text
 """
 
 from sureserve import errors
@@ -14,6 +17,8 @@ from sureserve.api import check, info, load
 from sureserve.engine import Engine, RunSummary
 from sureserve.gate.report import Check, GateReport
 from sureserve.settings import Settings
+from sureserve.tasks.generate import Completion
+from sureserve.tasks.sampling import SamplingParams
 from sureserve.zoo import DEFAULT_MODEL, ZOO
 
 __version__ = "0.1.0"
@@ -22,9 +27,11 @@ __all__ = [
     "DEFAULT_MODEL",
     "ZOO",
     "Check",
+    "Completion",
     "Engine",
     "GateReport",
     "RunSummary",
+    "SamplingParams",
     "Settings",
     "__version__",
     "check",

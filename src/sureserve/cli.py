@@ -123,6 +123,9 @@ def _print_info(d: dict[str, Any]) -> None:
         ("labels", d["labels"]),
         ("chat template", d["chat_template"]),
         ("KV cache bytes/token", d["kv_cache_bytes_per_token"]),
+        ("KV cache budget", f"{d['kv_cache_budget']['mb']:g} MiB = "
+                            f"{d['kv_cache_budget']['tokens']:,} tokens (--kv-cache-mb)"
+         if d.get("kv_cache_budget") else None),
         ("plan", f"device={plan['device']} dtype={plan['dtype']} "
                  f"attention={plan['attn_implementation']}"),
     ]:

@@ -19,6 +19,7 @@ import numpy as np
 from sureserve.batching.planner import padding_ratio, padding_share, plan_batches
 from sureserve.errors import InferenceError, InputError, TaskMismatchError
 from sureserve.gate.report import GateReport
+from sureserve.loading.inspect import DTYPE_BYTES, kv_bytes_per_token
 from sureserve.loading.loader import Loaded
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
@@ -81,9 +82,6 @@ class RunSummary:
 
 def kv_budget_tokens(loaded: Loaded, settings: Settings) -> int:
     """The kv_cache_mb setting in tokens of this model's cache."""
-    from sureserve.loading.inspect import kv_bytes_per_token
-    from sureserve.tasks.generate import DTYPE_BYTES
-
     per = kv_bytes_per_token(loaded.config, DTYPE_BYTES.get(loaded.plan.dtype, 4)) or 1
     return max(1, int(settings.kv_cache_mb * 2**20 // per))
 

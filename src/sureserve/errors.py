@@ -110,6 +110,14 @@ class OverloadedError(SureserveError):
         super().__init__(message, fix)
         self.retry_after_s = retry_after_s
 
+    @classmethod
+    def queue_full(cls, queued: int, adding: int, limit: int, what: str) -> OverloadedError:
+        """The server's one backpressure refusal (429 + Retry-After), naming its setting."""
+        return cls(f"the server is at capacity: {queued} {what} are queued and this request "
+                   f"adds {adding} (limit {limit})",
+                   "retry after the Retry-After delay; operators can raise --max-queue-inputs "
+                   "(SURESERVE_MAX_QUEUE_INPUTS)", retry_after_s=1.0)
+
 
 class GateError(SureserveError):
     http_status = 503

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from sureserve.loading.inspect import (
+    DTYPE_BYTES,
     architecture,
     files_with_sizes,
     infer_task,
@@ -23,8 +24,6 @@ from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
 from sureserve.loading.source import Source, resolve, vet_weights
 from sureserve.settings import Settings
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
 
 def describe(identifier: str, task: str | None = None, revision: str | None = None,
              settings: Settings | None = None) -> dict[str, Any]:
@@ -35,7 +34,11 @@ def describe(identifier: str, task: str | None = None, revision: str | None = No
     vet_weights(source.path, settings.allow_pickle)
     plan = make_plan(detect_caps(), settings.device, settings.dtype, settings.attn_implementation)
     tok = load_tokenizer(source)
-    return _facts(source, source, task, plan, config, tok)
+    d = _facts(source, source, task, plan, config, tok)
+    if d["kv_cache_bytes_per_token"]:
+        d["kv_cache_budget"] = {"mb": settings.kv_cache_mb, "tokens": int(
+            settings.kv_cache_mb * 2**20 // d["kv_cache_bytes_per_token"])}
+    return d
 
 
 def describe_loaded(loaded: Loaded) -> dict[str, Any]:

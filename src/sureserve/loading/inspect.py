@@ -163,6 +163,9 @@ def parameter_count(path: Path) -> int | None:
     return total
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
 def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int | None:
     """2 (K and V) x layers x kv heads x head dim x dtype size, for decoder models."""
     layers = config.get("num_hidden_layers")

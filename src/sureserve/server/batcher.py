@@ -72,11 +72,7 @@ class Batcher:
         limit = self.settings.max_queue_inputs
         if self.depth + len(pieces) > limit:
             self.metrics.rejected.inc()
-            raise OverloadedError(
-                f"the server is at capacity: {self.depth} inputs are queued and this request "
-                f"adds {len(pieces)} (limit {limit})",
-                "retry after the Retry-After delay; operators can raise --max-queue-inputs "
-                "(SURESERVE_MAX_QUEUE_INPUTS)", retry_after_s=1.0)
+            raise OverloadedError.queue_full(self.depth, len(pieces), limit, "inputs")
         loop = asyncio.get_running_loop()
         ids = []
         now = time.perf_counter()

@@ -77,11 +77,7 @@ class GenWorker:
         limit = self.settings.max_queue_inputs
         if self.gen.waiting + adding > limit:
             self.metrics.rejected.inc()
-            raise OverloadedError(
-                f"the server is at capacity: {self.gen.waiting} sequences are waiting and this "
-                f"request adds {adding} (limit {limit})",
-                "retry after the Retry-After delay; operators can raise --max-queue-inputs "
-                "(SURESERVE_MAX_QUEUE_INPUTS)", retry_after_s=1.0)
+            raise OverloadedError.queue_full(self.gen.waiting, adding, limit, "sequences")
 
     async def events(self, prompts: Sequence[list[int]], params: SamplingParams
                      ) -> AsyncIterator[tuple[int, GenEvent]]:

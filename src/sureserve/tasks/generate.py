@@ -27,7 +27,7 @@ from typing import Any
 
 from sureserve.batching.generation import GenerationScheduler
 from sureserve.errors import InputError
-from sureserve.loading.inspect import kv_bytes_per_token
+from sureserve.loading.inspect import DTYPE_BYTES, kv_bytes_per_token
 from sureserve.loading.loader import Loaded
 from sureserve.tasks.sampling import RowState, SamplingParams, choose, new_generator
 from sureserve.tasks.textstream import TextStream
@@ -35,7 +35,6 @@ from sureserve.tasks.textstream import TextStream
 log = logging.getLogger("sureserve.generate")
 
 Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
