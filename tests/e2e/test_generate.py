@@ -153,3 +153,18 @@ def test_invalid_requests(smollm2: sureserve.Engine, tiny_bert: object) -> None:
     embedder = sureserve.load(str(tiny_bert), accept_gate_failure=True)
     with pytest.raises(TaskMismatchError):
         embedder.generate(["Hi"])
+
+
+def test_bench_generate_runs_and_compares_outputs(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from sureserve.bench.generate import run_generate_bench
+
+    out = Path(str(tmp_path)) / "gen.json"
+    rep = run_generate_bench(n=4, sample=2, levels=(1, 2), min_new=2, max_new=6, out=out)
+    names = [p["name"] for p in rep["phases"]]
+    assert names == ["one-at-a-time", "sureserve-1", "sureserve-2", "static-2"]
+    for p in rep["phases"][1:]:
+        assert p["identical"] == 2 and p["output_tokens"] > 0
+    assert rep["phases"][2]["same_as_first_full"] == 4
+    assert out.exists() and "sureserve-2/static-2" in rep["ratios"]

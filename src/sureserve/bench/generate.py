@@ -50,6 +50,7 @@ class Phase:
     peak_kv_mb: float | None = None
     identical: int | None = None  # outputs equal to one-at-a-time, of those compared
     compared: int | None = None
+    same_as_first_full: int | None = None  # outputs equal to the first all-requests phase
 
     @property
     def tokens_per_s(self) -> float:
@@ -203,9 +204,16 @@ def run_generate_bench(model: str = "smollm2", n: int = 64, sample: int = 16,
     phases.append(ref_phase)
     print(_line(ref_phase), flush=True)
 
+    first_full: list[list[int]] = []
+
     def compare(phase: Phase, outs: list[list[int]]) -> None:
         phase.compared = len(head)
         phase.identical = sum(a == b for a, b in zip(outs[:len(head)], ref, strict=False))
+        if len(outs) == len(reqs):  # every request: check against the first such phase
+            if not first_full:
+                first_full.extend(outs)
+            phase.same_as_first_full = sum(a == b for a, b in zip(outs, first_full,
+                                                                  strict=True))
 
     for c in levels:
         todo = head if c == 1 else reqs
@@ -248,6 +256,8 @@ def run_generate_bench(model: str = "smollm2", n: int = 64, sample: int = 16,
 def _line(p: Phase) -> str:
     r = p.row()
     same = f", identical {p.identical}/{p.compared}" if p.compared else ""
+    if p.same_as_first_full is not None:
+        same += f", same as first full run {p.same_as_first_full}/{p.requests}"
     kv = f", peak KV {r['peak_kv_mb']:.0f} MiB" if p.peak_kv_mb is not None else ""
     return (f"{p.name:>16}: {p.requests} req, {p.output_tokens} tok in {r['seconds']}s = "
             f"{r['tokens_per_s']} tok/s, TTFT p50 {r['ttft_p50_s']}s p99 {r['ttft_p99_s']}s, "
