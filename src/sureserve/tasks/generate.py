@@ -4,10 +4,11 @@ The scheduler (``batching/generation.py``) decides each step who joins and who d
 this module does the tensor work and owns each request's life:
 
 - a joining prompt is prefilled on its own (so its numbers are exactly those of a lone
-  ``model.generate``), then its KV cache is left-padded and stacked onto the running
-  batch's; every step decodes one token for all running rows with an attention mask that
-  hides the padding and position ids counted per row (a row's positions are what they
-  would be alone); finished rows leave at once and fully padded leading columns are cut;
+  ``model.generate``), then its keys and values are copied, right-aligned, into the next
+  row of the in-place left-padded cache (``kvcache.PaddedKV``); every step decodes one
+  token for all running rows with an attention mask that hides the padding and position
+  ids counted per row (a row's positions are what they would be alone); finished rows
+  leave at once (the last row takes their slot) and padding nobody needs is cut;
 - tokens are chosen per row (``sampling.choose``) and released as text through
   ``TextStream`` (stop strings across token boundaries, unfinished UTF-8 held back);
 - requests arrive from any thread (``submit``/``cancel`` only touch a locked inbox); one
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sureserve.batching.generation import GenerationScheduler
 from sureserve.errors import InputError
@@ -31,6 +32,9 @@ from sureserve.loading.inspect import DTYPE_BYTES, kv_bytes_per_token
 from sureserve.loading.loader import Loaded
 from sureserve.tasks.sampling import RowState, SamplingParams, choose, new_generator
 from sureserve.tasks.textstream import TextStream
+
+if TYPE_CHECKING:
+    from sureserve.tasks.kvcache import PaddedKV  # imports torch: loaded on first use
 
 log = logging.getLogger("sureserve.generate")
 
@@ -100,8 +104,7 @@ class GenerationEngine:
         self._seqs: dict[int, _Seq] = {}  # scheduled (waiting or running)
         self._rows: list[_Seq] = []  # running, in cache row order
         self._finished: dict[int, Completion] = {}
-        self._cache: Any = None
-        self._mask: Any = None  # (rows, cache_len): 1 for real tokens
+        self._kv: PaddedKV | None = None  # created from the first prefill's shapes
 
     # ---- requests ---------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -167,10 +170,8 @@ class GenerationEngine:
 
     @property
     def cache_bytes(self) -> int:
-        """KV-cache bytes allocated now (rows x padded width x bytes per token)."""
-        if self._mask is None:
-            return 0
-        return int(self._mask.shape[0] * self._mask.shape[1] * self.bytes_per_token)
+        """KV-cache bytes allocated now (the buffer, headroom included)."""
+        return self._kv.allocated_bytes if self._kv is not None else 0
 
     # ---- synchronous helpers (the Python API) -----------------------------------------
     def run(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -266,13 +267,18 @@ class GenerationEngine:
     def _decode(self) -> list[_Seq]:
         import torch
 
-        rows = self._rows
+        rows, kv = self._rows, self._kv
+        assert kv is not None
+        kv.reserve(1)
+        width = kv.width + 1
+        lengths = torch.tensor([s.length + 1 for s in rows], device=self.device)
+        mask = (torch.arange(width, device=self.device)[None, :]
+                >= (width - lengths)[:, None]).long()
         last = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
-        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=self._mask.dtype,
-                                                       device=self.device)], dim=1)
-        pos = torch.tensor([[s.length] for s in rows], device=self.device)
-        logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=pos,
-                            cache=self._cache, use_cache=True).logits[:, -1]
+        pos = (lengths - 1)[:, None]
+        logits = self.model(input_ids=last, attention_mask=mask, position_ids=pos,
+                            cache=kv.cache, use_cache=True).logits[:, -1]
+        kv.advance(1)
         for s, t in zip(rows, choose(logits, [s.row for s in rows]), strict=True):
             s.length += 1
             s.tokens.append(t)
@@ -284,8 +290,14 @@ class GenerationEngine:
         ids = torch.tensor([seq.prompt], device=self.device)
         res = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         token = choose(res.logits[:, -1], [seq.row])[0]
-        self._cache, self._mask = _merge(self._cache, self._mask, res.cache,
-                                         len(seq.prompt), self.device)
+        layers = res.cache.layers
+        if self._kv is None:
+            from sureserve.tasks.kvcache import PaddedKV
+
+            k0 = layers[0].keys
+            self._kv = PaddedKV(len(layers), k0.shape[1], k0.shape[3], k0.dtype, k0.device,
+                                self.sched.max_running)
+        self._kv.add_row([layer.keys for layer in layers], [layer.values for layer in layers])
         seq.length = len(seq.prompt)
         seq.tokens.append(token)
         self._rows.append(seq)
@@ -325,25 +337,23 @@ class GenerationEngine:
 
     def _drop_finished(self) -> None:
         """Free finished requests: scheduler slots, cache rows, padding columns."""
-        import torch
-
         gone = [i for i, s in self._seqs.items() if s.done is not None]
         if not gone:
             return
         self.sched.update((), gone)
         for i in gone:
             del self._seqs[i]
-        keep = [k for k, s in enumerate(self._rows) if s.done is None]
-        if len(keep) == len(self._rows):
+        rows, kv = self._rows, self._kv
+        leaving = [k for k, s in enumerate(rows) if s.done is not None]
+        if not leaving:
             return
-        self._rows = [self._rows[k] for k in keep]
-        if not self._rows:
-            self._cache, self._mask = None, None
-            return
-        idx = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(idx)
-        self._mask = self._mask[idx]
-        self._cache, self._mask = _trim(self._cache, self._mask)
+        assert kv is not None
+        for k in reversed(leaving):  # the last row takes the leaver's slot, here as in kv
+            kv.remove_row(k)
+            rows[k] = rows[-1]
+            rows.pop()
+        if rows:
+            kv.trim(max(s.length for s in rows))
 
 
 def _eos_ids(loaded: Loaded) -> set[int]:
@@ -356,45 +366,3 @@ def _eos_ids(loaded: Loaded) -> set[int]:
     if loaded.tokenizer.eos_token_id is not None:
         ids.add(int(loaded.tokenizer.eos_token_id))
     return ids
-
-
-def _merge(cache: Any, mask: Any, new: Any, new_len: int, device: str) -> tuple[Any, Any]:
-    """Left-pad the running cache or the new one to a common length and stack the rows."""
-    import torch
-    from transformers import DynamicCache
-
-    if cache is None:
-        return new, torch.ones((1, new_len), dtype=torch.long, device=device)
-    old_len = mask.shape[1]
-    width = max(old_len, new_len)
-    merged = DynamicCache()
-    for i, (a, b) in enumerate(zip(cache.layers, new.layers, strict=True)):
-        k = torch.cat([_left_pad(a.keys, width), _left_pad(b.keys, width)], dim=0)
-        v = torch.cat([_left_pad(a.values, width), _left_pad(b.values, width)], dim=0)
-        merged.update(k, v, i)
-    new_mask = torch.ones((1, new_len), dtype=mask.dtype, device=device)
-    mask = torch.cat([_left_pad(mask, width, dim=1), _left_pad(new_mask, width, dim=1)], dim=0)
-    return merged, mask
-
-
-def _left_pad(x: Any, width: int, dim: int = 2) -> Any:
-    import torch
-
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim=dim)
-
-
-def _trim(cache: Any, mask: Any) -> tuple[Any, Any]:
-    """Drop leading columns that are padding in every row (left after rows finished)."""
-    real = mask.any(dim=0).nonzero()
-    start = int(real[0]) if len(real) else 0
-    if start == 0:
-        return cache, mask
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, start:]
-        layer.values = layer.values[:, :, start:]
-    return cache, mask[:, start:]

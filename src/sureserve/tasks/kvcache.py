@@ -1,0 +1,153 @@
+"""An in-place, left-padded KV cache for continuous batching.
+
+transformers' ``DynamicCache`` appends each step's keys and values with ``torch.cat``,
+copying the whole cache every step (11% of the time at 32 running sequences, measured),
+and adding or removing a row means rebuilding it. Here every layer's keys and values live
+in one preallocated buffer ``(layers, rows, heads, columns, head_dim)`` with headroom:
+
+- the live window is columns ``[start, end)``; every row's real tokens end at ``end``
+  (left padding), and within the window a row is zero left of its tokens (so masked
+  positions can never carry NaN or inf into the attention product);
+- a step writes its new column in place (``end`` then advances);
+- a joining row's prefilled keys/values are copied into the next free row slot, right
+  aligned; a leaving row is replaced by the last row (one row copied, not the cache), and
+  the caller mirrors that swap in its own row order;
+- the buffer is reallocated (amortised) when rows or columns run out, or when more than
+  ``COLUMN_HEADROOM`` dead columns have piled up left of the window (``start`` moves right
+  for free when the longest row leaves); row slots grow by a quarter and shrink back when
+  under-used. So the allocation stays within ~1.25x the live rows (+4) and
+  2 x COLUMN_HEADROOM columns of the live window: the memory the scheduler reserves, plus
+  bounded headroom.
+
+The model sees a ``transformers.Cache`` whose layers return views of the window.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+COLUMN_HEADROOM = 32  # free columns after a reallocation; also the most dead ones kept
+
+
+class _WindowLayer(DynamicLayer):
+    """One model layer's view of the store (the model calls ``update`` once per step)."""
+
+    def __init__(self, store: PaddedKV, index: int) -> None:  # no super(): no own tensors
+        self.store, self.index = store, index
+        self.is_initialized = True
+        self.device = store.device
+
+    @property
+    def keys(self) -> torch.Tensor:  # type: ignore[override]
+        s = self.store
+        return s.k[self.index, :s.n, :, s.start:s.end]
+
+    @property
+    def values(self) -> torch.Tensor:  # type: ignore[override]
+        s = self.store
+        return s.v[self.index, :s.n, :, s.start:s.end]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.store
+        q = key_states.shape[2]
+        s.k[self.index, :s.n, :, s.end:s.end + q] = key_states
+        s.v[self.index, :s.n, :, s.end:s.end + q] = value_states
+        return (s.k[self.index, :s.n, :, s.start:s.end + q],
+                s.v[self.index, :s.n, :, s.start:s.end + q])
+
+    def get_seq_length(self) -> int:
+        return self.store.end - self.store.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PaddedKV:
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: str | torch.device, max_rows: int) -> None:
+        self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        self.dtype, self.device, self.max_rows = dtype, torch.device(device), max_rows
+        self.n = 0
+        self.start = self.end = 0
+        self.k = self.v = torch.zeros((layers, 0, heads, 0, head_dim), dtype=dtype,
+                                      device=self.device)
+        self.cache = Cache(layers=[_WindowLayer(self, i) for i in range(layers)])
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    @property
+    def allocated_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def _realloc(self, rows: int, left: int, right: int) -> None:
+        """New buffers holding the window at column ``left`` with ``right`` free columns
+        after it (and ``rows`` row slots); the live rows are copied over."""
+        width = self.width
+        k = torch.zeros((self.layers, rows, self.heads, left + width + right, self.head_dim),
+                        dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        if self.n:
+            k[:, :self.n, :, left:left + width] = self.k[:, :self.n, :, self.start:self.end]
+            v[:, :self.n, :, left:left + width] = self.v[:, :self.n, :, self.start:self.end]
+        self.k, self.v = k, v
+        self.start, self.end = left, left + width
+
+    def reserve(self, columns: int) -> None:
+        """Room for ``columns`` more columns (one decode step: 1)."""
+        if self.end + columns > self.k.shape[3] or self.start > COLUMN_HEADROOM:
+            rows = self.k.shape[1]
+            if self.n + self.n // 2 < rows:  # under-used: give row slots back
+                rows = max(4, self.n + self.n // 4)
+            self._realloc(rows, 0, columns + COLUMN_HEADROOM)
+
+    def add_row(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Append one prefilled row (per layer: (1, heads, length, head_dim)), right-aligned."""
+        length = keys[0].shape[2]
+        rows = self.k.shape[1]
+        if self.n == 0:
+            self.start = self.end = self.k.shape[3]  # empty: any alignment will do
+        if self.n >= rows or length > self.end:
+            self._realloc(min(self.max_rows, max(self.n + 1, rows + rows // 4, 4)),
+                          max(length - self.width, 0), COLUMN_HEADROOM)
+        new_start = min(self.start, self.end - length)
+        if new_start < self.start:  # the window grows left: keep the zero invariant
+            self.k[:, :self.n, :, new_start:self.start] = 0
+            self.v[:, :self.n, :, new_start:self.start] = 0
+        r = self.n
+        self.k[:, r, :, new_start:self.end - length] = 0
+        self.v[:, r, :, new_start:self.end - length] = 0
+        for i, (kk, vv) in enumerate(zip(keys, values, strict=True)):
+            self.k[i, r, :, self.end - length:self.end] = kk[0]
+            self.v[i, r, :, self.end - length:self.end] = vv[0]
+        self.start = new_start
+        self.n += 1
+
+    def remove_row(self, r: int) -> None:
+        """Drop row ``r`` by moving the last row into its slot (the caller mirrors it)."""
+        last = self.n - 1
+        if r != last:
+            self.k[:, r, :, self.start:self.end] = self.k[:, last, :, self.start:self.end]
+            self.v[:, r, :, self.start:self.end] = self.v[:, last, :, self.start:self.end]
+        self.n -= 1
+        if self.n == 0:  # idle: give the memory back
+            self.k = self.v = self.k[:, :0, :, :0]
+            self.start = self.end = 0
+
+    def trim(self, longest: int) -> None:
+        """Forget columns left of the longest remaining row."""
+        self.start = max(self.start, self.end - longest)
+
+    def advance(self, columns: int = 1) -> None:
+        self.end += columns
