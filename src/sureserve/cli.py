@@ -236,7 +236,7 @@ def _sampling(max_new_tokens: int | None, temperature: float, top_p: float, top_
               ) -> dict[str, Any]:
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
             "top_k": top_k, "repetition_penalty": repetition_penalty,
-            "stop": tuple(stop or ()), "seed": seed}
+            "stop": stop or (), "seed": seed}
 
 
 @app.command()

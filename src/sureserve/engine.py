@@ -19,7 +19,7 @@ import numpy as np
 from sureserve.batching.planner import padding_ratio, padding_share, plan_batches
 from sureserve.errors import InferenceError, InputError, TaskMismatchError
 from sureserve.gate.report import GateReport
-from sureserve.loading.inspect import DTYPE_BYTES, kv_bytes_per_token
+from sureserve.loading.inspect import kv_bytes_per_token
 from sureserve.loading.loader import Loaded
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
@@ -82,7 +82,7 @@ class RunSummary:
 
 def kv_budget_tokens(loaded: Loaded, settings: Settings) -> int:
     """The kv_cache_mb setting in tokens of this model's cache."""
-    per = kv_bytes_per_token(loaded.config, DTYPE_BYTES.get(loaded.plan.dtype, 4)) or 1
+    per = kv_bytes_per_token(loaded.config, loaded.plan.dtype) or 1
     return max(1, int(settings.kv_cache_mb * 2**20 // per))
 
 
@@ -207,8 +207,6 @@ class Engine:
         """Sampling parameters, defaults filled in from settings (max_new_tokens)."""
         params = {k: v for k, v in params.items() if v is not None}
         params.setdefault("max_new_tokens", self.settings.max_new_tokens)
-        if isinstance(params.get("stop"), list):
-            params["stop"] = tuple(params["stop"])
         return SamplingParams(**params)
 
     def complete(self, prompts: Sequence[Prompt], **params: Any) -> list[Completion]:

@@ -45,6 +45,12 @@ class SureserveError(Exception):
     def to_dict(self) -> dict[str, object]:
         return {"error": self.message, "fix": self.fix, "code": self.code}
 
+    def openai_body(self) -> dict[str, object]:
+        """The error in OpenAI's shape (HTTP /v1 answers and server-sent events alike)."""
+        message = f"{self.message}. Fix: {self.fix}" if self.fix else self.message
+        return {"error": {"message": message, "type": self.code, "param": None,
+                          "code": self.code}}
+
 
 class SettingsError(SureserveError):
     http_status = 400

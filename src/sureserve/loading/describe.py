@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from sureserve.loading.inspect import (
-    DTYPE_BYTES,
     architecture,
     files_with_sizes,
     infer_task,
@@ -53,7 +52,7 @@ def _facts(source: Source, tok_source: Source, task: str, plan: LoadPlan,
            config: dict[str, Any], tok: Any) -> dict[str, Any]:
     st = sentence_transformers_config(source.path)
     limit = usable_max(config, getattr(tok, "model_max_length", None), st)
-    kv = kv_bytes_per_token(config, DTYPE_BYTES.get(plan.dtype, 4)) if task == "generate" else None
+    kv = kv_bytes_per_token(config, plan.dtype) if task == "generate" else None
     return {
         "identifier": source.identifier,
         "source": source.kind,

@@ -166,7 +166,7 @@ def parameter_count(path: Path) -> int | None:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int | None:
+def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int | None:
     """2 (K and V) x layers x kv heads x head dim x dtype size, for decoder models."""
     layers = config.get("num_hidden_layers")
     heads = config.get("num_attention_heads")
@@ -175,4 +175,4 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int | None:
         return None
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    return int(2 * layers * kv_heads * head_dim * dtype_bytes)
+    return int(2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(dtype, 4))

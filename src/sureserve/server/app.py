@@ -118,9 +118,7 @@ def _error_response(path: str, err: SureserveError) -> JSONResponse:
     if isinstance(err, OverloadedError):
         headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
     if path.startswith("/v1"):
-        body: dict[str, Any] = {"error": {"message": f"{err.message}. Fix: {err.fix}"
-                                          if err.fix else err.message,
-                                          "type": err.code, "param": None, "code": err.code}}
+        body: dict[str, Any] = err.openai_body()
     else:
         body = {"error": err.message, "error_type": err.code, "fix": err.fix}
     return JSONResponse(body, status_code=err.http_status, headers=headers)

@@ -127,11 +127,10 @@ def _params(body: S._GenParams, max_tokens: int | None, settings: Settings) -> S
     if not 1 <= body.n <= MAX_N:
         raise InputError(f"n={body.n} is invalid: it must be between 1 and {MAX_N}",
                          "send a smaller n")
-    stop = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) \
-        else tuple(body.stop)
     return SamplingParams(max_new_tokens=max_tokens or settings.max_new_tokens,
                           temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                          repetition_penalty=body.repetition_penalty, stop=stop, seed=body.seed)
+                          repetition_penalty=body.repetition_penalty, stop=body.stop or (),
+                          seed=body.seed)
 
 
 def _sse(obj: Any) -> bytes:
@@ -155,7 +154,9 @@ def install_generation_routes(app: FastAPI, state: Any, errors: dict[int | str, 
                              "(SURESERVE_MAX_CLIENT_BATCH)", http_status=413)
         for i, ids in enumerate(encoded):
             gen.sched.check(i, len(ids), params.max_new_tokens)  # 413 now, with the numbers
-        return slot, [ids for ids in encoded for _ in range(body.n)], params
+        seqs = [ids for ids in encoded for _ in range(body.n)]
+        slot.gen.check_capacity(len(seqs))  # 429 before a stream's 200 goes out
+        return slot, seqs, params
 
     async def collect(slot: Any, prompts: list[list[int]], params: SamplingParams
                       ) -> list[GenEvent]:
@@ -163,9 +164,17 @@ def install_generation_routes(app: FastAPI, state: Any, errors: dict[int | str, 
         async for k, ev in slot.gen.events(prompts, params):
             if ev.finish_reason is not None:
                 if ev.error:
-                    raise InferenceError(ev.error, "check the prompt")
+                    raise _model_error(ev.error)
                 last[k] = ev
         return [last[k] for k in range(len(prompts))]
+
+    def envelope(rid: str, obj: str, created: int, model: str, choices: list[dict[str, Any]],
+                 use: S.CompletionUsage | None) -> dict[str, Any]:
+        out = {"id": rid, "object": obj, "created": created, "model": model,
+               "choices": choices}
+        if use is not None:
+            out["usage"] = use.model_dump()
+        return out
 
     def usage(done: list[GenEvent], prompts: list[list[int]], n: int) -> S.CompletionUsage:
         p = sum(len(x) for x in prompts[::n])
@@ -181,8 +190,7 @@ def install_generation_routes(app: FastAPI, state: Any, errors: dict[int | str, 
             try:
                 async for k, ev in slot.gen.events(prompts, params):
                     if ev.error:
-                        yield _sse({"error": {"message": ev.error, "type": "inference_error",
-                                              "param": None, "code": "inference_error"}})
+                        yield _sse(_model_error(ev.error).openai_body())
                         continue
                     if ev.delta or ev.finish_reason:
                         yield _sse(chunk(k, ev.delta, ev.finish_reason))
@@ -192,8 +200,7 @@ def install_generation_routes(app: FastAPI, state: Any, errors: dict[int | str, 
                     yield _sse(chunk(None, "", None, usage(done, prompts, body.n)))
                 yield b"data: [DONE]\n\n"
             except SureserveError as exc:  # refused after the headers went out
-                yield _sse({"error": {"message": exc.message, "type": exc.code,
-                                      "param": None, "code": exc.code}})
+                yield _sse(exc.openai_body())
                 yield b"data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream",
@@ -211,13 +218,8 @@ def install_generation_routes(app: FastAPI, state: Any, errors: dict[int | str, 
                   use: S.CompletionUsage | None = None) -> dict[str, Any]:
             choices = [] if k is None else [{"index": k, "text": text, "logprobs": None,
                                              "finish_reason": reason}]
-            out = {"id": rid, "object": "text_completion", "created": created,
-                   "model": slot.name, "choices": choices}
-            if use is not None:
-                out["usage"] = use.model_dump()
-            return out
+            return envelope(rid, "text_completion", created, slot.name, choices, use)
 
-        slot.gen.check_capacity(len(ids))
         if body.stream:
             return stream(slot, ids, params, body, chunk)
         done = await until_done_or_gone(request, collect(slot, ids, params))
@@ -250,13 +252,8 @@ def install_generation_routes(app: FastAPI, state: Any, errors: dict[int | str, 
                     delta["content"] = text
                 choices = [{"index": k, "delta": delta, "logprobs": None,
                             "finish_reason": reason}]
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                   "model": slot.name, "choices": choices}
-            if use is not None:
-                out["usage"] = use.model_dump()
-            return out
+            return envelope(rid, "chat.completion.chunk", created, slot.name, choices, use)
 
-        slot.gen.check_capacity(len(ids))
         if body.stream:
             return stream(slot, ids, params, body, chunk)
         done = await until_done_or_gone(request, collect(slot, ids, params))
@@ -265,6 +262,10 @@ def install_generation_routes(app: FastAPI, state: Any, errors: dict[int | str, 
             choices=[S.ChatChoice(index=k, message=S.AssistantMessage(content=_text(ev)),
                                   finish_reason=ev.finish_reason)
                      for k, ev in enumerate(done)])
+
+
+def _model_error(message: str) -> InferenceError:
+    return InferenceError(message, "check the prompt; other requests were not affected")
 
 
 def _text(ev: GenEvent) -> str:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sureserve.batching.generation import GenerationScheduler
 from sureserve.errors import InputError
-from sureserve.loading.inspect import DTYPE_BYTES, kv_bytes_per_token
+from sureserve.loading.inspect import kv_bytes_per_token
 from sureserve.loading.loader import Loaded
 from sureserve.tasks.sampling import RowState, SamplingParams, choose, new_generator
 from sureserve.tasks.textstream import TextStream
@@ -92,8 +92,7 @@ class GenerationEngine:
         self.device = loaded.plan.device
         self.context = int(loaded.limit.value)
         self.kv_budget_tokens = kv_budget_tokens
-        self.bytes_per_token = kv_bytes_per_token(loaded.config,
-                                                  DTYPE_BYTES.get(loaded.plan.dtype, 4)) or 0
+        self.bytes_per_token = kv_bytes_per_token(loaded.config, loaded.plan.dtype) or 0
         self.sched = GenerationScheduler(kv_budget_tokens, self.context, max_running)
         self.eos_ids = _eos_ids(loaded)
         self._ids = itertools.count()

@@ -30,7 +30,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
+    stop: Sequence[str] = ()  # a str is one stop string; stored as a tuple
     seed: int | None = None
 
     def __post_init__(self) -> None:
