@@ -1,7 +1,10 @@
+from collections.abc import Iterator
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sureserve.batching.planner import BatchPlanner, cut, plan_batches
+from sureserve.batching.planner import BatchPlanner, PassCost, cut, partition, plan_batches
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=600), max_size=300)
 
@@ -65,13 +68,92 @@ def test_longest_batch_first() -> None:
     assert batches[0].max_len == 60
 
 
+def _total(batches: list, cost: PassCost) -> float:
+    return sum(cost(len(b.ids), b.max_len) for b in batches)
+
+
+costs_st = st.builds(PassCost, overhead=st.floats(0, 500), attention=st.floats(0, 0.05))
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=lengths_st, budget=st.integers(1, 5000), size=st.integers(1, 64),
+       cost=costs_st)
+def test_partition_invariants_and_never_worse_than_greedy(lengths: list[int], budget: int,
+                                                          size: int, cost: PassCost) -> None:
+    batches = partition(enumerate(lengths), budget, size, cost)
+    assert sorted(i for b in batches for i in b.ids) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b.ids) <= size
+        assert b.max_len == max(max(lengths[i] for i in b.ids), 1)
+        assert b.real_tokens == sum(lengths[i] for i in b.ids)
+        assert b.cost <= budget or len(b.ids) == 1
+    # the greedy cut obeys the same limits, so the optimum can only be cheaper
+    greedy = cut(enumerate(lengths), budget, size)
+    assert _total(batches, cost) <= _total(greedy, cost) + 1e-6
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=7), cost=costs_st)
+def test_partition_is_optimal_against_every_split(lengths: list[int], cost: PassCost) -> None:
+    # brute force over all set partitions of up to 7 items (877 of them)
+    def splits(items: list[int]) -> Iterator[list[list[int]]]:
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for sub in splits(rest):
+            for k in range(len(sub)):
+                yield [*sub[:k], [first, *sub[k]], *sub[k + 1:]]
+            yield [[first], *sub]
+
+    best = min(sum(cost(len(g), max(lengths[i] for i in g)) for g in split)
+               for split in splits(list(range(len(lengths)))))
+    got = _total(partition(enumerate(lengths), 10**9, 10**9, cost), cost)
+    assert got == pytest.approx(best)
+
+
+def test_partition_runs_a_long_text_alone_rather_than_pad_snippets_to_it() -> None:
+    lengths = [256] + [20] * 15
+    greedy = cut(enumerate(lengths), 4096, 128)
+    assert len(greedy) == 1  # one pass computing 4,096 tokens for 556 real ones
+    best = partition(enumerate(lengths), 4096, 128, PassCost(overhead=130, attention=1 / 300))
+    assert [len(b.ids) for b in best] == [1, 15]
+    # with a fixed cost per pass that dwarfs the padding (a GPU), one pass is cheaper
+    gpu = partition(enumerate(lengths), 4096, 128, PassCost(overhead=5000, attention=0))
+    assert len(gpu) == 1
+
+
+def test_pass_cost_fit_recovers_the_model() -> None:
+    true = PassCost(overhead=120, attention=0.004)
+    per_token = 1e-4
+    shapes = [(1, 16), (8, 32), (32, 32), (1, 128), (4, 128), (1, 256)]
+    fitted = PassCost.fit([(n, ln, true(n, ln) * per_token) for n, ln in shapes])
+    assert fitted.overhead == pytest.approx(120, rel=1e-6)
+    assert fitted.attention == pytest.approx(0.004, rel=1e-6)
+    assert PassCost.fit([(1, 1, 0.1), (2, 2, 0.05), (4, 4, 0.01)]) == PassCost()  # nonsense
+
+
+def test_planner_serves_the_oldest_texts_batch_first() -> None:
+    p = BatchPlanner(max_tokens=4096, max_size=128)
+    p.add(0, 20)   # oldest: a snippet
+    p.add(1, 256)  # an article
+    for i, n in enumerate([18, 22, 25, 19], start=2):
+        p.add(i, n)
+    b = p.plan()
+    assert b is not None and set(b.ids) == {0, 2, 3, 4, 5}  # the snippets, not the article
+    p.update(b.ids)
+    b2 = p.plan()
+    assert b2 is not None and b2.ids == (1,)
+
+
 def test_state_machine_add_plan_update_cancel() -> None:
     p = BatchPlanner(max_tokens=100, max_size=4)
     for i, n in enumerate([10, 20, 30, 40, 50]):
         p.add(i, n)
     p.cancel([1])
     b = p.plan()
-    assert b is not None and set(b.ids) == {4, 3}  # 50 x 2 = 100 fits the budget, x 3 not
+    # the budget allows pairs at most: {50, 40} and {30, 10}; the oldest (0) goes first
+    assert b is not None and set(b.ids) == {0, 2}
     p.update(b.ids)
     rest = []
     while (nb := p.plan()) is not None:

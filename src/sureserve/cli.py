@@ -191,6 +191,8 @@ def serve(models: Annotated[list[str] | None, typer.Argument(help="Models to ser
                                                        "--max-running-seqs")] = None,
           max_new_tokens: Annotated[int | None, _opt("max_new_tokens",
                                                      "--max-new-tokens")] = None,
+          forward_workers: Annotated[int | None, _opt("forward_workers",
+                                                      "--forward-workers")] = None,
           ) -> None:
     """Serve models over HTTP (TEI- and OpenAI-style routes). SIGTERM drains, then exits 0."""
     import os
@@ -209,7 +211,8 @@ def serve(models: Annotated[list[str] | None, typer.Argument(help="Models to ser
                        max_client_batch=max_client_batch, max_payload_bytes=max_payload_bytes,
                        truncation=truncation, device=device, dtype=dtype,
                        accept_gate_failure=accept_gate_failure, kv_cache_mb=kv_cache_mb,
-                       max_running_seqs=max_running_seqs, max_new_tokens=max_new_tokens)
+                       max_running_seqs=max_running_seqs, max_new_tokens=max_new_tokens,
+                       forward_workers=forward_workers)
     names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
     app_ = create_app(s, names)
     err.print(f"serving {', '.join(names)} on http://{s.host}:{s.port} "

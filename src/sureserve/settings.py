@@ -151,6 +151,14 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         default=2_000_000, ge=1, description="Largest request body accepted, in bytes (413)."
     )
+    forward_workers: int | None = Field(
+        default=None, ge=1,
+        description="Forward passes of one embedding or classification model that run at "
+        "once in the server, each with an equal share of torch's threads. Default: 2 on a "
+        "CPU with at least 2 cores (two single-threaded passes beat one two-threaded pass "
+        "on small batches), 1 on a GPU or when a generation model is served too (torch's "
+        "thread count is per process).",
+    )
 
     @classmethod
     def help(cls, name: str) -> str:

@@ -42,8 +42,10 @@ def poisoned() -> Iterator[str]:
     from sureserve.server.app import create_app
 
     port = free_port()
-    # a long wait for company so that all concurrent requests land in one batch
-    app = create_app(Settings(max_wait_ms=300), ["minilm"], factory=_poisoned_factory)
+    # a long wait for company so that all concurrent requests land in one batch; one
+    # forward worker, because more would lower torch's threads for this whole test process
+    app = create_app(Settings(max_wait_ms=300, forward_workers=1), ["minilm"],
+                     factory=_poisoned_factory)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -5,16 +5,22 @@ work by length and cuts batches that stay under a token budget. Sorting a whole 
 makes neighbours in a batch similar in length, which is what keeps padding small; the
 window bounds how many texts are held at once.
 
-Two forms share one cutting rule (``cut``):
-* ``plan_batches(lengths, ...)`` for offline work over a known list;
+Two forms:
+* ``plan_batches(lengths, ...)`` for offline work over a known list, cut greedily
+  (``cut``): windows of thousands of texts sorted together leave little padding to win;
 * ``BatchPlanner`` with ``add / plan / update``, the state machine the server's engine
-  loop drives (vLLM's SchedulerInterface, in miniature).
+  loop drives (vLLM's SchedulerInterface, in miniature). A server queue holds a few dozen
+  texts of mixed lengths, where the greedy rule pads short texts to a long one's length;
+  it splits the queue with ``partition``, the cheapest split under a measured
+  ``PassCost``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 def padding_ratio(real: int, computed: int) -> float:
@@ -111,20 +117,95 @@ def plan_batches(
     return out
 
 
+@dataclass(frozen=True)
+class PassCost:
+    """Time of one forward pass of ``n`` texts padded to ``longest`` tokens, in units of
+    the time one token spends in the linear layers:
+
+        overhead + n*longest + attention * n*longest**2
+
+    ``overhead`` is the fixed cost of a pass (on a CPU, streaming the weights once: ~130
+    tokens' worth for minilm, so one 256-token article padded together with 15 snippets
+    costs far more than two passes); ``attention`` is the part that grows with length.
+    The server measures both on its own model at warm-up (``fit``); the defaults are
+    minilm's on a 2-core CPU.
+    """
+
+    overhead: float = 130.0
+    attention: float = 1 / 300
+
+    def __call__(self, n: int, longest: int) -> float:
+        return self.overhead + n * longest * (1 + self.attention * longest)
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, int, float]]) -> PassCost:
+        """Least squares over ``(n, longest, seconds)`` timings. Falls back to the
+        defaults when the timings are too noisy to say anything (a non-positive slope)."""
+        if len(samples) < 3:
+            return cls()
+        a = np.array([[1.0, n * ln, n * ln * ln] for n, ln, _ in samples])
+        t = np.array([sec for *_, sec in samples])
+        (fixed, per_token, per_ctx), *_ = np.linalg.lstsq(a, t, rcond=None)
+        if per_token <= 0:
+            return cls()
+        return cls(overhead=max(float(fixed / per_token), 0.0),
+                   attention=max(float(per_ctx / per_token), 0.0))
+
+
+def partition(items: Iterable[tuple[int, int]], max_tokens: int, max_size: int,
+              cost: PassCost) -> list[Batch]:
+    """The cheapest split of ``(id, length)`` items into batches, longest first.
+
+    Sorted by length, an optimal split takes contiguous runs (a text never gains from
+    sitting with longer texts than its neighbours), so a dynamic programme over the sorted
+    items finds it: ``best[j]`` is the cheapest cost of the ``j`` longest items, trying each
+    possible last batch. Same invariants as ``cut``: every item once, at most ``max_size``
+    per batch, cost at most ``max_tokens`` unless a single text is longer on its own.
+    O(n * max_size), vectorised over the last batch's start.
+    """
+    ordered = sorted(items, key=lambda it: (-it[1], it[0]))
+    n = len(ordered)
+    if n == 0:
+        return []
+    lengths = np.array([max(length, 1) for _, length in ordered], dtype=np.float64)
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        lo = max(0, j - max_size)
+        longest = lengths[lo:j]  # longest of batch [i, j) is its first item
+        size = j - np.arange(lo, j)
+        total = best[lo:j] + cost.overhead + size * longest * (1 + cost.attention * longest)
+        total[(size > 1) & (size * longest > max_tokens)] = np.inf
+        k = int(np.argmin(total))
+        best[j], start[j] = total[k], lo + k
+    batches: list[Batch] = []
+    j = n
+    while j > 0:
+        i = int(start[j])
+        run = ordered[i:j]
+        batches.append(Batch(tuple(it[0] for it in run), max(run[0][1], 1),
+                             sum(it[1] for it in run)))
+        j = i
+    return batches[::-1]
+
+
 @dataclass
 class BatchPlanner:
     """State machine for the serving loop: ``add`` work, ``plan`` a batch, ``update`` after.
 
     One step is one forward pass; an embedding or classification item finishes in the step
-    that runs it. ``plan`` takes the waiting window sorted by length and returns the first
-    batch cut from it (the longest texts first), leaving the rest waiting.
+    that runs it. ``plan`` splits the waiting window with ``partition`` and returns the
+    batch that holds the oldest item, leaving the rest to be re-planned with whatever
+    arrives meanwhile: a waiting short text soon finds company of its own length rather
+    than riding, padded, with a long one; and serving the oldest first keeps the tail of
+    the latency close to its median (closed-loop simulation with minilm's costs: p99/p50
+    2.5 this way, 4-7 when choosing the biggest or the most cost-effective batch).
     """
 
     max_tokens: int
     max_size: int
     window: int = 4096
-    min_tokens: int = 0
-    max_padding: float = 1.0
+    cost: PassCost = field(default_factory=PassCost)
     waiting: dict[int, int] = field(default_factory=dict)  # id -> length, insertion ordered
     running: set[int] = field(default_factory=set)
 
@@ -143,8 +224,9 @@ class BatchPlanner:
             return None
         # the oldest `window` items are eligible, so nothing waits forever behind newcomers
         eligible = list(self.waiting.items())[: self.window]
-        batch = cut(eligible, self.max_tokens, self.max_size, self.min_tokens,
-                    self.max_padding)[0]
+        oldest = eligible[0][0]
+        batch = next(b for b in partition(eligible, self.max_tokens, self.max_size, self.cost)
+                     if oldest in b.ids)
         for i in batch.ids:
             del self.waiting[i]
             self.running.add(i)

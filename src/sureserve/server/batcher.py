@@ -1,8 +1,9 @@
 """Dynamic batching for the server: requests from many clients share forward passes.
 
 Request handlers tokenize in the event loop and ``submit`` pieces; one loop per model
-plans a batch with the pure ``BatchPlanner`` and runs ``task.forward`` in a worker thread,
-so the next requests are tokenized while the current batch computes. The queue is bounded
+plans a batch with the pure ``BatchPlanner`` whenever one of its forward workers is free
+and runs ``task.forward`` on that worker's thread, so the next requests are tokenized
+while batches compute. The queue is bounded
 (``OverloadedError`` → 429 at once), inputs of clients that went away are dropped before
 they cost compute, and a batch that raises is split until the failing input is isolated:
 only its request gets the error.
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sureserve.batching.planner import BatchPlanner
+from sureserve.batching.planner import BatchPlanner, PassCost
 from sureserve.batching.truncation import Piece
 from sureserve.errors import InferenceError, OverloadedError
 from sureserve.server.metrics import Metrics
@@ -39,18 +40,22 @@ class _Waiting:
 
 
 class Batcher:
-    def __init__(self, name: str, task: Any, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, name: str, task: Any, settings: Settings, metrics: Metrics,
+                 cost: PassCost | None = None, workers: int = 1) -> None:
         self.name = name
         self.task = task
         self.settings = settings
         self.metrics = metrics
         self.planner = BatchPlanner(settings.max_batch_tokens, settings.max_batch_size,
-                                    settings.planner_window, settings.min_batch_tokens,
-                                    settings.max_padding_share)
+                                    settings.planner_window, cost or PassCost())
         self.waiting: dict[int, _Waiting] = {}
         self._ids = itertools.count()
         self._wake = asyncio.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
+        self.workers = workers
+        self._free = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task[None]] = set()
+        self._pool = ThreadPoolExecutor(max_workers=workers,
+                                        thread_name_prefix=f"forward-{name}")
         self._loop_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -61,6 +66,8 @@ class Batcher:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        if self._running:  # batches already on a worker finish and answer their requests
+            await asyncio.gather(*self._running, return_exceptions=True)
         self._pool.shutdown(wait=True)
 
     @property
@@ -102,7 +109,19 @@ class Batcher:
         self.metrics.queue_depth.labels(self.name).set(self.depth)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        while True:
+            await self._free.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._free.release()
+                raise
+            task = asyncio.create_task(self._execute(*batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> tuple[list[int], list[_Waiting]]:
+        """Wait for work (and, briefly, for company), then plan one batch of live inputs."""
         while True:
             await self._wake.wait()
             await self._wait_for_company()
@@ -110,17 +129,21 @@ class Batcher:
             if batch is None:
                 self._wake.clear()
                 continue
+            self.planner.update(batch.ids)  # the planner's part ends here; we track the rest
             live = [i for i in batch.ids if i in self.waiting
                     and not self.waiting[i].future.done()]
-            self.planner.update(batch.ids)
             if not live:
                 continue
-            items = [self.waiting[i] for i in live]
+            return live, [self.waiting[i] for i in live]
+
+    async def _execute(self, live: list[int], items: list[_Waiting]) -> None:
+        """Run one batch on a free worker and answer its requests (frees the worker)."""
+        try:
             start = time.perf_counter()
             for w in items:
                 self.metrics.queue_seconds.observe(start - w.enqueued)
-            outs = await loop.run_in_executor(self._pool, self._forward_isolating,
-                                              [w.piece for w in items])
+            outs = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._forward_isolating, [w.piece for w in items])
             self._observe(items, time.perf_counter() - start)
             for i, w, out in zip(live, items, outs, strict=True):
                 self.waiting.pop(i, None)
@@ -131,6 +154,8 @@ class Batcher:
                 else:
                     w.future.set_result(out)
             self.metrics.queue_depth.labels(self.name).set(self.depth)
+        finally:
+            self._free.release()
 
     async def _wait_for_company(self) -> None:
         """Hold a lone request up to max_wait_ms so that others can share its batch."""
@@ -151,6 +176,27 @@ class Batcher:
         m.batch_size.observe(len(items))
         m.batch_tokens.observe(longest * len(items))
         m.padding_ratio.observe(1 - real / (longest * len(items)))
+
+    @staticmethod
+    def measure_cost(task: Any, max_len: int) -> PassCost:
+        """Time a few batch shapes on the loaded model and fit the planner's cost model.
+
+        Runs at warm-up (about a second on a CPU): the split between a pass's fixed cost
+        and its per-token cost differs by orders of magnitude between a laptop CPU and a
+        GPU, and it decides whether a long text should run alone."""
+        ids = task.preprocess(["calibration"])[0]
+        filler = ids[1] if len(ids) > 2 else ids[0]
+        samples = []
+        for n, length in ((1, 16), (8, 32), (32, 32), (1, 128), (4, 128), (1, 256)):
+            length = min(length, max_len)
+            pieces = [Piece(0, ids[:1] + [filler] * (length - 2) + ids[-1:]) for _ in range(n)]
+            best = float("inf")
+            for _ in range(2):  # best of two: the first pass of a new shape pays setup
+                start = time.perf_counter()
+                task.forward(pieces)
+                best = min(best, time.perf_counter() - start)
+            samples.append((n, length, best))
+        return PassCost.fit(samples)
 
     def _forward_isolating(self, pieces: list[Piece]) -> list[np.ndarray | Exception]:
         """Forward a batch; if it raises, split it to find the inputs that fail alone."""

@@ -1,0 +1,76 @@
+"""The server's batcher without a model: concurrency of forward workers, planning, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sureserve.batching.planner import PassCost
+from sureserve.batching.truncation import Piece
+from sureserve.server.batcher import Batcher
+from sureserve.server.metrics import Metrics
+from sureserve.settings import Settings
+
+
+class SlowTask:
+    """Answers each piece with its length after a pause; records overlapping passes."""
+
+    def __init__(self, seconds: float = 0.2) -> None:
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+        self.batches: list[list[int]] = []
+
+    def forward(self, pieces: list[Piece]) -> np.ndarray:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+            self.batches.append([len(p.ids) for p in pieces])
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+        return np.array([[float(len(p.ids))] for p in pieces], dtype=np.float32)
+
+
+def _pieces(*lengths: int) -> list[list[Piece]]:
+    return [[Piece(0, [1] * n)] for n in lengths]
+
+
+async def _serve(task: SlowTask, workers: int, lengths: tuple[int, ...]) -> list[Any]:
+    b = Batcher("m", task, Settings(max_wait_ms=50), Metrics(),
+                PassCost(overhead=100, attention=0), workers)
+    b.start()
+    try:
+        return await asyncio.gather(*(b.submit(p) for p in _pieces(*lengths)))
+    finally:
+        await b.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_run_batches_at_once(workers: int) -> None:
+    task = SlowTask()
+    # an article and snippets: the cost model splits them into two batches
+    out = asyncio.run(_serve(task, workers, (400, 10, 12, 11)))
+    assert [float(r[0][0]) for r in out] == [400, 10, 12, 11]  # each caller gets its own row
+    assert sorted(map(sorted, task.batches)) == [[10, 11, 12], [400]]
+    assert task.most == workers
+
+
+def test_stop_lets_running_batches_answer() -> None:
+    async def main() -> list[Any]:
+        task = SlowTask(0.3)
+        b = Batcher("m", task, Settings(max_wait_ms=0), Metrics(), workers=2)
+        b.start()
+        pending = asyncio.gather(*(b.submit(p) for p in _pieces(5, 500)))
+        await asyncio.sleep(0.1)  # both batches are on a worker now
+        await b.stop()
+        return await asyncio.wait_for(pending, 1)
+
+    out = asyncio.run(main())
+    assert [float(r[0][0]) for r in out] == [5, 500]
