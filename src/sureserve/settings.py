@@ -151,6 +151,13 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         default=2_000_000, ge=1, description="Largest request body accepted, in bytes (413)."
     )
+    packing: bool = Field(
+        default=True,
+        description="Server: lay short texts end to end in the rows of a forward pass "
+        "(positions restarted and attention blocked per text) instead of padding each to "
+        "the longest. Used only for embedding models whose packed outputs match padded ones "
+        "on probe texts at warm-up (within the batch-invariance tolerance); logged either way.",
+    )
     forward_workers: int | None = Field(
         default=None, ge=1,
         description="Forward passes of one embedding or classification model that run at "

@@ -23,17 +23,21 @@ pytestmark = pytest.mark.e2e
 
 
 def _poisoned_factory(name: str, settings: Settings) -> Any:
-    """minilm whose forward pass raises whenever a batch holds the word 'poison'."""
+    """minilm whose forward pass (padded or packed) raises whenever a batch holds the word
+    'poison'."""
     engine = sureserve.load(name, settings=settings)
     poison = engine.tokenizer("poison", add_special_tokens=False)["input_ids"][0]
-    real_forward = engine.task.forward
+    task = engine.task
 
-    def forward(pieces: Any) -> Any:
-        if any(poison in p.ids for p in pieces):
-            raise RuntimeError("poisoned input")
-        return real_forward(pieces)
+    def poisoned(real: Any) -> Any:
+        def forward(pieces: Any, *args: Any) -> Any:
+            if any(poison in p.ids for p in pieces):
+                raise RuntimeError("poisoned input")
+            return real(pieces, *args)
+        return forward
 
-    engine.task.forward = forward
+    task.forward = poisoned(task.forward)
+    task.forward_packed = poisoned(task.forward_packed)
     return engine
 
 

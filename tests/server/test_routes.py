@@ -29,6 +29,11 @@ def test_health_and_info(server: Server) -> None:
     assert info["model_id"] == "minilm" and info["max_client_batch_size"] == 16
     assert {m["name"] for m in info["models"]} == {"minilm", "sentiment-demo"}
     assert all(m["gate_passed"] for m in info["models"])
+    models = {m["name"]: m for m in info["models"]}
+    # packing passed its check for the embedder; a classifier's head is not packed
+    assert models["minilm"]["packed_batches"] is True
+    assert models["sentiment-demo"]["packed_batches"] is False
+    assert models["minilm"]["forward_workers"] >= 1
 
 
 def test_embed_matches_offline(server: Server, minilm: sureserve.Engine) -> None:

@@ -35,15 +35,22 @@ def padding_share(real: int, computed: int) -> float:
 
 @dataclass(frozen=True)
 class Batch:
-    """Items run together in one forward pass, padded to ``max_len``."""
+    """Items run together in one forward pass, padded to ``max_len`` (or, when ``packed``,
+    laid end to end in rows ``max_len`` wide: see ``batching/packing.py``)."""
 
     ids: tuple[int, ...]
     max_len: int
     real_tokens: int
+    packed: bool = False
 
     @property
     def cost(self) -> int:
-        """Tokens the forward pass computes, padding included."""
+        """Tokens the forward pass computes, padding included. For a packed batch, the
+        fewest rows that can hold its tokens: the packing itself (first-fit decreasing)
+        may need a row or two more, and the server splits a batch whose layout would
+        exceed the budget."""
+        if self.packed:
+            return max(-(-self.real_tokens // self.max_len), 1) * self.max_len
         return self.max_len * len(self.ids)
 
 
@@ -153,7 +160,7 @@ class PassCost:
 
 
 def partition(items: Iterable[tuple[int, int]], max_tokens: int, max_size: int,
-              cost: PassCost) -> list[Batch]:
+              cost: PassCost, packed: bool = False) -> list[Batch]:
     """The cheapest split of ``(id, length)`` items into batches, longest first.
 
     Sorted by length, an optimal split takes contiguous runs (a text never gains from
@@ -162,20 +169,27 @@ def partition(items: Iterable[tuple[int, int]], max_tokens: int, max_size: int,
     possible last batch. Same invariants as ``cut``: every item once, at most ``max_size``
     per batch, cost at most ``max_tokens`` unless a single text is longer on its own.
     O(n * max_size), vectorised over the last batch's start.
+
+    ``packed``: batches will be packed into rows as wide as their longest text, so a batch
+    costs its rows (about its real tokens over the width) rather than count x longest;
+    the split then only weighs a pass's fixed cost against the attention width.
     """
     ordered = sorted(items, key=lambda it: (-it[1], it[0]))
     n = len(ordered)
     if n == 0:
         return []
     lengths = np.array([max(length, 1) for _, length in ordered], dtype=np.float64)
+    prefix = np.concatenate([[0.0], np.cumsum([length for _, length in ordered])])
     best = np.zeros(n + 1)
     start = np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):
         lo = max(0, j - max_size)
         longest = lengths[lo:j]  # longest of batch [i, j) is its first item
         size = j - np.arange(lo, j)
-        total = best[lo:j] + cost.overhead + size * longest * (1 + cost.attention * longest)
-        total[(size > 1) & (size * longest > max_tokens)] = np.inf
+        rows = np.maximum(np.ceil((prefix[j] - prefix[lo:j]) / longest), 1) if packed \
+            else size
+        total = best[lo:j] + cost.overhead + rows * longest * (1 + cost.attention * longest)
+        total[(size > 1) & (rows * longest > max_tokens)] = np.inf
         k = int(np.argmin(total))
         best[j], start[j] = total[k], lo + k
     batches: list[Batch] = []
@@ -184,7 +198,7 @@ def partition(items: Iterable[tuple[int, int]], max_tokens: int, max_size: int,
         i = int(start[j])
         run = ordered[i:j]
         batches.append(Batch(tuple(it[0] for it in run), max(run[0][1], 1),
-                             sum(it[1] for it in run)))
+                             sum(it[1] for it in run), packed))
         j = i
     return batches[::-1]
 
@@ -206,6 +220,7 @@ class BatchPlanner:
     max_size: int
     window: int = 4096
     cost: PassCost = field(default_factory=PassCost)
+    packed: bool = False
     waiting: dict[int, int] = field(default_factory=dict)  # id -> length, insertion ordered
     running: set[int] = field(default_factory=set)
 
@@ -225,8 +240,8 @@ class BatchPlanner:
         # the oldest `window` items are eligible, so nothing waits forever behind newcomers
         eligible = list(self.waiting.items())[: self.window]
         oldest = eligible[0][0]
-        batch = next(b for b in partition(eligible, self.max_tokens, self.max_size, self.cost)
-                     if oldest in b.ids)
+        batch = next(b for b in partition(eligible, self.max_tokens, self.max_size, self.cost,
+                                          self.packed) if oldest in b.ids)
         for i in batch.ids:
             del self.waiting[i]
             self.running.add(i)

@@ -331,4 +331,6 @@ def _model_info(slot: Any) -> S.ModelInfo:
         dim=int(e.loaded.config.get("hidden_size", 0)) if e.task_name == "embed" else None,
         labels=e.task.labels if e.task_name == "classify" else None,
         gate_passed=report.passed if report else None,
-        gate_overridden=bool(report and report.overridden))
+        gate_overridden=bool(report and report.overridden),
+        packed_batches=slot.batcher.packed if slot.batcher else None,
+        forward_workers=slot.batcher.workers if slot.batcher else None)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from sureserve.batching.packing import pack_rows
 from sureserve.batching.planner import BatchPlanner, PassCost
 from sureserve.batching.truncation import Piece
 from sureserve.errors import InferenceError, OverloadedError
@@ -41,13 +42,15 @@ class _Waiting:
 
 class Batcher:
     def __init__(self, name: str, task: Any, settings: Settings, metrics: Metrics,
-                 cost: PassCost | None = None, workers: int = 1) -> None:
+                 cost: PassCost | None = None, workers: int = 1, packed: bool = False
+                 ) -> None:
         self.name = name
         self.task = task
         self.settings = settings
         self.metrics = metrics
+        self.packed = packed  # texts laid end to end in rows (task.forward_packed)
         self.planner = BatchPlanner(settings.max_batch_tokens, settings.max_batch_size,
-                                    settings.planner_window, cost or PassCost())
+                                    settings.planner_window, cost or PassCost(), packed)
         self.waiting: dict[int, _Waiting] = {}
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -170,12 +173,12 @@ class Batcher:
 
     def _observe(self, items: list[_Waiting], seconds: float) -> None:
         m = self.metrics
-        longest = max(w.piece.weight for w in items)
-        real = sum(w.piece.weight for w in items)
+        lengths = [w.piece.weight for w in items]
+        computed = pack_rows(lengths).computed if self.packed else max(lengths) * len(items)
         m.inference_seconds.observe(seconds)
         m.batch_size.observe(len(items))
-        m.batch_tokens.observe(longest * len(items))
-        m.padding_ratio.observe(1 - real / (longest * len(items)))
+        m.batch_tokens.observe(computed)
+        m.padding_ratio.observe(1 - sum(lengths) / computed)
 
     @staticmethod
     def measure_cost(task: Any, max_len: int) -> PassCost:
@@ -201,7 +204,7 @@ class Batcher:
     def _forward_isolating(self, pieces: list[Piece]) -> list[np.ndarray | Exception]:
         """Forward a batch; if it raises, split it to find the inputs that fail alone."""
         try:
-            rows = self.task.forward(pieces)
+            rows = self._forward(pieces)
             return [rows[k] for k in range(len(pieces))]
         except Exception as exc:
             if len(pieces) == 1:
@@ -210,3 +213,13 @@ class Batcher:
                                        "check the input; other requests were not affected")]
             mid = len(pieces) // 2
             return self._forward_isolating(pieces[:mid]) + self._forward_isolating(pieces[mid:])
+
+    def _forward(self, pieces: list[Piece]) -> np.ndarray:
+        if not self.packed:
+            return np.asarray(self.task.forward(pieces))
+        layout = pack_rows([p.weight for p in pieces])
+        if layout.computed > self.settings.max_batch_tokens and len(pieces) > 1:
+            # the planner counted the fewest rows; first-fit may need one more
+            mid = len(pieces) // 2
+            return np.vstack([self._forward(pieces[:mid]), self._forward(pieces[mid:])])
+        return np.asarray(self.task.forward_packed(pieces, layout))

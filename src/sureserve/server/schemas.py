@@ -129,6 +129,11 @@ class ModelInfo(BaseModel):
     labels: list[str] | None = None
     gate_passed: bool | None = None
     gate_overridden: bool = False
+    packed_batches: bool | None = Field(
+        default=None, description="Whether short texts share rows of a forward pass "
+        "(checked against padded outputs at warm-up); null for generation models")
+    forward_workers: int | None = Field(
+        default=None, description="Forward passes of this model that run at once")
 
 
 class Info(BaseModel):

@@ -118,7 +118,9 @@ class ServerState:
             log.info("%s: a forward pass costs %.0f tokens' worth plus its tokens "
                      "(attention: %.4f more per token of length)", slot.name, cost.overhead,
                      cost.attention)
-            slot.batcher = Batcher(slot.name, task, self.settings, self.metrics, cost, workers)
+            packed = await asyncio.to_thread(self._may_pack, slot.name, engine)
+            slot.batcher = Batcher(slot.name, task, self.settings, self.metrics, cost, workers,
+                                   packed)
             slot.batcher.start()
         slot.engine = engine
         report = engine.gate_report
@@ -126,6 +128,33 @@ class ServerState:
             1 if report is None or report.passed else 0)
         slot.state = "ready"
         log.info("%s ready (%s)", slot.name, report.summary() if report else "no gate")
+
+    def _may_pack(self, name: str, engine: Any) -> bool:
+        """Whether to pack this model's batches: asked for, possible, and checked here on
+        the gate's probe texts (packed vs one at a time) within the batch-invariance
+        tolerance, so that packing can never change an answer beyond float rounding."""
+        from sureserve.gate.probe_texts import DIVERSE, LONG
+        from sureserve.gate.probes import INVARIANCE_TOL
+        from sureserve.tasks.embed import EmbedTask
+
+        task = engine.task
+        if not self.settings.packing:
+            return False
+        if not isinstance(task, EmbedTask):
+            why: str | None = "only embedding models are packed"
+        else:
+            why = task.packing_unsupported()
+        if why is None:
+            probe = task.to_pieces([*DIVERSE, LONG], "truncate").pieces
+            diff = task.check_packing(probe)
+            tol = INVARIANCE_TOL.get(engine.loaded.plan.dtype, 1e-4)
+            if diff > tol:
+                why = f"packed outputs differ from padded ones by {diff:.1e} (tolerance {tol:g})"
+            else:
+                log.info("%s: packed batches on (largest difference to padded %.1e)", name, diff)
+                return True
+        log.info("%s: packed batches off: %s", name, why)
+        return False
 
     def _failed(self, slot: Slot, exc: Exception) -> None:
         slot.state, slot.reason = "failed", str(exc)
