@@ -560,13 +560,18 @@ def bench_serve(levels: Annotated[list[int] | None, typer.Option("--clients", he
                 seconds: Annotated[float, typer.Option(help="Seconds per level.")] = 10.0,
                 max_requests: Annotated[int, typer.Option(help="Cap per level.")] = 3000,
                 skip: BenchSkip = None,
+                infinity: Annotated[str | None, typer.Option(
+                    help="Path of an infinity_emb executable (its own venv) to add "
+                    "Infinity as a contender.")] = None,
                 output: Annotated[Path, typer.Option("--output", "-o")] =
                 Path("bench-results/serve.json")) -> None:
-    """HTTP load on loopback: sureserve's server vs a plain FastAPI + pipeline endpoint."""
+    """HTTP load on loopback: sureserve's server vs a plain FastAPI + pipeline endpoint
+    (and Infinity, with --infinity)."""
     from sureserve.bench.serve import run_serve_bench
 
     rep = run_serve_bench(levels or [1, 8, 32, 64], seconds, max_requests, skip=skip or [],
-                          out=output, log=lambda m: err.print(m, highlight=False))
+                          out=output, log=lambda m: err.print(m, highlight=False),
+                          infinity=infinity)
     t = Table("contender", "clients", "req/s", "x offline", "p50 ms", "p95 ms", "p99 ms",
               "p99/p50", "avg batch", "errors",
               title=f"serve: offline engine {rep['offline_texts_per_s']} texts/s")

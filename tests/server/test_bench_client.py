@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 
-from sureserve.bench.serve import _load
+from sureserve.bench.serve import _load, run_serve_bench
 from tests.server.conftest import Server
 
 pytestmark = pytest.mark.e2e
@@ -18,3 +20,15 @@ def test_load_generator_counts_answers_and_errors(server: Server) -> None:
     assert row["p50_ms"] > 0 and row["clients"] == 3
     bad = asyncio.run(_load(server.url, [""], 1, 1.0, 2))  # empty input: 422, counted
     assert bad["requests"] == 0 and bad["errors"] == 2
+
+
+def test_serve_bench_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    rep = run_serve_bench(levels=(2,), seconds=1.0, max_requests=20, n_texts=40,
+                          skip=("plain-fastapi-pipeline",), out=out, log=lambda _: None)
+    assert json.loads(out.read_text()) == rep
+    (row,) = rep["contenders"]["sureserve"]
+    assert row["requests"] > 0 and row["errors"] == 0 and row["avg_batch_size"] >= 1
+    assert row["vs_offline"] == pytest.approx(row["req_per_s"] / rep["offline_texts_per_s"],
+                                              abs=1e-3)
+    assert "not run" in rep["infinity"]

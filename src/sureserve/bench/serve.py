@@ -2,9 +2,11 @@
 
 For each concurrency level, that many clients each send one text per request (drawn in
 order from the realistic mix) and send the next as soon as the answer arrives, for a
-bounded time and count, to a server on loopback. Contenders: sureserve's server, and a
-plain FastAPI endpoint running a transformers pipeline per request. The offline throughput
-of the same engine on the same texts is measured in the same run.
+bounded time and count, to a server on loopback. Contenders: sureserve's server, a plain
+FastAPI endpoint running a transformers pipeline per request, and, when its executable is
+given, Infinity (``infinity_emb v2``, installed in a venv of its own: its pins conflict
+with ours). The offline throughput of the same engine on the same texts is measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(cmd: list[str], url: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def _start(cmd: list[str], url: str, env: dict[str, str] | None = None,
+           health: str = "/health") -> subprocess.Popen[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             text=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 300
@@ -40,7 +44,7 @@ def _start(cmd: list[str], url: str, env: dict[str, str] | None = None) -> subpr
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd} exited with {proc.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -101,14 +105,27 @@ class _Conn:
             self.writer.close()
 
 
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    cmd: list[str]  # started with --port/--host appended by ``argv``
+    route: str = "/embed"
+    body: Callable[[str], dict[str, Any]] = lambda t: {"inputs": t}
+    health: str = "/health"
+    env: dict[str, str] = field(default_factory=dict)
+    argv: Callable[[int], list[str]] = lambda port: ["--port", str(port)]
+
+
 async def _load(url: str, texts: Sequence[str], clients: int, seconds: float,
-                max_requests: int) -> dict[str, Any]:
+                max_requests: int, route: str = "/embed",
+                body: Callable[[str], dict[str, Any]] = lambda t: {"inputs": t}
+                ) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
     counter = iter(range(max_requests))
     stop_at = time.perf_counter() + seconds
     host, port = url.removeprefix("http://").split(":")
-    bodies = [json.dumps({"inputs": t}).encode() for t in texts]
+    bodies = [json.dumps(body(t)).encode() for t in texts]
 
     async def client() -> None:
         nonlocal errors
@@ -118,7 +135,7 @@ async def _load(url: str, texts: Sequence[str], clients: int, seconds: float,
                 if time.perf_counter() > stop_at:
                     return
                 t0 = time.perf_counter()
-                if await conn.post("/embed", bodies[i % len(bodies)]) == 200:
+                if await conn.post(route, bodies[i % len(bodies)]) == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
                     errors += 1
@@ -146,7 +163,8 @@ def _batch_stats(url: str) -> tuple[float, float]:
 def run_serve_bench(levels: Sequence[int] = (1, 8, 32, 64), seconds: float = 10.0,
                     max_requests: int = 3000, n_texts: int = 2000, long_share: float = 0.05,
                     skip: Sequence[str] = (), out: Path | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    log: Callable[[str], None] = print,
+                    infinity: str | None = None) -> dict[str, Any]:
     import sureserve
     from sureserve.zoo.corpora import realistic_mix
 
@@ -163,34 +181,48 @@ def run_serve_bench(levels: Sequence[int] = (1, 8, 32, 64), seconds: float = 10.
     report: dict[str, Any] = {"offline_texts_per_s": round(offline, 1), "texts": n_texts,
                               "long_share": long_share, "seconds_per_level": seconds,
                               "contenders": {}}
-    contenders = {
-        "sureserve": [sys.executable, "-m", "sureserve.cli", "serve", "minilm"],
-        "plain-fastapi-pipeline": [sys.executable, "-m", "sureserve.bench.plain_server", path],
-    }
-    for name, base in contenders.items():
-        if name in skip:
+    contenders = [
+        Contender("sureserve", [sys.executable, "-m", "sureserve.cli", "serve", "minilm",
+                                "--truncation", "truncate"]),
+        Contender("plain-fastapi-pipeline",
+                  [sys.executable, "-m", "sureserve.bench.plain_server", path],
+                  argv=lambda port: [str(port)]),
+    ]
+    if infinity:
+        # Infinity's OpenAI-style route; it truncates to the model's 256 tokens as we do.
+        # Offline: no hub, no telemetry; loopback like the others.
+        contenders.append(Contender(
+            "infinity", [infinity, "v2", "--model-id", path, "--served-model-name", "minilm",
+                         "--engine", "torch", "--device", "cpu", "--log-level", "warning",
+                         "--host", "127.0.0.1"],
+            route="/embeddings", body=lambda t: {"input": [t], "model": "minilm"},
+            env={"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
+                 "INFINITY_ANONYMOUS_USAGE_STATS": "0"}))
+    else:
+        report["infinity"] = "not run: pass --infinity PATH to its infinity_emb executable"
+    for c in contenders:
+        if c.name in skip:
             continue
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = base + (["--port", str(port), "--truncation", "truncate"] if name == "sureserve"
-                      else [str(port)])
-        proc = _start(cmd, url)
+        proc = _start(c.cmd + c.argv(port), url, c.env, c.health)
         rows = []
         try:
-            asyncio.run(_load(url, texts, 4, 2.0, 50))  # warm-up
+            asyncio.run(_load(url, texts, 4, 2.0, 50, c.route, c.body))  # warm-up
             for clients in levels:
-                before = _batch_stats(url) if name == "sureserve" else None
-                row = asyncio.run(_load(url, texts, clients, seconds, max_requests))
+                before = _batch_stats(url) if c.name == "sureserve" else None
+                row = asyncio.run(_load(url, texts, clients, seconds, max_requests, c.route,
+                                        c.body))
                 if before is not None:
                     after = _batch_stats(url)
                     row["avg_batch_size"] = round((after[0] - before[0]) /
                                                   max(after[1] - before[1], 1), 2)
                 row["vs_offline"] = round(row["req_per_s"] / offline, 3)
                 rows.append(row)
-                log(f"{name} x{clients}: {row}")
+                log(f"{c.name} x{clients}: {row}")
         finally:
             _stop(proc)
-        report["contenders"][name] = rows
+        report["contenders"][c.name] = rows
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
