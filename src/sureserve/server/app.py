@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +32,7 @@ from sureserve.server.state import EngineFactory, ServerState, default_factory
 from sureserve.settings import Settings
 
 OPEN_PATHS = {"/health", "/metrics"}
+_VECTORS = TypeAdapter(list[list[float]])
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": S.ErrorBody, "description": "Malformed JSON or invalid UTF-8, or a "
           "model that does not do this task"},
@@ -248,12 +250,14 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                       models=infos)
 
     @app.post("/embed", response_model=list[list[float]], responses=ERRORS)
-    async def embed(body: S.EmbedRequest, request: Request) -> list[list[float]]:
+    async def embed(body: S.EmbedRequest, request: Request) -> Response:
         slot = state.pick(body.model, "embed")
         texts = state.validate(body.inputs)
         out = await _until_done_or_gone(request, state.run(slot, texts, body.truncate))
         vecs = slot.engine.task.postprocess(out.rows, normalize=body.normalize)
-        return [[float(x) for x in v] for v in vecs]
+        # the hottest route: serialise straight from the floats (a third of the CPU of
+        # validating them against response_model first, which only documents the shape)
+        return Response(_VECTORS.dump_json(vecs.tolist()), media_type="application/json")
 
     @app.post("/predict", response_model=list[S.Prediction] | list[list[S.Prediction]],
               responses=ERRORS)
