@@ -202,6 +202,9 @@ def serve(models: Annotated[list[str] | None, typer.Argument(help="Models to ser
     # (measured: 0.13 -> 0.33 of offline throughput at 32 clients on 2 cores). Must be set
     # before torch loads its OpenMP runtime; an explicit user setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # start-up decisions (workers and threads, measured pass cost, packing on or off and
+    # why, gate summary) are worth a line each; nothing is logged per request at INFO
+    logging.getLogger("sureserve.server").setLevel(logging.INFO)
     from sureserve.server.app import create_app
     from sureserve.server.run import serve_forever
     from sureserve.zoo import DEFAULT_MODEL

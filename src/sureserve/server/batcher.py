@@ -2,11 +2,11 @@
 
 Request handlers tokenize in the event loop and ``submit`` pieces; one loop per model
 plans a batch with the pure ``BatchPlanner`` whenever one of its forward workers is free
-and runs ``task.forward`` on that worker's thread, so the next requests are tokenized
-while batches compute. The queue is bounded
-(``OverloadedError`` → 429 at once), inputs of clients that went away are dropped before
-they cost compute, and a batch that raises is split until the failing input is isolated:
-only its request gets the error.
+and runs ``task.forward`` (or ``forward_packed``) on that worker's thread, so the next
+requests are tokenized while batches compute. The queue is bounded (``OverloadedError`` →
+429 at once), inputs of clients that went away are dropped before they cost compute, and a
+batch that raises is split until the failing input is isolated: only its request gets the
+error.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ class Batcher:
         samples = []
         for n, length in ((1, 16), (8, 32), (32, 32), (1, 128), (4, 128), (1, 256)):
             length = min(length, max_len)
-            pieces = [Piece(0, ids[:1] + [filler] * (length - 2) + ids[-1:]) for _ in range(n)]
+            body = [filler] * max(length - 2, 0)
+            pieces = [Piece(0, ids[:1] + body + ids[-1:]) for _ in range(n)]
             best = float("inf")
             for _ in range(2):  # best of two: the first pass of a new shape pays setup
                 start = time.perf_counter()
