@@ -35,8 +35,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(cmd: list[str], url: str, env: dict[str, str] | None = None,
-           health: str = "/health") -> subprocess.Popen[str]:
+def _start(cmd: list[str], url: str, env: dict[str, str] | None = None
+           ) -> subprocess.Popen[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             text=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 300
@@ -44,7 +44,7 @@ def _start(cmd: list[str], url: str, env: dict[str, str] | None = None,
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd} exited with {proc.returncode}")
         try:
-            if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -111,7 +111,6 @@ class Contender:
     cmd: list[str]  # started with --port/--host appended by ``argv``
     route: str = "/embed"
     body: Callable[[str], dict[str, Any]] = lambda t: {"inputs": t}
-    health: str = "/health"
     env: dict[str, str] = field(default_factory=dict)
     argv: Callable[[int], list[str]] = lambda port: ["--port", str(port)]
 
@@ -207,7 +206,7 @@ def run_serve_bench(levels: Sequence[int] = (1, 8, 32, 64), seconds: float = 10.
             continue
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = _start(c.cmd + c.argv(port), url, c.env, c.health)
+        proc = _start(c.cmd + c.argv(port), url, c.env)
         rows = []
         try:
             asyncio.run(_load(url, texts, 4, 2.0, 50, c.route, c.body))  # warm-up

@@ -145,9 +145,9 @@ class Batcher:
             start = time.perf_counter()
             for w in items:
                 self.metrics.queue_seconds.observe(start - w.enqueued)
-            outs = await asyncio.get_running_loop().run_in_executor(
+            outs, computed = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._forward_isolating, [w.piece for w in items])
-            self._observe(items, time.perf_counter() - start)
+            self._observe(items, time.perf_counter() - start, computed)
             for i, w, out in zip(live, items, outs, strict=True):
                 self.waiting.pop(i, None)
                 if w.future.done():
@@ -171,14 +171,14 @@ class Batcher:
         if remaining > 0 and cost < self.settings.max_batch_tokens:
             await asyncio.sleep(remaining)
 
-    def _observe(self, items: list[_Waiting], seconds: float) -> None:
+    def _observe(self, items: list[_Waiting], seconds: float, computed: int) -> None:
+        """``computed``: tokens the passes computed, padding included, as ``_forward``
+        counted them (so a packed layout is not built twice, nor on the event loop)."""
         m = self.metrics
-        lengths = [w.piece.weight for w in items]
-        computed = pack_rows(lengths).computed if self.packed else max(lengths) * len(items)
         m.inference_seconds.observe(seconds)
         m.batch_size.observe(len(items))
         m.batch_tokens.observe(computed)
-        m.padding_ratio.observe(1 - sum(lengths) / computed)
+        m.padding_ratio.observe(1 - sum(w.piece.weight for w in items) / computed)
 
     @staticmethod
     def measure_cost(task: Any, max_len: int) -> PassCost:
@@ -202,25 +202,34 @@ class Batcher:
             samples.append((n, length, best))
         return PassCost.fit(samples)
 
-    def _forward_isolating(self, pieces: list[Piece]) -> list[np.ndarray | Exception]:
-        """Forward a batch; if it raises, split it to find the inputs that fail alone."""
+    def _forward_isolating(self, pieces: list[Piece]
+                           ) -> tuple[list[np.ndarray | Exception], int]:
+        """Forward a batch; if it raises, split it to find the inputs that fail alone.
+        Returns one row (or error) per piece and the tokens computed."""
         try:
-            rows = self._forward(pieces)
-            return [rows[k] for k in range(len(pieces))]
+            rows, computed = self._forward(pieces)
+            return [rows[k] for k in range(len(pieces))], computed
         except Exception as exc:
             if len(pieces) == 1:
                 log.warning("input failed in the model: %s", exc)
                 return [InferenceError(f"the model raised on this input: {exc}",
-                                       "check the input; other requests were not affected")]
+                                       "check the input; other requests were not affected")
+                        ], pieces[0].weight
             mid = len(pieces) // 2
-            return self._forward_isolating(pieces[:mid]) + self._forward_isolating(pieces[mid:])
+            left, left_computed = self._forward_isolating(pieces[:mid])
+            right, right_computed = self._forward_isolating(pieces[mid:])
+            return left + right, left_computed + right_computed
 
-    def _forward(self, pieces: list[Piece]) -> np.ndarray:
+    def _forward(self, pieces: list[Piece]) -> tuple[np.ndarray, int]:
+        """Rows for ``pieces`` and the tokens computed (padding or packing slack included)."""
         if not self.packed:
-            return np.asarray(self.task.forward(pieces))
+            return (np.asarray(self.task.forward(pieces)),
+                    max(p.weight for p in pieces) * len(pieces))
         layout = pack_rows([p.weight for p in pieces])
         if layout.computed > self.settings.max_batch_tokens and len(pieces) > 1:
             # the planner counted the fewest rows; first-fit may need one more
             mid = len(pieces) // 2
-            return np.vstack([self._forward(pieces[:mid]), self._forward(pieces[mid:])])
-        return np.asarray(self.task.forward_packed(pieces, layout))
+            (left, left_computed), (right, right_computed) = (self._forward(pieces[:mid]),
+                                                              self._forward(pieces[mid:]))
+            return np.vstack([left, right]), left_computed + right_computed
+        return np.asarray(self.task.forward_packed(pieces, layout)), layout.computed

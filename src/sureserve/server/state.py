@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sureserve.batching.truncation import Piece
 from sureserve.errors import (
     InputError,
     InputTooLongError,
@@ -121,7 +120,7 @@ class ServerState:
             self.metrics.kv_budget.labels(slot.name).set(gen.kv_budget_tokens)
         else:
             task = engine.task
-            await asyncio.to_thread(task.forward, [Piece(0, task.preprocess(["warm up"])[0])])
+            # measuring the pass cost runs each shape twice: it is the warm-up too
             cost = await asyncio.to_thread(Batcher.measure_cost, task, engine.loaded.limit.value)
             log.info("%s: a forward pass costs %.0f tokens' worth plus its tokens "
                      "(attention: %.4f more per token of length)", slot.name, cost.overhead,
@@ -146,10 +145,11 @@ class ServerState:
         from sureserve.tasks.embed import EmbedTask
 
         task = engine.task
+        why: str | None
         if not self.settings.packing:
-            return False
-        if not isinstance(task, EmbedTask):
-            why: str | None = "only embedding models are packed"
+            why = "turned off (SURESERVE_PACKING)"
+        elif not isinstance(task, EmbedTask):
+            why = "only embedding models are packed"
         else:
             why = task.packing_unsupported()
         if why is None:
