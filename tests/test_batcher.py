@@ -1,10 +1,13 @@
-"""The server's batcher without a model: concurrency of forward workers, planning, stop."""
+"""The server's batcher without a model: concurrency of forward workers, planning, stop,
+and the queue as the one record of waiting work."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 
 from sureserve.batching.planner import PassCost
 from sureserve.batching.truncation import Piece
+from sureserve.errors import OverloadedError
 from sureserve.server.batcher import Batcher
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings
@@ -42,12 +46,17 @@ def _pieces(*lengths: int) -> list[list[Piece]]:
     return [[Piece(0, [1] * n)] for n in lengths]
 
 
+def _batcher(task: SlowTask, settings: Settings, workers: int = 1,
+             cost: PassCost | None = None) -> Batcher:
+    engine: Any = SimpleNamespace(text_task=lambda: task)  # only forward is needed here
+    return Batcher("m", engine, settings, Metrics(), ThreadPoolExecutor(1), cost, workers)
+
+
 async def _serve(task: SlowTask, workers: int, lengths: tuple[int, ...]) -> list[Any]:
-    b = Batcher("m", task, Settings(max_wait_ms=50), Metrics(),
-                PassCost(overhead=100, attention=0), workers)
+    b = _batcher(task, Settings(max_wait_ms=50), workers, PassCost(overhead=100, attention=0))
     b.start()
     try:
-        return await asyncio.gather(*(b.submit(p) for p in _pieces(*lengths)))
+        return await asyncio.gather(*(b.queue(p) for p in _pieces(*lengths)))
     finally:
         await b.stop()
 
@@ -65,12 +74,34 @@ def test_workers_run_batches_at_once(workers: int) -> None:
 def test_stop_lets_running_batches_answer() -> None:
     async def main() -> list[Any]:
         task = SlowTask(0.3)
-        b = Batcher("m", task, Settings(max_wait_ms=0), Metrics(), workers=2)
+        b = _batcher(task, Settings(max_wait_ms=0), workers=2)
         b.start()
-        pending = asyncio.gather(*(b.submit(p) for p in _pieces(5, 500)))
+        pending = asyncio.gather(*(b.queue(p) for p in _pieces(5, 500)))
         await asyncio.sleep(0.1)  # both batches are on a worker now
         await b.stop()
         return await asyncio.wait_for(pending, 1)
 
     out = asyncio.run(main())
     assert [float(r[0][0]) for r in out] == [5, 500]
+
+
+def test_queue_is_bounded_and_a_cancelled_request_leaves_nothing_behind() -> None:
+    async def main() -> None:
+        task = SlowTask(0.3)
+        b = _batcher(task, Settings(max_wait_ms=0, max_queue_inputs=3))
+        b.start()
+        first = asyncio.ensure_future(b.queue(_pieces(7)[0]))
+        await asyncio.sleep(0.1)  # 7 is on the worker now; the queue is empty again
+        waiting = asyncio.ensure_future(b.queue([Piece(0, [1] * 3), Piece(1, [1] * 4)]))
+        await asyncio.sleep(0)
+        assert b.depth == 2
+        with pytest.raises(OverloadedError, match="SURESERVE_MAX_QUEUE_INPUTS"):
+            await b.queue(_pieces(1, 2)[0] + _pieces(3)[0])  # 2 + 2 > 3
+        waiting.cancel()  # the client went away before its pieces ran
+        await asyncio.sleep(0)
+        assert b.depth == 0
+        assert float((await first)[0][0]) == 7
+        await b.stop()
+        assert [4] not in task.batches and [3] not in task.batches  # never computed
+
+    asyncio.run(main())

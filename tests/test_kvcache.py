@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from sureserve.tasks.kvcache import PaddedKV
+from sureserve.generation.kvcache import PaddedKV
 
 L, H, D = 2, 3, 4
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sureserve.batching.planner import BatchPlanner, PassCost, cut, partition, plan_batches
+from sureserve.batching.planner import PassCost, cut, oldest_batch, partition, plan_batches
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=600), max_size=300)
 
@@ -134,30 +134,23 @@ def test_pass_cost_fit_recovers_the_model() -> None:
 
 
 def test_planner_serves_the_oldest_texts_batch_first() -> None:
-    p = BatchPlanner(max_tokens=4096, max_size=128)
-    p.add(0, 20)   # oldest: a snippet
-    p.add(1, 256)  # an article
-    for i, n in enumerate([18, 22, 25, 19], start=2):
-        p.add(i, n)
-    b = p.plan()
+    queue = [(0, 20), (1, 256)] + [(i, n) for i, n in enumerate([18, 22, 25, 19], start=2)]
+    b = oldest_batch(queue, max_tokens=4096, max_size=128, cost=PassCost())
     assert b is not None and set(b.ids) == {0, 2, 3, 4, 5}  # the snippets, not the article
-    p.update(b.ids)
-    b2 = p.plan()
+    rest = [it for it in queue if it[0] not in b.ids]
+    b2 = oldest_batch(rest, max_tokens=4096, max_size=128, cost=PassCost())
     assert b2 is not None and b2.ids == (1,)
 
 
-def test_state_machine_add_plan_update_cancel() -> None:
-    p = BatchPlanner(max_tokens=100, max_size=4)
-    for i, n in enumerate([10, 20, 30, 40, 50]):
-        p.add(i, n)
-    p.cancel([1])
-    b = p.plan()
-    # the budget allows pairs at most: {50, 40} and {30, 10}; the oldest (0) goes first
-    assert b is not None and set(b.ids) == {0, 2}
-    p.update(b.ids)
-    rest = []
-    while (nb := p.plan()) is not None:
-        rest.extend(nb.ids)
-        p.update(nb.ids)
-    assert sorted(rest + list(b.ids)) == [0, 2, 3, 4]
-    assert p.num_waiting == 0 and not p.running
+def test_queue_drains_oldest_first_within_budget_and_window() -> None:
+    queue = list(enumerate([10, 20, 30, 40, 50]))
+    order = []
+    while (b := oldest_batch(queue, max_tokens=100, max_size=4, cost=PassCost(),
+                             window=3)) is not None:
+        assert b.cost <= 100 and all(i in dict(queue) for i in b.ids)
+        assert queue[0][0] in b.ids  # the oldest waiting item is always served
+        assert all(i in dict(queue[:3]) for i in b.ids)  # nothing past the window
+        order.append(b.ids)
+        queue = [it for it in queue if it[0] not in b.ids]
+    assert sorted(i for ids in order for i in ids) == [0, 1, 2, 3, 4]
+    assert oldest_batch([], 100, 4, PassCost()) is None

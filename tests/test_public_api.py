@@ -13,7 +13,7 @@ def test_public_api_is_pinned() -> None:
 
 def test_zoo_has_the_packaged_models() -> None:
     assert set(sureserve.ZOO) == {"minilm", "smollm2", "sentiment-demo"}
-    assert sureserve.ZOO["minilm"].task == "embed"
-    assert sureserve.ZOO["smollm2"].task == "generate"
-    assert sureserve.ZOO["sentiment-demo"].task == "classify"
+    assert sureserve.ZOO["minilm"].task_name == "embed"
+    assert sureserve.ZOO["smollm2"].task_name == "generate"
+    assert sureserve.ZOO["sentiment-demo"].task_name == "classify"
     assert sureserve.DEFAULT_MODEL in sureserve.ZOO

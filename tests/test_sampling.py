@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sureserve.errors import InputError
-from sureserve.tasks.sampling import RowState, SamplingParams, choose, new_generator
+from sureserve.generation.sampling import RowState, SamplingParams, choose, new_generator
 
 
 @pytest.mark.parametrize(("field", "value"), [

@@ -45,6 +45,8 @@ def test_home_expands_user() -> None:
     (errors.SettingsError, 400), (errors.ModelSourceError, 404), (errors.UnsafeWeightsError, 400),
     (errors.TaskMismatchError, 400), (errors.InputError, 422), (errors.TooManyInputsError, 413),
     (errors.OverloadedError, 429), (errors.GateError, 503), (errors.InferenceError, 500),
+    (errors.AuthError, 401), (errors.NotReadyError, 503), (errors.ClientGoneError, 499),
+    (errors.BadLineError, 422), (errors.InputTooLongError, 413), (errors.BuildError, 500),
 ])
 def test_every_error_has_message_fix_and_status(cls: type[errors.SureserveError],
                                                 status: int) -> None:
@@ -52,4 +54,33 @@ def test_every_error_has_message_fix_and_status(cls: type[errors.SureserveError]
     assert e.http_status == status
     assert "what went wrong" in str(e) and "fix: what to do" in str(e)
     assert e.to_dict()["fix"] == "what to do"
-    assert issubclass(cls, errors.SureserveError)
+    # its own machine-readable code, in every body the server writes
+    assert e.code != errors.SureserveError.code
+    assert e.openai_body()["error"]["type"] == e.code  # type: ignore[index]
+
+
+def test_error_codes_are_unique() -> None:
+    classes = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, errors.SureserveError)]
+    codes = [c.code for c in classes]
+    assert len(classes) > 10 and len(codes) == len(set(codes))
+
+
+def test_every_construction_validates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SURESERVE_MAX_WAIT_MS", "abc")
+    with pytest.raises(errors.SettingsError, match="max_wait_ms"):
+        Settings()  # not only build(): every entry point gets the readable error
+
+
+def test_readme_settings_table_is_generated_from_the_fields() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert Settings.table() in readme, (
+        "README's settings table is stale: replace it with the output of "
+        "python -c 'from sureserve.settings import Settings; print(Settings.table())'")
+
+
+def test_every_setting_is_in_one_flag_group() -> None:
+    from sureserve.settings import GROUPS
+
+    grouped = [n for names in GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(Settings.model_fields)

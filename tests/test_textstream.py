@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sureserve.tasks.textstream import TextStream
+from sureserve.generation.textstream import TextStream
 
 
 class BytesTok:

@@ -16,9 +16,9 @@ from sureserve import errors
 from sureserve.api import check, info, load
 from sureserve.engine import Engine, RunSummary
 from sureserve.gate.report import Check, GateReport
+from sureserve.generation.engine import Completion
+from sureserve.generation.sampling import SamplingParams
 from sureserve.settings import Settings
-from sureserve.tasks.generate import Completion
-from sureserve.tasks.sampling import SamplingParams
 from sureserve.zoo import DEFAULT_MODEL, ZOO
 
 __version__ = "0.1.0"

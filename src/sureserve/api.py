@@ -48,10 +48,8 @@ def load(
     The preflight gate runs before this returns (``engine.gate_report``); a failure raises
     ``GateError`` unless ``accept_gate_failure=True``, which is logged and reported.
     """
-    engine = _load_and_gate(identifier, task, revision, tokenizer,
-                            _settings(settings, device, dtype, overrides))
-    report = engine.gate_report
-    assert report is not None
+    engine, report = _load_and_gate(identifier, task, revision, tokenizer,
+                                    _settings(settings, device, dtype, overrides))
     if not report.passed:
         if not engine.settings.accept_gate_failure:
             raise gate_error(report)
@@ -71,21 +69,20 @@ def gate_error(report: GateReport) -> GateError:
 
 
 def check(model: str, tokenizer: str | None = None, task: str | None = None,
-          revision: str | None = None, **overrides: Any) -> GateReport:
+          revision: str | None = None, *, settings: Settings | None = None,
+          **overrides: Any) -> GateReport:
     """Run the preflight gate on a model (and optionally another tokenizer); never raises
     for a failed check: the verdicts are in the returned report."""
-    report = _load_and_gate(model, task, revision, tokenizer,
-                            _settings(None, None, None, overrides)).gate_report
-    assert report is not None
-    return report
+    return _load_and_gate(model, task, revision, tokenizer,
+                          _settings(settings, None, None, overrides))[1]
 
 
 def _load_and_gate(identifier: str, task: str | None, revision: str | None,
-                   tokenizer: str | None, s: Settings) -> Engine:
+                   tokenizer: str | None, s: Settings) -> tuple[Engine, GateReport]:
     loaded = loader.load(identifier, task=task, revision=revision, settings=s, tokenizer=tokenizer)
     engine = Engine(loaded, s)
-    engine.gate_report = run_gate(loaded, engine.task)
-    return engine
+    engine.gate_report = report = run_gate(loaded, engine.task)
+    return engine, report
 
 
 def info(identifier: str, task: str | None = None, revision: str | None = None,

@@ -1,27 +1,23 @@
-"""The ``sureserve`` command line. Flags' help text comes from ``Settings``."""
+"""The ``sureserve`` command line: it parses and calls. Every setting's flag is generated
+from ``Settings`` (``with_settings``), so a flag, its env var and its help are one field."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from sureserve.errors import (
-    BadLineError,
-    GateError,
-    ModelSourceError,
-    SettingsError,
-    SureserveError,
-    TaskMismatchError,
-)
-from sureserve.settings import Settings
+from sureserve.errors import GateError, ModelSourceError, SettingsError, SureserveError
+from sureserve.settings import GROUPS, Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run transformer models fast, and never silently wrong.")
@@ -32,25 +28,54 @@ app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
+ALIASES = {"attn_implementation": ("--attn",), "max_new_tokens": ("-n",)}
 
 
-def _opt(name: str, *flags: str) -> Any:
-    return typer.Option(*flags, help=Settings.help(name), show_default=False)
+def _flag(name: str) -> inspect.Parameter:
+    """A CLI option for one Settings field: None when not given, so env and default apply."""
+    kind = Settings.model_fields[name].annotation
+    base = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+    flag_type: Any = str if typing.get_origin(base[0]) is typing.Literal else base[0]
+    dashed = "--" + name.replace("_", "-")
+    decls = (f"{dashed}/--no-{dashed[2:]}",) if flag_type is bool else (dashed,)
+    opt = typer.Option(*decls, *ALIASES.get(name, ()), help=Settings.help(name),
+                       show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[flag_type | None, opt])
 
 
-ModelArg = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id.")]
+def with_settings(*groups: str) -> Callable[[F], F]:
+    """Give a command a flag for every setting in ``groups``; it receives them validated,
+    together with the environment, as ``settings``."""
+    names = [n for g in groups for n in GROUPS[g]]
+
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.name != "settings"]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n) for n in names}
+            return fn(*args, settings=Settings.build(**given), **kwargs)
+
+        full = sig.replace(parameters=params + [_flag(n) for n in names])
+        command.__signature__ = full  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in full.parameters.values()}
+        return command  # type: ignore[return-value]
+
+    return wrap
+
+
+ModelArg = Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id.")]
 TaskOpt = Annotated[str | None, typer.Option("--task", help="embed, classify or generate "
                                               "(default: inferred from the config).")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Pinned hub revision.")]
-DeviceOpt = Annotated[str | None, _opt("device", "--device")]
-DtypeOpt = Annotated[str | None, _opt("dtype", "--dtype")]
-AttnOpt = Annotated[str | None, _opt("attn_implementation", "--attn")]
-PickleOpt = Annotated[bool | None, _opt("allow_pickle", "--allow-pickle/--no-allow-pickle")]
-TruncOpt = Annotated[str | None, _opt("truncation", "--truncation")]
-StrideOpt = Annotated[int | None, _opt("chunk_stride", "--chunk-stride")]
-BudgetOpt = Annotated[int | None, _opt("max_batch_tokens", "--max-batch-tokens")]
-SkipOpt = Annotated[bool | None, _opt("skip_bad_lines", "--skip-bad-lines/--no-skip-bad-lines")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl or .csv "
+                                               "file.")]
+FieldOpt = Annotated[str, typer.Option(help="JSONL field or CSV column.")]
+TextsArg = Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / stdin).")]
 
 
 def main() -> None:
@@ -61,172 +86,98 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
         if exc.fix:
             err.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
-        # usage errors (bad settings, unknown models) exit 2 like click's own, a failed gate
-        # 3 like `sureserve check`, anything else 1
-        if isinstance(exc, SettingsError | ModelSourceError | TaskMismatchError):
-            sys.exit(2)
-        sys.exit(3 if isinstance(exc, GateError) else 1)
+        sys.exit(exit_code(exc))
+
+
+def exit_code(exc: SureserveError) -> int:
+    """2: usage (a setting, an unknown model, a task the model cannot do), like click's own;
+    3: a failed gate, like ``sureserve check``; 1: anything else (bad input, the model)."""
+    from sureserve.errors import TaskMismatchError
+
+    if isinstance(exc, SettingsError | ModelSourceError | TaskMismatchError):
+        return 2
+    return 3 if isinstance(exc, GateError) else 1
 
 
 @app.command()
-def models(as_json: JsonOpt = False) -> None:
+@with_settings("source")
+def models(settings: Settings, as_json: JsonOpt = False) -> None:
     """List the packaged model zoo."""
+    from rich.table import Table
+
     from sureserve.zoo import DEFAULT_MODEL, ZOO
 
-    s = Settings()
     rows: list[dict[str, Any]] = [
-        {"name": e.name, "task": e.task, "default": e.name == DEFAULT_MODEL,
-         "ready": e.is_ready(s), "package": e.package, "description": e.description}
+        {"name": e.name, "task": e.task_name, "default": e.name == DEFAULT_MODEL,
+         "ready": e.is_ready(settings), "package": e.package, "description": e.description}
         for e in ZOO.values()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     t = Table("alias", "task", "ready", "from package", "description")
     for r in rows:
-        name = r["name"] + (" (default)" if r["default"] else "")
-        ready = "yes" if r["ready"] else "built on first use"
-        t.add_row(name, r["task"], ready, r["package"], r["description"])
+        t.add_row(r["name"] + (" (default)" if r["default"] else ""), r["task"],
+                  "yes" if r["ready"] else "built on first use", r["package"], r["description"])
     out.print(t)
 
 
+@app.command("settings")
+@with_settings(*GROUPS)
+def settings_cmd(settings: Settings) -> None:
+    """Every setting in force (flags, SURESERVE_* variables, defaults), as JSON. The README's
+    table comes from the same fields: Settings.table() in sureserve.settings."""
+    print(settings.model_dump_json(indent=2))
+
+
 @app.command()
-def info(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")],
-         task: TaskOpt = None, revision: RevisionOpt = None, device: DeviceOpt = None,
-         dtype: DtypeOpt = None, attn: AttnOpt = None, allow_pickle: PickleOpt = None,
+@with_settings("source", "plan", "generation")
+def info(model: ModelArg, settings: Settings, task: TaskOpt = None, revision: RevisionOpt = None,
          as_json: JsonOpt = False) -> None:
     """Show the load plan and why, and what the model folder holds."""
-    from sureserve.loading.describe import describe
+    from sureserve.loading.describe import describe, print_info
 
-    s = Settings.build(device=device, dtype=dtype, attn_implementation=attn,
-                       allow_pickle=allow_pickle)
-    d = describe(model, task, revision, s)
+    d = describe(model, task, revision, settings)
     if as_json:
         print(json.dumps(d, indent=2))
-        return
-    _print_info(d)
-
-
-def _print_info(d: dict[str, Any]) -> None:
-    plan = d["plan"]
-    out.print(f"[bold]{d['identifier']}[/] ({d['source']}) → {d['path']}")
-    t = Table(show_header=False, box=None)
-    params = d["parameters"]
-    for k, v in [
-        ("task", d["task"]), ("architecture", f"{d['architecture']} ({d['model_type']})"),
-        ("parameters", f"{params:,}" if params else "unknown"),
-        ("vocab (config / tokenizer)", f"{d['config_vocab_size']} / {d['tokenizer_vocab_size']} "
-                                      f"({d['tokenizer_class']})"),
-        ("max positions", d["max_position_embeddings"]),
-        ("usable max tokens", f"{d['usable_max_tokens']} (set by {d['usable_max_bound_by']})"),
-        ("special tokens", ", ".join(f"{k}={v}" for k, v in d["special_tokens"].items())),
-        ("sentence-transformers", d["sentence_transformers"]),
-        ("labels", d["labels"]),
-        ("chat template", d["chat_template"]),
-        ("KV cache bytes/token", d["kv_cache_bytes_per_token"]),
-        ("KV cache budget", f"{d['kv_cache_budget']['mb']:g} MiB = "
-                            f"{d['kv_cache_budget']['tokens']:,} tokens (--kv-cache-mb)"
-         if d.get("kv_cache_budget") else None),
-        ("plan", f"device={plan['device']} dtype={plan['dtype']} "
-                 f"attention={plan['attn_implementation']}"),
-    ]:
-        if v is not None:
-            t.add_row(f"[bold]{k}[/]", str(v))
-    out.print(t)
-    for r in plan["reasons"]:
-        out.print(f"  why: {r}", highlight=False)
-    for w in plan["warnings"]:
-        out.print(f"  [yellow]warning:[/] {w}", highlight=False)
-    ft = Table("file", "bytes")
-    for f in d["files"]:
-        ft.add_row(f["name"], f"{f['bytes']:,}")
-    out.print(ft)
+    else:
+        print_info(d, out)
 
 
 @app.command()
-def check(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")],
+@with_settings("source", "plan")
+def check(model: ModelArg, settings: Settings,
           tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Check this "
                                "tokenizer with the model instead of the model's own.")] = None,
-          task: TaskOpt = None, revision: RevisionOpt = None, device: DeviceOpt = None,
-          dtype: DtypeOpt = None, allow_pickle: PickleOpt = None,
-          as_json: JsonOpt = False) -> None:
+          task: TaskOpt = None, revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
     """Run the preflight gate. Exit 0: nothing failed; 3: a check failed; 2: usage error."""
     import sureserve
 
     report = sureserve.check(model, tokenizer=tokenizer, task=task, revision=revision,
-                             device=device, dtype=dtype, allow_pickle=allow_pickle)
+                             settings=settings)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        colour = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
-        t = Table("check", "status", "evidence / fix", title=f"gate: {report.model} with "
-                  f"tokenizer {report.tokenizer}", show_lines=True)
-        for c in report.checks:
-            text = c.evidence + (f"\n[bold]fix:[/] {c.fix}" if c.fix and c.status != "pass"
-                                 else "")
-            t.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", text)
-        Console(width=160).print(t)
-        out.print(report.summary(), highlight=False)
+        report.render(Console(width=160))
     raise typer.Exit(0 if report.passed else 3)
 
 
 @app.command()
-def serve(models: Annotated[list[str] | None, typer.Argument(help="Models to serve; requests "
-                            "choose with the 'model' field (default: minilm).")] = None,
-          host: Annotated[str | None, _opt("host", "--host")] = None,
-          port: Annotated[int | None, _opt("port", "--port")] = None,
-          api_key: Annotated[str | None, _opt("api_key", "--api-key")] = None,
-          max_batch_tokens: BudgetOpt = None,
-          max_wait_ms: Annotated[float | None, _opt("max_wait_ms", "--max-wait-ms")] = None,
-          max_queue_inputs: Annotated[int | None, _opt("max_queue_inputs",
-                                                       "--max-queue-inputs")] = None,
-          max_client_batch: Annotated[int | None, _opt("max_client_batch",
-                                                       "--max-client-batch")] = None,
-          max_payload_bytes: Annotated[int | None, _opt("max_payload_bytes",
-                                                        "--max-payload-bytes")] = None,
-          truncation: TruncOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None,
-          accept_gate_failure: Annotated[bool | None, _opt(
-              "accept_gate_failure", "--accept-gate-failure/--no-accept-gate-failure")] = None,
-          kv_cache_mb: KvOpt = None,
-          max_running_seqs: Annotated[int | None, _opt("max_running_seqs",
-                                                       "--max-running-seqs")] = None,
-          max_new_tokens: Annotated[int | None, _opt("max_new_tokens",
-                                                     "--max-new-tokens")] = None,
-          forward_workers: Annotated[int | None, _opt("forward_workers",
-                                                      "--forward-workers")] = None,
-          ) -> None:
+@with_settings(*GROUPS)
+def serve(settings: Settings, models: Annotated[list[str] | None, typer.Argument(
+        help="Models to serve; requests choose with the 'model' field (default: minilm).")]
+          = None) -> None:
     """Serve models over HTTP (TEI- and OpenAI-style routes). SIGTERM drains, then exits 0."""
-    import os
-
-    # OpenMP threads busy-wait after each parallel region by default; on a small machine
-    # that spinning starves the event loop that parses and tokenizes the next requests
-    # (measured: 0.13 -> 0.33 of offline throughput at 32 clients on 2 cores). Must be set
-    # before torch loads its OpenMP runtime; an explicit user setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # start-up decisions (workers and threads, measured pass cost, packing on or off and
-    # why, gate summary) are worth a line each; nothing is logged per request at INFO
-    logging.getLogger("sureserve.server").setLevel(logging.INFO)
-    from sureserve.server.app import create_app
-    from sureserve.server.run import serve_forever
+    from sureserve.server.run import serve as run_server
     from sureserve.zoo import DEFAULT_MODEL
 
-    s = Settings.build(host=host, port=port, api_key=api_key, max_batch_tokens=max_batch_tokens,
-                       max_wait_ms=max_wait_ms, max_queue_inputs=max_queue_inputs,
-                       max_client_batch=max_client_batch, max_payload_bytes=max_payload_bytes,
-                       truncation=truncation, device=device, dtype=dtype,
-                       accept_gate_failure=accept_gate_failure, kv_cache_mb=kv_cache_mb,
-                       max_running_seqs=max_running_seqs, max_new_tokens=max_new_tokens,
-                       forward_workers=forward_workers)
     names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
-    app_ = create_app(s, names)
-    err.print(f"serving {', '.join(names)} on http://{s.host}:{s.port} "
+    err.print(f"serving {', '.join(names)} on http://{settings.host}:{settings.port} "
               "(GET /health answers 200 once the models passed their gate)", highlight=False)
-    serve_forever(app_, s.host, s.port)
+    run_server(names, settings)
 
 
 GenModel = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id of "
                                        "a causal language model.")]
-MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help=Settings.help(
-    "max_new_tokens"), show_default=False)]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k likeliest tokens (0 = off).")]
@@ -234,36 +185,26 @@ RepOpt = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discour
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable, "
                                                    "not included in the output).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Makes sampling reproducible.")]
-KvOpt = Annotated[float | None, _opt("kv_cache_mb", "--kv-cache-mb")]
-
-
-def _sampling(max_new_tokens: int | None, temperature: float, top_p: float, top_k: int,
-              repetition_penalty: float, stop: list[str] | None, seed: int | None
-              ) -> dict[str, Any]:
-    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-            "top_k": top_k, "repetition_penalty": repetition_penalty,
-            "stop": stop or (), "seed": seed}
 
 
 @app.command()
+@with_settings("source", "plan", "generation")
 def generate(prompts: Annotated[list[str], typer.Argument(help="Prompt(s). One prompt is "
                                                           "streamed as it is generated.")],
-             model: GenModel = "smollm2", chat: Annotated[bool, typer.Option(
-                 "--chat", help="Send each prompt as a user message through the model's "
-                 "chat template.")] = False,
-             max_new_tokens: MaxNewOpt = None, temperature: TempOpt = 0.0, top_p: TopPOpt = 1.0,
-             top_k: TopKOpt = 0, repetition_penalty: RepOpt = 1.0, stop: StopOpt = None,
-             seed: SeedOpt = None, kv_cache_mb: KvOpt = None, device: DeviceOpt = None,
-             dtype: DtypeOpt = None, as_json: Annotated[bool, typer.Option(
+             settings: Settings, model: GenModel = "smollm2",
+             chat: Annotated[bool, typer.Option("--chat", help="Send each prompt as a user "
+                             "message through the model's chat template.")] = False,
+             temperature: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
+             repetition_penalty: RepOpt = 1.0, stop: StopOpt = None, seed: SeedOpt = None,
+             as_json: Annotated[bool, typer.Option(
                  "--json", help="Print one JSON line per prompt (text, finish_reason, "
                  "token counts) instead of streaming.")] = False) -> None:
     """Generate text (greedy by default). Several prompts run together, batched."""
     import sureserve
 
-    engine = sureserve.load(model, task="generate", device=device, dtype=dtype,
-                            kv_cache_mb=kv_cache_mb)
-    params = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop,
-                       seed)
+    engine = sureserve.load(model, task="generate", settings=settings)
+    params = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+              "repetition_penalty": repetition_penalty, "stop": stop or (), "seed": seed}
     inputs: list[Any] = [[{"role": "user", "content": p}] if chat else p for p in prompts]
     if len(inputs) == 1 and not as_json:
         for piece in engine.stream(inputs[0], **params):
@@ -282,17 +223,17 @@ def generate(prompts: Annotated[list[str], typer.Argument(help="Prompt(s). One p
 
 
 @app.command("chat")
-def chat_cmd(model: GenModel = "smollm2",
+@with_settings("source", "plan", "generation")
+def chat_cmd(settings: Settings, model: GenModel = "smollm2",
              system: Annotated[str | None, typer.Option("--system", help="System message.")]
-             = None, max_new_tokens: MaxNewOpt = None, temperature: TempOpt = 0.0,
-             top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, repetition_penalty: RepOpt = 1.0,
-             seed: SeedOpt = None, device: DeviceOpt = None) -> None:
+             = None, temperature: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
+             repetition_penalty: RepOpt = 1.0, seed: SeedOpt = None) -> None:
     """Interactive chat with the model's chat template. /reset clears, /exit or EOF quits."""
     import sureserve
 
-    engine = sureserve.load(model, task="generate", device=device)
-    params = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, None,
-                       seed)
+    engine = sureserve.load(model, task="generate", settings=settings)
+    params = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+              "repetition_penalty": repetition_penalty, "seed": seed}
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     tty = sys.stdin.isatty()
     while True:
@@ -317,17 +258,17 @@ def chat_cmd(model: GenModel = "smollm2",
 
 
 @app.command()
-def lock(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")],
+@with_settings("source", "plan")
+def lock(model: ModelArg, settings: Settings,
          output: Annotated[Path, typer.Option("--output", "-o")] = Path("sureserve.lock"),
          tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
-         task: TaskOpt = None, revision: RevisionOpt = None, device: DeviceOpt = None,
-         dtype: DtypeOpt = None) -> None:
+         task: TaskOpt = None, revision: RevisionOpt = None) -> None:
     """Write a lockfile: file hashes, versions, tokenizer fingerprint, golden outputs."""
     import sureserve
     from sureserve.gate.lock import write_lock
 
     engine = sureserve.load(model, task=task, revision=revision, tokenizer=tokenizer,
-                            device=device, dtype=dtype)
+                            settings=settings)
     data = write_lock(engine, output)
     err.print(f"wrote {output}: {len(data['files'])} files hashed, "
               f"{len(data['tokenizer']['probe_ids'])} probe texts, "
@@ -336,8 +277,10 @@ def lock(model: Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.
 
 
 @app.command()
-def verify(lockfile: Annotated[Path, typer.Argument(help="Lockfile to check against.")] =
-           Path("sureserve.lock"), as_json: JsonOpt = False) -> None:
+@with_settings("source")
+def verify(settings: Settings, lockfile: Annotated[Path, typer.Argument(
+        help="Lockfile to check against.")] = Path("sureserve.lock"),
+           as_json: JsonOpt = False) -> None:
     """Recompute a lockfile's facts. Exit 0 when token ids and outputs agree, 3 otherwise."""
     import sureserve
     from sureserve.gate.lock import verify as verify_lock
@@ -346,189 +289,74 @@ def verify(lockfile: Annotated[Path, typer.Argument(help="Lockfile to check agai
         raise SettingsError(f"no lockfile at {lockfile}", "write one with `sureserve lock MODEL`")
     data = json.loads(lockfile.read_text(encoding="utf-8"))
     m = data["model"]
-    engine = sureserve.load(m["identifier"],
-                            task=m["task"], revision=m["snapshot"] or m["revision"],
+    engine = sureserve.load(m["identifier"], task=m["task"],
+                            revision=m["snapshot"] or m["revision"],
                             tokenizer=data.get("tokenizer_source"),
                             device=data["plan"]["device"], dtype=data["plan"]["dtype"],
-                            accept_gate_failure=True)
+                            settings=settings, accept_gate_failure=True)
     rep = verify_lock(data, engine)
     if as_json:
         print(json.dumps(rep.to_dict(), indent=2))
     else:
-        for title, items in (("a file changed", rep.files),
-                             ("the tokenizer now produces different ids", rep.tokenizer),
-                             ("library versions changed", rep.versions),
-                             ("outputs drifted beyond tolerance", rep.outputs)):
-            mark = "[green]ok[/]" if not items else f"[yellow]{len(items)}[/]"
-            out.print(f"{mark} {title}")
-            for item in items:
-                out.print(f"    {item}", highlight=False)
-        out.print(f"largest output difference: {rep.max_drift:.2e}")
         gate = engine.gate_report
         if gate is not None and not gate.passed:
             out.print(f"[yellow]note:[/] {gate.summary()} (run `sureserve check` for details)")
-        out.print("[green]verified[/]" if rep.ok else "[bold red]NOT verified[/]")
+        rep.render(out)
     raise typer.Exit(0 if rep.ok else 3)
 
 
 @zoo_app.command("build")
-def zoo_build(names: Annotated[list[str] | None, typer.Argument(help="Aliases (default: all).")]
-              = None, corpora: Annotated[bool, typer.Option(help="Also fetch the corpora.")]
-              = True) -> None:
+@with_settings("source")
+def zoo_build(settings: Settings, names: Annotated[list[str] | None, typer.Argument(
+        help="Aliases (default: all).")] = None,
+              corpora: Annotated[bool, typer.Option(help="Also fetch the corpora.")] = True
+              ) -> None:
     """Build zoo entries and fetch corpora now, instead of on first use."""
     from sureserve.zoo import ZOO
     from sureserve.zoo.corpora import bbc_dir, vader_dir
 
-    s = Settings()
     if corpora:
-        err.print(f"corpora: vader at {vader_dir(s)}, bbc at {bbc_dir()}")
+        err.print(f"corpora: vader at {vader_dir(settings)}, bbc at {bbc_dir()}")
     for name in names or list(ZOO):
         if name not in ZOO:
-            raise SureserveError(f"unknown zoo alias {name!r}", f"use one of {', '.join(ZOO)}")
-        err.print(f"{name}: {ZOO[name].path(s)}")
+            raise ModelSourceError(f"unknown zoo alias {name!r}", f"use one of {', '.join(ZOO)}")
+        err.print(f"{name}: {ZOO[name].path(settings)}")
 
 
-def _texts_source(texts: list[str] | None, input_file: Path | None, field: str,
-                  skip: bool, skipped: list[BadLineError]) -> tuple[Iterator[Any], str]:
-    from sureserve.textio import Record, read_records
-
-    if texts and input_file:
-        raise typer.BadParameter("give texts as arguments or --input, not both")
-    if texts:
-        return iter([Record(i + 1, t) for i, t in enumerate(texts)]), "args"
-    if input_file is None:
-        return read_records(sys.stdin.buffer, ".txt", skip=skip, skipped=skipped), "stdin"
-    fmt = input_file.suffix.lower()
-    fh = open(input_file, "rb")  # noqa: SIM115 - closed when the process ends
-    return read_records(fh, fmt, field=field, skip=skip, skipped=skipped), str(input_file)
-
-
-def _run_texts(kind: str, model: str, texts: list[str] | None, input_file: Path | None,
-               output: Path | None, field: str, settings: Settings, task: str | None,
-               emit: Callable[[Any, list[Any], Any], None], finish: Callable[[], None]) -> None:
-    import sureserve
-    from sureserve.engine import RunSummary
-    from sureserve.textio import windows
-
-    skipped: list[BadLineError] = []
-    records, _ = _texts_source(texts, input_file, field, settings.skip_bad_lines, skipped)
-    engine = sureserve.load(model, task=task, settings=settings)
-    total = RunSummary()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(unit="text", desc=kind, disable=None, file=sys.stderr)
-    done = 0
-    try:
-        for win in windows(records, settings.planner_window):
-            rows, summary = engine.run([r.text for r in win], first_index=done,
-                                       on_texts_done=bar.update)
-            emit(engine, win, (rows, summary, done))
-            total.add(summary)
-            done += len(win)
-    finally:
-        finish()
-        bar.close()
-        for bad in skipped:
-            err.print(f"[yellow]skipped[/] {bad.message}", highlight=False)
-        err.print(f"{kind}: {total.line()}" + (f", {len(skipped)} bad lines skipped"
-                                                if skipped else ""), highlight=False)
+def _report(message: str) -> None:
+    err.print(message, highlight=False)
 
 
 @app.command()
-def embed(texts: Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / "
-                                                            "stdin).")] = None,
-          model: ModelArg = "minilm",
-          input_file: Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl or "
-                                                          ".csv file.")] = None,
+@with_settings("source", "plan", "batching")
+def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm",
+          input_file: InputOpt = None,
           output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl or .npy "
                                                       "(default: JSONL on stdout).")] = None,
-          field: Annotated[str, typer.Option(help="JSONL field or CSV column.")] = "text",
+          field: FieldOpt = "text",
           normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize",
-                               help="Unit-length vectors (default: as the model says).")] = None,
-          truncation: TruncOpt = None, chunk_stride: StrideOpt = None,
-          max_batch_tokens: BudgetOpt = None, skip_bad_lines: SkipOpt = None,
-          device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
+                               help="Unit-length vectors (default: as the model says).")] = None
+          ) -> None:
     """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
-    from sureserve.textio import JsonlWriter, NpyWriter
+    from sureserve.jobs import run_file_job
 
-    s = Settings.build(truncation=truncation, chunk_stride=chunk_stride, device=device,
-                       dtype=dtype, max_batch_tokens=max_batch_tokens,
-                       skip_bad_lines=skip_bad_lines)
-    npy = output is not None and output.suffix == ".npy"
-    writer: Any = NpyWriter(output) if npy and output else JsonlWriter(output)
-
-    def emit(engine: Any, win: list[Any], res: Any) -> None:
-        rows, summary, start = res
-        vecs = engine.task.postprocess(rows, normalize=normalize)
-        if npy:
-            writer.write(vecs)
-            return
-        cut = set(summary.truncated)
-        writer.write({"index": start + i, "line": r.line, "embedding": v.tolist(),
-                      "truncated": start + i in cut, "windows": summary.chunked.get(start + i, 1)}
-                     for i, (r, v) in enumerate(zip(win, vecs, strict=True)))
-
-    _run_texts("embed", model, texts, input_file, output, field, s, "embed", emit, writer.close)
+    run_file_job("embed", model, texts, input_file, output, field, settings, _report,
+                 normalize=normalize)
 
 
 @app.command()
-def classify(texts: Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / "
-                                                               "stdin).")] = None,
-             model: ModelArg = "sentiment-demo",
-             input_file: Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl "
-                                                             "or .csv file.")] = None,
+@with_settings("source", "plan", "batching")
+def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sentiment-demo",
+             input_file: InputOpt = None,
              output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl file "
                                                          "(default: stdout).")] = None,
-             field: Annotated[str, typer.Option(help="JSONL field or CSV column.")] = "text",
-             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1,
-             truncation: TruncOpt = None, chunk_stride: StrideOpt = None,
-             max_batch_tokens: BudgetOpt = None, skip_bad_lines: SkipOpt = None,
-             device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
+             field: FieldOpt = "text",
+             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1) -> None:
     """Classify texts; writes one JSON line per text in input order."""
-    from sureserve.textio import JsonlWriter
+    from sureserve.jobs import run_file_job
 
-    s = Settings.build(truncation=truncation, chunk_stride=chunk_stride, device=device,
-                       dtype=dtype, max_batch_tokens=max_batch_tokens,
-                       skip_bad_lines=skip_bad_lines)
-    writer = JsonlWriter(output)
-
-    def emit(engine: Any, win: list[Any], res: Any) -> None:
-        rows, summary, start = res
-        results = engine.task.postprocess(rows, top_k=top_k or None)
-        cut = set(summary.truncated)
-        lines = []
-        for i, (r, res_i) in enumerate(zip(win, results, strict=True)):
-            item = dict(res_i) if top_k == 1 else {"labels": res_i}
-            item.update({"index": start + i, "line": r.line, "truncated": start + i in cut,
-                         "windows": summary.chunked.get(start + i, 1)})
-            lines.append(item)
-        writer.write(lines)
-
-    _run_texts("classify", model, texts, input_file, output, field, s, "classify", emit,
-               writer.close)
-
-
-def _bench(kind: str, n: int, long_share: float, skip: list[str] | None, bf16: bool | None,
-           output: Path) -> None:
-    from sureserve.bench.offline import run_bench
-
-    rep = run_bench(kind, n=n, long_share=long_share, skip=skip or [], bf16=bf16, out=output,
-                    log=lambda m: err.print(m, highlight=False))
-    fid = "min_cosine_to_ref" if kind == "embed" else "max_prob_diff_to_ref"
-    t = Table("contender", "s", "texts/s", "tokens/s", "padding", "peak RSS MB (growth)",
-              "x sureserve",
-              fid.replace("_", " "), "GEMM eff.",
-              title=f"{kind}: {rep['texts']} texts, {rep['real_tokens']} real tokens, "
-                    f"GEMM {rep['gemm_gflops']} GFLOP/s")
-    for r in rep["results"]:
-        eff = r["gemm_efficiency"]
-        t.add_row(r["name"], f"{r['seconds']:.1f}", f"{r['texts_per_s']:.1f}",
-                  f"{r['tokens_per_s']}", f"{r['padding_share']:.1%} of computed",
-                  f"{r['peak_rss_mb']} (+{r['rss_growth_mb']})",
-                  f"{r['speed_vs_sureserve']:.3f}", f"{r[fid]:.6f}",
-                  f"{eff:.0%}" if eff is not None else "-")
-    Console(width=200).print(t)
-    err.print(f"wrote {output}")
+    run_file_job("classify", model, texts, input_file, output, field, settings, _report,
+                 top_k=top_k or None)
 
 
 BenchN = Annotated[int, typer.Option("--n", help="Texts in the corpus.")]
@@ -537,24 +365,34 @@ BenchSkip = Annotated[list[str] | None, typer.Option("--skip", help="Contender t
                                                      "(repeatable).")]
 BenchBf16 = Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Also run sureserve "
                                                 "in bfloat16 (default: if the CPU has it).")]
+BenchOut = Annotated[Path | None, typer.Option("--output", "-o", help="JSON report (default: "
+                                               "bench-results/<bench>.json).")]
+
+
+def _bench_out(output: Path | None, name: str) -> Path:
+    path = output or Path(f"bench-results/{name}.json")
+    _report(f"the report goes to {path}")
+    return path
 
 
 @bench_app.command("embed")
 def bench_embed(n: BenchN = 2000, long_share: BenchLong = 0.05, skip: BenchSkip = None,
-                bf16: BenchBf16 = None,
-                output: Annotated[Path, typer.Option("--output", "-o")] =
-                Path("bench-results/embed.json")) -> None:
+                bf16: BenchBf16 = None, output: BenchOut = None) -> None:
     """Embeddings: pipeline, sentence-transformers, arrival-order batches, sureserve."""
-    _bench("embed", n, long_share, skip, bf16, output)
+    from sureserve.bench.offline import print_report, run_bench
+
+    print_report(run_bench("embed", n=n, long_share=long_share, skip=skip or [], bf16=bf16,
+                           out=_bench_out(output, "embed"), log=_report), _report)
 
 
 @bench_app.command("classify")
 def bench_classify(n: BenchN = 2000, long_share: BenchLong = 0.05, skip: BenchSkip = None,
-                   bf16: BenchBf16 = None,
-                   output: Annotated[Path, typer.Option("--output", "-o")] =
-                   Path("bench-results/classify.json")) -> None:
+                   bf16: BenchBf16 = None, output: BenchOut = None) -> None:
     """Classification: pipeline, arrival-order batches, sureserve (sentiment-demo)."""
-    _bench("classify", n, long_share, skip, bf16, output)
+    from sureserve.bench.offline import print_report, run_bench
+
+    print_report(run_bench("classify", n=n, long_share=long_share, skip=skip or [], bf16=bf16,
+                           out=_bench_out(output, "classify"), log=_report), _report)
 
 
 @bench_app.command("serve")
@@ -565,27 +403,25 @@ def bench_serve(levels: Annotated[list[int] | None, typer.Option("--clients", he
                 skip: BenchSkip = None,
                 infinity: Annotated[str | None, typer.Option(
                     help="Path of an infinity_emb executable (its own venv) to add "
-                    "Infinity as a contender.")] = None,
-                output: Annotated[Path, typer.Option("--output", "-o")] =
-                Path("bench-results/serve.json")) -> None:
+                    "Infinity as a contender.")] = None, output: BenchOut = None) -> None:
     """HTTP load on loopback: sureserve's server vs a plain FastAPI + pipeline endpoint
     (and Infinity, with --infinity)."""
-    from sureserve.bench.serve import run_serve_bench
+    from sureserve.bench.serve import print_report, run_serve_bench
 
-    rep = run_serve_bench(levels or [1, 8, 32, 64], seconds, max_requests, skip=skip or [],
-                          out=output, log=lambda m: err.print(m, highlight=False),
-                          infinity=infinity)
-    t = Table("contender", "clients", "req/s", "x offline", "p50 ms", "p95 ms", "p99 ms",
-              "p99/p50", "avg batch", "errors",
-              title=f"serve: offline engine {rep['offline_texts_per_s']} texts/s")
-    for name, rows in rep["contenders"].items():
-        for r in rows:
-            t.add_row(name, str(r["clients"]), str(r["req_per_s"]), str(r["vs_offline"]),
-                      str(r["p50_ms"]), str(r["p95_ms"]), str(r["p99_ms"]),
-                      str(r["p99_over_p50"]), str(r.get("avg_batch_size", "-")),
-                      str(r["errors"]))
-    Console(width=200).print(t)
-    err.print(f"wrote {output}")
+    print_report(run_serve_bench(levels or [1, 8, 32, 64], seconds, max_requests,
+                                 skip=skip or [], out=_bench_out(output, "serve"), log=_report,
+                                 infinity=infinity), _report)
+
+
+@bench_app.command("loop")
+def bench_loop(seconds: Annotated[float, typer.Option(help="Seconds per phase.")] = 15.0,
+               big: Annotated[int, typer.Option(help="Inputs per big request.")] = 256,
+               output: BenchOut = None) -> None:
+    """A small request's latency (and /health's) alone and while another client sends
+    requests of --big news articles: what a big request costs everyone else."""
+    from sureserve.bench.serve import run_lag_probe
+
+    run_lag_probe(seconds, big, _bench_out(output, "loop"), _report)
 
 
 @bench_app.command("generate")
@@ -599,27 +435,13 @@ def bench_generate(model: GenModel = "smollm2",
                    min_new: Annotated[int, typer.Option(help="Smallest max_new_tokens.")] = 16,
                    max_new: Annotated[int, typer.Option(help="Largest max_new_tokens.")] = 128,
                    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
-                   output: Annotated[Path, typer.Option("--output", "-o")] =
-                   Path("bench-results/generate.json")) -> None:
+                   output: BenchOut = None) -> None:
     """Continuous batching vs generate one at a time vs static left-padded batches."""
-    from sureserve.bench.generate import run_generate_bench
+    from sureserve.bench.generate import print_report, run_generate_bench
 
-    rep = run_generate_bench(model, n=n, sample=sample, levels=levels or [1, 8, 32], seed=seed,
-                             min_new=min_new, max_new=max_new, out=output)
-    t = Table("contender", "clients", "requests", "out tok/s", "TTFT p50 s", "TTFT p99 s",
-              "peak RSS MiB", "peak KV MiB", "= one-at-a-time", "= first full run",
-              title="generate (greedy; outputs compared token for token)")
-    for r in rep["phases"]:
-        t.add_row(r["name"], str(r["concurrency"]), str(r["requests"]), str(r["tokens_per_s"]),
-                  str(r["ttft_p50_s"]), str(r["ttft_p99_s"]), f"{r['peak_rss_mb']:.0f}",
-                  "-" if r["peak_kv_mb"] is None else f"{r['peak_kv_mb']:.0f}",
-                  "ref" if r["compared"] is None else f"{r['identical']}/{r['compared']}",
-                  "-" if r["same_as_first_full"] is None
-                  else f"{r['same_as_first_full']}/{r['requests']}")
-    Console(width=200).print(t)
-    for k, v in rep["ratios"].items():
-        out.print(f"{k}: {v}x", highlight=False)
-    err.print(f"wrote {output}")
+    print_report(run_generate_bench(model, n=n, sample=sample, levels=levels or [1, 8, 32],
+                                    seed=seed, min_new=min_new, max_new=max_new,
+                                    out=_bench_out(output, "generate")), _report)
 
 
 if __name__ == "__main__":

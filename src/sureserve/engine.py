@@ -1,31 +1,34 @@
-"""The engine: owns model + task + planner and runs texts through them.
+"""The engine: a loaded model ready to run, returned by ``sureserve.load``.
 
-``Engine.run`` is the whole offline request path:
+Every embed/classify request takes one path, whoever sends it (``embed``/``classify``,
+the CLI file jobs, the server's batcher):
 
-    texts → task.preprocess (tokenize once) → apply_policy (error/truncate/chunk)
-          → plan_batches (sorted, token budget) → task.forward per batch
-          → merge pieces per text → task.postprocess → outputs in input order
+    submit  texts → task.to_pieces (tokenize once, truncation policy) → Job of pieces
+    (the caller runs the pieces in batches: ``run`` plans them offline with ``plan_batches``;
+     the server's batcher queues them with other requests' pieces)
+    finish  rows per piece → merge per text → task.postprocess (+ per-text flags) → Result
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from sureserve.batching.planner import padding_ratio, padding_share, plan_batches
+from sureserve.batching.planner import padding_ratio, plan_batches
+from sureserve.batching.truncation import Piece
 from sureserve.errors import InferenceError, InputError, TaskMismatchError
 from sureserve.gate.report import GateReport
+from sureserve.generation.engine import Completion, GenerationEngine, Prompt
+from sureserve.generation.sampling import SamplingParams
 from sureserve.loading.inspect import kv_bytes_per_token
 from sureserve.loading.loader import Loaded
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
 from sureserve.tasks.base import merge
-from sureserve.tasks.generate import Completion, GenerationEngine, Prompt
-from sureserve.tasks.sampling import SamplingParams
 
 
 @dataclass
@@ -38,7 +41,7 @@ class RunSummary:
     real_tokens: int = 0
     computed_tokens: int = 0
     truncated: list[int] = field(default_factory=list)
-    chunked: dict[int, int] = field(default_factory=dict)
+    chunked: dict[int, int] = field(default_factory=dict)  # text index -> its chunks
     limit: int = 0
     bound_by: str = ""
     policy: str = "error"
@@ -48,10 +51,6 @@ class RunSummary:
     def padding_ratio(self) -> float:
         return padding_ratio(self.real_tokens, self.computed_tokens)
 
-    @property
-    def padding_share(self) -> float:
-        return padding_share(self.real_tokens, self.computed_tokens)
-
     def add(self, other: RunSummary) -> None:
         """Accumulate a later window's summary into this one (indices are global)."""
         for name in ("texts", "pieces", "batches", "real_tokens", "computed_tokens", "seconds"):
@@ -60,13 +59,9 @@ class RunSummary:
         self.chunked.update(other.chunked)
         self.limit, self.bound_by, self.policy = other.limit, other.bound_by, other.policy
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["chunked"] = {str(k): v for k, v in self.chunked.items()}
-        d["padding_ratio"] = round(self.padding_ratio, 4)
-        d["padding_share"] = round(self.padding_share, 4)
-        d["texts_per_s"] = round(self.texts / self.seconds, 1) if self.seconds else None
-        return d
+    def flags(self, index: int) -> dict[str, Any]:
+        """Whether text ``index`` (global) was truncated, and into how many chunks it ran."""
+        return {"truncated": index in self.truncated, "chunks": self.chunked.get(index, 1)}
 
     def line(self) -> str:
         parts = [f"{self.texts} texts in {self.seconds:.2f}s",
@@ -76,8 +71,25 @@ class RunSummary:
         if self.truncated:
             parts.append(f"{len(self.truncated)} TRUNCATED")
         if self.chunked:
-            parts.append(f"{len(self.chunked)} split into {sum(self.chunked.values())} windows")
+            parts.append(f"{len(self.chunked)} split into {sum(self.chunked.values())} chunks")
         return ", ".join(parts)
+
+
+@dataclass
+class Job:
+    """Texts tokenized and cut to the truncation policy, waiting for their pieces' rows."""
+
+    pieces: list[Piece]
+    summary: RunSummary  # counts filled by submit; batches and computed tokens by the runner
+    first_index: int
+    started: float
+
+
+@dataclass
+class Result:
+    outputs: Any  # task.postprocess: (n, dim) float32 vectors, or label dicts; input order
+    rows: np.ndarray  # merged per text, before post-processing (pooled vectors or logits)
+    summary: RunSummary
 
 
 def kv_budget_tokens(loaded: Loaded, settings: Settings) -> int:
@@ -92,15 +104,15 @@ class Engine:
     def __init__(self, loaded: Loaded, settings: Settings) -> None:
         self.loaded = loaded
         self.settings = settings
-        self.task_name = loaded.task
-        cls = TASK_CLASSES.get(loaded.task)
+        self.task_name = loaded.task_name
+        cls = TASK_CLASSES.get(loaded.task_name)
         self.task: Task | None = cls(loaded) if cls else None
         self.last_summary: RunSummary | None = None
         self.gate_report: GateReport | None = None
-        self.generator: GenerationEngine | None = None
-        if loaded.task == "generate":
-            self.generator = GenerationEngine(loaded, kv_budget_tokens(loaded, settings),
-                                              settings.max_running_seqs)
+        self.generation: GenerationEngine | None = None
+        if loaded.task_name == "generate":
+            self.generation = GenerationEngine(loaded, kv_budget_tokens(loaded, settings),
+                                               settings.max_running_seqs)
 
     @property
     def model(self) -> Any:
@@ -110,98 +122,86 @@ class Engine:
     def tokenizer(self) -> Any:
         return self.loaded.tokenizer
 
-    def _require(self, task: str) -> Task:
-        if self.task is None or self.task_name != task:
-            raise TaskMismatchError(
-                f"this model was loaded for {self.task_name!r}, not {task!r}",
-                f"load it with task={task!r} if the model has the head for it",
-            )
+    def text_task(self, task_name: str | None = None) -> Task:
+        if self.task is None or (task_name is not None and self.task_name != task_name):
+            want = task_name or "embed or classify"
+            raise TaskMismatchError(f"this model was loaded for {self.task_name!r}, not {want}",
+                                    f"load a model that does {want} (with task= if its head "
+                                    "can)")
         return self.task
 
-    def run(
-        self,
-        texts: Sequence[str],
-        *,
-        truncation: str | None = None,
-        first_index: int = 0,
-        on_texts_done: Callable[[int], None] | None = None,
-    ) -> tuple[np.ndarray, RunSummary]:
-        """Merged per-text rows (pooled embeddings or logits) in input order, and a summary.
-
-        ``first_index`` offsets the indices in errors and the summary, for callers that
-        feed a long input in windows.
-        """
-        task = self.task
-        if task is None:
-            raise TaskMismatchError(f"run() serves embed/classify; this model is for "
-                                    f"{self.task_name!r}", "use the generation API")
-        started = time.perf_counter()
-        s = self.settings
-        policy = truncation or s.truncation
+    def submit(self, texts: Sequence[str], *, truncation: str | None = None,
+               first_index: int = 0) -> Job:
+        """Tokenize once and apply the truncation policy. ``first_index`` offsets the
+        indices in errors and the summary, for callers that feed a long input in windows."""
+        task = self.text_task()
+        policy = truncation or self.settings.truncation
+        cut = task.to_pieces(texts, policy, stride=self.settings.chunk_stride,
+                             first_index=first_index)
         limit = self.loaded.limit
-        res = task.to_pieces(texts, policy, stride=s.chunk_stride, first_index=first_index)
-        pieces = res.pieces
+        real = sum(p.weight for p in cut.pieces)
+        summary = RunSummary(texts=len(texts), pieces=len(cut.pieces), real_tokens=real,
+                             truncated=cut.truncated, chunked=cut.chunked, limit=limit.value,
+                             bound_by=limit.bound_by, policy=policy)
+        return Job(cut.pieces, summary, first_index, time.perf_counter())
+
+    def finish(self, job: Job, rows: np.ndarray, **options: Any) -> Result:
+        """Merge the pieces' rows per text and post-process them (``options`` go to the
+        task: ``normalize``, ``top_k``, ``raw_scores``)."""
+        task = self.text_task()
+        if len(rows) == 0:
+            rows = np.zeros((0, task.width), np.float32)
+        merged = merge(job.pieces, rows, job.summary.texts, job.first_index)
+        summary = job.summary
+        summary.seconds = time.perf_counter() - job.started
+        outputs = task.postprocess(merged, **options)
+        if summary.policy != "error":  # per-text flags whenever cutting was allowed
+            outputs = task.flag(outputs, summary, job.first_index)
+        self.last_summary = summary
+        return Result(outputs, merged, summary)
+
+    def run(self, texts: Sequence[str], *, truncation: str | None = None,
+            first_index: int = 0, on_texts_done: Callable[[int], None] | None = None,
+            **options: Any) -> Result:
+        """The offline path: submit, run the pieces in planned batches, finish."""
+        task = self.text_task()
+        job = self.submit(texts, truncation=truncation, first_index=first_index)
+        s, pieces = self.settings, job.pieces
         batches = plan_batches([p.weight for p in pieces], s.max_batch_tokens,
                                s.max_batch_size, s.planner_window, s.min_batch_tokens,
                                s.max_padding_share)
         remaining = np.bincount([p.text_index - first_index for p in pieces],
                                 minlength=len(texts))
-        rows: np.ndarray | None = None
+        rows = np.empty((len(pieces), task.width), dtype=np.float32)
         for batch in batches:
-            out = task.forward([pieces[i] for i in batch.ids])
-            if rows is None:
-                rows = np.empty((len(pieces), out.shape[1]), dtype=np.float32)
-            rows[list(batch.ids)] = out
+            rows[list(batch.ids)] = task.forward([pieces[i] for i in batch.ids])
             if on_texts_done is not None:
                 done_idx = [pieces[i].text_index - first_index for i in batch.ids]
                 np.subtract.at(remaining, done_idx, 1)
                 on_texts_done(int(sum(remaining[j] == 0 for j in set(done_idx))))
-        width = rows.shape[1] if rows is not None else self._output_width()
-        merged = merge(pieces, rows if rows is not None else np.zeros((0, width), np.float32),
-                       len(texts), first_index)
-        summary = RunSummary(
-            texts=len(texts), pieces=len(pieces), batches=len(batches),
-            real_tokens=sum(p.weight for p in pieces),
-            computed_tokens=sum(b.cost for b in batches),
-            truncated=res.truncated, chunked=res.chunked, limit=limit.value,
-            bound_by=limit.bound_by, policy=policy, seconds=time.perf_counter() - started,
-        )
-        self.last_summary = summary
-        return merged, summary
-
-    def _output_width(self) -> int:
-        if self.task_name == "classify":
-            return len(self._require("classify").labels)  # type: ignore[attr-defined]
-        return int(self.loaded.config.get("hidden_size", 0))
+        job.summary.batches = len(batches)
+        job.summary.computed_tokens = sum(b.cost for b in batches)
+        return self.finish(job, rows, **options)
 
     def embed(self, texts: Sequence[str], *, truncation: str | None = None,
               normalize: bool | None = None) -> np.ndarray:
         """Embeddings, shape (n, dim), in input order; unit length if the model says so."""
-        task = self._require("embed")
-        rows, _ = self.run(texts, truncation=truncation)
-        return np.asarray(task.postprocess(rows, normalize=normalize))
+        self.text_task("embed")
+        return np.asarray(self.run(texts, truncation=truncation, normalize=normalize).outputs)
 
     def classify(self, texts: Sequence[str], *, truncation: str | None = None,
                  top_k: int | None = 1) -> list[Any]:
         """Labels with scores, in input order (see ClassifyTask.postprocess for top_k)."""
-        task = self._require("classify")
-        rows, summary = self.run(texts, truncation=truncation)
-        out = task.postprocess(rows, top_k=top_k)
-        if summary.policy != "error":  # per-item flags whenever cutting was allowed
-            cut = set(summary.truncated)
-            for i, item in enumerate(out):
-                for d in item if isinstance(item, list) else [item]:
-                    d["truncated"] = i in cut
-                    d["windows"] = summary.chunked.get(i, 1)
-        return list(out)
+        self.text_task("classify")
+        return list(self.run(texts, truncation=truncation, top_k=top_k).outputs)
 
     # ---- generation -----------------------------------------------------------------
     def _gen(self) -> GenerationEngine:
-        if self.generator is None:
+        if self.generation is None:
             raise TaskMismatchError(
                 f"this model was loaded for {self.task_name!r}, not 'generate'",
                 "load a causal language model (e.g. sureserve.load('smollm2'))")
-        return self.generator
+        return self.generation
 
     def sampling(self, **params: Any) -> SamplingParams:
         """Sampling parameters, defaults filled in from settings (max_new_tokens)."""

@@ -16,6 +16,9 @@ from torch / transformers / tokenizers are converted into these at the boundary 
     │   ├── TooManyInputsError           413  more inputs than a request may carry
     │   └── BadLineError                 422  a line of an input file cannot be read
     ├── OverloadedError                  429  the queue is full; retry later
+    ├── AuthError                        401  missing or wrong API key
+    ├── NotReadyError                    503  the model is still loading, or failed to load
+    ├── ClientGoneError                  499  the client disconnected before the answer
     ├── GateError                        503  the model failed its preflight checks
     └── InferenceError                   500  the model raised while running an input
 """
@@ -123,6 +126,21 @@ class OverloadedError(SureserveError):
                    f"adds {adding} (limit {limit})",
                    "retry after the Retry-After delay; operators can raise --max-queue-inputs "
                    "(SURESERVE_MAX_QUEUE_INPUTS)", retry_after_s=1.0)
+
+
+class AuthError(SureserveError):
+    http_status = 401
+    code = "unauthorized"
+
+
+class NotReadyError(SureserveError):
+    http_status = 503
+    code = "model_not_ready"
+
+
+class ClientGoneError(SureserveError):
+    http_status = 499  # nginx's "client closed request": nobody reads it, logs and metrics do
+    code = "client_disconnected"
 
 
 class GateError(SureserveError):

@@ -1,9 +1,11 @@
 """One typed Settings object for the library, the CLI and the server.
 
 Every knob lives here once: its default, its type, its help text (the field description)
-and its environment variable (``SURESERVE_<NAME>``). The CLI builds its flags' help from
-these descriptions and passes only the flags the user gave as overrides, so the precedence
-is: explicit flag or keyword > environment variable > default here.
+and its environment variable (``SURESERVE_<NAME>``). The CLI generates its flags from these
+fields (``GROUPS`` says which commands get which) and the README's settings table is
+generated from them too (``table``; a test keeps the two equal). Only the flags the user
+gave are overrides, so the precedence is: flag or keyword > environment variable > default.
+Every construction validates, and an invalid value is a ``SettingsError`` naming the field.
 """
 
 from __future__ import annotations
@@ -69,12 +71,12 @@ class Settings(BaseSettings):
         default="error",
         description="What to do with texts longer than the model's usable maximum: error "
         "(refuse, naming the text), truncate (cut and report each one) or chunk (split into "
-        "overlapping windows and combine).",
+        "overlapping chunks and combine).",
     )
     chunk_stride: int = Field(
         default=32,
         ge=0,
-        description="Tokens of overlap between consecutive windows when truncation=chunk.",
+        description="Tokens of overlap between consecutive chunks when truncation=chunk.",
     )
     max_batch_tokens: int = Field(
         default=4096,
@@ -158,6 +160,12 @@ class Settings(BaseSettings):
         "the longest. Used only for embedding models whose packed outputs match padded ones "
         "on probe texts at warm-up (within the batch-invariance tolerance); logged either way.",
     )
+    tokenizer_workers: int = Field(
+        default=1, ge=1,
+        description="Threads that tokenize requests and render chat templates in the server, "
+        "off the event loop (Rust tokenizers release the GIL, so one long request does not "
+        "hold up the others).",
+    )
     forward_workers: int | None = Field(
         default=None, ge=1,
         description="Forward passes of one embedding or classification model that run at "
@@ -167,6 +175,15 @@ class Settings(BaseSettings):
         "thread count is per process).",
     )
 
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                 for e in exc.errors())
+            raise SettingsError(f"invalid setting: {problems}", "check the flag or the "
+                                "SURESERVE_* environment variable of that name") from exc
+
     @classmethod
     def help(cls, name: str) -> str:
         """Help text of one field plus its environment variable, for CLI flags."""
@@ -175,18 +192,31 @@ class Settings(BaseSettings):
 
     @classmethod
     def build(cls, **overrides: Any) -> Settings:
-        """Settings from env + the overrides that are not None, with readable errors."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        try:
-            return cls(**given)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
-            raise SettingsError(
-                f"invalid setting: {problems}",
-                "check the flag or the SURESERVE_* environment variable of that name",
-            ) from exc
+        """Settings from env + the overrides that are not None (None: "not given")."""
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def table(cls) -> str:
+        """The README's settings table, generated from the fields."""
+        rows = ["| env var | default | meaning |", "|---|---|---|"]
+        for name, f in cls.model_fields.items():
+            default = "none" if f.default is None else str(f.default).lower() \
+                if isinstance(f.default, bool) else str(f.default)
+            rows.append(f"| `SURESERVE_{name.upper()}` | `{default}` | {f.description} |")
+        return "\n".join(rows)
 
     def home_dir(self) -> Path:
         return self.home.expanduser()
+
+
+#: which commands get which flags: each command names the groups it takes
+GROUPS: dict[str, tuple[str, ...]] = {
+    "source": ("home", "allow_download", "allow_pickle", "trust_remote_code"),
+    "plan": ("device", "dtype", "attn_implementation", "accept_gate_failure"),
+    "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
+                 "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines"),
+    "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens"),
+    "server": ("host", "port", "api_key", "open_health", "max_wait_ms", "max_queue_inputs",
+               "max_client_batch", "max_payload_bytes", "packing", "tokenizer_workers",
+               "forward_workers"),
+}

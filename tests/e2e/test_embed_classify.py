@@ -96,15 +96,15 @@ def test_truncate_policy_reports_every_cut(minilm: sureserve.Engine, articles: l
     assert cos.min() >= 0.9999
 
 
-def test_chunk_policy_combines_windows(minilm: sureserve.Engine, articles: list[str]) -> None:
+def test_chunk_policy_combines_chunks(minilm: sureserve.Engine, articles: list[str]) -> None:
     vecs = minilm.embed(articles, truncation="chunk")
     s = minilm.last_summary
     assert s is not None and s.chunked and all(n >= 2 for n in s.chunked.values())
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     truncated = minilm.embed(articles, truncation="truncate")
-    for i in s.chunked:  # the whole article moves the vector away from its first window
+    for i in s.chunked:  # the whole article moves the vector away from its first chunk
         assert float(vecs[i] @ truncated[i]) < 0.9999
-    # a chunked article stays close to its own first window and far from other topics
+    # a chunked article stays close to its own first chunk and far from other topics
     assert float(vecs[0] @ truncated[0]) > float(vecs[0] @ truncated[-1])
 
 
@@ -130,8 +130,8 @@ def test_classify_alone_equals_batched(sentiment: sureserve.Engine,
 def test_classify_chunk_and_truncate_flags(sentiment: sureserve.Engine,
                                            articles: list[str]) -> None:
     out = sentiment.classify(articles[:3], truncation="chunk")
-    assert all("windows" in o and "truncated" in o for o in out)
-    assert any(o["windows"] > 1 for o in out)
+    assert all("chunks" in o and "truncated" in o for o in out)
+    assert any(o["chunks"] > 1 for o in out)
     out = sentiment.classify(articles[:3], truncation="truncate")
     assert any(o["truncated"] for o in out)
 

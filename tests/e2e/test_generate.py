@@ -9,8 +9,8 @@ import pytest
 
 import sureserve
 from sureserve.errors import InputError, InputTooLongError, TaskMismatchError
-from sureserve.tasks.generate import GenerationEngine
-from sureserve.tasks.sampling import SamplingParams
+from sureserve.generation.engine import GenerationEngine
+from sureserve.generation.sampling import SamplingParams
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +84,7 @@ def test_seeded_sampling_is_reproducible_alone_and_in_company(smollm2: sureserve
 
 
 def test_chat_template_is_applied_exactly_once(smollm2: sureserve.Engine) -> None:
-    gen = smollm2.generator
+    gen = smollm2.generation
     assert gen is not None
     messages = [{"role": "user", "content": "What is 2+2?"}]
     ids = gen.encode(messages)
@@ -99,7 +99,7 @@ def test_chat_template_is_applied_exactly_once(smollm2: sureserve.Engine) -> Non
 
 
 def test_cancelling_a_stream_frees_its_slot(smollm2: sureserve.Engine) -> None:
-    gen = smollm2.generator
+    gen = smollm2.generation
     assert gen is not None
     it = smollm2.stream("Once upon a time", max_new_tokens=200)
     first = [next(it) for _ in range(3)]

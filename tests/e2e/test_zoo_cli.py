@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,41 @@ def test_smollm2_greedy_answer() -> None:
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("args", [["models"], ["zoo", "build", "minilm"], ["settings"]])
+def test_a_bad_setting_is_a_clean_error_in_every_command(args: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "sureserve.cli", *args], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "SURESERVE_MAX_WAIT_MS": "abc"})
+    assert r.returncode == 2, r.stderr
+    assert "max_wait_ms" in r.stderr and "SURESERVE_" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_flags_are_generated_from_the_settings() -> None:
+    import typer.main
+
+    from sureserve.cli import app
+    from sureserve.settings import GROUPS
+
+    group = typer.main.get_command(app)
+    ctx = typer.Context(group)
+
+    def flags(*path: str) -> set[str]:
+        cmd = group
+        for name in path:
+            cmd = cmd.get_command(ctx, name)  # type: ignore[attr-defined]
+        return {o for p in cmd.params for o in p.opts}
+
+    serve = flags("serve")
+    for name in Settings.model_fields:  # serve takes every setting
+        assert "--" + name.replace("_", "-") in serve, name
+    assert {"--packing", "--tokenizer-workers", "--forward-workers"} <= serve
+    chat = flags("chat")
+    assert {"--dtype", "--device", "--kv-cache-mb", "--max-new-tokens", "-n"} <= chat
+    assert "--truncation" not in chat  # batching settings are not the chat's
+    assert {"--" + n.replace("_", "-") for n in GROUPS["batching"]} <= flags("embed")
+    r = cli("settings", "--max-batch-tokens", "77", "--no-packing")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["max_batch_tokens"] == 77 and shown["packing"] is False

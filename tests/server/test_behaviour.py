@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import re
 import subprocess
 import sys
 import threading
@@ -41,6 +42,14 @@ def _poisoned_factory(name: str, settings: Settings) -> Any:
     return engine
 
 
+RELEASE = threading.Event()  # the model "loads" only once a test sets it
+
+
+def _held_factory(name: str, settings: Settings) -> Any:
+    RELEASE.wait(120)
+    return _poisoned_factory(name, settings)
+
+
 @pytest.fixture(scope="module")
 def poisoned() -> Iterator[str]:
     from sureserve.server.app import create_app
@@ -49,7 +58,7 @@ def poisoned() -> Iterator[str]:
     # a long wait for company so that all concurrent requests land in one batch; one
     # forward worker, because more would lower torch's threads for this whole test process
     app = create_app(Settings(max_wait_ms=300, forward_workers=1), ["minilm"],
-                     factory=_poisoned_factory)
+                     factory=_held_factory)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -57,14 +66,38 @@ def poisoned() -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
+            if httpx.get(f"{url}/health").status_code == 503:
                 break
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
+    # still loading: requests get their own "not ready" answer, not an internal error
+    r = httpx.post(f"{url}/embed", json={"inputs": "hello"})
+    assert r.status_code == 503 and r.json()["error_type"] == "model_not_ready", r.text
+    RELEASE.set()
+    for _ in range(600):
+        if httpx.get(f"{url}/health").status_code == 200:
+            break
+        time.sleep(0.1)
     yield url
     server.should_exit = True
     thread.join(timeout=30)
+
+
+def test_a_client_that_leaves_is_counted_as_499(poisoned: str) -> None:
+    def gone() -> float:
+        m = re.search(r'^sureserve_requests_total\{route="/embed",status="499"\} (\S+)$',
+                      httpx.get(f"{poisoned}/metrics").text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    before = gone()
+    with pytest.raises(httpx.TimeoutException):  # a lone request waits 300 ms for company
+        httpx.post(f"{poisoned}/embed", json={"inputs": ["bye"]}, timeout=0.05)
+    for _ in range(50):
+        if gone() == before + 1:
+            break
+        time.sleep(0.1)
+    assert gone() == before + 1
 
 
 def test_poisoned_input_is_isolated_from_its_batch(poisoned: str) -> None:

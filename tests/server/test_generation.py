@@ -108,24 +108,26 @@ def test_sampling_with_seed_and_n(gen_server: Server) -> None:
     assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
 
 
-@pytest.mark.parametrize(("body", "status", "needle"), [
-    ({"prompt": "Hi", "max_tokens": 9000}, 413, "8192"),
-    ({"prompt": "Hi", "max_tokens": 3000}, 413, "budget of 2048"),
-    ({"prompt": "Hi", "temperature": 3}, 422, "temperature"),
-    ({"prompt": "Hi", "top_p": 0}, 422, "top_p"),
-    ({"prompt": "Hi", "frequency_penalty": 0.5}, 422, "frequency_penalty"),
-    ({"prompt": "Hi", "logprobs": 2}, 422, "logprobs"),
-    ({"prompt": "Hi", "n": 0}, 422, "n=0"),
-    ({"prompt": ""}, 422, "empty"),
-    ({"prompt": []}, 422, "empty"),
-    ({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
-    ({"prompt": "Hi", "model": "nope"}, 404, "nope"),
+@pytest.mark.parametrize(("body", "status", "needle", "kind"), [
+    ({"prompt": "Hi", "max_tokens": 9000}, 413, "8192", "input_too_long"),
+    ({"prompt": "Hi", "max_tokens": 3000}, 413, "budget of 2048", "input_too_long"),
+    ({"prompt": ["Hi"] * 17, "n": 16}, 413, "SURESERVE_MAX_CLIENT_BATCH", "too_many_inputs"),
+    ({"prompt": "Hi", "temperature": 3}, 422, "temperature", "invalid_input"),
+    ({"prompt": "Hi", "top_p": 0}, 422, "top_p", "invalid_input"),
+    ({"prompt": "Hi", "frequency_penalty": 0.5}, 422, "frequency_penalty", "invalid_input"),
+    ({"prompt": "Hi", "logprobs": 2}, 422, "logprobs", "invalid_input"),
+    ({"prompt": "Hi", "n": 0}, 422, "n=0", "invalid_input"),
+    ({"prompt": ""}, 422, "empty", "invalid_input"),
+    ({"prompt": []}, 422, "empty", "invalid_input"),
+    ({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop", "invalid_input"),
+    ({"prompt": "Hi", "model": "nope"}, 404, "nope", "model_not_found"),
 ])
 def test_refusals_name_the_limit(gen_server: Server, body: dict[str, object], status: int,
-                                 needle: str) -> None:
+                                 needle: str, kind: str) -> None:
     r = httpx.post(f"{gen_server.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
-    assert needle in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"] == kind == err["code"]
 
 
 def test_chat_refusals(gen_server: Server) -> None:

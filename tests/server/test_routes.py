@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import re
 
 import httpx
 import numpy as np
@@ -86,46 +87,71 @@ def test_metrics(server: Server) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("sureserve_requests_total", "sureserve_request_duration_seconds",
                  "sureserve_queue_time_seconds", "sureserve_inference_time_seconds",
-                 "sureserve_batch_size", "sureserve_batch_tokens", "sureserve_padding_ratio",
+                 "sureserve_batch_size", "sureserve_batch_tokens", "sureserve_padding_share",
                  "sureserve_queue_depth", "sureserve_truncated_inputs_total",
-                 "sureserve_gate_passed"):
+                 "sureserve_gate_passed", "sureserve_event_loop_lag_seconds"):
         assert name in text, name
     assert 'route="/embed",status="200"' in text
 
 
-@pytest.mark.parametrize("payload,status,needle", [
-    ({"inputs": ["x"] * 17}, 413, "SURESERVE_MAX_CLIENT_BATCH"),
-    ({"inputs": []}, 422, "empty"),
-    ({"inputs": ""}, 422, "empty"),
-    ({"inputs": 5}, 422, "inputs"),
-    ({"inputs": ["ok", None]}, 422, "inputs"),
-    ({"text": "wrong field"}, 422, "inputs"),
-    ({"inputs": "x", "model": "nope"}, 404, "not served"),
-    ({"inputs": "x", "model": "sentiment-demo"}, 400, "classify"),
+@pytest.mark.parametrize("payload,status,needle,kind", [
+    ({"inputs": ["x"] * 17}, 413, "SURESERVE_MAX_CLIENT_BATCH", "too_many_inputs"),
+    ({"inputs": []}, 422, "empty", "invalid_input"),
+    ({"inputs": ""}, 422, "empty", "invalid_input"),
+    ({"inputs": 5}, 422, "inputs", "invalid_input"),
+    ({"inputs": ["ok", None]}, 422, "inputs", "invalid_input"),
+    ({"text": "wrong field"}, 422, "inputs", "invalid_input"),
+    ({"inputs": "x", "model": "nope"}, 404, "not served", "model_not_found"),
+    ({"inputs": "x", "model": "sentiment-demo"}, 400, "classify", "task_mismatch"),
 ])
 def test_input_errors_name_the_problem(server: Server, payload: dict[str, object], status: int,
-                                       needle: str) -> None:
+                                       needle: str, kind: str) -> None:
     r = httpx.post(f"{server.url}/embed", json=payload)
     assert r.status_code == status, r.text
     body = r.json()
     assert needle in body["error"] + body.get("fix", "")
-    assert body["error_type"]
+    assert body["error_type"] == kind
+
+
+def _truncated_count(server: Server) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(r"^sureserve_truncated_inputs_total (\S+)$", text, re.M)
+                 .group(1))  # type: ignore[union-attr]
 
 
 def test_too_long_input_is_413_unless_truncate(server: Server) -> None:
     long = "word " * 400
+    before = _truncated_count(server)
     r = httpx.post(f"{server.url}/embed", json={"inputs": [long]})
-    assert r.status_code == 413
+    assert r.status_code == 413 and r.json()["error_type"] == "input_too_long"
     assert "256" in r.json()["error"] and "truncate" in r.json()["fix"]
-    r = httpx.post(f"{server.url}/embed", json={"inputs": [long], "truncate": True})
+    assert _truncated_count(server) == before  # refused, not cut
+    r = httpx.post(f"{server.url}/embed", json={"inputs": [long, "short"], "truncate": True})
     assert r.status_code == 200
-    assert "sureserve_truncated_inputs_total 1.0" in httpx.get(f"{server.url}/metrics").text \
-        or "sureserve_truncated_inputs_total" in httpx.get(f"{server.url}/metrics").text
+    assert _truncated_count(server) == before + 1  # exactly the one long input
+
+
+def test_predict_carries_truncation_flags_like_the_python_api(server: Server) -> None:
+    long = "What a wonderful, moving film. " * 100
+    r = httpx.post(f"{server.url}/predict", json={"inputs": [long, "Superb!"],
+                                                  "truncate": True})
+    assert r.status_code == 200
+    first, second = r.json()
+    assert all(d["truncated"] is True and d["chunks"] == 1 for d in first)
+    assert all(d["truncated"] is False for d in second)
+    api = sureserve.load("sentiment-demo").classify([long, "Superb!"], truncation="truncate",
+                                                    top_k=None)
+    assert [[d["label"] for d in x] for x in api] == [[d["label"] for d in x] for x in r.json()]
+    np.testing.assert_allclose([d["score"] for d in first], [d["score"] for d in api[0]],
+                               atol=1e-5)
+    plain = httpx.post(f"{server.url}/predict", json={"inputs": "Superb!"}).json()
+    assert "truncated" not in plain[0]  # no cutting allowed: no flags, TEI's exact shape
 
 
 def test_payload_limit(server: Server) -> None:
     r = httpx.post(f"{server.url}/embed", json={"inputs": ["a" * 70000]})
     assert r.status_code == 413 and "SURESERVE_MAX_PAYLOAD_BYTES" in r.json()["fix"]
+    assert r.json()["error_type"] == "invalid_input"
 
 
 def test_malformed_json_and_invalid_utf8(server: Server) -> None:
@@ -133,7 +159,7 @@ def test_malformed_json_and_invalid_utf8(server: Server) -> None:
         r = httpx.post(f"{server.url}/embed", content=raw,
                        headers={"content-type": "application/json"})
         assert r.status_code == 400, r.text
-        assert "JSON" in r.json()["error"]
+        assert "JSON" in r.json()["error"] and r.json()["error_type"] == "invalid_input"
 
 
 def test_openai_error_shape(server: Server) -> None:
@@ -158,13 +184,17 @@ def test_flood_gets_429_while_accepted_requests_succeed(server: Server) -> None:
         if r.status_code == 429:
             assert int(r.headers["retry-after"]) >= 1
             assert "SURESERVE_MAX_QUEUE_INPUTS" in r.json()["fix"]
+            assert r.json()["error_type"] == "overloaded"
         else:
             assert len(r.json()) == 16
 
 
 def test_api_key(keyed_server: Server) -> None:
     url = keyed_server.url
-    assert httpx.post(f"{url}/embed", json={"inputs": "x"}).status_code == 401
+    r = httpx.post(f"{url}/embed", json={"inputs": "x"})
+    assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
+    r = httpx.post(f"{url}/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
     wrong = {"authorization": "Bearer nope"}
     assert httpx.post(f"{url}/embed", json={"inputs": "x"}, headers=wrong).status_code == 401
     ok = {"authorization": "Bearer s3cret"}

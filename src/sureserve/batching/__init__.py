@@ -2,13 +2,13 @@
 
 from sureserve.batching.planner import (
     Batch,
-    BatchPlanner,
     PassCost,
     cut,
+    oldest_batch,
     partition,
     plan_batches,
 )
 from sureserve.batching.truncation import Piece, PolicyResult, apply_policy, chunk_spans
 
-__all__ = ["Batch", "BatchPlanner", "PassCost", "Piece", "PolicyResult", "apply_policy",
-           "chunk_spans", "cut", "partition", "plan_batches"]
+__all__ = ["Batch", "PassCost", "Piece", "PolicyResult", "apply_policy",
+           "chunk_spans", "cut", "oldest_batch", "partition", "plan_batches"]

@@ -8,17 +8,15 @@ window bounds how many texts are held at once.
 Two forms:
 * ``plan_batches(lengths, ...)`` for offline work over a known list, cut greedily
   (``cut``): windows of thousands of texts sorted together leave little padding to win;
-* ``BatchPlanner`` with ``add / plan / update``, the state machine the server's engine
-  loop drives (vLLM's SchedulerInterface, in miniature). A server queue holds a few dozen
-  texts of mixed lengths, where the greedy rule pads short texts to a long one's length;
-  it splits the queue with ``partition``, the cheapest split under a measured
-  ``PassCost``.
+* ``oldest_batch(queue, ...)`` for the server's queue, a few dozen texts of mixed lengths
+  where the greedy rule pads short texts to a long one's length: the cheapest split
+  (``partition``) under a measured ``PassCost``, the batch holding the oldest text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -203,54 +201,21 @@ def partition(items: Iterable[tuple[int, int]], max_tokens: int, max_size: int,
     return batches[::-1]
 
 
-@dataclass
-class BatchPlanner:
-    """State machine for the serving loop: ``add`` work, ``plan`` a batch, ``update`` after.
+def oldest_batch(queue: Sequence[tuple[int, int]], max_tokens: int, max_size: int,
+                 cost: PassCost, packed: bool = False, window: int = 4096) -> Batch | None:
+    """The next batch for a server queue: ``(id, length)`` items, oldest first.
 
-    One step is one forward pass; an embedding or classification item finishes in the step
-    that runs it. ``plan`` splits the waiting window with ``partition`` and returns the
-    batch that holds the oldest item, leaving the rest to be re-planned with whatever
-    arrives meanwhile: a waiting short text soon finds company of its own length rather
-    than riding, padded, with a long one; and serving the oldest first keeps the tail of
-    the latency close to its median (closed-loop simulation with minilm's costs: p99/p50
-    2.5 this way, 4-7 when choosing the biggest or the most cost-effective batch).
+    One step is one forward pass, and an embedding or classification item finishes in the
+    step that runs it, so the queue itself is the whole state (the caller owns it). The
+    oldest ``window`` items are split with ``partition`` and the batch holding the oldest
+    one is returned; the rest are re-planned next time with whatever arrived meanwhile, so
+    a waiting short text soon finds company of its own length rather than riding, padded,
+    with a long one, and nothing waits forever behind newcomers. Serving the oldest first
+    keeps the latency tail close to its median (closed-loop simulation: BENCHMARKS.md).
     """
-
-    max_tokens: int
-    max_size: int
-    window: int = 4096
-    cost: PassCost = field(default_factory=PassCost)
-    packed: bool = False
-    waiting: dict[int, int] = field(default_factory=dict)  # id -> length, insertion ordered
-    running: set[int] = field(default_factory=set)
-
-    def add(self, item_id: int, length: int) -> None:
-        if item_id in self.waiting or item_id in self.running:
-            raise ValueError(f"item {item_id} is already planned")
-        self.waiting[item_id] = length
-
-    def cancel(self, item_ids: Iterable[int]) -> None:
-        """Forget waiting items whose caller went away (running ones finish anyway)."""
-        for i in item_ids:
-            self.waiting.pop(i, None)
-
-    def plan(self) -> Batch | None:
-        if not self.waiting:
-            return None
-        # the oldest `window` items are eligible, so nothing waits forever behind newcomers
-        eligible = list(self.waiting.items())[: self.window]
-        oldest = eligible[0][0]
-        batch = next(b for b in partition(eligible, self.max_tokens, self.max_size, self.cost,
-                                          self.packed) if oldest in b.ids)
-        for i in batch.ids:
-            del self.waiting[i]
-            self.running.add(i)
-        return batch
-
-    def update(self, finished: Iterable[int]) -> None:
-        for i in finished:
-            self.running.discard(i)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
+    eligible = list(queue[:window])
+    if not eligible:
+        return None
+    oldest = eligible[0][0]
+    return next(b for b in partition(eligible, max_tokens, max_size, cost, packed)
+                if oldest in b.ids)

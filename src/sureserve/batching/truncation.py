@@ -4,9 +4,9 @@ Pure functions over token ids; nothing is ever cut silently.
 
 * ``error``: refuse, naming the text's index, its length, the limit and the setting.
 * ``truncate``: keep the first tokens that fit; each truncated text is reported.
-* ``chunk``: split the text's content tokens into overlapping windows (``stride`` tokens
+* ``chunk``: split the text's content tokens into overlapping chunks (``stride`` tokens
   of overlap), each wrapped in the model's own special tokens; the task combines the
-  windows' outputs weighted by their token counts.
+  chunks' outputs weighted by their token counts.
 
 A text is tokenized once, with its special tokens; ``prefix``/``suffix`` say how many of
 those special tokens stand before and after the content (BERT: [CLS] … [SEP] → 1 and 1).
@@ -24,7 +24,7 @@ MODES = ("error", "truncate", "chunk")
 
 @dataclass(frozen=True)
 class Piece:
-    """One unit of model input: a whole text, a truncated text or one window of a text."""
+    """One unit of model input: a whole text, a truncated text or one chunk of a text."""
 
     text_index: int
     ids: list[int]
@@ -38,7 +38,7 @@ class Piece:
 class PolicyResult:
     pieces: list[Piece]
     truncated: list[int]  # indices of texts cut by "truncate"
-    chunked: dict[int, int]  # text index -> number of windows, for texts split by "chunk"
+    chunked: dict[int, int]  # text index -> number of chunks, for texts split by "chunk"
 
 
 def too_long_error(index: int, length: int, limit: int, bound_by: str) -> InputTooLongError:
@@ -46,7 +46,7 @@ def too_long_error(index: int, length: int, limit: int, bound_by: str) -> InputT
         f"text {index} is {length} tokens long; the usable maximum is {limit} "
         f"(set by the {bound_by})",
         "shorten it, or choose a truncation policy: --truncation truncate (cut and report) "
-        "or --truncation chunk (split into windows), also SURESERVE_TRUNCATION",
+        "or --truncation chunk (split into chunks), also SURESERVE_TRUNCATION",
         index=index, length=length, limit=limit,
     )
 
@@ -70,7 +70,7 @@ def apply_policy(
         raise SettingsError(f"the usable maximum {limit} leaves no room for text after "
                             f"{prefix + suffix} special tokens", "raise the model's limit")
     if mode == "chunk" and stride >= room:
-        raise SettingsError(f"chunk stride {stride} must be below the window's {room} content "
+        raise SettingsError(f"chunk stride {stride} must be below the chunk's {room} content "
                             "tokens", "lower --chunk-stride (SURESERVE_CHUNK_STRIDE)")
     result = PolicyResult([], [], {})
     for offset, seq in enumerate(ids):
@@ -85,17 +85,17 @@ def apply_policy(
             result.pieces.append(Piece(i, head + body[:room] + tail))
             result.truncated.append(i)
             continue
-        windows = chunk_spans(len(body), room, stride)
-        result.chunked[i] = len(windows)
-        for start, end in windows:
+        spans = chunk_spans(len(body), room, stride)
+        result.chunked[i] = len(spans)
+        for start, end in spans:
             result.pieces.append(Piece(i, head + body[start:end] + tail))
     return result
 
 
 def chunk_spans(n: int, room: int, stride: int) -> list[tuple[int, int]]:
-    """[start, end) windows of ``room`` tokens over ``n`` tokens, overlapping by ``stride``.
+    """[start, end) chunks of ``room`` tokens over ``n`` tokens, overlapping by ``stride``.
 
-    The last window is aligned to the end so that it is full length (more context for the
+    The last chunk is aligned to the end so that it is full length (more context for the
     text's last tokens) rather than a short remainder.
     """
     if n <= room:

@@ -22,7 +22,7 @@ import json
 import platform
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from sureserve.bench.harness import RssSampler
+from sureserve.errors import TaskMismatchError
 
 
 @dataclass
@@ -143,7 +144,7 @@ def run_static(model: Any, reqs: Sequence[Req], size: int, pad_id: int, eos: set
 def run_engine(gen: Any, reqs: Sequence[Req], clients: int,
                name: str) -> tuple[Phase, list[list[int]]]:
     """Closed loop: ``clients`` requests in flight; each finished one is replaced at once."""
-    from sureserve.tasks.sampling import SamplingParams
+    from sureserve.generation.sampling import SamplingParams
 
     outs: dict[int, list[int]] = {}
     ttft: list[float] = []
@@ -154,7 +155,7 @@ def run_engine(gen: Any, reqs: Sequence[Req], clients: int,
     def send() -> None:
         k = pending.pop()
         r = reqs[k]
-        seq = gen.submit(r.prompt, SamplingParams(max_new_tokens=r.max_new), on_event)
+        (seq,) = gen.submit([r.prompt], SamplingParams(max_new_tokens=r.max_new), on_event)
         inflight[seq] = k
 
     def on_event(ev: Any) -> None:
@@ -185,8 +186,9 @@ def run_generate_bench(model: str = "smollm2", n: int = 64, sample: int = 16,
     import sureserve
 
     engine = sureserve.load(model)
-    gen = engine.generator
-    assert gen is not None
+    gen = engine.generation
+    if gen is None:
+        raise TaskMismatchError(f"{model} is not a generation model", "use a causal LM")
     tok, lm = engine.tokenizer, engine.model
     reqs = workload(tok, n, seed, min_new=min_new, max_new=max_new)
     if len(reqs) < n:
@@ -262,3 +264,23 @@ def _line(p: Phase) -> str:
     return (f"{p.name:>16}: {p.requests} req, {p.output_tokens} tok in {r['seconds']}s = "
             f"{r['tokens_per_s']} tok/s, TTFT p50 {r['ttft_p50_s']}s p99 {r['ttft_p99_s']}s, "
             f"peak RSS {p.peak_rss_mb:.0f} MiB{kv}{same}")
+
+
+def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
+    """The report as a table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("contender", "clients", "requests", "out tok/s", "TTFT p50 s", "TTFT p99 s",
+              "peak RSS MiB", "peak KV MiB", "= one-at-a-time", "= first full run",
+              title="generate (greedy; outputs compared token for token)")
+    for r in rep["phases"]:
+        t.add_row(r["name"], str(r["concurrency"]), str(r["requests"]), str(r["tokens_per_s"]),
+                  str(r["ttft_p50_s"]), str(r["ttft_p99_s"]), f"{r['peak_rss_mb']:.0f}",
+                  "-" if r["peak_kv_mb"] is None else f"{r['peak_kv_mb']:.0f}",
+                  "ref" if r["compared"] is None else f"{r['identical']}/{r['compared']}",
+                  "-" if r["same_as_first_full"] is None
+                  else f"{r['same_as_first_full']}/{r['requests']}")
+    Console(width=200).print(t)
+    for k, v in rep["ratios"].items():
+        log(f"{k}: {v}x")

@@ -117,8 +117,9 @@ def run_bench(kind: str, n: int = 2000, long_share: float = 0.05, seed: int = 0,
                                      _padded_cost(lengths, arrival)))
 
     def ours(e: Any) -> tuple[Any, int]:
-        outs = e.embed(texts) if kind == "embed" else e.task.probabilities(e.run(texts)[0])
-        return outs, e.last_summary.computed_tokens
+        res = e.run(texts)
+        outs = res.outputs if kind == "embed" else _softmax(res.rows)
+        return outs, res.summary.computed_tokens
 
     engine.embed(texts[:16]) if kind == "embed" else engine.classify(texts[:16])  # warm-up
     contender("sureserve", lambda: ours(engine))
@@ -218,3 +219,25 @@ def _report(kind: str, results: list[Result], ref: Result, gemm: dict[str, float
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": rows,
     }
+
+
+def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
+    """The report as a table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    kind = rep["kind"]
+    fid = "min_cosine_to_ref" if kind == "embed" else "max_prob_diff_to_ref"
+    t = Table("contender", "s", "texts/s", "tokens/s", "padding", "peak RSS MB (growth)",
+              "x sureserve",
+              fid.replace("_", " "), "GEMM eff.",
+              title=f"{kind}: {rep['texts']} texts, {rep['real_tokens']} real tokens, "
+                    f"GEMM {rep['gemm_gflops']} GFLOP/s")
+    for r in rep["results"]:
+        eff = r["gemm_efficiency"]
+        t.add_row(r["name"], f"{r['seconds']:.1f}", f"{r['texts_per_s']:.1f}",
+                  f"{r['tokens_per_s']}", f"{r['padding_share']:.1%} of computed",
+                  f"{r['peak_rss_mb']} (+{r['rss_growth_mb']})",
+                  f"{r['speed_vs_sureserve']:.3f}", f"{r[fid]:.6f}",
+                  f"{eff:.0%}" if eff is not None else "-")
+    Console(width=200).print(t)

@@ -73,10 +73,10 @@ class _Conn:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes) -> int:
+    async def post(self, path: str, body: bytes, method: str = "POST") -> int:
         if self.writer is None or self.reader is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+        self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
                           f"Content-Type: application/json\r\n"
                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         head = await self.reader.readuntil(b"\r\n\r\n")
@@ -236,3 +236,94 @@ def run_serve_bench(levels: Sequence[int] = (1, 8, 32, 64), seconds: float = 10.
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def run_lag_probe(seconds: float = 15.0, big_inputs: int = 256, out: Path | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A small request's latency while another client sends ``big_inputs``-text requests.
+
+    One client sends one short text per request, another polls ``/health`` (no model: it
+    measures only how soon the event loop gets to it); measured alone, then while a third
+    client sends requests of ``big_inputs`` news articles (``"truncate": true``) back to
+    back. What the big requests cost on the loop (tokenizing, post-processing) shows in
+    the ``/health`` latencies; the shared forward passes show in the small ``/embed``."""
+    from sureserve.zoo.corpora import load_bbc
+
+    articles = [t for _, t in load_bbc()][:big_inputs]
+    big = json.dumps({"inputs": articles, "truncate": True}).encode()
+    small = json.dumps({"inputs": "A quiet, well made film."}).encode()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([sys.executable, "-m", "sureserve.cli", "serve", "minilm",
+                   "--port", str(port)], url)
+
+    async def phase(with_big: bool) -> dict[str, Any]:
+        stop_at = time.perf_counter() + seconds
+        lat: dict[str, list[float]] = {"embed": [], "health": []}
+        bigs = 0
+
+        async def loop(kind: str, path: str, body: bytes | None) -> None:
+            nonlocal bigs
+            conn = _Conn("127.0.0.1", port)
+            try:
+                for _ in range(100_000):  # bounded; the deadline ends it first
+                    if time.perf_counter() > stop_at:
+                        return
+                    t0 = time.perf_counter()
+                    await conn.post(path, body or b"", "GET" if body is None else "POST")
+                    if kind == "big":
+                        bigs += 1
+                    else:
+                        lat[kind].append((time.perf_counter() - t0) * 1000)
+                    if kind == "health":
+                        await asyncio.sleep(0.02)
+            finally:
+                conn.close()
+
+        lag0 = _lag_sum(url)
+        jobs = [loop("embed", "/embed", small), loop("health", "/health", None)]
+        if with_big:
+            jobs.append(loop("big", "/embed", big))
+        await asyncio.gather(*jobs)
+        row: dict[str, Any] = {"big_requests": bigs, "loop_lag_s": _lag_sum(url) - lag0}
+        for kind, values in lat.items():
+            a = np.asarray(values)
+            row[kind] = {"n": len(a), **{f"p{q}_ms": round(float(np.percentile(a, q)), 1)
+                                         for q in (50, 90, 99)}}
+        return row
+
+    try:
+        asyncio.run(phase(False))  # warm-up
+        report = {"big_inputs": big_inputs, "seconds": seconds,
+                  "alone": asyncio.run(phase(False)), "with_big": asyncio.run(phase(True))}
+    finally:
+        _stop(proc)
+    log(json.dumps(report))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
+    """The report as a table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("contender", "clients", "req/s", "x offline", "p50 ms", "p95 ms", "p99 ms",
+              "p99/p50", "avg batch", "errors",
+              title=f"serve: offline engine {rep['offline_texts_per_s']} texts/s")
+    for name, rows in rep["contenders"].items():
+        for r in rows:
+            t.add_row(name, str(r["clients"]), str(r["req_per_s"]), str(r["vs_offline"]),
+                      str(r["p50_ms"]), str(r["p95_ms"]), str(r["p99_ms"]),
+                      str(r["p99_over_p50"]), str(r.get("avg_batch_size", "-")),
+                      str(r["errors"]))
+    Console(width=200).print(t)
+
+
+def _lag_sum(url: str) -> float:
+    """Seconds the server's event loop ran late so far (0 where it has no such metric)."""
+    m = re.search(r"^sureserve_event_loop_lag_seconds_sum (\S+)$",
+                  httpx.get(f"{url}/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0

@@ -4,9 +4,9 @@
 (library versions), how its tokenizer behaves (ids of the probe texts, normalizer and
 pre-tokenizer settings) and what it answers (golden outputs on the probe texts, with
 tolerances). ``verify`` recomputes all of it and sorts the differences into four kinds:
-files, tokenizer ids, library versions, output drift. Only the last two that matter for
-answers (ids and outputs) make verify fail; changed files or versions with identical
-behaviour are reported, not failed.
+files, tokenizer ids, library versions, output drift. Only the two that change answers
+(tokenizer ids and output drift) make verify fail; changed files or versions with
+identical behaviour are reported, not failed.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from sureserve.gate import probe_texts as P
+from sureserve.gate.probes import TOLERANCE
 
 LOCK_VERSION = 1
-TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 PROBE_TEXTS = [P.PARAGRAPH, *P.DIVERSE]
 
 
@@ -101,7 +101,7 @@ def write_lock(engine: Any, out: Path) -> dict[str, Any]:
         "sureserve_lock": LOCK_VERSION,
         "model": {"identifier": src.identifier, "kind": src.kind, "revision": src.revision,
                   "snapshot": src.path.name if src.kind.startswith("hub") else None,
-                  "task": loaded.task},
+                  "task": loaded.task_name},
         "tokenizer_source": None if tsrc.path == src.path else tsrc.identifier,
         "files": file_hashes(src.path),
         "tokenizer_files": file_hashes(tsrc.path) if tsrc.path != src.path else None,
@@ -126,6 +126,18 @@ class VerifyReport:
     def ok(self) -> bool:
         """Outputs and token ids agree (files or versions may have changed)."""
         return not self.tokenizer and not self.outputs
+
+    def render(self, console: Any) -> None:
+        for title, items in (("a file changed", self.files),
+                             ("the tokenizer now produces different ids", self.tokenizer),
+                             ("library versions changed", self.versions),
+                             ("outputs drifted beyond tolerance", self.outputs)):
+            console.print(f"{'[green]ok[/]' if not items else f'[yellow]{len(items)}[/]'} "
+                          f"{title}")
+            for item in items:
+                console.print(f"    {item}", highlight=False)
+        console.print(f"largest output difference: {self.max_drift:.2e}")
+        console.print("[green]verified[/]" if self.ok else "[bold red]NOT verified[/]")
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "files_changed": self.files, "tokenizer_changed": self.tokenizer,

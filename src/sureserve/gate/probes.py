@@ -25,8 +25,8 @@ UNK_WARN = 0.01
 # Collapse.
 EMBED_COLLAPSE_COS = 0.95
 CLASSIFY_COLLAPSE_SPREAD = 0.05
-# Batch invariance tolerances (absolute), by dtype.
-INVARIANCE_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+# Absolute tolerances by dtype: batch invariance, packing, and the lockfile's outputs.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 # LM affinity: shuffled-token loss must exceed the real loss by this many nats per token.
 LM_MARGIN = 1.0
 
@@ -150,7 +150,7 @@ def check_generate_collapse(next_tokens: list[str]) -> Check:
 
 
 def check_invariance(alone: np.ndarray, batched: np.ndarray, dtype: str, what: str) -> Check:
-    tol = INVARIANCE_TOL.get(dtype, 1e-4)
+    tol = TOLERANCE.get(dtype, 1e-4)
     diff = float(np.abs(alone - batched).max())
     evidence = (f"largest difference of {what} alone vs inside a padded batch of very "
                 f"different lengths: {diff:.2e} (tolerance {tol:g} for {dtype})")

@@ -47,6 +47,19 @@ class GateReport:
                 "overridden": self.overridden, "seconds": round(self.seconds, 3),
                 "checks": [c.to_dict() for c in self.checks]}
 
+    def render(self, console: Any) -> None:
+        """The gate's table (check, status, evidence and fix) and its summary line."""
+        from rich.table import Table
+
+        colour = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+        t = Table("check", "status", "evidence / fix", show_lines=True,
+                  title=f"gate: {self.model} with tokenizer {self.tokenizer}")
+        for c in self.checks:
+            fix = f"\n[bold]fix:[/] {c.fix}" if c.fix and c.status != "pass" else ""
+            t.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.evidence + fix)
+        console.print(t)
+        console.print(self.summary(), highlight=False)
+
     def summary(self) -> str:
         if self.passed:
             return f"gate passed ({len(self.checks)} checks, {self.seconds:.2f}s)"

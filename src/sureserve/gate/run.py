@@ -30,7 +30,8 @@ def run_gate(loaded: Loaded, task_impl: Any | None = None) -> GateReport:
         vocab,
         static.check_family(model_type, tok),
         static.check_casing(tok),
-        *static.check_special_tokens(loaded.task, model_type, tok, layout, loaded.pad_from_eos),
+        *static.check_special_tokens(loaded.task_name, model_type, tok, layout,
+                                     loaded.pad_from_eos),
         static.check_max_length(loaded.config, tok),
         probes.check_unknown_rate(tok),
         probes.check_alignment(tok, emb),
@@ -39,7 +40,7 @@ def run_gate(loaded: Loaded, task_impl: Any | None = None) -> GateReport:
         # Running the model would index past its embedding matrix: stop here.
         report.checks.append(Check("model-probes", "skip",
                                    "not run: token ids would index past the embeddings"))
-    elif loaded.task == "generate":
+    elif loaded.task_name == "generate":
         report.checks += _decoder_probes(loaded)
     elif task_impl is not None:
         report.checks += _encoder_probes(loaded, task_impl)

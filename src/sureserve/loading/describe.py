@@ -41,7 +41,7 @@ def describe(identifier: str, task: str | None = None, revision: str | None = No
 
 
 def describe_loaded(loaded: Loaded) -> dict[str, Any]:
-    d = _facts(loaded.source, loaded.tokenizer_source, loaded.task, loaded.plan,
+    d = _facts(loaded.source, loaded.tokenizer_source, loaded.task_name, loaded.plan,
                loaded.config, loaded.tokenizer)
     d["warnings"] = list(loaded.warnings)
     d["load_seconds"] = round(loaded.load_seconds, 2)
@@ -85,3 +85,42 @@ def _facts(source: Source, tok_source: Source, task: str, plan: LoadPlan,
 
 def _finite(n: int | None) -> int | None:
     return int(n) if n is not None and n < 1_000_000 else None
+
+
+def print_info(d: dict[str, Any], out: Any) -> None:
+    """``sureserve info``'s human-readable form of ``describe``."""
+    from rich.table import Table
+
+    plan = d["plan"]
+    out.print(f"[bold]{d['identifier']}[/] ({d['source']}) → {d['path']}")
+    t = Table(show_header=False, box=None)
+    params = d["parameters"]
+    for k, v in [
+        ("task", d["task"]), ("architecture", f"{d['architecture']} ({d['model_type']})"),
+        ("parameters", f"{params:,}" if params else "unknown"),
+        ("vocab (config / tokenizer)", f"{d['config_vocab_size']} / {d['tokenizer_vocab_size']} "
+                                      f"({d['tokenizer_class']})"),
+        ("max positions", d["max_position_embeddings"]),
+        ("usable max tokens", f"{d['usable_max_tokens']} (set by {d['usable_max_bound_by']})"),
+        ("special tokens", ", ".join(f"{k}={v}" for k, v in d["special_tokens"].items())),
+        ("sentence-transformers", d["sentence_transformers"]),
+        ("labels", d["labels"]),
+        ("chat template", d["chat_template"]),
+        ("KV cache bytes/token", d["kv_cache_bytes_per_token"]),
+        ("KV cache budget", f"{d['kv_cache_budget']['mb']:g} MiB = "
+                            f"{d['kv_cache_budget']['tokens']:,} tokens (--kv-cache-mb)"
+         if d.get("kv_cache_budget") else None),
+        ("plan", f"device={plan['device']} dtype={plan['dtype']} "
+                 f"attention={plan['attn_implementation']}"),
+    ]:
+        if v is not None:
+            t.add_row(f"[bold]{k}[/]", str(v))
+    out.print(t)
+    for r in plan["reasons"]:
+        out.print(f"  why: {r}", highlight=False)
+    for w in plan["warnings"]:
+        out.print(f"  [yellow]warning:[/] {w}", highlight=False)
+    ft = Table("file", "bytes")
+    for f in d["files"]:
+        ft.add_row(f["name"], f"{f['bytes']:,}")
+    out.print(ft)

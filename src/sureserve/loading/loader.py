@@ -39,7 +39,7 @@ class Loaded:
     tokenizer: Any
     source: Source
     tokenizer_source: Source
-    task: str
+    task_name: str  # embed | classify | generate
     plan: LoadPlan
     config: dict[str, Any]
     st: STConfig | None
@@ -48,6 +48,11 @@ class Loaded:
     load_seconds: float = 0.0
     #: the tokenizer had no pad token and eos is used in its place (decoders)
     pad_from_eos: bool = False
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the model's states: the dimension of its embeddings."""
+        return int(self.config.get("hidden_size") or 0)
 
 
 def load_tokenizer(source: Source) -> Any:

@@ -1,34 +1,41 @@
 """Dynamic batching for the server: requests from many clients share forward passes.
 
-Request handlers tokenize in the event loop and ``submit`` pieces; one loop per model
-plans a batch with the pure ``BatchPlanner`` whenever one of its forward workers is free
-and runs ``task.forward`` (or ``forward_packed``) on that worker's thread, so the next
-requests are tokenized while batches compute. The queue is bounded (``OverloadedError`` →
-429 at once), inputs of clients that went away are dropped before they cost compute, and a
-batch that raises is split until the failing input is isolated: only its request gets the
-error.
+``Batcher.infer`` is the one method the embed/classify routes call, and the batcher owns
+a request's whole life there, like TEI's ``Infer``: the texts are tokenized and cut to the
+truncation policy on the tokenizer pool (``Engine.submit``, off the event loop), their
+pieces wait in the batcher's queue (the one registry of queued work), one loop per model
+takes the batch holding the oldest piece (``oldest_batch``, pure) whenever a forward worker
+is free and runs ``task.forward`` (or ``forward_packed``) on that worker's thread, and the
+rows are merged and post-processed by ``Engine.finish``. The queue is bounded
+(``OverloadedError`` → 429 at once), inputs of clients that went away are dropped before
+they cost compute, and a batch that raises is split until the failing input is isolated:
+only its request gets the error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from sureserve.batching.packing import pack_rows
-from sureserve.batching.planner import BatchPlanner, PassCost
+from sureserve.batching.planner import PassCost, oldest_batch
 from sureserve.batching.truncation import Piece
-from sureserve.errors import InferenceError, OverloadedError
+from sureserve.engine import Engine, Result
+from sureserve.errors import InferenceError, InputTooLongError, OverloadedError
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings
+from sureserve.tasks.base import Task
+from sureserve.tasks.embed import EmbedTask
 
 log = logging.getLogger("sureserve.server")
 
@@ -41,17 +48,18 @@ class _Waiting:
 
 
 class Batcher:
-    def __init__(self, name: str, task: Any, settings: Settings, metrics: Metrics,
-                 cost: PassCost | None = None, workers: int = 1, packed: bool = False
-                 ) -> None:
+    def __init__(self, name: str, engine: Engine, settings: Settings, metrics: Metrics,
+                 tokenize: Executor, cost: PassCost | None = None, workers: int = 1,
+                 packed: bool = False) -> None:
         self.name = name
-        self.task = task
+        self.engine = engine
+        self.task = engine.text_task()
         self.settings = settings
         self.metrics = metrics
+        self.tokenize = tokenize  # the server's tokenizer pool
+        self.cost = cost or PassCost()
         self.packed = packed  # texts laid end to end in rows (task.forward_packed)
-        self.planner = BatchPlanner(settings.max_batch_tokens, settings.max_batch_size,
-                                    settings.planner_window, cost or PassCost(), packed)
-        self.waiting: dict[int, _Waiting] = {}
+        self.waiting: dict[int, _Waiting] = {}  # the queue, oldest first (insertion order)
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self.workers = workers
@@ -59,16 +67,16 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=workers,
                                         thread_name_prefix=f"forward-{name}")
-        self._loop_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+        self._loop = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
-        if self._loop_task:
-            self._loop_task.cancel()
+        if self._loop:
+            self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+                await self._loop
         if self._running:  # batches already on a worker finish and answer their requests
             await asyncio.gather(*self._running, return_exceptions=True)
         self._pool.shutdown(wait=True)
@@ -77,69 +85,76 @@ class Batcher:
     def depth(self) -> int:
         return len(self.waiting)
 
-    async def submit(self, pieces: Sequence[Piece]) -> list[np.ndarray]:
+    async def infer(self, texts: list[str], truncate: bool, **options: Any) -> Result:
+        """Outputs for ``texts`` in input order (``options``: see ``Engine.finish``)."""
+        policy = "truncate" if truncate else self.settings.truncation
+        submit = functools.partial(self.engine.submit, texts, truncation=policy)
+        try:
+            job = await asyncio.get_running_loop().run_in_executor(self.tokenize, submit)
+        except InputTooLongError as exc:
+            raise InputTooLongError(
+                exc.message, 'send "truncate": true to cut it (the cut is counted in '
+                "metrics), shorten it, or start the server with --truncation chunk",
+                index=exc.index, length=exc.length, limit=exc.limit) from exc
+        if job.summary.truncated:
+            self.metrics.truncated.inc(len(job.summary.truncated))
+        rows = await self.queue(job.pieces)
+        return self.engine.finish(job, np.vstack(rows), **options)
+
+    async def queue(self, pieces: Sequence[Piece]) -> list[np.ndarray]:
         """Rows for ``pieces`` in order. Raises OverloadedError when the queue is full."""
         limit = self.settings.max_queue_inputs
         if self.depth + len(pieces) > limit:
             self.metrics.rejected.inc()
             raise OverloadedError.queue_full(self.depth, len(pieces), limit, "inputs")
         loop = asyncio.get_running_loop()
-        ids = []
         now = time.perf_counter()
-        for p in pieces:
-            i = next(self._ids)
+        ids = [next(self._ids) for _ in pieces]
+        for i, p in zip(ids, pieces, strict=True):
             self.waiting[i] = _Waiting(p, loop.create_future(), now)
-            self.planner.add(i, p.weight)
-            ids.append(i)
         futures = [self.waiting[i].future for i in ids]
         self.metrics.queue_depth.labels(self.name).set(self.depth)
         self._wake.set()
         try:
             return list(await asyncio.gather(*futures))
-        except asyncio.CancelledError:
-            self._forget(ids)  # the client went away: do not compute its inputs
+        except BaseException:  # the client went away, or a piece failed: drop the rest
+            for i in ids:
+                w = self.waiting.pop(i, None)
+                if w and not w.future.done():
+                    w.future.cancel()
+            self.metrics.queue_depth.labels(self.name).set(self.depth)
             raise
-        except Exception:
-            self._forget(ids)
-            raise
-
-    def _forget(self, ids: list[int]) -> None:
-        self.planner.cancel(ids)
-        for i in ids:
-            w = self.waiting.pop(i, None)
-            if w and not w.future.done():
-                w.future.cancel()
-        self.metrics.queue_depth.labels(self.name).set(self.depth)
 
     async def _run(self) -> None:
         while True:
             await self._free.acquire()
             try:
-                batch = await self._next_batch()
+                items = await self._next_batch()
             except BaseException:
                 self._free.release()
                 raise
-            task = asyncio.create_task(self._execute(*batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            runner = asyncio.create_task(self._execute(items))
+            self._running.add(runner)
+            runner.add_done_callback(self._running.discard)
 
-    async def _next_batch(self) -> tuple[list[int], list[_Waiting]]:
-        """Wait for work (and, briefly, for company), then plan one batch of live inputs."""
+    async def _next_batch(self) -> list[_Waiting]:
+        """Wait for work (and, briefly, for company), then take one batch off the queue."""
         while True:
             await self._wake.wait()
             await self._wait_for_company()
-            batch = self.planner.plan()
+            s = self.settings
+            batch = oldest_batch([(i, w.piece.weight) for i, w in self.waiting.items()],
+                                 s.max_batch_tokens, s.max_batch_size, self.cost, self.packed,
+                                 s.planner_window)
             if batch is None:
                 self._wake.clear()
                 continue
-            self.planner.update(batch.ids)  # the planner's part ends here; we track the rest
-            live = [i for i in batch.ids if i in self.waiting
-                    and not self.waiting[i].future.done()]
-            if not live:
-                continue
-            return live, [self.waiting[i] for i in live]
+            items = [self.waiting.pop(i) for i in batch.ids]
+            live = [w for w in items if not w.future.done()]
+            if live:
+                return live
 
-    async def _execute(self, live: list[int], items: list[_Waiting]) -> None:
+    async def _execute(self, items: list[_Waiting]) -> None:
         """Run one batch on a free worker and answer its requests (frees the worker)."""
         try:
             start = time.perf_counter()
@@ -148,8 +163,7 @@ class Batcher:
             outs, computed = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._forward_isolating, [w.piece for w in items])
             self._observe(items, time.perf_counter() - start, computed)
-            for i, w, out in zip(live, items, outs, strict=True):
-                self.waiting.pop(i, None)
+            for w, out in zip(items, outs, strict=True):
                 if w.future.done():
                     continue
                 if isinstance(out, Exception):
@@ -178,29 +192,19 @@ class Batcher:
         m.inference_seconds.observe(seconds)
         m.batch_size.observe(len(items))
         m.batch_tokens.observe(computed)
-        m.padding_ratio.observe(1 - sum(w.piece.weight for w in items) / computed)
+        m.padding_share.observe(1 - sum(w.piece.weight for w in items) / computed)
 
-    @staticmethod
-    def measure_cost(task: Any, max_len: int) -> PassCost:
-        """Time a few batch shapes on the loaded model and fit the planner's cost model.
-
-        Runs at warm-up (about a second on a CPU): the split between a pass's fixed cost
-        and its per-token cost differs by orders of magnitude between a laptop CPU and a
-        GPU, and it decides whether a long text should run alone."""
-        ids = task.preprocess(["calibration"])[0]
-        filler = ids[1] if len(ids) > 2 else ids[0]
-        samples = []
-        for n, length in ((1, 16), (8, 32), (32, 32), (1, 128), (4, 128), (1, 256)):
-            length = min(length, max_len)
-            body = [filler] * max(length - 2, 0)
-            pieces = [Piece(0, ids[:1] + body + ids[-1:]) for _ in range(n)]
-            best = float("inf")
-            for _ in range(2):  # best of two: the first pass of a new shape pays setup
-                start = time.perf_counter()
-                task.forward(pieces)
-                best = min(best, time.perf_counter() - start)
-            samples.append((n, length, best))
-        return PassCost.fit(samples)
+    @classmethod
+    def warmed_up(cls, name: str, engine: Engine, settings: Settings, metrics: Metrics,
+                  tokenize: Executor, workers: int) -> Batcher:
+        """A batcher for a loaded model, after measuring its pass cost (which is also its
+        warm-up) and deciding whether to pack its batches. Runs off the event loop."""
+        cost = measure_cost(engine.text_task(), engine.loaded.limit.value)
+        log.info("%s: a forward pass costs %.0f tokens' worth plus its tokens "
+                 "(attention: %.4f more per token of length)", name, cost.overhead,
+                 cost.attention)
+        return cls(name, engine, settings, metrics, tokenize, cost, workers,
+                   _may_pack(name, engine, settings))
 
     def _forward_isolating(self, pieces: list[Piece]
                            ) -> tuple[list[np.ndarray | Exception], int]:
@@ -232,4 +236,54 @@ class Batcher:
             (left, left_computed), (right, right_computed) = (self._forward(pieces[:mid]),
                                                               self._forward(pieces[mid:]))
             return np.vstack([left, right]), left_computed + right_computed
+        assert isinstance(self.task, EmbedTask)  # packed is only ever on for embedding tasks
         return np.asarray(self.task.forward_packed(pieces, layout)), layout.computed
+
+
+def measure_cost(task: Task, max_len: int) -> PassCost:
+    """Time a few batch shapes on the loaded model and fit the planner's cost model.
+
+    The split between a pass's fixed cost and its per-token cost differs by orders of
+    magnitude between a laptop CPU and a GPU, and it decides whether a long text should
+    run alone, so it is measured on the model at warm-up rather than assumed."""
+    ids = task.preprocess(["calibration"])[0]
+    filler = ids[1] if len(ids) > 2 else ids[0]
+    samples = []
+    for n, length in ((1, 16), (8, 32), (32, 32), (1, 128), (4, 128), (1, 256)):
+        length = min(length, max_len)
+        body = [filler] * max(length - 2, 0)
+        pieces = [Piece(0, ids[:1] + body + ids[-1:]) for _ in range(n)]
+        best = float("inf")
+        for _ in range(2):  # best of two: the first pass of a new shape pays setup
+            start = time.perf_counter()
+            task.forward(pieces)
+            best = min(best, time.perf_counter() - start)
+        samples.append((n, length, best))
+    return PassCost.fit(samples)
+
+
+def _may_pack(name: str, engine: Engine, settings: Settings) -> bool:
+    """Whether to pack this model's batches: asked for, possible, and checked here on the
+    gate's probe texts (packed vs one at a time) within the batch-invariance tolerance, so
+    that packing can never change an answer beyond float rounding."""
+    from sureserve.gate.probe_texts import DIVERSE, LONG
+    from sureserve.gate.probes import TOLERANCE
+
+    task = engine.task
+    why: str | None
+    if not settings.packing:
+        why = "turned off (SURESERVE_PACKING)"
+    elif not isinstance(task, EmbedTask):
+        why = "only embedding models are packed"
+    else:
+        why = task.packing_unsupported()
+    if why is None and isinstance(task, EmbedTask):
+        probe = task.to_pieces([*DIVERSE, LONG], "truncate").pieces
+        diff = task.check_packing(probe)
+        tol = TOLERANCE.get(engine.loaded.plan.dtype, 1e-4)
+        if diff <= tol:
+            log.info("%s: packed batches on (largest difference to padded %.1e)", name, diff)
+            return True
+        why = f"packed outputs differ from padded ones by {diff:.1e} (tolerance {tol:g})"
+    log.info("%s: packed batches off: %s", name, why)
+    return False

@@ -30,7 +30,7 @@ class Metrics:
         self.batch_tokens = Histogram("sureserve_batch_tokens",
                                       "Tokens computed per forward pass (padding included)",
                                       buckets=BATCH_TOKENS, registry=r)
-        self.padding_ratio = Histogram("sureserve_padding_ratio",
+        self.padding_share = Histogram("sureserve_padding_share",
                                        "Share of a batch's computed tokens that were padding",
                                        buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
                                        registry=r)
@@ -38,6 +38,9 @@ class Metrics:
                                  ["model"], registry=r)
         self.truncated = Counter("sureserve_truncated_inputs_total",
                                  "Inputs truncated at the client's request", registry=r)
+        self.loop_lag = Histogram("sureserve_event_loop_lag_seconds",
+                                  "How late the event loop woke from a 50 ms sleep (time "
+                                  "requests waited for the loop)", buckets=LATENCY, registry=r)
         self.rejected = Counter("sureserve_rejected_total", "Requests refused by backpressure",
                                 registry=r)
         # generation

@@ -1,13 +1,16 @@
-"""Run the app under uvicorn with a clean exit status after a graceful shutdown."""
+"""Run the server process: its environment, uvicorn, a clean exit after a graceful drain."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import uvicorn
+
+from sureserve.settings import Settings
 
 
 class _Server(uvicorn.Server):
@@ -24,7 +27,19 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
-def serve_forever(app: Any, host: str, port: int) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+def serve(models: Sequence[str], settings: Settings) -> None:
+    """Serve ``models`` until SIGTERM or SIGINT (exit 0 after the drain)."""
+    # OpenMP threads busy-wait after each parallel region by default; on a small machine
+    # that spinning starves the event loop that parses and tokenizes the next requests
+    # (BENCHMARKS.md). Must be set before torch loads its OpenMP runtime; an explicit user
+    # setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # start-up decisions (workers and threads, measured pass cost, packing on or off and
+    # why, gate summary) are worth a line each; nothing is logged per request at INFO
+    logging.getLogger("sureserve.server").setLevel(logging.INFO)
+    from sureserve.server.app import create_app
+
+    config = uvicorn.Config(create_app(settings, models), host=settings.host,
+                            port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=30)
     _Server(config).run()

@@ -43,6 +43,11 @@ class TokenizeRequest(_Strict):
 class Prediction(BaseModel):
     label: str
     score: float
+    truncated: bool | None = Field(default=None, description="Present when cutting was "
+                                   "allowed (truncate, or the server's truncation policy): "
+                                   "whether this input was cut to the model's maximum.")
+    chunks: int | None = Field(default=None, description="Present with truncated: the "
+                               "chunks this input ran as (chunk policy; 1 otherwise).")
 
 
 class SimpleToken(BaseModel):
@@ -148,7 +153,7 @@ class Info(BaseModel):
 
 # --- generation (OpenAI completions and chat completions) -------------------------------
 # Parameters that change what OpenAI would return and that sureserve does not implement are
-# refused with a 422 naming them (see server/generation.py), never silently ignored.
+# refused with a 422 naming them (see server/completions.py), never silently ignored.
 
 class _GenParams(BaseModel):
     model_config = ConfigDict(extra="allow")

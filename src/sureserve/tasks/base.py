@@ -1,7 +1,7 @@
 """The task skeleton shared by every task: ``preprocess → forward → postprocess``.
 
 Only ``forward`` touches the device, and it runs under ``torch.inference_mode()``. Outputs
-of the pieces of one text (windows, under the chunk policy) are merged by ``merge`` before
+of the pieces of one text (chunks, under the chunk policy) are merged by ``merge`` before
 ``postprocess``: a token-count-weighted mean of the per-piece vectors.
 """
 
@@ -69,6 +69,16 @@ class Task(ABC):
     @abstractmethod
     def postprocess(self, rows: np.ndarray, **options: Any) -> Any:
         """Turn merged per-text rows into the user-facing outputs, in the same order."""
+
+    @property
+    @abstractmethod
+    def width(self) -> int:
+        """Length of the row ``forward`` returns per piece."""
+
+    def flag(self, outputs: Any, summary: Any, first_index: int = 0) -> Any:
+        """Outputs with each text's truncated/chunks flags, where the output shape has room
+        for them (label dicts do; a vector does not: callers take ``summary.flags``)."""
+        return outputs
 
     def collate(self, pieces: Sequence[Piece]) -> dict[str, Any]:
         """Right-padded input_ids and attention_mask tensors for an encoder batch."""

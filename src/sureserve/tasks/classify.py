@@ -21,6 +21,10 @@ class ClassifyTask(Task):
         return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
 
     @property
+    def width(self) -> int:
+        return len(self.labels)
+
+    @property
     def multi_label(self) -> bool:
         return self.loaded.config.get("problem_type") == "multi_label_classification"
 
@@ -44,10 +48,11 @@ class ClassifyTask(Task):
         """One result per text: the top label and score, or the ``top_k`` best.
 
         ``top_k=1`` (default) gives ``{"label", "score"}``; ``top_k=N`` or ``None`` (all)
-        gives a list of such dicts, best first.
+        gives a list of such dicts, best first. ``raw_scores=True``: logits instead of
+        probabilities.
         """
         top_k = options.get("top_k", 1)
-        probs = self.probabilities(rows)
+        probs = rows if options.get("raw_scores") else self.probabilities(rows)
         labels = self.labels
         out: list[Any] = []
         for p in probs:
@@ -55,3 +60,9 @@ class ClassifyTask(Task):
             ranked = [{"label": labels[j], "score": float(p[j])} for j in order]
             out.append(ranked[0] if top_k == 1 else ranked[: top_k or None])
         return out
+
+    def flag(self, outputs: Any, summary: Any, first_index: int = 0) -> Any:
+        for i, item in enumerate(outputs):
+            for d in item if isinstance(item, list) else [item]:
+                d.update(summary.flags(first_index + i))
+        return outputs

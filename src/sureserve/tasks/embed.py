@@ -26,8 +26,8 @@ class EmbedTask(Task):
         return st.normalize if st else False
 
     @property
-    def dim(self) -> int:
-        return int(self.loaded.config.get("hidden_size", 0))
+    def width(self) -> int:
+        return self.loaded.hidden_size
 
     def forward(self, pieces: Sequence[Piece]) -> np.ndarray:
         import torch

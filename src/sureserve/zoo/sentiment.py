@@ -7,7 +7,7 @@ magnitude (label = sign of the rating), AdamW lr 1e-4 with linear decay, batch 3
 length 64. The first 1,000 sentences of a seeded shuffle are held out and never trained
 on; the held-out accuracy is written to ``build_report.json`` and the build fails below
 ``MIN_ACCURACY``. Training batches are cut from length-sorted pools (then shuffled) so
-that little compute is spent on padding: the same recipe, about 3x faster on 2 cores.
+that little compute is spent on padding (the same recipe, several times faster on a CPU).
 """
 
 from __future__ import annotations

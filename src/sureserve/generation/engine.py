@@ -1,7 +1,7 @@
 """Text generation with continuous batching over one left-padded KV cache.
 
-The scheduler (``batching/generation.py``) decides each step who joins and who decodes;
-this module does the tensor work and owns each request's life:
+The scheduler (``scheduler.py``) decides each step who joins and who decodes; this module
+does the tensor work and owns each request's life, in one ``Request`` record:
 
 - a joining prompt is prefilled on its own (so its numbers are exactly those of a lone
   ``model.generate``), then its keys and values are copied, right-aligned, into the next
@@ -11,9 +11,10 @@ this module does the tensor work and owns each request's life:
   leave at once (the last row takes their slot) and padding nobody needs is cut;
 - tokens are chosen per row (``sampling.choose``) and released as text through
   ``TextStream`` (stop strings across token boundaries, unfinished UTF-8 held back);
-- requests arrive from any thread (``submit``/``cancel`` only touch a locked inbox); one
-  thread at a time runs ``step``. The server runs steps on a worker thread; the Python API
-  runs them in the caller's thread, so two threads calling ``generate`` share batches.
+- requests arrive from any thread (``submit``/``cancel`` only touch a locked inbox), are
+  validated there once, and wait in the scheduler; one thread at a time runs ``step``. The
+  server runs steps on a worker thread (``worker.py``); the Python API runs them in the
+  caller's thread, so two threads calling ``generate`` share batches.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sureserve.batching.generation import GenerationScheduler
-from sureserve.errors import InputError
+from sureserve.errors import InputError, OverloadedError
+from sureserve.generation.sampling import RowState, SamplingParams, choose, new_generator
+from sureserve.generation.scheduler import GenerationScheduler
+from sureserve.generation.textstream import TextStream
 from sureserve.loading.inspect import kv_bytes_per_token
 from sureserve.loading.loader import Loaded
-from sureserve.tasks.sampling import RowState, SamplingParams, choose, new_generator
-from sureserve.tasks.textstream import TextStream
 
 if TYPE_CHECKING:
-    from sureserve.tasks.kvcache import PaddedKV  # imports torch: loaded on first use
+    from sureserve.generation.kvcache import PaddedKV  # imports torch: loaded on first use
 
 log = logging.getLogger("sureserve.generate")
 
@@ -69,7 +70,9 @@ class GenEvent:
 
 
 @dataclass
-class _Seq:
+class Request:
+    """One request, from submission to its last event (the scheduler holds it too)."""
+
     id: int
     prompt: list[int]
     params: SamplingParams
@@ -82,6 +85,10 @@ class _Seq:
     length: int = 0  # real tokens in the cache for this row
     done: Completion | None = None
 
+    @property
+    def reservation(self) -> int:
+        return len(self.prompt) + self.params.max_new_tokens
+
 
 class GenerationEngine:
     def __init__(self, loaded: Loaded, kv_budget_tokens: int = 65_536,
@@ -93,15 +100,16 @@ class GenerationEngine:
         self.context = int(loaded.limit.value)
         self.kv_budget_tokens = kv_budget_tokens
         self.bytes_per_token = kv_bytes_per_token(loaded.config, loaded.plan.dtype) or 0
-        self.sched = GenerationScheduler(kv_budget_tokens, self.context, max_running)
+        self.sched: GenerationScheduler[Request] = GenerationScheduler(
+            kv_budget_tokens, self.context, max_running)
         self.eos_ids = _eos_ids(loaded)
         self._ids = itertools.count()
-        self._inbox: list[_Seq] = []
+        self._inbox: list[Request] = []
         self._cancels: set[int] = set()
         self._lock = threading.Lock()  # inbox and cancels
         self._step_lock = threading.Lock()  # one step at a time
-        self._seqs: dict[int, _Seq] = {}  # scheduled (waiting or running)
-        self._rows: list[_Seq] = []  # running, in cache row order
+        self._seqs: dict[int, Request] = {}  # scheduled (waiting or running)
+        self._rows: list[Request] = []  # running, in cache row order
         self._finished: dict[int, Completion] = {}
         self._kv: PaddedKV | None = None  # created from the first prefill's shapes
 
@@ -126,19 +134,26 @@ class GenerationEngine:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               on_event: Callable[[GenEvent], None] | None = None) -> int:
-        """Queue one request; refused at once (with the numbers) if it could never fit."""
-        if not prompt_ids:
-            raise InputError("the prompt has no tokens", "send a non-empty prompt")
-        seq_id = next(self._ids)
-        self.sched.check(seq_id, len(prompt_ids), params.max_new_tokens)
-        seq = _Seq(seq_id, list(prompt_ids), params, TextStream(self.tok, params.stop),
-                   RowState(params, list(prompt_ids) if params.repetition_penalty != 1 else [],
-                            new_generator(params, self.device)), on_event)
+    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+               on_event: Callable[[GenEvent], None] | None = None,
+               max_waiting: int | None = None) -> list[int]:
+        """Queue requests (token ids), all or none: each is validated here, once, and one
+        that could never fit is refused at once with the numbers; then, if they would take
+        the waiting requests past ``max_waiting``, all are refused (429). Returns their ids."""
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise InputError(f"prompt {i} has no tokens", "send a non-empty prompt")
+            self.sched.check(len(ids), params.max_new_tokens, i)
         with self._lock:
-            self._inbox.append(seq)
-        return seq_id
+            if max_waiting is not None and self.waiting + len(prompts) > max_waiting:
+                raise OverloadedError.queue_full(self.waiting, len(prompts), max_waiting,
+                                                 "sequences")
+            made = [Request(next(self._ids), list(ids), params, TextStream(self.tok, params.stop),
+                            RowState(params, list(ids) if params.repetition_penalty != 1 else [],
+                                     new_generator(params, self.device)), on_event)
+                    for ids in prompts]
+            self._inbox.extend(made)
+        return [r.id for r in made]
 
     def cancel(self, seq_id: int) -> None:
         """Stop a request (client gone): its slot and cache rows are freed at the next step."""
@@ -181,7 +196,7 @@ class GenerationEngine:
         out: dict[int, Completion] = {}
         try:
             for p, sp in zip(prompts, plist, strict=True):
-                ids.append(self.submit(p, sp))
+                ids += self.submit([p], sp)
             while len(out) < len(ids):
                 self.step()
                 for i in ids:
@@ -196,7 +211,7 @@ class GenerationEngine:
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenEvent]:
         """Events of one request as they come; closing the iterator cancels the request."""
         events: list[GenEvent] = []
-        seq_id = self.submit(prompt_ids, params, events.append)
+        (seq_id,) = self.submit([prompt_ids], params, events.append)
         finished = False
         try:
             while not finished:
@@ -224,7 +239,7 @@ class GenerationEngine:
         with self._step_lock, torch.inference_mode():
             self._take_inbox()
             plan = self.sched.plan()
-            stepped: list[_Seq] = []
+            stepped: list[Request] = []
             if self._rows:
                 try:
                     stepped += self._decode()
@@ -242,12 +257,9 @@ class GenerationEngine:
                     log.exception("prefill failed for request %d", seq_id)
                     self._finish(seq, "error", error=f"the model raised on this prompt: {exc}")
             now = time.perf_counter()
-            produced = []
             for seq in stepped:
                 if seq.done is None:
-                    produced.append(seq.id)
                     self._advance(seq, now)
-            self.sched.update(produced, [])
             self._drop_finished()
 
     def _take_inbox(self) -> None:
@@ -256,14 +268,14 @@ class GenerationEngine:
             cancels, self._cancels = self._cancels, set()
         for seq in inbox:
             self._seqs[seq.id] = seq
-            self.sched.add(seq.id, len(seq.prompt), seq.params.max_new_tokens)
+            self.sched.add(seq)
         for seq_id in cancels:
             gone = self._seqs.get(seq_id)
             if gone is not None and gone.done is None:
                 self._finish(gone, "cancelled")
         self._drop_finished()
 
-    def _decode(self) -> list[_Seq]:
+    def _decode(self) -> list[Request]:
         import torch
 
         rows, kv = self._rows, self._kv
@@ -283,7 +295,7 @@ class GenerationEngine:
             s.tokens.append(t)
         return list(rows)
 
-    def _prefill(self, seq: _Seq) -> None:
+    def _prefill(self, seq: Request) -> None:
         import torch
 
         ids = torch.tensor([seq.prompt], device=self.device)
@@ -291,7 +303,7 @@ class GenerationEngine:
         token = choose(res.logits[:, -1], [seq.row])[0]
         layers = res.cache.layers
         if self._kv is None:
-            from sureserve.tasks.kvcache import PaddedKV
+            from sureserve.generation.kvcache import PaddedKV
 
             k0 = layers[0].keys
             self._kv = PaddedKV(len(layers), k0.shape[1], k0.shape[3], k0.dtype, k0.device,
@@ -301,7 +313,7 @@ class GenerationEngine:
         seq.tokens.append(token)
         self._rows.append(seq)
 
-    def _advance(self, seq: _Seq, now: float) -> None:
+    def _advance(self, seq: Request, now: float) -> None:
         """Turn the row's newest token into text and decide whether it is finished."""
         token = seq.tokens[-1]
         if seq.row.params.repetition_penalty != 1:
@@ -323,7 +335,7 @@ class GenerationEngine:
             seq.on_event(GenEvent(seq.id, delta, None, len(seq.prompt), len(seq.tokens),
                                   wait, first))
 
-    def _finish(self, seq: _Seq, reason: str, *, delta: str = "", wait: float = 0.0,
+    def _finish(self, seq: Request, reason: str, *, delta: str = "", wait: float = 0.0,
                 first: bool = False, error: str | None = None) -> None:
         seq.done = Completion(seq.text.released, reason, len(seq.prompt), len(seq.tokens),
                               list(seq.tokens), error)
@@ -339,7 +351,7 @@ class GenerationEngine:
         gone = [i for i, s in self._seqs.items() if s.done is not None]
         if not gone:
             return
-        self.sched.update((), gone)
+        self.sched.update(gone)
         for i in gone:
             del self._seqs[i]
         rows, kv = self._rows, self._kv

@@ -1,25 +1,25 @@
 """An in-place, left-padded KV cache for continuous batching.
 
 transformers' ``DynamicCache`` appends each step's keys and values with ``torch.cat``,
-copying the whole cache every step (11% of the time at 32 running sequences, measured),
-and adding or removing a row means rebuilding it. Here every layer's keys and values live
+copying the whole cache every step (a measurable share of a step: BENCHMARKS.md), and
+adding or removing a row means rebuilding it. Here every layer's keys and values live
 in one preallocated buffer ``(layers, rows, heads, columns, head_dim)`` with headroom:
 
-- the live window is columns ``[start, end)``; every row's real tokens end at ``end``
-  (left padding), and within the window a row is zero left of its tokens (so masked
+- the live span is columns ``[start, end)``; every row's real tokens end at ``end``
+  (left padding), and within the span a row is zero left of its tokens (so masked
   positions can never carry NaN or inf into the attention product);
 - a step writes its new column in place (``end`` then advances);
 - a joining row's prefilled keys/values are copied into the next free row slot, right
   aligned; a leaving row is replaced by the last row (one row copied, not the cache), and
   the caller mirrors that swap in its own row order;
 - the buffer is reallocated (amortised) when rows or columns run out, or when more than
-  ``COLUMN_HEADROOM`` dead columns have piled up left of the window (``start`` moves right
-  for free when the longest row leaves); row slots grow by a quarter and shrink back when
-  under-used. So the allocation stays within ~1.25x the live rows (+4) and
-  2 x COLUMN_HEADROOM columns of the live window: the memory the scheduler reserves, plus
-  bounded headroom.
+  ``COLUMN_HEADROOM`` dead columns have piled up left of the span (``start`` moves right
+  for free when the longest row leaves); row slots grow by a quarter and are given back once
+  more than half again the live rows. So the allocation stays within 1.5x the live rows
+  (at least 4) and 2 x COLUMN_HEADROOM columns of the live span: the memory the scheduler
+  reserves, plus bounded headroom.
 
-The model sees a ``transformers.Cache`` whose layers return views of the window.
+The model sees a ``transformers.Cache`` whose layers return views of the span.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 COLUMN_HEADROOM = 32  # free columns after a reallocation; also the most dead ones kept
 
 
-class _WindowLayer(DynamicLayer):
+class _SpanLayer(DynamicLayer):
     """One model layer's view of the store (the model calls ``update`` once per step)."""
 
     def __init__(self, store: PaddedKV, index: int) -> None:  # no super(): no own tensors
@@ -81,7 +81,7 @@ class PaddedKV:
         self.start = self.end = 0
         self.k = self.v = torch.zeros((layers, 0, heads, 0, head_dim), dtype=dtype,
                                       device=self.device)
-        self.cache = Cache(layers=[_WindowLayer(self, i) for i in range(layers)])
+        self.cache = Cache(layers=[_SpanLayer(self, i) for i in range(layers)])
 
     @property
     def width(self) -> int:
@@ -92,7 +92,7 @@ class PaddedKV:
         return 2 * self.k.numel() * self.k.element_size()
 
     def _realloc(self, rows: int, left: int, right: int) -> None:
-        """New buffers holding the window at column ``left`` with ``right`` free columns
+        """New buffers holding the span at column ``left`` with ``right`` free columns
         after it (and ``rows`` row slots); the live rows are copied over."""
         width = self.width
         k = torch.zeros((self.layers, rows, self.heads, left + width + right, self.head_dim),
@@ -122,7 +122,7 @@ class PaddedKV:
             self._realloc(min(self.max_rows, max(self.n + 1, rows + rows // 4, 4)),
                           max(length - self.width, 0), COLUMN_HEADROOM)
         new_start = min(self.start, self.end - length)
-        if new_start < self.start:  # the window grows left: keep the zero invariant
+        if new_start < self.start:  # the span grows left: keep the zero invariant
             self.k[:, :self.n, :, new_start:self.start] = 0
             self.v[:, :self.n, :, new_start:self.start] = 0
         r = self.n

@@ -1,0 +1,1 @@
+"""Text generation: continuous batching over one KV cache (see engine.py)."""

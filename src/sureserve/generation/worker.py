@@ -1,0 +1,93 @@
+"""The server's side of generation: one stepping thread per model, events to asyncio.
+
+``GenWorker`` runs ``GenerationEngine.step`` on its own thread whenever there is work, so
+the event loop only forwards text deltas (delivered thread-safely into one asyncio queue
+per HTTP request). Backpressure: the engine's ``submit`` refuses a request that could
+never fit the KV budget or the context (413) and one that would take the waiting
+sequences past ``max_queue_inputs`` (429), before anything is queued. A consumer that
+stops listening (client gone) has its sequences cancelled: their cache rows are freed at
+the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from sureserve.errors import OverloadedError
+from sureserve.generation.engine import GenerationEngine, GenEvent
+from sureserve.generation.sampling import SamplingParams
+from sureserve.server.metrics import Metrics
+from sureserve.settings import Settings
+
+
+class GenWorker:
+    def __init__(self, name: str, engine: GenerationEngine, settings: Settings,
+                 metrics: Metrics) -> None:
+        self.name, self.engine, self.settings, self.metrics = name, engine, settings, metrics
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"generate-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        m, engine = self.metrics, self.engine
+        while not self._stopping:
+            if not engine.has_work:
+                self._wake.wait(0.2)
+                self._wake.clear()
+                continue
+            start = time.perf_counter()
+            engine.step()  # never raises for a bad request: those finish with an error
+            m.step_seconds.labels(self.name).observe(time.perf_counter() - start)
+            m.gen_running.labels(self.name).set(engine.running)
+            m.gen_waiting.labels(self.name).set(engine.waiting)
+            m.kv_reserved.labels(self.name).set(engine.reserved_tokens)
+            m.kv_bytes.labels(self.name).set(engine.cache_bytes)
+
+    def submit(self, prompts: Sequence[list[int]], params: SamplingParams
+               ) -> AsyncIterator[tuple[int, GenEvent]]:
+        """Queue the prompts now (or refuse them: 429 over capacity, 413 never fits), so
+        that a refusal comes before a stream's 200; returns (prompt index, event) pairs
+        until every prompt finished. Closing the iterator early cancels the rest."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenEvent] = asyncio.Queue()
+        m, name = self.metrics, self.name
+
+        def on_event(ev: GenEvent) -> None:  # runs on the stepping thread
+            if ev.finish_reason not in ("cancelled", "error"):  # one event = one token
+                (m.ttft if ev.first else m.itl).labels(name).observe(ev.wait_s)
+                m.gen_tokens.labels(name).inc()
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        try:
+            ids = self.engine.submit(prompts, params, on_event, self.settings.max_queue_inputs)
+        except OverloadedError:
+            self.metrics.rejected.inc()
+            raise
+        self._wake.set()
+        return self._events(ids, queue)
+
+    async def _events(self, ids: list[int], queue: asyncio.Queue[GenEvent]
+                      ) -> AsyncIterator[tuple[int, GenEvent]]:
+        index = {rid: k for k, rid in enumerate(ids)}
+        open_ = set(ids)
+        try:
+            while open_:
+                ev = await queue.get()
+                if ev.finish_reason is not None:
+                    open_.discard(ev.seq_id)
+                yield index[ev.seq_id], ev
+        finally:
+            for rid in open_:
+                self.engine.cancel(rid)
+            self._wake.set()

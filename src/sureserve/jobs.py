@@ -1,0 +1,79 @@
+"""Offline file jobs (``sureserve embed|classify``): read texts in windows, run each window
+through the engine's one path (``Engine.run``), write results in input order as they come.
+
+Each window is ``planner_window`` texts, so memory stays bounded on files larger than RAM;
+every JSONL row carries ``index`` (0-based among the texts read), ``line`` (1-based in the
+file), ``truncated`` and ``chunks``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sureserve.engine import RunSummary
+from sureserve.errors import BadLineError, InputError
+from sureserve.settings import Settings
+from sureserve.textio import JsonlWriter, NpyWriter, Record, read_records, windows
+
+
+def _records(texts: list[str] | None, input_file: Path | None, field: str, skip: bool,
+             skipped: list[BadLineError]) -> Iterator[Record]:
+    if texts and input_file:
+        raise InputError("texts given as arguments and with --input", "give one or the other")
+    if texts:
+        return iter([Record(i + 1, t) for i, t in enumerate(texts)])
+    if input_file is None:
+        return read_records(sys.stdin.buffer, ".txt", skip=skip, skipped=skipped)
+    fh = open(input_file, "rb")  # noqa: SIM115 - closed when the process ends
+    return read_records(fh, input_file.suffix.lower(), field=field, skip=skip, skipped=skipped)
+
+
+def run_file_job(task_name: str, model: str, texts: list[str] | None, input_file: Path | None,
+                 output: Path | None, field: str, settings: Settings, report: Any,
+                 **options: Any) -> RunSummary:
+    """Embed or classify every text; ``options`` go to the task's post-processing
+    (``normalize``; ``top_k``). ``report`` prints the skipped lines and the summary."""
+    from tqdm.auto import tqdm
+
+    import sureserve
+
+    skipped: list[BadLineError] = []
+    records = _records(texts, input_file, field, settings.skip_bad_lines, skipped)
+    engine = sureserve.load(model, task=task_name, settings=settings)
+    npy = output is not None and output.suffix == ".npy"
+    writer: JsonlWriter | NpyWriter = NpyWriter(output) if npy and output else \
+        JsonlWriter(output)
+    total = RunSummary()
+    bar = tqdm(unit="text", desc=task_name, disable=None, file=sys.stderr)
+    done = 0
+    try:
+        for win in windows(records, settings.planner_window):
+            res = engine.run([r.text for r in win], first_index=done,
+                             on_texts_done=bar.update, **options)
+            if isinstance(writer, NpyWriter):
+                writer.write(res.outputs)
+            else:
+                writer.write(_row(task_name, done + i, r.line, out, res.summary, options)
+                             for i, (r, out) in enumerate(zip(win, res.outputs, strict=True)))
+            total.add(res.summary)
+            done += len(win)
+    finally:
+        writer.close()
+        bar.close()
+        for bad in skipped:
+            report(f"[yellow]skipped[/] {bad.message}")
+        report(f"{task_name}: {total.line()}" + (f", {len(skipped)} bad lines skipped"
+                                                  if skipped else ""))
+    return total
+
+
+def _row(task_name: str, index: int, line: int, out: Any, summary: RunSummary,
+         options: dict[str, Any]) -> dict[str, Any]:
+    if task_name == "embed":
+        item: dict[str, Any] = {"embedding": out.tolist()}
+    else:
+        item = dict(out) if options.get("top_k") == 1 else {"labels": out}
+    return {**item, "index": index, "line": line, **summary.flags(index)}

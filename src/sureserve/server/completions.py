@@ -1,0 +1,199 @@
+"""OpenAI completions and chat completions over the generation worker.
+
+A request is tokenized (chat template included) on the server's tokenizer pool, then
+submitted to the model's ``GenWorker``, which validates it once and refuses it (413 never
+fits, 429 over capacity) before a stream's 200 goes out; text deltas come back as events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
+from sureserve.generation.engine import GenEvent
+from sureserve.generation.sampling import SamplingParams
+from sureserve.server import schemas as S
+from sureserve.server.http import OPENAI_ERRORS, until_done_or_gone
+from sureserve.server.state import ServerState
+from sureserve.settings import Settings
+
+#: accepted and ignored: they do not change the output
+HARMLESS_EXTRAS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+#: OpenAI parameters refused unless they have their neutral value
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "top_logprobs":
+           None, "logit_bias": None, "echo": False, "suffix": None, "best_of": 1,
+           "tools": None, "tool_choice": None, "functions": None, "response_format": None}
+MAX_N = 16
+Events = AsyncIterator[tuple[int, GenEvent]]
+Chunk = Callable[..., dict[str, Any]]
+
+
+# ---- routes -----------------------------------------------------------------------------
+
+def _params(body: S._GenParams, max_tokens: int | None, settings: Settings) -> SamplingParams:
+    extras = dict(body.model_extra or {})
+    refused = [k for k, v in extras.items() if k in NEUTRAL and v not in (NEUTRAL[k], None)]
+    unknown = [k for k in extras if k not in NEUTRAL and k not in HARMLESS_EXTRAS]
+    if refused or unknown:
+        names = ", ".join(refused + unknown)
+        raise InputError(f"unsupported parameter(s): {names}",
+                         "remove them (use repetition_penalty instead of frequency/presence "
+                         "penalties); sureserve refuses what it would otherwise ignore")
+    if not 1 <= body.n <= MAX_N:
+        raise InputError(f"n={body.n} is invalid: it must be between 1 and {MAX_N}",
+                         "send a smaller n")
+    return SamplingParams(max_new_tokens=max_tokens or settings.max_new_tokens,
+                          temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                          repetition_penalty=body.repetition_penalty, stop=body.stop or (),
+                          seed=body.seed)
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+def install_generation_routes(app: FastAPI, state: ServerState) -> None:
+    settings: Settings = state.settings
+
+    async def submit(body: S._GenParams, prompts: list[Any], max_tokens: int | None
+                     ) -> tuple[str, Events, list[int]]:
+        """Tokenize off the event loop and queue every sequence; returns the model's name,
+        its events and the prompts' token counts."""
+        slot, engine = state.pick(body.model, "generate")
+        params = _params(body, max_tokens, settings)
+        state.within_client_batch(len(prompts) * body.n, f"{len(prompts)} prompts x "
+                                  f"n={body.n} sequences in one request")
+        if slot.gen is None or engine.generation is None:
+            raise NotReadyError(f"model {slot.name} is not generating", "wait for GET /health")
+        gen, worker = engine.generation, slot.gen
+        encoded = await asyncio.get_running_loop().run_in_executor(
+            state.tokenize, lambda: [gen.encode(p) for p in prompts])
+        seqs = [ids for ids in encoded for _ in range(body.n)]
+        return slot.name, worker.submit(seqs, params), [len(x) for x in encoded]
+
+    async def collect(events: Events, count: int) -> list[GenEvent]:
+        last: dict[int, GenEvent] = {}
+        async for k, ev in events:
+            if ev.finish_reason is not None:
+                if ev.error:
+                    raise _model_error(ev.error)
+                last[k] = ev
+        return [last[k] for k in range(count)]
+
+    def envelope(rid: str, obj: str, created: int, model: str, choices: list[dict[str, Any]],
+                 use: S.CompletionUsage | None) -> dict[str, Any]:
+        out = {"id": rid, "object": obj, "created": created, "model": model,
+               "choices": choices}
+        if use is not None:
+            out["usage"] = use.model_dump()
+        return out
+
+    def usage(done: list[GenEvent], prompt_tokens: list[int]) -> S.CompletionUsage:
+        p = sum(prompt_tokens)
+        c = sum(ev.completion_tokens for ev in done)
+        return S.CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+    def stream(events: Events, prompt_tokens: list[int], body: Any, chunk: Chunk
+               ) -> StreamingResponse:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def sse() -> AsyncIterator[bytes]:
+            done: list[GenEvent] = []
+            try:
+                async for k, ev in events:
+                    if ev.error:
+                        yield _sse(_model_error(ev.error).openai_body())
+                        continue
+                    if ev.delta or ev.finish_reason:
+                        yield _sse(chunk(k, ev.delta, ev.finish_reason))
+                    if ev.finish_reason:
+                        done.append(ev)
+                if include_usage:
+                    yield _sse(chunk(None, "", None, usage(done, prompt_tokens)))
+                yield b"data: [DONE]\n\n"
+            except SureserveError as exc:  # refused after the headers went out
+                yield _sse(exc.openai_body())
+                yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions", response_model=S.CompletionResponse,
+              responses=OPENAI_ERRORS)
+    async def completions(body: S.CompletionRequest, request: Request) -> Any:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise InputError("prompt is an empty list", "send at least one prompt")
+        name, events, prompt_tokens = await submit(body, prompts, body.max_tokens)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(k: int | None, text: str, reason: str | None,
+                  use: S.CompletionUsage | None = None) -> dict[str, Any]:
+            choices = [] if k is None else [{"index": k, "text": text, "logprobs": None,
+                                             "finish_reason": reason}]
+            return envelope(rid, "text_completion", created, name, choices, use)
+
+        if body.stream:
+            return stream(events, prompt_tokens, body, chunk)
+        done = await until_done_or_gone(request, collect(events, len(prompt_tokens) * body.n))
+        return S.CompletionResponse(
+            id=rid, created=created, model=name, usage=usage(done, prompt_tokens),
+            choices=[S.CompletionChoice(index=k, text=_text(ev), finish_reason=_reason(ev))
+                     for k, ev in enumerate(done)])
+
+    @app.post("/v1/chat/completions", response_model=S.ChatCompletionResponse,
+              responses=OPENAI_ERRORS)
+    async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Any:
+        if not body.messages:
+            raise InputError("messages is empty", "send at least one message")
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str)
+                     else "".join(p.text for p in m.content)} for m in body.messages]
+        name, events, prompt_tokens = await submit(body, [messages],
+                                                   body.max_completion_tokens or body.max_tokens)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        started: set[int] = set()
+
+        def chunk(k: int | None, text: str, reason: str | None,
+                  use: S.CompletionUsage | None = None) -> dict[str, Any]:
+            choices: list[dict[str, Any]] = []
+            if k is not None:
+                delta: dict[str, Any] = {}
+                if k not in started:  # the first chunk of a choice names the role
+                    started.add(k)
+                    delta["role"] = "assistant"
+                if text or not reason:
+                    delta["content"] = text
+                choices = [{"index": k, "delta": delta, "logprobs": None,
+                            "finish_reason": reason}]
+            return envelope(rid, "chat.completion.chunk", created, name, choices, use)
+
+        if body.stream:
+            return stream(events, prompt_tokens, body, chunk)
+        done = await until_done_or_gone(request, collect(events, len(prompt_tokens) * body.n))
+        return S.ChatCompletionResponse(
+            id=rid, created=created, model=name, usage=usage(done, prompt_tokens),
+            choices=[S.ChatChoice(index=k, message=S.AssistantMessage(content=_text(ev)),
+                                  finish_reason=_reason(ev))
+                     for k, ev in enumerate(done)])
+
+
+def _model_error(message: str) -> InferenceError:
+    return InferenceError(message, "check the prompt; other requests were not affected")
+
+
+def _reason(ev: GenEvent) -> Literal["stop", "length"]:
+    # what a collected (finished, not failed, not cancelled) sequence can end with
+    return "length" if ev.finish_reason == "length" else "stop"
+
+
+def _text(ev: GenEvent) -> str:
+    return ev.completion.text if ev.completion is not None else ""
