@@ -98,7 +98,7 @@ def test_queue_is_bounded_and_a_cancelled_request_leaves_nothing_behind() -> Non
         with pytest.raises(OverloadedError, match="SURESERVE_MAX_QUEUE_INPUTS"):
             await b.queue(_pieces(1, 2)[0] + _pieces(3)[0])  # 2 + 2 > 3
         waiting.cancel()  # the client went away before its pieces ran
-        await asyncio.sleep(0)
+        await asyncio.gather(waiting, return_exceptions=True)
         assert b.depth == 0
         assert float((await first)[0][0]) == 7
         await b.stop()

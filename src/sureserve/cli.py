@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import sys
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +34,10 @@ ALIASES = {"attn_implementation": ("--attn",), "max_new_tokens": ("-n",)}
 
 def _flag(name: str) -> inspect.Parameter:
     """A CLI option for one Settings field: None when not given, so env and default apply."""
-    kind = Settings.model_fields[name].annotation
-    base = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
-    flag_type: Any = str if typing.get_origin(base[0]) is typing.Literal else base[0]
+    kind: Any = Settings.model_fields[name].annotation
+    if isinstance(kind, types.UnionType):  # X | None: the flag is X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    flag_type: Any = str if typing.get_origin(kind) is typing.Literal else kind
     dashed = "--" + name.replace("_", "-")
     decls = (f"{dashed}/--no-{dashed[2:]}",) if flag_type is bool else (dashed,)
     opt = typer.Option(*decls, *ALIASES.get(name, ()), help=Settings.help(name),

@@ -56,38 +56,31 @@ class SureserveError(Exception):
 
 
 class SettingsError(SureserveError):
-    http_status = 400
-    code = "invalid_setting"
+    http_status, code = 400, "invalid_setting"
 
 
 class ModelSourceError(SureserveError):
-    http_status = 404
-    code = "model_not_found"
+    http_status, code = 404, "model_not_found"
 
 
 class UnsafeWeightsError(ModelSourceError):
-    http_status = 400
-    code = "unsafe_weights"
+    http_status, code = 400, "unsafe_weights"
 
 
 class TaskMismatchError(SureserveError):
-    http_status = 400
-    code = "task_mismatch"
+    http_status, code = 400, "task_mismatch"
 
 
 class BuildError(SureserveError):
-    http_status = 500
-    code = "build_failed"
+    http_status, code = 500, "build_failed"
 
 
 class InputError(SureserveError):
-    http_status = 422
-    code = "invalid_input"
+    http_status, code = 422, "invalid_input"
 
 
 class InputTooLongError(InputError):
-    http_status = 413
-    code = "input_too_long"
+    http_status, code = 413, "input_too_long"
 
     def __init__(
         self, message: str, fix: str = "", *, index: int = -1, length: int = 0, limit: int = 0
@@ -99,8 +92,7 @@ class InputTooLongError(InputError):
 
 
 class TooManyInputsError(InputError):
-    http_status = 413
-    code = "too_many_inputs"
+    http_status, code = 413, "too_many_inputs"
 
 
 class BadLineError(InputError):
@@ -112,8 +104,7 @@ class BadLineError(InputError):
 
 
 class OverloadedError(SureserveError):
-    http_status = 429
-    code = "overloaded"
+    http_status, code = 429, "overloaded"
 
     def __init__(self, message: str, fix: str = "", *, retry_after_s: float = 1.0) -> None:
         super().__init__(message, fix)
@@ -129,25 +120,21 @@ class OverloadedError(SureserveError):
 
 
 class AuthError(SureserveError):
-    http_status = 401
-    code = "unauthorized"
+    http_status, code = 401, "unauthorized"
 
 
 class NotReadyError(SureserveError):
-    http_status = 503
-    code = "model_not_ready"
+    http_status, code = 503, "model_not_ready"
 
 
 class ClientGoneError(SureserveError):
-    http_status = 499  # nginx's "client closed request": nobody reads it, logs and metrics do
-    code = "client_disconnected"
+    # nginx's "client closed request": nobody reads the answer; logs and metrics do
+    http_status, code = 499, "client_disconnected"
 
 
 class GateError(SureserveError):
-    http_status = 503
-    code = "gate_failed"
+    http_status, code = 503, "gate_failed"
 
 
 class InferenceError(SureserveError):
-    http_status = 500
-    code = "inference_failed"
+    http_status, code = 500, "inference_failed"

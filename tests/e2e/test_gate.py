@@ -11,9 +11,9 @@ import pytest
 
 import sureserve
 from sureserve.errors import GateError
-from sureserve.gate import mutations as M
 from sureserve.settings import Settings
 from sureserve.zoo import ZOO
+from tests import mutations as M
 
 pytestmark = pytest.mark.e2e
 

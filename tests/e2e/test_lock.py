@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sureserve.gate import mutations as M
 from sureserve.settings import Settings
 from sureserve.zoo import ZOO
+from tests import mutations as M
 
 pytestmark = pytest.mark.e2e
 

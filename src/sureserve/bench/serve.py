@@ -242,60 +242,47 @@ def run_lag_probe(seconds: float = 15.0, big_inputs: int = 256, out: Path | None
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """A small request's latency while another client sends ``big_inputs``-text requests.
 
-    One client sends one short text per request, another polls ``/health`` (no model: it
-    measures only how soon the event loop gets to it); measured alone, then while a third
-    client sends requests of ``big_inputs`` news articles (``"truncate": true``) back to
-    back. What the big requests cost on the loop (tokenizing, post-processing) shows in
-    the ``/health`` latencies; the shared forward passes show in the small ``/embed``."""
+    One client sends one short text per request, another ``GET /health`` every 20 ms (no
+    model: how soon the event loop gets to it); alone, then while a third client sends
+    requests of ``big_inputs`` news articles (``"truncate": true``) back to back. What the
+    big requests cost on the loop shows in ``/health`` and the loop-lag metric; the forward
+    passes they share with the small request show in ``/embed``."""
     from sureserve.zoo.corpora import load_bbc
 
-    articles = [t for _, t in load_bbc()][:big_inputs]
-    big = json.dumps({"inputs": articles, "truncate": True}).encode()
-    small = json.dumps({"inputs": "A quiet, well made film."}).encode()
+    bodies = {"embed": json.dumps({"inputs": "A quiet, well made film."}).encode(), "health":
+              b"", "big": json.dumps({"inputs": [t for _, t in load_bbc()][:big_inputs],
+                                      "truncate": True}).encode()}
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start([sys.executable, "-m", "sureserve.cli", "serve", "minilm",
-                   "--port", str(port)], url)
+    proc = _start([sys.executable, "-m", "sureserve.cli", "serve", "minilm", "--port",
+                   str(port)], url)
 
-    async def phase(with_big: bool) -> dict[str, Any]:
-        stop_at = time.perf_counter() + seconds
-        lat: dict[str, list[float]] = {"embed": [], "health": []}
-        bigs = 0
+    async def phase(kinds: tuple[str, ...]) -> dict[str, Any]:
+        stop_at, lag0 = time.perf_counter() + seconds, _lag_sum(url)
+        lat: dict[str, list[float]] = {k: [] for k in kinds}
 
-        async def loop(kind: str, path: str, body: bytes | None) -> None:
-            nonlocal bigs
+        async def client(kind: str) -> None:
             conn = _Conn("127.0.0.1", port)
-            try:
-                for _ in range(100_000):  # bounded; the deadline ends it first
-                    if time.perf_counter() > stop_at:
-                        return
-                    t0 = time.perf_counter()
-                    await conn.post(path, body or b"", "GET" if body is None else "POST")
-                    if kind == "big":
-                        bigs += 1
-                    else:
-                        lat[kind].append((time.perf_counter() - t0) * 1000)
-                    if kind == "health":
-                        await asyncio.sleep(0.02)
-            finally:
-                conn.close()
+            for _ in range(100_000):  # bounded; the deadline ends it first
+                if time.perf_counter() > stop_at:
+                    break
+                t0 = time.perf_counter()
+                await conn.post(f"/{'embed' if kind != 'health' else kind}", bodies[kind],
+                                "GET" if kind == "health" else "POST")
+                lat[kind].append((time.perf_counter() - t0) * 1000)
+                await asyncio.sleep(0.02 if kind == "health" else 0)
+            conn.close()
 
-        lag0 = _lag_sum(url)
-        jobs = [loop("embed", "/embed", small), loop("health", "/health", None)]
-        if with_big:
-            jobs.append(loop("big", "/embed", big))
-        await asyncio.gather(*jobs)
-        row: dict[str, Any] = {"big_requests": bigs, "loop_lag_s": _lag_sum(url) - lag0}
-        for kind, values in lat.items():
-            a = np.asarray(values)
-            row[kind] = {"n": len(a), **{f"p{q}_ms": round(float(np.percentile(a, q)), 1)
-                                         for q in (50, 90, 99)}}
-        return row
+        await asyncio.gather(*(client(k) for k in kinds))
+        return {"loop_lag_s": round(_lag_sum(url) - lag0, 3), **{
+            k: {"n": len(v), **{f"p{q}_ms": round(float(np.percentile(v, q)), 1)
+                                for q in (50, 90, 99)}} for k, v in lat.items()}}
 
     try:
-        asyncio.run(phase(False))  # warm-up
+        asyncio.run(phase(("embed", "health")))  # warm-up
         report = {"big_inputs": big_inputs, "seconds": seconds,
-                  "alone": asyncio.run(phase(False)), "with_big": asyncio.run(phase(True))}
+                  "alone": asyncio.run(phase(("embed", "health"))),
+                  "with_big": asyncio.run(phase(("embed", "health", "big")))}
     finally:
         _stop(proc)
     log(json.dumps(report))
@@ -303,6 +290,13 @@ def run_lag_probe(seconds: float = 15.0, big_inputs: int = 256, out: Path | None
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _lag_sum(url: str) -> float:
+    """Seconds the server's event loop ran late so far (0 where it has no such metric)."""
+    m = re.search(r"^sureserve_event_loop_lag_seconds_sum (\S+)$",
+                  httpx.get(f"{url}/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -321,9 +315,3 @@ def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
                       str(r["errors"]))
     Console(width=200).print(t)
 
-
-def _lag_sum(url: str) -> float:
-    """Seconds the server's event loop ran late so far (0 where it has no such metric)."""
-    m = re.search(r"^sureserve_event_loop_lag_seconds_sum (\S+)$",
-                  httpx.get(f"{url}/metrics").text, re.M)
-    return float(m.group(1)) if m else 0.0
