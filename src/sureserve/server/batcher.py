@@ -38,6 +38,7 @@ from sureserve.tasks.base import Task
 from sureserve.tasks.embed import EmbedTask
 
 log = logging.getLogger("sureserve.server")
+INLINE_CHARS = 2048  # tokenized on the event loop up to this many characters per request
 
 
 @dataclass
@@ -90,7 +91,10 @@ class Batcher:
         policy = "truncate" if truncate else self.settings.truncation
         submit = functools.partial(self.engine.submit, texts, truncation=policy)
         try:
-            job = await asyncio.get_running_loop().run_in_executor(self.tokenize, submit)
+            # a few short texts tokenize faster than the hop to another thread costs
+            # (BENCHMARKS.md); anything bigger goes to the pool, off the event loop
+            job = submit() if sum(map(len, texts)) <= INLINE_CHARS else \
+                await asyncio.get_running_loop().run_in_executor(self.tokenize, submit)
         except InputTooLongError as exc:
             raise InputTooLongError(
                 exc.message, 'send "truncate": true to cut it (the cut is counted in '
