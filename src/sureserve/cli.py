@@ -329,6 +329,11 @@ def _report(message: str) -> None:
     err.print(message, highlight=False)
 
 
+def _one_source(texts: list[str] | None, input_file: Path | None) -> None:
+    if texts and input_file:  # a usage error: exit 2, like click's own
+        raise typer.BadParameter("give texts as arguments or --input, not both")
+
+
 @app.command()
 @with_settings("source", "plan", "batching")
 def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm",
@@ -342,6 +347,7 @@ def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm"
     """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
     from sureserve.jobs import run_file_job
 
+    _one_source(texts, input_file)
     run_file_job("embed", model, texts, input_file, output, field, settings, _report,
                  normalize=normalize)
 
@@ -357,6 +363,7 @@ def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sent
     """Classify texts; writes one JSON line per text in input order."""
     from sureserve.jobs import run_file_job
 
+    _one_source(texts, input_file)
     run_file_job("classify", model, texts, input_file, output, field, settings, _report,
                  top_k=top_k or None)
 

@@ -149,8 +149,6 @@ class Engine:
         """Merge the pieces' rows per text and post-process them (``options`` go to the
         task: ``normalize``, ``top_k``, ``raw_scores``)."""
         task = self.text_task()
-        if len(rows) == 0:
-            rows = np.zeros((0, task.width), np.float32)
         merged = merge(job.pieces, rows, job.summary.texts, job.first_index)
         summary = job.summary
         summary.seconds = time.perf_counter() - job.started

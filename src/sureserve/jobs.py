@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from sureserve.engine import RunSummary
-from sureserve.errors import BadLineError, InputError
+from sureserve.errors import BadLineError
 from sureserve.settings import Settings
 from sureserve.textio import JsonlWriter, NpyWriter, Record, read_records, windows
 
 
 def _records(texts: list[str] | None, input_file: Path | None, field: str, skip: bool,
              skipped: list[BadLineError]) -> Iterator[Record]:
-    if texts and input_file:
-        raise InputError("texts given as arguments and with --input", "give one or the other")
-    if texts:
+    if texts:  # the CLI refuses texts given together with --input
         return iter([Record(i + 1, t) for i, t in enumerate(texts)])
     if input_file is None:
         return read_records(sys.stdin.buffer, ".txt", skip=skip, skipped=skipped)
@@ -75,5 +73,7 @@ def _row(task_name: str, index: int, line: int, out: Any, summary: RunSummary,
     if task_name == "embed":
         item: dict[str, Any] = {"embedding": out.tolist()}
     else:
-        item = dict(out) if options.get("top_k") == 1 else {"labels": out}
+        # each label dict: label and score (the row itself carries the flags)
+        item = dict(out) if options.get("top_k") == 1 else {
+            "labels": [{"label": d["label"], "score": d["score"]} for d in out]}
     return {**item, "index": index, "line": line, **summary.flags(index)}

@@ -37,3 +37,20 @@ def test_serve_bench_runs_end_to_end(tmp_path: Path) -> None:
     ratio = row["req_per_s"] / offline
     assert row["vs_offline"] == pytest.approx(ratio, abs=5e-4 + ratio * 0.05 / offline + 1e-9)
     assert "not run" in rep["infinity"]
+
+
+def test_loop_probe_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "loop.json"
+    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "bench", "loop", "--seconds",
+                        "1", "--big", "8", "-o", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["big_inputs"] == 8 and set(rep) >= {"alone", "with_big"}
+    assert set(rep["alone"]) == {"loop_lag_s", "embed", "health"}
+    big = rep["with_big"]
+    assert big["big"]["n"] >= 1 and big["health"]["n"] >= 1 and big["embed"]["n"] >= 1
+    assert big["loop_lag_s"] >= 0 and big["health"]["p50_ms"] > 0

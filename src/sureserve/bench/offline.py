@@ -118,7 +118,7 @@ def run_bench(kind: str, n: int = 2000, long_share: float = 0.05, seed: int = 0,
 
     def ours(e: Any) -> tuple[Any, int]:
         res = e.run(texts)
-        outs = res.outputs if kind == "embed" else _softmax(res.rows)
+        outs = res.outputs if kind == "embed" else e.task.probabilities(res.rows)
         return outs, res.summary.computed_tokens
 
     engine.embed(texts[:16]) if kind == "embed" else engine.classify(texts[:16])  # warm-up
