@@ -7,10 +7,12 @@ from typing import Any
 
 from sureserve.engine import Engine
 from sureserve.errors import GateError
+from sureserve.gate.lock import check_quantization
 from sureserve.gate.report import GateReport
 from sureserve.gate.run import run_gate
 from sureserve.loading import loader
 from sureserve.loading.describe import describe
+from sureserve.quantize.methods import Recipe
 from sureserve.settings import Settings
 
 log = logging.getLogger("sureserve")
@@ -78,10 +80,17 @@ def check(model: str, tokenizer: str | None = None, task: str | None = None,
 
 
 def _load_and_gate(identifier: str, task: str | None, revision: str | None,
-                   tokenizer: str | None, s: Settings) -> tuple[Engine, GateReport]:
-    loaded = loader.load(identifier, task=task, revision=revision, settings=s, tokenizer=tokenizer)
+                   tokenizer: str | None, s: Settings,
+                   recipe: Recipe | None = None) -> tuple[Engine, GateReport]:
+    """Load and run the gate; ``recipe``: quantize this way (``sureserve quantize``'s
+    candidates, measured right after, so without the "not evaluated" warning)."""
+    loaded = loader.load(identifier, task=task, revision=revision, settings=s, tokenizer=tokenizer,
+                         recipe=recipe)
     engine = Engine(loaded, s)
     engine.gate_report = report = run_gate(loaded, engine.task)
+    quantized = check_quantization(engine)
+    if quantized is not None:
+        report.checks.append(quantized)
     return engine, report
 
 

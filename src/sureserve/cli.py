@@ -260,6 +260,54 @@ def chat_cmd(settings: Settings, model: GenModel = "smollm2",
 
 
 @app.command()
+@with_settings("source")
+def quantize(
+    model: ModelArg, settings: Settings,
+    eval_file: Annotated[Path, typer.Option("--eval", help="Texts typical of your traffic "
+                                            "(.txt, .jsonl or .csv): a quarter (at most 64) "
+                                            "calibrate the layer search, the rest measure.")],
+    field_name: Annotated[str, typer.Option("--field", help="JSONL field or CSV column of "
+                                            "the text.")] = "text",
+    label_field: Annotated[str | None, typer.Option(
+        "--label-field", help="Field of gold labels (classify): accuracy and its drop.")] = None,
+    methods: Annotated[str | None, typer.Option(
+        "--methods", help="Comma-separated candidates (default: every method for the "
+        "task).")] = None,
+    min_cosine: Annotated[float, typer.Option(help="embed: accept when the worst text's "
+                                              "cosine with full precision is at least this.")]
+    = 0.99,
+    min_agreement: Annotated[float, typer.Option(help="classify: share of texts keeping "
+                                                 "their label.")] = 0.99,
+    max_accuracy_drop: Annotated[float, typer.Option(help="classify with labels: accuracy "
+                                                     "points.")] = 1.0,
+    max_perplexity_increase: Annotated[float, typer.Option(
+        help="generate: relative perplexity increase (0.05 = 5%).")] = 0.05,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the chosen "
+                                                "candidate as a model folder here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure precision/quantization candidates on your texts; keep the fastest that holds.
+    Exit 0: one was accepted; 3: none was; 2: usage error."""
+    from sureserve.quantize import measure, run
+    from sureserve.quantize.methods import get as get_method
+
+    texts, labels = run.read_eval(eval_file, field_name, label_field)
+    wanted = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    for name in wanted or ():
+        get_method(name)  # an unknown name is a usage error before anything loads
+    thresholds = measure.Thresholds(min_cosine, min_agreement, max_accuracy_drop,
+                                    max_perplexity_increase)
+    rep = run.quantize(model, texts, labels, methods=wanted, thresholds=thresholds,
+                       output=output, settings=settings,
+                       say=(lambda m: None) if as_json else _report)
+    if as_json:
+        print(run.as_json(rep))
+    else:
+        run.print_report(rep, Console(width=160))
+    raise typer.Exit(0 if rep["chosen"] else 3)
+
+
+@app.command()
 @with_settings("source", "plan")
 def lock(model: ModelArg, settings: Settings,
          output: Annotated[Path, typer.Option("--output", "-o")] = Path("sureserve.lock"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sureserve.errors import SettingsError
@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         default=None,
         description="Attention kernel: sdpa, eager or flash_attention_2. Default: sdpa; "
         "flash_attention_2 when installed on a GPU with compute capability >= 8.0.",
+    )
+    quantization: str | None = Field(
+        default=None,
+        description="Quantize at load: int8-dynamic, int8-weight-only, int4-weight-only, bf16, "
+        "fp16 (CPU); bnb-int8, bnb-nf4, bf16-flash (CUDA). Unmeasured, so it warns: prefer "
+        "`sureserve quantize MODEL --eval FILE -o DIR` and load DIR.",
     )
     accept_gate_failure: bool = Field(
         default=False,
@@ -184,6 +190,15 @@ class Settings(BaseSettings):
             raise SettingsError(f"invalid setting: {problems}", "check the flag or the "
                                 "SURESERVE_* environment variable of that name") from exc
 
+    @field_validator("quantization")
+    @classmethod
+    def _known_method(cls, value: str | None) -> str | None:
+        from sureserve.quantize.methods import METHODS
+
+        if value is not None and value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; use one of {', '.join(METHODS)}")
+        return value
+
     @classmethod
     def help(cls, name: str) -> str:
         """Help text of one field plus its environment variable, for CLI flags."""
@@ -212,7 +227,7 @@ class Settings(BaseSettings):
 #: which commands get which flags: each command names the groups it takes
 GROUPS: dict[str, tuple[str, ...]] = {
     "source": ("home", "allow_download", "allow_pickle", "trust_remote_code"),
-    "plan": ("device", "dtype", "attn_implementation", "accept_gate_failure"),
+    "plan": ("device", "dtype", "attn_implementation", "quantization", "accept_gate_failure"),
     "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens"),

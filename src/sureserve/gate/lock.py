@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from sureserve.gate import probe_texts as P
-from sureserve.gate.probes import TOLERANCE
+from sureserve.gate.probes import tolerance
+from sureserve.gate.report import Check
 
 LOCK_VERSION = 1
 PROBE_TEXTS = [P.PARAGRAPH, *P.DIVERSE]
@@ -66,14 +67,14 @@ def tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
 
 def golden_outputs(engine: Any) -> dict[str, Any]:
     """What the model answers on the probe texts, as plain lists."""
-    dtype = engine.loaded.plan.dtype
-    tol = TOLERANCE.get(dtype, 1e-4)
+    dtype = engine.loaded.precision
+    tol = tolerance(dtype)
     if engine.task_name == "embed":
         vecs = engine.embed(PROBE_TEXTS, truncation="truncate")
         return {"kind": "embeddings", "dtype": dtype, "tolerance": tol,
                 "values": np.round(vecs, 6).tolist()}
     if engine.task_name == "classify":
-        rows, _ = engine.run(PROBE_TEXTS, truncation="truncate")
+        rows = engine.run(PROBE_TEXTS, truncation="truncate").rows
         return {"kind": "probabilities", "dtype": dtype, "tolerance": tol,
                 "values": np.round(engine.task.probabilities(rows), 6).tolist()}
     return _decoder_golden(engine, dtype, tol)
@@ -94,6 +95,28 @@ def _decoder_golden(engine: Any, dtype: str, tol: float) -> dict[str, Any]:
     return {"kind": "next-token top-5", "dtype": dtype, "tolerance": tol * 10, "values": probs}
 
 
+def check_quantization(engine: Any) -> Check | None:
+    """For a quantized model: evaluated or not, and — for a folder written by ``sureserve
+    quantize`` — whether the re-applied recipe still answers as it did when accepted."""
+    recipe = engine.loaded.quantization
+    if recipe is None or (recipe.evaluated and not recipe.golden):
+        return None  # not quantized, or a candidate being measured right now
+    if not recipe.evaluated:
+        return Check("quantization", "warn", f"{recipe.method} applied at load, never "
+                     "measured on your data", "run `sureserve quantize MODEL --eval FILE "
+                     f"--methods {recipe.method} -o DIR` and load DIR")
+    rep = VerifyReport()
+    _diff_outputs(recipe.golden, golden_outputs(engine), rep)
+    evidence = (f"{recipe.method} re-applied: largest difference from the outputs measured "
+                f"when it was accepted {rep.max_drift:.2e} (tolerance "
+                f"{float(recipe.golden['tolerance']):g})")
+    if rep.outputs:
+        return Check("quantization", "fail", evidence + ": " + "; ".join(rep.outputs[:3]),
+                     "this machine's kernels or libraries answer differently: run "
+                     "`sureserve quantize` again here")
+    return Check("quantization", "pass", evidence)
+
+
 def write_lock(engine: Any, out: Path) -> dict[str, Any]:
     loaded = engine.loaded
     src, tsrc = loaded.source, loaded.tokenizer_source
@@ -106,7 +129,9 @@ def write_lock(engine: Any, out: Path) -> dict[str, Any]:
         "files": file_hashes(src.path),
         "tokenizer_files": file_hashes(tsrc.path) if tsrc.path != src.path else None,
         "versions": versions(),
-        "plan": {"device": loaded.plan.device, "dtype": loaded.plan.dtype},
+        "plan": {"device": loaded.plan.device, "dtype": loaded.plan.dtype,
+                 "quantization": loaded.quantization.to_dict() | {"golden": None}
+                 if loaded.quantization else None},
         "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
         "outputs": golden_outputs(engine),
     }
@@ -170,6 +195,11 @@ def verify(lock: dict[str, Any], engine: Any) -> VerifyReport:
     for key in ("normalizer", "pre_tokenizer", "special_tokens"):
         if fp_old.get(key) != fp_new.get(key):
             rep.tokenizer.append(f"{key} settings changed")
+    old_q = (lock.get("plan") or {}).get("quantization") or {}
+    new_q = loaded.quantization
+    if old_q.get("method") != (new_q.method if new_q else None):
+        rep.outputs.append(f"quantization {old_q.get('method') or 'none'} -> "
+                           f"{new_q.method if new_q else 'none'}")
     _diff_outputs(lock["outputs"], golden_outputs(engine), rep)
     return rep
 

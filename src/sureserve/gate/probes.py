@@ -27,6 +27,15 @@ EMBED_COLLAPSE_COS = 0.95
 CLASSIFY_COLLAPSE_SPREAD = 0.05
 # Absolute tolerances by dtype: batch invariance, packing, and the lockfile's outputs.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+
+def tolerance(precision: str) -> float:
+    """Tolerance for a dtype, or for a quantization method (its own, in methods.py)."""
+    from sureserve.quantize.methods import METHODS
+
+    if precision in TOLERANCE:
+        return TOLERANCE[precision]
+    return METHODS[precision].tolerance if precision in METHODS else TOLERANCE["float32"]
 # LM affinity: shuffled-token loss must exceed the real loss by this many nats per token.
 LM_MARGIN = 1.0
 
@@ -150,7 +159,7 @@ def check_generate_collapse(next_tokens: list[str]) -> Check:
 
 
 def check_invariance(alone: np.ndarray, batched: np.ndarray, dtype: str, what: str) -> Check:
-    tol = TOLERANCE.get(dtype, 1e-4)
+    tol = tolerance(dtype)
     diff = float(np.abs(alone - batched).max())
     evidence = (f"largest difference of {what} alone vs inside a padded batch of very "
                 f"different lengths: {diff:.2e} (tolerance {tol:g} for {dtype})")

@@ -58,11 +58,11 @@ def _encoder_probes(loaded: Loaded, task: Any) -> list[Check]:
         out = task.postprocess(together, normalize=True)
         return [probes.check_embed_collapse(out),
                 probes.check_invariance(task.postprocess(alone, normalize=True), out,
-                                        loaded.plan.dtype, "unit embeddings")]
+                                        loaded.precision, "unit embeddings")]
     probs_together = task.probabilities(together)
     return [probes.check_classify_collapse(probs_together, task.labels),
             probes.check_invariance(task.probabilities(alone), probs_together,
-                                    loaded.plan.dtype, "class probabilities")]
+                                    loaded.precision, "class probabilities")]
 
 
 def _decoder_probes(loaded: Loaded) -> list[Check]:
@@ -93,7 +93,7 @@ def _decoder_probes(loaded: Loaded) -> list[Check]:
     next_tokens = [tok.decode([int(i)]) for i in alone.argmax(-1).tolist()]
     return [
         probes.check_generate_collapse(next_tokens),
-        probes.check_invariance(alone.cpu().numpy(), batched.cpu().numpy(), loaded.plan.dtype,
+        probes.check_invariance(alone.cpu().numpy(), batched.cpu().numpy(), loaded.precision,
                                 "next-token probabilities (left padding, positions from mask)"),
         probes.check_lm_affinity(loss, shuffled),
     ]

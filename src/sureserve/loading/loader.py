@@ -23,6 +23,7 @@ from sureserve.loading.inspect import (
 )
 from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
 from sureserve.loading.source import Source, resolve, vet_weights
+from sureserve.quantize import methods as Q
 from sureserve.settings import Settings
 
 log = logging.getLogger("sureserve.loading")
@@ -48,6 +49,13 @@ class Loaded:
     load_seconds: float = 0.0
     #: the tokenizer had no pad token and eos is used in its place (decoders)
     pad_from_eos: bool = False
+    quantization: Q.Recipe | None = None
+
+    @property
+    def precision(self) -> str:
+        """The quantization method when there is one, else the dtype: what tolerances and
+        lockfiles are keyed by."""
+        return self.quantization.method if self.quantization else self.plan.dtype
 
     @property
     def hidden_size(self) -> int:
@@ -72,6 +80,7 @@ def load(
     revision: str | None = None,
     settings: Settings | None = None,
     tokenizer: str | None = None,
+    recipe: Q.Recipe | None = None,
 ) -> Loaded:
     import transformers
 
@@ -81,8 +90,27 @@ def load(
     config = read_json(source.path / "config.json")
     task = infer_task(source.path, config, task)
     use_safetensors = vet_weights(source.path, settings.allow_pickle)
-    plan = make_plan(detect_caps(), settings.device, settings.dtype, settings.attn_implementation)
+    caps = detect_caps()
+    recipe = recipe or quantization_recipe(source.path, settings)
+    method = Q.get(recipe.method) if recipe else None
+    dtype, attn = settings.dtype, settings.attn_implementation
+    if method is not None:  # the method decides the dtype (and attention, for bf16-flash)
+        dtype, attn = method.dtype, method.attn or attn
+    plan = make_plan(caps, settings.device, dtype, attn)
     warnings = list(plan.warnings)
+    if method is not None and recipe is not None:
+        why = Q.unavailable(method, task, plan.device, caps)
+        if why:
+            raise ModelSourceError(f"quantization {method.name} cannot be used here: {why}",
+                                   "load the base model, or run `sureserve quantize` on this "
+                                   "machine to choose a method that runs here")
+        if not recipe.evaluated:
+            warnings.append(
+                f"quantization {method.name} is NOT EVALUATED on your data: its cost in "
+                "accuracy is unknown (torch's int8 minilm embeddings measured cosine 0.89 with "
+                "fp32 here). Measure it: "
+                f"`sureserve quantize {identifier} --eval FILE --methods {method.name} -o DIR`, "
+                "then load DIR")
 
     tok_source = source
     if tokenizer is not None and tokenizer != identifier:
@@ -93,8 +121,17 @@ def load(
     tok = load_tokenizer(tok_source)
 
     model = _load_model(getattr(transformers, AUTO_CLASSES[task]), source, task, plan,
-                        use_safetensors, settings, warnings)
-    model.to(plan.device).eval()
+                        use_safetensors, settings, warnings,
+                        Q.load_kwargs(method, recipe.keep) if method and recipe else {})
+    if getattr(model, "hf_device_map", None) is None:  # bitsandbytes places its own weights
+        model.to(plan.device)
+    model.eval()
+    if method is not None and recipe is not None:
+        left = Q.apply(model, method, recipe.keep)
+        if left:
+            warnings.append(f"{len(left)} linear layers stay in full precision because "
+                            f"{method.name}'s kernel cannot take their shape: "
+                            + ", ".join(left[:5]))
 
     st = sentence_transformers_config(source.path)
     limit = usable_max(config, getattr(tok, "model_max_length", None), st)
@@ -102,11 +139,25 @@ def load(
     for w in warnings:
         log.warning(w)
     return Loaded(model, tok, source, tok_source, task, plan, config, st, limit, warnings,
-                  time.perf_counter() - started, pad_from_eos)
+                  time.perf_counter() - started, pad_from_eos, recipe)
+
+
+def quantization_recipe(folder: Any, settings: Settings) -> Q.Recipe | None:
+    """A quantized folder's own recipe, or the ``quantization`` setting (not evaluated)."""
+    stored = Q.read_recipe(folder)
+    wanted = settings.quantization
+    if stored is not None:
+        if wanted is not None and wanted != stored.method:
+            raise ModelSourceError(
+                f"{folder} was quantized with {stored.method}, and {wanted} was asked for",
+                "drop --quantization (the folder's own method applies), or quantize the "
+                f"base model {stored.base} instead")
+        return stored
+    return Q.Recipe(Q.get(wanted).name) if wanted is not None else None
 
 
 def _load_model(cls: Any, source: Source, task: str, plan: LoadPlan, use_safetensors: bool,
-                settings: Settings, warnings: list[str]) -> Any:
+                settings: Settings, warnings: list[str], extra_kwargs: dict[str, Any]) -> Any:
     """from_pretrained with our plan; weights left out of the checkpoint become a warning.
 
     transformers prints its own load report; we take its facts instead (so that a head that
@@ -118,7 +169,7 @@ def _load_model(cls: Any, source: Source, task: str, plan: LoadPlan, use_safeten
     kwargs: dict[str, Any] = dict(
         dtype=getattr(torch, plan.dtype), attn_implementation=plan.attn_implementation,
         use_safetensors=use_safetensors, trust_remote_code=settings.trust_remote_code,
-        output_loading_info=True)
+        output_loading_info=True, **extra_kwargs)
     # Embeddings pool the token states themselves: BERT-style pooler heads would be computed
     # for nothing (and their weights are often untrained).
     extra = {"add_pooling_layer": False} if task == "embed" else {}

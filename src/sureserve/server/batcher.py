@@ -271,7 +271,7 @@ def _may_pack(name: str, engine: Engine, settings: Settings) -> bool:
     gate's probe texts (packed vs one at a time) within the batch-invariance tolerance, so
     that packing can never change an answer beyond float rounding."""
     from sureserve.gate.probe_texts import DIVERSE, LONG
-    from sureserve.gate.probes import TOLERANCE
+    from sureserve.gate.probes import tolerance
 
     task = engine.task
     why: str | None
@@ -284,7 +284,7 @@ def _may_pack(name: str, engine: Engine, settings: Settings) -> bool:
     if why is None and isinstance(task, EmbedTask):
         probe = task.to_pieces([*DIVERSE, LONG], "truncate").pieces
         diff = task.check_packing(probe)
-        tol = TOLERANCE.get(engine.loaded.plan.dtype, 1e-4)
+        tol = tolerance(engine.loaded.precision)
         if diff <= tol:
             log.info("%s: packed batches on (largest difference to padded %.1e)", name, diff)
             return True

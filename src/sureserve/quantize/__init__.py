@@ -1,0 +1,1 @@
+"""Precision and quantization: methods, measured candidates (``sureserve quantize``)."""

@@ -1,0 +1,229 @@
+"""Precision and quantization methods: what each one is, where it runs, how it is applied.
+
+A method is applied to a model that was loaded in full precision, by swapping its linear
+layers (``apply``), or — for bitsandbytes — by ``from_pretrained`` itself (``load_kwargs``).
+Either way it is a *recipe* (method + the layers kept in full precision), so a quantized
+model folder stores the recipe and the original weights, and loading it re-applies the
+same deterministic transformation; the gate then compares its outputs with the golden
+outputs measured when it was accepted.
+
+Methods, and why these libraries (measured, see BENCHMARKS.md "Precision and fit"):
+- ``bf16``/``fp16``: plain dtypes. On CPUs without native bf16 they are far slower, so
+  ``sureserve quantize`` keeps them only when they measure faster.
+- ``int8-dynamic``: int8 weights (per output channel) and int8 activations quantized per
+  call: torch's own dynamic quantization (fbgemm/x86 kernels, no extra dependency).
+- ``int8-weight-only`` / ``int4-weight-only``: int8 (per channel) or 4-bit (per group of
+  32) weights, activations in float, with torch's packed CPU matmul kernels
+  (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); these save memory and help
+  memory-bound decoding, not compute-bound encoder batches.
+- ``bnb-int8``/``bnb-nf4``: bitsandbytes LLM.int8 and 4-bit NF4 through transformers'
+  ``BitsAndBytesConfig`` (CUDA).
+- ``bf16-flash``: bf16 weights with flash_attention_2 (CUDA, flash_attn installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import warnings
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sureserve.errors import SettingsError
+
+if TYPE_CHECKING:
+    from sureserve.loading.plan import DeviceCaps
+
+# Heads stay in full precision: they are small next to the body, and quantizing the
+# output projection is where quantized models lose the most (bitsandbytes keeps lm_head
+# too). A user can still see them in the report.
+HEAD_NAMES = ("lm_head", "classifier", "score", "pooler")
+INT4_GROUP = 32
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    tasks: tuple[str, ...]
+    device: str  # "cpu" | "cuda" | "any"
+    #: single linear layers can be kept in full precision (sensitivity search applies)
+    layerwise: bool
+    #: largest output difference the gate accepts between two runs of the same inputs
+    #: (alone vs in a padded batch; re-applied recipe vs its golden outputs)
+    tolerance: float
+    summary: str
+    dtype: str = "float32"  # the dtype of the rest of the model
+    attn: str | None = None
+
+
+ALL = ("embed", "classify", "generate")
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("bf16", ALL, "any", False, 3e-2, "bfloat16 weights and activations", "bfloat16"),
+    Method("fp16", ALL, "any", False, 1e-2, "float16 weights and activations", "float16"),
+    # activations are quantized with one scale per call, so padding rows and other texts in
+    # the batch move a text's result a little: the tolerance says how much is accepted
+    Method("int8-dynamic", ALL, "cpu", True, 6e-2,
+           "int8 weights per channel, int8 activations per call (torch dynamic quantization)"),
+    Method("int8-weight-only", ALL, "cpu", True, 1e-3,
+           "int8 weights per channel, float activations (torch packed int8 matmul)"),
+    Method("int4-weight-only", ("generate",), "cpu", True, 1e-3,
+           f"4-bit weights in groups of {INT4_GROUP}, float activations (torch int4 matmul)"),
+    Method("bnb-int8", ALL, "cuda", True, 6e-2, "bitsandbytes LLM.int8 (8-bit weights, "
+           "outliers in fp16)", "float16"),
+    Method("bnb-nf4", ("generate",), "cuda", True, 6e-2, "bitsandbytes 4-bit NF4 weights, "
+           "bf16 compute", "bfloat16"),
+    Method("bf16-flash", ALL, "cuda", False, 3e-2, "bfloat16 with flash_attention_2",
+           "bfloat16", "flash_attention_2"),
+)}
+
+
+RECIPE_FILE = "sureserve_quantization.json"
+REPORT_FILE = "quantization_report.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model was (or is to be) quantized: enough to re-apply it exactly."""
+
+    method: str
+    keep: tuple[str, ...] = ()  # linear layers left in full precision
+    #: measured and accepted by ``sureserve quantize`` (False: a bare load(quantization=))
+    evaluated: bool = False
+    base: str | None = None  # the model it was made from
+    golden: dict[str, Any] | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "full_precision_layers": list(self.keep),
+                "evaluated": self.evaluated, "base_model": self.base, "golden": self.golden}
+
+
+def read_recipe(folder: Path) -> Recipe | None:
+    """The recipe stored in a folder written by ``sureserve quantize -o``, if any."""
+    path = folder / RECIPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        return Recipe(str(d["method"]), tuple(d.get("full_precision_layers") or ()),
+                      bool(d.get("evaluated")), d.get("base_model"), d.get("golden"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SettingsError(f"{path} is not a readable quantization recipe: {exc}",
+                            "re-create the folder with `sureserve quantize ... -o DIR`") from exc
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise SettingsError(f"unknown quantization method {name!r}",
+                            f"use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def unavailable(method: Method, task: str, device: str, caps: DeviceCaps) -> str | None:
+    """Why ``method`` cannot run for ``task`` on ``device`` here, or None when it can."""
+    if task not in method.tasks:
+        return f"not a {task} method (it applies to {', '.join(method.tasks)})"
+    on_cuda = device.startswith("cuda")
+    if method.device == "cuda" and not on_cuda:
+        return "needs a CUDA GPU (bitsandbytes' and flash attention's kernels are CUDA)" \
+            if method.name != "bf16-flash" else "flash attention needs a CUDA GPU"
+    if method.device == "cpu" and on_cuda:
+        return "a CPU kernel; on CUDA the 8-bit/4-bit candidates are bnb-int8 and bnb-nf4"
+    if method.name.startswith("bnb-") and importlib.util.find_spec("bitsandbytes") is None:
+        return "the bitsandbytes package is not installed (pip install bitsandbytes)"
+    if method.name == "bf16-flash":
+        if not caps.flash_attn_installed:
+            return "the flash_attn package is not installed"
+        if (caps.cuda_capability or (0, 0)) < (8, 0):
+            return "flash attention needs compute capability >= 8.0"
+    if method.device == "cpu" and method.name != "int8-dynamic":
+        import torch
+
+        op = "_weight_int4pack_mm_for_cpu" if "int4" in method.name else "_weight_int8pack_mm"
+        if not hasattr(torch.ops.aten, op):
+            return f"this torch build has no {op} kernel"
+    return None
+
+
+def linear_layers(model: Any) -> list[str]:
+    """Names of the linear layers a layerwise method quantizes (heads excluded)."""
+    import torch
+
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+            and not any(part in HEAD_NAMES for part in name.split("."))]
+
+
+def load_kwargs(method: Method, keep: Collection[str]) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for methods that act at load time (bitsandbytes)."""
+    if not method.name.startswith("bnb-"):
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = sorted(set(keep) | set(HEAD_NAMES))
+    if method.name == "bnb-int8":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True,
+                                                          llm_int8_skip_modules=skip)}
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=skip)}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # torch announces that its eager quantization API will move to torchao; we chose it
+    # knowingly (it is the fastest int8 path measured here) and pin torch.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def quantize_layer(method: Method, linear: Any) -> Any:
+    """A quantized replacement for one ``torch.nn.Linear`` (CPU methods)."""
+    from sureserve.quantize import kernels
+
+    with _quiet():
+        return kernels.LAYERS[method.name](linear)
+
+
+def apply(model: Any, method: Method, keep: Collection[str] = ()) -> list[str]:
+    """Quantize ``model``'s linear layers in place, except ``keep``; returns the layers that
+    stayed in full precision because the kernel cannot take their shape."""
+    if not method.layerwise or method.device != "cpu":
+        return []
+    skipped: list[str] = []
+    for name in linear_layers(model):
+        if name in keep:
+            continue
+        linear = model.get_submodule(name)
+        if method.name == "int4-weight-only" and linear.in_features % INT4_GROUP:
+            skipped.append(name)
+            continue
+        model.set_submodule(name, quantize_layer(method, linear))
+    return skipped
+
+
+def weights_bytes(model: Any) -> int:
+    """Bytes the model's weights take in memory, quantized packs included."""
+    import torch
+
+    total = 0
+    seen: set[int] = set()
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            if t.data_ptr() in seen:  # tied weights count once
+                return
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        elif isinstance(t, tuple | list):
+            for x in t:
+                add(x)
+
+    for value in model.state_dict(keep_vars=True).values():
+        add(value)
+    return total

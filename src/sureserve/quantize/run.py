@@ -1,0 +1,419 @@
+"""``sureserve quantize``: measure every candidate on the user's own texts, keep the ones
+that hold, choose the fastest.
+
+    eval file → split: calibration slice (sensitivity search only) | eval split (verdicts)
+    baseline  fp32, measured on the eval split: outputs, speed, weights, peak memory
+    candidate loaded through the same path as serving (so the gate runs on it too);
+              measured the same way; fidelity below the threshold and the method can keep
+              single layers in full precision → sensitivity search on the calibration slice
+    verdict   accepted / rejected (fidelity, gate, or not faster here) / skipped (cannot run)
+    output    the chosen recipe + the base weights + the report: a folder ``load`` takes
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sureserve.errors import InputError
+from sureserve.quantize import measure as M
+from sureserve.quantize import methods as Q
+from sureserve.settings import Settings
+
+log = logging.getLogger("sureserve.quantize")
+
+#: the calibration slice: a quarter of the file, capped (the search runs it once per layer)
+CALIBRATION_CAP = {"embed": 64, "classify": 64, "generate": 12}
+#: generation is measured on this many prompts of the eval split, this many new tokens
+GEN_PROMPTS, GEN_TOKENS, NLL_TEXTS, NLL_MAX_TOKENS = 32, 32, 64, 256
+MIN_TEXTS = 10
+
+
+@dataclass
+class Measured:
+    """One model measured on the eval split."""
+
+    outputs: Any  # embed: vectors; classify: probabilities; generate: (token lists, nll)
+    per_second: float  # texts/s (embed, classify) or generated tokens/s (generate)
+    weights_mib: float
+    peak_rss_mib: float
+
+
+@dataclass
+class Candidate:
+    method: str
+    status: str = "skipped"  # accepted | rejected | skipped
+    reason: str = ""
+    speedup: float | None = None
+    weights_mib: float | None = None
+    peak_rss_mib: float | None = None
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    full_precision_layers: list[str] = field(default_factory=list)
+    search: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        f = self.fidelity
+        return {"method": self.method, "status": self.status, "reason": self.reason,
+                "speedup": _r(self.speedup), "weights_mib": _r(self.weights_mib),
+                "peak_rss_mib": _r(self.peak_rss_mib),
+                "min_cosine": _r(f.get("min_cosine"), 5), "p1_cosine": _r(f.get("p1_cosine"), 5),
+                "mean_cosine": _r(f.get("mean_cosine"), 5),
+                "neighbour_overlap": _r(f.get("neighbour_overlap")),
+                "agreement": _r(f.get("agreement"), 4),
+                "max_probability_diff": _r(f.get("max_probability_diff"), 4),
+                "accuracy": _r(f.get("accuracy"), 4), "accuracy_drop": _r(f.get("accuracy_drop")),
+                "greedy_agreement": _r(f.get("greedy_agreement")),
+                "first_divergence": f.get("first_divergence"),
+                "perplexity": _r(f.get("perplexity")),
+                "perplexity_increase": _r(f.get("perplexity_increase"), 4),
+                "full_precision_layers": list(self.full_precision_layers),
+                "search": self.search}
+
+
+def _r(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def read_eval(path: Path, field_name: str = "text", label_field: str | None = None
+              ) -> tuple[list[str], list[str] | None]:
+    """Texts (and labels, when ``label_field`` is given) of a .txt, .jsonl or .csv file."""
+    import csv
+
+    if not path.is_file():
+        raise InputError(f"the eval file {path} does not exist", "pass --eval FILE")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        if label_field:
+            raise InputError("a .txt eval file has no label column",
+                             "use .jsonl or .csv for --label-field")
+        return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()], None
+    if suffix == ".jsonl":
+        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()
+                if ln.strip()]
+    elif suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        raise InputError(f"unknown eval file type {suffix!r}", "use .txt, .jsonl or .csv")
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or field_name not in row:
+            raise InputError(f"record {n} of {path} has no field {field_name!r}",
+                             "name the text field with --field")
+        if label_field and label_field not in row:
+            raise InputError(f"record {n} of {path} has no label field {label_field!r}",
+                             "name the label field with --label-field")
+    texts = [str(r[field_name]) for r in rows]
+    return texts, [str(r[label_field]) for r in rows] if label_field else None
+
+
+def label_indices(labels: Sequence[str], names: Sequence[str]) -> list[int]:
+    """Gold labels as class indices: by label name, or as the index itself."""
+    lookup = {n.lower(): i for i, n in enumerate(names)}
+    out = []
+    for raw in labels:
+        key = raw.strip().lower()
+        if key in lookup:
+            out.append(lookup[key])
+        elif key.isdigit() and int(key) < len(names):
+            out.append(int(key))
+        else:
+            raise InputError(f"label {raw!r} is not one of the model's labels "
+                             f"({', '.join(names)})", "fix the label field, or drop "
+                             "--label-field to measure agreement only")
+    return out
+
+
+def split(n: int, task: str, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(calibration indices, eval indices): disjoint, deterministic."""
+    if n < MIN_TEXTS:
+        raise InputError(f"the eval file has {n} texts; quantize needs at least {MIN_TEXTS}",
+                         "give a few hundred texts typical of your traffic")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = max(2, min(CALIBRATION_CAP[task], n // 4))
+    return sorted(order[:k]), sorted(order[k:])
+
+
+class Runner:
+    """Measures models of one task on fixed texts (timing, memory, outputs)."""
+
+    def __init__(self, task: str, texts: list[str]) -> None:
+        self.task, self.texts = task, texts
+
+    def outputs(self, engine: Any, texts: Sequence[str] | None = None) -> Any:
+        texts = list(self.texts if texts is None else texts)
+        if self.task == "embed":
+            return engine.run(texts, truncation="truncate").rows
+        if self.task == "classify":
+            return engine.task.probabilities(engine.run(texts, truncation="truncate").rows)
+        prompts = texts[:GEN_PROMPTS]
+        done = engine.complete(prompts, max_new_tokens=GEN_TOKENS, temperature=0.0)
+        return [c.token_ids for c in done], mean_nll(engine, texts[:NLL_TEXTS])
+
+    def measure(self, engine: Any) -> Measured:
+        from sureserve.bench.harness import RssSampler
+
+        self.outputs(engine, self.texts[:4])  # warm-up
+        best: float = float("inf")
+        out: Any = None
+        with RssSampler() as rss:
+            for _ in range(3):  # best of up to 3 passes, for short eval files
+                t = time.perf_counter()
+                out = self.outputs(engine)
+                best = min(best, time.perf_counter() - t)
+                if best > 2.0:
+                    break
+        work = (sum(len(ids) for ids in out[0]) if self.task == "generate"
+                else len(self.texts))
+        return Measured(out, work / best, Q.weights_bytes(engine.model) / 2**20, rss.peak / 2**20)
+
+    def fidelity(self, ref: Any, cand: Any, labels: list[int] | None) -> dict[str, Any]:
+        if self.task == "embed":
+            return M.embed_fidelity(ref, cand)
+        if self.task == "classify":
+            return M.classify_fidelity(ref, cand, labels)
+        return M.generate_fidelity(ref[0], cand[0], ref[1], cand[1])
+
+
+def mean_nll(engine: Any, texts: Sequence[str]) -> float:
+    """Mean next-token negative log-likelihood over the texts (teacher forcing)."""
+    import torch
+
+    tok, model, device = engine.tokenizer, engine.model, engine.loaded.plan.device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tok(text)["input_ids"][:NLL_MAX_TOKENS]
+            if len(ids) < 2:
+                continue
+            x = torch.tensor([ids], device=device)
+            total += float(model(input_ids=x, labels=x).loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    return total / max(count, 1)
+
+
+def sensitivity_search(engine: Any, base_model: Any, runner: Runner, ref: Any,
+                       method: Q.Method, task: str, thresholds: M.Thresholds,
+                       labels: list[int] | None) -> tuple[list[str] | None, dict[str, Any]]:
+    """The fewest linear layers to keep in full precision so that the calibration slice
+    holds the threshold with a margin (``Thresholds.tightened``); None when even keeping
+    all but one layer does not.
+
+    Each layer is scored by the damage of quantizing it alone; then the k most damaging
+    are restored for the smallest k (binary search) that passes.
+    """
+    model = engine.model
+    names = [n for n in Q.linear_layers(base_model)
+             if type(model.get_submodule(n)) is not type(base_model.get_submodule(n))]
+    quantized = {n: model.get_submodule(n) for n in names}
+    full = {n: copy.deepcopy(base_model.get_submodule(n)) for n in names}
+
+    def configure(keep: set[str]) -> None:
+        for n in names:
+            model.set_submodule(n, full[n] if n in keep else quantized[n])
+
+    started = time.perf_counter()
+    damage: dict[str, float] = {}
+    for n in names:  # quantize only n
+        configure(set(names) - {n})
+        damage[n] = M.damage(task, runner.fidelity(ref, runner.outputs(engine), labels))
+    ranked = sorted(names, key=lambda n: -damage[n])
+
+    def holds(k: int) -> bool:
+        configure(set(ranked[:k]))
+        fid = runner.fidelity(ref, runner.outputs(engine), labels)
+        return M.verdict(task, fid, thresholds.tightened()) is None
+
+    lo, hi = 1, len(names) - 1  # keeping every layer is no quantization at all
+    if hi < 1 or not holds(hi):
+        configure(set())
+        return None, {"layers": len(names), "seconds": round(time.perf_counter() - started, 1)}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    keep = ranked[:lo]
+    configure(set(keep))
+    info = {"layers": len(names), "kept": len(keep),
+            "worst": [{"layer": n, "damage": round(damage[n], 5)} for n in ranked[:5]],
+            "seconds": round(time.perf_counter() - started, 1)}
+    return keep, info
+
+
+def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
+             methods: Sequence[str] | None = None,
+             thresholds: M.Thresholds | None = None, output: Path | None = None,
+             settings: Settings | None = None,
+             say: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Measure candidates of ``model`` on ``texts``; the report (see ``--json``)."""
+    from sureserve.api import _load_and_gate as load_and_gate
+    from sureserve.api import load
+    from sureserve.loading.plan import detect_caps
+
+    thresholds = thresholds or M.Thresholds()
+    base_settings = (settings or Settings()).model_copy(
+        update={"dtype": "float32", "quantization": None, "attn_implementation": None})
+    say(f"loading the full-precision baseline of {model}")
+    baseline = load(model, settings=base_settings)
+    task = baseline.task_name
+    if baseline.loaded.quantization is not None:
+        raise InputError(f"{model} is already quantized ({baseline.loaded.quantization.method})",
+                         "quantize its base model instead")
+    calib_idx, eval_idx = split(len(texts), task)
+    gold = None
+    if labels is not None:
+        if task != "classify":
+            raise InputError("--label-field applies to classification models only",
+                             "drop --label-field")
+        gold_all = label_indices(labels, baseline.text_task().labels)  # type: ignore[attr-defined]
+        gold = [gold_all[i] for i in eval_idx]
+        calib_gold = [gold_all[i] for i in calib_idx]
+    runner = Runner(task, [texts[i] for i in eval_idx])
+    calib = Runner(task, [texts[i] for i in calib_idx])
+    say(f"measuring the baseline on {len(eval_idx)} eval texts "
+        f"({len(calib_idx)} more are the calibration slice)")
+    base = runner.measure(baseline)
+    calib_ref = calib.outputs(baseline)
+    base_fid = runner.fidelity(base.outputs, base.outputs, gold)
+    report: dict[str, Any] = {
+        "model": model, "task": task, "device": baseline.loaded.plan.device,
+        "eval_texts": len(eval_idx), "calibration_texts": len(calib_idx),
+        "thresholds": thresholds.__dict__,
+        "baseline": {"precision": "float32", "per_second": round(base.per_second, 2),
+                     "unit": "generated tokens/s" if task == "generate" else "texts/s",
+                     "weights_mib": round(base.weights_mib, 1),
+                     "peak_rss_mib": round(base.peak_rss_mib, 1),
+                     "accuracy": base_fid.get("accuracy"),
+                     "perplexity": base_fid.get("baseline_perplexity")},
+        "candidates": [], "chosen": None, "output": None}
+    caps = detect_caps()
+    names = list(methods) if methods else [n for n, m in Q.METHODS.items() if task in m.tasks]
+    results: list[Candidate] = []
+    chosen_engine = None
+    for name in names:
+        method = Q.get(name)
+        cand = Candidate(name)
+        results.append(cand)
+        why = Q.unavailable(method, task, baseline.loaded.plan.device, caps)
+        if why:
+            cand.reason = why
+            say(f"{name}: skipped ({why})")
+            continue
+        say(f"{name}: loading and measuring")
+        engine, gate = load_and_gate(model, None, None, None, base_settings.model_copy(
+            update={"dtype": None}), Q.Recipe(name, evaluated=True, base=model))
+        if gate is not None and not gate.passed:
+            cand.status = "rejected"
+            cand.reason = "the gate fails on it: " + "; ".join(
+                f"{c.name}: {c.evidence}" for c in gate.failures)
+            continue
+        got = runner.measure(engine)
+        cand.fidelity = runner.fidelity(base.outputs, got.outputs, gold)
+        miss = M.verdict(task, cand.fidelity, thresholds)
+        if miss and method.layerwise and method.device == "cpu":
+            say(f"{name}: {miss} with every layer quantized; searching for the layers to keep")
+            keep, cand.search = sensitivity_search(
+                engine, baseline.model, calib, calib_ref, method, task, thresholds,
+                calib_gold if labels is not None else None)
+            if keep is not None:
+                cand.full_precision_layers = keep
+                got = runner.measure(engine)
+                cand.fidelity = runner.fidelity(base.outputs, got.outputs, gold)
+                miss = M.verdict(task, cand.fidelity, thresholds)
+                if miss:
+                    miss += f" (with {len(keep)} layers in full precision)"
+            else:
+                miss += "; no set of layers kept in full precision holds the threshold"
+        cand.speedup = got.per_second / base.per_second
+        cand.weights_mib, cand.peak_rss_mib = got.weights_mib, got.peak_rss_mib
+        if miss:
+            cand.status, cand.reason = "rejected", miss
+        elif cand.speedup < 1.0:
+            cand.status = "rejected"
+            cand.reason = (f"slower than full precision on this machine ({cand.speedup:.2f}x); "
+                           f"it would save {base.weights_mib - got.weights_mib:.0f} MiB of "
+                           "weights (see `sureserve fit` for whether that is needed)")
+        else:
+            cand.status, cand.reason = "accepted", "holds the thresholds and is faster"
+            best = max((c for c in results if c.status == "accepted" and c is not cand),
+                       key=lambda c: c.speedup or 0, default=None)
+            if best is None or (cand.speedup or 0) > (best.speedup or 0):
+                chosen_engine = engine
+        say(f"{name}: {cand.status}, {cand.reason}; speedup {cand.speedup:.2f}x")
+    accepted = [c for c in results if c.status == "accepted"]
+    chosen = max(accepted, key=lambda c: c.speedup or 0, default=None)
+    report["candidates"] = [c.to_dict() for c in results]
+    if chosen is not None:
+        report["chosen"] = chosen.method
+        if output is not None and chosen_engine is not None:
+            write_folder(chosen_engine, chosen, model, report, output)
+            report["output"] = str(output)
+    return report
+
+
+def write_folder(engine: Any, cand: Candidate, base: str, report: dict[str, Any],
+                 out: Path) -> None:
+    """A model folder ``load`` takes: the base files, the recipe with its golden outputs,
+    and everything measured. The weights stay in full precision on disk; loading re-applies
+    the recipe (deterministic), and the gate compares the result with the golden outputs."""
+    from sureserve.gate.lock import golden_outputs
+
+    src = engine.loaded.source.path
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"the output folder {out} is not empty", "choose a new folder")
+    shutil.copytree(src, out, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl",
+                                                  Q.RECIPE_FILE, Q.REPORT_FILE))
+    recipe = Q.Recipe(cand.method, tuple(cand.full_precision_layers), True, base,
+                      golden_outputs(engine))
+    (out / Q.RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=1) + "\n",
+                                     encoding="utf-8")
+    (out / Q.REPORT_FILE).write_text(json.dumps(report | {"output": str(out)}, indent=1) + "\n",
+                                     encoding="utf-8")
+
+
+def as_json(rep: dict[str, Any]) -> str:
+    return json.dumps(rep, indent=1, default=lambda x: x.tolist() if isinstance(x, np.ndarray)
+                      else str(x))
+
+
+def print_report(rep: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    b = rep["baseline"]
+    console.print(f"{rep['model']} ({rep['task']}, {rep['device']}): baseline float32 "
+                  f"{b['per_second']} {b['unit']}, weights {b['weights_mib']} MiB; "
+                  f"{rep['eval_texts']} eval texts, {rep['calibration_texts']} calibration")
+    fid = {"embed": ("min_cosine", "mean_cosine", "neighbour_overlap"),
+           "classify": ("agreement", "max_probability_diff", "accuracy_drop"),
+           "generate": ("perplexity_increase", "greedy_agreement", "first_divergence")}
+    cols = fid[rep["task"]]
+    t = Table("method", "status", "speedup", "weights MiB", *cols, "fp32 layers")
+    for c in rep["candidates"]:
+        t.add_row(c["method"], c["status"], _cell(c["speedup"]), _cell(c["weights_mib"]),
+                  *(_cell(c[k]) for k in cols), str(len(c["full_precision_layers"])))
+    console.print(t)
+    for c in rep["candidates"]:
+        console.print(f"  {c['method']}: {c['status']}: {c['reason']}", highlight=False)
+    if rep["chosen"]:
+        console.print(f"chosen: [bold]{rep['chosen']}[/]"
+                      + (f", written to {rep['output']}" if rep["output"] else
+                         " (pass -o DIR to write it as a model folder)"))
+    else:
+        console.print("[bold red]no candidate was accepted[/]: serve the full-precision model")
+
+
+def _cell(x: Any) -> str:
+    return "-" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
