@@ -260,6 +260,31 @@ def chat_cmd(settings: Settings, model: GenModel = "smollm2",
 
 
 @app.command()
+@with_settings("source", "generation")
+def fit(model: ModelArg, settings: Settings, task: TaskOpt = None, revision: RevisionOpt = None,
+        gpus: Annotated[int | None, typer.Option(help="Simulate this many GPUs.")] = None,
+        gpu_memory: Annotated[float | None, typer.Option(
+            help="Simulate GiB free on each GPU (default 80 when --gpus is given).")] = None,
+        cpu_memory: Annotated[float | None, typer.Option(help="Simulate GiB of free host "
+                                                         "memory.")] = None,
+        allow_offload: Annotated[bool, typer.Option(help="Allow CPU/disk offload when "
+                                                    "nothing else fits (slow).")] = False,
+        as_json: JsonOpt = False) -> None:
+    """Plan where a model fits, from its config alone (no weights read): one device, a
+    split across GPUs, 8/4-bit, or offload. Exit 0 with a plan, 3 when it does not fit.
+    Without flags it plans for this machine's devices and free memory."""
+    from sureserve.loading.fit import fit_model, print_fit
+
+    rep = fit_model(model, settings, task=task, revision=revision, gpus=gpus,
+                    gpu_memory=gpu_memory, cpu_memory=cpu_memory, allow_offload=allow_offload)
+    if as_json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print_fit(rep, Console(width=160))
+    raise typer.Exit(3 if rep["plan"]["placement"] == "refuse" else 0)
+
+
+@app.command()
 @with_settings("source")
 def quantize(
     model: ModelArg, settings: Settings,

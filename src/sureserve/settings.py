@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         "fp16 (CPU); bnb-int8, bnb-nf4, bf16-flash (CUDA). Unmeasured, so it warns: prefer "
         "`sureserve quantize MODEL --eval FILE -o DIR` and load DIR.",
     )
+    allow_offload: bool = Field(
+        default=False,
+        description="On GPUs, let layers that do not fit go to CPU memory (slow: every step "
+        "copies them). Off: a model too big for the GPUs is an error naming what does fit "
+        "(see `sureserve fit`).",
+    )
     accept_gate_failure: bool = Field(
         default=False,
         description="Load and serve a model even when its preflight gate fails. The override "
@@ -227,7 +233,8 @@ class Settings(BaseSettings):
 #: which commands get which flags: each command names the groups it takes
 GROUPS: dict[str, tuple[str, ...]] = {
     "source": ("home", "allow_download", "allow_pickle", "trust_remote_code"),
-    "plan": ("device", "dtype", "attn_implementation", "quantization", "accept_gate_failure"),
+    "plan": ("device", "dtype", "attn_implementation", "quantization", "allow_offload",
+             "accept_gate_failure"),
     "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens"),

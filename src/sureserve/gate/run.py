@@ -12,6 +12,7 @@ import numpy as np
 from sureserve.gate import probe_texts as P
 from sureserve.gate import probes, static
 from sureserve.gate.report import Check, GateReport
+from sureserve.loading.fit import off_device
 from sureserve.loading.loader import Loaded
 
 log = logging.getLogger("sureserve.gate")
@@ -44,6 +45,12 @@ def run_gate(loaded: Loaded, task_impl: Any | None = None) -> GateReport:
         report.checks += _decoder_probes(loaded)
     elif task_impl is not None:
         report.checks += _encoder_probes(loaded, task_impl)
+    off = off_device(getattr(loaded.model, "hf_device_map", None))
+    if off:
+        report.checks.append(Check(
+            "placement", "warn", f"{len(off)} modules run from the CPU or disk: "
+            + ", ".join(off[:4]), "a single layer on the CPU becomes the bottleneck: see "
+            "`sureserve fit MODEL` (quantize, or more GPU memory)"))
     report.seconds = time.perf_counter() - started
     return report
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sureserve.errors import ModelSourceError
+from sureserve.loading.fit import off_device
 from sureserve.loading.inspect import (
     STConfig,
     TokenLimit,
@@ -120,9 +121,16 @@ def load(
                         "two were trained together")
     tok = load_tokenizer(tok_source)
 
+    extra = Q.load_kwargs(method, recipe.keep) if method and recipe else {}
+    if plan.device.startswith("cuda") and not extra:
+        extra = gpu_placement(source.path, config, task, settings, warnings)
     model = _load_model(getattr(transformers, AUTO_CLASSES[task]), source, task, plan,
-                        use_safetensors, settings, warnings,
-                        Q.load_kwargs(method, recipe.keep) if method and recipe else {})
+                        use_safetensors, settings, warnings, extra)
+    off = off_device(getattr(model, "hf_device_map", None))
+    if off:
+        warnings.append(f"{len(off)} modules were placed on the CPU or disk, not the GPU "
+                        f"({', '.join(off[:4])}): a single layer on the CPU becomes the "
+                        "bottleneck; see `sureserve fit` for a placement that avoids it")
     if getattr(model, "hf_device_map", None) is None:  # bitsandbytes places its own weights
         model.to(plan.device)
     model.eval()
@@ -140,6 +148,39 @@ def load(
         log.warning(w)
     return Loaded(model, tok, source, tok_source, task, plan, config, st, limit, warnings,
                   time.perf_counter() - started, pad_from_eos, recipe)
+
+
+def gpu_placement(folder: Any, config: dict[str, Any], task: str, settings: Settings,
+                  warnings: list[str]) -> dict[str, Any]:
+    """``from_pretrained`` arguments that apply ``sureserve fit``'s plan on this machine's
+    GPUs: nothing when one device holds the model, a balanced ``device_map`` across GPUs
+    when together they do, CPU offload only when allowed; otherwise an error with the plan."""
+    from sureserve.loading.fit import ModelSize, plan_fit, real_machine
+    from sureserve.loading.inspect import kv_bytes_per_token, parameter_count
+
+    if settings.device not in (None, "cuda"):
+        return {}  # one GPU was named: the user placed it
+    params = parameter_count(folder) or 0
+    kv = kv_bytes_per_token(config, "bfloat16") if task == "generate" else None
+    machine = real_machine()
+    _, plan = plan_fit(ModelSize(params, 0, int(kv or 0)), machine, settings.kv_cache_mb,
+                       settings.allow_offload)
+    warnings.extend(plan.warnings)
+    if plan.placement == "single":
+        return {}
+    if plan.placement in ("split", "offload"):
+        gib = plan.max_memory or {d: g - 1.0 for d, g in
+                                  zip((f"cuda:{i}" for i in range(len(machine.gpus))),
+                                      machine.gpus, strict=True)}
+        memory: dict[Any, str] = {int(d.split(":")[1]): f"{g:.1f}GiB" for d, g in gib.items()}
+        if plan.placement == "offload":
+            memory["cpu"] = f"{machine.cpu_gib:.1f}GiB"
+        return {"device_map": "auto", "max_memory": memory}
+    raise ModelSourceError(
+        f"the model does not fit this machine's GPUs at {plan.precision or 'any precision'}: "
+        + "; ".join(plan.reasons[:1]),
+        "quantize it (`sureserve quantize MODEL --eval FILE`), or --allow-offload to run it "
+        "slowly from CPU memory; `sureserve fit MODEL` shows every option")
 
 
 def quantization_recipe(folder: Any, settings: Settings) -> Q.Recipe | None:
