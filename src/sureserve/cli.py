@@ -307,6 +307,9 @@ def quantize(
                                                      "points.")] = 1.0,
     max_perplexity_increase: Annotated[float, typer.Option(
         help="generate: relative perplexity increase (0.05 = 5%).")] = 0.05,
+    min_speedup: Annotated[float, typer.Option(help="Speed over full precision required; "
+                                               "below 1 accepts slower candidates that save "
+                                               "memory.")] = 1.0,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the chosen "
                                                 "candidate as a model folder here.")] = None,
     as_json: JsonOpt = False,
@@ -316,12 +319,12 @@ def quantize(
     from sureserve.quantize import measure, run
     from sureserve.quantize.methods import get as get_method
 
-    texts, labels = run.read_eval(eval_file, field_name, label_field)
     wanted = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     for name in wanted or ():
         get_method(name)  # an unknown name is a usage error before anything loads
+    texts, labels = run.read_eval(eval_file, field_name, label_field)
     thresholds = measure.Thresholds(min_cosine, min_agreement, max_accuracy_drop,
-                                    max_perplexity_increase)
+                                    max_perplexity_increase, min_speedup)
     rep = run.quantize(model, texts, labels, methods=wanted, thresholds=thresholds,
                        output=output, settings=settings,
                        say=(lambda m: None) if as_json else _report)

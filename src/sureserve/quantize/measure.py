@@ -25,6 +25,8 @@ class Thresholds:
     min_agreement: float = 0.99  # classify: share of texts with the baseline's label
     max_accuracy_drop: float = 1.0  # classify with labels: accuracy points
     max_perplexity_increase: float = 0.05  # generate: relative, 0.05 = 5%
+    #: speed over full precision; below 1 accepts a slower candidate that saves memory
+    min_speedup: float = 1.0
 
     def tightened(self, share: float = 0.5) -> Thresholds:
         """The same limits with only ``share`` of each allowed loss: what the sensitivity
@@ -32,7 +34,8 @@ class Thresholds:
         worst text is worse than a small slice's) still holds the real limit."""
         return Thresholds(1 - (1 - self.min_cosine) * share,
                           1 - (1 - self.min_agreement) * share,
-                          self.max_accuracy_drop * share, self.max_perplexity_increase * share)
+                          self.max_accuracy_drop * share, self.max_perplexity_increase * share,
+                          self.min_speedup)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

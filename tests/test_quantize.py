@@ -1,0 +1,220 @@
+"""sureserve quantize on tiny random models of each task: thresholds honoured (accept and
+reject paths), the sensitivity search, exit codes, and a written folder that loads, passes
+its gate and is caught when its outputs drift from the golden ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import sureserve
+from sureserve.cli import app, exit_code
+from sureserve.errors import InputError, ModelSourceError, SettingsError
+from sureserve.loading.plan import DeviceCaps
+from sureserve.quantize import measure as M
+from sureserve.quantize import methods as Q
+from sureserve.quantize.run import label_indices, quantize, split
+from sureserve.settings import Settings
+
+# random tiny models fail the gate's alignment probe by design; the quantize runs accept
+# that and judge each candidate only by what fails on it and not on the baseline
+RANDOM = Settings(accept_gate_failure=True)
+
+SENTENCES = [
+    "The film was a delight from start to finish.", "I would not watch it again.",
+    "A slow, muddled plot with wooden acting.", "Markets rallied after the central bank spoke.",
+    "The new phone's battery lasts two days.", "Rain is expected across the north tonight.",
+    "She scored twice in the second half.", "The recipe needs three eggs and some flour.",
+    "Parliament debated the budget until midnight.", "This is the best pizza in town!",
+    "Customer service never answered my emails.", "The museum reopens next spring.",
+    "An utterly forgettable sequel.", "Engineers fixed the bridge ahead of schedule.",
+    "Prices of rice rose for the third month.", "What a wonderful surprise party.",
+    "The train was late again this morning.", "Our team shipped the release on Friday.",
+    "The soup was cold and bland.", "A gripping thriller with a clever twist.",
+    "Scientists found water ice near the pole.", "He forgot his keys at the office.",
+    "The concert sold out in minutes.", "Traffic was light on the motorway.",
+]
+LOOSE = M.Thresholds(min_cosine=0.5, min_agreement=0.5, max_accuracy_drop=100,
+                     max_perplexity_increase=10.0, min_speedup=0.0)
+
+
+def test_fidelity_measures() -> None:
+    ref = np.eye(4, dtype=np.float32) + 0.1
+    fid = M.embed_fidelity(ref, ref * 3)  # scale does not matter to a cosine
+    assert fid["min_cosine"] == pytest.approx(1.0) and fid["neighbour_overlap"] == 1.0
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    other = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    c = M.classify_fidelity(probs, other, labels=[0, 1, 0])
+    assert c["agreement"] == pytest.approx(2 / 3) and c["accuracy_drop"] == pytest.approx(33.333)
+    assert c["max_probability_diff"] == pytest.approx(0.2)
+    g = M.generate_fidelity([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]], 1.0, 1.1)
+    assert g["greedy_agreement"] == 0.5 and g["first_divergence"] == 1
+    assert g["perplexity_increase"] == pytest.approx(np.exp(0.1) - 1)
+    t = M.Thresholds()
+    assert M.verdict("embed", {"min_cosine": 0.98}, t) == "min cosine 0.9800 < 0.99"
+    assert M.verdict("classify", c, t) is not None
+    assert M.verdict("generate", g, t) is not None  # +10.5% perplexity
+    assert t.tightened().min_cosine == pytest.approx(0.995)
+
+
+def test_split_is_disjoint_and_small_files_are_refused() -> None:
+    calib, ev = split(100, "embed")
+    assert not set(calib) & set(ev) and len(calib) + len(ev) == 100 and len(calib) == 25
+    assert len(split(1000, "generate")[0]) == 12
+    with pytest.raises(InputError, match="at least"):
+        split(5, "embed")
+    assert label_indices(["b", "A", "2"], ["A", "B", "C"]) == [1, 0, 2]
+    with pytest.raises(InputError, match="not one of the model's labels"):
+        label_indices(["positive"], ["A", "B"])
+
+
+def test_methods_know_where_they_run() -> None:
+    cpu, h200 = DeviceCaps(), DeviceCaps(cuda_count=1, cuda_capability=(9, 0),
+                                         flash_attn_installed=True)
+    assert Q.unavailable(Q.get("int8-dynamic"), "embed", "cpu", cpu) is None
+    assert "CUDA" in (Q.unavailable(Q.get("bnb-int8"), "embed", "cpu", cpu) or "")
+    assert "CPU kernel" in (Q.unavailable(Q.get("int8-dynamic"), "embed", "cuda:0", h200) or "")
+    assert "not a embed method" in (Q.unavailable(Q.get("int4-weight-only"), "embed", "cpu",
+                                                  cpu) or "")
+    assert Q.unavailable(Q.get("bf16-flash"), "generate", "cuda:0", h200) is None
+    old = DeviceCaps(cuda_count=1, cuda_capability=(7, 5), flash_attn_installed=True)
+    assert "8.0" in (Q.unavailable(Q.get("bf16-flash"), "generate", "cuda:0", old) or "")
+    with pytest.raises(SettingsError, match="unknown quantization method"):
+        Q.get("int3")
+
+
+def test_bitsandbytes_configs_keep_heads_and_chosen_layers() -> None:
+    pytest.importorskip("transformers")
+    kw = Q.load_kwargs(Q.get("bnb-nf4"), ["model.layers.0.mlp.down_proj"])
+    cfg = kw["quantization_config"]
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"
+    assert {"lm_head", "model.layers.0.mlp.down_proj"} <= set(cfg.llm_int8_skip_modules)
+    assert Q.load_kwargs(Q.get("bnb-int8"), [])["quantization_config"].load_in_8bit
+    assert Q.load_kwargs(Q.get("int8-dynamic"), []) == {}
+
+
+@pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only"])
+def test_layer_kernels_match_their_float_reference(method: str) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    q = Q.quantize_layer(Q.get(method), lin)
+    x = torch.randn(5, 7, 64)
+    with torch.no_grad():
+        ref, got = lin(x), q(x)
+    assert got.shape == ref.shape
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 0.05, rel
+    assert Q.weights_bytes(q) < Q.weights_bytes(lin)
+
+
+def test_int4_kernel_matches_its_dequantized_weights() -> None:
+    import torch
+
+    from sureserve.quantize.kernels import Int4WeightOnlyLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    q = Int4WeightOnlyLinear(lin)
+    x = torch.randn(3, 64)
+    assert float(((q(x) - lin(x)).norm() / lin(x).norm())) < 0.2
+
+
+def test_embed_accept_writes_a_folder_that_loads_and_is_checked(tiny_bert: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    rep = quantize(str(tiny_bert), SENTENCES, methods=["int8-dynamic", "bnb-int8"],
+                   thresholds=LOOSE, output=out, settings=RANDOM)
+    by = {c["method"]: c for c in rep["candidates"]}
+    assert by["bnb-int8"]["status"] == "skipped" and "CUDA" in by["bnb-int8"]["reason"]
+    assert by["int8-dynamic"]["status"] == "accepted" and rep["chosen"] == "int8-dynamic"
+    assert 0.5 <= by["int8-dynamic"]["min_cosine"] <= 1.0
+    assert rep["baseline"]["weights_mib"] > by["int8-dynamic"]["weights_mib"]
+    recipe = json.loads((out / Q.RECIPE_FILE).read_text())
+    assert recipe["method"] == "int8-dynamic" and recipe["evaluated"]
+    assert json.loads((out / Q.REPORT_FILE).read_text())["chosen"] == "int8-dynamic"
+
+    engine = sureserve.load(str(out), accept_gate_failure=True)
+    assert engine.loaded.quantization is not None
+    assert engine.loaded.precision == "int8-dynamic"
+    assert engine.gate_report is not None
+    q_check = next(c for c in engine.gate_report.checks if c.name == "quantization")
+    assert q_check.status == "pass", q_check.evidence
+    assert not any("NOT EVALUATED" in w for w in engine.loaded.warnings)
+    with pytest.raises(ModelSourceError, match="was quantized with int8-dynamic"):
+        sureserve.load(str(out), quantization="int8-weight-only", accept_gate_failure=True)
+
+    # golden outputs that no longer match (another kernel, another library) fail the gate
+    recipe["golden"]["values"][0][0] += 0.5
+    (out / Q.RECIPE_FILE).write_text(json.dumps(recipe))
+    report = sureserve.check(str(out))
+    assert "quantization" in [c.name for c in report.failures]
+
+
+def test_embed_reject_path_runs_the_sensitivity_search(tiny_bert: Path) -> None:
+    strict = M.Thresholds(min_cosine=1.01, min_speedup=0.0)  # no candidate can hold it
+    rep = quantize(str(tiny_bert), SENTENCES, methods=["int8-dynamic"], thresholds=strict,
+                   settings=RANDOM)
+    (cand,) = rep["candidates"]
+    assert cand["status"] == "rejected" and "min cosine" in cand["reason"]
+    assert cand["search"] is not None and cand["search"]["layers"] == 12
+    assert rep["chosen"] is None
+
+
+def test_classify_with_labels(tiny_classifier: Path, tmp_path: Path) -> None:
+    labels = ["A", "B", "C"] * 8
+    rep = quantize(str(tiny_classifier), SENTENCES, labels, methods=["int8-weight-only"],
+                   thresholds=LOOSE, settings=RANDOM)
+    (cand,) = rep["candidates"]
+    assert cand["status"] == "accepted" and cand["accuracy"] is not None
+    assert cand["agreement"] is not None and cand["accuracy_drop"] is not None
+    assert rep["baseline"]["accuracy"] is not None
+    rep2 = quantize(str(tiny_classifier), SENTENCES, labels, methods=["int8-weight-only"],
+                    thresholds=M.Thresholds(min_speedup=1e9), settings=RANDOM)
+    assert rep2["candidates"][0]["status"] == "rejected"
+
+
+def test_generate_candidates(tiny_llama: Path) -> None:
+    rep = quantize(str(tiny_llama), SENTENCES, methods=["int4-weight-only", "int8-dynamic"],
+                   thresholds=LOOSE, settings=RANDOM)
+    by = {c["method"]: c for c in rep["candidates"]}
+    assert rep["task"] == "generate"
+    for name in ("int4-weight-only", "int8-dynamic"):
+        assert by[name]["status"] == "accepted", by[name]["reason"]
+        assert by[name]["perplexity_increase"] is not None
+        assert by[name]["greedy_agreement"] is not None
+
+
+def test_cli_exit_codes_and_json(tiny_bert: Path, tmp_path: Path) -> None:
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"body": s}) + "\n" for s in SENTENCES))
+    runner = CliRunner(env={"SURESERVE_ACCEPT_GATE_FAILURE": "1"})
+    ok = runner.invoke(app, ["quantize", str(tiny_bert), "--eval", str(eval_file), "--field",
+                             "body", "--methods", "int8-dynamic", "--min-cosine", "0.5",
+                             "--min-speedup", "0", "--json"])
+    assert ok.exit_code == 0, ok.output
+    rep = json.loads(ok.stdout)
+    assert rep["chosen"] == "int8-dynamic" and set(rep) >= {"model", "baseline", "candidates",
+                                                            "chosen", "output"}
+    none = runner.invoke(app, ["quantize", str(tiny_bert), "--eval", str(eval_file), "--field",
+                               "body", "--methods", "int8-dynamic", "--min-cosine", "1.01",
+                               "--json"])
+    assert none.exit_code == 3 and json.loads(none.stdout)["chosen"] is None
+    usage = runner.invoke(app, ["quantize", str(tiny_bert), "--eval", str(eval_file),
+                                "--methods", "int3"])
+    # main() maps the error to its exit code; the runner sees the exception itself
+    assert isinstance(usage.exception, SettingsError) and exit_code(usage.exception) == 2
+
+
+def test_bare_quantization_warns_that_it_was_not_evaluated(tiny_bert: Path) -> None:
+    engine = sureserve.load(str(tiny_bert), quantization="int8-weight-only",
+                            accept_gate_failure=True)
+    assert any("NOT EVALUATED" in w for w in engine.loaded.warnings)
+    assert engine.gate_report is not None
+    check = next(c for c in engine.gate_report.checks if c.name == "quantization")
+    assert check.status == "warn" and "sureserve quantize" in check.fix
