@@ -1,10 +1,14 @@
+import json
+from pathlib import Path
+
 import pytest
 
 from sureserve.errors import SettingsError
 from sureserve.loading.plan import DeviceCaps, make_plan
 
 CPU = DeviceCaps()
-CPU_BF16 = DeviceCaps(cpu_bf16=True)
+CPU_BF16 = DeviceCaps(cpu_bf16_speed=2.3)  # measured, as on a CPU with AMX
+CPU_SLOW_BF16 = DeviceCaps(cpu_bf16_speed=0.5)  # AVX-512 BF16 without AMX measured so
 H100 = DeviceCaps(cuda_count=1, cuda_capability=(9, 0), cuda_name="H100",
                   flash_attn_installed=True)
 H100_NO_FA = DeviceCaps(cuda_count=1, cuda_capability=(9, 0), cuda_name="H100")
@@ -22,7 +26,27 @@ def test_cpu_defaults_to_fp32_and_sdpa_with_reasons() -> None:
 def test_cpu_with_bf16_hints_but_keeps_fp32() -> None:
     p = make_plan(CPU_BF16)
     assert p.dtype == "float32"
-    assert any("bfloat16" in r for r in p.reasons)
+    assert any("2.3x faster" in r and "sureserve quantize" in r for r in p.reasons)
+
+
+def test_bf16_advice_follows_the_measurement_not_the_flags() -> None:
+    p = make_plan(CPU_SLOW_BF16)
+    assert any("0.50x the fp32 speed here: not worth it" in r for r in p.reasons)
+    asked = make_plan(CPU_SLOW_BF16, dtype="bfloat16")
+    assert asked.warnings and "slower, not faster" in asked.warnings[0]
+    assert not make_plan(CPU_BF16, dtype="bfloat16").warnings
+
+
+def test_cpu_speeds_are_measured_once_and_cached(tmp_path: Path) -> None:
+    from sureserve.loading import machine
+
+    first = machine.cpu_speeds(tmp_path)
+    assert set(first) == {"float32", "bfloat16", "float16"} and first["float32"] > 0
+    (cached,) = (tmp_path / "machine").glob("*.json")
+    data = json.loads(cached.read_text())
+    data["gflops"]["float32"] = 12345.0
+    cached.write_text(json.dumps(data))
+    assert machine.cpu_speeds(tmp_path)["float32"] == 12345.0  # read back, not re-measured
 
 
 def test_ampere_plus_gpu_gets_bf16_and_flash_attention() -> None:
@@ -72,7 +96,7 @@ def test_unknown_values_are_errors(bad: dict[str, str]) -> None:
         make_plan(CPU, **bad)
 
 
-def test_bf16_on_cpu_without_native_support_warns() -> None:
-    p = make_plan(CPU, dtype="bf16")
+def test_bf16_on_cpu_measured_slow_warns() -> None:
+    p = make_plan(CPU_SLOW_BF16, dtype="bf16")
     assert p.dtype == "bfloat16"
-    assert any("no native bf16" in w for w in p.warnings)
+    assert any("measured 0.50x" in w for w in p.warnings)

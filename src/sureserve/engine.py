@@ -11,8 +11,11 @@ the CLI file jobs, the server's batcher):
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +93,30 @@ class Result:
     outputs: Any  # task.postprocess: (n, dim) float32 vectors, or label dicts; input order
     rows: np.ndarray  # merged per text, before post-processing (pooled vectors or logits)
     summary: RunSummary
+
+
+_threads_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def forward_pool(workers: int) -> Iterator[Callable[[Callable[[Any], Any], Sequence[Any]],
+                                                     Iterator[Any]]]:
+    """``map`` over batches with ``workers`` forward passes at once, each with an equal
+    share of torch's threads (restored after). torch's thread count is per process, so
+    concurrent offline runs are serialised while they change it."""
+    if workers <= 1:
+        yield lambda fn, items: map(fn, items)
+        return
+    import torch
+
+    with _threads_lock:
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, before // workers))
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="sureserve-forward") as pool:
+                yield lambda fn, items: pool.map(fn, items)
+        finally:
+            torch.set_num_threads(before)
 
 
 def kv_budget_tokens(loaded: Loaded, settings: Settings) -> int:
@@ -171,15 +198,31 @@ class Engine:
         remaining = np.bincount([p.text_index - first_index for p in pieces],
                                 minlength=len(texts))
         rows = np.empty((len(pieces), task.width), dtype=np.float32)
-        for batch in batches:
+
+        def forward(batch: Any) -> Any:
             rows[list(batch.ids)] = task.forward([pieces[i] for i in batch.ids])
-            if on_texts_done is not None:
-                done_idx = [pieces[i].text_index - first_index for i in batch.ids]
-                np.subtract.at(remaining, done_idx, 1)
-                on_texts_done(int(sum(remaining[j] == 0 for j in set(done_idx))))
+            return batch
+
+        with forward_pool(self.offline_workers()) as run_batch:
+            for batch in run_batch(forward, batches):
+                if on_texts_done is not None:
+                    done_idx = [pieces[i].text_index - first_index for i in batch.ids]
+                    np.subtract.at(remaining, done_idx, 1)
+                    on_texts_done(int(sum(remaining[j] == 0 for j in set(done_idx))))
         job.summary.batches = len(batches)
         job.summary.computed_tokens = sum(b.cost for b in batches)
         return self.finish(job, rows, **options)
+
+    def offline_workers(self) -> int:
+        """Forward passes ``run`` keeps going at once: the ``forward_workers`` setting, or 2
+        on a CPU with 2+ torch threads (two single-threaded passes beat one two-threaded
+        pass; BENCHMARKS.md), 1 on a GPU."""
+        import torch
+
+        if self.settings.forward_workers is not None:
+            return self.settings.forward_workers
+        cpu = str(self.loaded.plan.device) == "cpu"
+        return 2 if cpu and torch.get_num_threads() >= 2 else 1
 
     def embed(self, texts: Sequence[str], *, truncation: str | None = None,
               normalize: bool | None = None) -> np.ndarray:

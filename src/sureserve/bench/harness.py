@@ -107,6 +107,8 @@ def linear_flops_per_token(model: Any) -> int:
 
 
 def cpu_has_bf16() -> bool:
-    from sureserve.loading.plan import detect_caps
+    """bf16 measured faster than fp32 on this CPU (loading/machine.py), not read from flags."""
+    from sureserve.loading.machine import bf16_speed
+    from sureserve.settings import Settings
 
-    return detect_caps().cpu_bf16
+    return bf16_speed(Settings().home_dir()) > 1.0

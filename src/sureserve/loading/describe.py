@@ -31,7 +31,8 @@ def describe(identifier: str, task: str | None = None, revision: str | None = No
     config = read_json(source.path / "config.json")
     task = infer_task(source.path, config, task)
     vet_weights(source.path, settings.allow_pickle)
-    plan = make_plan(detect_caps(), settings.device, settings.dtype, settings.attn_implementation)
+    plan = make_plan(detect_caps(settings.home_dir()), settings.device, settings.dtype,
+                     settings.attn_implementation)
     tok = load_tokenizer(source)
     d = _facts(source, source, task, plan, config, tok)
     if d["kv_cache_bytes_per_token"]:

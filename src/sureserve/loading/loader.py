@@ -91,7 +91,7 @@ def load(
     config = read_json(source.path / "config.json")
     task = infer_task(source.path, config, task)
     use_safetensors = vet_weights(source.path, settings.allow_pickle)
-    caps = detect_caps()
+    caps = detect_caps(settings.home_dir())
     recipe = recipe or quantization_recipe(source.path, settings)
     method = Q.get(recipe.method) if recipe else None
     dtype, attn = settings.dtype, settings.attn_implementation

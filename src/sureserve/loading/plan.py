@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sureserve.errors import SettingsError
 
@@ -25,7 +26,9 @@ class DeviceCaps:
     cuda_name: str | None = None
     mps: bool = False
     flash_attn_installed: bool = False
-    cpu_bf16: bool = False  # AVX-512 BF16 / AMX on x86, for the bf16-on-CPU hint
+    #: bf16 matmul speed as a multiple of fp32, measured on this CPU (loading/machine.py);
+    #: None when not measured. The dtype advice comes from it, not from CPU flags.
+    cpu_bf16_speed: float | None = None
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,11 @@ class LoadPlan:
                 "reasons": list(self.reasons), "warnings": list(self.warnings)}
 
 
-def detect_caps() -> DeviceCaps:
+def detect_caps(home: Path | None = None) -> DeviceCaps:
+    """The machine's devices; with ``home``, also this CPU's measured bf16 speed (cached)."""
     import torch
+
+    from sureserve.loading.machine import bf16_speed
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     cap = torch.cuda.get_device_capability(0) if count else None
@@ -52,17 +58,8 @@ def detect_caps() -> DeviceCaps:
     return DeviceCaps(
         cuda_count=count, cuda_capability=cap, cuda_name=name, mps=mps,
         flash_attn_installed=importlib.util.find_spec("flash_attn") is not None,
-        cpu_bf16=_cpu_has_bf16(),
+        cpu_bf16_speed=bf16_speed(home) if home is not None and not count else None,
     )
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def normalize_dtype(dtype: str | None) -> str | None:
@@ -123,13 +120,14 @@ def _choose_dtype(caps: DeviceCaps, dev: str, dtype: str | None,
         reasons.append(f"dtype {dtype}: requested")
         if dev == "cpu" and dtype == "float16":
             warnings.append("float16 on CPU is slow and lossy; bfloat16 or float32 is better")
-        if dev == "cpu" and dtype == "bfloat16" and not caps.cpu_bf16:
-            warnings.append("this CPU has no native bf16 (AVX-512 BF16/AMX): bf16 will be slow")
+        speed = caps.cpu_bf16_speed
+        if dev == "cpu" and dtype == "bfloat16" and speed is not None and speed < 1:
+            warnings.append(f"bf16 matrix multiplies measured {speed:.2f}x the fp32 speed on "
+                            "this CPU: bf16 will be slower, not faster")
         return dtype
     if dev == "cpu":
-        hint = " (this CPU has native bf16: --dtype bfloat16 trades accuracy for speed)" \
-            if caps.cpu_bf16 else ""
-        reasons.append("dtype float32: CPU default, keeps outputs equal to the reference" + hint)
+        reasons.append("dtype float32: CPU default, keeps outputs equal to the reference"
+                       + _bf16_hint(caps.cpu_bf16_speed))
         return "float32"
     if dev.startswith("cuda"):
         cap = caps.cuda_capability or (0, 0)
@@ -142,6 +140,15 @@ def _choose_dtype(caps: DeviceCaps, dev: str, dtype: str | None,
         return "float16"
     reasons.append("dtype float16: MPS default")
     return "float16"
+
+
+def _bf16_hint(speed: float | None) -> str:
+    if speed is None:
+        return ""
+    if speed >= 1.2:
+        return (f" (bf16 matrix multiplies measured {speed:.1f}x faster here: `sureserve "
+                "quantize MODEL --eval FILE` measures whether bf16 holds on your data)")
+    return f" (bf16 measured {speed:.2f}x the fp32 speed here: not worth it)"
 
 
 def _choose_attention(caps: DeviceCaps, dev: str, dtype: str, attn: str | None,
