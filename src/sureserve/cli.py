@@ -529,5 +529,26 @@ def bench_generate(model: GenModel = "smollm2",
                                     out=_bench_out(output, "generate")), _report)
 
 
+
+@bench_app.command("quantize")
+def bench_quantize(n: BenchN = 1200, long_share: BenchLong = 0.1,
+                   seed: Annotated[int, typer.Option(help="Mix seed.")] = 11,
+                   onnx: Annotated[str | None, typer.Option(
+                       help="Python of a venv with sentence-transformers[onnx]: its ONNX "
+                       "dynamic int8 export runs as a peer.")] = None,
+                   openvino: Annotated[str | None, typer.Option(
+                       help="Python of a venv with sentence-transformers[openvino]: its "
+                       "OpenVINO static int8 export runs as a peer.")] = None,
+                   part: Annotated[list[str] | None, typer.Option(
+                       "--part", help="embed, classify, generate (repeatable; default "
+                       "all).")] = None,
+                   output: BenchOut = None) -> None:
+    """quantize on minilm (with peers), sentiment-demo (labelled) and smollm2 (decode)."""
+    from sureserve.bench.quantize import print_report, run_bench
+
+    peers = {k: v for k, v in (("onnx", onnx), ("openvino", openvino)) if v}
+    print_report(run_bench(n, long_share, seed, peers, part or ("embed", "classify", "generate"),
+                           out=_bench_out(output, "quantize"), log=_report), _report)
+
 if __name__ == "__main__":
     main()

@@ -181,7 +181,8 @@ class Settings(BaseSettings):
     forward_workers: int | None = Field(
         default=None, ge=1,
         description="Forward passes of one embedding or classification model that run at "
-        "once in the server, each with an equal share of torch's threads. Default: 2 on a "
+        "once (server and offline runs), each with an equal share of torch's threads. "
+        "Default: 2 on a "
         "CPU with at least 2 cores (two single-threaded passes beat one two-threaded pass "
         "on small batches), 1 on a GPU or when a generation model is served too (torch's "
         "thread count is per process).",
@@ -236,9 +237,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "plan": ("device", "dtype", "attn_implementation", "quantization", "allow_offload",
              "accept_gate_failure"),
     "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
-                 "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines"),
+                 "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
+                 "forward_workers"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens"),
     "server": ("host", "port", "api_key", "open_health", "max_wait_ms", "max_queue_inputs",
-               "max_client_batch", "max_payload_bytes", "packing", "tokenizer_workers",
-               "forward_workers"),
+               "max_client_batch", "max_payload_bytes", "packing", "tokenizer_workers"),
 }

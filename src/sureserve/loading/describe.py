@@ -45,6 +45,9 @@ def describe_loaded(loaded: Loaded) -> dict[str, Any]:
     d = _facts(loaded.source, loaded.tokenizer_source, loaded.task_name, loaded.plan,
                loaded.config, loaded.tokenizer)
     d["warnings"] = list(loaded.warnings)
+    q = loaded.quantization
+    d["quantization"] = {k: v for k, v in q.to_dict().items() if k != "golden"} if q else None
+    d["device_map"] = getattr(loaded.model, "hf_device_map", None)
     d["load_seconds"] = round(loaded.load_seconds, 2)
     return d
 

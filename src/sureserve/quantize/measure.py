@@ -86,7 +86,7 @@ def generate_fidelity(ref_tokens: Sequence[Sequence[int]], cand_tokens: Sequence
         firsts.append(None if list(a) == list(b) else first)
     diverged = [f for f in firsts if f is not None]
     ppl_ref, ppl = float(np.exp(ref_nll)), float(np.exp(cand_nll))
-    return {"greedy_agreement": float(np.mean([f is None for f in firsts])),
+    return {"greedy_agreement": float(np.mean([f is None for f in firsts])) if firsts else None,
             "first_divergence": min(diverged) if diverged else None,
             "mean_first_divergence": float(np.mean(diverged)) if diverged else None,
             "baseline_perplexity": ppl_ref, "perplexity": ppl,

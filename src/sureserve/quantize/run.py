@@ -37,6 +37,10 @@ CALIBRATION_CAP = {"embed": 64, "classify": 64, "generate": 12}
 #: generation is measured on this many prompts of the eval split, this many new tokens
 GEN_PROMPTS, GEN_TOKENS, NLL_TEXTS, NLL_MAX_TOKENS = 32, 32, 64, 256
 MIN_TEXTS = 10
+#: the per-layer scoring of the sensitivity search uses this many calibration texts of a
+#: decoder (perplexity only, cut to SCORE_TOKENS): it runs once per linear layer (210 in
+#: smollm2)
+SCORE_TEXTS, SCORE_TOKENS = 4, 128
 
 
 @dataclass
@@ -147,8 +151,10 @@ def split(n: int, task: str, seed: int = 0) -> tuple[list[int], list[int]]:
 class Runner:
     """Measures models of one task on fixed texts (timing, memory, outputs)."""
 
-    def __init__(self, task: str, texts: list[str]) -> None:
+    def __init__(self, task: str, texts: list[str], *, perplexity_only: bool = False) -> None:
         self.task, self.texts = task, texts
+        #: decoders: skip greedy generation (the sensitivity search needs perplexity only)
+        self.perplexity_only = perplexity_only
 
     def outputs(self, engine: Any, texts: Sequence[str] | None = None) -> Any:
         texts = list(self.texts if texts is None else texts)
@@ -156,6 +162,8 @@ class Runner:
             return engine.run(texts, truncation="truncate").rows
         if self.task == "classify":
             return engine.task.probabilities(engine.run(texts, truncation="truncate").rows)
+        if self.perplexity_only:
+            return [], mean_nll(engine, texts[:NLL_TEXTS])
         prompts = texts[:GEN_PROMPTS]
         done = engine.complete(prompts, max_new_tokens=GEN_TOKENS, temperature=0.0)
         return [c.token_ids for c in done], mean_nll(engine, texts[:NLL_TEXTS])
@@ -185,7 +193,7 @@ class Runner:
         return M.generate_fidelity(ref[0], cand[0], ref[1], cand[1])
 
 
-def mean_nll(engine: Any, texts: Sequence[str]) -> float:
+def mean_nll(engine: Any, texts: Sequence[str], max_tokens: int = NLL_MAX_TOKENS) -> float:
     """Mean next-token negative log-likelihood over the texts (teacher forcing)."""
     import torch
 
@@ -193,7 +201,7 @@ def mean_nll(engine: Any, texts: Sequence[str]) -> float:
     total, count = 0.0, 0
     with torch.inference_mode():
         for text in texts:
-            ids = tok(text)["input_ids"][:NLL_MAX_TOKENS]
+            ids = tok(text)["input_ids"][:max_tokens]
             if len(ids) < 2:
                 continue
             x = torch.tensor([ids], device=device)
@@ -224,9 +232,17 @@ def sensitivity_search(engine: Any, base_model: Any, runner: Runner, ref: Any,
 
     started = time.perf_counter()
     damage: dict[str, float] = {}
+    score = runner
+    score_ref = ref
+    if task == "generate":  # perplexity of a few short texts: this runs once per layer
+        score = Runner(task, runner.texts[:SCORE_TEXTS], perplexity_only=True)
+        configure(set(names))
+        score_ref = ([], mean_nll(engine, score.texts, SCORE_TOKENS))
     for n in names:  # quantize only n
         configure(set(names) - {n})
-        damage[n] = M.damage(task, runner.fidelity(ref, runner.outputs(engine), labels))
+        out = ([], mean_nll(engine, score.texts, SCORE_TOKENS)) if task == "generate" \
+            else score.outputs(engine)
+        damage[n] = M.damage(task, score.fidelity(score_ref, out, labels))
     ranked = sorted(names, key=lambda n: -damage[n])
 
     def holds(k: int) -> bool:
@@ -283,7 +299,7 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
         gold = [gold_all[i] for i in eval_idx]
         calib_gold = [gold_all[i] for i in calib_idx]
     runner = Runner(task, [texts[i] for i in eval_idx])
-    calib = Runner(task, [texts[i] for i in calib_idx])
+    calib = Runner(task, [texts[i] for i in calib_idx], perplexity_only=True)
     say(f"measuring the baseline on {len(eval_idx)} eval texts "
         f"({len(calib_idx)} more are the calibration slice)")
     base = runner.measure(baseline)
@@ -312,6 +328,11 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
         if why:
             cand.reason = why
             say(f"{name}: skipped ({why})")
+            continue
+        slow = _hopeless_dtype(method, baseline.loaded.plan.device, base_settings)
+        if slow:
+            cand.status, cand.reason = "rejected", slow
+            say(f"{name}: rejected ({slow})")
             continue
         say(f"{name}: loading and measuring")
         engine, gate = load_and_gate(model, None, None, None, base_settings.model_copy(
@@ -366,6 +387,21 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
             write_folder(chosen_engine, chosen, model, report, output)
             report["output"] = str(output)
     return report
+
+
+def _hopeless_dtype(method: Q.Method, device: str, settings: Settings) -> str | None:
+    """bf16/fp16 on a CPU whose matmuls in that dtype measured far slower than fp32
+    (loading/machine.py): not worth a full measurement (bf16 ran at 0.01x here)."""
+    if device != "cpu" or method.name not in ("bf16", "fp16"):
+        return None
+    from sureserve.loading.machine import cpu_speeds
+
+    speeds = cpu_speeds(settings.home_dir())
+    ratio = speeds[method.dtype] / max(speeds["float32"], 1e-9)
+    if ratio >= 0.5:
+        return None
+    return (f"{method.dtype} matrix multiplies measured {ratio:.2f}x the fp32 speed on this "
+            "CPU (no native support): it cannot be faster, so it was not measured further")
 
 
 def write_folder(engine: Any, cand: Candidate, base: str, report: dict[str, Any],

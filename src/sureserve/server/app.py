@@ -305,4 +305,7 @@ def _model_info(slot: Slot) -> S.ModelInfo | None:
         gate_passed=report.passed if report else None,
         gate_overridden=bool(report and report.overridden),
         packed_batches=slot.batcher.packed if slot.batcher else None,
-        forward_workers=slot.batcher.workers if slot.batcher else None)
+        forward_workers=slot.batcher.workers if slot.batcher else None,
+        precision=e.loaded.precision,
+        quantization_evaluated=e.loaded.quantization.evaluated if e.loaded.quantization
+        else None, warnings=list(e.loaded.warnings))

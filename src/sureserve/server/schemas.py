@@ -139,6 +139,13 @@ class ModelInfo(BaseModel):
         "(checked against padded outputs at warm-up); null for generation models")
     forward_workers: int | None = Field(
         default=None, description="Forward passes of this model that run at once")
+    precision: str = Field(default="float32", description="dtype, or the quantization method")
+    quantization_evaluated: bool | None = Field(
+        default=None, description="Whether the quantization was measured and accepted by "
+        "`sureserve quantize` (null: not quantized)")
+    warnings: list[str] = Field(default_factory=list, description="The load report's "
+                                "warnings (e.g. layers placed on the CPU, unmeasured "
+                                "quantization)")
 
 
 class Info(BaseModel):
