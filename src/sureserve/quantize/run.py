@@ -37,6 +37,9 @@ CALIBRATION_CAP = {"embed": 64, "classify": 64, "generate": 12}
 #: generation is measured on this many prompts of the eval split, this many new tokens
 GEN_PROMPTS, GEN_TOKENS, NLL_TEXTS, NLL_MAX_TOKENS = 32, 32, 64, 256
 MIN_TEXTS = 10
+#: a candidate measured below this share of the required speed on the calibration slice
+#: is rejected without the full measurement
+HOPELESS = 0.25
 #: the per-layer scoring of the sensitivity search uses this many calibration texts of a
 #: decoder (perplexity only, cut to SCORE_TOKENS): it runs once per linear layer (210 in
 #: smollm2)
@@ -290,7 +293,8 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
     base_failures = {c.name for c in baseline.gate_report.failures} \
         if baseline.gate_report else set()
     calib_idx, eval_idx = split(len(texts), task)
-    gold = None
+    gold: list[int] | None = None
+    calib_gold: list[int] | None = None
     if labels is not None:
         if task != "classify":
             raise InputError("--label-field applies to classification models only",
@@ -303,7 +307,10 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
     say(f"measuring the baseline on {len(eval_idx)} eval texts "
         f"({len(calib_idx)} more are the calibration slice)")
     base = runner.measure(baseline)
+    calib.outputs(baseline, calib.texts[:4])  # warm-up
+    started = time.perf_counter()
     calib_ref = calib.outputs(baseline)
+    calib_seconds = time.perf_counter() - started
     base_fid = runner.fidelity(base.outputs, base.outputs, gold)
     report: dict[str, Any] = {
         "model": model, "task": task, "device": baseline.loaded.plan.device,
@@ -343,6 +350,21 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
             cand.reason = "the gate fails on it: " + "; ".join(
                 f"{c.name}: {c.evidence}" for c in new_failures)
             continue
+        calib.outputs(engine, calib.texts[:4])
+        started = time.perf_counter()
+        probe = calib.outputs(engine)
+        probe_speed = calib_seconds / max(time.perf_counter() - started, 1e-9)
+        # (decoders are judged on decode speed, which the perplexity slice does not show)
+        if task != "generate" and probe_speed < HOPELESS * thresholds.min_speedup:
+            # far too slow to ever pass: say so from the calibration slice instead of
+            # spending minutes on the eval split (weight-only int8 ran encoders at 0.03x)
+            cand.status, cand.speedup = "rejected", probe_speed
+            cand.fidelity = calib.fidelity(calib_ref, probe, calib_gold)
+            cand.reason = (f"{probe_speed:.2f}x the full-precision speed on the calibration "
+                           f"slice (needs {thresholds.min_speedup:g}x): not measured further; "
+                           "fidelity shown is the calibration slice's")
+            say(f"{name}: rejected, {cand.reason}")
+            continue
         got = runner.measure(engine)
         cand.fidelity = runner.fidelity(base.outputs, got.outputs, gold)
         miss = M.verdict(task, cand.fidelity, thresholds)
@@ -350,7 +372,7 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
             say(f"{name}: {miss} with every layer quantized; searching for the layers to keep")
             keep, cand.search = sensitivity_search(
                 engine, baseline.model, calib, calib_ref, method, task, thresholds,
-                calib_gold if labels is not None else None)
+                calib_gold)
             if keep is not None:
                 cand.full_precision_layers = keep
                 got = runner.measure(engine)
