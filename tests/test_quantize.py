@@ -76,7 +76,9 @@ def test_methods_know_where_they_run() -> None:
     cpu, h200 = DeviceCaps(), DeviceCaps(cuda_count=1, cuda_capability=(9, 0),
                                          flash_attn_installed=True)
     assert Q.unavailable(Q.get("int8-dynamic"), "embed", "cpu", cpu) is None
-    assert "CUDA" in (Q.unavailable(Q.get("bnb-int8"), "embed", "cpu", cpu) or "")
+    assert Q.unavailable(Q.get("bnb-int8"), "embed", "cpu", cpu) is None  # its CPU backend
+    assert "CUDA" in (Q.unavailable(Q.get("bf16-flash"), "embed", "cpu", cpu) or "")
+    assert "mps" in (Q.unavailable(Q.get("bnb-nf4"), "generate", "mps", cpu) or "")
     assert "CPU kernel" in (Q.unavailable(Q.get("int8-dynamic"), "embed", "cuda:0", h200) or "")
     assert "not a embed method" in (Q.unavailable(Q.get("int4-weight-only"), "embed", "cpu",
                                                   cpu) or "")
@@ -89,9 +91,16 @@ def test_methods_know_where_they_run() -> None:
 
 def test_bitsandbytes_configs_keep_heads_and_chosen_layers() -> None:
     pytest.importorskip("transformers")
-    kw = Q.load_kwargs(Q.get("bnb-nf4"), ["model.layers.0.mlp.down_proj"])
+    import torch
+
+    kw = Q.load_kwargs(Q.get("bnb-nf4"), ["model.layers.0.mlp.down_proj"], "cuda:0")
     cfg = kw["quantization_config"]
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16 and kw["device_map"] == {"": "cuda:0"}
+    on_cpu = Q.load_kwargs(Q.get("bnb-nf4"), [], "cpu")
+    assert on_cpu["quantization_config"].bnb_4bit_compute_dtype == torch.float32
+    assert Q.dtype_on(Q.get("bnb-int8"), "cpu") == "float32"
+    assert Q.dtype_on(Q.get("bnb-int8"), "cuda:0") == "float16"
     assert {"lm_head", "model.layers.0.mlp.down_proj"} <= set(cfg.llm_int8_skip_modules)
     assert Q.load_kwargs(Q.get("bnb-int8"), [])["quantization_config"].load_in_8bit
     assert Q.load_kwargs(Q.get("int8-dynamic"), []) == {}
@@ -128,10 +137,10 @@ def test_int4_kernel_matches_its_dequantized_weights() -> None:
 def test_embed_accept_writes_a_folder_that_loads_and_is_checked(tiny_bert: Path,
                                                                  tmp_path: Path) -> None:
     out = tmp_path / "q"
-    rep = quantize(str(tiny_bert), SENTENCES, methods=["int8-dynamic", "bnb-int8"],
+    rep = quantize(str(tiny_bert), SENTENCES, methods=["int8-dynamic", "bf16-flash"],
                    thresholds=LOOSE, output=out, settings=RANDOM)
     by = {c["method"]: c for c in rep["candidates"]}
-    assert by["bnb-int8"]["status"] == "skipped" and "CUDA" in by["bnb-int8"]["reason"]
+    assert by["bf16-flash"]["status"] == "skipped" and "CUDA" in by["bf16-flash"]["reason"]
     assert by["int8-dynamic"]["status"] == "accepted" and rep["chosen"] == "int8-dynamic"
     assert 0.5 <= by["int8-dynamic"]["min_cosine"] <= 1.0
     assert rep["baseline"]["weights_mib"] > by["int8-dynamic"]["weights_mib"]
@@ -188,6 +197,20 @@ def test_generate_candidates(tiny_llama: Path) -> None:
         assert by[name]["status"] == "accepted", by[name]["reason"]
         assert by[name]["perplexity_increase"] is not None
         assert by[name]["greedy_agreement"] is not None
+
+
+def test_bitsandbytes_runs_on_cpu(tiny_llama: Path) -> None:
+    """bitsandbytes' CPU backend: the same BitsAndBytesConfig path that runs on CUDA."""
+    rep = quantize(str(tiny_llama), SENTENCES, methods=["bnb-int8", "bnb-nf4"],
+                   thresholds=LOOSE, settings=RANDOM)
+    by = {c["method"]: c for c in rep["candidates"]}
+    for name in ("bnb-int8", "bnb-nf4"):
+        assert by[name]["status"] == "accepted", by[name]["reason"]
+        assert by[name]["weights_mib"] < rep["baseline"]["weights_mib"]
+    engine = sureserve.load(str(tiny_llama), quantization="bnb-nf4", accept_gate_failure=True)
+    assert type(engine.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert type(engine.model.lm_head).__name__ == "Linear"  # heads stay in full precision
+    assert engine.generate(["Hello"], max_new_tokens=3) is not None
 
 
 def test_cli_exit_codes_and_json(tiny_bert: Path, tmp_path: Path) -> None:

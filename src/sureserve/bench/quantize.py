@@ -170,15 +170,16 @@ def run_bench(n: int = 1200, long_share: float = 0.1, seed: int = 11,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "cpu_gflops": cpu_speeds(Settings().home_dir())}
-    if "embed" in parts:
-        report["embed"] = _embed_part(n, long_share, seed, peers or {}, log)
-    if "classify" in parts:
-        report["classify"] = _classify_part(600, log)
-    if "generate" in parts:
-        report["generate"] = _generate_part(200, log)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "embed": lambda: _embed_part(n, long_share, seed, peers or {}, log),
+        "classify": lambda: _classify_part(600, log),
+        "generate": lambda: _generate_part(200, log)}
+    for name, step in steps.items():
+        if name in parts:
+            report[name] = step()
+            if out:  # after each part: a long run that is stopped keeps what it measured
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report
 
 

@@ -98,6 +98,8 @@ def load(
     if method is not None:  # the method decides the dtype (and attention, for bf16-flash)
         dtype, attn = method.dtype, method.attn or attn
     plan = make_plan(caps, settings.device, dtype, attn)
+    if method is not None and Q.dtype_on(method, plan.device) != plan.dtype:
+        plan = make_plan(caps, settings.device, Q.dtype_on(method, plan.device), attn)
     warnings = list(plan.warnings)
     if method is not None and recipe is not None:
         why = Q.unavailable(method, task, plan.device, caps)
@@ -121,7 +123,7 @@ def load(
                         "two were trained together")
     tok = load_tokenizer(tok_source)
 
-    extra = Q.load_kwargs(method, recipe.keep) if method and recipe else {}
+    extra = Q.load_kwargs(method, recipe.keep, plan.device) if method and recipe else {}
     if plan.device.startswith("cuda") and not extra:
         extra = gpu_placement(source.path, config, task, settings, warnings)
     model = _load_model(getattr(transformers, AUTO_CLASSES[task]), source, task, plan,

@@ -71,10 +71,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "int8 weights per channel, float activations (torch packed int8 matmul)"),
     Method("int4-weight-only", ("generate",), "cpu", True, 1e-3,
            f"4-bit weights in groups of {INT4_GROUP}, float activations (torch int4 matmul)"),
-    Method("bnb-int8", ALL, "cuda", True, 6e-2, "bitsandbytes LLM.int8 (8-bit weights, "
-           "outliers in fp16)", "float16"),
-    Method("bnb-nf4", ("generate",), "cuda", True, 6e-2, "bitsandbytes 4-bit NF4 weights, "
-           "bf16 compute", "bfloat16"),
+    # bitsandbytes runs on CUDA and, since its multi-backend releases, on CPU (measured here:
+    # slower than fp32 on CPU, so it is accepted there only for memory, with --min-speedup)
+    Method("bnb-int8", ALL, "any", True, 6e-2, "bitsandbytes LLM.int8 (8-bit weights, "
+           "outliers in 16-bit)", "float16"),
+    Method("bnb-nf4", ("generate",), "any", True, 6e-2, "bitsandbytes 4-bit NF4 weights, "
+           "16-bit compute on GPUs, fp32 on CPUs", "bfloat16"),
     Method("bf16-flash", ALL, "cuda", False, 3e-2, "bfloat16 with flash_attention_2",
            "bfloat16", "flash_attention_2"),
 )}
@@ -127,12 +129,14 @@ def unavailable(method: Method, task: str, device: str, caps: DeviceCaps) -> str
         return f"not a {task} method (it applies to {', '.join(method.tasks)})"
     on_cuda = device.startswith("cuda")
     if method.device == "cuda" and not on_cuda:
-        return "needs a CUDA GPU (bitsandbytes' and flash attention's kernels are CUDA)" \
-            if method.name != "bf16-flash" else "flash attention needs a CUDA GPU"
+        return "flash attention needs a CUDA GPU"
     if method.device == "cpu" and on_cuda:
         return "a CPU kernel; on CUDA the 8-bit/4-bit candidates are bnb-int8 and bnb-nf4"
-    if method.name.startswith("bnb-") and importlib.util.find_spec("bitsandbytes") is None:
-        return "the bitsandbytes package is not installed (pip install bitsandbytes)"
+    if method.name.startswith("bnb-"):
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "the bitsandbytes package is not installed (pip install bitsandbytes)"
+        if not on_cuda and not device.startswith("cpu"):
+            return f"bitsandbytes has no {device} backend here"
     if method.name == "bf16-flash":
         if not caps.flash_attn_installed:
             return "the flash_attn package is not installed"
@@ -156,20 +160,32 @@ def linear_layers(model: Any) -> list[str]:
             and not any(part in HEAD_NAMES for part in name.split("."))]
 
 
-def load_kwargs(method: Method, keep: Collection[str]) -> dict[str, Any]:
-    """Extra ``from_pretrained`` arguments for methods that act at load time (bitsandbytes)."""
+def dtype_on(method: Method, device: str) -> str:
+    """The dtype of the rest of the model: bitsandbytes' 16-bit compute is a GPU choice; on
+    a CPU (where bf16/fp16 matmuls measured 0.01x fp32 here) the rest stays in float32."""
+    if method.name.startswith("bnb-") and not device.startswith("cuda"):
+        return "float32"
+    return method.dtype
+
+
+def load_kwargs(method: Method, keep: Collection[str], device: str = "cuda:0"
+                ) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for methods that act at load time (bitsandbytes):
+    the config, and every module on ``device`` (bitsandbytes places its own weights)."""
     if not method.name.startswith("bnb-"):
         return {}
     import torch
     from transformers import BitsAndBytesConfig
 
     skip = sorted(set(keep) | set(HEAD_NAMES))
+    place = {"device_map": {"": device}}
     if method.name == "bnb-int8":
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True,
-                                                          llm_int8_skip_modules=skip)}
+                                                          llm_int8_skip_modules=skip), **place}
+    compute = getattr(torch, dtype_on(method, device))
     return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=skip)}
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=skip), **place}
 
 
 @contextlib.contextmanager

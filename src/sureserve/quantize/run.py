@@ -40,6 +40,7 @@ MIN_TEXTS = 10
 #: a candidate measured below this share of the required speed on the calibration slice
 #: is rejected without the full measurement
 HOPELESS = 0.25
+PROBE_PROMPTS, PROBE_TOKENS = 4, 8
 #: the per-layer scoring of the sensitivity search uses this many calibration texts of a
 #: decoder (perplexity only, cut to SCORE_TOKENS): it runs once per linear layer (210 in
 #: smollm2)
@@ -170,6 +171,22 @@ class Runner:
         prompts = texts[:GEN_PROMPTS]
         done = engine.complete(prompts, max_new_tokens=GEN_TOKENS, temperature=0.0)
         return [c.token_ids for c in done], mean_nll(engine, texts[:NLL_TEXTS])
+
+    def probe(self, engine: Any) -> tuple[Any, float]:
+        """(outputs on these texts, a quick speed reading): texts/s, or for decoders the
+        tokens/s of a short greedy decode of a few prompts (decode speed is what they are
+        judged on, and the perplexity pass does not show it)."""
+        self.outputs(engine, self.texts[:4])  # warm-up
+        started = time.perf_counter()
+        out = self.outputs(engine)
+        rate = len(self.texts) / max(time.perf_counter() - started, 1e-9)
+        if self.task == "generate":
+            started = time.perf_counter()
+            done = engine.complete(self.texts[:PROBE_PROMPTS], max_new_tokens=PROBE_TOKENS,
+                                   temperature=0.0)
+            rate = sum(c.completion_tokens for c in done) / max(time.perf_counter() - started,
+                                                                1e-9)
+        return out, rate
 
     def measure(self, engine: Any) -> Measured:
         from sureserve.bench.harness import RssSampler
@@ -307,10 +324,7 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
     say(f"measuring the baseline on {len(eval_idx)} eval texts "
         f"({len(calib_idx)} more are the calibration slice)")
     base = runner.measure(baseline)
-    calib.outputs(baseline, calib.texts[:4])  # warm-up
-    started = time.perf_counter()
-    calib_ref = calib.outputs(baseline)
-    calib_seconds = time.perf_counter() - started
+    calib_ref, calib_rate = calib.probe(baseline)
     base_fid = runner.fidelity(base.outputs, base.outputs, gold)
     report: dict[str, Any] = {
         "model": model, "task": task, "device": baseline.loaded.plan.device,
@@ -349,13 +363,11 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
             cand.status = "rejected"
             cand.reason = "the gate fails on it: " + "; ".join(
                 f"{c.name}: {c.evidence}" for c in new_failures)
+            say(f"{name}: rejected, {cand.reason}")
             continue
-        calib.outputs(engine, calib.texts[:4])
-        started = time.perf_counter()
-        probe = calib.outputs(engine)
-        probe_speed = calib_seconds / max(time.perf_counter() - started, 1e-9)
-        # (decoders are judged on decode speed, which the perplexity slice does not show)
-        if task != "generate" and probe_speed < HOPELESS * thresholds.min_speedup:
+        probe, rate = calib.probe(engine)
+        probe_speed = rate / calib_rate
+        if probe_speed < HOPELESS * thresholds.min_speedup:
             # far too slow to ever pass: say so from the calibration slice instead of
             # spending minutes on the eval split (weight-only int8 ran encoders at 0.03x)
             cand.status, cand.speedup = "rejected", probe_speed
