@@ -75,6 +75,7 @@ def test_layers_off_the_gpu_are_named() -> None:
     assert off_device({"model.layers.0": 0, "model.layers.31": "cpu", "lm_head": "disk"}) == \
         ["model.layers.31", "lm_head"]
     assert off_device(None) == []
+    assert off_device({"": "cpu"}, "cpu") == []  # planned on the CPU: nothing is "off" it
 
 
 def test_cli_plans_a_7b_decoder_from_its_config_alone(tmp_path: Path) -> None:
@@ -99,3 +100,32 @@ def test_tied_embeddings_are_counted_once(tiny_llama: Path) -> None:
 
     size = model_size(tiny_llama, read_json(tiny_llama / "config.json"), "generate")
     assert size.params == parameter_count(tiny_llama)
+
+
+def test_load_on_gpus_applies_the_plan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The loader's GPU branch, with a simulated machine: a balanced device_map when the model
+    needs two GPUs, CPU memory only when offload is allowed, an error naming fit otherwise."""
+    from sureserve.errors import ModelSourceError
+    from sureserve.loading import fit, inspect, loader
+    from sureserve.settings import Settings
+
+    monkeypatch.setattr(inspect, "parameter_count", lambda folder: SEVEN_B.params)
+    cfg = LLAMA_7B
+    monkeypatch.setattr(fit, "real_machine", lambda: Machine((12.0, 12.0), 64.0))
+    warnings: list[str] = []
+    kw = loader.gpu_placement(tmp_path, cfg, "generate", Settings(kv_cache_mb=1024), warnings)
+    assert kw["device_map"] == "auto" and set(kw["max_memory"]) == {0, 1}
+    assert loader.gpu_placement(tmp_path, cfg, "generate", Settings(device="cuda:1"), []) == {}
+
+    monkeypatch.setattr(fit, "real_machine", lambda: Machine((80.0,), 64.0))
+    assert loader.gpu_placement(tmp_path, cfg, "generate", Settings(), []) == {}
+
+    monkeypatch.setattr(fit, "real_machine", lambda: Machine((12.0,), 64.0))
+    with pytest.raises(ModelSourceError, match="in 16-bit; int8 would"):
+        loader.gpu_placement(tmp_path, cfg, "generate", Settings(kv_cache_mb=1024), [])
+    monkeypatch.setattr(fit, "real_machine", lambda: Machine((4.0,), 64.0))
+    with pytest.raises(ModelSourceError, match="at any precision"):
+        loader.gpu_placement(tmp_path, cfg, "generate", Settings(), [])
+    warnings = []
+    kw = loader.gpu_placement(tmp_path, cfg, "generate", Settings(allow_offload=True), warnings)
+    assert "cpu" in kw["max_memory"] and any("OFFLOAD" in w for w in warnings)

@@ -45,7 +45,7 @@ def run_gate(loaded: Loaded, task_impl: Any | None = None) -> GateReport:
         report.checks += _decoder_probes(loaded)
     elif task_impl is not None:
         report.checks += _encoder_probes(loaded, task_impl)
-    off = off_device(getattr(loaded.model, "hf_device_map", None))
+    off = off_device(getattr(loaded.model, "hf_device_map", None), loaded.plan.device)
     if off:
         report.checks.append(Check(
             "placement", "warn", f"{len(off)} modules run from the CPU or disk: "

@@ -183,8 +183,11 @@ def real_machine() -> Machine:
     return Machine(gpus, psutil.virtual_memory().available / GIB)
 
 
-def off_device(device_map: dict[str, Any] | None) -> list[str]:
-    """Modules that ``from_pretrained`` placed on the CPU or disk (from ``hf_device_map``)."""
+def off_device(device_map: dict[str, Any] | None, device: str = "cuda") -> list[str]:
+    """Modules that ``from_pretrained`` placed on the CPU or disk (from ``hf_device_map``)
+    when the model was meant for a GPU ``device``; nothing for a model planned on the CPU."""
+    if not device.startswith("cuda"):
+        return []
     return [name or "(whole model)" for name, where in (device_map or {}).items()
             if str(where) in ("cpu", "disk")]
 

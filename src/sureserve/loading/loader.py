@@ -128,7 +128,7 @@ def load(
         extra = gpu_placement(source.path, config, task, settings, warnings)
     model = _load_model(getattr(transformers, AUTO_CLASSES[task]), source, task, plan,
                         use_safetensors, settings, warnings, extra)
-    off = off_device(getattr(model, "hf_device_map", None))
+    off = off_device(getattr(model, "hf_device_map", None), plan.device)
     if off:
         warnings.append(f"{len(off)} modules were placed on the CPU or disk, not the GPU "
                         f"({', '.join(off[:4])}): a single layer on the CPU becomes the "
@@ -178,9 +178,10 @@ def gpu_placement(folder: Any, config: dict[str, Any], task: str, settings: Sett
         if plan.placement == "offload":
             memory["cpu"] = f"{machine.cpu_gib:.1f}GiB"
         return {"device_map": "auto", "max_memory": memory}
+    what = (f"in 16-bit; {plan.precision} would" if plan.placement == "quantize"
+            else "at any precision")
     raise ModelSourceError(
-        f"the model does not fit this machine's GPUs at {plan.precision or 'any precision'}: "
-        + "; ".join(plan.reasons[:1]),
+        f"the model does not fit this machine's GPUs {what}: " + "; ".join(plan.reasons[:1]),
         "quantize it (`sureserve quantize MODEL --eval FILE`), or --allow-offload to run it "
         "slowly from CPU memory; `sureserve fit MODEL` shows every option")
 
