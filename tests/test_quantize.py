@@ -17,7 +17,8 @@ from sureserve.errors import InputError, ModelSourceError, SettingsError
 from sureserve.loading.plan import DeviceCaps
 from sureserve.quantize import measure as M
 from sureserve.quantize import methods as Q
-from sureserve.quantize.run import label_indices, quantize, split
+from sureserve.quantize.evalset import label_indices, split
+from sureserve.quantize.run import quantize
 from sureserve.settings import Settings
 
 # random tiny models fail the gate's alignment probe by design; the quantize runs accept
@@ -155,6 +156,13 @@ def test_embed_accept_writes_a_folder_that_loads_and_is_checked(tiny_bert: Path,
     q_check = next(c for c in engine.gate_report.checks if c.name == "quantization")
     assert q_check.status == "pass", q_check.evidence
     assert not any("NOT EVALUATED" in w for w in engine.loaded.warnings)
+    # lock records the method, and verify passes on the same folder
+    from sureserve.gate.lock import verify, write_lock
+
+    lock = write_lock(engine, tmp_path / "q.lock")
+    assert lock["plan"]["quantization"]["method"] == "int8-dynamic"
+    assert lock["outputs"]["dtype"] == "int8-dynamic"
+    assert verify(lock, engine).ok
     with pytest.raises(ModelSourceError, match="was quantized with int8-dynamic"):
         sureserve.load(str(out), quantization="int8-weight-only", accept_gate_failure=True)
 

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from sureserve.quantize import measure as M
-from sureserve.quantize.run import quantize, split
+from sureserve.quantize.evalset import split
+from sureserve.quantize.run import quantize
 from sureserve.settings import Settings
 
 PEER_SCRIPT = Path(__file__).with_name("peer_st.py")

@@ -142,6 +142,11 @@ def load(
             warnings.append(f"{len(left)} linear layers stay in full precision because "
                             f"{method.name}'s kernel cannot take their shape: "
                             + ", ".join(left[:5]))
+        if method.name == "bnb-int8" and plan.device == "cpu":
+            # bitsandbytes logs this on every forward pass; it is said once here instead
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+            warnings.append("bnb-int8 on the CPU casts activations to float16 inside each "
+                            "8-bit matmul (bitsandbytes' CPU path)")
 
     st = sentence_transformers_config(source.path)
     limit = usable_max(config, getattr(tok, "model_max_length", None), st)

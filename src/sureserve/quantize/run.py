@@ -12,12 +12,9 @@ that hold, choose the fastest.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import random
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,33 +25,18 @@ import numpy as np
 from sureserve.errors import InputError
 from sureserve.quantize import measure as M
 from sureserve.quantize import methods as Q
+from sureserve.quantize.evalset import label_indices, read_eval, split
+from sureserve.quantize.runner import Runner
+from sureserve.quantize.search import sensitivity_search
 from sureserve.settings import Settings
 
-log = logging.getLogger("sureserve.quantize")
+__all__ = ["quantize", "read_eval", "write_folder"]
 
-#: the calibration slice: a quarter of the file, capped (the search runs it once per layer)
-CALIBRATION_CAP = {"embed": 64, "classify": 64, "generate": 12}
-#: generation is measured on this many prompts of the eval split, this many new tokens
-GEN_PROMPTS, GEN_TOKENS, NLL_TEXTS, NLL_MAX_TOKENS = 32, 32, 64, 256
-MIN_TEXTS = 10
+log = logging.getLogger("sureserve.quantize")
 #: a candidate measured below this share of the required speed on the calibration slice
 #: is rejected without the full measurement
 HOPELESS = 0.25
-PROBE_PROMPTS, PROBE_TOKENS = 4, 8
-#: the per-layer scoring of the sensitivity search uses this many calibration texts of a
-#: decoder (perplexity only, cut to SCORE_TOKENS): it runs once per linear layer (210 in
-#: smollm2)
-SCORE_TEXTS, SCORE_TOKENS = 4, 128
 
-
-@dataclass
-class Measured:
-    """One model measured on the eval split."""
-
-    outputs: Any  # embed: vectors; classify: probabilities; generate: (token lists, nll)
-    per_second: float  # texts/s (embed, classify) or generated tokens/s (generate)
-    weights_mib: float
-    peak_rss_mib: float
 
 
 @dataclass
@@ -90,202 +72,6 @@ class Candidate:
 
 def _r(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(float(x), digits)
-
-
-def read_eval(path: Path, field_name: str = "text", label_field: str | None = None
-              ) -> tuple[list[str], list[str] | None]:
-    """Texts (and labels, when ``label_field`` is given) of a .txt, .jsonl or .csv file."""
-    import csv
-
-    if not path.is_file():
-        raise InputError(f"the eval file {path} does not exist", "pass --eval FILE")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        if label_field:
-            raise InputError("a .txt eval file has no label column",
-                             "use .jsonl or .csv for --label-field")
-        return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()], None
-    if suffix == ".jsonl":
-        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()
-                if ln.strip()]
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    else:
-        raise InputError(f"unknown eval file type {suffix!r}", "use .txt, .jsonl or .csv")
-    for n, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or field_name not in row:
-            raise InputError(f"record {n} of {path} has no field {field_name!r}",
-                             "name the text field with --field")
-        if label_field and label_field not in row:
-            raise InputError(f"record {n} of {path} has no label field {label_field!r}",
-                             "name the label field with --label-field")
-    texts = [str(r[field_name]) for r in rows]
-    return texts, [str(r[label_field]) for r in rows] if label_field else None
-
-
-def label_indices(labels: Sequence[str], names: Sequence[str]) -> list[int]:
-    """Gold labels as class indices: by label name, or as the index itself."""
-    lookup = {n.lower(): i for i, n in enumerate(names)}
-    out = []
-    for raw in labels:
-        key = raw.strip().lower()
-        if key in lookup:
-            out.append(lookup[key])
-        elif key.isdigit() and int(key) < len(names):
-            out.append(int(key))
-        else:
-            raise InputError(f"label {raw!r} is not one of the model's labels "
-                             f"({', '.join(names)})", "fix the label field, or drop "
-                             "--label-field to measure agreement only")
-    return out
-
-
-def split(n: int, task: str, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(calibration indices, eval indices): disjoint, deterministic."""
-    if n < MIN_TEXTS:
-        raise InputError(f"the eval file has {n} texts; quantize needs at least {MIN_TEXTS}",
-                         "give a few hundred texts typical of your traffic")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    k = max(2, min(CALIBRATION_CAP[task], n // 4))
-    return sorted(order[:k]), sorted(order[k:])
-
-
-class Runner:
-    """Measures models of one task on fixed texts (timing, memory, outputs)."""
-
-    def __init__(self, task: str, texts: list[str], *, perplexity_only: bool = False) -> None:
-        self.task, self.texts = task, texts
-        #: decoders: skip greedy generation (the sensitivity search needs perplexity only)
-        self.perplexity_only = perplexity_only
-
-    def outputs(self, engine: Any, texts: Sequence[str] | None = None) -> Any:
-        texts = list(self.texts if texts is None else texts)
-        if self.task == "embed":
-            return engine.run(texts, truncation="truncate").rows
-        if self.task == "classify":
-            return engine.task.probabilities(engine.run(texts, truncation="truncate").rows)
-        if self.perplexity_only:
-            return [], mean_nll(engine, texts[:NLL_TEXTS])
-        prompts = texts[:GEN_PROMPTS]
-        done = engine.complete(prompts, max_new_tokens=GEN_TOKENS, temperature=0.0)
-        return [c.token_ids for c in done], mean_nll(engine, texts[:NLL_TEXTS])
-
-    def probe(self, engine: Any) -> tuple[Any, float]:
-        """(outputs on these texts, a quick speed reading): texts/s, or for decoders the
-        tokens/s of a short greedy decode of a few prompts (decode speed is what they are
-        judged on, and the perplexity pass does not show it)."""
-        self.outputs(engine, self.texts[:4])  # warm-up
-        started = time.perf_counter()
-        out = self.outputs(engine)
-        rate = len(self.texts) / max(time.perf_counter() - started, 1e-9)
-        if self.task == "generate":
-            started = time.perf_counter()
-            done = engine.complete(self.texts[:PROBE_PROMPTS], max_new_tokens=PROBE_TOKENS,
-                                   temperature=0.0)
-            rate = sum(c.completion_tokens for c in done) / max(time.perf_counter() - started,
-                                                                1e-9)
-        return out, rate
-
-    def measure(self, engine: Any) -> Measured:
-        from sureserve.bench.harness import RssSampler
-
-        self.outputs(engine, self.texts[:4])  # warm-up
-        best: float = float("inf")
-        out: Any = None
-        with RssSampler() as rss:
-            for _ in range(3):  # best of up to 3 passes, for short eval files
-                t = time.perf_counter()
-                out = self.outputs(engine)
-                best = min(best, time.perf_counter() - t)
-                if best > 2.0:
-                    break
-        work = (sum(len(ids) for ids in out[0]) if self.task == "generate"
-                else len(self.texts))
-        return Measured(out, work / best, Q.weights_bytes(engine.model) / 2**20, rss.peak / 2**20)
-
-    def fidelity(self, ref: Any, cand: Any, labels: list[int] | None) -> dict[str, Any]:
-        if self.task == "embed":
-            return M.embed_fidelity(ref, cand)
-        if self.task == "classify":
-            return M.classify_fidelity(ref, cand, labels)
-        return M.generate_fidelity(ref[0], cand[0], ref[1], cand[1])
-
-
-def mean_nll(engine: Any, texts: Sequence[str], max_tokens: int = NLL_MAX_TOKENS) -> float:
-    """Mean next-token negative log-likelihood over the texts (teacher forcing)."""
-    import torch
-
-    tok, model, device = engine.tokenizer, engine.model, engine.loaded.plan.device
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for text in texts:
-            ids = tok(text)["input_ids"][:max_tokens]
-            if len(ids) < 2:
-                continue
-            x = torch.tensor([ids], device=device)
-            total += float(model(input_ids=x, labels=x).loss) * (len(ids) - 1)
-            count += len(ids) - 1
-    return total / max(count, 1)
-
-
-def sensitivity_search(engine: Any, base_model: Any, runner: Runner, ref: Any,
-                       method: Q.Method, task: str, thresholds: M.Thresholds,
-                       labels: list[int] | None) -> tuple[list[str] | None, dict[str, Any]]:
-    """The fewest linear layers to keep in full precision so that the calibration slice
-    holds the threshold with a margin (``Thresholds.tightened``); None when even keeping
-    all but one layer does not.
-
-    Each layer is scored by the damage of quantizing it alone; then the k most damaging
-    are restored for the smallest k (binary search) that passes.
-    """
-    model = engine.model
-    names = [n for n in Q.linear_layers(base_model)
-             if type(model.get_submodule(n)) is not type(base_model.get_submodule(n))]
-    quantized = {n: model.get_submodule(n) for n in names}
-    full = {n: copy.deepcopy(base_model.get_submodule(n)) for n in names}
-
-    def configure(keep: set[str]) -> None:
-        for n in names:
-            model.set_submodule(n, full[n] if n in keep else quantized[n])
-
-    started = time.perf_counter()
-    damage: dict[str, float] = {}
-    score = runner
-    score_ref = ref
-    if task == "generate":  # perplexity of a few short texts: this runs once per layer
-        score = Runner(task, runner.texts[:SCORE_TEXTS], perplexity_only=True)
-        configure(set(names))
-        score_ref = ([], mean_nll(engine, score.texts, SCORE_TOKENS))
-    for n in names:  # quantize only n
-        configure(set(names) - {n})
-        out = ([], mean_nll(engine, score.texts, SCORE_TOKENS)) if task == "generate" \
-            else score.outputs(engine)
-        damage[n] = M.damage(task, score.fidelity(score_ref, out, labels))
-    ranked = sorted(names, key=lambda n: -damage[n])
-
-    def holds(k: int) -> bool:
-        configure(set(ranked[:k]))
-        fid = runner.fidelity(ref, runner.outputs(engine), labels)
-        return M.verdict(task, fid, thresholds.tightened()) is None
-
-    lo, hi = 1, len(names) - 1  # keeping every layer is no quantization at all
-    if hi < 1 or not holds(hi):
-        configure(set())
-        return None, {"layers": len(names), "seconds": round(time.perf_counter() - started, 1)}
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if holds(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    keep = ranked[:lo]
-    configure(set(keep))
-    info = {"layers": len(names), "kept": len(keep),
-            "worst": [{"layer": n, "damage": round(damage[n], 5)} for n in ranked[:5]],
-            "seconds": round(time.perf_counter() - started, 1)}
-    return keep, info
 
 
 def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
