@@ -156,6 +156,8 @@ def test_embed_accept_writes_a_folder_that_loads_and_is_checked(tiny_bert: Path,
     q_check = next(c for c in engine.gate_report.checks if c.name == "quantization")
     assert q_check.status == "pass", q_check.evidence
     assert not any("NOT EVALUATED" in w for w in engine.loaded.warnings)
+    info = sureserve.info(str(out))
+    assert info["quantization"]["method"] == "int8-dynamic" and info["quantization"]["evaluated"]
     # lock records the method, and verify passes on the same folder
     from sureserve.gate.lock import verify, write_lock
 

@@ -21,6 +21,7 @@ from sureserve.loading.inspect import (
 from sureserve.loading.loader import Loaded, load_tokenizer
 from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
 from sureserve.loading.source import Source, resolve, vet_weights
+from sureserve.quantize.methods import read_recipe
 from sureserve.settings import Settings
 
 
@@ -35,6 +36,9 @@ def describe(identifier: str, task: str | None = None, revision: str | None = No
                      settings.attn_implementation)
     tok = load_tokenizer(source)
     d = _facts(source, source, task, plan, config, tok)
+    recipe = read_recipe(source.path)
+    d["quantization"] = {k: v for k, v in recipe.to_dict().items() if k != "golden"} \
+        if recipe else None
     if d["kv_cache_bytes_per_token"]:
         d["kv_cache_budget"] = {"mb": settings.kv_cache_mb, "tokens": int(
             settings.kv_cache_mb * 2**20 // d["kv_cache_bytes_per_token"])}
@@ -91,6 +95,14 @@ def _finite(n: int | None) -> int | None:
     return int(n) if n is not None and n < 1_000_000 else None
 
 
+def _quantization_line(q: dict[str, Any] | None) -> str | None:
+    if not q:
+        return None
+    how = "measured and accepted by sureserve quantize" if q["evaluated"] else "NOT evaluated"
+    return (f"{q['method']} ({len(q['full_precision_layers'])} layers kept in full precision; "
+            f"{how}; base {q['base_model']})")
+
+
 def print_info(d: dict[str, Any], out: Any) -> None:
     """``sureserve info``'s human-readable form of ``describe``."""
     from rich.table import Table
@@ -116,6 +128,7 @@ def print_info(d: dict[str, Any], out: Any) -> None:
          if d.get("kv_cache_budget") else None),
         ("plan", f"device={plan['device']} dtype={plan['dtype']} "
                  f"attention={plan['attn_implementation']}"),
+        ("quantization", _quantization_line(d.get("quantization"))),
     ]:
         if v is not None:
             t.add_row(f"[bold]{k}[/]", str(v))
