@@ -22,6 +22,7 @@ import sureserve
 from sureserve.api import _load_and_gate
 from sureserve.loading.fit import fit_model
 from sureserve.quantize.methods import Recipe
+from sureserve.quantize.run import quantize
 from sureserve.settings import Settings
 
 def step(name, fn):
@@ -55,7 +56,8 @@ def candidate(method):
 
 for m in ("bnb-int8", "bnb-nf4", "bf16-flash", "fp16"):
     step(f"candidate {m}", candidate(m))
-step("quantize smollm2 on GPU", lambda: {"report": __import__("sureserve.quantize.run", fromlist=["x"]).quantize(
-    "smollm2", [f"Sentence number {i} about the weather, the markets and football." for i in range(40)],
-    methods=["fp16", "bnb-int8", "bnb-nf4"], settings=Settings(device="cuda"))["candidates"]})
+TEXTS = [f"Sentence number {i} about the weather, the markets and football." for i in range(40)]
+step("quantize smollm2 on GPU", lambda: {"candidates": quantize(
+    "smollm2", TEXTS, methods=["fp16", "bf16-flash", "bnb-int8", "bnb-nf4"],
+    settings=Settings(device="cuda"))["candidates"]})
 PYEOF
