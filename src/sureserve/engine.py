@@ -98,6 +98,15 @@ class Result:
 _threads_lock = threading.Lock()
 
 
+def default_forward_workers(cpu: bool, generating: bool = False) -> int:
+    """Two single-threaded forward passes beat one two-threaded pass on a CPU with 2+ torch
+    threads (BENCHMARKS.md); one on a GPU, or beside a generation model (torch's thread
+    count is per process)."""
+    import torch
+
+    return 2 if cpu and not generating and torch.get_num_threads() >= 2 else 1
+
+
 @contextlib.contextmanager
 def forward_pool(workers: int) -> Iterator[Callable[[Callable[[Any], Any], Sequence[Any]],
                                                      Iterator[Any]]]:
@@ -214,15 +223,11 @@ class Engine:
         return self.finish(job, rows, **options)
 
     def offline_workers(self) -> int:
-        """Forward passes ``run`` keeps going at once: the ``forward_workers`` setting, or 2
-        on a CPU with 2+ torch threads (two single-threaded passes beat one two-threaded
-        pass; BENCHMARKS.md), 1 on a GPU."""
-        import torch
-
+        """Forward passes ``run`` keeps going at once: the ``forward_workers`` setting, or
+        ``default_forward_workers``."""
         if self.settings.forward_workers is not None:
             return self.settings.forward_workers
-        cpu = str(self.loaded.plan.device) == "cpu"
-        return 2 if cpu and torch.get_num_threads() >= 2 else 1
+        return default_forward_workers(str(self.loaded.plan.device) == "cpu")
 
     def embed(self, texts: Sequence[str], *, truncation: str | None = None,
               normalize: bool | None = None) -> np.ndarray:

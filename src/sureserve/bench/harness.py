@@ -81,23 +81,6 @@ def timed(name: str, fn: Callable[[], tuple[Any, int]], texts: int, real_tokens:
     return r
 
 
-def gemm_gflops(dtype_name: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
-    """Measured matrix-multiply rate of this machine, in GFLOP/s, for square n x n."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    torch.mm(a, b)  # warm-up
-    reps = 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        reps += 1
-    elapsed = time.perf_counter() - start
-    return 2 * n**3 * reps / elapsed / 1e9
-
-
 def linear_flops_per_token(model: Any) -> int:
     """2 x weights of every nn.Linear the tokens pass through (the GEMM work per token)."""
     import torch

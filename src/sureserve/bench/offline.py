@@ -19,13 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from sureserve.bench.harness import (
-    Result,
-    cpu_has_bf16,
-    gemm_gflops,
-    linear_flops_per_token,
-    timed,
-)
+from sureserve.bench.harness import Result, cpu_has_bf16, linear_flops_per_token, timed
+from sureserve.loading.machine import gemm_gflops
 
 BATCH = 32
 

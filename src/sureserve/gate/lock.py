@@ -130,7 +130,7 @@ def write_lock(engine: Any, out: Path) -> dict[str, Any]:
         "tokenizer_files": file_hashes(tsrc.path) if tsrc.path != src.path else None,
         "versions": versions(),
         "plan": {"device": loaded.plan.device, "dtype": loaded.plan.dtype,
-                 "quantization": loaded.quantization.to_dict() | {"golden": None}
+                 "quantization": loaded.quantization.summary()
                  if loaded.quantization else None},
         "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
         "outputs": golden_outputs(engine),

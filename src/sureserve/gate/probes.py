@@ -28,6 +28,9 @@ CLASSIFY_COLLAPSE_SPREAD = 0.05
 # Absolute tolerances by dtype: batch invariance, packing, and the lockfile's outputs.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
+# LM affinity: shuffled-token loss must exceed the real loss by this many nats per token.
+LM_MARGIN = 1.0
+
 
 def tolerance(precision: str) -> float:
     """Tolerance for a dtype, or for a quantization method (its own, in methods.py)."""
@@ -36,8 +39,6 @@ def tolerance(precision: str) -> float:
     if precision in TOLERANCE:
         return TOLERANCE[precision]
     return METHODS[precision].tolerance if precision in METHODS else TOLERANCE["float32"]
-# LM affinity: shuffled-token loss must exceed the real loss by this many nats per token.
-LM_MARGIN = 1.0
 
 
 def word_ids(tok: Any, word: str) -> list[int]:

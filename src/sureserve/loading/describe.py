@@ -37,8 +37,7 @@ def describe(identifier: str, task: str | None = None, revision: str | None = No
     tok = load_tokenizer(source)
     d = _facts(source, source, task, plan, config, tok)
     recipe = read_recipe(source.path)
-    d["quantization"] = {k: v for k, v in recipe.to_dict().items() if k != "golden"} \
-        if recipe else None
+    d["quantization"] = recipe.summary() if recipe else None
     if d["kv_cache_bytes_per_token"]:
         d["kv_cache_budget"] = {"mb": settings.kv_cache_mb, "tokens": int(
             settings.kv_cache_mb * 2**20 // d["kv_cache_bytes_per_token"])}
@@ -50,7 +49,7 @@ def describe_loaded(loaded: Loaded) -> dict[str, Any]:
                loaded.config, loaded.tokenizer)
     d["warnings"] = list(loaded.warnings)
     q = loaded.quantization
-    d["quantization"] = {k: v for k, v in q.to_dict().items() if k != "golden"} if q else None
+    d["quantization"] = q.summary() if q else None
     d["device_map"] = getattr(loaded.model, "hf_device_map", None)
     d["load_seconds"] = round(loaded.load_seconds, 2)
     return d

@@ -30,17 +30,19 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gflops(dtype_name: str) -> float:
+def gemm_gflops(dtype_name: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
+    """Measured matrix-multiply rate of this machine, in GFLOP/s, for square n x n (also
+    the benchmarks' GEMM figure)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(SIZE, SIZE).to(dtype), torch.randn(SIZE, SIZE).to(dtype)
-    torch.mm(a, b)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up
     reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < SECONDS:
+    while time.perf_counter() - start < seconds:
         torch.mm(a, b)
         reps += 1
-    return 2 * SIZE**3 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def cpu_speeds(home: Path) -> dict[str, float]:
@@ -53,7 +55,7 @@ def cpu_speeds(home: Path) -> dict[str, float]:
         return {k: float(v) for k, v in json.loads(path.read_text())["gflops"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    speeds = {d: round(_gflops(d), 2) for d in DTYPES}
+    speeds = {d: round(gemm_gflops(d, SIZE, SECONDS), 2) for d in DTYPES}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

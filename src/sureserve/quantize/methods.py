@@ -17,7 +17,7 @@ Methods, and why these libraries (measured, see BENCHMARKS.md "Precision and fit
   (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); these save memory and help
   memory-bound decoding, not compute-bound encoder batches.
 - ``bnb-int8``/``bnb-nf4``: bitsandbytes LLM.int8 and 4-bit NF4 through transformers'
-  ``BitsAndBytesConfig`` (CUDA).
+  ``BitsAndBytesConfig`` (CUDA, and bitsandbytes' CPU backend with fp32 compute).
 - ``bf16-flash``: bf16 weights with flash_attention_2 (CUDA, flash_attn installed).
 """
 
@@ -49,7 +49,7 @@ class Method:
     name: str
     tasks: tuple[str, ...]
     device: str  # "cpu" | "cuda" | "any"
-    #: single linear layers can be kept in full precision (sensitivity search applies)
+    #: single linear layers can be kept in full precision (a recipe's keep list)
     layerwise: bool
     #: largest output difference the gate accepts between two runs of the same inputs
     #: (alone vs in a padded batch; re-applied recipe vs its golden outputs)
@@ -57,6 +57,12 @@ class Method:
     summary: str
     dtype: str = "float32"  # the dtype of the rest of the model
     attn: str | None = None
+
+    @property
+    def swaps_layers(self) -> bool:
+        """Applied after loading by swapping linear layers (``apply``), so the sensitivity
+        search can swap single layers back; bitsandbytes acts inside from_pretrained."""
+        return self.layerwise and self.device == "cpu"
 
 
 ALL = ("embed", "classify", "generate")
@@ -97,9 +103,13 @@ class Recipe:
     base: str | None = None  # the model it was made from
     golden: dict[str, Any] | None = field(default=None, compare=False)
 
-    def to_dict(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """What the recipe is, without its golden outputs (for info, /info and locks)."""
         return {"method": self.method, "full_precision_layers": list(self.keep),
-                "evaluated": self.evaluated, "base_model": self.base, "golden": self.golden}
+                "evaluated": self.evaluated, "base_model": self.base}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary() | {"golden": self.golden}
 
 
 def read_recipe(folder: Path) -> Recipe | None:
@@ -208,7 +218,7 @@ def quantize_layer(method: Method, linear: Any) -> Any:
 def apply(model: Any, method: Method, keep: Collection[str] = ()) -> list[str]:
     """Quantize ``model``'s linear layers in place, except ``keep``; returns the layers that
     stayed in full precision because the kernel cannot take their shape."""
-    if not method.layerwise or method.device != "cpu":
+    if not method.swaps_layers:
         return []
     skipped: list[str] = []
     for name in linear_layers(model):

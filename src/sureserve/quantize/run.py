@@ -106,7 +106,7 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
         gold = [gold_all[i] for i in eval_idx]
         calib_gold = [gold_all[i] for i in calib_idx]
     runner = Runner(task, [texts[i] for i in eval_idx])
-    calib = Runner(task, [texts[i] for i in calib_idx], perplexity_only=True)
+    calib = Runner(task, [texts[i] for i in calib_idx])
     say(f"measuring the baseline on {len(eval_idx)} eval texts "
         f"({len(calib_idx)} more are the calibration slice)")
     base = runner.measure(baseline)
@@ -126,7 +126,7 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
     caps = detect_caps()
     names = list(methods) if methods else [n for n, m in Q.METHODS.items() if task in m.tasks]
     results: list[Candidate] = []
-    chosen_engine = None
+    best: tuple[Candidate, Any] | None = None  # the fastest accepted, and its engine
     for name in names:
         method = Q.get(name)
         cand = Candidate(name)
@@ -166,7 +166,7 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
         got = runner.measure(engine)
         cand.fidelity = runner.fidelity(base.outputs, got.outputs, gold)
         miss = M.verdict(task, cand.fidelity, thresholds)
-        if miss and method.layerwise and method.device == "cpu":
+        if miss and method.swaps_layers:
             say(f"{name}: {miss} with every layer quantized; searching for the layers to keep")
             keep, cand.search = sensitivity_search(
                 engine, baseline.model, calib, calib_ref, method, task, thresholds,
@@ -193,18 +193,15 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
                            "slower candidates)")
         else:
             cand.status, cand.reason = "accepted", "holds the thresholds and is faster"
-            best = max((c for c in results if c.status == "accepted" and c is not cand),
-                       key=lambda c: c.speedup or 0, default=None)
-            if best is None or (cand.speedup or 0) > (best.speedup or 0):
-                chosen_engine = engine
+            if best is None or cand.speedup > (best[0].speedup or 0):
+                best = (cand, engine)
         say(f"{name}: {cand.status}, {cand.reason}; speedup {cand.speedup:.2f}x")
-    accepted = [c for c in results if c.status == "accepted"]
-    chosen = max(accepted, key=lambda c: c.speedup or 0, default=None)
     report["candidates"] = [c.to_dict() for c in results]
-    if chosen is not None:
+    if best is not None:
+        chosen, engine = best
         report["chosen"] = chosen.method
-        if output is not None and chosen_engine is not None:
-            write_folder(chosen_engine, chosen, model, report, output)
+        if output is not None:
+            write_folder(engine, chosen, model, report, output)
             report["output"] = str(output)
     return report
 

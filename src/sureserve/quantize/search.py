@@ -8,7 +8,7 @@ from typing import Any
 
 from sureserve.quantize import measure as M
 from sureserve.quantize import methods as Q
-from sureserve.quantize.runner import Runner, mean_nll
+from sureserve.quantize.runner import Runner
 
 #: the per-layer scoring uses this many calibration texts of a decoder (perplexity only,
 #: cut to SCORE_TOKENS): it runs once per linear layer (210 in smollm2)
@@ -37,17 +37,14 @@ def sensitivity_search(engine: Any, base_model: Any, runner: Runner, ref: Any,
 
     started = time.perf_counter()
     damage: dict[str, float] = {}
-    score = runner
-    score_ref = ref
+    score, score_ref = runner, ref
     if task == "generate":  # perplexity of a few short texts: this runs once per layer
-        score = Runner(task, runner.texts[:SCORE_TEXTS], perplexity_only=True)
-        configure(set(names))
-        score_ref = ([], mean_nll(engine, score.texts, SCORE_TOKENS))
+        score = Runner(task, runner.texts[:SCORE_TEXTS], max_tokens=SCORE_TOKENS)
+        configure(set(names))  # every layer restored: the baseline's answer on them
+        score_ref = score.outputs(engine)
     for n in names:  # quantize only n
         configure(set(names) - {n})
-        out = ([], mean_nll(engine, score.texts, SCORE_TOKENS)) if task == "generate" \
-            else score.outputs(engine)
-        damage[n] = M.damage(task, score.fidelity(score_ref, out, labels))
+        damage[n] = M.damage(task, score.fidelity(score_ref, score.outputs(engine), labels))
     ranked = sorted(names, key=lambda n: -damage[n])
 
     def holds(k: int) -> bool:

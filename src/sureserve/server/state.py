@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from sureserve.engine import Engine
+from sureserve.engine import Engine, default_forward_workers
 from sureserve.errors import (
     InputError,
     ModelSourceError,
@@ -96,9 +96,9 @@ class ServerState:
 
         chosen = self.settings.forward_workers
         if chosen is None:
-            cpu = all(str(e.loaded.plan.device) == "cpu" for e in engines)
-            generating = any(e.generation is not None for e in engines)
-            chosen = 2 if cpu and not generating and torch.get_num_threads() >= 2 else 1
+            chosen = default_forward_workers(
+                all(str(e.loaded.plan.device) == "cpu" for e in engines),
+                any(e.generation is not None for e in engines))
         if chosen > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // chosen))
         log.info("%d forward worker(s) per model, %d torch thread(s) each", chosen,
