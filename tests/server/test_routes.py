@@ -35,6 +35,9 @@ def test_health_and_info(server: Server) -> None:
     assert models["minilm"]["packed_batches"] is True
     assert models["sentiment-demo"]["packed_batches"] is False
     assert models["minilm"]["forward_workers"] >= 1
+    assert models["minilm"]["precision"] == "float32"
+    assert models["minilm"]["quantization_evaluated"] is None
+    assert isinstance(models["minilm"]["warnings"], list)
 
 
 def test_embed_matches_offline(server: Server, minilm: sureserve.Engine) -> None:
