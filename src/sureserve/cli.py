@@ -509,6 +509,30 @@ def bench_loop(seconds: Annotated[float, typer.Option(help="Seconds per phase.")
     run_lag_probe(seconds, big, _bench_out(output, "loop"), _report)
 
 
+@bench_app.command("soak")
+def bench_soak(minutes: Annotated[float, typer.Option(help="Minutes of load.")] = 30.0,
+               clients: Annotated[int, typer.Option(help="Closed-loop clients.")] = 64,
+               warmup: Annotated[float, typer.Option(help="Minutes before the RSS baseline "
+                                                     "is taken.")] = 2.0,
+               sample: Annotated[float, typer.Option(help="Seconds between samples.")] = 10.0,
+               server_env: Annotated[list[str] | None, typer.Option(
+                   "--server-env", help="NAME=VALUE for the server process (repeatable), "
+                   "e.g. to compare settings.")] = None,
+               output: BenchOut = None) -> None:
+    """Hours of mixed traffic against one server (embed, predict, streaming and plain
+    completions, abandoned streams, bad requests): RSS, Python heap, tasks, fds, threads
+    and latency sampled; exits 3 when RSS grew more than 10% after the warm-up, or any
+    request got a 5xx, an unexpected answer or none at all."""
+    from sureserve.bench.soak import print_report, run_soak
+
+    env = dict(kv.split("=", 1) for kv in server_env or [] if "=" in kv)
+    rep = run_soak(minutes, clients, warmup, sample, env=env,
+                   out=_bench_out(output, "soak"), log=_report)
+    print_report(rep, _report)
+    if rep["summary"]["verdict"] != "pass":
+        raise typer.Exit(3)
+
+
 @bench_app.command("generate")
 def bench_generate(model: GenModel = "smollm2",
                    n: Annotated[int, typer.Option("--requests", help="Requests per "

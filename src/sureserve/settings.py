@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sureserve.errors import SettingsError
 
 Truncation = Literal["error", "truncate", "chunk"]
+ONEDNN_CACHE_DEFAULT = 64
 
 
 class Settings(BaseSettings):
@@ -72,6 +73,14 @@ class Settings(BaseSettings):
         description="On GPUs, let layers that do not fit go to CPU memory (slow: every step "
         "copies them). Off: a model too big for the GPUs is an error naming what does fit "
         "(see `sureserve fit`).",
+    )
+    onednn_cache_capacity: int = Field(
+        default=ONEDNN_CACHE_DEFAULT, ge=0,
+        description="Most compiled oneDNN kernels kept per process (CPU). oneDNN caches one per "
+        "tensor shape (1,024 by default) and the server makes a new shape for almost every "
+        "batch, so its memory grew by megabytes a minute until the cache filled (BENCHMARKS.md "
+        "'Memory under load'). Applied when the first model loads, unless "
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY is set (that wins); 0 turns the cache off.",
     )
     accept_gate_failure: bool = Field(
         default=False,
@@ -236,7 +245,7 @@ class Settings(BaseSettings):
 GROUPS: dict[str, tuple[str, ...]] = {
     "source": ("home", "allow_download", "allow_pickle", "trust_remote_code"),
     "plan": ("device", "dtype", "attn_implementation", "quantization", "allow_offload",
-             "accept_gate_failure"),
+             "onednn_cache_capacity", "accept_gate_failure"),
     "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
                  "forward_workers"),

@@ -109,6 +109,32 @@ def test_cancelling_a_stream_frees_its_slot(smollm2: sureserve.Engine) -> None:
     assert first and smollm2.generate(["Hi"], max_new_tokens=3)
 
 
+def test_every_per_request_structure_returns_to_idle(smollm2: sureserve.Engine) -> None:
+    """After finished, cancelled, failed-to-fit and streamed requests the engine holds
+    nothing of them: no sequences, rows, finished results or pending cancels, and the KV
+    buffer is given back (the server's memory must not grow with the traffic it served)."""
+    gen = GenerationEngine(smollm2.loaded, kv_budget_tokens=256, max_running=4)
+    ids = [list(smollm2.tokenizer(p)["input_ids"]) for p in PROMPTS[:6]]
+    gen.run(ids, SamplingParams(max_new_tokens=5))
+    events: list[object] = []
+    started = gen.submit(ids[:3], SamplingParams(max_new_tokens=50), events.append)
+    gen.step()
+    gen.step()
+    assert gen.cache_bytes > 0
+    for rid in started:  # clients gone mid-generation
+        gen.cancel(rid)
+    gen.cancel(10_000)  # an id that never existed (a late cancel) is forgotten too
+    while gen.has_work:
+        gen.step()
+    with pytest.raises(InputTooLongError):
+        gen.submit([ids[0]], SamplingParams(max_new_tokens=5000))
+    assert gen.running == 0 and gen.waiting == 0 and gen.reserved_tokens == 0
+    assert gen.cache_bytes == 0 and gen._kv is None
+    assert not gen._seqs and not gen._rows and not gen._finished and not gen._inbox
+    gen.step()
+    assert not gen._cancels
+
+
 def test_two_threads_share_the_engine(smollm2: sureserve.Engine) -> None:
     results: dict[int, list[str]] = {}
 

@@ -54,3 +54,25 @@ def test_loop_probe_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
     big = rep["with_big"]
     assert big["big"]["n"] >= 1 and big["health"]["n"] >= 1 and big["embed"]["n"] >= 1
     assert big["loop_lag_s"] >= 0 and big["health"]["p50_ms"] > 0
+
+
+def test_soak_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
+    """A short soak: every request kind of the mix is sent and answered as documented (no
+    5xx, nothing lost), and each sample carries the figures the verdict is made of."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "soak.json"
+    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "bench", "soak", "--minutes",
+                        "0.4", "--clients", "6", "--warmup", "0.1", "--sample", "4", "-o",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    rep = json.loads(out.read_text())
+    s = rep["summary"]
+    assert s["server_errors"] == 0 and s["lost"] == 0 and s["unexpected"] == 0, s
+    # 24 s is too short for a memory verdict: the exit code follows it (0 pass, 3 fail)
+    assert r.returncode == (0 if s["verdict"] == "pass" else 3), r.stderr[-2000:]
+    assert {"200", "413", "404"} <= set(s["statuses"]), s["statuses"]
+    assert len(rep["samples"]) >= 3
+    for row in rep["samples"]:
+        assert row["rss_mb"] > 100 and row["py_blocks"] > 0 and row["tasks"] >= 1
+        assert row["fds"] > 0 and row["threads"] > 0

@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import json
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 
@@ -162,6 +163,59 @@ def test_disconnect_mid_stream_cancels_the_sequence(gen_server: Server) -> None:
         assert time.monotonic() < deadline, "the sequence kept running after the disconnect"
         time.sleep(0.2)
     assert _metric(gen_server.url, "sureserve_kv_cache_bytes") == 0
+
+
+def _gauge(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def _idle(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while (_metric(url, "sureserve_running_sequences")
+           or _metric(url, "sureserve_waiting_sequences")):
+        assert time.monotonic() < deadline, "sequences still running a minute later"
+        time.sleep(0.2)
+
+
+def test_the_server_returns_to_idle_after_every_kind_of_request(gen_server: Server) -> None:
+    """Streaming and plain completions, streams abandoned mid-way, clients that leave
+    before any answer, refusals for capacity and size: afterwards the KV cache is empty and
+    the event loop holds as many tasks as before (no request leaves anything behind)."""
+    url = gen_server.url
+    _idle(url)
+    time.sleep(0.5)
+    tasks = _gauge(url, "sureserve_asyncio_tasks")
+    host, port = url.removeprefix("http://").split(":")
+    body = {"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0}
+    for _ in range(2):
+        assert httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 4},
+                          timeout=60).status_code == 200
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as resp:  # abandoned after the first chunk
+            next(resp.iter_lines())
+        for stream in (False, True):  # gone before any answer
+            raw = json.dumps({**body, "stream": stream}).encode()
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(raw), raw))
+                time.sleep(0.3)
+    assert httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 9000},
+                      timeout=60).status_code == 413
+    with cf.ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda i: httpx.post(
+            f"{url}/v1/completions", json={**body, "max_tokens": 8, "stream": i % 2 == 0},
+            timeout=120).status_code, range(12)))
+    assert 429 in codes and 200 in codes
+    _idle(url)
+    assert _metric(url, "sureserve_kv_cache_bytes") == 0
+    deadline = time.monotonic() + 10
+    while _gauge(url, "sureserve_asyncio_tasks") > tasks:
+        assert time.monotonic() < deadline, "tasks left behind by finished requests"
+        time.sleep(0.2)
 
 
 def test_flood_gets_429_while_accepted_requests_finish(gen_server: Server) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import json
 import re
+import socket
+import time
 
 import httpx
 import numpy as np
@@ -155,6 +158,62 @@ def test_payload_limit(server: Server) -> None:
     r = httpx.post(f"{server.url}/embed", json={"inputs": ["a" * 70000]})
     assert r.status_code == 413 and "SURESERVE_MAX_PAYLOAD_BYTES" in r.json()["fix"]
     assert r.json()["error_type"] == "invalid_input"
+
+
+def _raw_post(url: str, head: bytes, chunks: list[bytes], then: bytes = b"") -> list[bytes]:
+    """Send a request in pieces on one connection (a pause between pieces, so the server
+    answers while the body is still arriving), then ``then``; returns the raw answers."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        for c in chunks:
+            sock.sendall(c)
+            time.sleep(0.002)
+        answers = [_read_answer(sock)]
+        if then:
+            sock.sendall(then)
+            answers.append(_read_answer(sock))
+    return answers
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"!"
+        assert not data.endswith(b"!"), "the server closed the connection without answering"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_an_oversized_body_gets_the_413_not_a_reset(server: Server) -> None:
+    """A body over the limit, declared by Content-Length, still being sent when the server
+    decides: the client reads the documented 413 JSON (it used to get a connection reset
+    now and then), and the connection stays usable for the next request."""
+    body = json.dumps({"inputs": ["a" * 1000] * 600}).encode()  # 600 kB vs a 60 kB limit
+    head = (f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    ok = json.dumps({"inputs": "fine"}).encode()
+    then = (f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(ok)}\r\n\r\n").encode() + ok
+    for _ in range(5):
+        big, small = _raw_post(server.url, head, [body[i:i + 16384]
+                                                  for i in range(0, len(body), 16384)], then)
+        assert big.startswith(b"HTTP/1.1 413"), big[:200]
+        assert b"SURESERVE_MAX_PAYLOAD_BYTES" in big
+        assert small.startswith(b"HTTP/1.1 200"), small[:200]
+
+
+def test_an_oversized_chunked_body_gets_the_413(server: Server) -> None:
+    body = json.dumps({"inputs": ["a" * 1000] * 600}).encode()
+    head = (b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunks = [b"%x\r\n%s\r\n" % (len(body[i:i + 16384]), body[i:i + 16384])
+              for i in range(0, len(body), 16384)] + [b"0\r\n\r\n"]
+    (answer,) = _raw_post(server.url, head, chunks)
+    assert answer.startswith(b"HTTP/1.1 413") and b"SURESERVE_MAX_PAYLOAD_BYTES" in answer
 
 
 def test_malformed_json_and_invalid_utf8(server: Server) -> None:

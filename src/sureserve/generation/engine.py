@@ -365,6 +365,8 @@ class GenerationEngine:
             rows.pop()
         if rows:
             kv.trim(max(s.length for s in rows))
+        else:  # idle: give the whole buffer back (the next prefill allocates a fresh one)
+            self._kv = None
 
 
 def _eos_ids(loaded: Loaded) -> set[int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 from sureserve.errors import OverloadedError
 from sureserve.generation.engine import GenerationEngine, GenEvent
@@ -54,11 +54,11 @@ class GenWorker:
             m.kv_reserved.labels(self.name).set(engine.reserved_tokens)
             m.kv_bytes.labels(self.name).set(engine.cache_bytes)
 
-    def submit(self, prompts: Sequence[list[int]], params: SamplingParams
-               ) -> AsyncIterator[tuple[int, GenEvent]]:
+    def submit(self, prompts: Sequence[list[int]], params: SamplingParams) -> Events:
         """Queue the prompts now (or refuse them: 429 over capacity, 413 never fits), so
-        that a refusal comes before a stream's 200; returns (prompt index, event) pairs
-        until every prompt finished. Closing the iterator early cancels the rest."""
+        that a refusal comes before a stream's 200; returns their events as (prompt index,
+        event) pairs until every prompt finished. Closing the events early, or dropping
+        them unread, cancels the rest."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenEvent] = asyncio.Queue()
         m, name = self.metrics, self.name
@@ -75,19 +75,38 @@ class GenWorker:
             self.metrics.rejected.inc()
             raise
         self._wake.set()
-        return self._events(ids, queue)
+        return Events(self, ids, queue)
 
-    async def _events(self, ids: list[int], queue: asyncio.Queue[GenEvent]
-                      ) -> AsyncIterator[tuple[int, GenEvent]]:
-        index = {rid: k for k, rid in enumerate(ids)}
-        open_ = set(ids)
-        try:
-            while open_:
-                ev = await queue.get()
-                if ev.finish_reason is not None:
-                    open_.discard(ev.seq_id)
-                yield index[ev.seq_id], ev
-        finally:
-            for rid in open_:
-                self.engine.cancel(rid)
-            self._wake.set()
+
+class Events:
+    """One request's generation events. ``close`` (idempotent) cancels every sequence
+    that has not finished; it also runs when the object is dropped, so a request that
+    never started reading (its client left before the stream began, or a handler
+    raised in between) does not keep generating for nobody."""
+
+    def __init__(self, worker: GenWorker, ids: list[int],
+                 queue: asyncio.Queue[GenEvent]) -> None:
+        self._worker, self._queue = worker, queue
+        self._index = {rid: k for k, rid in enumerate(ids)}
+        self._open = set(ids)
+
+    def __aiter__(self) -> Events:
+        return self
+
+    async def __anext__(self) -> tuple[int, GenEvent]:
+        if not self._open:
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        if ev.finish_reason is not None:
+            self._open.discard(ev.seq_id)
+        return self._index[ev.seq_id], ev
+
+    def close(self) -> None:
+        if self._open:
+            for rid in self._open:
+                self._worker.engine.cancel(rid)
+            self._open = set()
+            self._worker._wake.set()
+
+    def __del__(self) -> None:
+        self.close()

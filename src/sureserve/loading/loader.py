@@ -22,6 +22,7 @@ from sureserve.loading.inspect import (
     sentence_transformers_config,
     usable_max,
 )
+from sureserve.loading.machine import bound_onednn_cache
 from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
 from sureserve.loading.source import Source, resolve, vet_weights
 from sureserve.quantize import methods as Q
@@ -86,6 +87,7 @@ def load(
     import transformers
 
     settings = settings or Settings()
+    bound_onednn_cache(settings.onednn_cache_capacity)
     started = time.perf_counter()
     source = resolve(identifier, revision, settings)
     config = read_json(source.path / "config.json")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 SIZE, SECONDS = 512, 0.12
 
 
@@ -28,6 +29,18 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def bound_onednn_cache(capacity: int) -> int:
+    """Cap oneDNN's primitive cache for this process; returns the capacity in force.
+
+    oneDNN (torch's CPU kernels for GELU, bf16 matmuls, convolutions) compiles one
+    primitive per tensor shape and keeps up to 1,024 of them. A server's batches have a
+    new shape almost every time (batch size x padded length x packing), so the cache, and
+    the heap it pins, grew for as long as traffic ran (BENCHMARKS.md "Memory under load").
+    oneDNN reads the variable once, when it first compiles a primitive, so this must run
+    before any model does; a value the user set wins."""
+    return int(os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity)))
 
 
 def gemm_gflops(dtype_name: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:

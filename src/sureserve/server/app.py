@@ -112,7 +112,16 @@ class AuthAndMetrics:
 
 
 class BodyLimit:
-    """Refuse request bodies over the limit with 413, before they are parsed or buffered."""
+    """Refuse request bodies over the limit with 413, before they are parsed or buffered.
+
+    A client that is still sending when the server answers and closes gets a connection
+    reset instead of the 413 (the kernel resets a socket closed with unread data), and
+    most clients send the whole body before reading the answer. So an oversized body is
+    read and thrown away, up to ``DRAIN_LIMIT`` bytes, before the 413 goes out; past that
+    the connection is cut (a body that large is an attack, not a mistake). A client that
+    asked ``Expect: 100-continue`` has not sent its body yet: it is answered at once."""
+
+    DRAIN_LIMIT = 64 << 20
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -121,16 +130,21 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await _drain(receive, 0, min(int(declared), self.DRAIN_LIMIT))
             await _too_large(scope, send, self.limit)
             return
         seen = 0
+        more = True
 
         async def counting() -> Message:
-            nonlocal seen
+            nonlocal seen, more
             msg = await receive()
             seen += len(msg.get("body", b""))
+            more = msg["type"] == "http.request" and msg.get("more_body", False)
             if seen > self.limit:
                 raise _BodyTooLarge()
             return msg
@@ -138,7 +152,20 @@ class BodyLimit:
         try:
             await self.app(scope, counting, send)
         except _BodyTooLarge:
+            if more:
+                await _drain(receive, seen, self.DRAIN_LIMIT)
             await _too_large(scope, send, self.limit)
+
+
+async def _drain(receive: Receive, seen: int, upto: int) -> None:
+    """Read and drop the rest of a request body, up to ``upto`` bytes in all."""
+    while seen < upto:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return
+        seen += len(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return
 
 
 class _BodyTooLarge(Exception):

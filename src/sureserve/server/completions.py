@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
 from sureserve.generation.engine import GenEvent
 from sureserve.generation.sampling import SamplingParams
+from sureserve.generation.worker import Events
 from sureserve.server import schemas as S
 from sureserve.server.http import OPENAI_ERRORS, until_done_or_gone
 from sureserve.server.state import ServerState
@@ -32,7 +33,6 @@ NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "top
            None, "logit_bias": None, "echo": False, "suffix": None, "best_of": 1,
            "tools": None, "tool_choice": None, "functions": None, "response_format": None}
 MAX_N = 16
-Events = AsyncIterator[tuple[int, GenEvent]]
 Chunk = Callable[..., dict[str, Any]]
 
 
@@ -122,6 +122,8 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             except SureserveError as exc:  # refused after the headers went out
                 yield _sse(exc.openai_body())
                 yield b"data: [DONE]\n\n"
+            finally:  # client gone mid-stream: stop its sequences now
+                events.close()
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -143,7 +145,10 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
 
         if body.stream:
             return stream(events, prompt_tokens, body, chunk)
-        done = await until_done_or_gone(request, collect(events, len(prompt_tokens) * body.n))
+        try:
+            done = await until_done_or_gone(request, collect(events, len(prompt_tokens) * body.n))
+        finally:  # also when the client left before ``collect`` began
+            events.close()
         return S.CompletionResponse(
             id=rid, created=created, model=name, usage=usage(done, prompt_tokens),
             choices=[S.CompletionChoice(index=k, text=_text(ev), finish_reason=_reason(ev))
@@ -178,7 +183,10 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
 
         if body.stream:
             return stream(events, prompt_tokens, body, chunk)
-        done = await until_done_or_gone(request, collect(events, len(prompt_tokens) * body.n))
+        try:
+            done = await until_done_or_gone(request, collect(events, len(prompt_tokens) * body.n))
+        finally:
+            events.close()
         return S.ChatCompletionResponse(
             id=rid, created=created, model=name, usage=usage(done, prompt_tokens),
             choices=[S.ChatChoice(index=k, message=S.AssistantMessage(content=_text(ev)),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import sys
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -68,6 +71,21 @@ class Metrics:
                                ["model"], registry=r)
         self.kv_bytes = Gauge("sureserve_kv_cache_bytes", "KV-cache bytes allocated now",
                               ["model"], registry=r)
+        # what an operator watches for leaks (``sureserve bench soak`` samples them): RSS
+        # and open fds come with the process collector
+        ProcessCollector(registry=r)
+        Gauge("sureserve_python_allocated_blocks", "Python heap: memory blocks allocated now",
+              registry=r).set_function(sys.getallocatedblocks)
+        Gauge("sureserve_asyncio_tasks", "Asyncio tasks alive in the server's event loop "
+              "(requests in flight plus a few background ones)",
+              registry=r).set_function(_tasks)
         self.gate_passed = Gauge("sureserve_gate_passed",
                                  "1 when the model passed its preflight gate", ["model"],
                                  registry=r)
+
+
+def _tasks() -> float:
+    try:  # /metrics is rendered on the event loop; elsewhere there is nothing to count
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return 0.0
