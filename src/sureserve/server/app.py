@@ -29,18 +29,21 @@ import sureserve
 from sureserve.errors import AuthError, InputError, SureserveError
 from sureserve.server import schemas as S
 from sureserve.server.completions import install_generation_routes
+from sureserve.server.docs import ASSETS, DOC_PATHS, install_docs
 from sureserve.server.http import (
     AUTH_ONLY,
     ERRORS,
     OPENAI_ERRORS,
     error_response,
+    health_response,
     until_done_or_gone,
 )
 from sureserve.server.metrics import Metrics
 from sureserve.server.state import EngineFactory, ServerState, Slot, default_factory
+from sureserve.server.tei import install_tei_routes
 from sureserve.settings import Settings
 
-OPEN_PATHS = {"/health", "/metrics"}
+OPEN_PATHS = {"/health", "/metrics", "/ping"}
 _VECTORS = TypeAdapter(list[list[float]])
 log = logging.getLogger("sureserve.server")
 
@@ -58,10 +61,15 @@ def create_app(settings: Settings, models: Sequence[str],
         watching.cancel()
         await state.stop()
 
-    app = FastAPI(title="sureserve", version=sureserve.__version__, lifespan=lifespan)
+    # FastAPI's /docs and /redoc load their scripts from a public CDN, so they render
+    # nothing where servers usually run (no internet): self-hosted below instead
+    app = FastAPI(title="sureserve", version=sureserve.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.sureserve = state
+    install_docs(app)
     _install_handlers(app, state)
     _install_routes(app, state)
+    install_tei_routes(app, state)
     install_generation_routes(app, state)
     app.add_middleware(AuthAndMetrics, state=state)
     app.add_middleware(BodyLimit, limit=settings.max_payload_bytes)
@@ -86,7 +94,8 @@ class AuthAndMetrics:
         path = scope["path"]
         settings = self.state.settings
         key = settings.api_key
-        if key and not (settings.open_health and path in OPEN_PATHS):
+        if key and not (settings.open_health and path in OPEN_PATHS) \
+                and not (path in DOC_PATHS or path.startswith(ASSETS + "/")):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {key}".encode()):
                 resp = error_response(path, AuthError(
@@ -225,11 +234,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health", response_model=S.Health,
              responses={503: {"model": S.Health, "description": "Loading or failed"}})
     async def health() -> JSONResponse:
-        status = state.status
-        reasons = [f"{s.name}: {s.reason}" for s in state.slots.values() if s.reason]
-        body = S.Health(status=status, models={s.name: s.state for s in state.slots.values()},
-                        reason="; ".join(reasons) or None)
-        return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+        return health_response(state)
 
     @app.get("/metrics", response_class=Response, responses=AUTH_ONLY)
     async def metrics() -> Response:
@@ -249,25 +254,6 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                       max_input_length=infos[0].max_input_length if infos else 0,
                       models=infos)
 
-    @app.post("/embed", response_model=list[list[float]], responses=ERRORS)
-    async def embed(body: S.EmbedRequest, request: Request) -> Response:
-        batcher = state.batcher(body.model, "embed")
-        work = batcher.infer(state.validate(body.inputs), body.truncate,
-                             normalize=body.normalize)
-        vecs = (await until_done_or_gone(request, work)).outputs
-        # the hottest route: serialise straight from the floats (cheaper than validating
-        # them against response_model first, which only documents the shape)
-        return Response(_VECTORS.dump_json(vecs.tolist()), media_type="application/json")
-
-    @app.post("/predict", response_model=list[S.Prediction] | list[list[S.Prediction]],
-              response_model_exclude_none=True, responses=ERRORS)
-    async def predict(body: S.PredictRequest, request: Request) -> Any:
-        batcher = state.batcher(body.model, "classify")
-        work = batcher.infer(state.validate(body.inputs), body.truncate, top_k=None,
-                             raw_scores=body.raw_scores)
-        results = (await until_done_or_gone(request, work)).outputs
-        return results[0] if isinstance(body.inputs, str) else results
-
     @app.post("/tokenize", response_model=list[list[S.SimpleToken]], responses=ERRORS)
     async def tokenize(body: S.TokenizeRequest) -> list[list[S.SimpleToken]]:
         _, engine = state.pick(body.model, None)
@@ -277,6 +263,8 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/embeddings", response_model=S.OpenAIEmbeddingResponse,
               responses=OPENAI_ERRORS)
+    @app.post("/embeddings", response_model=S.OpenAIEmbeddingResponse,
+              responses=OPENAI_ERRORS, summary="Alias of /v1/embeddings")
     async def openai_embeddings(body: S.OpenAIEmbeddingRequest,
                                 request: Request) -> S.OpenAIEmbeddingResponse:
         batcher = state.batcher(body.model, "embed")

@@ -35,7 +35,7 @@ def error_response(path: str, err: SureserveError) -> JSONResponse:
     headers = {}
     if isinstance(err, OverloadedError):
         headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
-    if path.startswith("/v1"):
+    if path.startswith("/v1") or path == "/embeddings":
         body: dict[str, Any] = err.openai_body()
     else:
         body = {"error": err.message, "error_type": err.code, "fix": err.fix}
@@ -63,3 +63,12 @@ async def until_done_or_gone(request: Request, work: Awaitable[T]) -> T:
 async def _disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def health_response(state: Any) -> JSONResponse:
+    """``/health`` (and ``/ping``): 200 when every model is ready, else 503 with why."""
+    status = state.status
+    reasons = [f"{s.name}: {s.reason}" for s in state.slots.values() if s.reason]
+    body = S.Health(status=status, models={s.name: s.state for s in state.slots.values()},
+                    reason="; ".join(reasons) or None)
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +13,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Parameters = dict[str, Any] | None
+_PARAMS = Field(default=None, description="The Hugging Face inference payload's options "
+                "object (as InferenceClient sends it): the same keys as the top-level fields, "
+                "null meaning not set; a key this route does not implement is refused (422), "
+                "never ignored.")
+_DIRECTION = Field(default=None, description="Only 'right' (keep the start) is implemented; "
+                   "'left' is refused.")
+
+
 class EmbedRequest(_Strict):
     """text-embeddings-inference ``POST /embed``."""
 
@@ -20,8 +29,14 @@ class EmbedRequest(_Strict):
     normalize: bool = True
     truncate: bool = Field(default=False, description="Cut inputs longer than the model's "
                            "maximum instead of answering 413 (reported in metrics).")
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    prompt_name: str | None = Field(default=None, description="A prompt from the model's "
+                                    "sentence-transformers config, prepended to every input.")
+    dimensions: int | None = Field(default=None, description="Must equal the model's "
+                                   "dimension if given; sureserve does not shorten vectors.")
     model: str | None = Field(default=None, description="Served model name (default: the "
                               "first embedding model).")
+    parameters: Parameters = _PARAMS
 
 
 class PredictRequest(_Strict):
@@ -31,7 +46,62 @@ class PredictRequest(_Strict):
     raw_scores: bool = Field(default=False, description="Return logits instead of "
                              "probabilities.")
     truncate: bool = False
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    top_k: int | None = Field(default=None, description="Only the k best labels (default: "
+                              "all, best first).")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        default=None, description="Scores from the logits by this function instead of the "
+        "model's own (softmax, or sigmoid for multi-label models).")
     model: str | None = None
+    parameters: Parameters = _PARAMS
+
+
+class SimilarityInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityRequest(_Strict):
+    """The Hugging Face ``sentence-similarity`` task: cosine of each sentence to the source."""
+
+    inputs: SimilarityInputs
+    truncate: bool = False
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    prompt_name: str | None = None
+    model: str | None = None
+    parameters: Parameters = _PARAMS
+
+
+class EmbedAllRequest(_Strict):
+    """TEI ``POST /embed_all``: every token's last hidden state, unpooled."""
+
+    inputs: Inputs
+    truncate: bool = False
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    prompt_name: str | None = None
+    model: str | None = None
+    parameters: Parameters = _PARAMS
+
+
+class DecodeRequest(_Strict):
+    """TEI ``POST /decode``: token ids back to text."""
+
+    ids: list[int] | list[list[int]]
+    skip_special_tokens: bool = True
+    model: str | None = None
+
+
+class InferenceRequest(BaseModel):
+    """``POST /`` and ``/invocations``: checked against the default model's task's own
+    request shape (``EmbedRequest``, ``PredictRequest`` or ``SimilarityRequest``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    inputs: Inputs | SimilarityInputs
+    model: str | None = None
+    parameters: Parameters = _PARAMS
 
 
 class TokenizeRequest(_Strict):

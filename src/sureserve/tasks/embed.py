@@ -38,6 +38,20 @@ class EmbedTask(Task):
             pooled = pool(hidden, feats["attention_mask"], self.pooling)  # (batch, hidden)
         return pooled.float().cpu().numpy()
 
+    def token_states(self, pieces: Sequence[Piece], batch: int = 16) -> list[np.ndarray]:
+        """Every token's last hidden state per piece, padding dropped (TEI's
+        ``/embed_all``); batches of ``batch`` pieces."""
+        import torch
+
+        out: list[np.ndarray] = []
+        for start in range(0, len(pieces), batch):
+            part = pieces[start:start + batch]
+            feats = self.collate(part)
+            with torch.inference_mode():
+                hidden = self.model(**feats).last_hidden_state.float().cpu().numpy()
+            out.extend(hidden[i, :len(p.ids)] for i, p in enumerate(part))
+        return out
+
     # --- packed batches (the server's path for short texts; see batching/packing.py) ------
 
     def packing_unsupported(self) -> str | None:

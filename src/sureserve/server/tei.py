@@ -1,0 +1,236 @@
+"""The text-embeddings-inference route set and the Hugging Face inference payload.
+
+``huggingface_hub.InferenceClient`` pointed at a server posts to its base URL, with the
+options either at the top level (``feature_extraction``) or in a ``parameters`` object
+(``text_classification``); SageMaker posts to ``/invocations``. TEI answers those with the
+default model's task; so does this module, with one rule TEI lacks: an option that would
+change the answer is honoured or refused with 422 naming it, never dropped (TEI's
+deserializer ignores unknown fields, so a client's ``normalize: false`` can vanish there).
+
+Response shapes: TEI's, except that a classification request that came with a
+``parameters`` object (the inference-API convention) gets one list of labels per input
+even for a single string, which is what that convention's clients parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from sureserve.errors import InputError
+from sureserve.server import schemas as S
+from sureserve.server.http import ERRORS, health_response, until_done_or_gone
+from sureserve.server.state import ServerState
+
+_VECTORS = TypeAdapter(list[list[float]])
+#: options each request shape understands, top level or inside ``parameters``
+EMBED_OPTIONS = ("normalize", "truncate", "truncation_direction", "prompt_name", "dimensions")
+PREDICT_OPTIONS = ("raw_scores", "truncate", "truncation_direction", "top_k",
+                   "function_to_apply")
+SIMILARITY_OPTIONS = ("truncate", "truncation_direction", "prompt_name")
+
+
+def options(body: BaseModel, known: tuple[str, ...], route: str) -> dict[str, Any]:
+    """The request's options, merged from the top level and ``parameters`` (null: not set).
+
+    A key in ``parameters`` that this route does not implement is refused, naming it; a
+    key given in both places with different values is refused too."""
+    params = getattr(body, "parameters", None) or {}
+    unknown = sorted(k for k, v in params.items() if k not in known and v is not None)
+    if unknown:
+        raise InputError(f"parameters {', '.join(repr(k) for k in unknown)} are not "
+                         f"supported by {route}", f"remove them; {route} understands "
+                         f"{', '.join(known)}")
+    out: dict[str, Any] = {}
+    for key in known:
+        top = getattr(body, key) if key in body.model_fields_set else None
+        inner = params.get(key)
+        if top is not None and inner is not None and top != inner:
+            raise InputError(f"{key} is {top!r} at the top level and {inner!r} in "
+                             "parameters", "send it once")
+        value = inner if inner is not None else top
+        if value is not None:
+            out[key] = value
+    if str(out.get("truncation_direction", "right")).lower() != "right":
+        raise InputError("truncation_direction 'left' is not implemented: sureserve keeps "
+                         "the start of a text", 'send "right" or leave it out')
+    return out
+
+
+def with_prompt(engine: Any, texts: list[str], name: str | None) -> list[str]:
+    """Texts with a sentence-transformers prompt prepended (``prompt_name``)."""
+    if name is None:
+        return texts
+    cfg = engine.loaded.source.path / "config_sentence_transformers.json"
+    prompts = json.loads(cfg.read_text()).get("prompts") or {} if cfg.is_file() else {}
+    if name not in prompts:
+        have = ", ".join(map(repr, prompts)) or "none"
+        raise InputError(f"prompt_name {name!r} is not one of this model's prompts ({have})",
+                         "leave prompt_name out, or use one the model defines")
+    return [prompts[name] + t for t in texts]
+
+
+async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> Response:
+    opts = options(body, EMBED_OPTIONS, "/embed")
+    batcher = state.batcher(body.model, "embed")
+    dim = batcher.engine.loaded.hidden_size
+    if opts.get("dimensions") not in (None, dim):
+        raise InputError(f"dimensions={opts['dimensions']} requested; {batcher.name} gives "
+                         f"{dim}", "leave dimensions out, or send the model's own dimension")
+    texts = with_prompt(batcher.engine, state.validate(body.inputs), opts.get("prompt_name"))
+    work = batcher.infer(texts, opts.get("truncate", False),
+                         normalize=opts.get("normalize", True))
+    vecs = (await until_done_or_gone(request, work)).outputs
+    # the hottest route: serialise straight from the floats (cheaper than validating them
+    # against response_model first, which only documents the shape)
+    return Response(_VECTORS.dump_json(vecs.tolist()), media_type="application/json")
+
+
+async def predict(state: ServerState, body: S.PredictRequest, request: Request) -> Any:
+    opts = options(body, PREDICT_OPTIONS, "/predict")
+    batcher = state.batcher(body.model, "classify")
+    fn = opts.get("function_to_apply")
+    if fn is not None and opts.get("raw_scores"):
+        raise InputError("raw_scores and function_to_apply both given",
+                         "send one: function_to_apply 'none' means raw scores")
+    top_k = opts.get("top_k")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k is {top_k}", "send a positive top_k, or leave it out")
+    work = batcher.infer(state.validate(body.inputs), opts.get("truncate", False),
+                         top_k=None, raw_scores=opts.get("raw_scores", False) or fn is not None)
+    results = (await until_done_or_gone(request, work)).outputs
+    if fn is not None:
+        results = [_transformed(r, fn) for r in results]
+    if top_k is not None:
+        results = [r[:top_k] for r in results]
+    if isinstance(body.inputs, str) and body.parameters is None:
+        return results[0]
+    return results
+
+
+def _transformed(ranked: list[dict[str, Any]], fn: str) -> list[dict[str, Any]]:
+    """Labels re-scored from their logits by ``function_to_apply``, best first."""
+    logits = np.array([d["score"] for d in ranked], dtype=np.float64)
+    if fn == "softmax":
+        e = np.exp(logits - logits.max())
+        scores = e / e.sum()
+    elif fn == "sigmoid":
+        scores = 1.0 / (1.0 + np.exp(-logits))
+    else:
+        scores = logits
+    out = [{**d, "score": float(s)} for d, s in zip(ranked, scores, strict=True)]
+    return sorted(out, key=lambda d: -d["score"])
+
+
+async def similarity(state: ServerState, body: S.SimilarityRequest,
+                     request: Request) -> list[float]:
+    opts = options(body, SIMILARITY_OPTIONS, "/similarity")
+    batcher = state.batcher(body.model, "embed")
+    texts = state.validate([body.inputs.source_sentence, *body.inputs.sentences])
+    texts = with_prompt(batcher.engine, texts, opts.get("prompt_name"))
+    out = await until_done_or_gone(request, batcher.infer(texts, opts.get("truncate", False),
+                                                          normalize=True))
+    vecs = np.asarray(out.outputs, dtype=np.float64)
+    return [float(x) for x in vecs[1:] @ vecs[0]]
+
+
+async def embed_all(state: ServerState, body: S.EmbedAllRequest,
+                    request: Request) -> list[list[list[float]]]:
+    """Token-level hidden states per input (TEI ``/embed_all``): no pooling, no padding."""
+    opts = options(body, ("truncate", "truncation_direction", "prompt_name"), "/embed_all")
+    batcher = state.batcher(body.model, "embed")
+    engine = batcher.engine
+    texts = with_prompt(engine, state.validate(body.inputs), opts.get("prompt_name"))
+    policy = "truncate" if opts.get("truncate") else "error"
+    job = await asyncio.get_running_loop().run_in_executor(
+        state.tokenize, lambda: engine.submit(texts, truncation=policy))
+    task = engine.text_task("embed")
+    states = await until_done_or_gone(
+        request, asyncio.to_thread(task.token_states, job.pieces))  # type: ignore[attr-defined]
+    return [s.tolist() for s in states]
+
+
+async def decode(state: ServerState, body: S.DecodeRequest) -> list[str]:
+    _, engine = state.pick(body.model, None)
+    tok = engine.tokenizer
+    rows: list[list[int]] = [body.ids] if body.ids and isinstance(body.ids[0], int) \
+        else body.ids  # type: ignore[assignment]
+    state.within_client_batch(len(rows), f"{len(rows)} id lists in one request")
+    size = len(tok)
+    for i, row in enumerate(rows):
+        bad = [x for x in row if not 0 <= x < size]
+        if bad:
+            raise InputError(f"ids list {i} holds {bad[0]}, outside the vocabulary (0 to "
+                             f"{size - 1})", "send ids the model's tokenizer produced")
+    return [tok.decode(row, skip_special_tokens=body.skip_special_tokens) for row in rows]
+
+
+def install_tei_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/embed", response_model=list[list[float]], responses=ERRORS)
+    async def embed_route(body: S.EmbedRequest, request: Request) -> Response:
+        return await embed(state, body, request)
+
+    @app.post("/predict", response_model=list[S.Prediction] | list[list[S.Prediction]],
+              response_model_exclude_none=True, responses=ERRORS)
+    async def predict_route(body: S.PredictRequest, request: Request) -> Any:
+        return await predict(state, body, request)
+
+    @app.post("/similarity", response_model=list[float], responses=ERRORS)
+    async def similarity_route(body: S.SimilarityRequest, request: Request) -> list[float]:
+        """Cosine similarity of ``source_sentence`` to each of ``sentences``."""
+        return await similarity(state, body, request)
+
+    @app.post("/embed_all", response_model=list[list[list[float]]], responses=ERRORS)
+    async def embed_all_route(body: S.EmbedAllRequest,
+                              request: Request) -> list[list[list[float]]]:
+        return await embed_all(state, body, request)
+
+    @app.post("/decode", response_model=list[str], responses=ERRORS)
+    async def decode_route(body: S.DecodeRequest) -> list[str]:
+        return await decode(state, body)
+
+    async def default_task(body: S.InferenceRequest, request: Request) -> Any:
+        """The Hugging Face inference convention: the default model's task (the first
+        served model, or ``model`` in the body); ``inputs`` holding ``source_sentence``
+        asks for sentence similarity."""
+        data = body.model_dump(exclude_unset=True)
+        shape: type[BaseModel]
+        if isinstance(data.get("inputs"), dict):
+            task, shape = "sentence similarity", S.SimilarityRequest
+        else:
+            _, engine = state.pick(data.get("model") or next(iter(state.slots)), None)
+            task = engine.task_name
+            if task not in ("embed", "classify"):
+                raise InputError(f"POST / on a {task} model has no inference-API task here",
+                                 "use /v1/completions or /v1/chat/completions")
+            shape = S.EmbedRequest if task == "embed" else S.PredictRequest
+        try:
+            parsed = shape.model_validate(data)
+        except ValidationError as exc:
+            where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                              for e in exc.errors()[:5])
+            raise InputError(f"invalid {task} request: {where}",
+                             "see /docs for the request shape") from exc
+        if isinstance(parsed, S.SimilarityRequest):
+            return await similarity(state, parsed, request)
+        if isinstance(parsed, S.EmbedRequest):
+            return await embed(state, parsed, request)
+        return await predict(state, parsed, request)
+
+    for path in ("/", "/invocations"):
+        app.post(path, responses=ERRORS, summary="The default model's task (TEI, "
+                 "Hugging Face inference API, SageMaker)",
+                 response_model=list[list[float]] | list[S.Prediction]
+                 | list[list[S.Prediction]] | list[float])(default_task)
+
+    @app.get("/ping", response_model=S.Health,
+             responses={503: {"model": S.Health, "description": "Loading or failed"}})
+    async def ping() -> JSONResponse:
+        """Health, under the name SageMaker and TEI use."""
+        return health_response(state)

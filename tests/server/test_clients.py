@@ -1,0 +1,179 @@
+"""Real clients, unchanged, against the real server: huggingface_hub's InferenceClient at
+the base URL (with and without parameters), the openai client on the /embeddings alias,
+TEI's remaining routes with httpx, and /docs rendered offline in a headless browser."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import HfHubHTTPError
+from openai import OpenAI
+
+from tests.server.conftest import LIMITS, Server, start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+
+TEXTS = ["The film was a delight from start to finish.", "Rates rose on Tuesday."]
+
+
+@pytest.fixture(scope="module")
+def cls_server() -> Iterator[Server]:
+    """sentiment-demo first: the default model, so POST / classifies."""
+    s = start_server(["sentiment-demo", "minilm"], LIMITS)
+    yield s
+    stop_server(s)
+
+
+def _embed(url: str, **body: object) -> np.ndarray:
+    r = httpx.post(f"{url}/embed", json={"inputs": TEXTS[0], **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return np.asarray(r.json(), dtype=np.float32)
+
+
+def test_inference_client_feature_extraction(server: Server) -> None:
+    client = InferenceClient(server.url)
+    got = client.feature_extraction(TEXTS[0])
+    np.testing.assert_allclose(got, _embed(server.url), atol=1e-6)
+    raw = client.feature_extraction(TEXTS[0], normalize=False, truncate=True,
+                                    truncation_direction="right")
+    np.testing.assert_allclose(raw, _embed(server.url, normalize=False), atol=1e-6)
+    assert abs(float(np.linalg.norm(raw)) - 1) > 1e-3  # normalize=False was honoured
+    with pytest.raises(HfHubHTTPError) as exc:
+        client.feature_extraction(TEXTS[0], prompt_name="query")
+    assert exc.value.response.status_code == 422 and "prompt_name" in exc.value.response.text
+    with pytest.raises(HfHubHTTPError) as exc:
+        client.feature_extraction(TEXTS[0], truncation_direction="left")
+    assert exc.value.response.status_code == 422 and "left" in exc.value.response.text
+
+
+def test_inference_client_sentence_similarity(server: Server) -> None:
+    client = InferenceClient(server.url)
+    scores = client.sentence_similarity("A man is eating food.", [
+        "A man is eating a piece of bread.", "The stock market fell sharply today."])
+    vecs = np.asarray(httpx.post(f"{server.url}/embed", json={"inputs": [
+        "A man is eating food.", "A man is eating a piece of bread.",
+        "The stock market fell sharply today."]}).json())
+    np.testing.assert_allclose(scores, vecs[1:] @ vecs[0], atol=1e-5)
+    assert scores[0] > scores[1] + 0.3
+    same = httpx.post(f"{server.url}/similarity", json={"inputs": {
+        "source_sentence": "A man is eating food.",
+        "sentences": ["A man is eating a piece of bread."]}}).json()
+    assert same == pytest.approx(scores[:1], abs=1e-6)
+
+
+def test_inference_client_text_classification(cls_server: Server) -> None:
+    client = InferenceClient(cls_server.url)
+    out = client.text_classification("what a great film")
+    assert [o.label for o in out] == ["POSITIVE", "NEGATIVE"]
+    assert sum(o.score for o in out) == pytest.approx(1, abs=1e-5)
+    top = client.text_classification("what a great film", top_k=1)
+    assert len(top) == 1 and top[0].label == "POSITIVE"
+    raw = client.text_classification("what a great film", function_to_apply="none")
+    logits = httpx.post(f"{cls_server.url}/predict", json={"inputs": "what a great film",
+                                                            "raw_scores": True}).json()
+    assert [o.score for o in raw] == pytest.approx([d["score"] for d in logits], abs=1e-5)
+    # pointed at /predict itself, as the issue's user tried: the parameters object is fine
+    at_predict = InferenceClient(f"{cls_server.url}/predict").text_classification("awful")
+    assert at_predict[0].label == "NEGATIVE"
+
+
+def test_invocations_and_ping_and_the_flat_tei_shape(cls_server: Server) -> None:
+    url = cls_server.url
+    tei = httpx.post(f"{url}/", json={"inputs": "what a great film"}).json()
+    assert isinstance(tei[0], dict) and tei[0]["label"] == "POSITIVE"  # TEI: flat for a str
+    assert httpx.post(f"{url}/invocations", json={"inputs": "what a great film"}).json() == tei
+    assert httpx.get(f"{url}/ping").status_code == 200
+    # the body's model picks another served model's task
+    vec = httpx.post(f"{url}/", json={"inputs": "hi", "model": "minilm"}).json()
+    assert len(vec) == 1 and len(vec[0]) == 384
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"inputs": "x", "parameters": {"temperature": 0.5}}, "'temperature'"),
+    ({"inputs": "x", "normalize": True, "parameters": {"normalize": False}}, "normalize"),
+    ({"inputs": "x", "parameters": {"dimensions": 12}}, "dimensions=12"),
+    ({"inputs": "x", "top_k": 2}, "top_k"),  # a classification option on an embedding model
+])
+def test_options_that_would_change_the_answer_are_refused_by_name(
+        server: Server, body: dict[str, object], needle: str) -> None:
+    r = httpx.post(f"{server.url}/", json=body)
+    assert r.status_code == 422 and needle in r.text, r.text
+
+
+def test_null_parameters_mean_not_set(server: Server) -> None:
+    got = httpx.post(f"{server.url}/embed", json={"inputs": TEXTS[0], "parameters": {
+        "normalize": None, "truncate": None, "prompt_name": None}}).json()
+    np.testing.assert_allclose(got, _embed(server.url), atol=1e-6)
+
+
+def test_openai_client_on_the_embeddings_alias(server: Server) -> None:
+    client = OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    got = client.embeddings.create(model="minilm", input=TEXTS[0]).data[0].embedding
+    np.testing.assert_allclose(got, _embed(server.url)[0], atol=1e-6)
+    bad = httpx.post(f"{server.url}/embeddings", json={"input": []})
+    assert bad.status_code == 422 and "message" in bad.json()["error"]  # OpenAI's shape
+
+
+def test_embed_all_gives_every_token_state(server: Server) -> None:
+    states = httpx.post(f"{server.url}/embed_all", json={"inputs": TEXTS}).json()
+    ids = httpx.post(f"{server.url}/tokenize", json={"inputs": TEXTS}).json()
+    for s, toks in zip(states, ids, strict=True):
+        assert np.asarray(s).shape == (len(toks), 384)
+    # minilm mean-pools its token states: the mean of /embed_all is /embed unnormalized
+    pooled = np.asarray(states[0]).mean(axis=0)
+    np.testing.assert_allclose(pooled, _embed(server.url, normalize=False)[0], atol=1e-5)
+    long = httpx.post(f"{server.url}/embed_all", json={"inputs": "word " * 400})
+    assert long.status_code == 413 and "truncate" in long.text
+    cut = httpx.post(f"{server.url}/embed_all", json={"inputs": "word " * 400,
+                                                      "truncate": True}).json()
+    assert np.asarray(cut).shape == (1, 256, 384)
+
+
+def test_decode_round_trips_tokenize(server: Server) -> None:
+    toks = httpx.post(f"{server.url}/tokenize", json={"inputs": TEXTS}).json()
+    ids = [[t["id"] for t in row] for row in toks]
+    from transformers import AutoTokenizer
+
+    from sureserve.zoo.registry import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    assert httpx.post(f"{server.url}/decode", json={"ids": ids}).json() == \
+        [tok.decode(row, skip_special_tokens=True) for row in ids]
+    one = httpx.post(f"{server.url}/decode", json={"ids": ids[0],
+                                                    "skip_special_tokens": False}).json()
+    assert one[0].startswith("[CLS]")
+    bad = httpx.post(f"{server.url}/decode", json={"ids": [1, 10**9]})
+    assert bad.status_code == 422 and "vocabulary" in bad.text
+
+
+def test_docs_pages_name_no_external_url(server: Server) -> None:
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(f"{server.url}{page}").text
+        external = [u for u in re.findall(r"https?://[^\s\"'<>)]+", html)
+                    if not u.startswith("http://127.0.0.1")]
+        assert not external, (page, external)
+        for asset in re.findall(r"(/docs-assets/[\w.\-]+)", html):
+            assert httpx.get(f"{server.url}{asset}").status_code == 200, asset
+
+
+def test_swagger_ui_renders_the_routes_without_network(server: Server) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail("chromium is not installed: `make setup` installs it (apt-get install "
+                    "chromium); it renders /docs in this test")
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         # any host but loopback fails to resolve: a page that needs a CDN stays empty
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+         "--virtual-time-budget=15000", "--dump-dom", f"{server.url}/docs"],
+        capture_output=True, text=True, timeout=120).stdout
+    assert "opblock" in dom, dom[-2000:]  # Swagger UI drew the operations
+    for route in ("/embed", "/predict", "/similarity", "/v1/embeddings", "/decode"):
+        assert f'data-path="{route}"' in dom or f">{route}<" in dom, route
