@@ -70,7 +70,7 @@ def with_settings(*groups: str) -> Callable[[F], F]:
 
 ModelArg = Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id.")]
-TaskOpt = Annotated[str | None, typer.Option("--task", help="embed, classify or generate "
+TaskOpt = Annotated[str | None, typer.Option("--task", help="embed, classify, rerank or generate "
                                               "(default: inferred from the config).")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Pinned hub revision.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -444,6 +444,35 @@ def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sent
                  top_k=top_k or None)
 
 
+@app.command()
+@with_settings("source", "plan", "batching")
+def rerank(settings: Settings,
+           query: Annotated[str, typer.Argument(help="What the texts are ranked against.")],
+           texts: TextsArg = None, model: ModelOpt = "rerank-demo", input_file: InputOpt = None,
+           field: FieldOpt = "text",
+           top_n: Annotated[int | None, typer.Option(help="Only the n best.")] = None,
+           raw_scores: Annotated[bool, typer.Option(help="Logits instead of sigmoids.")] = False,
+           ) -> None:
+    """Rank texts by relevance to QUERY with a cross-encoder; one JSON line per text, best
+    first: index (0-based among the texts read), score, text (and, when cutting is allowed,
+    truncated / chunks)."""
+    import sureserve
+    from sureserve.jobs import _records
+
+    _one_source(texts, input_file)
+    skipped: list[Any] = []
+    docs = [r.text for r in _records(texts, input_file, field, settings.skip_bad_lines,
+                                     skipped)]
+    for bad in skipped:
+        _report(f"[yellow]skipped[/] {bad.message}")
+    engine = sureserve.load(model, task="rerank", settings=settings)
+    for item in engine.rerank(query, docs, top_n=top_n, raw_scores=raw_scores,
+                              return_text=True):
+        sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
+    assert engine.last_summary is not None
+    _report(f"rerank: {engine.last_summary.line()}")
+
+
 BenchN = Annotated[int, typer.Option("--n", help="Texts in the corpus.")]
 BenchLong = Annotated[float, typer.Option(help="Share of long BBC articles in the mix.")]
 BenchSkip = Annotated[list[str] | None, typer.Option("--skip", help="Contender to leave out "
@@ -507,6 +536,20 @@ def bench_loop(seconds: Annotated[float, typer.Option(help="Seconds per phase.")
     from sureserve.bench.serve import run_lag_probe
 
     run_lag_probe(seconds, big, _bench_out(output, "loop"), _report)
+
+
+@bench_app.command("rerank")
+def bench_rerank(queries: Annotated[int, typer.Option(help="Queries (BBC sport/tech "
+                                                      "headlines).")] = 16,
+                 candidates: Annotated[int, typer.Option(help="Passages per query.")] = 40,
+                 model: Annotated[str, typer.Option(help="Cross-encoder.")] = "rerank-demo",
+                 output: BenchOut = None) -> None:
+    """Rerank throughput (pairs/s) against sentence-transformers' CrossEncoder.predict
+    (batch 32) on the same pairs, with the largest score difference."""
+    from sureserve.bench.rerank import print_report, run_rerank_bench
+
+    print_report(run_rerank_bench(queries, candidates, model, _bench_out(output, "rerank"),
+                                  _report), _report)
 
 
 @bench_app.command("soak")

@@ -167,13 +167,14 @@ class Engine:
         return self.task
 
     def submit(self, texts: Sequence[str], *, truncation: str | None = None,
-               first_index: int = 0) -> Job:
+               first_index: int = 0, query: str | None = None) -> Job:
         """Tokenize once and apply the truncation policy. ``first_index`` offsets the
-        indices in errors and the summary, for callers that feed a long input in windows."""
+        indices in errors and the summary, for callers that feed a long input in windows;
+        ``query``: a reranker's, paired with every text."""
         task = self.text_task()
         policy = truncation or self.settings.truncation
         cut = task.to_pieces(texts, policy, stride=self.settings.chunk_stride,
-                             first_index=first_index)
+                             first_index=first_index, query=query)
         limit = self.loaded.limit
         real = sum(p.weight for p in cut.pieces)
         summary = RunSummary(texts=len(texts), pieces=len(cut.pieces), real_tokens=real,
@@ -185,7 +186,7 @@ class Engine:
         """Merge the pieces' rows per text and post-process them (``options`` go to the
         task: ``normalize``, ``top_k``, ``raw_scores``)."""
         task = self.text_task()
-        merged = merge(job.pieces, rows, job.summary.texts, job.first_index)
+        merged = merge(job.pieces, rows, job.summary.texts, job.first_index, task.reduce)
         summary = job.summary
         summary.seconds = time.perf_counter() - job.started
         outputs = task.postprocess(merged, **options)
@@ -196,10 +197,10 @@ class Engine:
 
     def run(self, texts: Sequence[str], *, truncation: str | None = None,
             first_index: int = 0, on_texts_done: Callable[[int], None] | None = None,
-            **options: Any) -> Result:
+            query: str | None = None, **options: Any) -> Result:
         """The offline path: submit, run the pieces in planned batches, finish."""
         task = self.text_task()
-        job = self.submit(texts, truncation=truncation, first_index=first_index)
+        job = self.submit(texts, truncation=truncation, first_index=first_index, query=query)
         s, pieces = self.settings, job.pieces
         batches = plan_batches([p.weight for p in pieces], s.max_batch_tokens,
                                s.max_batch_size, s.planner_window, s.min_batch_tokens,
@@ -240,6 +241,19 @@ class Engine:
         """Labels with scores, in input order (see ClassifyTask.postprocess for top_k)."""
         self.text_task("classify")
         return list(self.run(texts, truncation=truncation, top_k=top_k).outputs)
+
+    def rerank(self, query: str, texts: Sequence[str], *, top_n: int | None = None,
+               raw_scores: bool = False, return_text: bool = False,
+               truncation: str | None = None) -> list[dict[str, Any]]:
+        """``texts`` ranked by relevance to ``query``, best first: ``[{"index", "score",
+        "text"?}]`` (``top_n`` best only; ``raw_scores``: logits instead of sigmoids).
+        When cutting is allowed, each item also says whether its text was ``truncated``."""
+        from sureserve.tasks.rerank import ranked
+
+        self.text_task("rerank")
+        res = self.run(texts, truncation=truncation, query=query, raw_scores=raw_scores)
+        flags = res.summary.flags if res.summary.policy != "error" else None
+        return ranked(res.outputs, texts, top_n, return_text, flags)
 
     # ---- generation -----------------------------------------------------------------
     def _gen(self) -> GenerationEngine:

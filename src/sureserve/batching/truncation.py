@@ -28,6 +28,9 @@ class Piece:
 
     text_index: int
     ids: list[int]
+    #: where the second segment of a pair starts (a reranker's text after its query), for
+    #: models with token types; 0: one segment
+    segment_at: int = 0
 
     @property
     def weight(self) -> int:

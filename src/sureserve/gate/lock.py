@@ -77,6 +77,12 @@ def golden_outputs(engine: Any) -> dict[str, Any]:
         rows = engine.run(PROBE_TEXTS, truncation="truncate").rows
         return {"kind": "probabilities", "dtype": dtype, "tolerance": tol,
                 "values": np.round(engine.task.probabilities(rows), 6).tolist()}
+    if engine.task_name == "rerank":
+        query, _ = P.RERANK_PAIRS[0]
+        rows = engine.run([p for _, p in P.RERANK_PAIRS], truncation="truncate",
+                          query=query).rows
+        return {"kind": "relevance logits", "dtype": dtype, "tolerance": tol,
+                "values": np.round(rows, 6).tolist()}
     return _decoder_golden(engine, dtype, tol)
 
 

@@ -54,3 +54,31 @@ PROMPTS = [
     "Once upon a time, in a small village,",
     "The chemical symbol for water is",
 ]
+
+#: (query, its passage) pairs on unrelated topics, for rerankers: each query must score its
+#: own passage above the other seven (a wrong tokenizer or a collapsed model cannot).
+RERANK_PAIRS = [
+    ("How do I bake bread at home?",
+     "Mix flour, water, yeast and salt, knead the dough, let it rise for an hour, then bake "
+     "it in a hot oven until the crust is brown."),
+    ("What did the central bank do to interest rates?",
+     "The central bank raised interest rates by a quarter of a point on Wednesday to slow "
+     "inflation, its third rise this year."),
+    ("Who won the football match?",
+     "The home side won the match 2-1 after their striker scored twice in the second half."),
+    ("How do I install the software?",
+     "Download the installer, run it as an administrator, then restart the computer before "
+     "opening the program."),
+    ("Is the new film worth watching?",
+     "Critics praised the new film for its wonderful acting and moving ending, calling it "
+     "the best picture of the year."),
+    ("What will the weather be like tomorrow?",
+     "Tomorrow will be cold and windy, with heavy rain in the morning and snow on the hills "
+     "by the evening."),
+    ("Who won the general election?",
+     "The opposition party won the general election with a large majority, and its leader "
+     "will become prime minister next week."),
+    ("What are the symptoms of flu?",
+     "Flu symptoms include fever, a sore throat, aching muscles, tiredness and a cough that "
+     "can last for weeks."),
+]

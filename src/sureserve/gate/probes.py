@@ -171,6 +171,27 @@ def check_invariance(alone: np.ndarray, batched: np.ndarray, dtype: str, what: s
     return Check("batch-invariance", "pass", evidence)
 
 
+RERANK_PASS = 0.75  # share of probe queries whose own passage must rank first
+RERANK_WARN = 0.5
+
+
+def check_rerank_order(scores: np.ndarray) -> Check:
+    """``scores[q, p]``: query q against passage p; passage q is query q's own."""
+    n = scores.shape[0]
+    first = int(sum(int(np.argmax(scores[q]) == q) for q in range(n)))
+    spread = float(scores.max() - scores.min())
+    evidence = (f"{first} of {n} probe queries score their own passage above the other "
+                f"{n - 1} (scores span {spread:.3g})")
+    share = first / n
+    if share < RERANK_WARN:
+        return Check("rerank-order", "fail", evidence + ": the model does not read the pairs",
+                     "use the tokenizer saved with the model; check that it is a cross-encoder "
+                     "trained for relevance")
+    if share < RERANK_PASS:
+        return Check("rerank-order", "warn", evidence, "check the model on your own queries")
+    return Check("rerank-order", "pass", evidence)
+
+
 def check_lm_affinity(loss: float, shuffled: float) -> Check:
     evidence = (f"loss on a reference paragraph {loss:.2f} nats/token, on the same tokens "
                 f"shuffled {shuffled:.2f} (needs a margin of {LM_MARGIN})")

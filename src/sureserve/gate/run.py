@@ -55,7 +55,26 @@ def run_gate(loaded: Loaded, task_impl: Any | None = None) -> GateReport:
     return report
 
 
+def _rerank_probes(loaded: Loaded, task: Any) -> list[Check]:
+    queries = [q for q, _ in P.RERANK_PAIRS]
+    passages = [p for _, p in P.RERANK_PAIRS]
+    rows = []
+    alone = []
+    for k, q in enumerate(queries):
+        pieces = task.to_pieces([*passages, P.LONG], "truncate", query=q).pieces
+        # every passage in one padded batch next to a much longer text; one of them alone
+        rows.append(task.forward(pieces)[: len(passages), 0])
+        alone.append(task.forward([pieces[k]])[0, 0])
+    scores = np.asarray(rows)
+    together = np.asarray([scores[k, k] for k in range(len(queries))])
+    return [probes.check_rerank_order(scores),
+            probes.check_invariance(np.asarray(alone), together, loaded.precision,
+                                    "relevance logits")]
+
+
 def _encoder_probes(loaded: Loaded, task: Any) -> list[Check]:
+    if task.name == "rerank":
+        return _rerank_probes(loaded, task)
     texts = P.DIVERSE
     pieces = task.to_pieces([*texts, P.LONG], "truncate").pieces
     # (a) every probe text in one padded batch next to a much longer text, (b) each alone

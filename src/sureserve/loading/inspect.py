@@ -9,7 +9,7 @@ from typing import Any
 
 from sureserve.errors import TaskMismatchError
 
-TASKS = ("embed", "classify", "generate")
+TASKS = ("embed", "classify", "generate", "rerank")
 # Models whose position ids start after the padding index (fairseq heritage): they can embed
 # max_position_embeddings - pad_token_id - 1 tokens, not max_position_embeddings.
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "bart")
@@ -75,6 +75,10 @@ def head_kind(config: dict[str, Any]) -> str:
     return "encoder"
 
 
+def num_labels(config: dict[str, Any]) -> int:
+    return int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
+
+
 def infer_task(path: Path, config: dict[str, Any], requested: str | None) -> str:
     """The task to run; a requested task the model cannot do is an error naming what it is."""
     head = head_kind(config)
@@ -83,11 +87,14 @@ def infer_task(path: Path, config: dict[str, Any], requested: str | None) -> str
     if requested is None:
         if is_st:
             return "embed"
+        if head == "classify" and num_labels(config) == 1:
+            return "rerank"  # one output read from a (query, text) pair: a cross-encoder
         return "embed" if head == "encoder" else head
     if requested not in TASKS:
         raise TaskMismatchError(f"unknown task {requested!r}", f"use one of {', '.join(TASKS)}")
     ok = {"embed": head in ("encoder", "classify"),
           "classify": head == "classify",
+          "rerank": head == "classify",
           "generate": head == "generate"}[requested]
     if not ok:
         can = "generate" if head == "generate" else ("classify or embed" if head == "classify"

@@ -31,6 +31,7 @@ from sureserve.settings import Settings
 log = logging.getLogger("sureserve.loading")
 
 AUTO_CLASSES = {"embed": "AutoModel", "classify": "AutoModelForSequenceClassification",
+                "rerank": "AutoModelForSequenceClassification",
                 "generate": "AutoModelForCausalLM"}
 
 

@@ -86,10 +86,12 @@ class Batcher:
     def depth(self) -> int:
         return len(self.waiting)
 
-    async def infer(self, texts: list[str], truncate: bool, **options: Any) -> Result:
-        """Outputs for ``texts`` in input order (``options``: see ``Engine.finish``)."""
+    async def infer(self, texts: list[str], truncate: bool, query: str | None = None,
+                    **options: Any) -> Result:
+        """Outputs for ``texts`` in input order (``options``: see ``Engine.finish``;
+        ``query``: a reranker's, paired with every text)."""
         policy = "truncate" if truncate else self.settings.truncation
-        submit = functools.partial(self.engine.submit, texts, truncation=policy)
+        submit = functools.partial(self.engine.submit, texts, truncation=policy, query=query)
         try:
             # a few short texts tokenize faster than the hop to another thread costs
             # (BENCHMARKS.md); anything bigger goes to the pool, off the event loop

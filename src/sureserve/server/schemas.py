@@ -93,6 +93,61 @@ class DecodeRequest(_Strict):
     model: str | None = None
 
 
+class RerankRequest(_Strict):
+    """text-embeddings-inference ``POST /rerank``: ``texts`` by relevance to ``query``."""
+
+    query: str
+    texts: list[str]
+    truncate: bool = Field(default=False, description="Cut a (query, text) pair that is too "
+                           "long by cutting the text (never the query) instead of 413.")
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    raw_scores: bool = Field(default=False, description="Logits instead of sigmoids.")
+    return_text: bool = False
+    model: str | None = None
+
+
+class Rank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+    truncated: bool | None = Field(default=None, description="Present when cutting was "
+                                   "allowed: whether this text was cut.")
+    chunks: int | None = None
+
+
+class DocumentText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+
+
+class V1RerankRequest(_Strict):
+    """``POST /v1/rerank``, the shape RAG frameworks call (Cohere, Jina)."""
+
+    query: str
+    documents: list[str | DocumentText]
+    top_n: int | None = Field(default=None, ge=1, description="Only the n best (default: "
+                              "all).")
+    return_documents: bool = False
+    model: str | None = None
+
+
+class V1RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: DocumentText | None = None
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class V1RerankResponse(BaseModel):
+    model: str
+    results: list[V1RerankResult]
+    usage: RerankUsage
+
+
 class InferenceRequest(BaseModel):
     """``POST /`` and ``/invocations``: checked against the default model's task's own
     request shape (``EmbedRequest``, ``PredictRequest`` or ``SimilarityRequest``)."""

