@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
 
-.PHONY: setup zoo run test lint lock bench clean
+.PHONY: setup zoo run test lint lock bench clean browser
 
 setup: $(STAMP) zoo
 
@@ -33,7 +33,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
-test: setup lint
+# The suite renders /docs in a real headless browser with no network (Debian's chromium).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium \
+	   >/dev/null) || echo "could not install chromium (apt-get install chromium): the /docs \
+	browser test will fail"
+
+test: setup browser lint
 	$(BIN)/pytest -q
 
 bench: setup

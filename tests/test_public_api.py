@@ -12,8 +12,9 @@ def test_public_api_is_pinned() -> None:
 
 
 def test_zoo_has_the_packaged_models() -> None:
-    assert set(sureserve.ZOO) == {"minilm", "smollm2", "sentiment-demo"}
+    assert set(sureserve.ZOO) == {"minilm", "smollm2", "sentiment-demo", "rerank-demo"}
     assert sureserve.ZOO["minilm"].task_name == "embed"
     assert sureserve.ZOO["smollm2"].task_name == "generate"
     assert sureserve.ZOO["sentiment-demo"].task_name == "classify"
+    assert sureserve.ZOO["rerank-demo"].task_name == "rerank"
     assert sureserve.DEFAULT_MODEL in sureserve.ZOO

@@ -31,6 +31,7 @@ def test_models_lists_the_zoo() -> None:
     ("minilm", "BertModel", "embed"),
     ("smollm2", "LlamaForCausalLM", "generate"),
     ("sentiment-demo", "BertForSequenceClassification", "classify"),
+    ("rerank-demo", "BertForSequenceClassification", "rerank"),
 ])
 def test_info_json(alias: str, arch: str, task: str) -> None:
     r = cli("info", alias, "--json")
@@ -68,6 +69,14 @@ def test_sentiment_demo_accuracy_report() -> None:
     report = json.loads((ZOO["sentiment-demo"].path(Settings()) / "build_report.json").read_text())
     assert report["held_out"] == 1000
     assert report["held_out_accuracy"] >= 0.85
+
+
+def test_rerank_demo_report_meets_its_target() -> None:
+    report = json.loads((ZOO["rerank-demo"].path(Settings()) / "build_report.json").read_text())
+    assert report["held_out"] >= 150 and report["candidates"] == 10
+    assert report["held_out_top1"] >= 0.9
+    assert report["unseen_topics"] == ["sports", "tech"] and report["unseen"] >= 150
+    assert 0 <= report["unseen_topics_top1"] <= 1
 
 
 def test_smollm2_greedy_answer() -> None:

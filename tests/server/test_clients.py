@@ -25,8 +25,8 @@ TEXTS = ["The film was a delight from start to finish.", "Rates rose on Tuesday.
 
 @pytest.fixture(scope="module")
 def cls_server() -> Iterator[Server]:
-    """sentiment-demo first: the default model, so POST / classifies."""
-    s = start_server(["sentiment-demo", "minilm"], LIMITS)
+    """sentiment-demo first: the default model, so POST / classifies; and a reranker."""
+    s = start_server(["sentiment-demo", "minilm", "rerank-demo"], LIMITS)
     yield s
     stop_server(s)
 
@@ -177,3 +177,57 @@ def test_swagger_ui_renders_the_routes_without_network(server: Server) -> None:
     assert "opblock" in dom, dom[-2000:]  # Swagger UI drew the operations
     for route in ("/embed", "/predict", "/similarity", "/v1/embeddings", "/decode"):
         assert f'data-path="{route}"' in dom or f">{route}<" in dom, route
+
+
+DOCS = ["The striker scored twice as the home side won the cup final.",
+        "The new phone has a faster chip and a better camera.",
+        "Shares fell after the bank reported lower profits.",
+        "The film won three awards at the festival."]
+
+
+def test_rerank_tei_shape(cls_server: Server) -> None:
+    import sureserve
+
+    url = cls_server.url
+    q = "Who won the football cup final?"
+    r = httpx.post(f"{url}/rerank", json={"query": q, "texts": DOCS, "return_text": True})
+    assert r.status_code == 200, r.text
+    ranks = r.json()
+    assert ranks[0]["index"] == 0 and ranks[0]["text"] == DOCS[0]
+    assert [x["score"] for x in ranks] == sorted((x["score"] for x in ranks), reverse=True)
+    local = sureserve.load("rerank-demo").rerank(q, DOCS)
+    assert [x["index"] for x in ranks] == [x["index"] for x in local]
+    assert [x["score"] for x in ranks] == pytest.approx([x["score"] for x in local], abs=1e-5)
+    raw = httpx.post(f"{url}/rerank", json={"query": q, "texts": DOCS,
+                                            "raw_scores": True}).json()
+    assert "text" not in raw[0]
+    assert 1 / (1 + np.exp(-raw[0]["score"])) == pytest.approx(ranks[0]["score"], abs=1e-5)
+    long = "word " * 600
+    too = httpx.post(f"{url}/rerank", json={"query": q, "texts": ["x", long]})
+    assert too.status_code == 413 and "text 1" in too.json()["error"]
+    cut = httpx.post(f"{url}/rerank", json={"query": q, "texts": ["x", long],
+                                            "truncate": True}).json()
+    assert {x["index"]: x["truncated"] for x in cut} == {0: False, 1: True}
+    assert httpx.post(f"{url}/rerank", json={"query": " ", "texts": DOCS}).status_code == 422
+    wrong = httpx.post(f"{url}/rerank", json={"query": q, "texts": DOCS, "model": "minilm"})
+    assert wrong.status_code == 400 and "rerank" in wrong.text
+
+
+def test_v1_rerank_shape(cls_server: Server) -> None:
+    url = cls_server.url
+    q = "Why did bank shares fall?"
+    docs = [DOCS[0], {"text": DOCS[2]}, DOCS[1]]
+    r = httpx.post(f"{url}/v1/rerank", json={"model": "rerank-demo", "query": q,
+                                              "documents": docs, "top_n": 2,
+                                              "return_documents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "rerank-demo" and body["usage"]["total_tokens"] > 0
+    assert len(body["results"]) == 2
+    top = body["results"][0]
+    assert top["index"] == 1 and top["document"] == {"text": DOCS[2]}
+    assert 0 < top["relevance_score"] < 1
+    plain = httpx.post(f"{url}/v1/rerank", json={"query": q, "documents": DOCS}).json()
+    assert len(plain["results"]) == 4 and "document" not in plain["results"][0]
+    bad = httpx.post(f"{url}/v1/rerank", json={"query": q, "documents": DOCS, "top_n": 0})
+    assert bad.status_code == 422 and "message" in bad.json()["error"]

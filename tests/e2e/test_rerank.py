@@ -1,0 +1,139 @@
+"""The rerank task on rerank-demo: pair tokenization, the truncation policy (the text is
+cut, never the query), batching invariance, agreement with sentence-transformers'
+CrossEncoder, the gate on a broken pair, the CLI and the benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sureserve
+from sureserve.errors import InputError, InputTooLongError, TaskMismatchError
+from sureserve.zoo.rerank import UNSEEN_TOPICS, articles
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def rr() -> sureserve.Engine:
+    return sureserve.load("rerank-demo")
+
+
+@pytest.fixture(scope="module")
+def news() -> list[tuple[str, str]]:
+    return [a for t in UNSEEN_TOPICS for a in articles(t)][:12]
+
+
+def test_loads_as_a_reranker_and_its_gate_reads_pairs(rr: sureserve.Engine) -> None:
+    assert rr.task_name == "rerank"
+    report = rr.gate_report
+    assert report is not None and report.passed
+    names = {c.name: c.status for c in report.checks}
+    assert names["rerank-order"] == "pass" and names["batch-invariance"] == "pass"
+
+
+def test_an_unseen_headline_finds_its_own_article(rr: sureserve.Engine,
+                                                  news: list[tuple[str, str]]) -> None:
+    bodies = [b[:1500] for _, b in news]
+    for k in (0, 5, 11):
+        best = rr.rerank(news[k][0], bodies, top_n=3, return_text=True)
+        assert best[0]["index"] == k and best[0]["text"] == bodies[k]
+        assert len(best) == 3 and best[0]["score"] >= best[1]["score"] >= best[2]["score"]
+        assert 0 < best[0]["score"] < 1  # sigmoid
+
+
+def test_scores_equal_sentence_transformers_cross_encoder(rr: sureserve.Engine,
+                                                          news: list[tuple[str, str]]) -> None:
+    from sentence_transformers import CrossEncoder
+
+    q, bodies = news[2][0], [b[:1200] for _, b in news]
+    ours = {r["index"]: r["score"] for r in rr.rerank(q, bodies)}
+    st = CrossEncoder(str(rr.loaded.source.path), device="cpu")
+    theirs = st.predict([(q, b) for b in bodies])
+    np.testing.assert_allclose([ours[i] for i in range(len(bodies))], theirs, atol=1e-5)
+    raw = {r["index"]: r["score"] for r in rr.rerank(q, bodies, raw_scores=True)}
+    np.testing.assert_allclose(1 / (1 + np.exp(-np.array([raw[i] for i in range(len(bodies))]))),
+                               theirs, atol=1e-5)
+
+
+def test_alone_equals_in_a_batch(rr: sureserve.Engine, news: list[tuple[str, str]]) -> None:
+    q, bodies = news[0][0], [b[:400] for _, b in news]
+    together = {r["index"]: r["score"] for r in rr.rerank(q, bodies, raw_scores=True)}
+    for i in (0, 7):
+        alone = rr.rerank(q, [bodies[i]], raw_scores=True)[0]["score"]
+        assert abs(alone - together[i]) < 1e-4
+
+
+def test_too_long_pairs_follow_the_policy_and_the_query_is_never_cut(
+        rr: sureserve.Engine, news: list[tuple[str, str]]) -> None:
+    q = news[3][0]
+    long_text = " ".join(b for _, b in news[:4])  # thousands of tokens
+    with pytest.raises(InputTooLongError) as exc:
+        rr.rerank(q, ["short one", long_text])
+    assert "text 1" in exc.value.message
+    cut = rr.rerank(q, ["short one", long_text], truncation="truncate")
+    flags = {r["index"]: r["truncated"] for r in cut}
+    assert flags == {0: False, 1: True}
+    task = rr.text_task("rerank")
+    pieces = task.to_pieces([long_text], "truncate", query=q).pieces
+    q_ids = rr.tokenizer(q, add_special_tokens=False)["input_ids"]
+    assert pieces[0].ids[1:1 + len(q_ids)] == q_ids  # the whole query, first
+    assert len(pieces[0].ids) == rr.loaded.limit.value
+    assert pieces[0].segment_at == len(q_ids) + 2  # [CLS] q [SEP] | text
+    chunked = rr.rerank(q, [long_text], truncation="chunk")[0]
+    assert chunked["chunks"] > 1
+    chunk_pieces = task.to_pieces([long_text], "chunk", query=q).pieces
+    assert all(p.ids[1:1 + len(q_ids)] == q_ids for p in chunk_pieces)
+    best = max(task.forward([p])[0, 0] for p in chunk_pieces)  # a text is its best chunk
+    assert abs(rr.rerank(q, [long_text], truncation="chunk", raw_scores=True)[0]["score"]
+               - best) < 1e-4
+    with pytest.raises(InputTooLongError) as exc:
+        rr.rerank("word " * 600, ["x"], truncation="truncate")
+    assert "query" in exc.value.message and "never cut" in exc.value.fix
+
+
+def test_bad_calls_are_clear_errors(rr: sureserve.Engine) -> None:
+    assert rr.rerank("q", []) == []
+    with pytest.raises(InputError):
+        rr.rerank("q", [3])  # type: ignore[list-item]
+    with pytest.raises(TaskMismatchError):
+        rr.embed(["x"])
+    minilm = sureserve.load("minilm")
+    with pytest.raises(TaskMismatchError):
+        minilm.rerank("q", ["x"])
+
+
+def test_gate_fails_a_reranker_with_a_shuffled_tokenizer(tmp_path: Path) -> None:
+    from tests.mutations import shuffled_tokenizer
+
+    path = sureserve.ZOO["rerank-demo"].path(sureserve.Settings())
+    broken = shuffled_tokenizer(path, tmp_path / "shuf")
+    report = sureserve.check(str(path), tokenizer=str(broken))
+    status = {c.name: c.status for c in report.checks}
+    assert not report.passed and status["rerank-order"] == "fail", report.checks
+
+
+def test_cli_rerank_ranks_a_file(tmp_path: Path, news: list[tuple[str, str]]) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"body": b[:600]}) + "\n" for _, b in news[:6]))
+    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "rerank", news[4][0], "-i",
+                        str(src), "--field", "body", "--top-n", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2 and rows[0]["index"] == 4 and rows[0]["text"] == news[4][1][:600]
+    assert "rerank:" in r.stderr
+
+
+def test_bench_rerank_runs_and_agrees(tmp_path: Path) -> None:
+    from sureserve.bench.rerank import run_rerank_bench
+
+    rep = run_rerank_bench(queries=2, candidates=6, out=tmp_path / "r.json", log=lambda _: None)
+    assert rep["pairs"] == 12 and rep["max_abs_score_diff"] <= 1e-5
+    assert set(rep["pairs_per_s"]) == {"sureserve", "sentence-transformers"}
+    assert json.loads((tmp_path / "r.json").read_text()) == rep
