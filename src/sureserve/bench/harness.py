@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -95,3 +97,11 @@ def cpu_has_bf16() -> bool:
     from sureserve.settings import Settings
 
     return bf16_speed(Settings().home_dir()) > 1.0
+
+
+def write_report(out: Path | None, report: dict[str, Any]) -> dict[str, Any]:
+    """Write a benchmark's JSON report (when ``out`` is given); returns the report."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report

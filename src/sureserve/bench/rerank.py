@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from sureserve.bench.harness import write_report
+
 BODY_CHARS = 1500
 
 
@@ -87,10 +89,7 @@ def run_rerank_bench(queries: int = 16, candidates: int = 40, model: str = "rera
         "build_report": json.loads((Path(path) / "build_report.json").read_text())
         if (Path(path) / "build_report.json").is_file() else None,
     }
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(out, report)
 
 
 def print_report(rep: dict[str, Any], log: Callable[[str], None] = print) -> None:

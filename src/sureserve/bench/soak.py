@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from sureserve.bench.harness import write_report
 from sureserve.bench.serve import _free_port, _start, _stop
 
 REQUEST_TIMEOUT_S = 120.0
@@ -279,10 +280,7 @@ def run_soak(minutes: float = 30.0, clients: int = 64, warmup_minutes: float = 2
     report = {"minutes": minutes, "clients": clients, "warmup_minutes": warmup_minutes,
               "mix": dict(MIX), "server": cmd[3:], "env": env or {},
               "summary": summarize(samples, warmup_minutes * 60), "samples": samples}
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(out, report)
 
 
 def print_report(report: dict[str, Any], log: Callable[[str], None] = print) -> None:
