@@ -64,7 +64,7 @@ LIMITS = {"SURESERVE_MAX_CLIENT_BATCH": "16", "SURESERVE_MAX_PAYLOAD_BYTES": "60
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
-    s = start_server(["minilm", "sentiment-demo"], LIMITS)
+    s = start_server(["minilm", "sentiment-demo", "rerank-demo"], LIMITS)
     yield s
     stop_server(s)
 

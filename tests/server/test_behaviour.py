@@ -136,7 +136,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0() -> None:
 def test_openapi_schema_with_schemathesis(server: Server) -> None:
     schema = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/embed", "/predict", "/tokenize", "/info", "/health", "/v1/embeddings",
-            "/v1/models"} <= set(schema["paths"])
+            "/v1/models", "/", "/invocations", "/ping", "/embeddings", "/similarity",
+            "/embed_all", "/decode", "/rerank", "/v1/rerank"} <= set(schema["paths"])
     r = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
          "--max-examples", "15", "--checks", "not_a_server_error,status_code_conformance,"

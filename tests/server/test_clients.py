@@ -25,8 +25,8 @@ TEXTS = ["The film was a delight from start to finish.", "Rates rose on Tuesday.
 
 @pytest.fixture(scope="module")
 def cls_server() -> Iterator[Server]:
-    """sentiment-demo first: the default model, so POST / classifies; and a reranker."""
-    s = start_server(["sentiment-demo", "minilm", "rerank-demo"], LIMITS)
+    """sentiment-demo first: the default model, so POST / classifies."""
+    s = start_server(["sentiment-demo", "minilm"], LIMITS)
     yield s
     stop_server(s)
 
@@ -185,10 +185,10 @@ DOCS = ["The striker scored twice as the home side won the cup final.",
         "The film won three awards at the festival."]
 
 
-def test_rerank_tei_shape(cls_server: Server) -> None:
+def test_rerank_tei_shape(server: Server) -> None:
     import sureserve
 
-    url = cls_server.url
+    url = server.url
     q = "Who won the football cup final?"
     r = httpx.post(f"{url}/rerank", json={"query": q, "texts": DOCS, "return_text": True})
     assert r.status_code == 200, r.text
@@ -213,8 +213,8 @@ def test_rerank_tei_shape(cls_server: Server) -> None:
     assert wrong.status_code == 400 and "rerank" in wrong.text
 
 
-def test_v1_rerank_shape(cls_server: Server) -> None:
-    url = cls_server.url
+def test_v1_rerank_shape(server: Server) -> None:
+    url = server.url
     q = "Why did bank shares fall?"
     docs = [DOCS[0], {"text": DOCS[2]}, DOCS[1]]
     r = httpx.post(f"{url}/v1/rerank", json={"model": "rerank-demo", "query": q,

@@ -31,12 +31,13 @@ def test_health_and_info(server: Server) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
     info = httpx.get(f"{server.url}/info").json()
     assert info["model_id"] == "minilm" and info["max_client_batch_size"] == 16
-    assert {m["name"] for m in info["models"]} == {"minilm", "sentiment-demo"}
+    assert {m["name"] for m in info["models"]} == {"minilm", "sentiment-demo", "rerank-demo"}
     assert all(m["gate_passed"] for m in info["models"])
     models = {m["name"]: m for m in info["models"]}
     # packing passed its check for the embedder; a classifier's head is not packed
     assert models["minilm"]["packed_batches"] is True
     assert models["sentiment-demo"]["packed_batches"] is False
+    assert models["rerank-demo"]["task"] == "rerank" and models["rerank-demo"]["labels"] is None
     assert models["minilm"]["forward_workers"] >= 1
     assert models["minilm"]["precision"] == "float32"
     assert models["minilm"]["quantization_evaluated"] is None
@@ -78,7 +79,7 @@ def test_openai_embeddings_with_the_official_client(server: Server,
     np.testing.assert_allclose(got, minilm.embed(TEXTS), atol=1e-5)
     assert res.usage.prompt_tokens > 0
     models = [m.id for m in client.models.list()]
-    assert models == ["minilm", "sentiment-demo"]
+    assert models == ["minilm", "sentiment-demo", "rerank-demo"]
 
 
 def test_openai_base64(server: Server, minilm: sureserve.Engine) -> None:

@@ -51,6 +51,14 @@ def options(body: BaseModel, known: tuple[str, ...], route: str) -> dict[str, An
     for key in known:
         top = getattr(body, key) if key in body.model_fields_set else None
         inner = params.get(key)
+        if inner is not None:  # typed as the top-level field of the same name
+            try:
+                inner = TypeAdapter(type(body).model_fields[key].annotation).validate_python(
+                    inner, strict=True)
+            except ValidationError as exc:
+                raise InputError(f"parameters.{key}: {exc.errors()[0]['msg']}",
+                                 "send it with the type of the top-level field of that "
+                                 "name (see /docs)") from exc
         if top is not None and inner is not None and top != inner:
             raise InputError(f"{key} is {top!r} at the top level and {inner!r} in "
                              "parameters", "send it once")
