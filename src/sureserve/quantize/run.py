@@ -90,6 +90,9 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
     say(f"loading the full-precision baseline of {model}")
     baseline = load(model, settings=base_settings)
     task = baseline.task_name
+    if task not in Q.ALL:  # a reranker's eval needs (query, text) pairs, not a text file
+        raise InputError(f"sureserve quantize does not measure {task} models yet",
+                         "quantize an embedding, classification or generation model")
     if baseline.loaded.quantization is not None:
         raise InputError(f"{model} is already quantized ({baseline.loaded.quantization.method})",
                          "quantize its base model instead")

@@ -53,8 +53,8 @@ def options(body: BaseModel, known: tuple[str, ...], route: str) -> dict[str, An
         inner = params.get(key)
         if inner is not None:  # typed as the top-level field of the same name
             try:
-                inner = TypeAdapter(type(body).model_fields[key].annotation).validate_python(
-                    inner, strict=True)
+                kind: Any = type(body).model_fields[key].annotation
+                inner = TypeAdapter(kind).validate_python(inner, strict=True)
             except ValidationError as exc:
                 raise InputError(f"parameters.{key}: {exc.errors()[0]['msg']}",
                                  "send it with the type of the top-level field of that "
