@@ -26,11 +26,15 @@ def rr() -> sureserve.Engine:
 
 @pytest.fixture(scope="module")
 def news() -> list[tuple[str, str]]:
-    return [a for t in UNSEEN_TOPICS for a in articles(t)][:12]
+    """30 articles of the topics rerank-demo never saw (another seed than its report's)."""
+    import random
+
+    rows = [a for t in UNSEEN_TOPICS for a in articles(t)]
+    return random.Random(1).sample(rows, 30)
 
 
 def test_loads_as_a_reranker_and_its_gate_reads_pairs(rr: sureserve.Engine) -> None:
-    assert rr.task_name == "rerank"
+    assert rr.task_name == "rerank" and rr.loaded.limit.value == 128
     report = rr.gate_report
     assert report is not None and report.passed
     names = {c.name: c.status for c in report.checks}
@@ -39,30 +43,41 @@ def test_loads_as_a_reranker_and_its_gate_reads_pairs(rr: sureserve.Engine) -> N
 
 def test_an_unseen_headline_finds_its_own_article(rr: sureserve.Engine,
                                                   news: list[tuple[str, str]]) -> None:
-    bodies = [b[:1500] for _, b in news]
-    for k in (0, 5, 11):
-        best = rr.rerank(news[k][0], bodies, top_n=3, return_text=True)
-        assert best[0]["index"] == k and best[0]["text"] == bodies[k]
+    """Whole articles, cut by the truncate policy: top-1 of 10 as in the build report."""
+    import random
+
+    rng = random.Random(2)
+    hits = 0
+    for k, (head, body) in enumerate(news):
+        others = rng.sample([j for j in range(len(news)) if j != k], 9)
+        docs = [body] + [news[j][1] for j in others]
+        best = rr.rerank(head, docs, top_n=3, return_text=True, truncation="truncate")
+        hits += best[0]["index"] == 0
         assert len(best) == 3 and best[0]["score"] >= best[1]["score"] >= best[2]["score"]
-        assert 0 < best[0]["score"] < 1  # sigmoid
+        assert 0 < best[0]["score"] < 1 and best[0]["text"] == docs[best[0]["index"]]
+        assert best[0]["truncated"] is True  # whole articles are longer than 128 tokens
+    assert hits / len(news) >= 0.9, hits
 
 
 def test_scores_equal_sentence_transformers_cross_encoder(rr: sureserve.Engine,
                                                           news: list[tuple[str, str]]) -> None:
     from sentence_transformers import CrossEncoder
 
-    q, bodies = news[2][0], [b[:1200] for _, b in news]
-    ours = {r["index"]: r["score"] for r in rr.rerank(q, bodies)}
+    # long bodies: both cut the pair to 128 tokens by cutting the body (ours: truncate
+    # never cuts the query; theirs: longest-first cuts the longer side)
+    q, bodies = news[2][0], [b[:1200] for _, b in news[:12]]
+    ours = {r["index"]: r["score"] for r in rr.rerank(q, bodies, truncation="truncate")}
     st = CrossEncoder(str(rr.loaded.source.path), device="cpu")
     theirs = st.predict([(q, b) for b in bodies])
     np.testing.assert_allclose([ours[i] for i in range(len(bodies))], theirs, atol=1e-5)
-    raw = {r["index"]: r["score"] for r in rr.rerank(q, bodies, raw_scores=True)}
+    raw = {r["index"]: r["score"] for r in rr.rerank(q, bodies, raw_scores=True,
+                                                     truncation="truncate")}
     np.testing.assert_allclose(1 / (1 + np.exp(-np.array([raw[i] for i in range(len(bodies))]))),
                                theirs, atol=1e-5)
 
 
 def test_alone_equals_in_a_batch(rr: sureserve.Engine, news: list[tuple[str, str]]) -> None:
-    q, bodies = news[0][0], [b[:400] for _, b in news]
+    q, bodies = news[0][0], [b[:40 * (k + 1)] for k, (_, b) in enumerate(news[:10])]
     together = {r["index"]: r["score"] for r in rr.rerank(q, bodies, raw_scores=True)}
     for i in (0, 7):
         alone = rr.rerank(q, [bodies[i]], raw_scores=True)[0]["score"]
@@ -72,7 +87,7 @@ def test_alone_equals_in_a_batch(rr: sureserve.Engine, news: list[tuple[str, str
 def test_too_long_pairs_follow_the_policy_and_the_query_is_never_cut(
         rr: sureserve.Engine, news: list[tuple[str, str]]) -> None:
     q = news[3][0]
-    long_text = " ".join(b for _, b in news[:4])  # thousands of tokens
+    long_text = " ".join(b for _, b in news[:2])  # far over 128 tokens
     with pytest.raises(InputTooLongError) as exc:
         rr.rerank(q, ["short one", long_text])
     assert "text 1" in exc.value.message
@@ -120,13 +135,13 @@ def test_gate_fails_a_reranker_with_a_shuffled_tokenizer(tmp_path: Path) -> None
 
 def test_cli_rerank_ranks_a_file(tmp_path: Path, news: list[tuple[str, str]]) -> None:
     src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"body": b[:600]}) + "\n" for _, b in news[:6]))
+    src.write_text("".join(json.dumps({"body": b[:300]}) + "\n" for _, b in news[:6]))
     r = subprocess.run([sys.executable, "-m", "sureserve.cli", "rerank", news[4][0], "-i",
                         str(src), "--field", "body", "--top-n", "2"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert len(rows) == 2 and rows[0]["index"] == 4 and rows[0]["text"] == news[4][1][:600]
+    assert len(rows) == 2 and rows[0]["index"] == 4 and rows[0]["text"] == news[4][1][:300]
     assert "rerank:" in r.stderr
 
 

