@@ -71,8 +71,9 @@ def create_app(settings: Settings, models: Sequence[str],
     _install_routes(app, state)
     install_tei_routes(app, state)
     install_generation_routes(app, state)
-    app.add_middleware(AuthAndMetrics, state=state)
+    # BodyLimit inside AuthAndMetrics, so that its 413s are counted in the metrics
     app.add_middleware(BodyLimit, limit=settings.max_payload_bytes)
+    app.add_middleware(AuthAndMetrics, state=state)
     return app
 
 
@@ -147,23 +148,28 @@ class BodyLimit:
             await _too_large(scope, send, self.limit)
             return
         seen = 0
-        more = True
+        answered = False
 
         async def counting() -> Message:
-            nonlocal seen, more
+            # past the limit: drop the rest of the body, answer 413, and tell the app the
+            # client is gone (raising here would reach the client as FastAPI's 400 "error
+            # parsing the body"); whatever the app then tries to send is dropped
+            nonlocal seen, answered
             msg = await receive()
             seen += len(msg.get("body", b""))
-            more = msg["type"] == "http.request" and msg.get("more_body", False)
-            if seen > self.limit:
-                raise _BodyTooLarge()
+            if seen > self.limit and not answered:
+                if msg["type"] == "http.request" and msg.get("more_body", False):
+                    await _drain(receive, seen, self.DRAIN_LIMIT)
+                await _too_large(scope, send, self.limit)
+                answered = True
+                return {"type": "http.disconnect"}
             return msg
 
-        try:
-            await self.app(scope, counting, send)
-        except _BodyTooLarge:
-            if more:
-                await _drain(receive, seen, self.DRAIN_LIMIT)
-            await _too_large(scope, send, self.limit)
+        async def sending(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, counting, sending)
 
 
 async def _drain(receive: Receive, seen: int, upto: int) -> None:
@@ -175,10 +181,6 @@ async def _drain(receive: Receive, seen: int, upto: int) -> None:
         seen += len(msg.get("body", b""))
         if not msg.get("more_body", False):
             return
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 async def _too_large(scope: Scope, send: Send, limit: int) -> None:
