@@ -213,7 +213,14 @@ class Engine:
             rows[list(batch.ids)] = task.forward([pieces[i] for i in batch.ids])
             return batch
 
-        with forward_pool(self.offline_workers()) as run_batch:
+        workers = self.offline_workers()
+        total = sum(b.cost for b in batches)
+        if batches and max(b.cost for b in batches) * workers > total:
+            # a job that cannot be shared out evenly (one query's 40 pairs: a batch of 32
+            # and one of 8) runs faster as one pass with every thread than as two
+            # single-threaded passes of which one idles
+            workers = 1
+        with forward_pool(workers) as run_batch:
             for batch in run_batch(forward, batches):
                 if on_texts_done is not None:
                     done_idx = [pieces[i].text_index - first_index for i in batch.ids]

@@ -2,13 +2,14 @@
 ``CrossEncoder.predict(batch_size=32)`` on the same (query, passage) pairs, in one run.
 
 Pairs: headlines of the BBC sport and tech folders (never trained on by ``rerank-demo``)
-as queries, each against ``candidates`` article bodies (its own and others, 1,500
-characters each). Both sides cut a pair to the model's maximum by cutting the body
-(sureserve's truncate policy never cuts the query; sentence-transformers' longest-first
-cuts the longer side, the body), so both see the same tokens and the scores must agree
-within 1e-5. sureserve ranks each query's candidates through ``Engine.rerank`` (its
-planner batches them); sentence-transformers predicts all pairs in batches of 32. Each
-side runs twice and keeps its faster run; the order alternates.
+as queries, each against ``candidates`` article bodies (its own and others, cut to
+100-1,500 characters, seeded: passages of mixed sizes, as a retriever returns them).
+Both sides cut a pair to the model's maximum by cutting the body (sureserve's truncate
+policy never cuts the query; sentence-transformers' longest-first cuts the longer side,
+the body), so both see the same tokens and the scores must agree within 1e-5. sureserve
+ranks each query's candidates through ``Engine.rerank`` (its planner batches them);
+sentence-transformers predicts all pairs in batches of 32. Each side runs twice and keeps
+its faster run; the order alternates.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def pairs(queries: int, candidates: int, seed: int = 0) -> list[tuple[str, list[
     out = []
     for i in picked:
         others = rng.sample([j for j in range(len(rows)) if j != i], candidates - 1)
-        bodies = [rows[j][1][:BODY_CHARS] for j in [i, *others]]
+        # passages of mixed sizes, as a retriever's chunks are: 100 to 1,500 characters
+        bodies = [rows[j][1][:rng.randint(100, BODY_CHARS)] for j in [i, *others]]
         rng.shuffle(bodies)
         out.append((rows[i][0], bodies))
     return out
