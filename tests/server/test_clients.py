@@ -231,3 +231,11 @@ def test_v1_rerank_shape(server: Server) -> None:
     assert len(plain["results"]) == 4 and "document" not in plain["results"][0]
     bad = httpx.post(f"{url}/v1/rerank", json={"query": q, "documents": DOCS, "top_n": 0})
     assert bad.status_code == 422 and "message" in bad.json()["error"]
+
+
+def test_post_root_reranks_when_the_reranker_is_named(server: Server) -> None:
+    q = "Who won the football cup final?"
+    direct = httpx.post(f"{server.url}/rerank", json={"query": q, "texts": DOCS}).json()
+    root = httpx.post(f"{server.url}/", json={"model": "rerank-demo", "query": q,
+                                              "texts": DOCS})
+    assert root.status_code == 200 and root.json() == direct

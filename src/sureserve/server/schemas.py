@@ -150,11 +150,14 @@ class V1RerankResponse(BaseModel):
 
 class InferenceRequest(BaseModel):
     """``POST /`` and ``/invocations``: checked against the default model's task's own
-    request shape (``EmbedRequest``, ``PredictRequest`` or ``SimilarityRequest``)."""
+    request shape (``EmbedRequest``, ``PredictRequest``, ``SimilarityRequest`` or
+    ``RerankRequest``)."""
 
     model_config = ConfigDict(extra="allow")
 
-    inputs: Inputs | SimilarityInputs
+    inputs: Inputs | SimilarityInputs | None = Field(default=None, description="Texts (or "
+                                                     "a similarity pair); a reranker takes "
+                                                     "query and texts instead.")
     model: str | None = None
     parameters: Parameters = _PARAMS
 

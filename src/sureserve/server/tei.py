@@ -252,7 +252,7 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
     async def default_task(body: S.InferenceRequest, request: Request) -> Any:
         """The Hugging Face inference convention: the default model's task (the first
         served model, or ``model`` in the body); ``inputs`` holding ``source_sentence``
-        asks for sentence similarity."""
+        asks for sentence similarity; a reranker takes TEI's ``{query, texts}``."""
         data = body.model_dump(exclude_unset=True)
         shape: type[BaseModel]
         if isinstance(data.get("inputs"), dict):
@@ -260,10 +260,13 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
         else:
             _, engine = state.pick(data.get("model") or next(iter(state.slots)), None)
             task = engine.task_name
-            if task not in ("embed", "classify"):
+            if task == "generate":
                 raise InputError(f"POST / on a {task} model has no inference-API task here",
                                  "use /v1/completions or /v1/chat/completions")
-            shape = S.EmbedRequest if task == "embed" else S.PredictRequest
+            shapes: dict[str, type[BaseModel]] = {
+                "embed": S.EmbedRequest, "classify": S.PredictRequest,
+                "rerank": S.RerankRequest}
+            shape = shapes[task]
         try:
             parsed = shape.model_validate(data)
         except ValidationError as exc:
@@ -275,13 +278,17 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
             return await similarity(state, parsed, request)
         if isinstance(parsed, S.EmbedRequest):
             return await embed(state, parsed, request)
+        if isinstance(parsed, S.RerankRequest):
+            return await rerank(state, parsed, request)
+        assert isinstance(parsed, S.PredictRequest)
         return await predict(state, parsed, request)
 
     for path in ("/", "/invocations"):
         app.post(path, responses=ERRORS, summary="The default model's task (TEI, "
                  "Hugging Face inference API, SageMaker)",
                  response_model=list[list[float]] | list[S.Prediction]
-                 | list[list[S.Prediction]] | list[float])(default_task)
+                 | list[list[S.Prediction]] | list[float] | list[S.Rank],
+                 response_model_exclude_none=True)(default_task)
 
     @app.get("/ping", response_model=S.Health,
              responses={503: {"model": S.Health, "description": "Loading or failed"}})
