@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import sureserve
 from sureserve.errors import InputTooLongError
 from sureserve.zoo.corpora import load_bbc, load_vader
+from tests.cli import cli as _cli
 
 pytestmark = pytest.mark.e2e
 
@@ -136,11 +135,6 @@ def test_classify_chunk_and_truncate_flags(sentiment: sureserve.Engine,
     assert any(o["truncated"] for o in out)
 
 
-def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sureserve.cli", *args], capture_output=True,
-                          text=True, input=stdin, timeout=600)
-
-
 def test_cli_embed_files(tmp_path: Path, short_texts: list[str]) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"body": t}) + "\n" for t in short_texts[:5]))
@@ -171,9 +165,7 @@ def test_cli_bad_line_stops_and_keeps_earlier_output(tmp_path: Path) -> None:
     src.write_bytes(b"good line\nanother\n\xff\xfe broken\nlast\n")
     out = tmp_path / "out.jsonl"
     # a window of 2 means the first two lines are written before the bad one is read
-    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "embed", "-i", str(src),
-                        "-o", str(out)], capture_output=True, text=True,
-                       env={**__import__("os").environ, "SURESERVE_PLANNER_WINDOW": "2"})
+    r = _cli("embed", "-i", str(src), "-o", str(out), env={"SURESERVE_PLANNER_WINDOW": "2"})
     assert r.returncode == 1
     assert "line 3" in r.stderr and "--skip-bad-lines" in r.stderr
     assert len(out.read_text().splitlines()) == 2

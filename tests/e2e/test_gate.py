@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from sureserve.errors import GateError
 from sureserve.settings import Settings
 from sureserve.zoo import ZOO
 from tests import mutations as M
+from tests.cli import cli as _cli
 
 pytestmark = pytest.mark.e2e
 
@@ -100,11 +99,6 @@ def test_load_refuses_a_failed_gate_unless_accepted(broken: dict[str, str],
     m = sureserve.load("minilm", tokenizer=broken["minilm-shuffled"], accept_gate_failure=True)
     assert m.gate_report is not None and m.gate_report.overridden
     assert "GATE OVERRIDDEN" in caplog.text
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sureserve.cli", *args], capture_output=True,
-                          text=True, timeout=600)
 
 
 def test_check_cli_exit_codes_and_json(broken: dict[str, str]) -> None:

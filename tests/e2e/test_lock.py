@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +11,9 @@ import pytest
 from sureserve.settings import Settings
 from sureserve.zoo import ZOO
 from tests import mutations as M
+from tests.cli import cli as _cli
 
 pytestmark = pytest.mark.e2e
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sureserve.cli", *args], capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture()

@@ -5,8 +5,6 @@ CrossEncoder, the gate on a broken pair, the CLI and the benchmark."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import sureserve
 from sureserve.errors import InputError, InputTooLongError, TaskMismatchError
 from sureserve.zoo.rerank import UNSEEN_TOPICS, articles
+from tests.cli import cli
 
 pytestmark = pytest.mark.e2e
 
@@ -136,9 +135,8 @@ def test_gate_fails_a_reranker_with_a_shuffled_tokenizer(tmp_path: Path) -> None
 def test_cli_rerank_ranks_a_file(tmp_path: Path, news: list[tuple[str, str]]) -> None:
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"body": b[:300]}) + "\n" for _, b in news[:6]))
-    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "rerank", news[4][0], "-i",
-                        str(src), "--field", "body", "--top-n", "2"],
-                       capture_output=True, text=True, timeout=300)
+    r = cli("rerank", news[4][0], "-i", str(src), "--field", "body", "--top-n", "2",
+            timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 2 and rows[0]["index"] == 4 and rows[0]["text"] == news[4][1][:300]

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from sureserve.settings import Settings
 from sureserve.zoo import ZOO
+from tests.cli import cli
 
 pytestmark = pytest.mark.e2e
-
-
-def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sureserve.cli", *args], capture_output=True,
-                          text=True, input=stdin, timeout=600)
 
 
 def test_models_lists_the_zoo() -> None:
@@ -94,8 +87,7 @@ def test_smollm2_greedy_answer() -> None:
 
 @pytest.mark.parametrize("args", [["models"], ["zoo", "build", "minilm"], ["settings"]])
 def test_a_bad_setting_is_a_clean_error_in_every_command(args: list[str]) -> None:
-    r = subprocess.run([sys.executable, "-m", "sureserve.cli", *args], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "SURESERVE_MAX_WAIT_MS": "abc"})
+    r = cli(*args, timeout=120, env={"SURESERVE_MAX_WAIT_MS": "abc"})
     assert r.returncode == 2, r.stderr
     assert "max_wait_ms" in r.stderr and "SURESERVE_" in r.stderr
     assert "Traceback" not in r.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sureserve.bench.serve import _load, run_serve_bench
+from tests.cli import cli
 from tests.server.conftest import Server
 
 pytestmark = pytest.mark.e2e
@@ -40,13 +41,8 @@ def test_serve_bench_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def test_loop_probe_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     out = tmp_path / "loop.json"
-    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "bench", "loop", "--seconds",
-                        "1", "--big", "8", "-o", str(out)], capture_output=True, text=True,
-                       timeout=300)
+    r = cli("bench", "loop", "--seconds", "1", "--big", "8", "-o", str(out), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["big_inputs"] == 8 and set(rep) >= {"alone", "with_big"}
@@ -59,13 +55,9 @@ def test_loop_probe_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
 def test_soak_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
     """A short soak: every request kind of the mix is sent and answered as documented (no
     5xx, nothing lost), and each sample carries the figures the verdict is made of."""
-    import subprocess
-    import sys
-
     out = tmp_path / "soak.json"
-    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "bench", "soak", "--minutes",
-                        "0.4", "--clients", "6", "--warmup", "0.1", "--sample", "4", "-o",
-                        str(out)], capture_output=True, text=True, timeout=600)
+    r = cli("bench", "soak", "--minutes", "0.4", "--clients", "6", "--warmup", "0.1",
+            "--sample", "4", "-o", str(out))
     rep = json.loads(out.read_text())
     s = rep["summary"]
     assert s["server_errors"] == 0 and s["lost"] == 0 and s["unexpected"] == 0, s

@@ -4,8 +4,6 @@ client; and `sureserve bench quantize` end to end through the CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,6 +13,7 @@ import sureserve
 from sureserve.quantize import measure as M
 from sureserve.quantize.run import quantize
 from sureserve.settings import Settings
+from tests.cli import cli
 from tests.server.conftest import start_server, stop_server
 
 TEXTS = [f"Sentence {i}: the weather, the markets and the match report." for i in range(12)]
@@ -44,9 +43,7 @@ def test_a_quantized_folder_serves_with_its_precision_in_info(tiny_bert: Path,
 
 def test_bench_quantize_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "quantize.json"
-    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "bench", "quantize", "--part",
-                        "embed", "--n", "40", "-o", str(out)], capture_output=True, text=True,
-                       timeout=600)
+    r = cli("bench", "quantize", "--part", "embed", "--n", "40", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert set(rep) == {"torch", "transformers", "threads", "cpu_gflops", "embed"}

@@ -61,48 +61,70 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.kill()
 
 
+class Lost(ConnectionError):
+    """The connection broke before a whole answer arrived."""
+
+
 class _Conn:
     """One keep-alive HTTP/1.1 connection speaking just enough to POST JSON.
 
     The load generator shares the machine's cores with the servers it measures; httpx
     costs ~1 ms of CPU per request in Python, this ~0.1 ms, so the figures measure the
-    servers rather than the client (both contenders get the same client)."""
+    servers rather than the client (both contenders get the same client). ``abandon``
+    reads a chunked answer's first chunk and hangs up (a client leaving mid-stream); a
+    ``connection: close`` answer closes it too; the next request opens a new one."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes, method: str = "POST") -> int:
-        if self.writer is None or self.reader is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                          f"Content-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = 0
-        chunked = False
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
-        if chunked:
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
-                await self.reader.readexactly(size + 2)
-                if size == 0:
-                    break
-        else:
-            await self.reader.readexactly(length)
-        return status
+    async def post(self, path: str, body: bytes, method: str = "POST",
+                   abandon: bool = False) -> int:
+        try:
+            if self.writer is None or self.reader is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            reader, writer = self.reader, self.writer
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                         f"Content-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length, chunked, closing = 0, False, False
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+                elif name == b"connection" and b"close" in value.lower():
+                    closing = True
+            if chunked:
+                while True:
+                    size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                    await reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+                    if abandon:
+                        closing = True
+                        break
+            else:
+                await reader.readexactly(length)
+            if closing:
+                self.close()
+            return status
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            self.close()
+            raise Lost(str(exc)) from exc
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        self.reader = self.writer = None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 
 from sureserve.bench.harness import write_report
-from sureserve.bench.serve import _free_port, _start, _stop
+from sureserve.bench.serve import Lost, _Conn, _free_port, _start, _stop
 
 REQUEST_TIMEOUT_S = 120.0
 #: (kind, weight): what one client request is, by share of all requests
@@ -48,10 +48,6 @@ EXPECTED: dict[str, set[int]] = {
     "stream": {200, 429}, "abandon": {200, 429}, "bad_json": {400, 422},
     "bad_field": {422}, "unknown_model": {404}, "too_large": {413}, "too_many": {413},
 }
-
-
-class _Lost(Exception):
-    """The connection broke or timed out before a whole answer arrived."""
 
 
 @dataclass
@@ -70,56 +66,6 @@ class _Window:
             self.unexpected += 1
         elif status == 200:
             self.latencies.setdefault(kind, []).append(seconds)
-
-
-class _Conn:
-    """One client's keep-alive connection; reads whole answers, chunked or not. An
-    abandoned stream closes it after the first chunk (a real disconnect mid-stream); the
-    next request opens a new one."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, path: str, body: bytes, abandon: bool = False) -> int:
-        try:
-            if self.writer is None or self.reader is None:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            reader, writer = self.reader, self.writer
-            writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                         f"Content-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            lower = head.lower()
-            length = re.search(rb"content-length:\s*(\d+)", lower)
-            if b"transfer-encoding: chunked" in lower:
-                while True:
-                    size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-                    await reader.readexactly(size + 2)
-                    if size == 0:
-                        break
-                    if abandon:
-                        self.close()
-                        break
-            elif length:
-                await reader.readexactly(int(length.group(1)))
-            if b"connection: close" in lower:
-                self.close()
-            return status
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-            self.close()
-            raise _Lost(str(exc)) from exc
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
 
 
 def _bodies(texts: Sequence[str], rng: random.Random, max_payload: int
@@ -187,8 +133,8 @@ async def _soak(url: str, pid: int, texts: Sequence[str], clients: int, seconds:
                 t0 = time.perf_counter()
                 try:
                     status = await asyncio.wait_for(
-                        conn.request(path, body, abandon=kind == "abandon"), REQUEST_TIMEOUT_S)
-                except (_Lost, TimeoutError, OSError):
+                        conn.post(path, body, abandon=kind == "abandon"), REQUEST_TIMEOUT_S)
+                except (Lost, TimeoutError, OSError):
                     window.lost += 1
                     continue
                 window.add(kind, status, time.perf_counter() - t0)

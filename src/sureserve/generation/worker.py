@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from sureserve.errors import OverloadedError
 from sureserve.generation.engine import GenerationEngine, GenEvent
@@ -53,6 +53,12 @@ class GenWorker:
             m.gen_waiting.labels(self.name).set(engine.waiting)
             m.kv_reserved.labels(self.name).set(engine.reserved_tokens)
             m.kv_bytes.labels(self.name).set(engine.cache_bytes)
+
+    def cancel(self, ids: Iterable[int]) -> None:
+        """Stop these sequences (their client is gone); freed at the next step."""
+        for rid in ids:
+            self.engine.cancel(rid)
+        self._wake.set()
 
     def submit(self, prompts: Sequence[list[int]], params: SamplingParams) -> Events:
         """Queue the prompts now (or refuse them: 429 over capacity, 413 never fits), so
@@ -103,10 +109,8 @@ class Events:
 
     def close(self) -> None:
         if self._open:
-            for rid in self._open:
-                self._worker.engine.cancel(rid)
+            self._worker.cancel(self._open)
             self._open = set()
-            self._worker._wake.set()
 
     def __del__(self) -> None:
         self.close()

@@ -21,7 +21,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,7 +43,6 @@ from sureserve.server.tei import install_tei_routes
 from sureserve.settings import Settings
 
 OPEN_PATHS = {"/health", "/metrics", "/ping"}
-_VECTORS = TypeAdapter(list[list[float]])
 log = logging.getLogger("sureserve.server")
 
 

@@ -18,6 +18,7 @@ _PARAMS = Field(default=None, description="The Hugging Face inference payload's 
                 "object (as InferenceClient sends it): the same keys as the top-level fields, "
                 "null meaning not set; a key this route does not implement is refused (422), "
                 "never ignored.")
+Direction = Literal["left", "right", "Left", "Right"] | None
 _DIRECTION = Field(default=None, description="Only 'right' (keep the start) is implemented; "
                    "'left' is refused.")
 
@@ -29,7 +30,7 @@ class EmbedRequest(_Strict):
     normalize: bool = True
     truncate: bool = Field(default=False, description="Cut inputs longer than the model's "
                            "maximum instead of answering 413 (reported in metrics).")
-    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    truncation_direction: Direction = _DIRECTION
     prompt_name: str | None = Field(default=None, description="A prompt from the model's "
                                     "sentence-transformers config, prepended to every input.")
     dimensions: int | None = Field(default=None, description="Must equal the model's "
@@ -46,7 +47,7 @@ class PredictRequest(_Strict):
     raw_scores: bool = Field(default=False, description="Return logits instead of "
                              "probabilities.")
     truncate: bool = False
-    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    truncation_direction: Direction = _DIRECTION
     top_k: int | None = Field(default=None, description="Only the k best labels (default: "
                               "all, best first).")
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
@@ -56,9 +57,7 @@ class PredictRequest(_Strict):
     parameters: Parameters = _PARAMS
 
 
-class SimilarityInputs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SimilarityInputs(_Strict):
     source_sentence: str
     sentences: list[str]
 
@@ -68,7 +67,7 @@ class SimilarityRequest(_Strict):
 
     inputs: SimilarityInputs
     truncate: bool = False
-    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    truncation_direction: Direction = _DIRECTION
     prompt_name: str | None = None
     model: str | None = None
     parameters: Parameters = _PARAMS
@@ -79,7 +78,7 @@ class EmbedAllRequest(_Strict):
 
     inputs: Inputs
     truncate: bool = False
-    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    truncation_direction: Direction = _DIRECTION
     prompt_name: str | None = None
     model: str | None = None
     parameters: Parameters = _PARAMS
@@ -100,7 +99,7 @@ class RerankRequest(_Strict):
     texts: list[str]
     truncate: bool = Field(default=False, description="Cut a (query, text) pair that is too "
                            "long by cutting the text (never the query) instead of 413.")
-    truncation_direction: Literal["left", "right", "Left", "Right"] | None = _DIRECTION
+    truncation_direction: Direction = _DIRECTION
     raw_scores: bool = Field(default=False, description="Logits instead of sigmoids.")
     return_text: bool = False
     model: str | None = None
@@ -115,9 +114,7 @@ class Rank(BaseModel):
     chunks: int | None = None
 
 
-class DocumentText(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DocumentText(_Strict):
     text: str
 
 

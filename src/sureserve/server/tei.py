@@ -15,7 +15,9 @@ even for a single string, which is what that convention's clients parse.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,13 +77,19 @@ def with_prompt(engine: Any, texts: list[str], name: str | None) -> list[str]:
     """Texts with a sentence-transformers prompt prepended (``prompt_name``)."""
     if name is None:
         return texts
-    cfg = engine.loaded.source.path / "config_sentence_transformers.json"
-    prompts = json.loads(cfg.read_text()).get("prompts") or {} if cfg.is_file() else {}
+    prompts = _prompts(engine.loaded.source.path)
     if name not in prompts:
         have = ", ".join(map(repr, prompts)) or "none"
         raise InputError(f"prompt_name {name!r} is not one of this model's prompts ({have})",
                          "leave prompt_name out, or use one the model defines")
     return [prompts[name] + t for t in texts]
+
+
+@functools.cache
+def _prompts(folder: Path) -> dict[str, str]:
+    """A model folder's sentence-transformers prompts, read once."""
+    cfg = folder / "config_sentence_transformers.json"
+    return dict(json.loads(cfg.read_text()).get("prompts") or {}) if cfg.is_file() else {}
 
 
 async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> Response:
@@ -152,8 +160,7 @@ async def embed_all(state: ServerState, body: S.EmbedAllRequest,
                     request: Request) -> list[list[list[float]]]:
     """Token-level hidden states per input (TEI ``/embed_all``): no pooling, no padding."""
     opts = options(body, ("truncate", "truncation_direction", "prompt_name"), "/embed_all")
-    batcher = state.batcher(body.model, "embed")
-    engine = batcher.engine
+    _, engine = state.pick(body.model, "embed")
     texts = with_prompt(engine, state.validate(body.inputs), opts.get("prompt_name"))
     policy = "truncate" if opts.get("truncate") else "error"
     job = await asyncio.get_running_loop().run_in_executor(
@@ -167,11 +174,8 @@ async def embed_all(state: ServerState, body: S.EmbedAllRequest,
 async def rerank(state: ServerState, body: S.RerankRequest, request: Request) -> list[Any]:
     from sureserve.tasks.rerank import ranked
 
-    opts = options(body, ("truncation_direction",), "/rerank")
-    del opts  # checked: only "right" is accepted
+    options(body, ("truncation_direction",), "/rerank")  # refuses "left"
     batcher = state.batcher(body.model, "rerank")
-    if not body.query.strip():
-        raise InputError("the query is empty", "send a non-empty query")
     texts = state.validate(body.texts, "texts")
     out = await until_done_or_gone(request, batcher.infer(texts, body.truncate, body.query,
                                                           raw_scores=body.raw_scores))
@@ -184,8 +188,6 @@ async def v1_rerank(state: ServerState, body: S.V1RerankRequest,
     from sureserve.tasks.rerank import ranked
 
     batcher = state.batcher(body.model, "rerank")
-    if not body.query.strip():
-        raise InputError("the query is empty", "send a non-empty query")
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
     texts = state.validate(docs, "documents")
     out = await until_done_or_gone(request, batcher.infer(texts, False, body.query))

@@ -55,6 +55,8 @@ class RerankTask(Task):
                 what = "the query" if i == 0 else f"input {i - 1}"
                 raise InputError(f"{what} is a {type(t).__name__}, not a string",
                                  "send text as strings")
+        if not query.strip():
+            raise InputError("the query is empty", "send a non-empty query")
         if not texts:
             return PolicyResult([], [], {})
         enc = self.tokenizer([query] * len(texts), list(texts), add_special_tokens=True,
