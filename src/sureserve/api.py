@@ -57,7 +57,23 @@ def load(
             raise gate_error(report)
         report.overridden = True
         log.warning("GATE OVERRIDDEN (accept_gate_failure): %s", report.summary())
+    if engine.settings.drift_watch:
+        _watch(engine)
     return engine
+
+
+def _watch(engine: Engine) -> None:
+    """Give a loaded model its drift watch, with the reference file's baseline if set."""
+    from sureserve import watch
+
+    engine.watch = watch.for_engine(engine)
+    if engine.generation is not None:
+        engine.generation.watch = engine.watch
+    ref = engine.settings.drift_reference
+    if ref is not None:
+        n = watch.use_reference(engine, ref.expanduser())
+        log.info("drift baseline for %s: %d inputs of %s", engine.loaded.source.identifier,
+                 n, ref)
 
 
 def gate_error(report: GateReport) -> GateError:

@@ -29,7 +29,8 @@ app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
-ALIASES = {"attn_implementation": ("--attn",), "max_new_tokens": ("-n",)}
+ALIASES = {"attn_implementation": ("--attn",), "max_new_tokens": ("-n",),
+           "drift_reference": ("--reference",)}
 
 
 def _flag(name: str) -> inspect.Parameter:
@@ -411,7 +412,7 @@ def _one_source(texts: list[str] | None, input_file: Path | None) -> None:
 
 
 @app.command()
-@with_settings("source", "plan", "batching")
+@with_settings("source", "plan", "batching", "drift")
 def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm",
           input_file: InputOpt = None,
           output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl or .npy "
@@ -429,7 +430,7 @@ def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm"
 
 
 @app.command()
-@with_settings("source", "plan", "batching")
+@with_settings("source", "plan", "batching", "drift")
 def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sentiment-demo",
              input_file: InputOpt = None,
              output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl file "
@@ -445,7 +446,7 @@ def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sent
 
 
 @app.command()
-@with_settings("source", "plan", "batching")
+@with_settings("source", "plan", "batching", "drift")
 def rerank(settings: Settings,
            query: Annotated[str, typer.Argument(help="What the texts are ranked against.")],
            texts: TextsArg = None, model: ModelOpt = "rerank-demo", input_file: InputOpt = None,
@@ -457,7 +458,7 @@ def rerank(settings: Settings,
     first: index (0-based among the texts read), score, text (and, when cutting is allowed,
     truncated / chunks)."""
     import sureserve
-    from sureserve.jobs import _records
+    from sureserve.jobs import _records, drift_report
 
     _one_source(texts, input_file)
     skipped: list[Any] = []
@@ -471,6 +472,7 @@ def rerank(settings: Settings,
         sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
     assert engine.last_summary is not None
     _report(f"rerank: {engine.last_summary.line()}")
+    drift_report(engine, engine.last_summary, _report)
 
 
 BenchN = Annotated[int, typer.Option("--n", help="Texts in the corpus.")]

@@ -23,7 +23,7 @@ import numpy as np
 
 from sureserve.batching.planner import padding_ratio, plan_batches
 from sureserve.batching.truncation import Piece
-from sureserve.errors import InferenceError, InputError, TaskMismatchError
+from sureserve.errors import InferenceError, InputError, InputTooLongError, TaskMismatchError
 from sureserve.gate.report import GateReport
 from sureserve.generation.engine import Completion, GenerationEngine, Prompt
 from sureserve.generation.sampling import SamplingParams
@@ -32,6 +32,7 @@ from sureserve.loading.loader import Loaded
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
 from sureserve.tasks.base import merge
+from sureserve.watch.drift import DriftWatch
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RunSummary:
     bound_by: str = ""
     policy: str = "error"
     seconds: float = 0.0
+    drift: list[dict[str, Any]] = field(default_factory=list)  # offline jobs: every signal
 
     @property
     def padding_ratio(self) -> float:
@@ -86,6 +88,7 @@ class Job:
     summary: RunSummary  # counts filled by submit; batches and computed tokens by the runner
     first_index: int
     started: float
+    lengths: list[int] = field(default_factory=list)  # each text's tokens, before any cut
 
 
 @dataclass
@@ -145,6 +148,7 @@ class Engine:
         self.task: Task | None = cls(loaded) if cls else None
         self.last_summary: RunSummary | None = None
         self.gate_report: GateReport | None = None
+        self.watch: DriftWatch | None = None  # set by sureserve.load (drift_watch setting)
         self.generation: GenerationEngine | None = None
         if loaded.task_name == "generate":
             self.generation = GenerationEngine(loaded, kv_budget_tokens(loaded, settings),
@@ -173,14 +177,19 @@ class Engine:
         ``query``: a reranker's, paired with every text."""
         task = self.text_task()
         policy = truncation or self.settings.truncation
-        cut = task.to_pieces(texts, policy, stride=self.settings.chunk_stride,
-                             first_index=first_index, query=query)
+        try:
+            cut = task.to_pieces(texts, policy, stride=self.settings.chunk_stride,
+                                 first_index=first_index, query=query)
+        except InputTooLongError as exc:  # refused: still traffic the watch should see
+            if self.watch is not None and exc.length:
+                self.watch.observe_texts([exc.length], [0], [True], [False])
+            raise
         limit = self.loaded.limit
         real = sum(p.weight for p in cut.pieces)
         summary = RunSummary(texts=len(texts), pieces=len(cut.pieces), real_tokens=real,
                              truncated=cut.truncated, chunked=cut.chunked, limit=limit.value,
                              bound_by=limit.bound_by, policy=policy)
-        return Job(cut.pieces, summary, first_index, time.perf_counter())
+        return Job(cut.pieces, summary, first_index, time.perf_counter(), cut.lengths)
 
     def finish(self, job: Job, rows: np.ndarray, **options: Any) -> Result:
         """Merge the pieces' rows per text and post-process them (``options`` go to the
@@ -190,10 +199,33 @@ class Engine:
         summary = job.summary
         summary.seconds = time.perf_counter() - job.started
         outputs = task.postprocess(merged, **options)
+        if self.watch is not None:
+            self._observe(job, merged)
         if summary.policy != "error":  # per-text flags whenever cutting was allowed
             outputs = task.flag(outputs, summary, job.first_index)
         self.last_summary = summary
         return Result(outputs, merged, summary)
+
+    def _observe(self, job: Job, merged: np.ndarray) -> None:
+        """Tell the drift watch what this job held and what the model answered: a few
+        numbers per text (the watch computes its signals later, off the request path)."""
+        watch, task = self.watch, self.text_task()
+        assert watch is not None
+        n, first = job.summary.texts, job.first_index
+        unknown = [0] * n
+        unk = watch.unknown_id
+        if unk is not None:
+            for p in job.pieces:
+                unknown[p.text_index - first] += p.ids.count(unk)
+        content = task.prefix + task.suffix
+        lengths = job.lengths or [0] * n
+        cut = set(job.summary.truncated) | set(job.summary.chunked)
+        watch.observe_texts(lengths, unknown, [first + k in cut for k in range(n)],
+                            [length <= content for length in lengths])
+        if self.task_name == "classify":
+            watch.observe_labels(task.probabilities(merged))  # type: ignore[attr-defined]
+        elif self.task_name == "embed":
+            watch.observe_vectors(merged)
 
     def run(self, texts: Sequence[str], *, truncation: str | None = None,
             first_index: int = 0, on_texts_done: Callable[[int], None] | None = None,

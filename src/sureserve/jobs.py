@@ -58,6 +58,8 @@ def run_file_job(task_name: str, model: str, texts: list[str] | None, input_file
                              for i, (r, out) in enumerate(zip(win, res.outputs, strict=True)))
             total.add(res.summary)
             done += len(win)
+            if engine.watch is not None:  # alerts start (and clear) as the run goes
+                engine.watch.evaluate()
     finally:
         writer.close()
         bar.close()
@@ -65,7 +67,26 @@ def run_file_job(task_name: str, model: str, texts: list[str] | None, input_file
             report(f"[yellow]skipped[/] {bad.message}")
         report(f"{task_name}: {total.line()}" + (f", {len(skipped)} bad lines skipped"
                                                   if skipped else ""))
+        drift_report(engine, total, report)
     return total
+
+
+def drift_report(engine: Any, total: RunSummary, report: Any) -> None:
+    """Put the drift watch's verdict on the run into its summary, and warn about each
+    alerting signal (the baseline: a reference file, or the run's first window)."""
+    watch = engine.watch
+    if watch is None:
+        return
+    signals, _ = watch.evaluate()
+    total.drift = [s.to_dict() for s in signals]
+    for s in signals:
+        if s.alert:
+            report(f"[yellow]drift warning[/] {s.name} = {s.score:.3g} (threshold "
+                   f"{s.threshold:g}): {s.detail}")
+    if not watch.baseline_ready():
+        report(f"drift: {len(watch.names)} signals watched; the baseline is the first "
+               f"{watch.size} inputs, so this run was too short to compare (give "
+               "--reference FILE)")
 
 
 def _row(task_name: str, index: int, line: int, out: Any, summary: RunSummary,

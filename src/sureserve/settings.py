@@ -198,6 +198,91 @@ class Settings(BaseSettings):
         "thread count is per process).",
     )
 
+    # --- drift watch ---------------------------------------------------------------------
+    drift_watch: bool = Field(
+        default=True,
+        description="Watch each model's traffic and answers for drift (unreadable text, "
+        "label mix, collapse, loops...); see README 'Drift watch'. A few numbers per input on "
+        "the request path; the signals are computed off it.",
+    )
+    drift_window: int = Field(
+        default=1000, ge=20,
+        description="Inputs in the drift watch's rolling window (and in the baseline taken "
+        "from the first traffic). An alert starts and clears within one window of traffic; "
+        "signals wait for a fifth of a window (at least 10 inputs).",
+    )
+    drift_reference: Path | None = Field(
+        default=None,
+        description="File of typical inputs (.txt, .jsonl or .csv; its first ten windows) run "
+        "through each model at load as the drift baseline. Without it the first window of "
+        "traffic is the baseline (/info says which).",
+    )
+    drift_unhealthy: bool = Field(
+        default=False,
+        description="Answer /health with 503 (not 200 'degraded') while a drift alert is on, "
+        "for orchestrators that should take the replica out of rotation.",
+    )
+    drift_unknown_tokens: float = Field(
+        default=0.02, gt=0, le=1,
+        description="Drift alert: share of tokens mapped to the unknown token, above the "
+        "baseline's (the gate's probe texts until the baseline is complete).",
+    )
+    drift_cut_share: float = Field(
+        default=0.10, gt=0, le=1,
+        description="Drift alert: share of inputs over the usable maximum (truncated, chunked "
+        "or refused), above the baseline's.",
+    )
+    drift_empty_inputs: float = Field(
+        default=0.05, gt=0, le=1,
+        description="Drift alert: share of empty or whitespace-only inputs, above the "
+        "baseline's.",
+    )
+    drift_length_psi: float = Field(
+        default=0.25, gt=0,
+        description="Drift alert: population stability index of input lengths vs the "
+        "baseline (0.25: the usual 'significant shift').",
+    )
+    drift_label_js: float = Field(
+        default=0.10, gt=0, le=1,
+        description="Drift alert (classify): Jensen-Shannon divergence in bits of the "
+        "predicted label mix vs the baseline's.",
+    )
+    drift_label_share: float = Field(
+        default=0.95, gt=0, le=1,
+        description="Drift alert (classify): share of one label in the window (the 'every "
+        "answer is positive' incident), unless the baseline already had that share.",
+    )
+    drift_top_score_drop: float = Field(
+        default=0.10, gt=0, le=1,
+        description="Drift alert (classify): drop of the mean top-label probability from "
+        "the baseline's.",
+    )
+    drift_collapse: float = Field(
+        default=0.50, gt=0, le=1,
+        description="Drift alert (embed): share of the distance from the baseline's mean "
+        "pairwise cosine to 1 (all embeddings identical) that the window has closed.",
+    )
+    drift_mean_shift: float = Field(
+        default=0.15, gt=0, le=2,
+        description="Drift alert (embed): 1 - cosine between the window's mean embedding "
+        "and the baseline's.",
+    )
+    drift_finish_js: float = Field(
+        default=0.10, gt=0, le=1,
+        description="Drift alert (generate): Jensen-Shannon divergence in bits of finish "
+        "reasons (stop, length, error) vs the baseline's.",
+    )
+    drift_empty_outputs: float = Field(
+        default=0.10, gt=0, le=1,
+        description="Drift alert (generate): share of completions with no visible text, "
+        "above the baseline's.",
+    )
+    drift_loops: float = Field(
+        default=0.20, gt=0, le=1,
+        description="Drift alert (generate): share of completions that end in a short "
+        "block of tokens repeated 3+ times, above the baseline's.",
+    )
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -250,6 +335,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
                  "forward_workers"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens"),
+    "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
+              "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",
+              "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",
+              "drift_collapse", "drift_mean_shift", "drift_finish_js", "drift_empty_outputs",
+              "drift_loops"),
     "server": ("host", "port", "api_key", "open_health", "max_wait_ms", "max_queue_inputs",
                "max_client_batch", "max_payload_bytes", "packing", "tokenizer_workers"),
 }

@@ -15,7 +15,7 @@ those special tokens stand before and after the content (BERT: [CLS] â€¦ [SEP] â
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sureserve.errors import InputTooLongError, SettingsError
 
@@ -42,6 +42,7 @@ class PolicyResult:
     pieces: list[Piece]
     truncated: list[int]  # indices of texts cut by "truncate"
     chunked: dict[int, int]  # text index -> number of chunks, for texts split by "chunk"
+    lengths: list[int] = field(default_factory=list)  # each text's tokens before any cut
 
 
 def too_long_error(index: int, length: int, limit: int, bound_by: str) -> InputTooLongError:
@@ -78,6 +79,7 @@ def apply_policy(
     result = PolicyResult([], [], {})
     for offset, seq in enumerate(ids):
         i = first_index + offset
+        result.lengths.append(len(seq))
         if len(seq) <= limit:
             result.pieces.append(Piece(i, seq))
             continue

@@ -36,6 +36,7 @@ from sureserve.loading.loader import Loaded
 
 if TYPE_CHECKING:
     from sureserve.generation.kvcache import PaddedKV  # imports torch: loaded on first use
+    from sureserve.watch.drift import DriftWatch
 
 log = logging.getLogger("sureserve.generate")
 
@@ -112,6 +113,7 @@ class GenerationEngine:
         self._rows: list[Request] = []  # running, in cache row order
         self._finished: dict[int, Completion] = {}
         self._kv: PaddedKV | None = None  # created from the first prefill's shapes
+        self.watch: DriftWatch | None = None  # the engine's drift watch (sureserve.load)
 
     # ---- requests ---------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -153,6 +155,12 @@ class GenerationEngine:
                                      new_generator(params, self.device)), on_event)
                     for ids in prompts]
             self._inbox.extend(made)
+        if self.watch is not None:
+            unk = self.watch.unknown_id
+            self.watch.observe_texts([len(p) for p in prompts],
+                                     [list(p).count(unk) if unk is not None else 0
+                                      for p in prompts], [False] * len(prompts),
+                                     [False] * len(prompts))
         return [r.id for r in made]
 
     def cancel(self, seq_id: int) -> None:
@@ -339,6 +347,8 @@ class GenerationEngine:
                 first: bool = False, error: str | None = None) -> None:
         seq.done = Completion(seq.text.released, reason, len(seq.prompt), len(seq.tokens),
                               list(seq.tokens), error)
+        if self.watch is not None:
+            self.watch.observe_completion(reason, seq.done.text, seq.tokens)
         if seq.on_event is None:  # kept for ``result``; event consumers get the last event
             with self._lock:
                 self._finished[seq.id] = seq.done

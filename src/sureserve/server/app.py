@@ -54,9 +54,11 @@ def create_app(settings: Settings, models: Sequence[str],
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(state.load_all())
         watching = asyncio.create_task(_watch_loop_lag(state.metrics))
+        drifting = asyncio.create_task(state.watch_drift())
         yield
         loading.cancel()
         watching.cancel()
+        drifting.cancel()
         await state.stop()
 
     # FastAPI's /docs and /redoc load their scripts from a public CDN, so they render
@@ -268,7 +270,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
     async def openai_embeddings(body: S.OpenAIEmbeddingRequest,
                                 request: Request) -> S.OpenAIEmbeddingResponse:
         batcher = state.batcher(body.model, "embed")
-        texts = state.validate(body.input, "input")
+        texts = state.validate(body.input, "input", batcher.engine)
         dim = batcher.engine.loaded.hidden_size
         if body.dimensions is not None and body.dimensions != dim:
             raise InputError(f"dimensions={body.dimensions} requested; {batcher.name} gives "
@@ -323,4 +325,5 @@ def _model_info(slot: Slot) -> S.ModelInfo | None:
         forward_workers=slot.batcher.workers if slot.batcher else None,
         precision=e.loaded.precision,
         quantization_evaluated=e.loaded.quantization.evaluated if e.loaded.quantization
-        else None, warnings=list(e.loaded.warnings))
+        else None, warnings=list(e.loaded.warnings),
+        drift=e.watch.info() if e.watch is not None else None)

@@ -66,9 +66,14 @@ async def _disconnect(request: Request) -> None:
 
 
 def health_response(state: Any) -> JSONResponse:
-    """``/health`` (and ``/ping``): 200 when every model is ready, else 503 with why."""
+    """``/health`` (and ``/ping``): 200 when every model is ready, else 503 with why.
+    A drift alert makes it "degraded", still 200 (503 with ``drift_unhealthy``)."""
     status = state.status
     reasons = [f"{s.name}: {s.reason}" for s in state.slots.values() if s.reason]
+    drift = state.drift_alerts()
     body = S.Health(status=status, models={s.name: s.state for s in state.slots.values()},
-                    reason="; ".join(reasons) or None)
-    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+                    reason="; ".join(reasons) or None,
+                    drift=[S.DriftAlert(**d) for d in drift])
+    healthy = status == "ok" or (status == "degraded" and not state.settings.drift_unhealthy)
+    return JSONResponse(body.model_dump(exclude_none=False),
+                        status_code=200 if healthy else 503)

@@ -79,6 +79,11 @@ class Metrics:
         Gauge("sureserve_asyncio_tasks", "Asyncio tasks alive in the server's event loop "
               "(requests in flight plus a few background ones)",
               registry=r).set_function(_tasks)
+        self.drift_score = Gauge("sureserve_drift_score", "Drift watch: a signal's measure "
+                                 "over the last drift_window inputs (README 'Drift watch')",
+                                 ["model", "signal"], registry=r)
+        self.drift_alert = Gauge("sureserve_drift_alert", "Drift watch: 1 while the signal is "
+                                 "above its threshold", ["model", "signal"], registry=r)
         self.gate_passed = Gauge("sureserve_gate_passed",
                                  "1 when the model passed its preflight gate", ["model"],
                                  registry=r)

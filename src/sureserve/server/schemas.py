@@ -244,10 +244,22 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorDetail
 
 
+class DriftAlert(BaseModel):
+    model: str
+    signal: str
+    score: float | None
+    threshold: float
+    alert: bool = True
+    detail: str
+
+
 class Health(BaseModel):
-    status: Literal["ok", "loading", "failed"]
+    status: Literal["ok", "degraded", "loading", "failed"] = Field(
+        description="degraded: every model is ready but a drift alert is on (see drift)")
     models: dict[str, str]
     reason: str | None = None
+    drift: list[DriftAlert] = Field(default_factory=list,
+                                    description="Drift signals above their threshold")
 
 
 class ModelInfo(BaseModel):
@@ -271,6 +283,11 @@ class ModelInfo(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="The load report's "
                                 "warnings (e.g. layers placed on the CPU, unmeasured "
                                 "quantization)")
+    drift: dict[str, Any] | None = Field(
+        default=None, description="The drift watch: baseline (reference file or first "
+        "window of traffic) and whether it is complete, window, every signal with its score, "
+        "threshold and alert, the recent history of scores (and, for classifiers, the label "
+        "mix of the window and the baseline); null when the watch is off")
 
 
 class Info(BaseModel):

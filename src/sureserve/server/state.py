@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sureserve.engine import Engine, default_forward_workers
 from sureserve.errors import (
@@ -28,6 +28,7 @@ from sureserve.settings import Settings
 log = logging.getLogger("sureserve.server")
 
 EngineFactory = Callable[[str, Settings], Engine]
+DRIFT_EVERY = 1.0  # seconds between drift evaluations (each is O(window), a few ms)
 
 
 def default_factory(name: str, settings: Settings) -> Engine:
@@ -129,6 +130,27 @@ class ServerState:
         self.metrics.gate_passed.labels(slot.name).set(0)
         log.error("could not serve %s: %s", slot.name, exc)
 
+    async def watch_drift(self, every: float = DRIFT_EVERY) -> None:
+        """Evaluate every ready model's drift watch, off the event loop, and publish the
+        signals (metrics; /health and /info read the watches' last evaluation)."""
+        while True:
+            await asyncio.sleep(every)
+            for slot in self.slots.values():
+                watch = slot.engine.watch if slot.engine is not None else None
+                if slot.state != "ready" or watch is None:
+                    continue
+                signals, _ = await asyncio.to_thread(watch.evaluate)
+                for s in signals:
+                    if s.score is not None:
+                        self.metrics.drift_score.labels(slot.name, s.name).set(s.score)
+                    self.metrics.drift_alert.labels(slot.name, s.name).set(int(s.alert))
+
+    def drift_alerts(self) -> list[dict[str, Any]]:
+        """Every alerting signal of every served model, with its numbers."""
+        return [{"model": slot.name, **s.to_dict()} for slot in self.slots.values()
+                if slot.engine is not None and slot.engine.watch is not None
+                for s in slot.engine.watch.alerts]
+
     async def stop(self) -> None:
         for slot in self.slots.values():
             if slot.batcher:
@@ -138,11 +160,13 @@ class ServerState:
         self.tokenize.shutdown(wait=False, cancel_futures=True)
 
     @property
-    def status(self) -> Literal["ok", "loading", "failed"]:
+    def status(self) -> Literal["ok", "degraded", "loading", "failed"]:
         states = {s.state for s in self.slots.values()}
         if "failed" in states:
             return "failed"
-        return "ok" if states == {"ready"} else "loading"
+        if states != {"ready"}:
+            return "loading"
+        return "degraded" if self.drift_alerts() else "ok"
 
     def pick(self, name: str | None, task_name: str | None) -> tuple[Slot, Engine]:
         """The ready slot a request asks for (by name), or the first that does
@@ -175,15 +199,21 @@ class ServerState:
             raise NotReadyError(f"model {slot.name} has no batcher", "wait for GET /health")
         return slot.batcher
 
-    def validate(self, inputs: str | list[str], what: str = "inputs") -> list[str]:
-        """Texts of one request, within ``max_client_batch``; each non-empty."""
+    def validate(self, inputs: str | list[str], what: str = "inputs",
+                 engine: Engine | None = None) -> list[str]:
+        """Texts of one request, within ``max_client_batch``; each non-empty. Empty ones
+        are refused, and counted by ``engine``'s drift watch (a client that starts sending
+        blanks is drift too)."""
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if not texts:
             raise InputError(f"{what} is empty", "send at least one text")
         self.within_client_batch(len(texts), f"{len(texts)} {what} in one request")
-        for i, t in enumerate(texts):
-            if not t.strip():
-                raise InputError(f"input {i} is empty", "send non-empty text")
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        if blank:
+            if engine is not None and engine.watch is not None:
+                engine.watch.observe_texts([0] * len(blank), [0] * len(blank),
+                                           [False] * len(blank), [True] * len(blank))
+            raise InputError(f"input {blank[0]} is empty", "send non-empty text")
         return texts
 
     def within_client_batch(self, count: int, what: str) -> None:

@@ -99,7 +99,8 @@ async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> R
     if opts.get("dimensions") not in (None, dim):
         raise InputError(f"dimensions={opts['dimensions']} requested; {batcher.name} gives "
                          f"{dim}", "leave dimensions out, or send the model's own dimension")
-    texts = with_prompt(batcher.engine, state.validate(body.inputs), opts.get("prompt_name"))
+    texts = with_prompt(batcher.engine, state.validate(body.inputs, engine=batcher.engine),
+                        opts.get("prompt_name"))
     work = batcher.infer(texts, opts.get("truncate", False),
                          normalize=opts.get("normalize", True))
     vecs = (await until_done_or_gone(request, work)).outputs
@@ -118,7 +119,8 @@ async def predict(state: ServerState, body: S.PredictRequest, request: Request) 
     top_k = opts.get("top_k")
     if top_k is not None and top_k < 1:
         raise InputError(f"top_k is {top_k}", "send a positive top_k, or leave it out")
-    work = batcher.infer(state.validate(body.inputs), opts.get("truncate", False),
+    work = batcher.infer(state.validate(body.inputs, engine=batcher.engine),
+                         opts.get("truncate", False),
                          top_k=None, raw_scores=opts.get("raw_scores", False) or fn is not None)
     results = (await until_done_or_gone(request, work)).outputs
     if fn is not None:
@@ -148,7 +150,8 @@ async def similarity(state: ServerState, body: S.SimilarityRequest,
                      request: Request) -> list[float]:
     opts = options(body, SIMILARITY_OPTIONS, "/similarity")
     batcher = state.batcher(body.model, "embed")
-    texts = state.validate([body.inputs.source_sentence, *body.inputs.sentences])
+    texts = state.validate([body.inputs.source_sentence, *body.inputs.sentences],
+                           engine=batcher.engine)
     texts = with_prompt(batcher.engine, texts, opts.get("prompt_name"))
     out = await until_done_or_gone(request, batcher.infer(texts, opts.get("truncate", False),
                                                           normalize=True))
@@ -161,7 +164,7 @@ async def embed_all(state: ServerState, body: S.EmbedAllRequest,
     """Token-level hidden states per input (TEI ``/embed_all``): no pooling, no padding."""
     opts = options(body, ("truncate", "truncation_direction", "prompt_name"), "/embed_all")
     _, engine = state.pick(body.model, "embed")
-    texts = with_prompt(engine, state.validate(body.inputs), opts.get("prompt_name"))
+    texts = with_prompt(engine, state.validate(body.inputs, engine=engine), opts.get("prompt_name"))
     policy = "truncate" if opts.get("truncate") else "error"
     job = await asyncio.get_running_loop().run_in_executor(
         state.tokenize, lambda: engine.submit(texts, truncation=policy))
@@ -176,7 +179,7 @@ async def rerank(state: ServerState, body: S.RerankRequest, request: Request) ->
 
     options(body, ("truncation_direction",), "/rerank")  # refuses "left"
     batcher = state.batcher(body.model, "rerank")
-    texts = state.validate(body.texts, "texts")
+    texts = state.validate(body.texts, "texts", batcher.engine)
     out = await until_done_or_gone(request, batcher.infer(texts, body.truncate, body.query,
                                                           raw_scores=body.raw_scores))
     flags = out.summary.flags if out.summary.policy != "error" else None
@@ -189,7 +192,7 @@ async def v1_rerank(state: ServerState, body: S.V1RerankRequest,
 
     batcher = state.batcher(body.model, "rerank")
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
-    texts = state.validate(docs, "documents")
+    texts = state.validate(docs, "documents", batcher.engine)
     out = await until_done_or_gone(request, batcher.infer(texts, False, body.query))
     results = [S.V1RerankResult(index=r["index"], relevance_score=r["score"],
                                 document=S.DocumentText(text=texts[r["index"]])
