@@ -92,3 +92,31 @@ def padded_embeddings_model(src: Path, dest: Path, extra_rows: int = 64) -> Path
     model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + extra_rows)
     model.save_pretrained(dest)
     return dest
+
+
+def empty_ids_tokenizer(src: Path, dest: Path) -> Path:
+    """A tokenizer whose normalizer deletes every character: every text gives no content
+    ids (only the special tokens), the "empty input_ids" symptom of a broken tokenizer
+    file or an over-eager cleaning step."""
+    copy_tokenizer(src, dest)
+    (dest / "vocab.txt").unlink(missing_ok=True)
+
+    def edit(data: dict[str, Any]) -> None:
+        data["normalizer"] = {"type": "Replace", "pattern": {"Regex": "[\\s\\S]"},
+                              "content": ""}
+
+    _edit_json(dest / "tokenizer.json", edit)
+    # transformers 5's BertTokenizer rebuilds its normalizer from its own options: the
+    # generic class takes tokenizer.json as it is
+    _edit_json(dest / "tokenizer_config.json",
+               lambda c: c.update(tokenizer_class="PreTrainedTokenizerFast"))
+    return dest
+
+
+def with_tokenizer(model: Path, tokenizer: Path, dest: Path) -> Path:
+    """A model folder holding ``model``'s weights and config with ``tokenizer``'s files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in model.iterdir():
+        if f.is_file() and f.name not in TOKENIZER_FILES:
+            shutil.copy(f, dest / f.name)
+    return copy_tokenizer(tokenizer, dest)

@@ -361,18 +361,13 @@ def verify(settings: Settings, lockfile: Annotated[Path, typer.Argument(
         help="Lockfile to check against.")] = Path("sureserve.lock"),
            as_json: JsonOpt = False) -> None:
     """Recompute a lockfile's facts. Exit 0 when token ids and outputs agree, 3 otherwise."""
-    import sureserve
+    from sureserve.gate.lock import load_locked
     from sureserve.gate.lock import verify as verify_lock
 
     if not lockfile.is_file():
         raise SettingsError(f"no lockfile at {lockfile}", "write one with `sureserve lock MODEL`")
     data = json.loads(lockfile.read_text(encoding="utf-8"))
-    m = data["model"]
-    engine = sureserve.load(m["identifier"], task=m["task"],
-                            revision=m["snapshot"] or m["revision"],
-                            tokenizer=data.get("tokenizer_source"),
-                            device=data["plan"]["device"], dtype=data["plan"]["dtype"],
-                            settings=settings, accept_gate_failure=True)
+    engine = load_locked(data, settings)
     rep = verify_lock(data, engine)
     if as_json:
         print(json.dumps(rep.to_dict(), indent=2))
@@ -382,6 +377,41 @@ def verify(settings: Settings, lockfile: Annotated[Path, typer.Argument(
             out.print(f"[yellow]note:[/] {gate.summary()} (run `sureserve check` for details)")
         rep.render(out)
     raise typer.Exit(0 if rep.ok else 3)
+
+
+@app.command()
+@with_settings("source", "plan", "batching", "generation")
+def doctor(settings: Settings, model: Annotated[str | None, typer.Argument(
+        help="Zoo alias, folder or hub id to examine here.")] = None,
+           url: Annotated[str | None, typer.Option("--url", help="A running sureserve "
+                          "server to examine (its /health, /info and /metrics).")] = None,
+           lock: Annotated[Path | None, typer.Option("--lock", help="Lockfile to verify "
+                           "against (default: ./sureserve.lock when present).")] = None,
+           sample: Annotated[Path | None, typer.Option("--sample", help="Typical inputs "
+                             "(.txt, .jsonl, .csv): the share over the limit.")] = None,
+           html: Annotated[Path | None, typer.Option("--html", help="Also write the findings "
+                           "and charts as one self-contained HTML page.")] = None,
+           api_key: Annotated[str | None, typer.Option(
+               "--api-key", help="The server's API key, for /info (default: "
+               "SURESERVE_API_KEY).")] = None,
+           task: TaskOpt = None, as_json: JsonOpt = False) -> None:
+    """The debug guide as checks: same output for different inputs, OOM, 10x slow,
+    truncated text, multi-GPU load, wrong outputs after an upgrade, empty input_ids; with
+    --url, a running server's capacity, 429s, padding, truncation, drift and gate. Exit 0:
+    nothing failed; 3: something did; 2: usage error."""
+    from sureserve.doctor import run_doctor
+    from sureserve.doctor.page import render
+
+    rep = run_doctor(model, url=url, lock=lock, sample=sample, settings=settings,
+                     api_key=api_key, task=task)
+    if html is not None:
+        html.write_text(render(rep), encoding="utf-8")
+        err.print(f"wrote {html}", highlight=False)
+    if as_json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        rep.render(Console(width=200))
+    raise typer.Exit(rep.exit_code)
 
 
 @zoo_app.command("build")

@@ -183,6 +183,18 @@ def _diff_files(old: dict[str, str], new: dict[str, str], what: str) -> list[str
     return out
 
 
+def load_locked(lock: dict[str, Any], settings: Any) -> Any:
+    """The model a lockfile names, loaded the way it was locked (snapshot, tokenizer,
+    device, dtype), gate failures accepted: ``verify`` reports what changed."""
+    import sureserve
+
+    m = lock["model"]
+    return sureserve.load(m["identifier"], task=m["task"], revision=m["snapshot"] or
+                          m["revision"], tokenizer=lock.get("tokenizer_source"),
+                          device=lock["plan"]["device"], dtype=lock["plan"]["dtype"],
+                          settings=settings, accept_gate_failure=True, drift_watch=False)
+
+
 def verify(lock: dict[str, Any], engine: Any) -> VerifyReport:
     rep = VerifyReport()
     loaded = engine.loaded

@@ -123,6 +123,37 @@ def check_unknown_rate(tok: Any) -> Check:
     return Check("unknown-tokens", "pass", evidence)
 
 
+def check_round_trip(tok: Any) -> Check:
+    """Probe texts must give content ids (not just special tokens) and decode back to
+    themselves, up to spacing (and case, for a tokenizer that lowercases)."""
+    from sureserve.gate.static import lowercases
+
+    texts = [*P.DIVERSE, P.PARAGRAPH]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    empty = [k for k, row in enumerate(ids) if not row]
+    if empty:
+        return Check("empty-ids", "fail", f"{len(empty)} of {len(texts)} probe texts give no "
+                     f"token ids (e.g. {texts[empty[0]][:40]!r} -> [])",
+                     "the tokenizer deletes the text (its normalizer or pre-tokenizer is "
+                     "broken): use the model's own tokenizer files")
+    lower = bool(lowercases(tok))
+
+    def squash(t: str) -> str:
+        t = "".join(t.split())
+        return t.lower() if lower else t
+
+    bad = [(t, tok.decode(row)) for t, row in zip(texts, ids, strict=True)
+           if squash(tok.decode(row, skip_special_tokens=True)) != squash(t)]
+    evidence = f"{len(texts)} probe texts give ids and {len(texts) - len(bad)} decode back"
+    if bad:
+        t, back = bad[0]
+        return Check("empty-ids", "warn", f"{evidence}; e.g. {t[:40]!r} -> {back[:40]!r}",
+                     "the tokenizer loses characters: check its normalizer, or that the "
+                     "texts are in a script its vocabulary covers")
+    return Check("empty-ids", "pass", evidence + " (up to spacing" +
+                 (" and case)" if lower else ")"))
+
+
 def check_embed_collapse(vecs: np.ndarray) -> Check:
     u = _unit(vecs)
     sims = (u @ u.T)[np.triu_indices(len(u), 1)]

@@ -35,12 +35,16 @@ def run_gate(loaded: Loaded, task_impl: Any | None = None) -> GateReport:
                                      loaded.pad_from_eos),
         static.check_max_length(loaded.config, tok),
         probes.check_unknown_rate(tok),
+        round_trip := probes.check_round_trip(tok),
         probes.check_alignment(tok, emb),
     ]
     if vocab.status == "fail":
         # Running the model would index past its embedding matrix: stop here.
         report.checks.append(Check("model-probes", "skip",
                                    "not run: token ids would index past the embeddings"))
+    elif round_trip.status == "fail":
+        report.checks.append(Check("model-probes", "skip",
+                                   "not run: the tokenizer gives the model no text"))
     elif loaded.task_name == "generate":
         report.checks += _decoder_probes(loaded)
     elif task_impl is not None:
