@@ -608,6 +608,22 @@ def bench_soak(minutes: Annotated[float, typer.Option(help="Minutes of load.")] 
         raise typer.Exit(3)
 
 
+@bench_app.command("drift")
+def bench_drift(window: Annotated[int, typer.Option(help="The drift window.")] = 1000,
+                normal: Annotated[int, typer.Option(help="Ordinary inputs after the "
+                                                    "baseline.")] = 5000,
+                part: Annotated[list[str] | None, typer.Option(
+                    "--part", help="minilm, sentiment-demo, rerank-demo, encoders, smollm2, "
+                    "overhead (repeatable; default encoders and overhead).")] = None,
+                output: BenchOut = None) -> None:
+    """The drift watch: false alerts on the realistic mix, inputs until each kind of drift
+    alerts and until it clears, and the watch's cost on offline throughput."""
+    from sureserve.bench.drift import print_report, run_bench
+
+    print_report(run_bench(window, normal, part or ["encoders", "overhead"],
+                           _bench_out(output, "drift"), _report), _report)
+
+
 @bench_app.command("generate")
 def bench_generate(model: GenModel = "smollm2",
                    n: Annotated[int, typer.Option("--requests", help="Requests per "

@@ -16,12 +16,18 @@ REFERENCE_MAX = 10  # windows of a reference file read at most (its first lines)
 
 
 def unknown_id(tok: Any) -> int | None:
-    """The tokenizer's unknown-token id, when it has a real one. Byte-level BPE tokenizers
-    (GPT-2, Llama 3, SmolLM) can spell any text and often name their end-of-text token as
-    "unk": those have no unknown-token signal."""
+    """The tokenizer's unknown-token id, when it can actually emit one. Byte-level BPE
+    tokenizers (GPT-2, Llama 3, SmolLM) spell any text in bytes, and often name some
+    end-of-text token as "unk" anyway: those have no unknown-token signal."""
+    from sureserve.gate.static import tokenizer_family
+
     unk = getattr(tok, "unk_token_id", None)
+    backend = getattr(tok, "backend_tokenizer", None)
+    model_unk = getattr(getattr(backend, "model", None), "unk_token", "?")
+    if unk is None or "byte-level" in tokenizer_family(tok) or model_unk is None:
+        return None
     others = {getattr(tok, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return None if unk is None or unk in others else int(unk)
+    return None if unk in others else int(unk)
 
 
 def for_engine(engine: Any) -> DriftWatch:

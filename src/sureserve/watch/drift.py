@@ -142,7 +142,8 @@ class Stats:
             self.top_score += out[2]
         elif kind == "vector":
             self.vectors += 1
-            self.unit_sum = out[1].copy() if self.unit_sum is None else self.unit_sum + out[1]
+            self.unit_sum = out[1].astype(np.float64) if self.unit_sum is None \
+                else self.unit_sum + out[1]
         else:  # completion
             self.finishes[out[1]] += 1
             self.empty_outputs += out[2]
@@ -199,7 +200,8 @@ class DriftWatch:
 
     def observe_vectors(self, vectors: np.ndarray) -> None:
         """Pooled embeddings (any scale), one row per text."""
-        self._outputs_add([("vector", v) for v in sig.unit_rows(vectors)])
+        # float32: a window of 1,000 vectors of a 4,096-wide model is 16 MB, not 32
+        self._outputs_add([("vector", v) for v in sig.unit_rows(vectors).astype(np.float32)])
 
     def observe_completion(self, reason: str, text: str, tokens: Sequence[int]) -> None:
         if reason not in FINISH_REASONS:  # cancelled: the client's doing, not the model's
