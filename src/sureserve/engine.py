@@ -89,6 +89,7 @@ class Job:
     first_index: int
     started: float
     lengths: list[int] = field(default_factory=list)  # each text's tokens, before any cut
+    blank: list[bool] = field(default_factory=list)  # empty or whitespace-only texts
 
 
 @dataclass
@@ -189,7 +190,8 @@ class Engine:
         summary = RunSummary(texts=len(texts), pieces=len(cut.pieces), real_tokens=real,
                              truncated=cut.truncated, chunked=cut.chunked, limit=limit.value,
                              bound_by=limit.bound_by, policy=policy)
-        return Job(cut.pieces, summary, first_index, time.perf_counter(), cut.lengths)
+        blank = [not t.strip() for t in texts] if self.watch is not None else []
+        return Job(cut.pieces, summary, first_index, time.perf_counter(), cut.lengths, blank)
 
     def finish(self, job: Job, rows: np.ndarray, **options: Any) -> Result:
         """Merge the pieces' rows per text and post-process them (``options`` go to the
@@ -217,11 +219,10 @@ class Engine:
         if unk is not None:
             for p in job.pieces:
                 unknown[p.text_index - first] += p.ids.count(unk)
-        content = task.prefix + task.suffix
         lengths = job.lengths or [0] * n
         cut = set(job.summary.truncated) | set(job.summary.chunked)
         watch.observe_texts(lengths, unknown, [first + k in cut for k in range(n)],
-                            [length <= content for length in lengths])
+                            job.blank or [False] * n)
         if self.task_name == "classify":
             watch.observe_labels(task.probabilities(merged))  # type: ignore[attr-defined]
         elif self.task_name == "embed":

@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         "baseline's (the gate's probe texts until the baseline is complete).",
     )
     drift_cut_share: float = Field(
-        default=0.10, gt=0, le=1,
+        default=0.05, gt=0, le=1,
         description="Drift alert: share of inputs over the usable maximum (truncated, chunked "
         "or refused), above the baseline's.",
     )
@@ -243,7 +243,7 @@ class Settings(BaseSettings):
         "baseline (0.25: the usual 'significant shift').",
     )
     drift_label_js: float = Field(
-        default=0.10, gt=0, le=1,
+        default=0.03, gt=0, le=1,
         description="Drift alert (classify): Jensen-Shannon divergence in bits of the "
         "predicted label mix vs the baseline's.",
     )
@@ -253,12 +253,12 @@ class Settings(BaseSettings):
         "answer is positive' incident), unless the baseline already had that share.",
     )
     drift_top_score_drop: float = Field(
-        default=0.10, gt=0, le=1,
+        default=0.05, gt=0, le=1,
         description="Drift alert (classify): drop of the mean top-label probability from "
         "the baseline's.",
     )
     drift_collapse: float = Field(
-        default=0.50, gt=0, le=1,
+        default=0.30, gt=0, le=1,
         description="Drift alert (embed): share of the distance from the baseline's mean "
         "pairwise cosine to 1 (all embeddings identical) that the window has closed.",
     )
