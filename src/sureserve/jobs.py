@@ -54,7 +54,8 @@ def run_file_job(task_name: str, model: str, texts: list[str] | None, input_file
             if isinstance(writer, NpyWriter):
                 writer.write(res.outputs)
             else:
-                writer.write(_row(task_name, done + i, r.line, out, res.summary, options)
+                writer.write(output_row(task_name, done + i, r.line, out,
+                                        res.summary.flags(done + i), options)
                              for i, (r, out) in enumerate(zip(win, res.outputs, strict=True)))
             total.add(res.summary)
             done += len(win)
@@ -89,12 +90,14 @@ def drift_report(engine: Any, total: RunSummary, report: Any) -> None:
                "--reference FILE)")
 
 
-def _row(task_name: str, index: int, line: int, out: Any, summary: RunSummary,
-         options: dict[str, Any]) -> dict[str, Any]:
+def output_row(task_name: str, index: int, line: int, out: Any, flags: dict[str, Any],
+               options: dict[str, Any]) -> dict[str, Any]:
+    """One JSONL output row: the output, ``index``, ``line`` and the text's flags (the
+    same for local and Ray jobs)."""
     if task_name == "embed":
         item: dict[str, Any] = {"embedding": out.tolist()}
     else:
         # each label dict: label and score (the row itself carries the flags)
         item = dict(out) if options.get("top_k") == 1 else {
             "labels": [{"label": d["label"], "score": d["score"]} for d in out]}
-    return {**item, "index": index, "line": line, **summary.flags(index)}
+    return {**item, "index": index, "line": line, **flags}

@@ -1,0 +1,83 @@
+"""Connecting to Ray: a cluster the user names (``--ray-address``), or a local one started
+here with every component on the loopback address.
+
+On these machines no traffic may go to any address but 127.0.0.1, the machine's own private
+one included; Ray picks the machine's private address as its node address unless it is
+told it runs a single-machine cluster, which the variables below do (they must be set
+before Ray is imported, since Ray reads them once). The usage-stats report Ray sends to
+its authors is off too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+log = logging.getLogger("sureserve.ray")
+LOOPBACK = "127.0.0.1"
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address: loopback, not the LAN one
+    "RAY_USAGE_STATS_ENABLED": "0",  # no report to Ray's authors
+}
+
+
+def _local_env() -> None:
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray._private.ray_constants as constants
+
+    # when Ray was imported before these were set, the constant was read already
+    constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_local(num_cpus: int | None = None) -> None:
+    """Start a local Ray instance in this process bound to 127.0.0.1 (no dashboard)."""
+    _local_env()
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
+             log_to_driver=False, configure_logging=False)
+    log.info("started a local Ray instance at %s", ray.get_runtime_context().gcs_address)
+
+
+@contextlib.contextmanager
+def connected(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
+    """Connected to the cluster at ``address`` (None: a local instance started here, shut
+    down at the end). Already connected (an embedding program, the tests): used as is."""
+    if address is None or _loopback(address):
+        _local_env()
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address is None:
+        start_local(num_cpus)
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def ensure(address: str | None) -> None:
+    """Connected from now on (for APIs returning a lazy Dataset: the caller owns the
+    connection and ends it with ``ray.shutdown()``)."""
+    if address is None or _loopback(address):
+        _local_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        start_local()
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+
+
+def _loopback(address: str) -> bool:
+    """A cluster on this machine's loopback (its node address is 127.0.0.1 too)."""
+    return address.split("://")[-1].split(":")[0] in (LOOPBACK, "localhost")

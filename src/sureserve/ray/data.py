@@ -1,0 +1,313 @@
+"""Offline jobs on Ray Data: the same engine, in one actor per replica.
+
+    file (txt/jsonl/csv: our own reader, block by block; parquet: Ray's) ─► blocks
+      ─► map_batches(Worker, one actor per replica)   Worker = sureserve.load (the gate runs
+         in every actor) + Engine.run: the same planner, truncation policy and flags
+      ─► (this process) rows in input order ─► JSONL / .npy / Parquet, index and line added
+
+Input order is kept by Ray Data's ``preserve_order``; the driver numbers the rows as they
+arrive, so every written row carries its ``index`` and (for line-based files) ``line``,
+as the local job writes them. Bad lines travel as rows marked bad: the driver stops at the
+first one (after writing every row before it, as the local job does) or, with
+``skip_bad_lines``, reports and skips it. Actors that die are restarted by Ray and their
+blocks redone (Ray Data's actor pools retry), so the output has every row exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from sureserve.engine import RunSummary
+from sureserve.errors import BadLineError, InputError, SureserveError
+from sureserve.settings import Settings
+
+BLOCK_ROWS = 1024  # rows per block read, and per batch an actor runs (planned together)
+FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+
+
+def records_dataset(path: Path, field: str, block_rows: int = BLOCK_ROWS) -> Any:
+    """A Ray Dataset of ``{line, text, bad}`` rows read by our own line-numbered reader
+    (one read task, streaming block by block: no process holds the whole file), or, for
+    Parquet, Ray's reader with ``line`` = -1."""
+    import ray.data
+
+    fmt = path.suffix.lower()
+    if fmt not in FORMATS:
+        raise InputError(f"unknown input format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise InputError(f"no input file at {path}", "check the --input path")
+    if fmt == ".parquet":
+        ds = ray.data.read_parquet(str(path), columns=[field], num_cpus=0)
+
+        def shape(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            n = len(batch[field])
+            return {"line": np.full(n, -1, dtype=np.int64),
+                    "text": np.asarray(batch[field], dtype=object),
+                    "bad": np.asarray([""] * n, dtype=object)}
+
+        return ds.map_batches(shape, batch_format="numpy", num_cpus=0)
+    # reading takes no CPU slot: the actors hold them all, and a read waiting for a slot
+    # would wait forever
+    return ray.data.read_datasource(Records(path, fmt, field, block_rows), num_cpus=0)
+
+
+class Records(Datasource):
+    """A txt/jsonl/csv file read by sureserve's own reader (``textio``), in blocks."""
+
+    def __init__(self, path: Path, fmt: str, field: str, block_rows: int) -> None:
+        super().__init__()
+        self.path, self.fmt, self.field, self.block_rows = path, fmt, field, block_rows
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.path.stat().st_size
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[Any]:
+        # one task: lines are numbered in order, and reading is cheap next to the model
+        meta = BlockMetadata(num_rows=None, size_bytes=self.path.stat().st_size,
+                             input_files=(str(self.path),), exec_stats=None)
+        args = (self.path, self.fmt, self.field, self.block_rows)
+        return [ReadTask(lambda: _read_blocks(*args), meta)]
+
+
+def _read_blocks(path: Path, fmt: str, field: str, block_rows: int) -> Iterator[Any]:
+    """Blocks of ``{line, text, bad}``: bad lines stay in the stream, in order."""
+    import pyarrow as pa
+
+    from sureserve.textio import read_records
+
+    cols: dict[str, list[Any]] = {"line": [], "text": [], "bad": []}
+
+    def add(line: int, text: str, bad: str) -> None:
+        cols["line"].append(line)
+        cols["text"].append(text)
+        cols["bad"].append(bad)
+
+    skipped: list[BadLineError] = []
+    seen = 0
+    with open(path, "rb") as fh:
+        for rec in read_records(fh, fmt, field=field, skip=True, skipped=skipped):
+            for bad in skipped[seen:]:  # bad lines met before this record
+                add(bad.line, "", bad.message)
+            seen = len(skipped)
+            add(rec.line, rec.text, "")
+            if len(cols["line"]) >= block_rows:
+                yield pa.table(cols)
+                cols = {k: [] for k in cols}
+    for bad in skipped[seen:]:
+        add(bad.line, "", bad.message)
+    if cols["line"]:
+        yield pa.table(cols)
+
+
+class Worker:
+    """One replica: loads the model once (the gate runs here, in every actor) and runs
+    each batch through ``Engine.run`` with its share of the CPU threads."""
+
+    def __init__(self, model: str, task: str, settings: dict[str, Any], threads: int,
+                 options: dict[str, Any]) -> None:
+        import torch
+
+        import sureserve
+
+        torch.set_num_threads(threads)
+        # one forward pass at a time here: the replicas are the parallelism
+        self.engine = sureserve.load(model, task=task, settings=Settings(
+            **{**settings, "forward_workers": 1, "drift_watch": False}))
+        self.task, self.options = task, options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts, bad = list(batch["text"]), list(batch["bad"])
+        n = len(texts)
+        good = [i for i in range(n) if not bad[i]]
+        started = time.perf_counter()
+        res = self.engine.run([str(texts[i]) for i in good], **self.options)
+        seconds = time.perf_counter() - started
+        s = res.summary
+        out: dict[str, Any] = {"line": batch["line"], "bad": batch["bad"],
+                               "truncated": np.zeros(n, bool), "chunks": np.ones(n, np.int64)}
+        for k, i in enumerate(good):
+            flags = s.flags(k)
+            out["truncated"][i], out["chunks"][i] = flags["truncated"], flags["chunks"]
+        if self.task == "embed":
+            vecs = np.zeros((n, self.engine.loaded.hidden_size), np.float32)
+            if good:
+                vecs[good] = np.asarray(res.outputs, dtype=np.float32)
+            out["embedding"] = vecs
+        else:
+            labels = [""] * n
+            for k, i in enumerate(good):
+                item = res.outputs[k]
+                labels[i] = json.dumps(item if isinstance(item, list) else
+                                       {"label": item["label"], "score": item["score"]})
+            out["result"] = np.asarray(labels, dtype=object)
+        # this batch's totals ride on its first row (the driver adds them up)
+        stats = np.zeros((n, 4))
+        stats[0] = (s.real_tokens, s.computed_tokens, seconds, s.limit)
+        out["stats"] = stats
+        out["pid"] = np.full(n, os.getpid(), np.int64)
+        return out
+
+
+def run_ray_job(task_name: str, model: str, input_file: Path | None, output: Path | None,
+                field: str, settings: Settings, report: Callable[[str], None],
+                replicas: int = 2, address: str | None = None,
+                **options: Any) -> RayRunSummary:
+    """``sureserve embed|classify --ray``: the local job's output, from Ray replicas."""
+    from sureserve.ray.cluster import connected
+
+    if input_file is None:
+        raise InputError("--ray reads a file", "give --input FILE (txt, jsonl, csv or "
+                         "parquet)")
+    with connected(address):
+        ds = records_dataset(input_file, field)
+        return _drive(task_name, model, transform(ds, task_name, model, settings, replicas,
+                                                  options), output, settings, report,
+                      options)
+
+
+def transform(ds: Any, task_name: str, model: str, settings: Settings, replicas: int,
+              options: dict[str, Any]) -> Any:
+    """``ds`` (rows with ``text``, ``line``, ``bad``) mapped by ``replicas`` actors."""
+    import ray
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # ours counts texts; Ray's would interleave with it
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
+    given = settings.model_dump(exclude_unset=True, mode="json")
+    return ds.map_batches(_bound(model, task_name, given, cpus, options),
+                          batch_size=BLOCK_ROWS, compute=ray.data.ActorPoolStrategy(
+                              size=replicas), num_cpus=cpus, batch_format="numpy")
+
+
+def _bound(*args: Any) -> type:
+    """``Worker`` with its arguments inside the class, so that a restarted actor rebuilds
+    from the class alone (Ray keeps constructor arguments in its object store, which a
+    restart cannot count on)."""
+
+    class BoundWorker(Worker):
+        def __init__(self) -> None:
+            super().__init__(*args)
+
+    return BoundWorker
+
+
+@dataclass
+class RayRunSummary:
+    """The run summary over every actor, and what each actor did: texts, seconds."""
+
+    summary: RunSummary
+    per_actor: dict[int, tuple[int, float]]
+
+
+def _drive(task_name: str, model: str, ds: Any, output: Path | None, settings: Settings,
+           report: Callable[[str], None], options: dict[str, Any]) -> RayRunSummary:
+    from tqdm.auto import tqdm
+
+    from sureserve.ray.writers import open_writer
+
+    total = RunSummary(policy=settings.truncation)
+    per_actor: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])  # rows, seconds
+    writer = None
+    bar = tqdm(unit="text", desc=f"{task_name} (ray)", disable=None, file=sys.stderr)
+    started = time.perf_counter()
+    index = 0
+    try:
+        for batch in _batches(ds):
+            rows = []
+            for k in range(len(batch["line"])):
+                bad = str(batch["bad"][k])
+                if bad:
+                    if not settings.skip_bad_lines:
+                        raise BadLineError(bad, "fix that line, or pass --skip-bad-lines "
+                                           "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines",
+                                           line=int(batch["line"][k]))
+                    report(f"[yellow]skipped[/] {bad}")
+                    continue
+                flags = {"truncated": bool(batch["truncated"][k]),
+                         "chunks": int(batch["chunks"][k])}
+                if flags["truncated"]:
+                    total.truncated.append(index)
+                if flags["chunks"] > 1:
+                    total.chunked[index] = flags["chunks"]
+                out: Any = batch["embedding"][k] if task_name == "embed" else \
+                    json.loads(str(batch["result"][k]))
+                rows.append((index, int(batch["line"][k]), out, flags))
+                index += 1
+            real, computed, seconds, _ = batch["stats"].sum(axis=0)
+            total.limit = int(batch["stats"][:, 3].max()) or total.limit
+            total.real_tokens += int(real)
+            total.computed_tokens += int(computed)
+            good = batch["bad"] == ""
+            for pid in set(batch["pid"].tolist()):
+                per_actor[pid][0] += float(((batch["pid"] == pid) & good).sum())
+            per_actor[int(batch["pid"][0])][1] += float(seconds)
+            if rows:
+                writer = writer or open_writer(output, task_name)  # none until a row exists
+                writer.write(rows, options)
+            bar.update(len(rows))
+    finally:
+        if writer is not None:
+            writer.close()
+        bar.close()
+    total.texts = index
+    total.seconds = time.perf_counter() - started
+    total.bound_by = "the model, in each replica"
+    report(f"{task_name}: {total.line()}, {len(per_actor)} actor(s)")
+    for pid, (n, secs) in sorted(per_actor.items()):
+        report(f"  actor pid {pid}: {n:.0f} texts, {n / secs if secs else 0:.1f} texts/s "
+               "in its passes")
+    return RayRunSummary(total, {pid: (int(n), secs) for pid, (n, secs) in
+                                 per_actor.items()})
+
+
+def _batches(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The mapped dataset's batches in order; a failure inside Ray comes out as the
+    sureserve error that caused it (a failed gate stays a GateError, exit 3)."""
+    import ray
+
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.RayError as exc:
+        cause = _sureserve_cause(exc)
+        if cause is not None:
+            raise cause from exc
+        raise
+
+
+def _sureserve_cause(exc: BaseException) -> SureserveError | None:
+    """The sureserve error behind a Ray error: the chained exception, or, when an actor's
+    constructor raised (Ray keeps only the text of that error), rebuilt from its text."""
+    import re
+
+    from sureserve import errors
+
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, SureserveError):
+            return cur
+        cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
+    found = re.search(r"sureserve\.errors\.(\w+): (.*?)\n\s*fix: (.*?)(?:\n\n|\n\S|$)",
+                      str(exc), re.S)
+    cls = getattr(errors, found.group(1), None) if found else None
+    if found and isinstance(cls, type) and issubclass(cls, SureserveError):
+        return cls(found.group(2).strip(), " ".join(found.group(3).split()))
+    return None

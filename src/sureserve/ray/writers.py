@@ -1,0 +1,85 @@
+"""Where a Ray job's rows go, in input order: JSONL (file or stdout), ``.npy`` or Parquet,
+each row with ``index`` (and ``line`` for line-based inputs) and the text's flags; the
+JSONL rows are the local job's (``jobs.output_row``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sureserve.jobs import output_row
+from sureserve.textio import JsonlWriter, NpyWriter
+
+Row = tuple[int, int, Any, dict[str, Any]]  # index, line, output, flags
+
+
+class _Jsonl:
+    def __init__(self, path: Path | None, task: str) -> None:
+        self.out, self.task = JsonlWriter(path), task
+
+    def write(self, rows: list[Row], options: dict[str, Any]) -> None:
+        self.out.write(output_row(self.task, i, line, out, flags, options)
+                       for i, line, out, flags in rows)
+
+    def close(self) -> None:
+        self.out.close()
+
+
+class _Npy:
+    def __init__(self, path: Path) -> None:
+        self.out = NpyWriter(path)
+
+    def write(self, rows: list[Row], options: dict[str, Any]) -> None:
+        self.out.write(np.stack([np.asarray(out, np.float32) for _, _, out, _ in rows]))
+
+    def close(self) -> None:
+        self.out.close()
+
+
+class _Parquet:
+    """Row groups written as they come, to ``PATH.partial`` renamed at the end."""
+
+    def __init__(self, path: Path, task: str) -> None:
+        self.path, self.task = path, task
+        self.partial = path.with_name(path.name + ".partial")
+        self.writer: Any = None
+
+    def write(self, rows: list[Row], options: dict[str, Any]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols: dict[str, Any] = {"index": [r[0] for r in rows], "line": [r[1] for r in rows]}
+        if self.task == "embed":
+            cols["embedding"] = [np.asarray(r[2], np.float32).tolist() for r in rows]
+        elif isinstance(rows[0][2], list):
+            cols["labels"] = [[{"label": d["label"], "score": d["score"]} for d in r[2]]
+                              for r in rows]
+        else:
+            cols["label"] = [r[2]["label"] for r in rows]
+            cols["score"] = [r[2]["score"] for r in rows]
+        cols["truncated"] = [r[3]["truncated"] for r in rows]
+        cols["chunks"] = [r[3]["chunks"] for r in rows]
+        table = pa.table(cols)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(str(self.partial), table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.partial.replace(self.path)
+
+
+def open_writer(output: Path | None, task: str) -> Any:
+    if output is not None and output.suffix == ".npy":
+        if task != "embed":
+            from sureserve.errors import InputError
+
+            raise InputError(".npy holds embeddings only", "write labels to .jsonl or .parquet")
+        return _Npy(output)
+    if output is not None and output.suffix == ".parquet":
+        return _Parquet(output, task)
+    return _Jsonl(output, task)
+
