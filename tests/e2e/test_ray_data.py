@@ -3,6 +3,7 @@ session): the same rows as the local engine, gate failures, bad lines, a killed 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -56,7 +57,13 @@ def test_the_cluster_binds_only_loopback(ray_cluster: str) -> None:
                  ("gcs_server", "raylet")]
     listening = {(c.laddr.ip, p.info["name"]) for p in ray_procs
                  for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
-    assert listening and all(ip == "127.0.0.1" for ip, _ in listening), listening
+    assert listening and all(loopback(ip) for ip, _ in listening), listening
+
+
+def loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack socket
+    return (mapped or addr).is_loopback
 
 
 @pytest.mark.parametrize("task", ["embed", "classify"])

@@ -49,15 +49,6 @@ def _job(task: str, source: Any, model: str, output: Path | str | None, replicas
         ensure(address)  # the Dataset is lazy: the connection stays (ray.shutdown() ends it)
         return transform(records_dataset(Path(source), field), task, model, settings,
                          replicas, options)
-    ds = source
-    if "line" not in ds.schema().names:
-        ds = ds.map_batches(_as_records, batch_format="numpy", num_cpus=0)
-    return transform(ds, task, model, settings, replicas, options)
-
-
-def _as_records(batch: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-
-    n = len(batch["text"])
-    return {"text": batch["text"], "line": np.full(n, -1, dtype=np.int64),
-            "bad": np.asarray([""] * n, dtype=object)}
+    # a Dataset of the caller's: the actors take its ``text`` column as it is (no extra
+    # map stage: a CPU-less one would let Ray start a worker process per block)
+    return transform(source, task, model, settings, replicas, options)

@@ -39,9 +39,9 @@ FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
 
 def records_dataset(path: Path, field: str, block_rows: int = BLOCK_ROWS) -> Any:
-    """A Ray Dataset of ``{line, text, bad}`` rows read by our own line-numbered reader
-    (one read task, streaming block by block: no process holds the whole file), or, for
-    Parquet, Ray's reader with ``line`` = -1."""
+    """A Ray Dataset of ``{line, text, bad}`` rows read by one streaming read task, block
+    by block (no process holds the whole file): sureserve's own line-numbered reader for
+    txt/jsonl/csv, pyarrow's batch reader for Parquet (``line``: the row's number)."""
     import ray.data
 
     fmt = path.suffix.lower()
@@ -49,16 +49,6 @@ def records_dataset(path: Path, field: str, block_rows: int = BLOCK_ROWS) -> Any
         raise InputError(f"unknown input format {fmt!r}", f"use one of {', '.join(FORMATS)}")
     if not path.is_file():
         raise InputError(f"no input file at {path}", "check the --input path")
-    if fmt == ".parquet":
-        ds = ray.data.read_parquet(str(path), columns=[field], num_cpus=0)
-
-        def shape(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            n = len(batch[field])
-            return {"line": np.full(n, -1, dtype=np.int64),
-                    "text": np.asarray(batch[field], dtype=object),
-                    "bad": np.asarray([""] * n, dtype=object)}
-
-        return ds.map_batches(shape, batch_format="numpy", num_cpus=0)
     # reading takes no CPU slot: the actors hold them all, and a read waiting for a slot
     # would wait forever
     return ray.data.read_datasource(Records(path, fmt, field, block_rows), num_cpus=0)
@@ -96,6 +86,9 @@ def _read_blocks(path: Path, fmt: str, field: str, block_rows: int) -> Iterator[
         cols["text"].append(text)
         cols["bad"].append(bad)
 
+    if fmt == ".parquet":
+        yield from _parquet_blocks(path, field, block_rows)
+        return
     skipped: list[BadLineError] = []
     seen = 0
     with open(path, "rb") as fh:
@@ -111,6 +104,26 @@ def _read_blocks(path: Path, fmt: str, field: str, block_rows: int) -> Iterator[
         add(bad.line, "", bad.message)
     if cols["line"]:
         yield pa.table(cols)
+
+
+def _parquet_blocks(path: Path, field: str, block_rows: int) -> Iterator[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    if field not in f.schema_arrow.names:
+        raise InputError(f"the Parquet file has no column {field!r} (columns: "
+                         f"{f.schema_arrow.names})", "name the text column with --field")
+    row = 0
+    for batch in f.iter_batches(batch_size=block_rows, columns=[field]):
+        texts = batch.column(0).to_pylist()
+        n = len(texts)
+        bad = ["" if isinstance(t, str) else f"row {row + k + 1}: no text in {field!r}"
+               for k, t in enumerate(texts)]
+        yield pa.table({"line": list(range(row + 1, row + n + 1)),
+                        "text": [t if isinstance(t, str) else "" for t in texts],
+                        "bad": bad})
+        row += n
 
 
 class Worker:
@@ -130,14 +143,16 @@ class Worker:
         self.task, self.options = task, options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts, bad = list(batch["text"]), list(batch["bad"])
+        texts = list(batch["text"])
         n = len(texts)
+        bad = list(batch["bad"]) if "bad" in batch else [""] * n  # a caller's own Dataset
         good = [i for i in range(n) if not bad[i]]
         started = time.perf_counter()
         res = self.engine.run([str(texts[i]) for i in good], **self.options)
         seconds = time.perf_counter() - started
         s = res.summary
-        out: dict[str, Any] = {"line": batch["line"], "bad": batch["bad"],
+        out: dict[str, Any] = {"line": batch.get("line", np.full(n, -1, np.int64)),
+                               "bad": np.asarray(bad, dtype=object),
                                "truncated": np.zeros(n, bool), "chunks": np.ones(n, np.int64)}
         for k, i in enumerate(good):
             flags = s.flags(k)
@@ -230,11 +245,14 @@ def _drive(task_name: str, model: str, ds: Any, output: Path | None, settings: S
     index = 0
     try:
         for batch in _batches(ds):
-            rows = []
+            rows: list[tuple[int, int, Any, dict[str, Any]]] = []
             for k in range(len(batch["line"])):
                 bad = str(batch["bad"][k])
                 if bad:
-                    if not settings.skip_bad_lines:
+                    if not settings.skip_bad_lines:  # the rows before it are written first
+                        if rows:
+                            writer = writer or open_writer(output, task_name)
+                            writer.write(rows, options)
                         raise BadLineError(bad, "fix that line, or pass --skip-bad-lines "
                                            "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines",
                                            line=int(batch["line"][k]))
