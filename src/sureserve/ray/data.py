@@ -31,14 +31,31 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from sureserve.engine import RunSummary
-from sureserve.errors import BadLineError, InputError, SureserveError
+from sureserve.errors import BadLineError, InferenceError, InputError, SureserveError
 from sureserve.settings import Settings
 
-BLOCK_ROWS = 1024  # rows per block read, and per batch an actor runs (planned together)
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
 
-def records_dataset(path: Path, field: str, block_rows: int = BLOCK_ROWS) -> Any:
+def configure() -> None:
+    """Ray Data's options for every sureserve job: input order kept, Ray's progress bars
+    off (ours counts texts). A Dataset takes the context in force when it is created, so
+    this runs before any is."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def batch_rows(settings: Settings, replicas: int) -> int:
+    """Texts per actor batch: the planner window shared out over the replicas (each
+    batch is planned together, so larger pads less; smaller spreads a short job wider)."""
+    return max(1, settings.planner_window // replicas)
+
+
+def records_dataset(path: Path, field: str, block_rows: int) -> Any:
     """A Ray Dataset of ``{line, text, bad}`` rows read by one streaming read task, block
     by block (no process holds the whole file): sureserve's own line-numbered reader for
     txt/jsonl/csv, pyarrow's batch reader for Parquet (``line``: the row's number)."""
@@ -188,7 +205,8 @@ def run_ray_job(task_name: str, model: str, input_file: Path | None, output: Pat
         raise InputError("--ray reads a file", "give --input FILE (txt, jsonl, csv or "
                          "parquet)")
     with connected(address):
-        ds = records_dataset(input_file, field)
+        configure()
+        ds = records_dataset(input_file, field, batch_rows(settings, replicas))
         return _drive(task_name, model, transform(ds, task_name, model, settings, replicas,
                                                   options), output, settings, report,
                       options)
@@ -198,18 +216,20 @@ def transform(ds: Any, task_name: str, model: str, settings: Settings, replicas:
               options: dict[str, Any]) -> Any:
     """``ds`` (rows with ``text``, ``line``, ``bad``) mapped by ``replicas`` actors."""
     import ray
-    from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # ours counts texts; Ray's would interleave with it
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    configure()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
     given = settings.model_dump(exclude_unset=True, mode="json")
-    return ds.map_batches(_bound(model, task_name, given, cpus, options),
-                          batch_size=BLOCK_ROWS, compute=ray.data.ActorPoolStrategy(
-                              size=replicas), num_cpus=cpus, batch_format="numpy")
-
+    # one batch at a time per actor: by default an actor queues up to 4, and the first one
+    # up took a whole job alone
+    pool = ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1)
+    out = ds.map_batches(_bound(model, task_name, given, cpus, options),
+                         batch_size=batch_rows(settings, replicas), compute=pool,
+                         num_cpus=cpus, batch_format="numpy")
+    # a Dataset keeps the context it was created with (a caller's may predate configure)
+    out.context.execution_options.preserve_order = True
+    out.context.enable_progress_bars = False
+    return out
 
 def _bound(*args: Any) -> type:
     """``Worker`` with its arguments inside the class, so that a restarted actor rebuilds
@@ -243,6 +263,7 @@ def _drive(task_name: str, model: str, ds: Any, output: Path | None, settings: S
     bar = tqdm(unit="text", desc=f"{task_name} (ray)", disable=None, file=sys.stderr)
     started = time.perf_counter()
     index = 0
+    last_line = 0
     try:
         for batch in _batches(ds):
             rows: list[tuple[int, int, Any, dict[str, Any]]] = []
@@ -266,7 +287,14 @@ def _drive(task_name: str, model: str, ds: Any, output: Path | None, settings: S
                     total.chunked[index] = flags["chunks"]
                 out: Any = batch["embedding"][k] if task_name == "embed" else \
                     json.loads(str(batch["result"][k]))
-                rows.append((index, int(batch["line"][k]), out, flags))
+                line = int(batch["line"][k])
+                if line != -1:  # our readers number rows: a row out of order is a bug
+                    if line <= last_line:
+                        raise InferenceError(f"Ray returned line {line} after line "
+                                             f"{last_line}: input order was lost",
+                                             "report this as a sureserve bug")
+                    last_line = line
+                rows.append((index, line, out, flags))
                 index += 1
             real, computed, seconds, _ = batch["stats"].sum(axis=0)
             total.limit = int(batch["stats"][:, 3].max()) or total.limit
