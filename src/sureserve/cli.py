@@ -176,7 +176,10 @@ def check(model: ModelArg, settings: Settings,
 @with_settings(*GROUPS)
 def serve(settings: Settings, models: Annotated[list[str] | None, typer.Argument(
         help="Models to serve; requests choose with the 'model' field (default: minilm).")]
-          = None) -> None:
+          = None, ray: Annotated[bool, typer.Option(
+              "--ray", help="Serve as Ray Serve replicas of the same app (Ray's proxy on "
+              "--host/--port).")] = False, replicas: ReplicasOpt = 2,
+          ray_address: RayAddressOpt = None) -> None:
     """Serve models over HTTP (TEI- and OpenAI-style routes). SIGTERM drains, then exits 0."""
     from sureserve.server.run import serve as run_server
     from sureserve.zoo import DEFAULT_MODEL
@@ -184,6 +187,11 @@ def serve(settings: Settings, models: Annotated[list[str] | None, typer.Argument
     names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
     err.print(f"serving {', '.join(names)} on http://{settings.host}:{settings.port} "
               "(GET /health answers 200 once the models passed their gate)", highlight=False)
+    if ray:
+        from sureserve.ray.serving import serve_on_ray
+
+        serve_on_ray(names, settings, replicas, ray_address)
+        return
     run_server(names, settings)
 
 
