@@ -37,8 +37,10 @@ def start_local(num_cpus: int | None = None) -> None:
     _local_env()
     import ray
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
-             log_to_driver=False, configure_logging=False)
+    # address="local": a new instance even when another runs on this machine (plain
+    # ray.init() would join one it finds)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             _node_ip_address=LOOPBACK, log_to_driver=False, configure_logging=False)
     log.info("started a local Ray instance at %s", ray.get_runtime_context().gcs_address)
 
 
