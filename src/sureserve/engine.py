@@ -32,7 +32,7 @@ from sureserve.loading.loader import Loaded
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
 from sureserve.tasks.base import merge
-from sureserve.watch.drift import DriftWatch
+from sureserve.watch.drift import DriftWatch, count_unknown
 
 
 @dataclass
@@ -183,7 +183,7 @@ class Engine:
                                  first_index=first_index, query=query)
         except InputTooLongError as exc:  # refused: still traffic the watch should see
             if self.watch is not None and exc.length:
-                self.watch.observe_texts([exc.length], [0], [True], [False])
+                self.watch.observe_texts([exc.length], cut=[True])
             raise
         limit = self.loaded.limit
         real = sum(p.weight for p in cut.pieces)
@@ -215,14 +215,11 @@ class Engine:
         assert watch is not None
         n, first = job.summary.texts, job.first_index
         unknown = [0] * n
-        unk = watch.unknown_id
-        if unk is not None:
-            for p in job.pieces:
-                unknown[p.text_index - first] += p.ids.count(unk)
-        lengths = job.lengths or [0] * n
+        for p in job.pieces:
+            unknown[p.text_index - first] += count_unknown(p.ids, watch.unknown_id)
         cut = set(job.summary.truncated) | set(job.summary.chunked)
-        watch.observe_texts(lengths, unknown, [first + k in cut for k in range(n)],
-                            job.blank or [False] * n)
+        watch.observe_texts(job.lengths, unknown, [first + k in cut for k in range(n)],
+                            job.blank or None)
         if self.task_name == "classify":
             watch.observe_labels(task.probabilities(merged))  # type: ignore[attr-defined]
         elif self.task_name == "embed":

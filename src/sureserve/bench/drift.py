@@ -12,6 +12,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,31 @@ def _stream(texts: list[str]) -> Iterator[list[str]]:
         yield texts[k:k + STEP]
 
 
+@dataclass
+class _Tally:
+    """Evaluations of ordinary traffic: how many alerted, by signal, and each signal's
+    highest score (the headroom under its threshold)."""
+
+    evaluations: int = 0
+    alerting: int = 0
+    by_signal: Counter[str] = field(default_factory=Counter)
+    peak: dict[str, float] = field(default_factory=dict)
+
+    def add(self, signals: list[Any]) -> None:
+        self.evaluations += 1
+        self.alerting += any(s.alert for s in signals)
+        for s in signals:
+            self.by_signal[s.name] += s.alert
+            if s.score is not None:
+                self.peak[s.name] = max(self.peak.get(s.name, 0.0), s.score)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations, "false_alert_evaluations": self.alerting,
+                "false_alert_rate": self.alerting / max(self.evaluations, 1),
+                "false_alerts_by_signal": dict(self.by_signal),
+                "peak_scores_on_ordinary": {k: round(v, 4) for k, v in self.peak.items()}}
+
+
 def run_encoder(model: str, window: int, normal: int, log: Callable[[str], None]
                 ) -> dict[str, Any]:
     import sureserve
@@ -75,23 +101,14 @@ def run_encoder(model: str, window: int, normal: int, log: Callable[[str], None]
 
     mix = realistic_mix(window + normal, 0.05, seed=7)
     feed(mix[:window])  # the baseline
-    evaluations, alerting, by_signal = 0, 0, Counter[str]()
-    peak: dict[str, float] = {}
+    tally = _Tally()
     for chunk in _stream(mix[window:]):
         feed(chunk)
-        signals, _ = watch.evaluate()
-        evaluations += 1
-        alerting += any(s.alert for s in signals)
-        for s in signals:
-            by_signal[s.name] += s.alert
-            if s.score is not None:
-                peak[s.name] = max(peak.get(s.name, 0.0), s.score)
-    log(f"{model}: {alerting} of {evaluations} evaluations of ordinary traffic alerted")
+        tally.add(watch.evaluate()[0])
+    log(f"{model}: {tally.alerting} of {tally.evaluations} evaluations of ordinary traffic "
+        "alerted")
     result: dict[str, Any] = {
-        "window": window, "ordinary_inputs": normal, "evaluations": evaluations,
-        "false_alert_evaluations": alerting, "false_alert_rate": alerting / max(evaluations, 1),
-        "false_alerts_by_signal": dict(by_signal), "peak_scores_on_ordinary": {
-            k: round(v, 4) for k, v in peak.items()},
+        "window": window, "ordinary_inputs": normal, **tally.to_dict(),
         "thresholds": {s.name: s.threshold for s in watch.signals}, "scenarios": {}}
     calm = realistic_mix(4 * window, 0.05, seed=8)
     for name, (make, expected) in _scenarios(model).items():
@@ -137,20 +154,15 @@ def run_generate(window: int, normal: int, log: Callable[[str], None]) -> dict[s
                             f"review: {r.text}"}] for r in rows[:window + normal]]
     started = time.perf_counter()
     engine.complete(prompts[:window], max_new_tokens=32)
-    evaluations, alerting, by_signal = 0, 0, Counter[str]()
+    tally = _Tally()
     for k in range(window, window + normal, window // 2):
         engine.complete(prompts[k:k + window // 2], max_new_tokens=32)
-        signals, _ = watch.evaluate()
-        evaluations += 1
-        alerting += any(s.alert for s in signals)
-        for s in signals:
-            by_signal[s.name] += s.alert
+        tally.add(watch.evaluate()[0])
     base = watch.baseline
     loops = [" ".join([w] * 12) for w in LOOPY] * (window // len(LOOPY) + 1)
     engine.complete(loops[:window], max_new_tokens=32)
     raised = sorted(s.name for s in watch.evaluate()[0] if s.alert)
-    result = {"window": window, "ordinary_prompts": normal, "evaluations": evaluations,
-              "false_alert_evaluations": alerting, "false_alerts_by_signal": dict(by_signal),
+    result = {"window": window, "ordinary_prompts": normal, **tally.to_dict(),
               "baseline_loop_share": base.loops / max(sum(base.finishes.values()), 1),
               "looping_prompts_raised": raised,
               "seconds": round(time.perf_counter() - started, 1)}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 
 from sureserve.bench.harness import write_report
 from sureserve.bench.serve import Lost, _Conn, _free_port, _start, _stop
+from sureserve.server.metrics import Scrape
 
 REQUEST_TIMEOUT_S = 120.0
 #: (kind, weight): what one client request is, by share of all requests
@@ -101,13 +101,6 @@ def _bodies(texts: Sequence[str], rng: random.Random, max_payload: int
     return make
 
 
-def _metric(text: str, name: str) -> float:
-    total = 0.0
-    for m in re.finditer(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M):
-        total += float(m.group(1))
-    return total
-
-
 async def _soak(url: str, pid: int, texts: Sequence[str], clients: int, seconds: float,
                 sample_s: float, max_payload: int, seed: int,
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -147,14 +140,14 @@ async def _soak(url: str, pid: int, texts: Sequence[str], clients: int, seconds:
             while time.monotonic() < stop_at:
                 await asyncio.sleep(min(sample_s, max(stop_at - time.monotonic(), 0.01)))
                 done, window = window, _Window()
-                metrics = (await http.get(f"{url}/metrics")).text
+                metrics = Scrape((await http.get(f"{url}/metrics")).text)
                 row: dict[str, Any] = {
                     "t_s": round(time.monotonic() - start, 1),
                     "rss_mb": round(proc.memory_info().rss / 2**20, 1),
                     "threads": proc.num_threads(), "fds": proc.num_fds(),
-                    "py_blocks": int(_metric(metrics, "sureserve_python_allocated_blocks")),
-                    "tasks": int(_metric(metrics, "sureserve_asyncio_tasks")),
-                    "kv_bytes": int(_metric(metrics, "sureserve_kv_cache_bytes")),
+                    "py_blocks": int(metrics.total("sureserve_python_allocated_blocks")),
+                    "tasks": int(metrics.total("sureserve_asyncio_tasks")),
+                    "kv_bytes": int(metrics.total("sureserve_kv_cache_bytes")),
                     "requests": sum(done.statuses.values()), "statuses": done.statuses,
                     "unexpected": done.unexpected, "server_errors": done.server_errors,
                     "lost": done.lost}

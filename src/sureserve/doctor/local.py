@@ -109,14 +109,14 @@ def memory(engine: Any, settings: Settings) -> Finding:
 
 
 def _free_bytes(device: str) -> int:
-    import psutil
+    """Free memory of ``device`` now, as ``sureserve fit`` reads the machine."""
+    from sureserve.loading.fit import real_machine
 
+    machine = real_machine()
     if device.startswith("cuda"):
-        import torch
-
         index = int(device.split(":")[1]) if ":" in device else 0
-        return int(torch.cuda.mem_get_info(index)[0])
-    return int(psutil.virtual_memory().available)
+        return int(machine.gpus[index] * GIB)
+    return int(machine.cpu_gib * GIB)
 
 
 def _activation_bytes_per_token(loaded: Any) -> int:

@@ -4,10 +4,10 @@ HTML page charts."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 from sureserve.doctor.report import Finding, Verdict
+from sureserve.server.metrics import Scrape
 
 QUEUE_WARN, QUEUE_FAIL = 2.0, 10.0  # mean queue time / mean forward time
 REJECT_WARN, REJECT_FAIL = 0.005, 0.05  # share of requests answered 429
@@ -15,39 +15,7 @@ PADDING_WARN = 0.25
 TRUNCATED_WARN = 0.01
 
 
-class Metrics:
-    """Samples of a Prometheus text page: name -> [(labels, value)]."""
-
-    def __init__(self, text: str) -> None:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        self.samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                self.samples[s.name].append((dict(s.labels), float(s.value)))
-
-    def total(self, name: str, **labels: str) -> float:
-        return sum(v for lab, v in self.samples.get(name, [])
-                   if all(lab.get(k) == x for k, x in labels.items()))
-
-    def mean(self, histogram: str) -> tuple[float, float]:
-        """(mean, count) of a histogram, over every label set."""
-        count = self.total(f"{histogram}_count")
-        return (self.total(f"{histogram}_sum") / count if count else 0.0), count
-
-    def buckets(self, histogram: str) -> list[tuple[float, float]]:
-        """(upper bound, observations in that bucket alone), summed over label sets."""
-        cum: dict[float, float] = defaultdict(float)
-        for lab, v in self.samples.get(f"{histogram}_bucket", []):
-            cum[float(lab["le"])] += v
-        out, before = [], 0.0
-        for le in sorted(cum):
-            out.append((le, cum[le] - before))
-            before = cum[le]
-        return out
-
-
-def fetch(url: str, api_key: str | None) -> tuple[dict[str, Any], dict[str, Any], Metrics]:
+def fetch(url: str, api_key: str | None) -> tuple[dict[str, Any], dict[str, Any], Scrape]:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -56,7 +24,7 @@ def fetch(url: str, api_key: str | None) -> tuple[dict[str, Any], dict[str, Any]
         info_r = client.get("/info")
         info = info_r.json() if info_r.status_code == 200 else {"models": [], "error":
                                                                  info_r.text[:200]}
-        metrics = Metrics(client.get("/metrics").text)
+        metrics = Scrape(client.get("/metrics").text)
     return health, info, metrics
 
 
@@ -72,7 +40,7 @@ def server_findings(url: str, api_key: str | None) -> tuple[list[Finding], dict[
     return findings, _charts(info, m)
 
 
-def _health(health: dict[str, Any], info: dict[str, Any], m: Metrics) -> Finding:
+def _health(health: dict[str, Any], info: dict[str, Any], m: Scrape) -> Finding:
     status = health.get("status", "?")
     lines = [f"/health: {status}; models " + ", ".join(f"{k} {v}" for k, v in
                                                        health.get("models", {}).items())]
@@ -93,7 +61,7 @@ def _health(health: dict[str, Any], info: dict[str, Any], m: Metrics) -> Finding
                    "\n".join(lines), verdict, fix)
 
 
-def _capacity(m: Metrics) -> Finding:
+def _capacity(m: Scrape) -> Finding:
     queue, n = m.mean("sureserve_queue_time_seconds")
     forward, passes = m.mean("sureserve_inference_time_seconds")
     lag, _ = m.mean("sureserve_event_loop_lag_seconds")
@@ -108,7 +76,7 @@ def _capacity(m: Metrics) -> Finding:
                    "model more cores (--forward-workers), or lower --max-wait-ms")
 
 
-def _overload(m: Metrics) -> Finding:
+def _overload(m: Scrape) -> Finding:
     total = m.total("sureserve_requests_total")
     refused = m.total("sureserve_requests_total", status="429")
     share = refused / total if total else 0.0
@@ -122,7 +90,7 @@ def _overload(m: Metrics) -> Finding:
                    "make clients honour Retry-After")
 
 
-def _padding(m: Metrics) -> Finding:
+def _padding(m: Scrape) -> Finding:
     share, n = m.mean("sureserve_padding_share")
     verdict: Verdict = "warn" if share > PADDING_WARN else "pass" if n else "skip"
     return Finding("Padding burns compute", "sureserve_padding_share", f"mean padding "
@@ -130,7 +98,7 @@ def _padding(m: Metrics) -> Finding:
                    "lower --max-padding-share or --min-batch-tokens, keep --packing on")
 
 
-def _truncation(m: Metrics) -> Finding:
+def _truncation(m: Scrape) -> Finding:
     cut = m.total("sureserve_truncated_inputs_total")
     inputs = m.total("sureserve_batch_size_sum")
     share = cut / inputs if inputs else 0.0
@@ -153,7 +121,7 @@ def _drift(health: dict[str, Any]) -> Finding:
                    "'Drift watch' says what each signal means)")
 
 
-def _charts(info: dict[str, Any], m: Metrics) -> dict[str, Any]:
+def _charts(info: dict[str, Any], m: Scrape) -> dict[str, Any]:
     charts: dict[str, Any] = {
         "latency": m.buckets("sureserve_request_duration_seconds"),
         "queue_time": m.buckets("sureserve_queue_time_seconds"),

@@ -33,10 +33,10 @@ from sureserve.generation.scheduler import GenerationScheduler
 from sureserve.generation.textstream import TextStream
 from sureserve.loading.inspect import kv_bytes_per_token
 from sureserve.loading.loader import Loaded
+from sureserve.watch.drift import DriftWatch, count_unknown
 
 if TYPE_CHECKING:
     from sureserve.generation.kvcache import PaddedKV  # imports torch: loaded on first use
-    from sureserve.watch.drift import DriftWatch
 
 log = logging.getLogger("sureserve.generate")
 
@@ -156,11 +156,8 @@ class GenerationEngine:
                     for ids in prompts]
             self._inbox.extend(made)
         if self.watch is not None:
-            unk = self.watch.unknown_id
             self.watch.observe_texts([len(p) for p in prompts],
-                                     [list(p).count(unk) if unk is not None else 0
-                                      for p in prompts], [False] * len(prompts),
-                                     [False] * len(prompts))
+                                     [count_unknown(p, self.watch.unknown_id) for p in prompts])
         return [r.id for r in made]
 
     def cancel(self, seq_id: int) -> None:

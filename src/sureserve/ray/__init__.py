@@ -37,7 +37,7 @@ def classify(source: Any, model: str = "sentiment-demo", *, output: Path | str |
 
 def _job(task: str, source: Any, model: str, output: Path | str | None, replicas: int,
          address: str | None, field: str, settings: Settings | None, **options: Any) -> Any:
-    from sureserve.ray.data import batch_rows, configure, records_dataset, run_ray_job, transform
+    from sureserve.ray.data import batch_rows, records_dataset, run_ray_job, transform
 
     settings = settings or Settings()
     if isinstance(source, str | Path):
@@ -47,7 +47,6 @@ def _job(task: str, source: Any, model: str, output: Path | str | None, replicas
         from sureserve.ray.cluster import ensure
 
         ensure(address)  # the Dataset is lazy: the connection stays (ray.shutdown() ends it)
-        configure()
         return transform(records_dataset(Path(source), field, batch_rows(settings, replicas)),
                          task, model, settings, replicas, options)
     # a Dataset of the caller's: the actors take its ``text`` column as it is (no extra

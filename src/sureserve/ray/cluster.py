@@ -44,40 +44,35 @@ def start_local(num_cpus: int | None = None) -> None:
     log.info("started a local Ray instance at %s", ray.get_runtime_context().gcs_address)
 
 
-@contextlib.contextmanager
-def connected(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
-    """Connected to the cluster at ``address`` (None: a local instance started here, shut
-    down at the end). Already connected (an embedding program, the tests): used as is."""
+def ensure(address: str | None) -> bool:
+    """Connected from now on to the cluster at ``address`` (None: a local instance started
+    here). Returns whether this call connected; False when already connected (an
+    embedding program, the tests), which is used as is. APIs returning a lazy Dataset
+    leave the connection to the caller (``ray.shutdown()`` ends it)."""
     if address is None or _loopback(address):
         _local_env()
     import ray
 
     if ray.is_initialized():
-        yield
-        return
-    if address is None:
-        start_local(num_cpus)
-    else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def ensure(address: str | None) -> None:
-    """Connected from now on (for APIs returning a lazy Dataset: the caller owns the
-    connection and ends it with ``ray.shutdown()``)."""
-    if address is None or _loopback(address):
-        _local_env()
-    import ray
-
-    if ray.is_initialized():
-        return
+        return False
     if address is None:
         start_local()
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
+    return True
+
+
+@contextlib.contextmanager
+def connected(address: str | None) -> Iterator[None]:
+    """``ensure``, disconnected at the end (a local instance started here is shut down)."""
+    joined = ensure(address)  # before importing Ray: it sets what Ray reads at import
+    try:
+        yield
+    finally:
+        if joined:
+            import ray
+
+            ray.shutdown()
 
 
 def _loopback(address: str) -> bool:

@@ -37,18 +37,6 @@ from sureserve.settings import Settings
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
 
-def configure() -> None:
-    """Ray Data's options for every sureserve job: input order kept, Ray's progress bars
-    off (ours counts texts). A Dataset takes the context in force when it is created, so
-    this runs before any is."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 def batch_rows(settings: Settings, replicas: int) -> int:
     """Texts per actor batch: the planner window shared out over the replicas (each
     batch is planned together, so larger pads less; smaller spreads a short job wider)."""
@@ -205,7 +193,6 @@ def run_ray_job(task_name: str, model: str, input_file: Path | None, output: Pat
         raise InputError("--ray reads a file", "give --input FILE (txt, jsonl, csv or "
                          "parquet)")
     with connected(address):
-        configure()
         ds = records_dataset(input_file, field, batch_rows(settings, replicas))
         return _drive(task_name, model, transform(ds, task_name, model, settings, replicas,
                                                   options), output, settings, report,
@@ -217,7 +204,6 @@ def transform(ds: Any, task_name: str, model: str, settings: Settings, replicas:
     """``ds`` (rows with ``text``, ``line``, ``bad``) mapped by ``replicas`` actors."""
     import ray
 
-    configure()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
     given = settings.model_dump(exclude_unset=True, mode="json")
     # one batch at a time per actor: by default an actor queues up to 4, and the first one
@@ -226,10 +212,13 @@ def transform(ds: Any, task_name: str, model: str, settings: Settings, replicas:
     out = ds.map_batches(_bound(model, task_name, given, cpus, options),
                          batch_size=batch_rows(settings, replicas), compute=pool,
                          num_cpus=cpus, batch_format="numpy")
-    # a Dataset keeps the context it was created with (a caller's may predate configure)
+    # input order kept, Ray's progress bars off (ours counts texts): set on the context
+    # the Dataset carries (it keeps the one in force when it was created, a caller's too)
     out.context.execution_options.preserve_order = True
     out.context.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return out
+
 
 def _bound(*args: Any) -> type:
     """``Worker`` with its arguments inside the class, so that a restarted actor rebuilds

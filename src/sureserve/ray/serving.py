@@ -51,7 +51,7 @@ def serve_on_ray(names: Sequence[str], settings: Settings, replicas: int,
     from sureserve.ray.cluster import connected
 
     stop = threading.Event()
-    with connected(address, None):
+    with connected(address):
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own
             signal.signal(sig, lambda *_: stop.set())
         cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)) // replicas)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
@@ -94,3 +95,36 @@ def _tasks() -> float:
         return float(len(asyncio.all_tasks()))
     except RuntimeError:
         return 0.0
+
+
+class Scrape:
+    """A scraped /metrics page (the doctor's --url, the soak benchmark): name -> [(labels,
+    value)], with sums over label sets."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                self.samples[s.name].append((dict(s.labels), float(s.value)))
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(v for lab, v in self.samples.get(name, [])
+                   if all(lab.get(k) == x for k, x in labels.items()))
+
+    def mean(self, histogram: str) -> tuple[float, float]:
+        """(mean, count) of a histogram, over every label set."""
+        count = self.total(f"{histogram}_count")
+        return (self.total(f"{histogram}_sum") / count if count else 0.0), count
+
+    def buckets(self, histogram: str) -> list[tuple[float, float]]:
+        """(upper bound, observations in that bucket alone), summed over label sets."""
+        cum: dict[float, float] = defaultdict(float)
+        for lab, v in self.samples.get(f"{histogram}_bucket", []):
+            cum[float(lab["le"])] += v
+        out, before = [], 0.0
+        for le in sorted(cum):
+            out.append((le, cum[le] - before))
+            before = cum[le]
+        return out

@@ -211,8 +211,7 @@ class ServerState:
         blank = [i for i, t in enumerate(texts) if not t.strip()]
         if blank:
             if engine is not None and engine.watch is not None:
-                engine.watch.observe_texts([0] * len(blank), [0] * len(blank),
-                                           [False] * len(blank), [True] * len(blank))
+                engine.watch.observe_texts([0] * len(blank), empty=[True] * len(blank))
             raise InputError(f"input {blank[0]} is empty", "send non-empty text")
         return texts
 

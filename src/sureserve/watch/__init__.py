@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sureserve.watch.drift import DriftWatch, Signal, Stats
+from sureserve.watch.drift import DriftWatch, Signal, Stats, count_unknown
 
 __all__ = ["DriftWatch", "Signal", "for_engine", "unknown_id", "use_reference"]
 REFERENCE_MAX = 10  # windows of a reference file read at most (its first lines)
@@ -42,7 +42,7 @@ def for_engine(engine: Any) -> DriftWatch:
     anchor = Stats()
     probes = [*P.DIVERSE, P.PARAGRAPH]
     for ids in tok(probes, add_special_tokens=False)["input_ids"]:
-        anchor.add_text(len(ids), ids.count(unk) if unk is not None else 0, False, False)
+        anchor.add_text(len(ids), count_unknown(ids, unk), False, False)
     if engine.task_name == "embed" and engine.task is not None:
         pieces = engine.task.to_pieces(P.DIVERSE, "truncate").pieces
         from sureserve.watch.signals import unit_rows
@@ -78,17 +78,12 @@ def use_reference(engine: Any, path: Path) -> int:
         raise SettingsError(f"the reference file {path} holds {len(texts)} inputs; the watch "
                             f"needs at least {watch.min_inputs}", "add typical inputs to it")
     with watch.recording(str(path)):
-        if engine.generation is not None:
-            gen = engine.generation
-            ids = [gen.encode(t) for t in texts]
-            watch.observe_texts([len(i) for i in ids], [0] * len(ids),
-                                [len(i) > gen.context for i in ids],
-                                [not t.strip() for t in texts])
-        elif engine.task_name == "rerank":  # no query to pair them with: the texts alone
-            ids = engine.task.preprocess(texts)
-            unk = watch.unknown_id
+        if engine.generation is not None or engine.task_name == "rerank":
+            # prompts without completions; a reranker's texts without a query to pair them
+            ids = [engine.generation.encode(t) for t in texts] if engine.generation \
+                else engine.task.preprocess(texts)
             watch.observe_texts([len(i) for i in ids],
-                                [i.count(unk) if unk is not None else 0 for i in ids],
+                                [count_unknown(i, watch.unknown_id) for i in ids],
                                 [len(i) > engine.loaded.limit.value for i in ids],
                                 [not t.strip() for t in texts])
         else:

@@ -77,6 +77,11 @@ TASK_SIGNALS = {
 }
 
 
+def count_unknown(ids: Sequence[int], unknown_id: int | None) -> int:
+    """How many of ``ids`` are the unknown token (0 for a tokenizer without one)."""
+    return 0 if unknown_id is None else list(ids).count(unknown_id)
+
+
 def signal_names(task: str, has_unknown: bool = True) -> list[str]:
     names = [n for n in TEXT_SIGNALS if has_unknown or n != "unknown_tokens"]
     return names + list(TASK_SIGNALS.get(task, {}))
@@ -179,10 +184,16 @@ class DriftWatch:
         self.evaluated_at = 0.0
 
     # ---- observing (the request path: cheap, thread-safe) ------------------------------
-    def observe_texts(self, tokens: Sequence[int], unknown: Sequence[int],
-                      cut: Sequence[bool], empty: Sequence[bool]) -> None:
+    def observe_texts(self, tokens: Sequence[int], unknown: Sequence[int] | None = None,
+                      cut: Sequence[bool] | None = None,
+                      empty: Sequence[bool] | None = None) -> None:
+        """Per text: its tokens, how many are unknown, whether it was over the limit and
+        whether it was blank (left out: 0 / False for every text)."""
+        n = len(tokens)
+        rows = zip(tokens, unknown or [0] * n, cut or [False] * n, empty or [False] * n,
+                   strict=True)
         with self._lock:
-            for row in zip(tokens, unknown, cut, empty, strict=True):
+            for row in rows:
                 if self._filling(self.baseline.inputs):
                     self.baseline.add_text(*row)
                 if not self._recording:
