@@ -198,6 +198,38 @@ class Settings(BaseSettings):
         "thread count is per process).",
     )
 
+    # --- Ray Serve (serve --ray) ------------------------------------------------------------
+    ray_min_replicas: int | None = Field(
+        default=None, ge=1,
+        description="serve --ray: autoscale between this many replicas and ray_max_replicas "
+        "(both needed; they replace --replicas). Ray Serve adds a replica when replicas "
+        "carry more than ray_target_ongoing_requests each.",
+    )
+    ray_max_replicas: int | None = Field(
+        default=None, ge=1, description="serve --ray: the most replicas autoscaling starts.",
+    )
+    ray_target_ongoing_requests: float = Field(
+        default=2.0, gt=0,
+        description="serve --ray with autoscaling: requests in flight per replica that "
+        "Ray Serve aims for (more: it adds replicas; fewer: it removes them).",
+    )
+    ray_upscale_delay_s: float = Field(
+        default=30.0, ge=0,
+        description="serve --ray with autoscaling: how long the load must stay above target "
+        "before a replica is added.",
+    )
+    ray_downscale_delay_s: float = Field(
+        default=600.0, ge=0,
+        description="serve --ray with autoscaling: how long the load must stay below target "
+        "before a replica is removed.",
+    )
+    ray_max_queued_requests: int = Field(
+        default=64, ge=1,
+        description="serve --ray: requests Ray's proxy holds while every replica is full "
+        "(each replica takes max_queue_inputs requests at once); beyond that it answers 429 "
+        "with Retry-After.",
+    )
+
     # --- drift watch ---------------------------------------------------------------------
     drift_watch: bool = Field(
         default=True,
@@ -340,6 +372,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",
               "drift_collapse", "drift_mean_shift", "drift_finish_js", "drift_empty_outputs",
               "drift_loops"),
+    "ray_serve": ("ray_min_replicas", "ray_max_replicas", "ray_target_ongoing_requests",
+                  "ray_upscale_delay_s", "ray_downscale_delay_s", "ray_max_queued_requests"),
     "server": ("host", "port", "api_key", "open_health", "max_wait_ms", "max_queue_inputs",
                "max_client_batch", "max_payload_bytes", "packing", "tokenizer_workers"),
 }

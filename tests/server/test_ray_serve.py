@@ -1,15 +1,30 @@
-"""``sureserve serve --ray``: Ray Serve replicas answer as the local server does, and a
-SIGTERM leaves no Ray process behind."""
+"""``sureserve serve --ray``: Ray Serve replicas answer as the local server does; /health and
+/metrics speak for every replica; overload is a 429; a killed replica costs only its
+requests in flight (503s that say so) and comes back; autoscaling; a failed gate; a SIGTERM
+leaves no Ray process behind."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
-from tests.server.conftest import Server, start_server, stop_server
+from sureserve.server.metrics import Scrape
+from sureserve.settings import Settings
+from sureserve.zoo import ZOO
+from tests import mutations as M
+from tests.server.conftest import Server, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 TEXTS = ["The film was a delight from start to finish.", "Rates rose on Tuesday.", "ok"]
@@ -55,3 +70,146 @@ def _close(a: object, b: object) -> None:
         assert abs(a - b) < 1e-4, (a, b)
     else:
         assert a == b, (a, b)
+
+
+def _health(url: str) -> tuple[int, dict[str, Any]]:
+    r = httpx.get(f"{url}/health", timeout=60)
+    return r.status_code, r.json()
+
+
+def _until_ok(url: str, timeout: float = 180) -> dict[str, Any]:
+    """The proxy routes to the first replica up: /health is 200 "degraded" until all are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, h = _health(url)
+        if code == 200 and h["status"] == "ok" or time.monotonic() > deadline:
+            return h
+        time.sleep(0.5)
+
+
+def test_every_replica_in_health_and_metrics_overload_429_and_a_killed_replica(
+        tmp_path: Path) -> None:
+    from sureserve.zoo.corpora import realistic_mix
+
+    texts = realistic_mix(400, 0.05, seed=5)
+    s = start_server(["minilm", "--ray", "--replicas", "2", "--max-queue-inputs", "4",
+                      "--ray-max-queued-requests", "2"], {}, ready_timeout=300)
+    try:
+        h = _until_ok(s.url)
+        assert h["status"] == "ok" and h["models"] == {"minilm": "ready"}
+        assert len(h["replicas"]) == 2 and {r["status"] for r in h["replicas"]} == {"ready"}
+        ids = {r["replica"] for r in h["replicas"]}
+        for t in texts[:8]:
+            r = httpx.post(f"{s.url}/embed", json={"inputs": [t], "truncate": True}, timeout=60)
+            assert r.status_code == 200
+        time.sleep(1.5)  # the other replica's figures are at most a report (1 s) old
+        page = Scrape(httpx.get(f"{s.url}/metrics", timeout=60).text)
+        assert {lab["replica"] for lab, _ in page.samples["sureserve_gate_passed"]} == ids
+        assert page.total("sureserve_requests_total", route="/embed", status="200") == 8
+
+        # overload: 2 replicas x 4 requests at once, 2 more held by the proxy; the rest 429
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as c:
+                body = [{"inputs": [t] * 4, "truncate": True} for t in texts[:40]]
+                return await asyncio.gather(*(c.post(f"{s.url}/embed", json=b) for b in body))
+        answers = asyncio.run(flood())
+        statuses = Counter(r.status_code for r in answers)
+        assert set(statuses) == {200, 429}, statuses
+        assert all(r.headers.get("retry-after") for r in answers if r.status_code == 429)
+
+        # kill one replica's process while 2 clients keep sending (at most 2 in flight: no
+        # more than the proxy may hold while it learns that the replica is gone)
+        victim = h["replicas"][0]["pid"]
+        seen: Counter[int] = Counter()
+        failures: list[dict[str, Any]] = []
+        stop = threading.Event()
+
+        def client(k: int) -> None:
+            with httpx.Client(timeout=120) as c:
+                i = k
+                while not stop.is_set():
+                    try:
+                        r = c.post(f"{s.url}/embed", json={"inputs": [texts[i % len(texts)]],
+                                                           "truncate": True})
+                    except httpx.HTTPError as exc:
+                        failures.append({"status": None, "body": repr(exc)})
+                        continue
+                    seen[r.status_code] += 1
+                    if r.status_code != 200:
+                        failures.append({"status": r.status_code, "body": r.text,
+                                         "retry_after": r.headers.get("retry-after")})
+                    i += 2
+
+        workers = [threading.Thread(target=client, args=(k,)) for k in range(2)]
+        for w in workers:
+            w.start()
+        time.sleep(2)
+        before = sum(seen.values())
+        os.kill(victim, signal.SIGKILL)
+        states: list[str] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            code, h = _health(s.url)
+            states += [r["status"] for r in h["replicas"] if r["pid"] != victim]
+            if code == 200 and h["status"] == "ok" and len(h["replicas"]) == 2 and \
+                    victim not in {r["pid"] for r in h["replicas"]}:
+                break
+            time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join()
+        assert h["status"] == "ok", h
+        assert "loading" in states or "lost" in states, states  # the replacement was seen
+        # only requests in flight on the killed replica may fail: a 503 saying so (or, rarely
+        # seen, the proxy dropping that connection); every other request succeeds
+        assert len(failures) <= 2, failures
+        assert all(f["status"] is None and "RemoteProtocolError" in f["body"] or
+                   f["status"] == 503 and '"error_type":"replica_lost"' in f["body"] and
+                   f["retry_after"] for f in failures), failures
+        assert seen[200] > before + 10
+        page = Scrape(httpx.get(f"{s.url}/metrics", timeout=60).text)
+        now = {lab["replica"] for lab, _ in page.samples["sureserve_gate_passed"]}
+        assert now == {r["replica"] for r in h["replicas"]} and now != ids
+    finally:
+        assert stop_server(s) == 0
+
+
+def test_autoscaling_adds_a_replica_under_load() -> None:
+    s = start_server(["minilm", "--ray", "--ray-min-replicas", "1", "--ray-max-replicas", "2",
+                      "--ray-target-ongoing-requests", "1", "--ray-upscale-delay-s", "1"], {},
+                     ready_timeout=300)
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                c.post(f"{s.url}/embed", json={"inputs": [TEXTS[0] * 20] * 8})
+
+    workers = [threading.Thread(target=client) for _ in range(6)]
+    try:
+        h = _until_ok(s.url)
+        assert h["status"] == "ok" and len(h["replicas"]) == 1
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            code, h = _health(s.url)
+            if sum(r["status"] == "ready" for r in h["replicas"]) == 2:
+                break
+            time.sleep(1)
+        assert [r["status"] for r in h["replicas"]] == ["ready", "ready"], h
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+        assert stop_server(s) == 0
+
+
+def test_a_failed_gate_fails_the_deployment_with_the_reason(tmp_path: Path) -> None:
+    mini = ZOO["minilm"].path(Settings())
+    broken = M.with_tokenizer(mini, M.shuffled_tokenizer(mini, tmp_path / "t"), tmp_path / "m")
+    r = subprocess.run([sys.executable, "-m", "sureserve.cli", "serve", str(broken), "--ray",
+                        "--replicas", "1", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "no Ray Serve replica could start" in r.stderr and "alignment" in r.stderr

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger("sureserve.ray")
 LOOPBACK = "127.0.0.1"
@@ -32,7 +33,8 @@ def _local_env() -> None:
     constants.ENABLE_RAY_CLUSTER = False
 
 
-def start_local(num_cpus: int | None = None) -> None:
+def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None
+                ) -> None:
     """Start a local Ray instance in this process bound to 127.0.0.1 (no dashboard)."""
     _local_env()
     import ray
@@ -40,11 +42,12 @@ def start_local(num_cpus: int | None = None) -> None:
     # address="local": a new instance even when another runs on this machine (plain
     # ray.init() would join one it finds)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             _node_ip_address=LOOPBACK, log_to_driver=False, configure_logging=False)
+             _node_ip_address=LOOPBACK, log_to_driver=False, configure_logging=False,
+             runtime_env=runtime_env)
     log.info("started a local Ray instance at %s", ray.get_runtime_context().gcs_address)
 
 
-def ensure(address: str | None) -> bool:
+def ensure(address: str | None, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connected from now on to the cluster at ``address`` (None: a local instance started
     here). Returns whether this call connected; False when already connected (an
     embedding program, the tests), which is used as is. APIs returning a lazy Dataset
@@ -56,16 +59,18 @@ def ensure(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        start_local()
+        start_local(runtime_env=runtime_env)
     else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, log_to_driver=False, configure_logging=False,
+                 runtime_env=runtime_env)
     return True
 
 
 @contextlib.contextmanager
-def connected(address: str | None) -> Iterator[None]:
+def connected(address: str | None, runtime_env: dict[str, Any] | None = None
+              ) -> Iterator[None]:
     """``ensure``, disconnected at the end (a local instance started here is shut down)."""
-    joined = ensure(address)  # before importing Ray: it sets what Ray reads at import
+    joined = ensure(address, runtime_env)  # before importing Ray: it sets what Ray reads at import
     try:
         yield
     finally:

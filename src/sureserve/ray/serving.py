@@ -2,10 +2,18 @@
 
 Each replica builds the very app ``sureserve serve`` runs (``create_app``: routes, request
 and answer shapes, auth, limits, errors, gate, warm-up, its own batcher), from a builder
-evaluated in the replica, so its lifespan loads and gates the models there. Ray Serve's
-proxy listens on ``--host``/``--port`` (127.0.0.1 by default) and spreads requests over
-the replicas. Backpressure stays sureserve's: a replica takes up to ``max_queue_inputs``
-requests at once and its own queue answers 429 with Retry-After beyond that.
+evaluated in the replica. Its start-up loads and gates the models before Ray routes it any
+traffic; a replica whose model fails is restarted by Ray, and a deployment whose replicas
+all fail ends the command with the replicas' reasons (exit 3 for a failed gate).
+
+Ray Serve's proxy listens on ``--host``/``--port`` (127.0.0.1 by default). Every replica
+reports to a board actor (``board.py``) so ``/health`` lists every replica and ``/metrics``
+carries every replica's metrics with a ``replica`` label, whichever replica answers.
+
+Backpressure: a replica takes ``max_queue_inputs`` requests at once (its own queue answers
+429 when their inputs overflow it); when every replica is full, Ray's proxy holds up to
+``ray_max_queued_requests`` and answers the rest 429 with Retry-After. A request whose
+replica dies under it is answered 503 (``proxy_hook.py``), not Ray's bare 500.
 """
 
 from __future__ import annotations
@@ -16,28 +24,64 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from sureserve.errors import GateError, SettingsError, SureserveError
 from sureserve.settings import Settings
 
 log = logging.getLogger("sureserve.ray")
 APP = "sureserve"
 
 
-def deployment(names: Sequence[str], settings: Settings, replicas: int, cpus: float) -> Any:
-    """The Serve application: ``replicas`` copies of sureserve's app."""
+def scaling(settings: Settings, replicas: int) -> dict[str, Any]:
+    """Serve's replica options: a fixed ``replicas``, or autoscaling when both
+    ``ray_min_replicas`` and ``ray_max_replicas`` are set."""
+    lo, hi = settings.ray_min_replicas, settings.ray_max_replicas
+    if lo is None and hi is None:
+        return {"num_replicas": replicas}
+    if lo is None or hi is None or lo > hi:
+        raise SettingsError(f"autoscaling needs both bounds, min <= max (got min={lo}, "
+                            f"max={hi})", "set --ray-min-replicas and --ray-max-replicas "
+                            "(SURESERVE_RAY_MIN_REPLICAS / _MAX_REPLICAS), min <= max")
+    return {"num_replicas": "auto", "autoscaling_config": {
+        "min_replicas": lo, "initial_replicas": lo, "max_replicas": hi,
+        "target_ongoing_requests": settings.ray_target_ongoing_requests,
+        "upscale_delay_s": settings.ray_upscale_delay_s,
+        "downscale_delay_s": settings.ray_downscale_delay_s}}
+
+
+def resources(settings: Settings, cluster: dict[str, float], most: int) -> dict[str, float]:
+    """A replica's share of the cluster: CPUs split over the most replicas it may run, and
+    one GPU each when the load plan asks for CUDA (``--device cuda``, or no device given
+    and the cluster has GPUs), as the local load plan would pick it."""
+    cpus = max(1.0, cluster.get("CPU", 1.0) // most)
+    device = (settings.device or "").split(":")[0]
+    gpus = cluster.get("GPU", 0.0)
+    if device == "cuda" and not gpus:
+        raise SettingsError("--device cuda, but the Ray cluster has no GPU",
+                            "start the Ray nodes on GPU machines, or drop --device")
+    wants_gpu = device == "cuda" or (not device and gpus > 0)
+    return {"num_cpus": cpus, **({"num_gpus": 1.0} if wants_gpu else {})}
+
+
+def deployment(names: Sequence[str], settings: Settings, replicas: int,
+               actor_options: dict[str, Any]) -> Any:
+    """The Serve application: copies of sureserve's app, each reporting to the board."""
     from ray import serve
+    from ray.serve.config import BackpressureConfig
 
     names = list(names)
 
     def build() -> Any:  # runs in each replica
+        from sureserve.ray.board import Reporter
         from sureserve.server.app import create_app
 
-        return create_app(settings, names)
+        return create_app(settings, names, cluster=Reporter(APP))
 
-    # a replica takes as many requests at once as its own queue holds, so that overload
-    # is answered by sureserve's 429 (with Retry-After), not by requests parked in Serve
-    dep: Any = serve.deployment(serve.ingress(build)(), name=APP, num_replicas=replicas,
-                                max_ongoing_requests=settings.max_queue_inputs,
-                                ray_actor_options={"num_cpus": cpus})
+    dep: Any = serve.deployment(
+        serve.ingress(build)(), name=APP, **scaling(settings, replicas),
+        max_ongoing_requests=settings.max_queue_inputs,
+        max_queued_requests=settings.ray_max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+        ray_actor_options=actor_options)
     return dep.bind()
 
 
@@ -48,19 +92,41 @@ def serve_on_ray(names: Sequence[str], settings: Settings, replicas: int,
     import ray
     from ray import serve
 
+    from sureserve.ray.board import NAMESPACE, Board, board_name
     from sureserve.ray.cluster import connected
+    from sureserve.ray.proxy_hook import HOOK
 
+    opts = scaling(settings, replicas)  # a usage error before Ray starts
+    most = settings.ray_max_replicas if "autoscaling_config" in opts else replicas
     stop = threading.Event()
-    with connected(address):
+    with connected(address, {"worker_process_setup_hook": HOOK}):
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own
             signal.signal(sig, lambda *_: stop.set())
-        cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)) // replicas)
+        actor_options = resources(settings, ray.cluster_resources(), most or replicas)
+        board = ray.remote(Board).options(  # type: ignore[attr-defined]
+            name=board_name(APP), namespace=NAMESPACE, num_cpus=0,
+            get_if_exists=True).remote()
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(deployment(names, settings, replicas, cpus), name=APP, route_prefix="/",
-                  blocking=False)
-        log.warning("Ray Serve: %d replica(s) of %s on http://%s:%d", replicas,
-                    ", ".join(names), settings.host, settings.port)
         try:
+            try:
+                serve.run(deployment(names, settings, replicas, actor_options), name=APP,
+                          route_prefix="/", blocking=False)
+            except RuntimeError as exc:
+                raise _deploy_failed(ray.get(board.view.remote()), exc) from None
+            log.warning("Ray Serve: %s replica(s) of %s on http://%s:%d, %s",
+                        opts["num_replicas"], ", ".join(names), settings.host, settings.port,
+                        actor_options)
             stop.wait()
         finally:
             serve.shutdown()
+
+
+def _deploy_failed(entries: list[dict[str, Any]], exc: Exception) -> SureserveError:
+    """Why no replica came up, from what the replicas reported before they failed."""
+    reasons = sorted({e["reason"] for e in entries if e.get("reason")})
+    codes = {c for e in entries for c in e.get("failures", [])}
+    message = "no Ray Serve replica could start: " + ("; ".join(reasons) or str(exc))
+    if "gate_failed" in codes:
+        return GateError(message, "run 'sureserve check MODEL' for the gate's report")
+    return SureserveError(message, "the replicas' logs are in /tmp/ray/session_latest/logs/"
+                          "serve/")

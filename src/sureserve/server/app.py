@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -46,19 +46,50 @@ OPEN_PATHS = {"/health", "/metrics", "/ping"}
 log = logging.getLogger("sureserve.server")
 
 
+class Cluster(Protocol):
+    """What a replica of a larger deployment (Ray Serve: ``sureserve.ray.board``) adds:
+    its state reported where the other replicas see it, and ``/health`` and ``/metrics``
+    answered for all of them."""
+
+    async def start(self, state: ServerState) -> None: ...
+    async def run(self, state: ServerState) -> None: ...
+    async def report(self, state: ServerState) -> None: ...
+    async def leave(self) -> None: ...
+    async def health(self, state: ServerState) -> tuple[dict[str, Any], int]: ...
+    async def metrics(self, state: ServerState) -> bytes: ...
+
+
 def create_app(settings: Settings, models: Sequence[str],
-               factory: EngineFactory = default_factory) -> FastAPI:
+               factory: EngineFactory = default_factory,
+               cluster: Cluster | None = None) -> FastAPI:
+    """The app. Alone, it starts answering at once (``/health`` says "loading" until the
+    models pass their gate). As a ``cluster`` replica, its start-up waits for the models
+    (the proxy sends it nothing until then) and fails if one fails, so that Ray does not
+    route traffic to a replica that cannot answer."""
     state = ServerState(settings, models, factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(state.load_all())
-        watching = asyncio.create_task(_watch_loop_lag(state.metrics))
-        drifting = asyncio.create_task(state.watch_drift())
+        tasks = [asyncio.create_task(_watch_loop_lag(state.metrics)),
+                 asyncio.create_task(state.watch_drift())]
+        if cluster is None:
+            tasks.append(asyncio.create_task(state.load_all()))
+        else:
+            await cluster.start(state)
+            tasks.append(asyncio.create_task(cluster.run(state)))
+            await state.load_all()
+            failed = [f"{s.name}: {s.reason}" for s in state.slots.values() if s.reason]
+            if failed:
+                await cluster.report(state)
+                for t in tasks:
+                    t.cancel()
+                await state.stop()
+                raise RuntimeError("; ".join(failed))
         yield
-        loading.cancel()
-        watching.cancel()
-        drifting.cancel()
+        for t in tasks:
+            t.cancel()
+        if cluster is not None:
+            await cluster.leave()
         await state.stop()
 
     # FastAPI's /docs and /redoc load their scripts from a public CDN, so they render
@@ -68,7 +99,7 @@ def create_app(settings: Settings, models: Sequence[str],
     app.state.sureserve = state
     install_docs(app)
     _install_handlers(app, state)
-    _install_routes(app, state)
+    _install_routes(app, state, cluster)
     install_tei_routes(app, state)
     install_generation_routes(app, state)
     # BodyLimit inside AuthAndMetrics, so that its 413s are counted in the metrics
@@ -232,17 +263,20 @@ def _install_handlers(app: FastAPI, state: ServerState) -> None:
         return error_response(request.url.path, err)
 
 
-def _install_routes(app: FastAPI, state: ServerState) -> None:
+def _install_routes(app: FastAPI, state: ServerState, cluster: Cluster | None) -> None:
     @app.get("/health", response_model=S.Health,
              responses={503: {"model": S.Health, "description": "Loading or failed"}})
     async def health() -> JSONResponse:
+        if cluster is not None:
+            body, code = await cluster.health(state)
+            return JSONResponse(S.Health(**body).model_dump(), status_code=code)
         return health_response(state)
 
     @app.get("/metrics", response_class=Response, responses=AUTH_ONLY)
     async def metrics() -> Response:
-        for slot in state.slots.values():
-            if slot.batcher:
-                state.metrics.queue_depth.labels(slot.name).set(slot.batcher.depth)
+        if cluster is not None:  # every replica's, each sample labelled with its replica
+            return Response(await cluster.metrics(state), media_type=CONTENT_TYPE_LATEST)
+        state.refresh_gauges()
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/info", response_model=S.Info, responses=AUTH_ONLY)

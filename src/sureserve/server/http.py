@@ -75,4 +75,5 @@ def health_response(state: Any) -> JSONResponse:
                     reason="; ".join(reasons) or None,
                     drift=[S.DriftAlert(**d) for d in drift])
     healthy = status == "ok" or (status == "degraded" and not state.settings.drift_unhealthy)
-    return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
+    return JSONResponse(body.model_dump(exclude={"replicas"}),
+                        status_code=200 if healthy else 503)

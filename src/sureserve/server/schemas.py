@@ -253,13 +253,29 @@ class DriftAlert(BaseModel):
     detail: str
 
 
+class ReplicaHealth(BaseModel):
+    replica: str = Field(description="Ray Serve's replica id (the 'replica' metrics label)")
+    pid: int
+    node: str = Field(description="Ray node id (first 12 characters)")
+    status: Literal["loading", "ready", "failed", "lost"] = Field(
+        description="lost: the replica stopped reporting (its process died) and Ray has not "
+        "replaced it yet")
+    models: dict[str, str]
+    reason: str | None = None
+    seconds_since_report: float
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded", "loading", "failed"] = Field(
-        description="degraded: every model is ready but a drift alert is on (see drift)")
+        description="degraded: every model is ready but a drift alert is on (see drift); "
+        "under Ray Serve also: some replicas are ready, others are not")
     models: dict[str, str]
     reason: str | None = None
     drift: list[DriftAlert] = Field(default_factory=list,
                                     description="Drift signals above their threshold")
+    replicas: list[ReplicaHealth] | None = Field(
+        default=None, description="Under Ray Serve (serve --ray): every replica, whichever "
+        "answered; absent for a single server")
 
 
 class ModelInfo(BaseModel):

@@ -42,6 +42,7 @@ class Slot:
     name: str
     state: str = "loading"  # loading | ready | failed
     reason: str | None = None
+    failure: str | None = None  # the error's code when failed (gate_failed, ...)
     engine: Engine | None = None
     batcher: Batcher | None = None  # embed and classify models
     gen: GenWorker | None = None  # generation models
@@ -127,6 +128,7 @@ class ServerState:
 
     def _failed(self, slot: Slot, exc: Exception) -> None:
         slot.state, slot.reason = "failed", str(exc)
+        slot.failure = getattr(exc, "code", type(exc).__name__)
         self.metrics.gate_passed.labels(slot.name).set(0)
         log.error("could not serve %s: %s", slot.name, exc)
 
@@ -144,6 +146,12 @@ class ServerState:
                     if s.score is not None:
                         self.metrics.drift_score.labels(slot.name, s.name).set(s.score)
                     self.metrics.drift_alert.labels(slot.name, s.name).set(int(s.alert))
+
+    def refresh_gauges(self) -> None:
+        """Gauges read at scrape time rather than kept current on the request path."""
+        for slot in self.slots.values():
+            if slot.batcher:
+                self.metrics.queue_depth.labels(slot.name).set(slot.batcher.depth)
 
     def drift_alerts(self) -> list[dict[str, Any]]:
         """Every alerting signal of every served model, with its numbers."""
