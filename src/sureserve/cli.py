@@ -657,13 +657,23 @@ def bench_drift(window: Annotated[int, typer.Option(help="The drift window.")] =
 
 @bench_app.command("ray")
 def bench_ray(n: BenchN = 4000,
-              replicas: Annotated[int, typer.Option(help="Ray actors.")] = 2,
+              replicas: Annotated[int, typer.Option(help="Ray actors / Serve replicas.")] = 2,
+              part: Annotated[list[str] | None, typer.Option(
+                  help="data and/or serve (default: both).")] = None,
+              clients: Annotated[int, typer.Option(help="Closed-loop clients (serve).")] = 32,
+              seconds: Annotated[float, typer.Option(help="Load time per server.")] = 20.0,
               output: BenchOut = None) -> None:
-    """Offline embeddings on Ray Data (one actor per replica) vs the local engine, as two
-    `sureserve embed` runs of the realistic mix: wall time, order, largest difference."""
+    """Ray vs local, in one run. data: offline embeddings on Ray Data (one actor per
+    replica) vs the local engine, as two `sureserve embed` runs of the realistic mix (wall
+    time, order, largest difference). serve: `sureserve serve --ray --replicas N` vs
+    `sureserve serve` under the same closed-loop clients."""
     from sureserve.bench.ray import print_report, run_bench
 
-    print_report(run_bench(n, replicas, _bench_out(output, "ray"), _report), _report)
+    parts = part or ["data", "serve"]
+    if unknown := set(parts) - {"data", "serve"}:
+        raise SettingsError(f"unknown part(s) {sorted(unknown)}", "use --part data or serve")
+    print_report(run_bench(n, replicas, _bench_out(output, "ray"), _report, parts, clients,
+                           seconds), _report)
 
 
 @bench_app.command("generate")

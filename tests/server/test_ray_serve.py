@@ -6,6 +6,7 @@ leaves no Ray process behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from sureserve.server.metrics import Scrape
 from sureserve.settings import Settings
 from sureserve.zoo import ZOO
 from tests import mutations as M
+from tests.cli import cli
 from tests.server.conftest import Server, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +84,7 @@ def _until_ok(url: str, timeout: float = 180) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         code, h = _health(url)
-        if code == 200 and h["status"] == "ok" or time.monotonic() > deadline:
+        if (code == 200 and h["status"] == "ok") or time.monotonic() > deadline:
             return h
         time.sleep(0.5)
 
@@ -163,9 +165,9 @@ def test_every_replica_in_health_and_metrics_overload_429_and_a_killed_replica(
         # only requests in flight on the killed replica may fail: a 503 saying so (or, rarely
         # seen, the proxy dropping that connection); every other request succeeds
         assert len(failures) <= 2, failures
-        assert all(f["status"] is None and "RemoteProtocolError" in f["body"] or
-                   f["status"] == 503 and '"error_type":"replica_lost"' in f["body"] and
-                   f["retry_after"] for f in failures), failures
+        assert all((f["status"] is None and "RemoteProtocolError" in f["body"]) or
+                   (f["status"] == 503 and '"error_type":"replica_lost"' in f["body"] and
+                    f["retry_after"]) for f in failures), failures
         assert seen[200] > before + 10
         page = Scrape(httpx.get(f"{s.url}/metrics", timeout=60).text)
         now = {lab["replica"] for lab, _ in page.samples["sureserve_gate_passed"]}
@@ -193,7 +195,7 @@ def test_autoscaling_adds_a_replica_under_load() -> None:
             w.start()
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            code, h = _health(s.url)
+            _, h = _health(s.url)
             if sum(r["status"] == "ready" for r in h["replicas"]) == 2:
                 break
             time.sleep(1)
@@ -213,3 +215,14 @@ def test_a_failed_gate_fails_the_deployment_with_the_reason(tmp_path: Path) -> N
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "no Ray Serve replica could start" in r.stderr and "alignment" in r.stderr
+
+
+def test_bench_ray_serve_part_runs_and_compares_answers(tmp_path: Path) -> None:
+    out = tmp_path / "ray.json"
+    r = cli("bench", "ray", "--part", "serve", "--clients", "4", "--seconds", "1", "-o",
+            str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())["serve"]
+    assert set(rep["results"]) == {"local", "ray-2"}
+    assert all(row["requests"] > 0 and row["errors"] == 0 for row in rep["results"].values())
+    assert rep["ray_over_local_req_per_s"] > 0 and rep["max_abs_diff_ray_vs_local"] < 1e-4

@@ -1,22 +1,28 @@
-"""``sureserve bench ray``: the same offline job run locally and on Ray Data, side by side.
+"""``sureserve bench ray``: sureserve locally and on Ray, side by side, in one run.
 
-Both run as the user runs them (``sureserve embed -i FILE -o OUT`` with and without
-``--ray``), in their own processes, on the realistic mix; wall time includes everything a
-user waits for (Ray's start, every actor's model load and gate). The outputs are compared
-row by row (index order and the largest cosine distance).
+Ray Data (part ``data``): the same offline job run as the user runs it (``sureserve embed
+-i FILE -o OUT`` with and without ``--ray``), in their own processes, on the realistic mix;
+wall time includes everything a user waits for (Ray's start, every actor's model load and
+gate). The outputs are compared row by row (index order and the largest cosine distance).
+
+Ray Serve (part ``serve``): ``sureserve serve minilm`` and ``sureserve serve minilm --ray
+--replicas N`` under the same closed-loop clients as ``bench serve`` (one text per
+request from the realistic mix); the answers of both are compared on a sample.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from sureserve.bench.harness import write_report
@@ -36,10 +42,20 @@ def _vectors(path: Path) -> tuple[list[int], np.ndarray]:
     return [r["index"] for r in rows], np.asarray([r["embedding"] for r in rows])
 
 
-def run_bench(n: int, replicas: int, out: Path | None, log: Callable[[str], None]
-              ) -> dict[str, Any]:
+def run_bench(n: int, replicas: int, out: Path | None, log: Callable[[str], None],
+              parts: Sequence[str] = ("data", "serve"), clients: int = 32,
+              seconds: float = 20.0) -> dict[str, Any]:
     import ray
 
+    report: dict[str, Any] = {"ray": ray.__version__, "replicas": replicas}
+    if "data" in parts:
+        report["data"] = _data(n, replicas, log)
+    if "serve" in parts:
+        report["serve"] = _serve(replicas, clients, seconds, log)
+    return write_report(out, report)
+
+
+def _data(n: int, replicas: int, log: Callable[[str], None]) -> dict[str, Any]:
     from sureserve.zoo.corpora import realistic_mix
 
     texts = realistic_mix(n, 0.05, seed=21)
@@ -61,17 +77,107 @@ def run_bench(n: int, replicas: int, out: Path | None, log: Callable[[str], None
     (ia, a), (ib, b) = outputs["local"], outputs[f"ray-{replicas}"]
     cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     local_s = results["local"]["seconds"]
-    report = {"ray": ray.__version__, "texts": n, "replicas": replicas, "results": results,
-              "ray_over_local_throughput": round(local_s / results[f"ray-{replicas}"]
-                                                 ["seconds"], 3),
-              "same_order": ia == ib == list(range(n)),
-              "min_cosine_ray_vs_local": round(float(cos.min()), 7)}
-    return write_report(out, report)
+    return {"texts": n, "results": results,
+            "ray_over_local_throughput": round(local_s / results[f"ray-{replicas}"]
+                                               ["seconds"], 3),
+            "same_order": ia == ib == list(range(n)),
+            "min_cosine_ray_vs_local": round(float(cos.min()), 7)}
+
+
+def _until_all_ready(url: str, timeout: float = 300) -> None:
+    """Ray's proxy answers as soon as one replica is up; measure once all are."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{url}/health", timeout=30)
+        if r.status_code == 200 and r.json()["status"] == "ok":
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not get every replica ready")
+
+
+def _serve(replicas: int, clients: int, seconds: float, log: Callable[[str], None]
+           ) -> dict[str, Any]:
+    from sureserve.bench.serve import _free_port, _load, _start, _stop
+    from sureserve.zoo.corpora import realistic_mix
+
+    texts = realistic_mix(2000, 0.05, seed=1)
+    sample = {"inputs": texts[:16], "truncate": True}
+    base = [sys.executable, "-m", "sureserve.cli", "serve", "minilm", "--truncation",
+            "truncate"]
+    rows: dict[str, Any] = {}
+    answers = {}
+    for name, extra in (("local", []), (f"ray-{replicas}",
+                                         ["--ray", "--replicas", str(replicas)])):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = _start([*base, *extra, "--port", str(port)], url)
+        try:
+            _until_all_ready(url)
+            asyncio.run(_load(url, texts, 4, 3.0, 100))  # warm-up
+            before = _cpu(proc.pid)
+            rows[name] = asyncio.run(_load(url, texts, clients, seconds, 10**6))
+            rows[name]["cpu_ms_per_request"] = _cpu_use(before, _cpu(proc.pid),
+                                                        rows[name]["requests"])
+            answers[name] = np.asarray(httpx.post(f"{url}/embed", json=sample,
+                                                  timeout=60).json())
+            log(f"serve {name} x{clients}: {rows[name]}")
+        finally:
+            _stop(proc)
+    a, b = answers["local"], answers[f"ray-{replicas}"]
+    return {"clients": clients, "seconds": seconds, "results": rows,
+            "ray_over_local_req_per_s": round(rows[f"ray-{replicas}"]["req_per_s"] /
+                                              rows["local"]["req_per_s"], 3),
+            "max_abs_diff_ray_vs_local": float(np.abs(a - b).max())}
+
+
+def _cpu(root: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of a server's process tree (Ray's workers are the raylet's
+    children, so the tree holds them), each process named by its role."""
+    import psutil
+
+    out = {}
+    top = psutil.Process(root)
+    for p in [top, *top.children(recursive=True)]:
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+            out[p.pid] = (_role(cmd), t.user + t.system)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _role(cmd: str) -> str:
+    for key, role in (("ServeReplica", "replicas"), ("ProxyActor", "proxy"),
+                      ("sureserve.cli", "server")):
+        if key in cmd:
+            return role
+    return "ray-other"
+
+
+def _cpu_use(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+             requests: int) -> dict[str, float]:
+    """CPU milliseconds per answered request, by role, over the load."""
+    use: dict[str, float] = {}
+    for pid, (role, t) in after.items():
+        use[role] = use.get(role, 0.0) + t - before.get(pid, (role, 0.0))[1]
+    return {role: round(1000 * t / max(requests, 1), 2) for role, t in sorted(use.items())}
 
 
 def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
-    for name, r in rep["results"].items():
-        log(f"{name}: {r['seconds']} s, {r['texts_per_s']} texts/s")
-    log(f"ray {rep['ray']} with {rep['replicas']} replicas / local throughput: "
-        f"{rep['ray_over_local_throughput']}x; same order: {rep['same_order']}; min cosine "
-        f"{rep['min_cosine_ray_vs_local']}")
+    if "data" in rep:
+        d = rep["data"]
+        for name, r in d["results"].items():
+            log(f"data {name}: {r['seconds']} s, {r['texts_per_s']} texts/s")
+        log(f"Ray Data {rep['ray']}, {rep['replicas']} replicas / local throughput: "
+            f"{d['ray_over_local_throughput']}x; same order: {d['same_order']}; min cosine "
+            f"{d['min_cosine_ray_vs_local']}")
+    if "serve" in rep:
+        v = rep["serve"]
+        for name, r in v["results"].items():
+            log(f"serve {name}: {r['req_per_s']} req/s, p50 {r['p50_ms']} ms, p99 "
+                f"{r['p99_ms']} ms, errors {r['errors']}; CPU ms per request "
+                f"{r['cpu_ms_per_request']}")
+        log(f"Ray Serve {rep['ray']}, {rep['replicas']} replicas / sureserve serve at "
+            f"{v['clients']} clients: {v['ray_over_local_req_per_s']}x; largest difference "
+            f"{v['max_abs_diff_ray_vs_local']:.2e}")

@@ -15,6 +15,7 @@ Ray; ``Board`` and ``Reporter`` are the Ray actor and the replica's side of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -129,7 +130,7 @@ def relabel(pages: Iterable[tuple[str, bytes]]) -> bytes:
             return families.values()
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Pages())  # type: ignore[arg-type]
+    registry.register(_Pages())
     return generate_latest(registry)
 
 
@@ -155,10 +156,9 @@ class Reporter:
         from ray import serve
 
         self.board = ray.get_actor(board_name(self.app), namespace=NAMESPACE)
-        try:
+        # outside a replica (the app on its own): the pid names it
+        with contextlib.suppress(Exception):
             self.replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside a replica (tests of the app alone): the pid names it
-            pass
         self.node = ray.get_runtime_context().get_node_id()[:12]
 
     def info(self, state: Any) -> dict[str, Any]:
@@ -192,10 +192,8 @@ class Reporter:
     async def leave(self) -> None:
         """A replica stopped on purpose (scale-down, shutdown) is not 'lost'."""
         if self.board is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await self.board.forget.remote(self.replica)
-            except Exception:
-                pass
 
     async def health(self, state: Any) -> tuple[dict[str, Any], int]:
         await self.report(state)  # this replica's own entry is current

@@ -103,7 +103,7 @@ def serve_on_ray(names: Sequence[str], settings: Settings, replicas: int,
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own
             signal.signal(sig, lambda *_: stop.set())
         actor_options = resources(settings, ray.cluster_resources(), most or replicas)
-        board = ray.remote(Board).options(  # type: ignore[attr-defined]
+        board: Any = ray.remote(Board).options(
             name=board_name(APP), namespace=NAMESPACE, num_cpus=0,
             get_if_exists=True).remote()
         serve.start(http_options={"host": settings.host, "port": settings.port})
