@@ -102,3 +102,11 @@ def test_resources_share_cpus_and_ask_a_gpu_when_the_plan_is_cuda() -> None:
     assert resources(Settings(device="cpu"), {"CPU": 16.0, "GPU": 2.0}, 4) == {"num_cpus": 4.0}
     with pytest.raises(SettingsError, match="no GPU"):
         resources(Settings(device="cuda:0"), {"CPU": 4.0}, 2)
+
+
+def test_serve_ray_with_one_autoscaling_bound_is_a_usage_error_before_ray_starts() -> None:
+    from tests.cli import cli
+
+    r = cli("serve", "--ray", "--ray-min-replicas", "2", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "autoscaling needs both bounds" in r.stderr and "--ray-max-replicas" in r.stderr
