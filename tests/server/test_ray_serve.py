@@ -6,6 +6,7 @@ leaves no Ray process behind."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import signal
@@ -38,6 +39,12 @@ def test_ray_serve_answers_like_the_local_server_and_shuts_down_clean(server: Se
     try:
         children = psutil.Process(ray_server.proc.pid).children(recursive=True)
         assert any("raylet" in (p.name() or "") for p in children)
+        # every socket the deployment listens on (Serve's proxy included) is on loopback
+        listening = {(c.laddr.ip, c.laddr.port) for p in children
+                     for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        port = int(ray_server.url.rsplit(":", 1)[1])
+        assert ("127.0.0.1", port) in listening, listening
+        assert all(_loopback(ip) for ip, _ in listening), listening
         for route, body in (("/embed", {"inputs": TEXTS}),
                             ("/predict", {"inputs": TEXTS, "model": "sentiment-demo"}),
                             ("/v1/embeddings", {"input": TEXTS, "model": "minilm"})):
@@ -57,6 +64,12 @@ def test_ray_serve_answers_like_the_local_server_and_shuts_down_clean(server: Se
         time.sleep(0.5)
     left = [p.pid for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"Ray processes left behind: {left}"
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack socket
+    return (mapped or addr).is_loopback
 
 
 def _close(a: object, b: object) -> None:

@@ -13,7 +13,7 @@ carries every replica's metrics with a ``replica`` label, whichever replica answ
 Backpressure: a replica takes ``max_queue_inputs`` requests at once (its own queue answers
 429 when their inputs overflow it); when every replica is full, Ray's proxy holds up to
 ``ray_max_queued_requests`` and answers the rest 429 with Retry-After. A request whose
-replica dies under it is answered 503 (``proxy_hook.py``), not Ray's bare 500.
+replica dies under it is answered 503 (``hooks.py``), not Ray's bare 500.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def serve_on_ray(names: Sequence[str], settings: Settings, replicas: int,
 
     from sureserve.ray.board import NAMESPACE, Board, board_name
     from sureserve.ray.cluster import connected
-    from sureserve.ray.proxy_hook import HOOK
+    from sureserve.ray.hooks import HOOK
 
     opts = scaling(settings, replicas)  # a usage error before Ray starts
     most = settings.ray_max_replicas if "autoscaling_config" in opts else replicas
