@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from sureserve.errors import SettingsError
 from sureserve.ray.board import LOST_AFTER, combine_health, relabel
@@ -110,3 +110,25 @@ def test_serve_ray_with_one_autoscaling_bound_is_a_usage_error_before_ray_starts
     r = cli("serve", "--ray", "--ray-min-replicas", "2", timeout=120)
     assert r.returncode == 2, r.stderr
     assert "autoscaling needs both bounds" in r.stderr and "--ray-max-replicas" in r.stderr
+
+
+def gate_page(passed: int) -> bytes:
+    r = CollectorRegistry()
+    Gauge("sureserve_gate_passed", "gate", ["model"], registry=r).labels("minilm").set(passed)
+    return generate_latest(r)
+
+
+def test_doctor_url_reads_every_replica_of_a_ray_deployment() -> None:
+    from sureserve.doctor.remote import _health
+
+    page = Scrape(relabel([("a", gate_page(1)), ("b", gate_page(1))]).decode())
+    body, _ = combine_health([entry("a"), entry("b", age=LOST_AFTER + 1)], None, False)
+    found = _health(body, {}, page)
+    assert found.verdict == "warn" and "1 of 2 ready" in found.evidence
+    assert "b (pid" in found.evidence and "no report" in found.fix
+    body, _ = combine_health([entry("a"), entry("b")], 2, False)
+    assert _health(body, {}, page).verdict == "pass"
+    # one replica's model failed its gate: the worst replica counts
+    page = Scrape(relabel([("a", gate_page(1)), ("b", gate_page(0))]).decode())
+    found = _health(body, {}, page)
+    assert found.verdict == "fail" and "minilm NO" in found.evidence

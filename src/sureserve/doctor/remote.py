@@ -44,9 +44,17 @@ def _health(health: dict[str, Any], info: dict[str, Any], m: Scrape) -> Finding:
     status = health.get("status", "?")
     lines = [f"/health: {status}; models " + ", ".join(f"{k} {v}" for k, v in
                                                        health.get("models", {}).items())]
-    gates = {lab["model"]: v for lab, v in m.samples.get("sureserve_gate_passed", [])}
+    gates: dict[str, float] = {}  # under Ray Serve one sample per replica: the worst counts
+    for lab, v in m.samples.get("sureserve_gate_passed", []):
+        gates[lab["model"]] = min(v, gates.get(lab["model"], v))
     lines.append("gate passed: " + (", ".join(f"{k} {'yes' if v else 'NO'}"
                                               for k, v in gates.items()) or "no models"))
+    replicas = health.get("replicas") or []
+    unready = [r for r in replicas if r["status"] != "ready"]
+    if replicas:
+        lines.append(f"Ray Serve replicas: {len(replicas) - len(unready)} of {len(replicas)} "
+                     "ready" + "".join(f"; {r['replica']} (pid {r['pid']}) {r['status']}"
+                                       for r in unready))
     overridden = [x["name"] for x in info.get("models", []) if x.get("gate_overridden")]
     verdict: Verdict = "pass"
     fix = ""
@@ -54,6 +62,10 @@ def _health(health: dict[str, Any], info: dict[str, Any], m: Scrape) -> Finding:
         verdict, fix = "warn", "a model serves although its gate failed " \
             "(accept_gate_failure): run `sureserve check` on it"
         lines.append(f"gate overridden: {', '.join(overridden)}")
+    if unready:
+        verdict = "warn"
+        fix = "; ".join(f"{r['replica']}: {r['reason']}" for r in unready if r["reason"]) \
+            or "a replica is starting: wait, and see the replicas' logs if it stays"
     if status in ("failed", "loading") or not all(gates.values()):
         verdict = "fail"
         fix = health.get("reason") or "see the server log; `sureserve check MODEL`"
