@@ -22,6 +22,7 @@ import httpx
 import psutil
 import pytest
 
+from sureserve.bench.ray import _until_all_ready
 from sureserve.server.metrics import Scrape
 from sureserve.settings import Settings
 from sureserve.zoo import ZOO
@@ -92,14 +93,10 @@ def _health(url: str) -> tuple[int, dict[str, Any]]:
     return r.status_code, r.json()
 
 
-def _until_ok(url: str, timeout: float = 180) -> dict[str, Any]:
+def _until_ok(url: str) -> dict[str, Any]:
     """The proxy routes to the first replica up: /health is 200 "degraded" until all are."""
-    deadline = time.monotonic() + timeout
-    while True:
-        code, h = _health(url)
-        if (code == 200 and h["status"] == "ok") or time.monotonic() > deadline:
-            return h
-        time.sleep(0.5)
+    _until_all_ready(url)
+    return _health(url)[1]
 
 
 def test_every_replica_in_health_and_metrics_overload_429_and_a_killed_replica(
