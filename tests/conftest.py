@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,33 @@ from pathlib import Path
 import pytest
 
 from sureserve.zoo.registry import minilm_dir
+
+#: ``SURESERVE_TEST_MACHINE_KIND=bf16-faster make test`` runs the whole suite (servers and
+#: CLI subprocesses included) as if this CPU had measured like that kind (machine.KINDS):
+#: the machine-speed cache is preset for the run and removed after it (re-measured later)
+MACHINE_KIND_ENV = "SURESERVE_TEST_MACHINE_KIND"
+_PRESET: list[Path] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    kind = os.environ.get(MACHINE_KIND_ENV)
+    if kind:
+        from sureserve.loading import machine
+        from sureserve.settings import Settings
+
+        if kind not in machine.KINDS:
+            raise pytest.UsageError(f"{MACHINE_KIND_ENV}={kind}: choose one of "
+                                    f"{', '.join(sorted(machine.KINDS))}")
+        _PRESET.extend(machine.preset_kind(Settings().home_dir(), kind))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for path in _PRESET:
+        path.unlink(missing_ok=True)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"machine-speed cache: {os.environ.get(MACHINE_KIND_ENV) or 'as measured here'}"
 
 
 @pytest.fixture(scope="session")

@@ -89,8 +89,11 @@ RayAddressOpt = Annotated[str | None, typer.Option(
     "one started for the job, bound to 127.0.0.1.")]
 
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     try:
         app()
     except SureserveError as exc:

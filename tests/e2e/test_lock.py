@@ -16,13 +16,27 @@ from tests.cli import cli as _cli
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture()
-def locked(tmp_path: Path) -> tuple[Path, Path]:
-    model = tmp_path / "model"
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A copy of minilm and its lockfile, made once by ``sureserve lock``."""
+    folder = tmp_path_factory.mktemp("pristine")
+    model, lock = folder / "model", folder / "sureserve.lock"
     shutil.copytree(ZOO["minilm"].path(Settings()), model)
-    lock = tmp_path / "sureserve.lock"
     r = _cli("lock", str(model), "-o", str(lock))
     assert r.returncode == 0, r.stderr
+    return model, lock
+
+
+@pytest.fixture()
+def locked(pristine: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """This test's own copy of the locked model (each test changes it in its own way); the
+    lock, made for an identical folder, names this copy."""
+    model, lock = tmp_path / "model", tmp_path / "sureserve.lock"
+    shutil.copytree(pristine[0], model)
+    data = json.loads(pristine[1].read_text())
+    assert data["model"]["identifier"] == str(pristine[0])
+    data["model"]["identifier"] = str(model)
+    lock.write_text(json.dumps(data, indent=2) + "\n")
     return model, lock
 
 
@@ -31,8 +45,8 @@ def _verify(lock: Path) -> tuple[int, dict[str, object]]:
     return r.returncode, json.loads(r.stdout)
 
 
-def test_lockfile_is_readable_and_complete(locked: tuple[Path, Path]) -> None:
-    _, lock = locked
+def test_lockfile_is_readable_and_complete(pristine: tuple[Path, Path]) -> None:
+    _, lock = pristine
     data = json.loads(lock.read_text())
     assert "model.safetensors" in data["files"] and len(data["files"]["config.json"]) == 64
     assert {"torch", "transformers", "tokenizers"} <= set(data["versions"])

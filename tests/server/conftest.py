@@ -7,9 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -69,8 +72,56 @@ def server() -> Iterator[Server]:
     stop_server(s)
 
 
+@dataclass
+class LocalServer:
+    """The same app as ``sureserve serve``, run by uvicorn on a thread of this test process:
+    for tests of what clients see (routes, auth, shapes), where a process of its own adds
+    nothing but start-up (a fresh interpreter imports torch and transformers again)."""
+
+    url: str
+
+
+@contextmanager
+def serve_here(models: list[str], **settings: Any) -> Iterator[LocalServer]:
+    """``models`` served on loopback until the block ends. One forward worker: more would
+    lower torch's threads for this whole test process."""
+    import uvicorn
+
+    from sureserve.server.app import create_app
+    from sureserve.settings import Settings
+
+    port = free_port()
+    app = create_app(Settings(**{"forward_workers": 1, **settings}), models)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield LocalServer(url)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
 @pytest.fixture(scope="session")
-def keyed_server() -> Iterator[Server]:
-    s = start_server(["minilm"], {"SURESERVE_API_KEY": "s3cret"})
-    yield s
-    stop_server(s)
+def keyed_server() -> Iterator[LocalServer]:
+    with serve_here(["minilm"], api_key="s3cret") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def cls_server() -> Iterator[LocalServer]:
+    """sentiment-demo first: the default model, so POST / classifies."""
+    with serve_here(["sentiment-demo", "minilm"], max_client_batch=16,
+                    max_payload_bytes=60000, max_queue_inputs=48) as s:
+        yield s

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -16,19 +15,11 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 from openai import OpenAI
 
-from tests.server.conftest import LIMITS, Server, start_server, stop_server
+from tests.server.conftest import LocalServer, Server
 
 pytestmark = pytest.mark.e2e
 
 TEXTS = ["The film was a delight from start to finish.", "Rates rose on Tuesday."]
-
-
-@pytest.fixture(scope="module")
-def cls_server() -> Iterator[Server]:
-    """sentiment-demo first: the default model, so POST / classifies."""
-    s = start_server(["sentiment-demo", "minilm"], LIMITS)
-    yield s
-    stop_server(s)
 
 
 def _embed(url: str, **body: object) -> np.ndarray:
@@ -68,7 +59,7 @@ def test_inference_client_sentence_similarity(server: Server) -> None:
     assert same == pytest.approx(scores[:1], abs=1e-6)
 
 
-def test_inference_client_text_classification(cls_server: Server) -> None:
+def test_inference_client_text_classification(cls_server: LocalServer) -> None:
     client = InferenceClient(cls_server.url)
     out = client.text_classification("what a great film")
     assert [o.label for o in out] == ["POSITIVE", "NEGATIVE"]
@@ -84,7 +75,7 @@ def test_inference_client_text_classification(cls_server: Server) -> None:
     assert at_predict[0].label == "NEGATIVE"
 
 
-def test_invocations_and_ping_and_the_flat_tei_shape(cls_server: Server) -> None:
+def test_invocations_and_ping_and_the_flat_tei_shape(cls_server: LocalServer) -> None:
     url = cls_server.url
     tei = httpx.post(f"{url}/", json={"inputs": "what a great film"}).json()
     assert isinstance(tei[0], dict) and tei[0]["label"] == "POSITIVE"  # TEI: flat for a str

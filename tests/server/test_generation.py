@@ -243,8 +243,9 @@ def test_generation_metrics_are_exported(gen_server: Server) -> None:
     assert {"/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
 
 
-def test_sigterm_finishes_the_stream_in_flight() -> None:
-    s = start_server(["smollm2"], {})
+def test_sigterm_finishes_the_stream_in_flight(gen_server: Server) -> None:
+    """The module's last test: it stops the module's server (one smollm2 start less)."""
+    s = gen_server
     try:
         body = {"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0,
                 "stream": True}

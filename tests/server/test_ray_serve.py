@@ -99,25 +99,63 @@ def _until_ok(url: str) -> dict[str, Any]:
     return _health(url)[1]
 
 
-def test_every_replica_in_health_and_metrics_overload_429_and_a_killed_replica(
+def _autoscale_to_two(url: str) -> None:
+    """Six clients keep one autoscaled replica busy until Ray adds the second."""
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                c.post(f"{url}/embed", json={"inputs": [TEXTS[0] * 20] * 4})
+
+    workers = [threading.Thread(target=client) for _ in range(6)]
+    for w in workers:
+        w.start()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            _, h = _health(url)
+            if sum(r["status"] == "ready" for r in h["replicas"]) == 2:
+                break
+            time.sleep(1)
+        assert [r["status"] for r in h["replicas"]] == ["ready", "ready"], h
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+
+
+def test_autoscaling_every_replica_in_health_and_metrics_overload_429_and_a_killed_replica(
         tmp_path: Path) -> None:
+    """One deployment (one Ray start) for four behaviours, in order: autoscaling adds a
+    replica under load (1 -> 2; the long downscale delay keeps it), both replicas in /health
+    and /metrics, overload answered with 429s, and a killed replica replaced."""
     from sureserve.zoo.corpora import realistic_mix
 
     texts = realistic_mix(400, 0.05, seed=5)
-    s = start_server(["minilm", "--ray", "--replicas", "2", "--max-queue-inputs", "4",
+    s = start_server(["minilm", "--ray", "--ray-min-replicas", "1", "--ray-max-replicas", "2",
+                      "--ray-target-ongoing-requests", "1", "--ray-upscale-delay-s", "1",
+                      "--ray-downscale-delay-s", "600", "--max-queue-inputs", "4",
                       "--ray-max-queued-requests", "2"], {}, ready_timeout=300)
     try:
+        h = _until_ok(s.url)
+        assert h["status"] == "ok" and len(h["replicas"]) == 1
+        _autoscale_to_two(s.url)
         h = _until_ok(s.url)
         assert h["status"] == "ok" and h["models"] == {"minilm": "ready"}
         assert len(h["replicas"]) == 2 and {r["status"] for r in h["replicas"]} == {"ready"}
         ids = {r["replica"] for r in h["replicas"]}
+        time.sleep(1.5)  # the other replica's figures are at most a report (1 s) old
+        page = Scrape(httpx.get(f"{s.url}/metrics", timeout=60).text)
+        served = page.total("sureserve_requests_total", route="/embed", status="200")
         for t in texts[:8]:
             r = httpx.post(f"{s.url}/embed", json={"inputs": [t], "truncate": True}, timeout=60)
             assert r.status_code == 200
-        time.sleep(1.5)  # the other replica's figures are at most a report (1 s) old
+        time.sleep(1.5)
         page = Scrape(httpx.get(f"{s.url}/metrics", timeout=60).text)
         assert {lab["replica"] for lab, _ in page.samples["sureserve_gate_passed"]} == ids
-        assert page.total("sureserve_requests_total", route="/embed", status="200") == 8
+        assert page.total("sureserve_requests_total", route="/embed", status="200") == \
+            served + 8
 
         # overload: 2 replicas x 4 requests at once, 2 more held by the proxy; the rest 429
         async def flood() -> list[httpx.Response]:
@@ -183,37 +221,6 @@ def test_every_replica_in_health_and_metrics_overload_429_and_a_killed_replica(
         now = {lab["replica"] for lab, _ in page.samples["sureserve_gate_passed"]}
         assert now == {r["replica"] for r in h["replicas"]} and now != ids
     finally:
-        assert stop_server(s) == 0
-
-
-def test_autoscaling_adds_a_replica_under_load() -> None:
-    s = start_server(["minilm", "--ray", "--ray-min-replicas", "1", "--ray-max-replicas", "2",
-                      "--ray-target-ongoing-requests", "1", "--ray-upscale-delay-s", "1"], {},
-                     ready_timeout=300)
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(timeout=120) as c:
-            while not stop.is_set():
-                c.post(f"{s.url}/embed", json={"inputs": [TEXTS[0] * 20] * 8})
-
-    workers = [threading.Thread(target=client) for _ in range(6)]
-    try:
-        h = _until_ok(s.url)
-        assert h["status"] == "ok" and len(h["replicas"]) == 1
-        for w in workers:
-            w.start()
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            _, h = _health(s.url)
-            if sum(r["status"] == "ready" for r in h["replicas"]) == 2:
-                break
-            time.sleep(1)
-        assert [r["status"] for r in h["replicas"]] == ["ready", "ready"], h
-    finally:
-        stop.set()
-        for w in workers:
-            w.join()
         assert stop_server(s) == 0
 
 

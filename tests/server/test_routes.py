@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import sureserve
-from tests.server.conftest import Server
+from tests.server.conftest import LocalServer, Server
 
 pytestmark = pytest.mark.e2e
 
@@ -258,7 +258,7 @@ def test_flood_gets_429_while_accepted_requests_succeed(server: Server) -> None:
             assert len(r.json()) == 16
 
 
-def test_api_key(keyed_server: Server) -> None:
+def test_api_key(keyed_server: LocalServer) -> None:
     url = keyed_server.url
     r = httpx.post(f"{url}/embed", json={"inputs": "x"})
     assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"

@@ -168,26 +168,43 @@ def speed(engine: Any, settings: Settings) -> Finding:
     if share < SLOW_WARN:
         fixes.append("the model runs far below the hardware's rate: check the other lines "
                      "(device, threads), and run `sureserve bench` to compare")
+    measured = {"threads": float(threads), "cores": float(cores), "forward_gflops": rate,
+                "gemm_gflops": gemm, "forward_gemm_share": share}
     if not device.startswith("cuda"):
         from sureserve.loading.machine import cpu_speeds
 
         speeds = cpu_speeds(settings.home_dir())
-        rel = {d: speeds[d] / max(speeds["float32"], 1e-9) for d in speeds}
-        lines.append("matmul speed here vs float32 (measured): " + ", ".join(
-            f"{d} {r:.2f}x" for d, r in rel.items()))
-        if dtype in rel and rel[dtype] < 0.5:
-            verdicts.append("fail")
-            fixes.append(f"{dtype} runs at {rel[dtype]:.2f}x float32 on this CPU: load in "
-                         "float32 (--dtype float32)")
-        elif dtype == "float32" and rel.get("bfloat16", 0) >= 1.5:
-            verdicts.append("warn")
-            fixes.append("bfloat16 is measured faster here: `sureserve quantize MODEL "
-                         "--methods bf16 --eval FILE` measures what it costs")
+        measured |= {f"{d}_vs_float32": v / max(speeds["float32"], 1e-9)
+                     for d, v in speeds.items()}
+        line, verdict, fix = dtype_advice(dtype, speeds)
+        lines.append(line)
+        if verdict is not None:
+            verdicts.append(verdict)
+            fixes.append(fix)
     lines.append(f"torch.compile: {_compile_available()}")
     verdict = worst(verdicts) if verdicts else "pass"
     return Finding("10x slower than expected", "device, threads, wait policy, forward rate "
                    "vs GEMM rate, dtype speeds, torch.compile", "\n".join(lines), verdict,
-                   "; ".join(fixes))
+                   "; ".join(fixes), measured)
+
+
+def dtype_advice(dtype: str, speeds: dict[str, float]) -> tuple[str, Verdict | None, str]:
+    """What this CPU's measured matmul speeds (``loading/machine.cpu_speeds``) say about the
+    model's dtype: the evidence line, a verdict (None: nothing to say) and the fix, which
+    names the measured figure. Pure, so every machine kind is tested on any machine."""
+    from sureserve.loading.machine import BF16_WORTH, SLOW_DTYPE
+
+    rel = {d: speeds[d] / max(speeds["float32"], 1e-9) for d in speeds}
+    line = "matmul speed here vs float32 (measured): " + ", ".join(
+        f"{d} {r:.2f}x" for d, r in rel.items())
+    if dtype in rel and rel[dtype] < SLOW_DTYPE:
+        return line, "fail", (f"{dtype} runs at {rel[dtype]:.2f}x float32 on this CPU "
+                              "(measured): load in float32 (--dtype float32)")
+    if dtype == "float32" and rel.get("bfloat16", 0) >= BF16_WORTH:
+        return line, "warn", (f"bfloat16 matmuls measured {rel['bfloat16']:.2f}x float32 here: "
+                              "`sureserve quantize MODEL --methods bf16 --eval FILE` measures "
+                              "what it costs")
+    return line, None, ""
 
 
 def _forward_rate(engine: Any) -> float:

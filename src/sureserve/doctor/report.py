@@ -20,10 +20,13 @@ class Finding:
     evidence: str
     verdict: Verdict
     fix: str = ""
+    #: the figures the verdict was decided on, by name (so a reader, or a test on any
+    #: machine, can tell the verdict follows from what this machine measured)
+    measured: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return {"symptom": self.symptom, "checked": self.checked, "evidence": self.evidence,
-                "verdict": self.verdict, "fix": self.fix}
+                "verdict": self.verdict, "fix": self.fix, "measured": dict(self.measured)}
 
 
 def worst(verdicts: list[Verdict]) -> Verdict:

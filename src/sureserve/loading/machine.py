@@ -16,6 +16,11 @@ import time
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: bf16 matmuls at least this much faster than fp32: worth measuring bf16 on the user's data
+#: (the plan's hint, the doctor's warn). Below 1.2x the precision lost buys too little.
+BF16_WORTH = 1.2
+#: a dtype whose matmuls run below this share of fp32 has no native support here
+SLOW_DTYPE = 0.5
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 SIZE, SECONDS = 512, 0.12
 
@@ -58,25 +63,63 @@ def gemm_gflops(dtype_name: str = "float32", n: int = 2048, seconds: float = 2.0
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def cpu_speeds(home: Path) -> dict[str, float]:
-    """Matmul GFLOP/s of each dtype on this CPU (cached per machine)."""
+def _ident(threads: int | None = None) -> str:
     import torch
 
-    ident = f"{_cpu_name()}|{platform.machine()}|{torch.__version__}|{torch.get_num_threads()}"
-    path = home / "machine" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{_cpu_name()}|{platform.machine()}|{torch.__version__}|{threads}"
+
+
+def speeds_path(home: Path, threads: int | None = None) -> Path:
+    """Where this machine's measured speeds are cached: one file per CPU model, torch
+    version and thread count (this process's unless ``threads`` is given)."""
+    digest = hashlib.sha256(_ident(threads).encode()).hexdigest()[:16]
+    return home / "machine" / f"{digest}.json"
+
+
+def cpu_speeds(home: Path) -> dict[str, float]:
+    """Matmul GFLOP/s of each dtype on this CPU (cached per machine)."""
+    path = speeds_path(home)
     try:
         return {k: float(v) for k, v in json.loads(path.read_text())["gflops"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     speeds = {d: round(gemm_gflops(d, SIZE, SECONDS), 2) for d in DTYPES}
+    write_speeds(home, speeds)
+    return speeds
+
+
+def write_speeds(home: Path, speeds: dict[str, float], note: str = "measured",
+                 threads: int | None = None) -> None:
+    """Store ``speeds`` as this machine's (atomic). Besides the measurement itself, tests use
+    it to make this machine read as another kind (a bf16-fast or bf16-less CPU)."""
+    path = speeds_path(home, threads)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"machine": ident, "gflops": speeds}))
+        tmp.write_text(json.dumps({"machine": _ident(threads), "note": note, "gflops": speeds}))
         tmp.replace(path)
     except OSError:
         pass  # a read-only home still gets the advice, measured again next time
-    return speeds
+
+
+#: the CPU kinds seen so far, as their measured matmul GFLOP/s (2 threads): a test presets
+#: one with ``write_speeds`` so the code that branches on measured speed runs both ways
+KINDS: dict[str, dict[str, float]] = {
+    "bf16-faster": {"float32": 160.0, "bfloat16": 368.0, "float16": 40.0},  # AVX-512 BF16
+    "bf16-slower": {"float32": 150.0, "bfloat16": 18.0, "float16": 12.0},  # AVX2 only
+    "bf16-even": {"float32": 160.0, "bfloat16": 165.0, "float16": 30.0},  # neither
+}
+
+
+def preset_kind(home: Path, kind: str) -> list[Path]:
+    """Make this machine read as ``kind`` (a key of KINDS) for every thread count a process
+    here may run with; returns the files written (delete them to measure again)."""
+    written = []
+    for threads in range(1, (os.cpu_count() or 1) + 1):
+        write_speeds(home, KINDS[kind], note=f"preset: {kind}", threads=threads)
+        written.append(speeds_path(home, threads))
+    return written
 
 
 def bf16_speed(home: Path) -> float:

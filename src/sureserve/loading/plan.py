@@ -145,7 +145,9 @@ def _choose_dtype(caps: DeviceCaps, dev: str, dtype: str | None,
 def _bf16_hint(speed: float | None) -> str:
     if speed is None:
         return ""
-    if speed >= 1.2:
+    from sureserve.loading.machine import BF16_WORTH
+
+    if speed >= BF16_WORTH:
         return (f" (bf16 matrix multiplies measured {speed:.1f}x faster here: `sureserve "
                 "quantize MODEL --eval FILE` measures whether bf16 holds on your data)")
     return f" (bf16 measured {speed:.2f}x the fp32 speed here: not worth it)"

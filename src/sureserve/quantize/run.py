@@ -214,11 +214,11 @@ def _hopeless_dtype(method: Q.Method, device: str, settings: Settings) -> str | 
     (loading/machine.py): not worth a full measurement (bf16 ran at 0.01x here)."""
     if device != "cpu" or method.name not in ("bf16", "fp16"):
         return None
-    from sureserve.loading.machine import cpu_speeds
+    from sureserve.loading.machine import SLOW_DTYPE, cpu_speeds
 
     speeds = cpu_speeds(settings.home_dir())
     ratio = speeds[method.dtype] / max(speeds["float32"], 1e-9)
-    if ratio >= 0.5:
+    if ratio >= SLOW_DTYPE:
         return None
     return (f"{method.dtype} matrix multiplies measured {ratio:.2f}x the fp32 speed on this "
             "CPU (no native support): it cannot be faster, so it was not measured further")
