@@ -153,7 +153,10 @@ class Engine:
         self.generation: GenerationEngine | None = None
         if loaded.task_name == "generate":
             self.generation = GenerationEngine(loaded, kv_budget_tokens(loaded, settings),
-                                               settings.max_running_seqs)
+                                               settings.max_running_seqs,
+                                               layout_home=settings.home_dir()
+                                               if settings.decode_weight_layout else None,
+                                               layout=settings.decode_weight_layout)
 
     @property
     def model(self) -> Any:

@@ -147,6 +147,12 @@ class Settings(BaseSettings):
         default=256, ge=1,
         description="Tokens generated when a request does not say (max_tokens).",
     )
+    decode_weight_layout: bool = Field(
+        default=True,
+        description="On a CPU, store each decoder weight shape in the memory order this "
+        "machine's GEMM streams fastest for decoding (measured once per machine and shape; "
+        "/info says which). Off: the checkpoint's row-major order.",
+    )
 
     # --- server --------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address the server binds to "
@@ -366,7 +372,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
                  "forward_workers"),
-    "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens"),
+    "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "decode_weight_layout"),
     "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
               "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",
               "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",

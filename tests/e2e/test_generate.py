@@ -194,3 +194,24 @@ def test_bench_generate_runs_and_compares_outputs(tmp_path: object) -> None:
         assert p["identical"] == 2 and p["output_tokens"] > 0
     assert rep["phases"][2]["same_as_first_full"] == 4
     assert out.exists() and "sureserve-2/static-2" in rep["ratios"]
+
+
+def test_column_major_decode_weights_keep_greedy_outputs(smollm2: sureserve.Engine) -> None:
+    """The decode layout's fast path forced on every linear layer of smollm2 (whatever this
+    machine measured) gives the tokens plain ``transformers`` generation gives."""
+    import torch
+
+    from sureserve.generation.layout import _to_column_major
+
+    plain = sureserve.load("smollm2", decode_weight_layout=False)
+    forced = sureserve.load("smollm2", decode_weight_layout=False)
+    embed = forced.model.get_input_embeddings()
+    for m in forced.model.modules():
+        if isinstance(m, torch.nn.Linear):
+            _to_column_major(m, embed)
+    assert not forced.model.get_output_embeddings().weight.is_contiguous()
+    assert forced.generation is not None
+    prompts = [list(plain.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    got = forced.generation.generate_ids(prompts, 12)
+    for prompt, ids in zip(PROMPTS, got, strict=True):
+        assert ids == _reference(plain, prompt, 12), prompt

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sureserve.errors import InputError, OverloadedError
@@ -93,8 +94,13 @@ class Request:
 
 class GenerationEngine:
     def __init__(self, loaded: Loaded, kv_budget_tokens: int = 65_536,
-                 max_running: int = 64) -> None:
+                 max_running: int = 64, *, layout: bool = True,
+                 layout_home: Path | None = None) -> None:
+        from sureserve.generation.layout import plan_and_apply
+
         self.loaded = loaded
+        # before anything runs the model (the gate included): it is checked as it will run
+        self.layout = plan_and_apply(loaded.model, loaded.plan.device, layout_home, layout)
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = loaded.plan.device
