@@ -35,6 +35,27 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         path.unlink(missing_ok=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Lanes for a developer iterating (``make test`` runs everything): ``-m "not ray and
+    not bench"`` skips the Ray clusters and the end-to-end benchmarks, ``-m "not e2e"``
+    keeps the unit tests (tiny random models, seconds)."""
+    for item in items:
+        path = str(item.path)
+        if "ray" in item.path.stem and "ray_board" not in item.path.stem:
+            item.add_marker(pytest.mark.ray)
+        if "bench" in item.name or "bench" in item.path.stem:
+            item.add_marker(pytest.mark.bench)
+        if "e2e" in path.split("tests", 1)[-1] or "/server/" in path:
+            item.add_marker(pytest.mark.e2e)
+        if item.name in BROWSER_TESTS:
+            item.add_marker(pytest.mark.browser)
+
+
+#: the tests that render a page in headless chromium
+BROWSER_TESTS = {"test_swagger_ui_renders_the_routes_without_network",
+                 "test_url_under_a_flood_reports_429s_and_writes_a_page"}
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"machine-speed cache: {os.environ.get(MACHINE_KIND_ENV) or 'as measured here'}"
 

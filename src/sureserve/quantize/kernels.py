@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
 
 import torch
@@ -17,8 +19,46 @@ def int8_dynamic(linear: torch.nn.Linear) -> torch.nn.Module:
     return DynamicLinear.from_float(linear.float())
 
 
+@functools.cache
+def activation_dtype(kind: str) -> torch.dtype:
+    """The activation dtype torch's packed ``kind`` ("int8" or "int4") CPU matmul runs
+    fastest in on this machine, measured once per process (~20 ms): one row times a
+    1536 x 576 weight, fp32 against bf16 activations.
+
+    Measured on an AVX2-only EPYC (BENCHMARKS.md "int8/int4 weight-only kernels"): with
+    fp32 activations these kernels take a slow path (int8 1.9x *slower* than an fp32
+    ``F.linear`` at one row, 18x at 32 rows); with bf16 activations they run 3x faster
+    than fp32 at one row and level at 32. That slow path is why these candidates measured
+    0.03-0.11x fp32 before. The cost is bf16 rounding of the activations entering each
+    quantized layer (8 mantissa bits, the same order as the int8 weights' own error), which
+    ``sureserve quantize`` measures like the rest of the method."""
+    n, k = 1536, 576
+    w = torch.randint(-127, 127, (n, k), dtype=torch.int8)
+    scale = torch.rand(n) / 127
+    if kind == "int4":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+        zeros = torch.stack([torch.rand(k // INT4_GROUP, n), torch.rand(k // INT4_GROUP, n)], -1)
+
+    def run(dt: torch.dtype) -> float:
+        x = torch.randn(1, k).to(dt)
+        best = float("inf")
+        for _ in range(6):
+            start = time.perf_counter()
+            if kind == "int4":
+                torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, zeros.to(dt))
+            else:
+                torch.ops.aten._weight_int8pack_mm(x, w, scale.to(dt))
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    fp32, bf16 = run(torch.float32), run(torch.bfloat16)
+    return torch.bfloat16 if bf16 * 1.2 < fp32 else torch.float32
+
+
 class Int8WeightOnlyLinear(torch.nn.Module):
-    """int8 weights with one scale per output channel; activations stay in float."""
+    """int8 weights with one scale per output channel; activations in float, rounded to
+    bf16 on the way into the kernel where that is measured faster (``activation_dtype``)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -30,15 +70,16 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8,
-                                               self.scale.to(x.dtype))
-        y = y.reshape(*shape[:-1], self.out_features)
+        shape, dt = x.shape, activation_dtype("int8")
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(dt),
+                                               self.weight_int8, self.scale.to(dt))
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
 
 class Int4WeightOnlyLinear(torch.nn.Module):
-    """4-bit weights, asymmetric, one scale and zero per group of ``INT4_GROUP`` inputs."""
+    """4-bit weights, asymmetric, one scale and zero per group of ``INT4_GROUP`` inputs;
+    activations as for int8 (``activation_dtype``)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -56,10 +97,10 @@ class Int4WeightOnlyLinear(torch.nn.Module):
         self.in_features, self.out_features = k, n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        shape, dt = x.shape, activation_dtype("int4")
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]), self.packed, INT4_GROUP, self.scales_zeros.to(x.dtype))
-        y = y.reshape(*shape[:-1], self.out_features)
+            x.reshape(-1, shape[-1]).to(dt), self.packed, INT4_GROUP, self.scales_zeros.to(dt))
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
 
