@@ -44,21 +44,27 @@ def kernels() -> list[dict[str, Any]]:
         q8 = [Int8WeightOnlyLinear(w) for w in lin]
         q4 = [Int4WeightOnlyLinear(w) for w in lin]
         for m in (1, 32):
-            x = torch.randn(m, i)
-            xb = x.bfloat16()
-            r = {"shape": f"{o}x{i}", "rows": m}
-            with torch.inference_mode():
-                r["fp32_row_major"] = best_ms(lambda: [w(x) for w in lin]) / copies
-                r["fp32_col_major"] = best_ms(lambda: [F.linear(x, w) for w in col]) / copies
-                for name, qs, kind in (("int8", q8, "int8pack"), ("int4", q4, "int4pack")):
-                    if kind == "int8pack":
-                        r["int8_fp32_act"] = best_ms(lambda: [torch.ops.aten._weight_int8pack_mm(
-                            x, q.weight_int8, q.scale) for q in q8]) / copies
-                    r[f"{name}_module"] = best_ms(lambda qs=qs: [q(x) for q in qs]) / copies
-                    r[f"{name}_bf16_act"] = best_ms(lambda qs=qs: [q(xb) for q in qs]) / copies
-            rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
+            r = {"shape": f"{o}x{i}", "rows": m, **_timings(torch.randn(m, i), lin, col, q8, q4)}
+            rows.append({k: round(v / copies, 4) if isinstance(v, float) else v
+                         for k, v in r.items()})
             print(rows[-1], flush=True)
     return rows
+
+
+def _timings(x: Any, lin: list[Any], col: list[Any], q8: list[Any],
+             q4: list[Any]) -> dict[str, float]:
+    """ms for one pass over every copy, per contender."""
+    xb = x.bfloat16()
+    with torch.inference_mode():
+        return {
+            "fp32_row_major": best_ms(lambda: [w(x) for w in lin]),
+            "fp32_col_major": best_ms(lambda: [F.linear(x, w) for w in col]),
+            "int8_fp32_act": best_ms(lambda: [torch.ops.aten._weight_int8pack_mm(
+                x, q.weight_int8, q.scale) for q in q8]),
+            "int8_module": best_ms(lambda: [q(x) for q in q8]),
+            "int4_module": best_ms(lambda: [q(x) for q in q4]),
+            "int4_bf16_in": best_ms(lambda: [q(xb) for q in q4]),
+        }
 
 
 def decode() -> dict[str, Any]:
