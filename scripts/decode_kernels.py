@@ -67,14 +67,30 @@ def _timings(x: Any, lin: list[Any], col: list[Any], q8: list[Any],
         }
 
 
-def decode() -> dict[str, Any]:
-    import sureserve
+PROMPTS = ["Once upon a time", "The capital of France is", "def fib(n):", "Hi there",
+           "1, 2, 3,", "Tell me a joke", "The best way to", "In 1999,"]
 
+
+def _engines() -> Any:
+    """(label, generation engine): fp32 row-major, fp32 as laid out here, and the
+    weight-only recipes ``sureserve quantize`` offers (heads in fp32, as it applies them)."""
+    import sureserve
+    from sureserve.api import _load_and_gate
+    from sureserve.quantize.methods import Recipe
+    from sureserve.settings import Settings
+
+    yield "fp32 row-major", sureserve.load("smollm2", decode_weight_layout=False).generation
+    yield "fp32 measured layout", sureserve.load("smollm2").generation
+    for method in ("int8-weight-only", "int4-weight-only"):
+        engine, _ = _load_and_gate("smollm2", None, None, None, Settings(),
+                                   Recipe(method, (), True))
+        yield method, engine.generation
+
+
+def decode() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    prompts = ["Once upon a time", "The capital of France is", "def fib(n):", "Hi there",
-               "1, 2, 3,", "Tell me a joke", "The best way to", "In 1999,"]
-    for label, kw in (("row-major", {"decode_weight_layout": False}), ("measured", {})):
-        eng = sureserve.load("smollm2", **kw).generation
+    prompts = PROMPTS
+    for label, eng in _engines():
         assert eng is not None
         one = [eng.encode(prompts[0])]
         eng.generate_ids(one, 4)
@@ -86,16 +102,21 @@ def decode() -> dict[str, Any]:
         eight = [eng.encode(p) for p in prompts]
         start = time.perf_counter()
         outs = eng.generate_ids(eight, 32)
+        ref = out.get("fp32 row-major")
         out[label] = {"tok_s_1": round(rate, 1),
                       "tok_s_8": round(sum(map(len, outs)) / (time.perf_counter() - start), 1),
                       "layout": eng.layout.to_dict(), "tokens": toks + outs}
-        print(label, out[label]["tok_s_1"], out[label]["tok_s_8"], eng.layout.describe(),
-              flush=True)
-    out["identical"] = out["row-major"].pop("tokens") == out["measured"].pop("tokens")
-    out["ratio_1"] = round(out["measured"]["tok_s_1"] / out["row-major"]["tok_s_1"], 2)
-    out["ratio_8"] = round(out["measured"]["tok_s_8"] / out["row-major"]["tok_s_8"], 2)
-    print("identical greedy tokens:", out["identical"], "ratios:", out["ratio_1"],
-          out["ratio_8"])
+        if ref is not None:
+            row = out[label]
+            row["x_row_major_1"] = round(row["tok_s_1"] / ref["tok_s_1"], 2)
+            row["x_row_major_8"] = round(row["tok_s_8"] / ref["tok_s_8"], 2)
+            row["greedy_identical"] = sum(a == b for a, b in zip(ref["tokens"], row["tokens"],
+                                                                 strict=True))
+        print(label, {k: v for k, v in out[label].items() if k not in ("tokens", "layout")},
+              eng.layout.describe(), flush=True)
+        del eng
+    for row in out.values():
+        row.pop("tokens")
     return out
 
 

@@ -38,7 +38,7 @@ def test_column_major_keeps_values_and_the_tie(tiny_llama: Path, fake: dict[str,
     plain = _load(tiny_llama, decode_weight_layout=False)
     assert plain.generation is not None
     assert plain.generation.layout.path.startswith("unchanged: turned off")
-    laid = _load(tiny_llama, home=tmp_path)
+    laid = _load(tiny_llama, home=tmp_path, decode_weight_layout=True)
     assert laid.generation is not None
     plan = laid.generation.layout
     assert plan.path == "measured" and plan.moved == sum(
@@ -55,7 +55,7 @@ def test_column_major_keeps_values_and_the_tie(tiny_llama: Path, fake: dict[str,
 def test_outputs_equal_the_plain_layout(tiny_llama: Path, fake: dict[str, Any],
                                         tmp_path: Path) -> None:
     plain = _load(tiny_llama, decode_weight_layout=False)
-    laid = _load(tiny_llama, home=tmp_path)
+    laid = _load(tiny_llama, home=tmp_path, decode_weight_layout=True)
     ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
     with torch.inference_mode():
         a, b = plain.model(input_ids=ids).logits, laid.model(input_ids=ids).logits
@@ -69,7 +69,7 @@ def test_row_major_measured_faster_leaves_the_model_alone(tiny_llama: Path,
                                                           fake: dict[str, Any],
                                                           tmp_path: Path) -> None:
     fake["answer"] = ROW_FAST
-    laid = _load(tiny_llama, home=tmp_path)
+    laid = _load(tiny_llama, home=tmp_path, decode_weight_layout=True)
     assert laid.generation is not None and laid.generation.layout.moved == 0
     assert all(m.weight.is_contiguous() for m in laid.model.modules()
                if isinstance(m, torch.nn.Linear))
@@ -83,11 +83,11 @@ def test_a_batch_slowdown_vetoes_column_major() -> None:
 
 def test_measurements_are_cached_per_machine(tiny_llama: Path, fake: dict[str, Any],
                                              tmp_path: Path) -> None:
-    _load(tiny_llama, home=tmp_path)
+    _load(tiny_llama, home=tmp_path, decode_weight_layout=True)
     first = fake["calls"]
     assert first >= 2  # one per distinct weight shape
     fake["answer"] = ROW_FAST  # a new measurement would now say otherwise: it is not taken
-    again = _load(tiny_llama, home=tmp_path)
+    again = _load(tiny_llama, home=tmp_path, decode_weight_layout=True)
     assert fake["calls"] == first
     assert again.generation is not None and again.generation.layout.moved > 0
 

@@ -251,3 +251,39 @@ def test_bare_quantization_warns_that_it_was_not_evaluated(tiny_bert: Path) -> N
     assert engine.gate_report is not None
     check = next(c for c in engine.gate_report.checks if c.name == "quantization")
     assert check.status == "warn" and "sureserve quantize" in check.fix
+
+
+@pytest.mark.parametrize("chosen", ["float32", "bfloat16"])
+def test_weight_only_kernels_take_the_measured_activation_dtype(
+        chosen: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever dtype this machine measured faster (faked both ways here), the layer takes
+    fp32 in and gives fp32 out; bf16 activations cost at most bf16 rounding."""
+    import torch
+
+    from sureserve.quantize import kernels as K
+
+    dt = getattr(torch, chosen)
+    monkeypatch.setattr(K, "activation_dtype", lambda kind: dt)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(4, 64)
+    for layer in (K.Int8WeightOnlyLinear(lin), K.Int4WeightOnlyLinear(lin)):
+        with torch.no_grad():
+            got = layer(x)
+        assert got.dtype == torch.float32
+        if isinstance(layer, K.Int8WeightOnlyLinear):
+            exact = torch.ops.aten._weight_int8pack_mm(x.to(dt), layer.weight_int8,
+                                                       layer.scale.to(dt)).float() + lin.bias
+            assert torch.equal(got, exact.detach())
+        rel = float((got - lin(x)).norm() / lin(x).norm())
+        assert rel < 0.2, (chosen, type(layer).__name__, rel)
+
+
+def test_activation_dtype_is_one_measured_answer_per_kind() -> None:
+    import torch
+
+    from sureserve.quantize.kernels import activation_dtype
+
+    for kind in ("int8", "int4"):
+        assert activation_dtype(kind) in (torch.float32, torch.bfloat16)
+        assert activation_dtype(kind) is activation_dtype(kind)  # measured once

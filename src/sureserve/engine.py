@@ -154,8 +154,7 @@ class Engine:
         if loaded.task_name == "generate":
             self.generation = GenerationEngine(loaded, kv_budget_tokens(loaded, settings),
                                                settings.max_running_seqs,
-                                               layout_home=settings.home_dir()
-                                               if settings.decode_weight_layout else None,
+                                               layout_home=settings.home_dir(),
                                                layout=settings.decode_weight_layout)
 
     @property

@@ -148,10 +148,11 @@ class Settings(BaseSettings):
         description="Tokens generated when a request does not say (max_tokens).",
     )
     decode_weight_layout: bool = Field(
-        default=True,
+        default=False,
         description="On a CPU, store each decoder weight shape in the memory order this "
         "machine's GEMM streams fastest for decoding (measured once per machine and shape; "
-        "/info says which). Off: the checkpoint's row-major order.",
+        "/info says which). Off by default: no end-to-end decode gain was established yet "
+        "(BENCHMARKS.md); off keeps the checkpoint's row-major order.",
     )
 
     # --- server --------------------------------------------------------------------------

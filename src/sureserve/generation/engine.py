@@ -94,7 +94,7 @@ class Request:
 
 class GenerationEngine:
     def __init__(self, loaded: Loaded, kv_budget_tokens: int = 65_536,
-                 max_running: int = 64, *, layout: bool = True,
+                 max_running: int = 64, *, layout: bool = False,
                  layout_home: Path | None = None) -> None:
         from sureserve.generation.layout import plan_and_apply
 

@@ -6,13 +6,15 @@ model, so it is bound by how fast the GEMM kernel streams the weights from memor
 ``x @ W.T``; on the CPUs measured here that transposed-operand path reads smollm2's lm_head
 (49,152 x 576, 113 MB) at roughly half the memory speed the same product reaches with the
 weight stored column-major (``W.T`` contiguous): BENCHMARKS.md "Generation: decode
-weight layout". Which is faster depends on the CPU, the BLAS build and the shape, so it is
+kernels". Which is faster depends on the CPU, the BLAS build and the shape, so it is
 measured here, per distinct weight shape, at 1 row and at a full batch of rows, on enough
 copies of the matrix that they cannot sit in the caches (a decode step streams the whole
 model), and a shape moves to column-major only when that is faster at one row and no
 slower for the batch.
 
-The values are the same tensors re-laid once at load (no extra copy is kept), and
+Off by default (the ``decode_weight_layout`` setting): measured end to end, the per-shape
+gains have not yet added up to a decode speed-up (BENCHMARKS.md). The values are the same
+tensors re-laid once at load (no extra copy is kept), and
 ``F.linear`` still runs the model: only the memory order of the weight changes. Float
 results can differ from the row-major kernel's in the last bits, so greedy outputs are
 compared with plain ``transformers`` generation in the tests (near-ties only) and in
