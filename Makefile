@@ -42,7 +42,7 @@ browser:
 	browser test will fail"
 
 test: setup browser lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 bench: setup
 	$(BIN)/sureserve bench embed

@@ -20,17 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sureserve.loading.machine import best_ms
+
 SHAPES = [(49152, 576), (1536, 576), (576, 1536), (576, 576), (192, 576)]
-
-
-def best_ms(fn: Any, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def kernels() -> list[dict[str, Any]]:

@@ -83,21 +83,13 @@ class LayoutPlan:
                             "column_major": c.column_major} for c in self.shapes]}
 
 
-def _time(fn: Any, reps: int) -> float:
-    fn()  # warm-up: the first call of a shape pays kernel setup
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
 def measure_shape(out_f: int, in_f: int, dtype: Any) -> tuple[tuple[float, float],
                                                              tuple[float, float]]:
     """(row-major ms, column-major ms), each at (1 row, BATCH_ROWS rows), per matrix."""
     import torch
     import torch.nn.functional as F
+
+    from sureserve.loading.machine import best_ms
 
     size = out_f * in_f * torch.tensor([], dtype=dtype).element_size()
     copies = max(1, STREAM_BYTES // size)
@@ -112,7 +104,7 @@ def measure_shape(out_f: int, in_f: int, dtype: Any) -> tuple[tuple[float, float
             def run(ws: list[Any] = ws, x: Any = x) -> None:
                 for w in ws:
                     F.linear(x, w)
-            per.append(_time(run, 3) / copies)
+            per.append(best_ms(run, 3) / copies)
         result.append((per[0], per[1]))
     return result[0], result[1]
 

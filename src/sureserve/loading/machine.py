@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -61,6 +62,18 @@ def gemm_gflops(dtype_name: str = "float32", n: int = 2048, seconds: float = 2.0
         torch.mm(a, b)
         reps += 1
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def best_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """Best of ``reps`` timed calls of ``fn`` in milliseconds, after one warm-up call (the
+    first call of a new shape pays kernel setup)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
 
 
 def _ident(threads: int | None = None) -> str:

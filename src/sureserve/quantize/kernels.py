@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
+from sureserve.loading.machine import best_ms
 from sureserve.quantize.methods import INT4_GROUP
 
 
@@ -42,15 +42,10 @@ def activation_dtype(kind: str) -> torch.dtype:
 
     def run(dt: torch.dtype) -> float:
         x = torch.randn(1, k).to(dt)
-        best = float("inf")
-        for _ in range(6):
-            start = time.perf_counter()
-            if kind == "int4":
-                torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, zeros.to(dt))
-            else:
-                torch.ops.aten._weight_int8pack_mm(x, w, scale.to(dt))
-            best = min(best, time.perf_counter() - start)
-        return best
+        if kind == "int4":
+            return best_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, packed, INT4_GROUP, zeros.to(dt)))
+        return best_ms(lambda: torch.ops.aten._weight_int8pack_mm(x, w, scale.to(dt)))
 
     fp32, bf16 = run(torch.float32), run(torch.bfloat16)
     return torch.bfloat16 if bf16 * 1.2 < fp32 else torch.float32
