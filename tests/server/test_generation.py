@@ -243,6 +243,13 @@ def test_generation_metrics_are_exported(gen_server: Server) -> None:
     assert {"/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
 
 
+def test_info_says_how_decoding_runs(gen_server: Server) -> None:
+    (model,) = httpx.get(f"{gen_server.url}/info", timeout=10).json()["models"]
+    # the layout setting is off by default: /info says so rather than saying nothing
+    assert model["decode_path"] == "decode weight layout unchanged: turned off " \
+        "(decode_weight_layout = false)", model
+
+
 def test_sigterm_finishes_the_stream_in_flight(gen_server: Server) -> None:
     """The module's last test: it stops the module's server (one smollm2 start less)."""
     s = gen_server
