@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -82,16 +82,20 @@ class LocalServer:
 
 
 @contextmanager
-def serve_here(models: list[str], **settings: Any) -> Iterator[LocalServer]:
-    """``models`` served on loopback until the block ends. One forward worker: more would
-    lower torch's threads for this whole test process."""
+def serve_here(models: list[str], factory: Any = None,
+               while_loading: Callable[[str], None] | None = None,
+               **settings: Any) -> Iterator[LocalServer]:
+    """``models`` served on loopback until the block ends (``factory``: the app's engine
+    factory; ``while_loading(url)`` runs once while /health still answers 503). One forward
+    worker: more would lower torch's threads for this whole test process."""
     import uvicorn
 
     from sureserve.server.app import create_app
     from sureserve.settings import Settings
 
     port = free_port()
-    app = create_app(Settings(**{"forward_workers": 1, **settings}), models)
+    app = create_app(Settings(**{"forward_workers": 1, **settings}), models,
+                     **({"factory": factory} if factory is not None else {}))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -102,10 +106,14 @@ def serve_here(models: list[str], **settings: Any) -> Iterator[LocalServer]:
         while True:
             assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
+                status = httpx.get(f"{url}/health", timeout=2).status_code
             except httpx.HTTPError:
-                pass
+                status = None
+            if status == 200:
+                break
+            if status == 503 and while_loading is not None:
+                while_loading(url)
+                while_loading = None
             time.sleep(0.2)
         yield LocalServer(url)
     finally:

@@ -14,11 +14,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 import sureserve
 from sureserve.settings import Settings
-from tests.server.conftest import Server, free_port, start_server, stop_server
+from tests.server.conftest import Server, serve_here, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -50,38 +49,20 @@ def _held_factory(name: str, settings: Settings) -> Any:
     return _poisoned_factory(name, settings)
 
 
-@pytest.fixture(scope="module")
-def poisoned() -> Iterator[str]:
-    from sureserve.server.app import create_app
-
-    port = free_port()
-    # a long wait for company so that all concurrent requests land in one batch; one
-    # forward worker, because more would lower torch's threads for this whole test process
-    app = create_app(Settings(max_wait_ms=300, forward_workers=1), ["minilm"],
-                     factory=_held_factory)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health").status_code == 503:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    # still loading: requests get their own "not ready" answer, not an internal error
+def _still_loading(url: str) -> None:
+    """Requests while the model loads get their own "not ready" answer, not an internal
+    error; then the model may finish loading."""
     r = httpx.post(f"{url}/embed", json={"inputs": "hello"})
     assert r.status_code == 503 and r.json()["error_type"] == "model_not_ready", r.text
     RELEASE.set()
-    for _ in range(600):
-        if httpx.get(f"{url}/health").status_code == 200:
-            break
-        time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def poisoned() -> Iterator[str]:
+    # a long wait for company so that all concurrent requests land in one batch
+    with serve_here(["minilm"], factory=_held_factory, while_loading=_still_loading,
+                    max_wait_ms=300) as s:
+        yield s.url
 
 
 def test_a_client_that_leaves_is_counted_as_499(poisoned: str) -> None:
