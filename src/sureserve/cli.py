@@ -690,10 +690,26 @@ def bench_generate(model: GenModel = "smollm2",
                    min_new: Annotated[int, typer.Option(help="Smallest max_new_tokens.")] = 16,
                    max_new: Annotated[int, typer.Option(help="Largest max_new_tokens.")] = 128,
                    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+                   peer: Annotated[str | None, typer.Option(
+                       help="llama.cpp: instead, compare `sureserve serve` with llama.cpp's "
+                       "llama-server over HTTP on the same weights (F32 and the shipped "
+                       "Q4_1 GGUF), OpenAI streaming chat at each --clients level plus a "
+                       "shared 400-token system prompt; llama-server is built once into "
+                       "SURESERVE_HOME (~5 min).")] = None,
                    output: BenchOut = None) -> None:
-    """Continuous batching vs generate one at a time vs static left-padded batches."""
+    """Continuous batching vs generate one at a time vs static left-padded batches (or,
+    with --peer llama.cpp, the server against llama.cpp's)."""
     from sureserve.bench.generate import print_report, run_generate_bench
 
+    if peer is not None:
+        from sureserve.bench import chat
+
+        chat.print_report(chat.run_chat_bench(peer, levels=levels or [1, 8, 32],
+                                              requests=n, single=sample, seed=seed,
+                                              max_tokens=max_new,
+                                              out=_bench_out(output, "generate-peer")),
+                          _report)
+        return
     print_report(run_generate_bench(model, n=n, sample=sample, levels=levels or [1, 8, 32],
                                     seed=seed, min_new=min_new, max_new=max_new,
                                     out=_bench_out(output, "generate")), _report)

@@ -155,7 +155,10 @@ class Engine:
             self.generation = GenerationEngine(loaded, kv_budget_tokens(loaded, settings),
                                                settings.max_running_seqs,
                                                layout_home=settings.home_dir(),
-                                               layout=settings.decode_weight_layout)
+                                               layout=settings.decode_weight_layout,
+                                               prefill_tokens=settings.prefill_tokens,
+                                               prefix_cache_bytes=int(
+                                                   settings.prefix_cache_mb * 2**20))
 
     @property
     def model(self) -> Any:

@@ -147,6 +147,21 @@ class Settings(BaseSettings):
         default=256, ge=1,
         description="Tokens generated when a request does not say (max_tokens).",
     )
+    prefill_tokens: int = Field(
+        default=512, ge=1,
+        description="Prompt tokens a generation model prefills per step. Waiting prompts "
+        "that fit are prefilled together in one forward (short prompts in a burst); a "
+        "longer prompt is prefilled in chunks of this size, the running sequences decoding "
+        "a token between chunks. Lower: smoother streams while long prompts arrive; "
+        "higher: fewer, larger forwards.",
+    )
+    prefix_cache_mb: float = Field(
+        default=256, ge=0,
+        description="Memory kept for the keys and values of prompt prefixes already "
+        "computed, in MiB (a shared system prompt, earlier chat turns), so a prompt that "
+        "starts with one prefills only the rest; least recently used first out. 0 turns "
+        "prefix reuse off. /metrics: sureserve_prefix_cache_*.",
+    )
     decode_weight_layout: bool = Field(
         default=False,
         description="On a CPU, store each decoder weight shape in the memory order this "
@@ -373,7 +388,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
                  "forward_workers"),
-    "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "decode_weight_layout"),
+    "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "prefill_tokens",
+                   "prefix_cache_mb", "decode_weight_layout"),
     "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
               "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",
               "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",

@@ -215,3 +215,119 @@ def test_column_major_decode_weights_keep_greedy_outputs(smollm2: sureserve.Engi
     got = forced.generation.generate_ids(prompts, 12)
     for prompt, ids in zip(PROMPTS, got, strict=True):
         assert ids == _reference(plain, prompt, 12), prompt
+
+
+SYSTEM = ("You answer questions about the article below, briefly. The city council met on "
+          "Tuesday to discuss the new bridge, the budget for the coming year and the plan "
+          "to plant a thousand trees along the river before the summer. The mayor said the "
+          "bridge would open in the autumn, two months late, and that the trees would cost "
+          "less than the council had feared.")
+QUESTIONS = ["What did the council discuss?", "How many trees?", "When?", "Where is the bridge?"]
+
+
+def _chat_ids(engine: sureserve.Engine, question: str) -> list[int]:
+    assert engine.generation is not None
+    return engine.generation.encode([{"role": "system", "content": SYSTEM},
+                                     {"role": "user", "content": question}])
+
+
+def test_prefix_reuse_gives_the_same_tokens_and_counts_hits(smollm2: sureserve.Engine) -> None:
+    """Chats sharing a system prompt: with the prefix store on, later prompts prefill only
+    their own ends, and every continuation equals plain ``generate`` on the whole prompt."""
+    import torch
+
+    gen = GenerationEngine(smollm2.loaded, prefix_cache_bytes=64 * 2**20, prefix_block=16)
+    assert gen.prefix is not None
+    prompts = [_chat_ids(smollm2, q) for q in QUESTIONS]
+    first = gen.generate_ids(prompts[:1], 10)  # stores the system prompt's blocks
+    rest = gen.generate_ids(prompts[1:], 10)  # three prompts, one shared stored prefix
+    assert gen.prefix.hits >= 3 and gen.prefix.tokens_reused >= 3 * 48
+    for ids, got in zip(prompts, first + rest, strict=True):
+        ref = smollm2.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=10,
+                                     do_sample=False)[0, len(ids):].tolist()
+        assert got == ref
+    again = gen.generate_ids(prompts[:1], 10)  # a repeated prompt: all but its tail reused
+    assert again == first
+    assert gen.cache_bytes == 0 and gen.prefix.bytes > 0  # the batch cache is given back
+
+
+def test_batched_prefill_matches_one_at_a_time_prefill(smollm2: sureserve.Engine) -> None:
+    """Prompts of different lengths prefilled in one left-padded forward leave the same
+    keys/values (within float tolerance) and first tokens as a lone forward of each."""
+    import torch
+
+    ids = [list(smollm2.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    together = GenerationEngine(smollm2.loaded, prefill_tokens=1024)
+    together.submit(ids, SamplingParams(max_new_tokens=4))
+    together.step()  # every prompt in one forward
+    kv = together._kv
+    assert kv is not None and len(together._rows) == len(ids) and together.prefilling == 0
+    with torch.inference_mode():
+        for r, seq in enumerate(together._rows):
+            alone = smollm2.model(input_ids=torch.tensor([seq.prompt]), use_cache=True)
+            assert seq.tokens == [int(alone.logits[0, -1].argmax())]
+            n = len(seq.prompt)
+            for i, layer in enumerate(alone.cache.layers):
+                torch.testing.assert_close(kv.k[i, r, :, kv.end - n:kv.end], layer.keys[0],
+                                           atol=2e-4, rtol=1e-4)
+                torch.testing.assert_close(kv.v[i, r, :, kv.end - n:kv.end], layer.values[0],
+                                           atol=2e-4, rtol=1e-4)
+    while together.has_work:
+        together.step()
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps(smollm2: sureserve.Engine) -> None:
+    """With an 8-token prefill budget a 60-token prompt takes several steps, a running
+    request keeps decoding one token per step meanwhile, and the result equals plain
+    ``generate``; cancelling mid-prefill frees its partial cache at once."""
+    import torch
+
+    long_ids = _chat_ids(smollm2, QUESTIONS[0])
+    assert len(long_ids) > 40
+    gen = GenerationEngine(smollm2.loaded, prefill_tokens=8)
+    (short,) = gen.submit([list(smollm2.tokenizer("Hi")["input_ids"])],
+                          SamplingParams(max_new_tokens=40))
+    gen.step()
+    runner = gen._seqs[short]
+    (rid,) = gen.submit([long_ids], SamplingParams(max_new_tokens=6))
+    steps = 0
+    while steps < 50 and not (rid in gen._seqs and gen._seqs[rid].tokens):
+        before = len(runner.tokens)
+        gen.step()
+        steps += 1
+        assert len(runner.tokens) == before + 1  # the running row decoded meanwhile
+    assert steps >= len(long_ids) // 8
+    while gen.has_work:
+        gen.step()
+    ref = smollm2.model.generate(input_ids=torch.tensor([long_ids]), max_new_tokens=6,
+                                 do_sample=False)[0, len(long_ids):].tolist()
+    assert gen.result(rid).token_ids == ref  # type: ignore[union-attr]
+    # cancelled half-way through its prefill
+    (gone,) = gen.submit([long_ids], SamplingParams(max_new_tokens=6))
+    gen.step()
+    gen.step()
+    assert gen.prefilling == 1 and gen._seqs[gone].past is not None
+    assert 0 < gen._seqs[gone].computed < len(long_ids)
+    gen.cancel(gone)
+    gen.step()
+    assert gen.prefilling == 0 and not gen.has_work and gen.cache_bytes == 0
+    assert gen.result(gone).finish_reason == "cancelled"  # type: ignore[union-attr]
+
+
+def test_prefix_store_under_pressure_evicts_and_stays_correct(smollm2: sureserve.Engine) -> None:
+    """A store that holds only a few blocks keeps evicting as different prompts pass, stays
+    within its bytes, and outputs never change."""
+    gen = GenerationEngine(smollm2.loaded, prefix_cache_bytes=3 * 16 * gen_kv_bytes(smollm2),
+                           prefix_block=16)
+    assert gen.prefix is not None
+    prompts = [_chat_ids(smollm2, q) for q in QUESTIONS]
+    plain = GenerationEngine(smollm2.loaded).generate_ids(prompts, 6)
+    for _ in range(2):
+        assert gen.generate_ids(prompts, 6) == plain
+    assert len(prompts[0]) >= 4 * 16  # more blocks than the store holds
+    assert gen.prefix.evictions > 0 and gen.prefix.bytes <= gen.prefix.budget_bytes
+
+
+def gen_kv_bytes(engine: sureserve.Engine) -> int:
+    assert engine.generation is not None
+    return engine.generation.bytes_per_token

@@ -18,10 +18,11 @@ from sureserve.batching.planner import padding_ratio, padding_share
 
 
 class RssSampler:
-    """Peak resident memory of this process while a block runs (sampled every 10 ms)."""
+    """Peak resident memory of a process (this one by default) while a block runs
+    (sampled every 10 ms)."""
 
-    def __init__(self) -> None:
-        self.proc = psutil.Process(os.getpid())
+    def __init__(self, pid: int | None = None) -> None:
+        self.proc = psutil.Process(os.getpid() if pid is None else pid)
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -38,6 +38,7 @@ from sureserve.watch.drift import DriftWatch, count_unknown
 
 if TYPE_CHECKING:
     from sureserve.generation.kvcache import PaddedKV  # imports torch: loaded on first use
+    from sureserve.generation.prefix import PrefixCache
 
 log = logging.getLogger("sureserve.generate")
 
@@ -86,6 +87,13 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     length: int = 0  # real tokens in the cache for this row
     done: Completion | None = None
+    # prefill state, between admission and the first token: tokens whose keys/values
+    # exist (a reused prefix, then chunks), held in ``past`` (a shared prefix's tensors,
+    # or this request's own cache once a chunk ran); ``chain`` names a shared prefix
+    computed: int = 0
+    past: Any = None
+    chain: int = 0
+    reused: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def reservation(self) -> int:
@@ -95,7 +103,8 @@ class Request:
 class GenerationEngine:
     def __init__(self, loaded: Loaded, kv_budget_tokens: int = 65_536,
                  max_running: int = 64, *, layout: bool = False,
-                 layout_home: Path | None = None) -> None:
+                 layout_home: Path | None = None, prefill_tokens: int = 512,
+                 prefix_cache_bytes: int = 0, prefix_block: int = 16) -> None:
         from sureserve.generation.layout import plan_and_apply
 
         self.loaded = loaded
@@ -119,6 +128,16 @@ class GenerationEngine:
         self._rows: list[Request] = []  # running, in cache row order
         self._finished: dict[int, Completion] = {}
         self._kv: PaddedKV | None = None  # created from the first prefill's shapes
+        # admitted, prompt not yet fully prefilled (FIFO); at most ``prefill_tokens`` prompt
+        # tokens are computed per step, so running rows keep decoding between the chunks
+        # of a long prompt or of a burst of prompts
+        self._prefilling: list[Request] = []
+        self.prefill_tokens = max(1, prefill_tokens)
+        self.prefix: PrefixCache | None = None
+        if prefix_cache_bytes > 0:
+            from sureserve.generation.prefix import PrefixCache
+
+            self.prefix = PrefixCache(prefix_cache_bytes, prefix_block)
         self.watch: DriftWatch | None = None  # the engine's drift watch (sureserve.load)
 
     # ---- requests ---------------------------------------------------------------------
@@ -180,6 +199,11 @@ class GenerationEngine:
     @property
     def has_work(self) -> bool:
         return bool(self._inbox or self.sched.waiting or self.sched.running)
+
+    @property
+    def prefilling(self) -> int:
+        """Admitted requests whose prompt is not fully prefilled yet."""
+        return len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -260,13 +284,9 @@ class GenerationEngine:
                         self._finish(seq, "error", error=f"the model raised: {exc}")
                     self._drop_finished()
             for seq_id in plan.prefill:
-                seq = self._seqs[seq_id]
-                try:
-                    self._prefill(seq)
-                    stepped.append(seq)
-                except Exception as exc:
-                    log.exception("prefill failed for request %d", seq_id)
-                    self._finish(seq, "error", error=f"the model raised on this prompt: {exc}")
+                self._admit(self._seqs[seq_id])
+            if self._prefilling:
+                stepped += self._prefill_some()
             now = time.perf_counter()
             for seq in stepped:
                 if seq.done is None:
@@ -306,20 +326,133 @@ class GenerationEngine:
             s.tokens.append(t)
         return list(rows)
 
-    def _prefill(self, seq: Request) -> None:
+    # ---- prefill ------------------------------------------------------------------------
+    def _admit(self, seq: Request) -> None:
+        """Start an admitted request's prefill from the longest reusable prefix."""
+        if self.prefix is not None and seq.done is None:
+            hit = self.prefix.lookup(seq.prompt)
+            if hit is not None:
+                seq.computed, k, v, seq.chain = hit
+                seq.past, seq.reused = (k, v), seq.computed
+        self._prefilling.append(seq)
+
+    def _prefill_some(self) -> list[Request]:
+        """Run up to ``prefill_tokens`` prompt tokens (at least one forward), FIFO: a prompt
+        whose rest is longer than that runs a chunk on its own; otherwise the next prompts
+        that start from the same point (nothing, or the same stored prefix) share one
+        left-padded forward. Returns the requests that got their first token."""
+        budget, done = self.prefill_tokens, []
+        while self._prefilling and budget > 0:
+            head = self._prefilling[0]
+            if head.done is not None:  # cancelled while waiting to prefill
+                self._prefilling.pop(0)
+                head.past = None
+                continue
+            rest = len(head.prompt) - head.computed
+            if rest > budget and budget < self.prefill_tokens:
+                break  # a chunk gets a fresh step's whole budget
+            if rest > budget or head.chain < 0:  # a chunk, or the end of a chunked prompt
+                group = [head]
+            else:
+                group, width = [], 0
+                for seq in self._prefilling:
+                    r = len(seq.prompt) - seq.computed
+                    if seq.done is not None or (seq.computed, seq.chain) != (head.computed,
+                                                                              head.chain):
+                        break
+                    if (len(group) + 1) * max(width, r) > budget:
+                        break
+                    group.append(seq)
+                    width = max(width, r)
+            try:
+                budget -= self._prefill_group(group, budget)
+            except Exception as exc:
+                log.exception("prefill failed")
+                for seq in group:
+                    self._finish(seq, "error", error=f"the model raised on this prompt: {exc}")
+            for seq in group:
+                if seq.done is not None or seq.computed == len(seq.prompt):
+                    self._prefilling.remove(seq)
+                    seq.past = None
+                    if seq.done is None:
+                        done.append(seq)
+        return done
+
+    def _prefill_group(self, group: list[Request], budget: int) -> int:
+        """One forward over ``group`` (rows sharing their starting point); rows that reach
+        the end of their prompt get their first token and join the batch cache. Returns the
+        padded tokens computed."""
+        import torch
+        from transformers.cache_utils import Cache, DynamicLayer
+
+        start = group[0].computed
+        past = group[0].past
+        n = len(group)
+        cache = Cache(layers=[DynamicLayer() for _ in range(self._layers())])
+        if isinstance(past, tuple):  # a shared stored prefix: the same tensors for every row
+            k, v = past
+            for i, layer in enumerate(cache.layers):
+                layer.update(k[i][None].expand(n, -1, -1, -1), v[i][None].expand(n, -1, -1, -1))
+        elif past is not None:  # this request's own earlier chunks
+            cache = past
+        chunks = [seq.prompt[start:start + budget] for seq in group]
+        width = max(len(c) for c in chunks)
+        ids = torch.full((n, width), self._pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((n, start + width), dtype=torch.long, device=self.device)
+        mask[:, :start] = 1
+        pos = torch.zeros((n, width), dtype=torch.long, device=self.device)
+        for r, c in enumerate(chunks):  # left padding between the prefix and the chunk
+            ids[r, width - len(c):] = torch.tensor(c, device=self.device)
+            mask[r, start + width - len(c):] = 1
+            pos[r, width - len(c):] = torch.arange(start, start + len(c), device=self.device)
+        kw: dict[str, Any] = {"attention_mask": mask} if n > 1 or start else {}
+        if n > 1 or start:
+            kw["position_ids"] = pos
+        res = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kw)
+        if n == 1 and start + len(chunks[0]) < len(group[0].prompt):
+            # a long prompt's chunk: keep its own cache, choose nothing yet (a seeded
+            # sampler's stream must not move)
+            group[0].computed = start + len(chunks[0])
+            group[0].past, group[0].chain = res.cache, -group[0].id - 1
+            return width
+        tokens = choose(res.logits[:, -1], [seq.row for seq in group])
+        layers = res.cache.layers
+        for r, (seq, c, token) in enumerate(zip(group, chunks, tokens, strict=True)):
+            seq.computed = start + len(c)
+            keys = [self._row(layer.keys, r, start, width, len(c)) for layer in layers]
+            values = [self._row(layer.values, r, start, width, len(c)) for layer in layers]
+            if self.prefix is not None:
+                self.prefix.store(seq.prompt, keys, values)
+            self._join(seq, keys, values, token)
+        return n * width
+
+    @staticmethod
+    def _row(t: Any, r: int, start: int, width: int, length: int) -> Any:
+        """Row ``r``'s real columns (the prefix, then its chunk without the padding)."""
         import torch
 
-        ids = torch.tensor([seq.prompt], device=self.device)
-        res = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        token = choose(res.logits[:, -1], [seq.row])[0]
-        layers = res.cache.layers
+        if width == length:
+            return t[r:r + 1]
+        return torch.cat([t[r:r + 1, :, :start], t[r:r + 1, :, start + width - length:]], dim=2)
+
+    def _layers(self) -> int:
+        return int(getattr(self.loaded.config, "num_hidden_layers", 0) or
+                   len(self.model.model.layers))
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tok.pad_token_id
+        return int(pad if pad is not None else next(iter(self.eos_ids), 0))
+
+    def _join(self, seq: Request, keys: list[Any], values: list[Any], token: int) -> None:
+        """A fully prefilled row enters the batch cache with its first token."""
         if self._kv is None:
             from sureserve.generation.kvcache import PaddedKV
 
-            k0 = layers[0].keys
-            self._kv = PaddedKV(len(layers), k0.shape[1], k0.shape[3], k0.dtype, k0.device,
+            k0 = keys[0]
+            self._kv = PaddedKV(len(keys), k0.shape[1], k0.shape[3], k0.dtype, k0.device,
                                 self.sched.max_running)
-        self._kv.add_row([layer.keys for layer in layers], [layer.values for layer in layers])
+        self._kv.add_row(keys, values)
         seq.length = len(seq.prompt)
         seq.tokens.append(token)
         self._rows.append(seq)
@@ -364,6 +497,11 @@ class GenerationEngine:
         gone = [i for i, s in self._seqs.items() if s.done is not None]
         if not gone:
             return
+        if self._prefilling:  # cancelled mid-prefill: their partial caches go now
+            for s in self._prefilling:
+                if s.done is not None:
+                    s.past = None
+            self._prefilling = [s for s in self._prefilling if s.done is None]
         self.sched.update(gone)
         for i in gone:
             del self._seqs[i]

