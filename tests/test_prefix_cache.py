@@ -64,7 +64,7 @@ def test_a_shared_prefix_is_stored_once() -> None:
         pc.store(p, *kv(p))
         assert hit is None or hit[0] == 8
     assert len(pc) == 2 + 3 and pc.bytes == 5 * BLOCK_BYTES
-    a, b = pc.lookup(system + [50, 51, 52, 53, 0]), pc.lookup(system + [99])
+    a, b = pc.lookup([*system, 50, 51, 52, 53, 0]), pc.lookup([*system, 99])
     assert a is not None and a[0] == 12
     assert b is not None and b[0] == 8
 
@@ -75,13 +75,13 @@ def test_least_recently_used_goes_first_and_chains_lose_their_tail() -> None:
     pc.store(old, *kv(old))
     pc.store(new, *kv(new))  # 4 blocks > 3: old's tail block goes first, its head stays
     assert pc.bytes == 3 * BLOCK_BYTES and pc.evictions == 1
-    hit = pc.lookup(old + [0])
+    hit = pc.lookup([*old, 0])
     assert hit is not None and hit[0] == 4
-    assert (pc.lookup(new + [0]) or [0])[0] == 8
+    assert (pc.lookup([*new, 0]) or [0])[0] == 8
     # memory pressure: shrink gives bytes back
     assert pc.shrink(BLOCK_BYTES) == 2 * BLOCK_BYTES and len(pc) == 1
     pc.clear()
-    assert pc.bytes == 0 and len(pc) == 0 and pc.lookup(new + [0]) is None
+    assert pc.bytes == 0 and len(pc) == 0 and pc.lookup([*new, 0]) is None
 
 
 def test_budget_zero_stores_nothing_and_a_block_larger_than_the_budget_is_skipped() -> None:
@@ -95,5 +95,5 @@ def test_budget_zero_stores_nothing_and_a_block_larger_than_the_budget_is_skippe
 def test_keys_longer_than_the_prompt_store_only_the_prompts_positions() -> None:
     pc = PrefixCache(budget_bytes=100 * BLOCK_BYTES, block=4)
     prompt = list(range(6))
-    keys, values = kv(prompt + [99, 98, 97])  # e.g. a cache that ran past the prompt
+    keys, values = kv([*prompt, 99, 98, 97])  # e.g. a cache that ran past the prompt
     assert pc.store(prompt, keys, values) == 4

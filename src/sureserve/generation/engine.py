@@ -388,12 +388,13 @@ class GenerationEngine:
         start = group[0].computed
         past = group[0].past
         n = len(group)
-        cache = Cache(layers=[DynamicLayer() for _ in range(self._layers())])
+        layers: list[Any] = [DynamicLayer() for _ in range(self._layers())]
         if isinstance(past, tuple):  # a shared stored prefix: the same tensors for every row
             k, v = past
-            for i, layer in enumerate(cache.layers):
+            for i, layer in enumerate(layers):
                 layer.update(k[i][None].expand(n, -1, -1, -1), v[i][None].expand(n, -1, -1, -1))
-        elif past is not None:  # this request's own earlier chunks
+        cache = Cache(layers=layers)
+        if past is not None and not isinstance(past, tuple):  # this request's own earlier chunks
             cache = past
         chunks = [seq.prompt[start:start + budget] for seq in group]
         width = max(len(c) for c in chunks)
