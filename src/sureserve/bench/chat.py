@@ -72,7 +72,8 @@ class Run:
                 "tokens_per_s": round(toks / self.seconds, 2) if self.seconds else 0.0,
                 "ttft_p50_s": pct(50), "ttft_p99_s": pct(99),
                 "peak_rss_mb": round(self.peak_rss_mb), "identical": self.identical,
-                "compared": self.compared}
+                "compared": self.compared,
+                "first_error": next((r.error for r in self.results if r.error), None)}
 
 
 def workloads(tok: Any, n: int, seed: int, system_tokens: int = 400
@@ -210,7 +211,17 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         log(f"starting {c.name}")
-        proc = _start([*c.cmd, "--host", "127.0.0.1", "--port", str(port)], url, c.env)
+        try:
+            proc = _start([*c.cmd, "--host", "127.0.0.1", "--port", str(port)], url, c.env)
+        except RuntimeError as exc:
+            if not c.name.startswith("llama.cpp"):
+                raise
+            # seen on a Xeon with AMX: ggml's weight repacking for Q4_1 dies with a general
+            # protection fault at load; without it llama.cpp runs its plain CPU kernels
+            log(f"{c.name} did not start ({exc}); again with --no-repack")
+            report["peers"][c.name] = f"started with --no-repack: the default died ({exc})"
+            proc = _start([*c.cmd, "--no-repack", "--host", "127.0.0.1", "--port", str(port)],
+                          url, c.env)
         try:
             # warm-up: first requests allocate and choose kernels
             asyncio.run(_closed_loop(url, loads["short"][:2], 2, 8, tok))
@@ -267,7 +278,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def _line(r: dict[str, Any]) -> str:
     same = f", identical to sureserve {r['identical']}/{r['compared']}" if r["compared"] else ""
-    err = f", {r['errors']} errors" if r["errors"] else ""
+    err = f", {r['errors']} errors (first: {r['first_error']})" if r["errors"] else ""
     return (f"{r['contender']:>32} {r['workload']:>13} x{r['clients']:<3}: {r['requests']} "
             f"req, {r['output_tokens']} tok in {r['seconds']}s = {r['tokens_per_s']} tok/s, "
             f"TTFT p50 {r['ttft_p50_s']}s p99 {r['ttft_p99_s']}s, peak RSS "

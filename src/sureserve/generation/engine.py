@@ -328,13 +328,25 @@ class GenerationEngine:
 
     # ---- prefill ------------------------------------------------------------------------
     def _admit(self, seq: Request) -> None:
-        """Start an admitted request's prefill from the longest reusable prefix."""
-        if self.prefix is not None and seq.done is None:
-            hit = self.prefix.lookup(seq.prompt)
-            if hit is not None:
-                seq.computed, k, v, seq.chain = hit
-                seq.past, seq.reused = (k, v), seq.computed
+        """Queue an admitted request for prefill (its reusable prefix is looked up when its
+        turn comes: a prompt prefilled meanwhile may have stored it)."""
         self._prefilling.append(seq)
+
+    def _reuse_prefixes(self) -> None:
+        """Point every request that has not started its prefill at the longest stored
+        prefix of its prompt. Called before each group is formed, so in a burst of prompts
+        sharing a system prompt the first one computes it and the others reuse it."""
+        if self.prefix is None:
+            return
+        for seq in self._prefilling:
+            # not started (a request's own chunks have a negative chain), and a whole
+            # block left to gain
+            if seq.done is None and seq.chain >= 0 and seq.computed == seq.reused \
+                    and len(seq.prompt) - seq.computed > self.prefix.block:
+                hit = self.prefix.lookup(seq.prompt, count=False)
+                if hit is not None and hit[0] > seq.computed:
+                    seq.computed, k, v, seq.chain = hit
+                    seq.past, seq.reused = (k, v), seq.computed
 
     def _prefill_some(self) -> list[Request]:
         """Run up to ``prefill_tokens`` prompt tokens (at least one forward), FIFO: a prompt
@@ -343,6 +355,7 @@ class GenerationEngine:
         left-padded forward. Returns the requests that got their first token."""
         budget, done = self.prefill_tokens, []
         while self._prefilling and budget > 0:
+            self._reuse_prefixes()
             head = self._prefilling[0]
             if head.done is not None:  # cancelled while waiting to prefill
                 self._prefilling.pop(0)
@@ -388,6 +401,9 @@ class GenerationEngine:
         start = group[0].computed
         past = group[0].past
         n = len(group)
+        if self.prefix is not None and group[0].chain >= 0:  # the start of these prompts
+            for seq in group:
+                self.prefix.record(seq.reused)
         layers: list[Any] = [DynamicLayer() for _ in range(self._layers())]
         if isinstance(past, tuple):  # a shared stored prefix: the same tensors for every row
             k, v = past

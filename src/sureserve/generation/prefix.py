@@ -69,21 +69,31 @@ class PrefixCache:
             parent = got.id
         return chain
 
-    def lookup(self, prompt: Sequence[int]
+    def record(self, reused: int) -> None:
+        """Count one prompt's outcome: ``reused`` tokens from the store (0: a miss)."""
+        if reused:
+            self.hits += 1
+            self.tokens_reused += reused
+        else:
+            self.misses += 1
+
+    def lookup(self, prompt: Sequence[int], count: bool = True
                ) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
         """The longest stored prefix of ``prompt`` that leaves at least one token to
         compute: (its length, keys, values, the id of its last block), keys and values
         ``(layers, heads, length, head_dim)``; two prompts given the same id got the same
-        prefix. None when nothing is stored for it. Counts a hit or a miss."""
+        prefix. None when nothing is stored for it. Counts a hit or a miss unless
+        ``count`` is false (the caller then ``record``s the outcome it acted on)."""
         chain = self._chain(prompt, len(prompt) - 1) if self.budget_bytes > 0 else []
         if not chain:
-            self.misses += 1
+            if count:
+                self.record(0)
             return None
         for blk in reversed(chain):  # most recent = the chain's first block
             self._blocks.move_to_end(blk.key)
         length = len(chain) * self.block
-        self.hits += 1
-        self.tokens_reused += length
+        if count:
+            self.record(length)
         return (length, torch.cat([c.k for c in chain], dim=2),
                 torch.cat([c.v for c in chain], dim=2), chain[-1].id)
 
