@@ -311,7 +311,7 @@ class GenerationEngine:
 
         rows, kv = self._rows, self._kv
         assert kv is not None
-        kv.reserve(1)
+        kv.reserve(1, max(s.params.max_new_tokens - len(s.tokens) for s in rows))
         width = kv.width + 1
         lengths = torch.tensor([s.length + 1 for s in rows], device=self.device)
         mask = (torch.arange(width, device=self.device)[None, :]
@@ -434,6 +434,11 @@ class GenerationEngine:
             return width
         tokens = choose(res.logits[:, -1], [seq.row for seq in group])
         layers = res.cache.layers
+        # room for every admitted prompt still to join, in one go (each reallocation
+        # copies the cache and touches fresh pages: a burst must not pay it row by row)
+        pending = [s for s in self._prefilling if s.done is None]
+        self._room(len(pending), max(len(s.prompt) for s in pending), layers[0].keys,
+                   max(s.params.max_new_tokens for s in [*pending, *self._rows]))
         for r, (seq, c, token) in enumerate(zip(group, chunks, tokens, strict=True)):
             seq.computed = start + len(c)
             keys = [self._row(layer.keys, r, start, width, len(c)) for layer in layers]
@@ -461,14 +466,21 @@ class GenerationEngine:
         pad = self.tok.pad_token_id
         return int(pad if pad is not None else next(iter(self.eos_ids), 0))
 
-    def _join(self, seq: Request, keys: list[Any], values: list[Any], token: int) -> None:
-        """A fully prefilled row enters the batch cache with its first token."""
+    def _room(self, rows: int, length: int, like: Any, ahead: int = 0) -> None:
+        """The batch cache (created from the first prefill's shapes) with room for
+        ``rows`` more rows of up to ``length`` tokens."""
         if self._kv is None:
             from sureserve.generation.kvcache import PaddedKV
 
-            k0 = keys[0]
-            self._kv = PaddedKV(len(keys), k0.shape[1], k0.shape[3], k0.dtype, k0.device,
-                                self.sched.max_running)
+            self._kv = PaddedKV(self._layers(), like.shape[1], like.shape[3], like.dtype,
+                                like.device, self.sched.max_running)
+        self._kv.make_room(rows, length, ahead)
+
+    def _join(self, seq: Request, keys: list[Any], values: list[Any], token: int) -> None:
+        """A fully prefilled row enters the batch cache with its first token."""
+        if self._kv is None:
+            self._room(1, keys[0].shape[2], keys[0])
+        assert self._kv is not None
         self._kv.add_row(keys, values)
         seq.length = len(seq.prompt)
         seq.tokens.append(token)

@@ -12,12 +12,17 @@ in one preallocated buffer ``(layers, rows, heads, columns, head_dim)`` with hea
 - a joining row's prefilled keys/values are copied into the next free row slot, right
   aligned; a leaving row is replaced by the last row (one row copied, not the cache), and
   the caller mirrors that swap in its own row order;
-- the buffer is reallocated (amortised) when rows or columns run out, or when more than
-  ``COLUMN_HEADROOM`` dead columns have piled up left of the span (``start`` moves right
-  for free when the longest row leaves); row slots grow by a quarter and are given back once
-  more than half again the live rows. So the allocation stays within 1.5x the live rows
-  (at least 4) and 2 x COLUMN_HEADROOM columns of the live span: the memory the scheduler
-  reserves, plus bounded headroom.
+- the buffer is reallocated when rows or columns run out, or when more dead columns
+  have piled up left of the span than the span is wide (``start`` moves right for free
+  when the longest row leaves); row slots grow by a quarter and are given back once more
+  than half again the live rows. A reallocation is expensive beyond its copy: a fresh
+  buffer of hundreds of MiB is paid again in page faults as it is first touched. So the
+  caller says how many columns the running rows may still need (``ahead``: the largest
+  remaining max_new_tokens) and a reallocation makes that room at once, instead of
+  ``COLUMN_HEADROOM`` columns at a time; and a group of rows joining together gets its
+  room in one reallocation (``make_room``). The allocation stays within 1.5x the live rows
+  (at least 4) and two spans plus ``ahead`` plus ``COLUMN_HEADROOM`` columns: the
+  rectangle the scheduler reserves, plus bounded headroom.
 
 The model sees a ``transformers.Cache`` whose layers return views of the span.
 """
@@ -95,22 +100,39 @@ class PaddedKV:
         """New buffers holding the span at column ``left`` with ``right`` free columns
         after it (and ``rows`` row slots); the live rows are copied over."""
         width = self.width
-        k = torch.zeros((self.layers, rows, self.heads, left + width + right, self.head_dim),
+        # uninitialised: only the live span is ever read, and every column entering it is
+        # written first (a joining row zeroes its padding, decode writes whole columns);
+        # zero-filling hundreds of MiB here cost more than the prefill it followed
+        k = torch.empty((self.layers, rows, self.heads, left + width + right, self.head_dim),
                         dtype=self.dtype, device=self.device)
-        v = torch.zeros_like(k)
+        v = torch.empty_like(k)
         if self.n:
             k[:, :self.n, :, left:left + width] = self.k[:, :self.n, :, self.start:self.end]
             v[:, :self.n, :, left:left + width] = self.v[:, :self.n, :, self.start:self.end]
         self.k, self.v = k, v
         self.start, self.end = left, left + width
 
-    def reserve(self, columns: int) -> None:
-        """Room for ``columns`` more columns (one decode step: 1)."""
-        if self.end + columns > self.k.shape[3] or self.start > COLUMN_HEADROOM:
+    def reserve(self, columns: int, ahead: int = 0) -> None:
+        """Room for ``columns`` more columns (one decode step: 1); a reallocation, when
+        one is needed, makes room for ``ahead`` columns."""
+        if self.end + columns > self.k.shape[3] or \
+                self.start > max(COLUMN_HEADROOM, self.width):
             rows = self.k.shape[1]
             if self.n + self.n // 2 < rows:  # under-used: give row slots back
                 rows = max(4, self.n + self.n // 4)
-            self._realloc(rows, 0, columns + COLUMN_HEADROOM)
+            self._realloc(rows, 0, max(columns, ahead) + COLUMN_HEADROOM)
+
+    def make_room(self, rows: int, length: int, ahead: int = 0) -> None:
+        """Room for ``rows`` more rows of up to ``length`` tokens (and, when it
+        reallocates, ``ahead`` columns to decode into), in one reallocation at most (a
+        group of prefilled rows joining together would otherwise grow the buffer a quarter
+        at a time, copying it each time)."""
+        have = self.k.shape[1]
+        if self.n == 0:
+            self.start = self.end = self.k.shape[3]
+        if self.n + rows > have or length > self.end:
+            self._realloc(min(self.max_rows, max(self.n + rows, have + have // 4, 4)),
+                          max(length - self.width, 0), ahead + COLUMN_HEADROOM)
 
     def add_row(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Append one prefilled row (per layer: (1, heads, length, head_dim)), right-aligned."""
