@@ -102,6 +102,17 @@ def workloads(tok: Any, n: int, seed: int, system_tokens: int = 400
 
 async def _one(client: httpx.AsyncClient, url: str, messages: list[dict[str, str]],
                max_tokens: int, tok: Any) -> Result:
+    """One request; sent again once when the server closed a kept-alive connection
+    before answering (llama-server's HTTP library closes a connection after a few
+    requests, and the client may already have sent the next one on it)."""
+    res = await _attempt(client, url, messages, max_tokens, tok)
+    if res.error and "RemoteProtocolError" in res.error and not res.text:
+        res = await _attempt(client, url, messages, max_tokens, tok)
+    return res
+
+
+async def _attempt(client: httpx.AsyncClient, url: str, messages: list[dict[str, str]],
+                   max_tokens: int, tok: Any) -> Result:
     body = {"model": "smollm2", "messages": messages, "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     res = Result()

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sureserve.engine import Engine, default_forward_workers
 from sureserve.errors import (
@@ -25,6 +26,8 @@ from sureserve.server.batcher import Batcher
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings
 
+T = TypeVar("T")
+
 log = logging.getLogger("sureserve.server")
 
 EngineFactory = Callable[[str, Settings], Engine]
@@ -37,7 +40,40 @@ def default_factory(name: str, settings: Settings) -> Engine:
     return sureserve.load(name, settings=settings)
 
 
+
+async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a new thread that ends with it, awaited.
+
+    Why not ``asyncio.to_thread``: an OpenMP thread pool belongs to the thread that first
+    ran a parallel region, and lives as long as that thread. Model loading, gates and
+    warm-ups run torch ops; done on the event loop's long-lived helper threads, they leave
+    pools behind, libgomp then counts more threads than cores and makes every worker
+    sleep between parallel regions instead of spinning briefly. Each of the ~200 small
+    matmuls of a decode step then pays a wake-up: on 2 cores, decoding on the generation
+    thread measured 17.6 tok/s against 28.5 on a process's only pool (BENCHMARKS.md).
+    A thread that ends takes its pool with it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not done.done():
+            (done.set_result if ok else done.set_exception)(value)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, False, exc)
+        else:
+            loop.call_soon_threadsafe(settle, True, result)
+
+    threading.Thread(target=run, name=f"once-{getattr(fn, '__name__', 'call')}",
+                     daemon=True).start()
+    return await done
+
+
 @dataclass
+
 class Slot:
     name: str
     state: str = "loading"  # loading | ready | failed
@@ -67,7 +103,7 @@ class ServerState:
         loaded = []
         for slot in self.slots.values():
             try:
-                engine = await asyncio.to_thread(self.factory, slot.name, self.settings)
+                engine = await in_own_thread(self.factory, slot.name, self.settings)
                 if engine.generation is None and engine.task is None:
                     raise TaskMismatchError(f"{slot.name} is a {engine.task_name!r} model, "
                                             "which the server cannot serve",
@@ -110,12 +146,12 @@ class ServerState:
     async def _start(self, slot: Slot, engine: Engine, workers: int) -> None:
         if engine.generation is not None:
             gen = engine.generation
-            await asyncio.to_thread(gen.generate_ids, [gen.encode("Hello")], 2)  # warm-up
+            await in_own_thread(gen.generate_ids, [gen.encode("Hello")], 2)  # warm-up
             slot.gen = GenWorker(slot.name, gen, self.settings, self.metrics)
             slot.gen.start()
             self.metrics.kv_budget.labels(slot.name).set(gen.kv_budget_tokens)
         else:
-            slot.batcher = await asyncio.to_thread(Batcher.warmed_up, slot.name, engine,
+            slot.batcher = await in_own_thread(Batcher.warmed_up, slot.name, engine,
                                                    self.settings, self.metrics,
                                                    self.tokenize, workers)
             slot.batcher.start()
@@ -141,7 +177,7 @@ class ServerState:
                 watch = slot.engine.watch if slot.engine is not None else None
                 if slot.state != "ready" or watch is None:
                     continue
-                signals, _ = await asyncio.to_thread(watch.evaluate)
+                signals, _ = await in_own_thread(watch.evaluate)
                 for s in signals:
                     if s.score is not None:
                         self.metrics.drift_score.labels(slot.name, s.name).set(s.score)
