@@ -243,6 +243,31 @@ def test_generation_metrics_are_exported(gen_server: Server) -> None:
     assert {"/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
 
 
+def test_prefix_reuse_shows_in_metrics_and_the_bench_client_reads_streams(
+        gen_server: Server) -> None:
+    """Two chats with one long system prompt: the second reuses its keys and values
+    (/metrics), and the peer bench's streaming client reads tokens, usage and TTFT."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from sureserve.bench.chat import _closed_loop
+    from sureserve.loading.source import resolve
+
+    url = gen_server.url
+    system = {"role": "system", "content": "Answer briefly. " + "The river runs north. " * 20}
+    chats = [[system, {"role": "user", "content": q}] for q in ("Which way?", "Why north?")]
+    hits = _metric(url, "sureserve_prefix_cache_hits_total")
+    reused = _metric(url, "sureserve_prefix_cache_reused_tokens_total")
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2").path)
+    results, seconds = asyncio.run(_closed_loop(url, chats, 1, 6, tok))
+    assert seconds > 0 and all(r.error is None for r in results), results
+    assert all(1 <= r.tokens <= 6 and r.text and r.ttft is not None for r in results)
+    assert _metric(url, "sureserve_prefix_cache_hits_total") >= hits + 1
+    assert _metric(url, "sureserve_prefix_cache_reused_tokens_total") >= reused + 16 * 5
+    assert _metric(url, "sureserve_prefix_cache_bytes") > 0
+
+
 def test_info_says_how_decoding_runs(gen_server: Server) -> None:
     (model,) = httpx.get(f"{gen_server.url}/info", timeout=10).json()["models"]
     # the layout setting is off by default: /info says so rather than saying nothing

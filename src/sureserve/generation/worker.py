@@ -33,6 +33,11 @@ class GenWorker:
         self._thread = threading.Thread(target=self._run, name=f"generate-{name}", daemon=True)
 
     def start(self) -> None:
+        if self.engine.prefix is not None:  # exported at 0 from the start, not first use
+            m = self.metrics
+            for metric in (m.prefix_hits, m.prefix_misses, m.prefix_tokens,
+                           m.prefix_evictions, m.prefix_bytes):
+                metric.labels(self.name)
         self._thread.start()
 
     async def stop(self) -> None:
