@@ -207,6 +207,10 @@ def test_generate_candidates(tiny_llama: Path) -> None:
         assert by[name]["status"] == "accepted", by[name]["reason"]
         assert by[name]["perplexity_increase"] is not None
         assert by[name]["greedy_agreement"] is not None
+        # decoders are timed at both loads: the prompts together and one prompt alone
+        assert by[name]["speedup"] > 0 and by[name]["speedup_one_prompt"] > 0
+        assert "for one prompt alone" in by[name]["reason"]
+    assert rep["baseline"]["one_prompt_per_second"] > 0
 
 
 def test_bitsandbytes_runs_on_cpu(tiny_llama: Path) -> None:

@@ -259,18 +259,18 @@ def test_batched_prefill_matches_one_at_a_time_prefill(smollm2: sureserve.Engine
     ids = [list(smollm2.tokenizer(p)["input_ids"]) for p in PROMPTS]
     together = GenerationEngine(smollm2.loaded, prefill_tokens=1024)
     together.submit(ids, SamplingParams(max_new_tokens=4))
-    together.step()  # every prompt in one forward
+    together.step()  # every prompt in one forward (then one decode step for all)
     kv = together._kv
     assert kv is not None and len(together._rows) == len(ids) and together.prefilling == 0
     with torch.inference_mode():
         for r, seq in enumerate(together._rows):
             alone = smollm2.model(input_ids=torch.tensor([seq.prompt]), use_cache=True)
-            assert seq.tokens == [int(alone.logits[0, -1].argmax())]
-            n = len(seq.prompt)
+            assert seq.tokens[0] == int(alone.logits[0, -1].argmax())
+            n, end = len(seq.prompt), kv.end - 1  # the last column is the decode step's
             for i, layer in enumerate(alone.cache.layers):
-                torch.testing.assert_close(kv.k[i, r, :, kv.end - n:kv.end], layer.keys[0],
+                torch.testing.assert_close(kv.k[i, r, :, end - n:end], layer.keys[0],
                                            atol=2e-4, rtol=1e-4)
-                torch.testing.assert_close(kv.v[i, r, :, kv.end - n:kv.end], layer.values[0],
+                torch.testing.assert_close(kv.v[i, r, :, end - n:end], layer.values[0],
                                            atol=2e-4, rtol=1e-4)
     while together.has_work:
         together.step()

@@ -3,12 +3,15 @@
 The scheduler (``scheduler.py``) decides each step who joins and who decodes; this module
 does the tensor work and owns each request's life, in one ``Request`` record:
 
-- a joining prompt is prefilled on its own (so its numbers are exactly those of a lone
-  ``model.generate``), then its keys and values are copied, right-aligned, into the next
-  row of the in-place left-padded cache (``kvcache.PaddedKV``); every step decodes one
-  token for all running rows with an attention mask that hides the padding and position
-  ids counted per row (a row's positions are what they would be alone); finished rows
-  leave at once (the last row takes their slot) and padding nobody needs is cut;
+- each step first prefills (at most ``prefill_tokens`` prompt tokens: waiting prompts
+  that start from the same point share one left-padded forward, a longer prompt runs in
+  chunks across steps, a prompt that starts with a stored prefix computes only the rest,
+  ``prefix.py``) and hands out the first tokens at once; a fully prefilled row's keys and
+  values are copied, right-aligned, into the in-place left-padded cache
+  (``kvcache.PaddedKV``); then one token is decoded for every running row with an
+  attention mask that hides the padding and position ids counted per row (a row's
+  positions are what they would be alone); finished rows leave at once (the last row
+  takes their slot) and padding nobody needs is cut;
 - tokens are chosen per row (``sampling.choose``) and released as text through
   ``TextStream`` (stop strings across token boundaries, unfinished UTF-8 held back);
 - requests arrive from any thread (``submit``/``cancel`` only touch a locked inbox), are
@@ -274,24 +277,29 @@ class GenerationEngine:
         with self._step_lock, torch.inference_mode():
             self._take_inbox()
             plan = self.sched.plan()
-            stepped: list[Request] = []
+            # prefill first, and hand out the first tokens at once: a new request's time
+            # to first token does not include the running rows' decode (they decode right
+            # after, the new rows with them)
+            for seq_id in plan.prefill:
+                self._admit(self._seqs[seq_id])
+            if self._prefilling:
+                self._deliver(self._prefill_some())
             if self._rows:
                 try:
-                    stepped += self._decode()
+                    self._deliver(self._decode())
                 except Exception as exc:
                     log.exception("decode step failed")
                     for seq in list(self._rows):
                         self._finish(seq, "error", error=f"the model raised: {exc}")
                     self._drop_finished()
-            for seq_id in plan.prefill:
-                self._admit(self._seqs[seq_id])
-            if self._prefilling:
-                stepped += self._prefill_some()
-            now = time.perf_counter()
-            for seq in stepped:
-                if seq.done is None:
-                    self._advance(seq, now)
-            self._drop_finished()
+
+    def _deliver(self, stepped: list[Request]) -> None:
+        """Each stepped row's newest token out as text; finished rows leave."""
+        now = time.perf_counter()
+        for seq in stepped:
+            if seq.done is None:
+                self._advance(seq, now)
+        self._drop_finished()
 
     def _take_inbox(self) -> None:
         with self._lock:

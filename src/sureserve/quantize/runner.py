@@ -25,6 +25,10 @@ class Measured:
     per_second: float  # texts/s (embed, classify) or generated tokens/s (generate)
     weights_mib: float
     peak_rss_mib: float
+    #: decoders: generated tokens/s of one prompt alone (best of 2). Weight-only kernels
+    #: gain most there (a decode step streams every weight for one row) and little at 32
+    #: rows, so a decoder is judged at both (BENCHMARKS.md)
+    single_per_second: float | None = None
 
 
 class Runner:
@@ -76,8 +80,16 @@ class Runner:
                 seconds = time.perf_counter() - started
                 nll = mean_nll(engine, self.texts[:NLL_TEXTS])
             tokens = [c.token_ids for c in done]
+            single = 0.0
+            for _ in range(2):
+                started = time.perf_counter()
+                (one,) = engine.complete(prompts[:1], max_new_tokens=GEN_TOKENS,
+                                         temperature=0.0)
+                single = max(single, one.completion_tokens /
+                             max(time.perf_counter() - started, 1e-9))
             return Measured((tokens, nll), sum(len(t) for t in tokens) / seconds,
-                            Q.weights_bytes(engine.model) / 2**20, rss.peak / 2**20)
+                            Q.weights_bytes(engine.model) / 2**20, rss.peak / 2**20,
+                            single)
         self.outputs(engine, self.texts[:4])  # warm-up
         best: float = float("inf")
         out: Any = None
