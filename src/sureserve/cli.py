@@ -696,6 +696,12 @@ def bench_generate(model: GenModel = "smollm2",
                        "Q4_1 GGUF), OpenAI streaming chat at each --clients level plus a "
                        "shared 400-token system prompt; llama-server is built once into "
                        "SURESERVE_HOME (~5 min).")] = None,
+                   contender: Annotated[list[str] | None, typer.Option(
+                       help="With --peer: run only the contenders whose name contains this "
+                       "(repeatable), e.g. 'sureserve'.")] = None,
+                   shared_requests: Annotated[int | None, typer.Option(
+                       help="With --peer: requests of the shared-prefix workload (default "
+                       "--requests).")] = None,
                    output: BenchOut = None) -> None:
     """Continuous batching vs generate one at a time vs static left-padded batches (or,
     with --peer llama.cpp, the server against llama.cpp's)."""
@@ -706,7 +712,8 @@ def bench_generate(model: GenModel = "smollm2",
 
         chat.print_report(chat.run_chat_bench(peer, levels=levels or [1, 8, 32],
                                               requests=n, single=sample, seed=seed,
-                                              max_tokens=max_new,
+                                              max_tokens=max_new, only=contender or (),
+                                              shared_requests=shared_requests,
                                               out=_bench_out(output, "generate-peer")),
                           _report)
         return

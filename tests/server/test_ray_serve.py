@@ -129,17 +129,19 @@ def _autoscale_to_two(url: str) -> None:
 
 
 def test_autoscaling_every_replica_in_health_and_metrics_overload_429_and_a_killed_replica(
-        tmp_path: Path) -> None:
-    """One deployment (one Ray start) for four behaviours, in order: autoscaling adds a
-    replica under load (1 -> 2; the long downscale delay keeps it), both replicas in /health
-    and /metrics, overload answered with 429s, and a killed replica replaced."""
+        tmp_path: Path, ray_cluster: str) -> None:
+    """One deployment, on the session's Ray cluster (``--ray-address``: no Ray start of its
+    own), for four behaviours, in order: autoscaling adds a replica under load (1 -> 2; the
+    long downscale delay keeps it), both replicas in /health and /metrics, overload
+    answered with 429s, and a killed replica replaced."""
     from sureserve.zoo.corpora import realistic_mix
 
     texts = realistic_mix(400, 0.05, seed=5)
     s = start_server(["minilm", "--ray", "--ray-min-replicas", "1", "--ray-max-replicas", "2",
                       "--ray-target-ongoing-requests", "1", "--ray-upscale-delay-s", "1",
                       "--ray-downscale-delay-s", "600", "--max-queue-inputs", "4",
-                      "--ray-max-queued-requests", "2"], {}, ready_timeout=300)
+                      "--ray-max-queued-requests", "2", "--ray-address", ray_cluster], {},
+                     ready_timeout=300)
     try:
         h = _until_ok(s.url)
         assert h["status"] == "ok" and len(h["replicas"]) == 1
@@ -227,11 +229,13 @@ def test_autoscaling_every_replica_in_health_and_metrics_overload_429_and_a_kill
         assert stop_server(s) == 0
 
 
-def test_a_failed_gate_fails_the_deployment_with_the_reason(tmp_path: Path) -> None:
+def test_a_failed_gate_fails_the_deployment_with_the_reason(tmp_path: Path,
+                                                           ray_cluster: str) -> None:
     mini = ZOO["minilm"].path(Settings())
     broken = M.with_tokenizer(mini, M.shuffled_tokenizer(mini, tmp_path / "t"), tmp_path / "m")
     r = subprocess.run([sys.executable, "-m", "sureserve.cli", "serve", str(broken), "--ray",
-                        "--replicas", "1", "--port", str(free_port())],
+                        "--replicas", "1", "--port", str(free_port()),
+                        "--ray-address", ray_cluster],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "no Ray Serve replica could start" in r.stderr and "alignment" in r.stderr

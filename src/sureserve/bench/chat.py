@@ -175,8 +175,12 @@ class Contender:
 def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                    requests: int = 64, single: int = 8, max_tokens: int = 64,
                    seed: int = 0, threads: int | None = None, out: Path | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every contender over every workload in one run; returns (and writes) the report."""
+                   log: Callable[[str], None] = print, only: Sequence[str] = (),
+                   shared_requests: int | None = None) -> dict[str, Any]:
+    """Every contender (those whose name contains one of ``only``, when given) over every
+    workload in one run; returns (and writes) the report. ``shared_requests`` (default
+    ``requests``) sizes the shared-prefix workload: with as many requests as clients, its
+    TTFT figures are mostly the opening burst."""
     import shutil
     import sys
 
@@ -193,7 +197,8 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
     threads = threads or os.cpu_count() or 1
     folder = resolve("smollm2", settings=settings).path
     tok = AutoTokenizer.from_pretrained(folder)
-    loads = workloads(tok, requests, seed)
+    shared_n = shared_requests or requests
+    loads = workloads(tok, max(requests, shared_n), seed)
     report: dict[str, Any] = {
         "peer": peer, "threads": threads, "max_tokens": max_tokens, "seed": seed,
         "machine": platform.processor() or platform.machine(), "runs": [], "peers": {}}
@@ -203,7 +208,13 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                   Contender("sureserve fp32, no prefix reuse",
                             [exe, "serve", "smollm2", "--prefix-cache-mb", "0"],
                             workloads=("shared-prefix",))]
+    def wants(name: str) -> bool:
+        return not only or any(o in name for o in only)
+
+    contenders = [c for c in contenders if wants(c.name)]
     try:
+        if not any(wants(n) for n in ("llama.cpp F32", "llama.cpp Q4_1")):
+            raise llamacpp.PeerUnavailable("left out (--contender)")
         binaries = llamacpp.build(home, log)
         f32 = llamacpp.f32_gguf(home, binaries, log)
         ctx = 1024  # per slot: the ~400-token system prompt, a message and the answer
@@ -212,6 +223,7 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
             Contender("llama.cpp F32", llamacpp.server_cmd(binaries, f32, threads, slots, ctx)),
             Contender("llama.cpp Q4_1", llamacpp.server_cmd(
                 binaries, llamacpp.shipped_gguf(), threads, slots, ctx))]
+        contenders = [c for c in contenders if wants(c.name)]
         report["peers"]["llama.cpp"] = f"built from {llamacpp.SDIST} in {binaries}"
     except llamacpp.PeerUnavailable as exc:
         log(f"llama.cpp is not run: {exc}")
@@ -238,7 +250,8 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
             asyncio.run(_closed_loop(url, loads["short"][:2], 2, 8, tok))
             for wl in c.workloads:
                 for clients in levels if wl == "short" else (max(levels),):
-                    reqs = loads[wl][:single if clients == 1 else requests]
+                    reqs = loads[wl][:single if clients == 1 else
+                                     shared_n if wl == "shared-prefix" else requests]
                     run = Run(c.name, wl, clients)
                     with RssSampler(proc.pid) as rss:
                         run.results, run.seconds = asyncio.run(
