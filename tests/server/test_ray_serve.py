@@ -99,16 +99,21 @@ def _until_ok(url: str) -> dict[str, Any]:
     return _health(url)[1]
 
 
-def _autoscale_to_two(url: str) -> None:
-    """Six clients keep one autoscaled replica busy until Ray adds the second."""
+def _autoscale_to_two(url: str, texts: list[str]) -> None:
+    """Six clients keep one autoscaled replica busy until Ray adds the second. Varied texts:
+    one text sent over and over is an embedding collapse, and its drift alert (rightly) keeps
+    /health "degraded" afterwards, which the caller would wait out in vain."""
     stop = threading.Event()
 
-    def client() -> None:
+    def client(k: int) -> None:
         with httpx.Client(timeout=120) as c:
+            i = k
             while not stop.is_set():
-                c.post(f"{url}/embed", json={"inputs": [TEXTS[0] * 20] * 4})
+                batch = [texts[(i + j) % len(texts)] for j in range(4)]
+                c.post(f"{url}/embed", json={"inputs": batch, "truncate": True})
+                i += 24
 
-    workers = [threading.Thread(target=client) for _ in range(6)]
+    workers = [threading.Thread(target=client, args=(4 * k,)) for k in range(6)]
     for w in workers:
         w.start()
     try:
@@ -145,7 +150,7 @@ def test_autoscaling_every_replica_in_health_and_metrics_overload_429_and_a_kill
     try:
         h = _until_ok(s.url)
         assert h["status"] == "ok" and len(h["replicas"]) == 1
-        _autoscale_to_two(s.url)
+        _autoscale_to_two(s.url, texts)
         h = _until_ok(s.url)
         assert h["status"] == "ok" and h["models"] == {"minilm": "ready"}
         assert len(h["replicas"]) == 2 and {r["status"] for r in h["replicas"]} == {"ready"}

@@ -86,13 +86,15 @@ def _data(n: int, replicas: int, log: Callable[[str], None]) -> dict[str, Any]:
 
 def _until_all_ready(url: str, timeout: float = 300) -> None:
     """Ray's proxy answers as soon as one replica is up; measure once all are."""
-    deadline = time.monotonic() + timeout
+    deadline, last = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         r = httpx.get(f"{url}/health", timeout=30)
         if r.status_code == 200 and r.json()["status"] == "ok":
             return
+        last = f"{r.status_code} {r.text[:2000]}"
         time.sleep(0.5)
-    raise RuntimeError(f"{url} did not get every replica ready")
+    raise RuntimeError(f"{url} did not get every replica ready in {timeout:.0f} s; last /health: "
+                       f"{last}")
 
 
 def _serve(replicas: int, clients: int, seconds: float, log: Callable[[str], None]
