@@ -3,8 +3,9 @@
 Each replica builds the very app ``sureserve serve`` runs (``create_app``: routes, request
 and answer shapes, auth, limits, errors, gate, warm-up, its own batcher), from a builder
 evaluated in the replica. Its start-up loads and gates the models before Ray routes it any
-traffic; a replica whose model fails is restarted by Ray, and a deployment whose replicas
-all fail ends the command with the replicas' reasons (exit 3 for a failed gate).
+traffic; a replica whose model fails to load is restarted by Ray, and a deployment whose
+replicas all fail ends the command with the replicas' reasons. A failed gate ends it at
+the first replica that reports one (exit 3): the verdict would be the same in every retry.
 
 Ray Serve's proxy listens on ``--host``/``--port`` (127.0.0.1 by default). Every replica
 reports to a board actor (``board.py``) so ``/health`` lists every replica and ``/metrics``
@@ -108,17 +109,40 @@ def serve_on_ray(names: Sequence[str], settings: Settings, replicas: int,
             get_if_exists=True).remote()
         serve.start(http_options={"host": settings.host, "port": settings.port})
         try:
-            try:
-                serve.run(deployment(names, settings, replicas, actor_options), name=APP,
-                          route_prefix="/", blocking=False)
-            except RuntimeError as exc:
-                raise _deploy_failed(ray.get(board.view.remote()), exc) from None
-            log.warning("Ray Serve: %s replica(s) of %s on http://%s:%d, %s",
-                        opts["num_replicas"], ", ".join(names), settings.host, settings.port,
-                        actor_options)
-            stop.wait()
+            serve.run_many([serve.RunTarget(deployment(names, settings, replicas,
+                                                       actor_options), name=APP,
+                                            route_prefix="/")],
+                           wait_for_ingress_deployment_creation=False,
+                           wait_for_applications_running=False)
+            if _until_running(board, stop):
+                log.warning("Ray Serve: %s replica(s) of %s on http://%s:%d, %s",
+                            opts["num_replicas"], ", ".join(names), settings.host,
+                            settings.port, actor_options)
+                stop.wait()
         finally:
             serve.shutdown()
+
+
+def _until_running(board: Any, stop: threading.Event) -> bool:
+    """Wait for the application to run (True) or for a stop signal (False). A failed gate
+    ends the wait at the first replica that reports it: the gate's verdict is the same in
+    every replica (same model, settings and machine), so Serve's constructor retries (three
+    per replica) would only repeat it. Other start-up failures (out of memory, a file that
+    cannot be read) keep Serve's retries, and end the wait when Serve gives up."""
+    import ray
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    while not stop.wait(0.5):
+        entries = ray.get(board.view.remote())
+        if any("gate_failed" in e.get("failures", []) for e in entries):
+            raise _deploy_failed(entries, RuntimeError("the gate failed"))
+        app = serve.status().applications.get(APP)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return True
+        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise _deploy_failed(entries, RuntimeError(app.message or "deploy failed"))
+    return False
 
 
 def _deploy_failed(entries: list[dict[str, Any]], exc: Exception) -> SureserveError:
