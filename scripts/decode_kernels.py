@@ -2,7 +2,7 @@
 "Generation: decode kernels"). For each of smollm2's weight shapes, at 1 and 32 rows:
 ``F.linear`` on the row-major weight (what transformers runs), on a column-major copy
 (generation/layout.py), and torch's packed int8 / int4 weight-only kernels
-(quantize/kernels.py) fed fp32 and bf16 activations. Each figure is the best of several
+(loading/kernels.py) fed fp32 and bf16 activations. Each figure is the best of several
 passes over enough copies of the matrix (96 MiB) that it streams from memory, as in a real
 step. Then greedy decode tok/s of smollm2 with and without the measured layout.
 
@@ -26,7 +26,7 @@ SHAPES = [(49152, 576), (1536, 576), (576, 1536), (576, 576), (192, 576)]
 
 
 def kernels() -> list[dict[str, Any]]:
-    from sureserve.quantize.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+    from sureserve.loading.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
     rows = []
     for o, i in SHAPES:
@@ -68,7 +68,7 @@ def _engines() -> Any:
     weight-only recipes ``sureserve quantize`` offers (heads in fp32, as it applies them)."""
     import sureserve
     from sureserve.api import _load_and_gate
-    from sureserve.quantize.methods import Recipe
+    from sureserve.loading.precision import Recipe
     from sureserve.settings import Settings
 
     yield "fp32 row-major", sureserve.load("smollm2", decode_weight_layout=False).generation

@@ -21,7 +21,7 @@ import torch
 import sureserve
 from sureserve.api import _load_and_gate
 from sureserve.loading.fit import fit_model
-from sureserve.quantize.methods import Recipe
+from sureserve.loading.precision import Recipe
 from sureserve.quantize.run import quantize
 from sureserve.settings import Settings
 

@@ -10,8 +10,8 @@ import pytest
 
 from sureserve.doctor.local import dtype_advice
 from sureserve.loading import machine
+from sureserve.loading import precision as Q
 from sureserve.loading.plan import detect_caps, make_plan
-from sureserve.quantize import methods as Q
 from sureserve.quantize.run import _hopeless_dtype
 from sureserve.settings import Settings
 

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 import sureserve
 from sureserve.cli import app, exit_code
 from sureserve.errors import InputError, ModelSourceError, SettingsError
+from sureserve.loading import precision as Q
 from sureserve.loading.plan import DeviceCaps
 from sureserve.quantize import measure as M
-from sureserve.quantize import methods as Q
 from sureserve.quantize.evalset import label_indices, split
 from sureserve.quantize.run import quantize
 from sureserve.settings import Settings
@@ -113,7 +113,9 @@ def test_layer_kernels_match_their_float_reference(method: str) -> None:
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
-    q = Q.quantize_layer(Q.get(method), lin)
+    from sureserve.loading import kernels
+
+    q = kernels.quantize_layer(Q.get(method), lin)
     x = torch.randn(5, 7, 64)
     with torch.no_grad():
         ref, got = lin(x), q(x)
@@ -126,7 +128,7 @@ def test_layer_kernels_match_their_float_reference(method: str) -> None:
 def test_int4_kernel_matches_its_dequantized_weights() -> None:
     import torch
 
-    from sureserve.quantize.kernels import Int4WeightOnlyLinear
+    from sureserve.loading.kernels import Int4WeightOnlyLinear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
@@ -264,7 +266,7 @@ def test_weight_only_kernels_take_the_measured_activation_dtype(
     fp32 in and gives fp32 out; bf16 activations cost at most bf16 rounding."""
     import torch
 
-    from sureserve.quantize import kernels as K
+    from sureserve.loading import kernels as K
 
     dt = getattr(torch, chosen)
     monkeypatch.setattr(K, "activation_dtype", lambda kind: dt)
@@ -286,7 +288,7 @@ def test_weight_only_kernels_take_the_measured_activation_dtype(
 def test_activation_dtype_is_one_measured_answer_per_kind() -> None:
     import torch
 
-    from sureserve.quantize.kernels import activation_dtype
+    from sureserve.loading.kernels import activation_dtype
 
     for kind in ("int8", "int4"):
         assert activation_dtype(kind) in (torch.float32, torch.bfloat16)

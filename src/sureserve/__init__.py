@@ -19,9 +19,8 @@ from sureserve.gate.report import Check, GateReport
 from sureserve.generation.engine import Completion
 from sureserve.generation.sampling import SamplingParams
 from sureserve.settings import Settings
+from sureserve.version import __version__
 from sureserve.zoo import DEFAULT_MODEL, ZOO
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",

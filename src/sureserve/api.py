@@ -12,7 +12,7 @@ from sureserve.gate.report import GateReport
 from sureserve.gate.run import run_gate
 from sureserve.loading import loader
 from sureserve.loading.describe import describe
-from sureserve.quantize.methods import Recipe
+from sureserve.loading.precision import Recipe
 from sureserve.settings import Settings
 
 log = logging.getLogger("sureserve")
@@ -114,3 +114,13 @@ def info(identifier: str, task: str | None = None, revision: str | None = None,
          **overrides: Any) -> dict[str, Any]:
     """The load plan and model facts, without loading the weights."""
     return describe(identifier, task, revision, Settings.build(**overrides))
+
+
+def load_locked(lock: dict[str, Any], settings: Any) -> Any:
+    """The model a lockfile names, loaded the way it was locked (snapshot, tokenizer,
+    device, dtype), gate failures accepted: ``verify`` reports what changed."""
+    m = lock["model"]
+    return load(m["identifier"], task=m["task"], revision=m["snapshot"] or m["revision"],
+                tokenizer=lock.get("tokenizer_source"), device=lock["plan"]["device"],
+                dtype=lock["plan"]["dtype"], settings=settings, accept_gate_failure=True,
+                drift_watch=False)

@@ -336,8 +336,8 @@ def quantize(
 ) -> None:
     """Measure precision/quantization candidates on your texts; keep the fastest that holds.
     Exit 0: one was accepted; 3: none was; 2: usage error."""
+    from sureserve.loading.precision import get as get_method
     from sureserve.quantize import measure, run
-    from sureserve.quantize.methods import get as get_method
 
     wanted = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     for name in wanted or ():
@@ -380,7 +380,7 @@ def verify(settings: Settings, lockfile: Annotated[Path, typer.Argument(
         help="Lockfile to check against.")] = Path("sureserve.lock"),
            as_json: JsonOpt = False) -> None:
     """Recompute a lockfile's facts. Exit 0 when token ids and outputs agree, 3 otherwise."""
-    from sureserve.gate.lock import load_locked
+    from sureserve.api import load_locked
     from sureserve.gate.lock import verify as verify_lock
 
     if not lockfile.is_file():

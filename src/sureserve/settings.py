@@ -349,7 +349,7 @@ class Settings(BaseSettings):
     @field_validator("quantization")
     @classmethod
     def _known_method(cls, value: str | None) -> str | None:
-        from sureserve.quantize.methods import METHODS
+        from sureserve.loading.precision import METHODS
 
         if value is not None and value not in METHODS:
             raise ValueError(f"unknown method {value!r}; use one of {', '.join(METHODS)}")

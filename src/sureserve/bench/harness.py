@@ -4,43 +4,19 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from sureserve.batching.planner import padding_ratio, padding_share
 
+# measurement helpers that production code uses too live with the machine facts
+from sureserve.loading.machine import RssSampler, linear_flops_per_token
 
-class RssSampler:
-    """Peak resident memory of a process (this one by default) while a block runs
-    (sampled every 10 ms)."""
-
-    def __init__(self, pid: int | None = None) -> None:
-        self.proc = psutil.Process(os.getpid() if pid is None else pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> RssSampler:
-        self.peak = self.proc.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+__all__ = ["Result", "RssSampler", "cpu_has_bf16", "linear_flops_per_token", "timed",
+           "write_report"]
 
 
 @dataclass
@@ -82,14 +58,6 @@ def timed(name: str, fn: Callable[[], tuple[Any, int]], texts: int, real_tokens:
     r = Result(name, seconds, texts, real_tokens, computed, rss.peak / 2**20, outputs)
     r.extra["rss_growth_mb"] = round((rss.peak - start_rss) / 2**20)
     return r
-
-
-def linear_flops_per_token(model: Any) -> int:
-    """2 x weights of every nn.Linear the tokens pass through (the GEMM work per token)."""
-    import torch
-
-    return sum(2 * m.in_features * m.out_features for m in model.modules()
-               if isinstance(m, torch.nn.Linear))
 
 
 def cpu_has_bf16() -> bool:

@@ -133,7 +133,7 @@ def _decode_rate(engine: Any, prompts: Sequence[str], clients: int) -> tuple[flo
 def _generate_part(n: int, log: Callable[[str], None]) -> dict[str, Any]:
     import sureserve
     from sureserve.api import _load_and_gate
-    from sureserve.quantize.methods import Recipe
+    from sureserve.loading.precision import Recipe
     from sureserve.zoo.corpora import load_vader
 
     texts = [r.text for r in load_vader("nytEditorialSnippets")[:n]]

@@ -213,7 +213,7 @@ def _forward_rate(engine: Any) -> float:
     import torch
 
     from sureserve.batching.truncation import Piece
-    from sureserve.bench.harness import linear_flops_per_token
+    from sureserve.loading.machine import linear_flops_per_token
 
     loaded = engine.loaded
     length = min(128, loaded.limit.value)
@@ -350,7 +350,8 @@ def upgrade(lock: Path | None, settings: Settings) -> Finding:
     """6. Wrong outputs after an upgrade: ``verify`` against the lockfile."""
     import json
 
-    from sureserve.gate.lock import load_locked, verify
+    from sureserve.api import load_locked
+    from sureserve.gate.lock import verify
 
     symptom, checked = "Wrong outputs after an upgrade", "verify against the lockfile"
     path = lock or Path("sureserve.lock")

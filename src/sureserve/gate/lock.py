@@ -46,9 +46,9 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import sureserve
+    from sureserve.version import __version__
 
-    return {"sureserve": sureserve.__version__, "torch": torch.__version__,
+    return {"sureserve": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "python": platform.python_version()}
 
@@ -181,18 +181,6 @@ def _diff_files(old: dict[str, str], new: dict[str, str], what: str) -> list[str
     out += [f"{what} {n}: missing" for n in sorted(old) if n not in new]
     out += [f"{what} {n}: added" for n in sorted(new) if n not in old]
     return out
-
-
-def load_locked(lock: dict[str, Any], settings: Any) -> Any:
-    """The model a lockfile names, loaded the way it was locked (snapshot, tokenizer,
-    device, dtype), gate failures accepted: ``verify`` reports what changed."""
-    import sureserve
-
-    m = lock["model"]
-    return sureserve.load(m["identifier"], task=m["task"], revision=m["snapshot"] or
-                          m["revision"], tokenizer=lock.get("tokenizer_source"),
-                          device=lock["plan"]["device"], dtype=lock["plan"]["dtype"],
-                          settings=settings, accept_gate_failure=True, drift_watch=False)
 
 
 def verify(lock: dict[str, Any], engine: Any) -> VerifyReport:

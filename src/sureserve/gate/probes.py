@@ -33,8 +33,8 @@ LM_MARGIN = 1.0
 
 
 def tolerance(precision: str) -> float:
-    """Tolerance for a dtype, or for a quantization method (its own, in methods.py)."""
-    from sureserve.quantize.methods import METHODS
+    """Tolerance for a dtype, or for a quantization method (its own, in loading/precision.py)."""
+    from sureserve.loading.precision import METHODS
 
     if precision in TOLERANCE:
         return TOLERANCE[precision]

@@ -16,7 +16,7 @@ does the tensor work and owns each request's life, in one ``Request`` record:
   ``TextStream`` (stop strings across token boundaries, unfinished UTF-8 held back);
 - requests arrive from any thread (``submit``/``cancel`` only touch a locked inbox), are
   validated there once, and wait in the scheduler; one thread at a time runs ``step``. The
-  server runs steps on a worker thread (``worker.py``); the Python API runs them in the
+  server runs steps on a worker thread (``server/genworker.py``); the Python API runs them in the
   caller's thread, so two threads calling ``generate`` share batches.
 """
 

@@ -20,8 +20,8 @@ from sureserve.loading.inspect import (
 )
 from sureserve.loading.loader import Loaded, load_tokenizer
 from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
+from sureserve.loading.precision import read_recipe
 from sureserve.loading.source import Source, resolve, vet_weights
-from sureserve.quantize.methods import read_recipe
 from sureserve.settings import Settings
 
 

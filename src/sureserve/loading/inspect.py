@@ -9,6 +9,12 @@ from typing import Any
 
 from sureserve.errors import TaskMismatchError
 
+#: the transformers class each task loads with (the loader, and ``fit``'s empty-weights
+#: model)
+AUTO_CLASSES = {"embed": "AutoModel", "classify": "AutoModelForSequenceClassification",
+                "rerank": "AutoModelForSequenceClassification",
+                "generate": "AutoModelForCausalLM"}
+
 TASKS = ("embed", "classify", "generate", "rerank")
 # Models whose position ids start after the padding index (fairseq heritage): they can embed
 # max_position_embeddings - pad_token_id - 1 tokens, not max_position_embeddings.

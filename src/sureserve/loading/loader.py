@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sureserve.errors import ModelSourceError
+from sureserve.loading import precision as Q
 from sureserve.loading.fit import off_device
 from sureserve.loading.inspect import (
+    AUTO_CLASSES,
     STConfig,
     TokenLimit,
     infer_task,
@@ -25,15 +27,9 @@ from sureserve.loading.inspect import (
 from sureserve.loading.machine import bound_onednn_cache
 from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
 from sureserve.loading.source import Source, resolve, vet_weights
-from sureserve.quantize import methods as Q
 from sureserve.settings import Settings
 
 log = logging.getLogger("sureserve.loading")
-
-AUTO_CLASSES = {"embed": "AutoModel", "classify": "AutoModelForSequenceClassification",
-                "rerank": "AutoModelForSequenceClassification",
-                "generate": "AutoModelForCausalLM"}
-
 
 @dataclass
 class Loaded:
@@ -140,7 +136,9 @@ def load(
         model.to(plan.device)
     model.eval()
     if method is not None and recipe is not None:
-        left = Q.apply(model, method, recipe.keep)
+        from sureserve.loading import kernels
+
+        left = kernels.apply(model, method, recipe.keep)
         if left:
             warnings.append(f"{len(left)} linear layers stay in full precision because "
                             f"{method.name}'s kernel cannot take their shape: "

@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 #: bf16 matmuls at least this much faster than fp32: worth measuring bf16 on the user's data
@@ -139,3 +141,39 @@ def bf16_speed(home: Path) -> float:
     """bf16 matmul speed as a multiple of fp32 on this CPU."""
     s = cpu_speeds(home)
     return s["bfloat16"] / max(s["float32"], 1e-9)
+
+
+def linear_flops_per_token(model: Any) -> int:
+    """2 x weights of every nn.Linear the tokens pass through (the GEMM work per token)."""
+    import torch
+
+    return sum(2 * m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+class RssSampler:
+    """Peak resident memory of a process (this one by default) while a block runs
+    (sampled every 10 ms)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        import psutil
+
+        self.proc = psutil.Process(os.getpid() if pid is None else pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self.proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from sureserve.errors import InputError
+from sureserve.loading import precision as Q
 from sureserve.quantize import measure as M
-from sureserve.quantize import methods as Q
 from sureserve.quantize.evalset import label_indices, read_eval, split
 from sureserve.quantize.runner import GEN_PROMPTS, Runner
 from sureserve.quantize.search import sensitivity_search

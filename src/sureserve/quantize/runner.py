@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sureserve.loading import precision as Q
 from sureserve.quantize import measure as M
-from sureserve.quantize import methods as Q
 
 #: generation is measured on this many prompts of the eval split, this many new tokens;
 #: perplexity on this many texts, cut to this many tokens
@@ -69,7 +69,7 @@ class Runner:
         """Outputs and speed on every text: texts/s (best of up to 3 passes for short
         files), or for decoders the tokens/s of the greedy decode of the prompts together
         (perplexity is computed too, outside the timing)."""
-        from sureserve.bench.harness import RssSampler
+        from sureserve.loading.machine import RssSampler
 
         if self.task == "generate":
             prompts = self.texts[:GEN_PROMPTS]

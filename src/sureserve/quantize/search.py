@@ -6,8 +6,8 @@ import copy
 import time
 from typing import Any
 
+from sureserve.loading import precision as Q
 from sureserve.quantize import measure as M
-from sureserve.quantize import methods as Q
 from sureserve.quantize.runner import Runner
 
 #: the per-layer scoring uses this many calibration texts of a decoder (perplexity only,

@@ -24,7 +24,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import sureserve
 from sureserve.errors import AuthError, InputError, SureserveError
 from sureserve.server import schemas as S
 from sureserve.server.completions import install_generation_routes
@@ -41,6 +40,7 @@ from sureserve.server.metrics import Metrics
 from sureserve.server.state import EngineFactory, ServerState, Slot, default_factory
 from sureserve.server.tei import install_tei_routes
 from sureserve.settings import Settings
+from sureserve.version import __version__
 
 OPEN_PATHS = {"/health", "/metrics", "/ping"}
 log = logging.getLogger("sureserve.server")
@@ -94,7 +94,7 @@ def create_app(settings: Settings, models: Sequence[str],
 
     # FastAPI's /docs and /redoc load their scripts from a public CDN, so they render
     # nothing where servers usually run (no internet): self-hosted below instead
-    app = FastAPI(title="sureserve", version=sureserve.__version__, lifespan=lifespan,
+    app = FastAPI(title="sureserve", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.sureserve = state
     install_docs(app)
@@ -283,7 +283,7 @@ def _install_routes(app: FastAPI, state: ServerState, cluster: Cluster | None) -
     async def info() -> S.Info:
         infos = [i for s in state.slots.values() if (i := _model_info(s)) is not None]
         first = next(iter(state.slots))
-        return S.Info(model_id=first, version=sureserve.__version__,
+        return S.Info(model_id=first, version=__version__,
                       max_batch_tokens=state.settings.max_batch_tokens,
                       max_client_batch_size=state.settings.max_client_batch,
                       max_queue_inputs=state.settings.max_queue_inputs,

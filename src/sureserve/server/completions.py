@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
 from sureserve.generation.engine import GenEvent
 from sureserve.generation.sampling import SamplingParams
-from sureserve.generation.worker import Events
+from sureserve.server.genworker import Events
 from sureserve.server import schemas as S
 from sureserve.server.http import OPENAI_ERRORS, until_done_or_gone
 from sureserve.server.state import ServerState

@@ -21,7 +21,7 @@ from sureserve.errors import (
     TaskMismatchError,
     TooManyInputsError,
 )
-from sureserve.generation.worker import GenWorker
+from sureserve.server.genworker import GenWorker
 from sureserve.server.batcher import Batcher
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings

@@ -1,16 +1,21 @@
-"""Quantized replacements for ``torch.nn.Linear`` on CPU (imported only when quantizing)."""
+"""Quantized replacements for ``torch.nn.Linear`` on CPU, and putting them into a model
+(imported only when quantizing or loading a quantized folder). What each method is lives
+in ``precision.py``; this module is the only one that builds its layers."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
 
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from sureserve.loading.machine import best_ms
-from sureserve.quantize.methods import INT4_GROUP
+from sureserve.loading.precision import INT4_GROUP, Method, linear_layers
 
 
 def int8_dynamic(linear: torch.nn.Linear) -> torch.nn.Module:
@@ -104,3 +109,35 @@ LAYERS: dict[str, Callable[[torch.nn.Linear], torch.nn.Module]] = {
     "int8-weight-only": Int8WeightOnlyLinear,
     "int4-weight-only": Int4WeightOnlyLinear,
 }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # torch announces that its eager quantization API will move to torchao; we chose it
+    # knowingly (it is the fastest int8 path measured here) and pin torch.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def quantize_layer(method: Method, linear: Any) -> Any:
+    """A quantized replacement for one ``torch.nn.Linear`` (CPU methods)."""
+    with _quiet():
+        return LAYERS[method.name](linear)
+
+
+def apply(model: Any, method: Method, keep: Collection[str] = ()) -> list[str]:
+    """Quantize ``model``'s linear layers in place, except ``keep``; returns the layers that
+    stayed in full precision because the kernel cannot take their shape."""
+    if not method.swaps_layers:
+        return []
+    skipped: list[str] = []
+    for name in linear_layers(model):
+        if name in keep:
+            continue
+        linear = model.get_submodule(name)
+        if method.name == "int4-weight-only" and linear.in_features % INT4_GROUP:
+            skipped.append(name)
+            continue
+        model.set_submodule(name, quantize_layer(method, linear))
+    return skipped

@@ -23,11 +23,9 @@ Methods, and why these libraries (measured, see BENCHMARKS.md "Precision and fit
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,40 +198,6 @@ def load_kwargs(method: Method, keep: Collection[str], device: str = "cuda:0"
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
         llm_int8_skip_modules=skip), **place}
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # torch announces that its eager quantization API will move to torchao; we chose it
-    # knowingly (it is the fastest int8 path measured here) and pin torch.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def quantize_layer(method: Method, linear: Any) -> Any:
-    """A quantized replacement for one ``torch.nn.Linear`` (CPU methods)."""
-    from sureserve.quantize import kernels
-
-    with _quiet():
-        return kernels.LAYERS[method.name](linear)
-
-
-def apply(model: Any, method: Method, keep: Collection[str] = ()) -> list[str]:
-    """Quantize ``model``'s linear layers in place, except ``keep``; returns the layers that
-    stayed in full precision because the kernel cannot take their shape."""
-    if not method.swaps_layers:
-        return []
-    skipped: list[str] = []
-    for name in linear_layers(model):
-        if name in keep:
-            continue
-        linear = model.get_submodule(name)
-        if method.name == "int4-weight-only" and linear.in_features % INT4_GROUP:
-            skipped.append(name)
-            continue
-        model.set_submodule(name, quantize_layer(method, linear))
-    return skipped
 
 
 def weights_bytes(model: Any) -> int:
