@@ -1,94 +1,52 @@
 """The ``sureserve`` command line: it parses and calls. Every setting's flag is generated
-from ``Settings`` (``with_settings``), so a flag, its env var and its help are one field."""
+from ``Settings`` (``clikit.with_settings``), so a flag, its env var and its help are one
+field; the ``bench`` group lives in ``bench/cli.py``."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import logging
 import sys
-import types
-import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from sureserve.bench.cli import bench_app
+from sureserve.clikit import (
+    FieldOpt,
+    GenModel,
+    InputOpt,
+    JsonOpt,
+    ModelArg,
+    ModelOpt,
+    RayAddressOpt,
+    RayOpt,
+    ReplicasOpt,
+    RepOpt,
+    RevisionOpt,
+    SeedOpt,
+    StopOpt,
+    TaskOpt,
+    TempOpt,
+    TextsArg,
+    TopKOpt,
+    TopPOpt,
+    err,
+    out,
+    with_settings,
+)
+from sureserve.clikit import report as _report
 from sureserve.errors import GateError, ModelSourceError, SettingsError, SureserveError
 from sureserve.settings import GROUPS, Settings
+from sureserve.zoo.cli import models, zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run transformer models fast, and never silently wrong.")
-zoo_app = typer.Typer(no_args_is_help=True, help="Build or inspect the packaged model zoo.")
 app.add_typer(zoo_app, name="zoo")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (print a table, write JSON).")
+app.command()(models)
 app.add_typer(bench_app, name="bench")
-err = Console(stderr=True)
-out = Console()
-F = TypeVar("F", bound=Callable[..., Any])
-ALIASES = {"attn_implementation": ("--attn",), "max_new_tokens": ("-n",),
-           "drift_reference": ("--reference",)}
-
-
-def _flag(name: str) -> inspect.Parameter:
-    """A CLI option for one Settings field: None when not given, so env and default apply."""
-    kind: Any = Settings.model_fields[name].annotation
-    if isinstance(kind, types.UnionType):  # X | None: the flag is X
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    flag_type: Any = str if typing.get_origin(kind) is typing.Literal else kind
-    dashed = "--" + name.replace("_", "-")
-    decls = (f"{dashed}/--no-{dashed[2:]}",) if flag_type is bool else (dashed,)
-    opt = typer.Option(*decls, *ALIASES.get(name, ()), help=Settings.help(name),
-                       show_default=False)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[flag_type | None, opt])
-
-
-def with_settings(*groups: str) -> Callable[[F], F]:
-    """Give a command a flag for every setting in ``groups``; it receives them validated,
-    together with the environment, as ``settings``."""
-    names = [n for g in groups for n in GROUPS[g]]
-
-    def wrap(fn: F) -> F:
-        sig = inspect.signature(fn, eval_str=True)
-        params = [p for p in sig.parameters.values() if p.name != "settings"]
-
-        @functools.wraps(fn)
-        def command(*args: Any, **kwargs: Any) -> Any:
-            given = {n: kwargs.pop(n) for n in names}
-            return fn(*args, settings=Settings.build(**given), **kwargs)
-
-        full = sig.replace(parameters=params + [_flag(n) for n in names])
-        command.__signature__ = full  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in full.parameters.values()}
-        return command  # type: ignore[return-value]
-
-    return wrap
-
-
-ModelArg = Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id.")]
-TaskOpt = Annotated[str | None, typer.Option("--task", help="embed, classify, rerank or generate "
-                                              "(default: inferred from the config).")]
-RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Pinned hub revision.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl or .csv "
-                                               "file.")]
-FieldOpt = Annotated[str, typer.Option(help="JSONL field or CSV column.")]
-TextsArg = Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / stdin).")]
-RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray Data: one actor per replica, "
-                                      "each with the model (and its gate); --input also "
-                                      "takes .parquet, -o also writes .parquet.")]
-ReplicasOpt = Annotated[int, typer.Option("--replicas", min=1, help="Ray actors (each gets "
-                                          "an equal share of the cluster's CPUs).")]
-RayAddressOpt = Annotated[str | None, typer.Option(
-    "--ray-address", help="A running Ray cluster (ray start --head ...); default: a local "
-    "one started for the job, bound to 127.0.0.1.")]
-
-
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
@@ -111,28 +69,6 @@ def exit_code(exc: SureserveError) -> int:
     if isinstance(exc, SettingsError | ModelSourceError | TaskMismatchError):
         return 2
     return 3 if isinstance(exc, GateError) else 1
-
-
-@app.command()
-@with_settings("source")
-def models(settings: Settings, as_json: JsonOpt = False) -> None:
-    """List the packaged model zoo."""
-    from rich.table import Table
-
-    from sureserve.zoo import DEFAULT_MODEL, ZOO
-
-    rows: list[dict[str, Any]] = [
-        {"name": e.name, "task": e.task_name, "default": e.name == DEFAULT_MODEL,
-         "ready": e.is_ready(settings), "package": e.package, "description": e.description}
-        for e in ZOO.values()]
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    t = Table("alias", "task", "ready", "from package", "description")
-    for r in rows:
-        t.add_row(r["name"] + (" (default)" if r["default"] else ""), r["task"],
-                  "yes" if r["ready"] else "built on first use", r["package"], r["description"])
-    out.print(t)
 
 
 @app.command("settings")
@@ -196,17 +132,6 @@ def serve(settings: Settings, models: Annotated[list[str] | None, typer.Argument
         serve_on_ray(names, settings, replicas, ray_address)
         return
     run_server(names, settings)
-
-
-GenModel = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id of "
-                                       "a causal language model.")]
-TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k likeliest tokens (0 = off).")]
-RepOpt = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable, "
-                                                   "not included in the output).")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Makes sampling reproducible.")]
 
 
 @app.command()
@@ -433,28 +358,6 @@ def doctor(settings: Settings, model: Annotated[str | None, typer.Argument(
     raise typer.Exit(rep.exit_code)
 
 
-@zoo_app.command("build")
-@with_settings("source")
-def zoo_build(settings: Settings, names: Annotated[list[str] | None, typer.Argument(
-        help="Aliases (default: all).")] = None,
-              corpora: Annotated[bool, typer.Option(help="Also fetch the corpora.")] = True
-              ) -> None:
-    """Build zoo entries and fetch corpora now, instead of on first use."""
-    from sureserve.zoo import ZOO
-    from sureserve.zoo.corpora import bbc_dir, vader_dir
-
-    if corpora:
-        err.print(f"corpora: vader at {vader_dir(settings)}, bbc at {bbc_dir()}")
-    for name in names or list(ZOO):
-        if name not in ZOO:
-            raise ModelSourceError(f"unknown zoo alias {name!r}", f"use one of {', '.join(ZOO)}")
-        err.print(f"{name}: {ZOO[name].path(settings)}")
-
-
-def _report(message: str) -> None:
-    err.print(message, highlight=False)
-
-
 def _one_source(texts: list[str] | None, input_file: Path | None) -> None:
     if texts and input_file:  # a usage error: exit 2, like click's own
         raise typer.BadParameter("give texts as arguments or --input, not both")
@@ -521,227 +424,12 @@ def rerank(settings: Settings,
     """Rank texts by relevance to QUERY with a cross-encoder; one JSON line per text, best
     first: index (0-based among the texts read), score, text (and, when cutting is allowed,
     truncated / chunks)."""
-    import sureserve
-    from sureserve.jobs import _records, drift_report
+    from sureserve.jobs import run_rerank_job
 
     _one_source(texts, input_file)
-    skipped: list[Any] = []
-    docs = [r.text for r in _records(texts, input_file, field, settings.skip_bad_lines,
-                                     skipped)]
-    for bad in skipped:
-        _report(f"[yellow]skipped[/] {bad.message}")
-    engine = sureserve.load(model, task="rerank", settings=settings)
-    for item in engine.rerank(query, docs, top_n=top_n, raw_scores=raw_scores,
-                              return_text=True):
-        sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
-    assert engine.last_summary is not None
-    _report(f"rerank: {engine.last_summary.line()}")
-    drift_report(engine, engine.last_summary, _report)
+    run_rerank_job(query, model, texts, input_file, field, settings, _report, top_n=top_n,
+                   raw_scores=raw_scores)
 
-
-BenchN = Annotated[int, typer.Option("--n", help="Texts in the corpus.")]
-BenchLong = Annotated[float, typer.Option(help="Share of long BBC articles in the mix.")]
-BenchSkip = Annotated[list[str] | None, typer.Option("--skip", help="Contender to leave out "
-                                                     "(repeatable).")]
-BenchBf16 = Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Also run sureserve "
-                                                "in bfloat16 (default: if the CPU has it).")]
-BenchOut = Annotated[Path | None, typer.Option("--output", "-o", help="JSON report (default: "
-                                               "bench-results/<bench>.json).")]
-
-
-def _bench_out(output: Path | None, name: str) -> Path:
-    path = output or Path(f"bench-results/{name}.json")
-    _report(f"the report goes to {path}")
-    return path
-
-
-@bench_app.command("embed")
-def bench_embed(n: BenchN = 2000, long_share: BenchLong = 0.05, skip: BenchSkip = None,
-                bf16: BenchBf16 = None, output: BenchOut = None) -> None:
-    """Embeddings: pipeline, sentence-transformers, arrival-order batches, sureserve."""
-    from sureserve.bench.offline import print_report, run_bench
-
-    print_report(run_bench("embed", n=n, long_share=long_share, skip=skip or [], bf16=bf16,
-                           out=_bench_out(output, "embed"), log=_report), _report)
-
-
-@bench_app.command("classify")
-def bench_classify(n: BenchN = 2000, long_share: BenchLong = 0.05, skip: BenchSkip = None,
-                   bf16: BenchBf16 = None, output: BenchOut = None) -> None:
-    """Classification: pipeline, arrival-order batches, sureserve (sentiment-demo)."""
-    from sureserve.bench.offline import print_report, run_bench
-
-    print_report(run_bench("classify", n=n, long_share=long_share, skip=skip or [], bf16=bf16,
-                           out=_bench_out(output, "classify"), log=_report), _report)
-
-
-@bench_app.command("serve")
-def bench_serve(levels: Annotated[list[int] | None, typer.Option("--clients", help="Concurrency "
-                                                                   "levels (repeatable).")] = None,
-                seconds: Annotated[float, typer.Option(help="Seconds per level.")] = 10.0,
-                max_requests: Annotated[int, typer.Option(help="Cap per level.")] = 3000,
-                skip: BenchSkip = None,
-                infinity: Annotated[str | None, typer.Option(
-                    help="Path of an infinity_emb executable (its own venv) to add "
-                    "Infinity as a contender.")] = None, output: BenchOut = None) -> None:
-    """HTTP load on loopback: sureserve's server vs a plain FastAPI + pipeline endpoint
-    (and Infinity, with --infinity)."""
-    from sureserve.bench.serve import print_report, run_serve_bench
-
-    print_report(run_serve_bench(levels or [1, 8, 32, 64], seconds, max_requests,
-                                 skip=skip or [], out=_bench_out(output, "serve"), log=_report,
-                                 infinity=infinity), _report)
-
-
-@bench_app.command("loop")
-def bench_loop(seconds: Annotated[float, typer.Option(help="Seconds per phase.")] = 15.0,
-               big: Annotated[int, typer.Option(help="Inputs per big request.")] = 256,
-               output: BenchOut = None) -> None:
-    """A small request's latency (and /health's) alone and while another client sends
-    requests of --big news articles: what a big request costs everyone else."""
-    from sureserve.bench.serve import run_lag_probe
-
-    run_lag_probe(seconds, big, _bench_out(output, "loop"), _report)
-
-
-@bench_app.command("rerank")
-def bench_rerank(queries: Annotated[int, typer.Option(help="Queries (BBC sport/tech "
-                                                      "headlines).")] = 16,
-                 candidates: Annotated[int, typer.Option(help="Passages per query.")] = 40,
-                 model: Annotated[str, typer.Option(help="Cross-encoder.")] = "rerank-demo",
-                 output: BenchOut = None) -> None:
-    """Rerank throughput (pairs/s) against sentence-transformers' CrossEncoder.predict
-    (batch 32) on the same pairs, with the largest score difference."""
-    from sureserve.bench.rerank import print_report, run_rerank_bench
-
-    print_report(run_rerank_bench(queries, candidates, model, _bench_out(output, "rerank"),
-                                  _report), _report)
-
-
-@bench_app.command("soak")
-def bench_soak(minutes: Annotated[float, typer.Option(help="Minutes of load.")] = 30.0,
-               clients: Annotated[int, typer.Option(help="Closed-loop clients.")] = 64,
-               warmup: Annotated[float, typer.Option(help="Minutes before the RSS baseline "
-                                                     "is taken.")] = 2.0,
-               sample: Annotated[float, typer.Option(help="Seconds between samples.")] = 10.0,
-               server_env: Annotated[list[str] | None, typer.Option(
-                   "--server-env", help="NAME=VALUE for the server process (repeatable), "
-                   "e.g. to compare settings.")] = None,
-               output: BenchOut = None) -> None:
-    """Hours of mixed traffic against one server (embed, predict, streaming and plain
-    completions, abandoned streams, bad requests): RSS, Python heap, tasks, fds, threads
-    and latency sampled; exits 3 when RSS grew more than 10% after the warm-up, or any
-    request got a 5xx, an unexpected answer or none at all."""
-    from sureserve.bench.soak import print_report, run_soak
-
-    env = dict(kv.split("=", 1) for kv in server_env or [] if "=" in kv)
-    rep = run_soak(minutes, clients, warmup, sample, env=env,
-                   out=_bench_out(output, "soak"), log=_report)
-    print_report(rep, _report)
-    if rep["summary"]["verdict"] != "pass":
-        raise typer.Exit(3)
-
-
-@bench_app.command("drift")
-def bench_drift(window: Annotated[int, typer.Option(help="The drift window.")] = 1000,
-                normal: Annotated[int, typer.Option(help="Ordinary inputs after the "
-                                                    "baseline.")] = 5000,
-                part: Annotated[list[str] | None, typer.Option(
-                    "--part", help="minilm, sentiment-demo, rerank-demo, encoders, smollm2, "
-                    "overhead (repeatable; default encoders and overhead).")] = None,
-                output: BenchOut = None) -> None:
-    """The drift watch: false alerts on the realistic mix, inputs until each kind of drift
-    alerts and until it clears, and the watch's cost on offline throughput."""
-    from sureserve.bench.drift import print_report, run_bench
-
-    print_report(run_bench(window, normal, part or ["encoders", "overhead"],
-                           _bench_out(output, "drift"), _report), _report)
-
-
-@bench_app.command("ray")
-def bench_ray(n: BenchN = 4000,
-              replicas: Annotated[int, typer.Option(help="Ray actors / Serve replicas.")] = 2,
-              part: Annotated[list[str] | None, typer.Option(
-                  help="data and/or serve (default: both).")] = None,
-              clients: Annotated[int, typer.Option(help="Closed-loop clients (serve).")] = 32,
-              seconds: Annotated[float, typer.Option(help="Load time per server.")] = 20.0,
-              output: BenchOut = None) -> None:
-    """Ray vs local, in one run. data: offline embeddings on Ray Data (one actor per
-    replica) vs the local engine, as two `sureserve embed` runs of the realistic mix (wall
-    time, order, largest difference). serve: `sureserve serve --ray --replicas N` vs
-    `sureserve serve` under the same closed-loop clients."""
-    from sureserve.bench.ray import print_report, run_bench
-
-    parts = part or ["data", "serve"]
-    if unknown := set(parts) - {"data", "serve"}:
-        raise SettingsError(f"unknown part(s) {sorted(unknown)}", "use --part data or serve")
-    print_report(run_bench(n, replicas, _bench_out(output, "ray"), _report, parts, clients,
-                           seconds), _report)
-
-
-@bench_app.command("generate")
-def bench_generate(model: GenModel = "smollm2",
-                   n: Annotated[int, typer.Option("--requests", help="Requests per "
-                                                  "concurrency level.")] = 96,
-                   sample: Annotated[int, typer.Option(help="Requests run one at a time (and "
-                                                       "at concurrency 1).")] = 8,
-                   levels: Annotated[list[int] | None, typer.Option(
-                       "--clients", help="Concurrency levels (repeatable).")] = None,
-                   min_new: Annotated[int, typer.Option(help="Smallest max_new_tokens.")] = 16,
-                   max_new: Annotated[int, typer.Option(help="Largest max_new_tokens.")] = 128,
-                   seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
-                   peer: Annotated[str | None, typer.Option(
-                       help="llama.cpp: instead, compare `sureserve serve` with llama.cpp's "
-                       "llama-server over HTTP on the same weights (F32 and the shipped "
-                       "Q4_1 GGUF), OpenAI streaming chat at each --clients level plus a "
-                       "shared 400-token system prompt; llama-server is built once into "
-                       "SURESERVE_HOME (~5 min).")] = None,
-                   contender: Annotated[list[str] | None, typer.Option(
-                       help="With --peer: run only the contenders whose name contains this "
-                       "(repeatable), e.g. 'sureserve'.")] = None,
-                   shared_requests: Annotated[int | None, typer.Option(
-                       help="With --peer: requests of the shared-prefix workload (default "
-                       "--requests).")] = None,
-                   output: BenchOut = None) -> None:
-    """Continuous batching vs generate one at a time vs static left-padded batches (or,
-    with --peer llama.cpp, the server against llama.cpp's)."""
-    from sureserve.bench.generate import print_report, run_generate_bench
-
-    if peer is not None:
-        from sureserve.bench import chat
-
-        chat.print_report(chat.run_chat_bench(peer, levels=levels or [1, 8, 32],
-                                              requests=n, single=sample, seed=seed,
-                                              max_tokens=max_new, only=contender or (),
-                                              shared_requests=shared_requests,
-                                              out=_bench_out(output, "generate-peer")),
-                          _report)
-        return
-    print_report(run_generate_bench(model, n=n, sample=sample, levels=levels or [1, 8, 32],
-                                    seed=seed, min_new=min_new, max_new=max_new,
-                                    out=_bench_out(output, "generate")), _report)
-
-
-
-@bench_app.command("quantize")
-def bench_quantize(n: BenchN = 1200, long_share: BenchLong = 0.1,
-                   seed: Annotated[int, typer.Option(help="Mix seed.")] = 11,
-                   onnx: Annotated[str | None, typer.Option(
-                       help="Python of a venv with sentence-transformers[onnx]: its ONNX "
-                       "dynamic int8 export runs as a peer.")] = None,
-                   openvino: Annotated[str | None, typer.Option(
-                       help="Python of a venv with sentence-transformers[openvino]: its "
-                       "OpenVINO static int8 export runs as a peer.")] = None,
-                   part: Annotated[list[str] | None, typer.Option(
-                       "--part", help="embed, classify, generate (repeatable; default "
-                       "all).")] = None,
-                   output: BenchOut = None) -> None:
-    """quantize on minilm (with peers), sentiment-demo (labelled) and smollm2 (decode)."""
-    from sureserve.bench.quantize import print_report, run_bench
-
-    peers = {k: v for k, v in (("onnx", onnx), ("openvino", openvino)) if v}
-    print_report(run_bench(n, long_share, seed, peers, part or ("embed", "classify", "generate"),
-                           out=_bench_out(output, "quantize"), log=_report), _report)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ file), ``truncated`` and ``chunks``.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +102,24 @@ def output_row(task_name: str, index: int, line: int, out: Any, flags: dict[str,
         item = dict(out) if options.get("top_k") == 1 else {
             "labels": [{"label": d["label"], "score": d["score"]} for d in out]}
     return {**item, "index": index, "line": line, **flags}
+
+
+def run_rerank_job(query: str, model: str, texts: list[str] | None, input_file: Path | None,
+                   field: str, settings: Settings, report: Any, **options: Any) -> RunSummary:
+    """Rank every text (arguments, a file or stdin) against ``query``; one JSON line per
+    text on stdout, best first. A ranking needs every text before it can answer, so the
+    texts are read whole (unlike embed/classify, written window by window)."""
+    import sureserve
+
+    skipped: list[BadLineError] = []
+    docs = [r.text for r in _records(texts, input_file, field, settings.skip_bad_lines,
+                                     skipped)]
+    for bad in skipped:
+        report(f"[yellow]skipped[/] {bad.message}")
+    engine = sureserve.load(model, task="rerank", settings=settings)
+    for item in engine.rerank(query, docs, return_text=True, **options):
+        sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
+    assert engine.last_summary is not None
+    report(f"rerank: {engine.last_summary.line()}")
+    drift_report(engine, engine.last_summary, report)
+    return engine.last_summary

@@ -151,8 +151,7 @@ def model_size(folder: Path, config: dict[str, Any], task: str) -> ModelSize:
     import transformers
     from accelerate import init_empty_weights
 
-    from sureserve.loading.inspect import kv_bytes_per_token
-    from sureserve.loading.inspect import AUTO_CLASSES
+    from sureserve.loading.inspect import AUTO_CLASSES, kv_bytes_per_token
 
     cfg = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     cls = getattr(transformers, AUTO_CLASSES[task])

@@ -20,8 +20,8 @@ from fastapi.responses import StreamingResponse
 from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
 from sureserve.generation.engine import GenEvent
 from sureserve.generation.sampling import SamplingParams
-from sureserve.server.genworker import Events
 from sureserve.server import schemas as S
+from sureserve.server.genworker import Events
 from sureserve.server.http import OPENAI_ERRORS, until_done_or_gone
 from sureserve.server.state import ServerState
 from sureserve.settings import Settings

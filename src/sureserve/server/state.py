@@ -21,8 +21,8 @@ from sureserve.errors import (
     TaskMismatchError,
     TooManyInputsError,
 )
-from sureserve.server.genworker import GenWorker
 from sureserve.server.batcher import Batcher
+from sureserve.server.genworker import GenWorker
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings
 
