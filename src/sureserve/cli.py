@@ -21,9 +21,6 @@ from sureserve.clikit import (
     JsonOpt,
     ModelArg,
     ModelOpt,
-    RayAddressOpt,
-    RayOpt,
-    ReplicasOpt,
     RepOpt,
     RevisionOpt,
     SeedOpt,
@@ -115,10 +112,7 @@ def check(model: ModelArg, settings: Settings,
 @with_settings(*GROUPS)
 def serve(settings: Settings, models: Annotated[list[str] | None, typer.Argument(
         help="Models to serve; requests choose with the 'model' field (default: minilm).")]
-          = None, ray: Annotated[bool, typer.Option(
-              "--ray", help="Serve as Ray Serve replicas of the same app (Ray's proxy on "
-              "--host/--port).")] = False, replicas: ReplicasOpt = 2,
-          ray_address: RayAddressOpt = None) -> None:
+          = None) -> None:
     """Serve models over HTTP (TEI- and OpenAI-style routes). SIGTERM drains, then exits 0."""
     from sureserve.server.run import serve as run_server
     from sureserve.zoo import DEFAULT_MODEL
@@ -126,10 +120,10 @@ def serve(settings: Settings, models: Annotated[list[str] | None, typer.Argument
     names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
     err.print(f"serving {', '.join(names)} on http://{settings.host}:{settings.port} "
               "(GET /health answers 200 once the models passed their gate)", highlight=False)
-    if ray:
+    if settings.ray:
         from sureserve.ray.serving import serve_on_ray
 
-        serve_on_ray(names, settings, replicas, ray_address)
+        serve_on_ray(names, settings, settings.replicas, settings.ray_address)
         return
     run_server(names, settings)
 
@@ -205,15 +199,13 @@ def chat_cmd(settings: Settings, model: GenModel = "smollm2",
 
 
 @app.command()
-@with_settings("source", "generation")
+@with_settings("source", "generation", "allow_offload")
 def fit(model: ModelArg, settings: Settings, task: TaskOpt = None, revision: RevisionOpt = None,
         gpus: Annotated[int | None, typer.Option(help="Simulate this many GPUs.")] = None,
         gpu_memory: Annotated[float | None, typer.Option(
             help="Simulate GiB free on each GPU (default 80 when --gpus is given).")] = None,
         cpu_memory: Annotated[float | None, typer.Option(help="Simulate GiB of free host "
                                                          "memory.")] = None,
-        allow_offload: Annotated[bool, typer.Option(help="Allow CPU/disk offload when "
-                                                    "nothing else fits (slow).")] = False,
         as_json: JsonOpt = False) -> None:
     """Plan where a model fits, from its config alone (no weights read): one device, a
     split across GPUs, 8/4-bit, or offload. Exit 0 with a plan, 3 when it does not fit.
@@ -221,7 +213,8 @@ def fit(model: ModelArg, settings: Settings, task: TaskOpt = None, revision: Rev
     from sureserve.loading.fit import fit_model, print_fit
 
     rep = fit_model(model, settings, task=task, revision=revision, gpus=gpus,
-                    gpu_memory=gpu_memory, cpu_memory=cpu_memory, allow_offload=allow_offload)
+                    gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                    allow_offload=settings.allow_offload)
     if as_json:
         print(json.dumps(rep, indent=2))
     else:
@@ -324,7 +317,7 @@ def verify(settings: Settings, lockfile: Annotated[Path, typer.Argument(
 
 
 @app.command()
-@with_settings("source", "plan", "batching", "generation")
+@with_settings("source", "plan", "batching", "generation", "api_key")
 def doctor(settings: Settings, model: Annotated[str | None, typer.Argument(
         help="Zoo alias, folder or hub id to examine here.")] = None,
            url: Annotated[str | None, typer.Option("--url", help="A running sureserve "
@@ -335,9 +328,6 @@ def doctor(settings: Settings, model: Annotated[str | None, typer.Argument(
                              "(.txt, .jsonl, .csv): the share over the limit.")] = None,
            html: Annotated[Path | None, typer.Option("--html", help="Also write the findings "
                            "and charts as one self-contained HTML page.")] = None,
-           api_key: Annotated[str | None, typer.Option(
-               "--api-key", help="The server's API key, for /info (default: "
-               "SURESERVE_API_KEY).")] = None,
            task: TaskOpt = None, as_json: JsonOpt = False) -> None:
     """The debug guide as checks: same output for different inputs, OOM, 10x slow,
     truncated text, multi-GPU load, wrong outputs after an upgrade, empty input_ids; with
@@ -346,8 +336,7 @@ def doctor(settings: Settings, model: Annotated[str | None, typer.Argument(
     from sureserve.doctor import run_doctor
     from sureserve.doctor.page import render
 
-    rep = run_doctor(model, url=url, lock=lock, sample=sample, settings=settings,
-                     api_key=api_key, task=task)
+    rep = run_doctor(model, url=url, lock=lock, sample=sample, settings=settings, task=task)
     if html is not None:
         html.write_text(render(rep), encoding="utf-8")
         err.print(f"wrote {html}", highlight=False)
@@ -364,7 +353,7 @@ def _one_source(texts: list[str] | None, input_file: Path | None) -> None:
 
 
 @app.command()
-@with_settings("source", "plan", "batching", "drift")
+@with_settings("source", "plan", "batching", "drift", "ray")
 def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm",
           input_file: InputOpt = None,
           output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl or .npy "
@@ -372,41 +361,39 @@ def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm"
           field: FieldOpt = "text",
           normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize",
                                help="Unit-length vectors (default: as the model says).")] = None,
-          ray: RayOpt = False, replicas: ReplicasOpt = 2, ray_address: RayAddressOpt = None
           ) -> None:
     """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
     from sureserve.jobs import run_file_job
 
     _one_source(texts, input_file)
-    if ray:
+    if settings.ray:
         from sureserve.ray.data import run_ray_job
 
-        run_ray_job("embed", model, input_file, output, field, settings, _report, replicas,
-                    ray_address, normalize=normalize)
+        run_ray_job("embed", model, input_file, output, field, settings, _report,
+                    settings.replicas, settings.ray_address, normalize=normalize)
         return
     run_file_job("embed", model, texts, input_file, output, field, settings, _report,
                  normalize=normalize)
 
 
 @app.command()
-@with_settings("source", "plan", "batching", "drift")
+@with_settings("source", "plan", "batching", "drift", "ray")
 def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sentiment-demo",
              input_file: InputOpt = None,
              output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl file "
                                                          "(default: stdout).")] = None,
              field: FieldOpt = "text",
-             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1,
-             ray: RayOpt = False, replicas: ReplicasOpt = 2,
-             ray_address: RayAddressOpt = None) -> None:
+             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1
+             ) -> None:
     """Classify texts; writes one JSON line per text in input order."""
     from sureserve.jobs import run_file_job
 
     _one_source(texts, input_file)
-    if ray:
+    if settings.ray:
         from sureserve.ray.data import run_ray_job
 
         run_ray_job("classify", model, input_file, output, field, settings, _report,
-                    replicas, ray_address, top_k=top_k or None)
+                    settings.replicas, settings.ray_address, top_k=top_k or None)
         return
     run_file_job("classify", model, texts, input_file, output, field, settings, _report,
                  top_k=top_k or None)

@@ -40,9 +40,12 @@ def _flag(name: str) -> inspect.Parameter:
 
 
 def with_settings(*groups: str) -> Callable[[F], F]:
-    """Give a command a flag for every setting in ``groups``; it receives them validated,
-    together with the environment, as ``settings``."""
-    names = [n for g in groups for n in GROUPS[g]]
+    """Give a command a flag for every setting in ``groups`` (group names, or single
+    setting names); it receives them validated, together with the environment, as
+    ``settings``."""
+    names = [n for g in groups for n in GROUPS.get(g, (g,))]
+    if unknown := [n for n in names if n not in Settings.model_fields]:
+        raise ValueError(f"with_settings: {unknown} are neither groups nor settings")
 
     def wrap(fn: F) -> F:
         sig = inspect.signature(fn, eval_str=True)
@@ -71,14 +74,7 @@ InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jso
                                                "file.")]
 FieldOpt = Annotated[str, typer.Option(help="JSONL field or CSV column.")]
 TextsArg = Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / stdin).")]
-RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray Data: one actor per replica, "
-                                      "each with the model (and its gate); --input also "
-                                      "takes .parquet, -o also writes .parquet.")]
-ReplicasOpt = Annotated[int, typer.Option("--replicas", min=1, help="Ray actors (each gets "
-                                          "an equal share of the cluster's CPUs).")]
-RayAddressOpt = Annotated[str | None, typer.Option(
-    "--ray-address", help="A running Ray cluster (ray start --head ...); default: a local "
-    "one started for the job, bound to 127.0.0.1.")]
+
 
 
 GenModel = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id of "

@@ -220,6 +220,24 @@ class Settings(BaseSettings):
         "thread count is per process).",
     )
 
+    # --- Ray (embed/classify --ray: Ray Data; serve --ray: Ray Serve) ----------------------
+    ray: bool = Field(
+        default=False,
+        description="Run on Ray: embed/classify as a Ray Data job (one actor per replica, "
+        "each with the model and its gate; --input also takes .parquet, -o also writes "
+        ".parquet); serve as Ray Serve replicas of the same app (Ray's proxy on host/port).",
+    )
+    replicas: int = Field(
+        default=2, ge=1,
+        description="With ray: Ray Data actors or Ray Serve replicas (each gets an equal "
+        "share of the cluster's CPUs).",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="With ray: a running Ray cluster (ray start --head ...); default: a local "
+        "one started for the job, bound to 127.0.0.1.",
+    )
+
     # --- Ray Serve (serve --ray) ------------------------------------------------------------
     ray_min_replicas: int | None = Field(
         default=None, ge=1,
@@ -395,6 +413,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",
               "drift_collapse", "drift_mean_shift", "drift_finish_js", "drift_empty_outputs",
               "drift_loops"),
+    "ray": ("ray", "replicas", "ray_address"),
     "ray_serve": ("ray_min_replicas", "ray_max_replicas", "ray_target_ongoing_requests",
                   "ray_upscale_delay_s", "ray_downscale_delay_s", "ray_max_queued_requests"),
     "server": ("host", "port", "api_key", "open_health", "max_wait_ms", "max_queue_inputs",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sureserve.errors import InputError
+from sureserve.settings import Settings
 
 MAX_STOPS = 4  # OpenAI's limit; every stop string is searched after every token
 
@@ -25,7 +26,9 @@ class SamplingParams:
     """How to pick tokens for one request. ``temperature=0`` is greedy (as in the OpenAI
     API); ``top_k=0`` and ``top_p=1`` switch those filters off."""
 
-    max_new_tokens: int = 256
+    # one default, the setting's: the server and the Python API fill in the configured
+    # value (``settings.max_new_tokens``); a bare SamplingParams gets the same default
+    max_new_tokens: int = Settings.model_fields["max_new_tokens"].default
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
