@@ -34,7 +34,7 @@ def describe(identifier: str, task: str | None = None, revision: str | None = No
     vet_weights(source.path, settings.allow_pickle)
     plan = make_plan(detect_caps(settings.home_dir()), settings.device, settings.dtype,
                      settings.attn_implementation)
-    tok = load_tokenizer(source)
+    tok = load_tokenizer(source, settings.trust_remote_code)
     d = _facts(source, source, task, plan, config, tok)
     recipe = read_recipe(source.path)
     d["quantization"] = recipe.summary() if recipe else None

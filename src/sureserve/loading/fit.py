@@ -146,14 +146,16 @@ def plan_fit(size: ModelSize, machine: Machine, kv_mb: float,
          "run slowly from CPU memory"])
 
 
-def model_size(folder: Path, config: dict[str, Any], task: str) -> ModelSize:
+def model_size(folder: Path, config: dict[str, Any], task: str,
+               trust_remote_code: bool = False) -> ModelSize:
     """Parameters counted on the meta device from the config alone: no weights read."""
     import transformers
     from accelerate import init_empty_weights
 
     from sureserve.loading.inspect import AUTO_CLASSES, kv_bytes_per_token
 
-    cfg = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    cfg = transformers.AutoConfig.from_pretrained(str(folder),
+                                                  trust_remote_code=trust_remote_code)
     cls = getattr(transformers, AUTO_CLASSES[task])
     with init_empty_weights():
         model = cls.from_config(cfg)
@@ -202,7 +204,7 @@ def fit_model(identifier: str, settings: Any, *, task: str | None = None,
     source = resolve(identifier, revision, settings)
     config = read_json(source.path / "config.json")
     task = infer_task(source.path, config, task)
-    size = model_size(source.path, config, task)
+    size = model_size(source.path, config, task, settings.trust_remote_code)
     real = real_machine()
     simulated = gpus is not None or gpu_memory is not None or cpu_memory is not None
     n = gpus if gpus is not None else (len(real.gpus) if gpu_memory is None else 1)

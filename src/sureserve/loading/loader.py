@@ -62,11 +62,14 @@ class Loaded:
         return int(self.config.get("hidden_size") or 0)
 
 
-def load_tokenizer(source: Source) -> Any:
+def load_tokenizer(source: Source, trust_remote_code: bool = False) -> Any:
+    """The tokenizer, under the same ``trust_remote_code`` as its model (off by default:
+    a tokenizer class shipped as code runs only when the user opted in)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(source.path),
+                                             trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelSourceError(f"could not load a tokenizer from {source.path}: {exc}",
                                "check that the folder holds tokenizer.json or its vocab files") \
@@ -120,7 +123,7 @@ def load(
         warnings.append(f"TOKENIZER OVERRIDE: the tokenizer comes from {tokenizer!r}, not from "
                         f"the model's own folder {identifier!r}; outputs are only right if the "
                         "two were trained together")
-    tok = load_tokenizer(tok_source)
+    tok = load_tokenizer(tok_source, settings.trust_remote_code)
 
     extra = Q.load_kwargs(method, recipe.keep, plan.device) if method and recipe else {}
     if plan.device.startswith("cuda") and not extra:
