@@ -112,6 +112,20 @@ def test_serve_ray_with_one_autoscaling_bound_is_a_usage_error_before_ray_starts
     assert "autoscaling needs both bounds" in r.stderr and "--ray-max-replicas" in r.stderr
 
 
+def test_a_ray_job_with_a_drift_reference_is_refused_before_ray_starts(tmp_path: Any) -> None:
+    """No actor sees the whole job, so none could compare it with the reference: refused
+    (exit 2) rather than accepted and silently not checked."""
+    from tests.cli import cli
+
+    src = tmp_path / "in.txt"
+    src.write_text("one\ntwo\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a reference text\n")
+    r = cli("embed", "-i", str(src), "--ray", "--reference", str(ref), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "does not apply to a Ray job" in r.stderr and "without --ray" in r.stderr
+
+
 def gate_page(passed: int) -> bytes:
     r = CollectorRegistry()
     Gauge("sureserve_gate_passed", "gate", ["model"], registry=r).labels("minilm").set(passed)

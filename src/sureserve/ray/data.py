@@ -31,7 +31,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from sureserve.engine import RunSummary
-from sureserve.errors import BadLineError, InferenceError, InputError, SureserveError
+from sureserve.errors import BadLineError, InferenceError, InputError, SettingsError, SureserveError
 from sureserve.settings import Settings
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
@@ -192,6 +192,13 @@ def run_ray_job(task_name: str, model: str, input_file: Path | None, output: Pat
     if input_file is None:
         raise InputError("--ray reads a file", "give --input FILE (txt, jsonl, csv or "
                          "parquet)")
+    if settings.drift_reference is not None:
+        # each actor sees only its share of the rows, so no actor's watch could compare the
+        # job with the reference: refused rather than silently not checked
+        raise SettingsError("--reference (drift_reference) does not apply to a Ray job: its "
+                            "rows are spread over the actors, none sees the whole job",
+                            "run the job without --ray to compare it with a reference, or "
+                            "drop --reference")
     with connected(address):
         ds = records_dataset(input_file, field, batch_rows(settings, replicas))
         return _drive(task_name, model, transform(ds, task_name, model, settings, replicas,
