@@ -127,6 +127,27 @@ def test_embed_all_gives_every_token_state(server: Server) -> None:
     assert np.asarray(cut).shape == (1, 256, 384)
 
 
+def test_embed_all_follows_the_server_policy_and_its_queue_bound() -> None:
+    """/embed_all goes through the model's batcher like every route: the server's
+    --truncation applies when the request does not say (it used to be "error" whatever the
+    server said), its queue bound answers 429, and a chunking server refuses a long text
+    here with a fix that says why (token states of a split text are not one answer)."""
+    from tests.server.conftest import serve_here
+
+    long = {"inputs": "word " * 400}
+    with serve_here(["minilm"], truncation="truncate", max_queue_inputs=3) as s:
+        cut = httpx.post(f"{s.url}/embed_all", json=long, timeout=60)
+        assert cut.status_code == 200 and np.asarray(cut.json()).shape == (1, 256, 384)
+        many = httpx.post(f"{s.url}/embed_all", json={"inputs": TEXTS + TEXTS}, timeout=60)
+        assert many.status_code == 429 and many.json()["error_type"] == "overloaded", many.text
+        assert many.headers.get("retry-after")
+    with serve_here(["minilm"], truncation="chunk") as s:
+        r = httpx.post(f"{s.url}/embed_all", json=long, timeout=60)
+        assert r.status_code == 413 and "chunks has no single answer" in r.text, r.text
+        ok = httpx.post(f"{s.url}/embed_all", json={"inputs": TEXTS}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()) == len(TEXTS)
+
+
 def test_decode_round_trips_tokenize(server: Server) -> None:
     toks = httpx.post(f"{server.url}/tokenize", json={"inputs": TEXTS}).json()
     ids = [[t["id"] for t in row] for row in toks]

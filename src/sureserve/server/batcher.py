@@ -30,7 +30,7 @@ import numpy as np
 from sureserve.batching.packing import pack_rows
 from sureserve.batching.planner import PassCost, oldest_batch
 from sureserve.batching.truncation import Piece
-from sureserve.engine import Engine, Result
+from sureserve.engine import Engine, Job, Result
 from sureserve.errors import InferenceError, InputTooLongError, OverloadedError
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings
@@ -89,23 +89,54 @@ class Batcher:
     async def infer(self, texts: list[str], truncate: bool, query: str | None = None,
                     **options: Any) -> Result:
         """Outputs for ``texts`` in input order (``options``: see ``Engine.finish``;
-        ``query``: a reranker's, paired with every text)."""
-        policy = "truncate" if truncate else self.settings.truncation
-        submit = functools.partial(self.engine.submit, texts, truncation=policy, query=query)
+        ``query``: a reranker's, paired with every text). ``truncate``: the request asked
+        to cut long texts; otherwise the engine's policy (``--truncation``) applies."""
+        job = await self._submit(texts, "truncate" if truncate else None, query)
+        rows = await self.queue(job.pieces)
+        return self.engine.finish(job, np.vstack(rows), **options)
+
+    async def token_states(self, texts: list[str], truncate: bool) -> list[np.ndarray]:
+        """Every token's last hidden state per text (TEI ``/embed_all``): tokenized and cut
+        like ``infer`` (the same policy), bounded by the same queue limit (429 past it),
+        and run on this model's forward workers, one worker for the whole request (its
+        outputs are not pooled rows, so it does not share a batch)."""
+        job = await self._submit(texts, "truncate" if truncate else None, None,
+                                 chunks=False)
+        limit = self.settings.max_queue_inputs
+        if self.depth + len(job.pieces) > limit:
+            self.metrics.rejected.inc()
+            raise OverloadedError.queue_full(self.depth, len(job.pieces), limit, "inputs")
+        # on the forward pool (its threads are the model's forward workers: the request
+        # waits its turn behind the batches already there); not through the batch loop's
+        # semaphore, which its idle loop holds while it waits for work
+        task: Any = self.task
+        return list(await asyncio.get_running_loop().run_in_executor(
+            self._pool, task.token_states, job.pieces))
+
+    async def _submit(self, texts: list[str], truncation: str | None, query: str | None,
+                      chunks: bool = True) -> Job:
+        """Tokenize and apply the truncation policy (the request's, else the engine's: one
+        default, resolved in ``Engine.submit``). ``chunks=False``: a route whose answer is
+        one output per text refuses a text that the policy would split."""
+        if not chunks and (truncation or self.engine.settings.truncation) == "chunk":
+            truncation = "error"
+        submit = functools.partial(self.engine.submit, texts, truncation=truncation,
+                                   query=query)
         try:
             # a few short texts tokenize faster than the hop to another thread costs
             # (BENCHMARKS.md); anything bigger goes to the pool, off the event loop
             job = submit() if sum(map(len, texts)) <= INLINE_CHARS else \
                 await asyncio.get_running_loop().run_in_executor(self.tokenize, submit)
         except InputTooLongError as exc:
-            raise InputTooLongError(
-                exc.message, 'send "truncate": true to cut it (the cut is counted in '
-                "metrics), shorten it, or start the server with --truncation chunk",
-                index=exc.index, length=exc.length, limit=exc.limit) from exc
+            fix = ('send "truncate": true to cut it (the cut is counted in metrics), or '
+                   "shorten it" + (", or start the server with --truncation chunk" if chunks
+                                   else " (this route answers per token: a text split into "
+                                   "chunks has no single answer)"))
+            raise InputTooLongError(exc.message, fix, index=exc.index, length=exc.length,
+                                    limit=exc.limit) from exc
         if job.summary.truncated:
             self.metrics.truncated.inc(len(job.summary.truncated))
-        rows = await self.queue(job.pieces)
-        return self.engine.finish(job, np.vstack(rows), **options)
+        return job
 
     async def queue(self, pieces: Sequence[Piece]) -> list[np.ndarray]:
         """Rows for ``pieces`` in order. Raises OverloadedError when the queue is full."""

@@ -14,7 +14,6 @@ even for a single string, which is what that convention's clients parse.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 from pathlib import Path
@@ -163,14 +162,11 @@ async def embed_all(state: ServerState, body: S.EmbedAllRequest,
                     request: Request) -> list[list[list[float]]]:
     """Token-level hidden states per input (TEI ``/embed_all``): no pooling, no padding."""
     opts = options(body, ("truncate", "truncation_direction", "prompt_name"), "/embed_all")
-    _, engine = state.pick(body.model, "embed")
-    texts = with_prompt(engine, state.validate(body.inputs, engine=engine), opts.get("prompt_name"))
-    policy = "truncate" if opts.get("truncate") else "error"
-    job = await asyncio.get_running_loop().run_in_executor(
-        state.tokenize, lambda: engine.submit(texts, truncation=policy))
-    task = engine.text_task("embed")
+    batcher = state.batcher(body.model, "embed")
+    texts = with_prompt(batcher.engine, state.validate(body.inputs, engine=batcher.engine),
+                        opts.get("prompt_name"))
     states = await until_done_or_gone(
-        request, asyncio.to_thread(task.token_states, job.pieces))  # type: ignore[attr-defined]
+        request, batcher.token_states(texts, bool(opts.get("truncate"))))
     return [s.tolist() for s in states]
 
 
