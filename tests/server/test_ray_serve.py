@@ -226,12 +226,17 @@ def test_ray_serve_answers_like_local_autoscales_overload_killed_replica_clean_e
             w.join()
         assert h["status"] == "ok", h
         assert "loading" in states or "lost" in states, states  # the replacement was seen
-        # only requests in flight on the killed replica may fail: a 503 saying so (or, rarely
-        # seen, the proxy dropping that connection); every other request succeeds
-        assert len(failures) <= 2, failures
+        # only requests in flight on the killed replica are lost: a 503 saying so (or, rarely
+        # seen, the proxy dropping that connection). While one replica is missing, the
+        # proxy's own queue (2, plus this loop's /health) may also fill: a 429 with
+        # Retry-After is backpressure, the request refused before any work, not lost
+        lost = [f for f in failures if f["status"] != 429]
+        assert len(lost) <= 2, failures
         assert all((f["status"] is None and "RemoteProtocolError" in f["body"]) or
                    (f["status"] == 503 and '"error_type":"replica_lost"' in f["body"] and
-                    f["retry_after"]) for f in failures), failures
+                    f["retry_after"]) for f in lost), failures
+        assert all(f["retry_after"] and "backpressure" in f["body"]
+                   for f in failures if f["status"] == 429), failures
         assert seen[200] > before + 10
         page = Scrape(httpx.get(f"{s.url}/metrics", timeout=60).text)
         now = {lab["replica"] for lab, _ in page.samples["sureserve_gate_passed"]}
