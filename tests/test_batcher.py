@@ -105,3 +105,16 @@ def test_queue_is_bounded_and_a_cancelled_request_leaves_nothing_behind() -> Non
         assert [4] not in task.batches and [3] not in task.batches  # never computed
 
     asyncio.run(main())
+
+
+def test_forward_workers_one_rule_for_every_path() -> None:
+    """The setting wins; otherwise two passes on a CPU with 2+ torch threads (what this
+    machine has decides, as in production), one on a GPU or beside a generation model."""
+    import torch
+
+    from sureserve.engine import forward_workers
+
+    assert forward_workers(3, cpu=False, generating=True) == 3
+    assert forward_workers(None, cpu=False) == 1
+    assert forward_workers(None, cpu=True, generating=True) == 1
+    assert forward_workers(None, cpu=True) == (2 if torch.get_num_threads() >= 2 else 1)

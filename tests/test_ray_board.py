@@ -104,6 +104,13 @@ def test_resources_share_cpus_and_ask_a_gpu_when_the_plan_is_cuda() -> None:
         resources(Settings(device="cuda:0"), {"CPU": 4.0}, 2)
 
 
+def test_one_cpu_share_for_data_actors_and_serve_replicas() -> None:
+    from sureserve.ray.cluster import cpu_share
+
+    assert cpu_share({"CPU": 2.0}, 2) == 1 and cpu_share({"CPU": 16.0}, 3) == 5
+    assert cpu_share({"CPU": 2.0}, 4) == 1 and cpu_share({}, 2) == 1  # at least one
+
+
 def test_serve_ray_with_one_autoscaling_bound_is_a_usage_error_before_ray_starts() -> None:
     from tests.cli import cli
 

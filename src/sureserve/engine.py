@@ -102,10 +102,15 @@ class Result:
 _threads_lock = threading.Lock()
 
 
-def default_forward_workers(cpu: bool, generating: bool = False) -> int:
-    """Two single-threaded forward passes beat one two-threaded pass on a CPU with 2+ torch
-    threads (BENCHMARKS.md); one on a GPU, or beside a generation model (torch's thread
-    count is per process)."""
+def forward_workers(setting: int | None, cpu: bool, generating: bool = False) -> int:
+    """How many forward passes an encoder model runs at once, decided here for every path
+    (``Engine.run``, the server's batchers; a Ray Data actor sets the setting to 1, the
+    actors being the parallelism): the ``forward_workers`` setting when given; else two
+    single-threaded passes on a CPU with 2+ torch threads, which beat one two-threaded pass
+    (BENCHMARKS.md), and one on a GPU or beside a generation model (torch's thread count is
+    per process)."""
+    if setting is not None:
+        return setting
     import torch
 
     return 2 if cpu and not generating and torch.get_num_threads() >= 2 else 1
@@ -266,11 +271,9 @@ class Engine:
         return self.finish(job, rows, **options)
 
     def offline_workers(self) -> int:
-        """Forward passes ``run`` keeps going at once: the ``forward_workers`` setting, or
-        ``default_forward_workers``."""
-        if self.settings.forward_workers is not None:
-            return self.settings.forward_workers
-        return default_forward_workers(str(self.loaded.plan.device) == "cpu")
+        """Forward passes ``run`` keeps going at once (``forward_workers``)."""
+        return forward_workers(self.settings.forward_workers,
+                               str(self.loaded.plan.device) == "cpu")
 
     def embed(self, texts: Sequence[str], *, truncation: str | None = None,
               normalize: bool | None = None) -> np.ndarray:

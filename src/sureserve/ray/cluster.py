@@ -83,3 +83,9 @@ def connected(address: str | None, runtime_env: dict[str, Any] | None = None
 def _loopback(address: str) -> bool:
     """A cluster on this machine's loopback (its node address is 127.0.0.1 too)."""
     return address.split("://")[-1].split(":")[0] in (LOOPBACK, "localhost")
+
+
+def cpu_share(cluster: dict[str, float], replicas: int) -> int:
+    """CPUs each of ``replicas`` Ray Data actors or Ray Serve replicas asks for: an equal
+    share of the cluster's, at least one (decided here for both)."""
+    return max(1, int(cluster.get("CPU", 1)) // max(1, replicas))

@@ -211,7 +211,9 @@ def transform(ds: Any, task_name: str, model: str, settings: Settings, replicas:
     """``ds`` (rows with ``text``, ``line``, ``bad``) mapped by ``replicas`` actors."""
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
+    from sureserve.ray.cluster import cpu_share
+
+    cpus = cpu_share(ray.cluster_resources(), replicas)
     given = settings.model_dump(exclude_unset=True, mode="json")
     # one batch at a time per actor: by default an actor queues up to 4, and the first one
     # up took a whole job alone

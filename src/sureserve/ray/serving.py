@@ -53,7 +53,9 @@ def resources(settings: Settings, cluster: dict[str, float], most: int) -> dict[
     """A replica's share of the cluster: CPUs split over the most replicas it may run, and
     one GPU each when the load plan asks for CUDA (``--device cuda``, or no device given
     and the cluster has GPUs), as the local load plan would pick it."""
-    cpus = max(1.0, cluster.get("CPU", 1.0) // most)
+    from sureserve.ray.cluster import cpu_share
+
+    cpus = float(cpu_share(cluster, most))
     device = (settings.device or "").split(":")[0]
     gpus = cluster.get("GPU", 0.0)
     if device == "cuda" and not gpus:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from sureserve.engine import Engine, default_forward_workers
+from sureserve.engine import Engine, forward_workers
 from sureserve.errors import (
     InputError,
     ModelSourceError,
@@ -132,11 +132,9 @@ class ServerState:
         generation model served alongside keeps one worker and all the threads."""
         import torch
 
-        chosen = self.settings.forward_workers
-        if chosen is None:
-            chosen = default_forward_workers(
-                all(str(e.loaded.plan.device) == "cpu" for e in engines),
-                any(e.generation is not None for e in engines))
+        chosen = forward_workers(self.settings.forward_workers,
+                                 all(str(e.loaded.plan.device) == "cpu" for e in engines),
+                                 any(e.generation is not None for e in engines))
         if chosen > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // chosen))
         log.info("%d forward worker(s) per model, %d torch thread(s) each", chosen,
