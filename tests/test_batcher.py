@@ -4,6 +4,7 @@ and the queue as the one record of waiting work."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,8 @@ import pytest
 
 from sureserve.batching.planner import PassCost
 from sureserve.batching.truncation import Piece
-from sureserve.errors import OverloadedError
+from sureserve.engine import Engine
+from sureserve.errors import InferenceError, OverloadedError
 from sureserve.server.batcher import Batcher
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings
@@ -48,7 +50,10 @@ def _pieces(*lengths: int) -> list[list[Piece]]:
 
 def _batcher(task: SlowTask, settings: Settings, workers: int = 1,
              cost: PassCost | None = None) -> Batcher:
-    engine: Any = SimpleNamespace(text_task=lambda: task)  # only forward is needed here
+    # the engine's own forward path (Engine.forward / forward_isolating) over a fake task
+    engine: Any = SimpleNamespace(text_task=lambda: task, settings=settings)
+    engine.forward = functools.partial(Engine.forward, engine)
+    engine.forward_isolating = functools.partial(Engine.forward_isolating, engine)
     return Batcher("m", engine, settings, Metrics(), ThreadPoolExecutor(1), cost, workers)
 
 
@@ -118,3 +123,29 @@ def test_forward_workers_one_rule_for_every_path() -> None:
     assert forward_workers(None, cpu=False) == 1
     assert forward_workers(None, cpu=True, generating=True) == 1
     assert forward_workers(None, cpu=True) == (2 if torch.get_num_threads() >= 2 else 1)
+
+
+def test_a_batch_that_fails_outside_the_model_answers_its_requests() -> None:
+    """Whatever goes wrong in a batch (here the engine itself raises, not one input),
+    its requests get an error that says so instead of waiting forever, and the batcher
+    keeps serving the next ones."""
+    async def main() -> tuple[BaseException | None, Any]:
+        task = SlowTask(0.01)
+        b = _batcher(task, Settings(max_wait_ms=0))
+        real = b.engine.forward_isolating
+        b.engine.forward_isolating = lambda *a, **k: 1 / 0  # not an input's fault
+        b.start()
+        try:
+            try:
+                await asyncio.wait_for(b.queue(_pieces(5)[0]), 5)
+                failed = None
+            except InferenceError as exc:
+                failed = exc
+            b.engine.forward_isolating = real
+            return failed, await asyncio.wait_for(b.queue(_pieces(6)[0]), 5)
+        finally:
+            await b.stop()
+
+    failed, after = asyncio.run(main())
+    assert failed is not None and "batch holding this input failed" in str(failed.message)
+    assert float(after[0][0]) == 6

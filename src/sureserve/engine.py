@@ -4,14 +4,17 @@ Every embed/classify request takes one path, whoever sends it (``embed``/``class
 the CLI file jobs, the server's batcher):
 
     submit  texts → task.to_pieces (tokenize once, truncation policy) → Job of pieces
-    (the caller runs the pieces in batches: ``run`` plans them offline with ``plan_batches``;
-     the server's batcher queues them with other requests' pieces)
+    forward a batch of pieces → rows (the only call into the task's forward; packed rows,
+            and ``forward_isolating``: a failing batch split until the bad input is found)
+            -- the caller decides the batches: ``run`` plans them offline with
+            ``plan_batches``; the server's batcher queues them with other requests' pieces
     finish  rows per piece → merge per text → task.postprocess (+ per-text flags) → Result
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +36,8 @@ from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
 from sureserve.tasks.base import merge
 from sureserve.watch.drift import DriftWatch, count_unknown
+
+log = logging.getLogger("sureserve.engine")
 
 
 @dataclass
@@ -218,6 +223,46 @@ class Engine:
         self.last_summary = summary
         return Result(outputs, merged, summary)
 
+    def forward(self, pieces: Sequence[Piece], packed: bool = False) -> tuple[np.ndarray, int]:
+        """One batch's rows, in order, and the tokens computed (padding or packing slack
+        included): the only call into the task's forward, for ``run`` and the server's
+        batchers alike. ``packed``: texts laid end to end in rows (embedding tasks; a
+        layout over ``max_batch_tokens`` is split, as first-fit may need a row more than
+        the planner counted)."""
+        task = self.text_task()
+        if not packed:
+            return np.asarray(task.forward(pieces)), max(p.weight for p in pieces) * len(pieces)
+        from sureserve.batching.packing import pack_rows
+        from sureserve.tasks.embed import EmbedTask
+
+        layout = pack_rows([p.weight for p in pieces])
+        if layout.computed > self.settings.max_batch_tokens and len(pieces) > 1:
+            mid = len(pieces) // 2
+            (left, lc), (right, rc) = (self.forward(pieces[:mid], packed),
+                                       self.forward(pieces[mid:], packed))
+            return np.vstack([left, right]), lc + rc
+        assert isinstance(task, EmbedTask)  # packing is only ever on for embedding tasks
+        return np.asarray(task.forward_packed(pieces, layout)), layout.computed
+
+    def forward_isolating(self, pieces: Sequence[Piece], packed: bool = False
+                          ) -> tuple[list[np.ndarray | Exception], int]:
+        """``forward``, but a batch that raises is split until the inputs that fail alone
+        are found: one row or error per piece (a bad input costs only its own request),
+        and the tokens computed."""
+        try:
+            rows, computed = self.forward(pieces, packed)
+            return [rows[k] for k in range(len(pieces))], computed
+        except Exception as exc:
+            if len(pieces) == 1:
+                log.warning("input failed in the model: %s", exc)
+                return [InferenceError(f"the model raised on this input: {exc}",
+                                       "check the input; other requests were not affected")
+                        ], pieces[0].weight
+            mid = len(pieces) // 2
+            left, left_computed = self.forward_isolating(pieces[:mid], packed)
+            right, right_computed = self.forward_isolating(pieces[mid:], packed)
+            return left + right, left_computed + right_computed
+
     def _observe(self, job: Job, merged: np.ndarray) -> None:
         """Tell the drift watch what this job held and what the model answered: a few
         numbers per text (the watch computes its signals later, off the request path)."""
@@ -250,7 +295,7 @@ class Engine:
         rows = np.empty((len(pieces), task.width), dtype=np.float32)
 
         def forward(batch: Any) -> Any:
-            rows[list(batch.ids)] = task.forward([pieces[i] for i in batch.ids])
+            rows[list(batch.ids)] = self.forward([pieces[i] for i in batch.ids])[0]
             return batch
 
         workers = self.offline_workers()

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from sureserve.batching.packing import pack_rows
 from sureserve.batching.planner import PassCost, oldest_batch
 from sureserve.batching.truncation import Piece
 from sureserve.engine import Engine, Job, Result
@@ -197,8 +196,19 @@ class Batcher:
             start = time.perf_counter()
             for w in items:
                 self.metrics.queue_seconds.observe(start - w.enqueued)
-            outs, computed = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._forward_isolating, [w.piece for w in items])
+            try:
+                outs, computed = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, functools.partial(self.engine.forward_isolating,
+                                                  [w.piece for w in items],
+                                                  packed=self.packed))
+            except Exception as exc:  # a failure outside any one input's forward
+                log.exception("a batch failed")
+                for w in items:  # its requests get the error; none is left waiting
+                    if not w.future.done():
+                        w.future.set_exception(InferenceError(
+                            f"the batch holding this input failed: {exc}",
+                            "retry the request; other requests were not affected"))
+                return
             self._observe(items, time.perf_counter() - start, computed)
             for w, out in zip(items, outs, strict=True):
                 if w.future.done():
@@ -242,39 +252,6 @@ class Batcher:
                  cost.attention)
         return cls(name, engine, settings, metrics, tokenize, cost, workers,
                    _may_pack(name, engine, settings))
-
-    def _forward_isolating(self, pieces: list[Piece]
-                           ) -> tuple[list[np.ndarray | Exception], int]:
-        """Forward a batch; if it raises, split it to find the inputs that fail alone.
-        Returns one row (or error) per piece and the tokens computed."""
-        try:
-            rows, computed = self._forward(pieces)
-            return [rows[k] for k in range(len(pieces))], computed
-        except Exception as exc:
-            if len(pieces) == 1:
-                log.warning("input failed in the model: %s", exc)
-                return [InferenceError(f"the model raised on this input: {exc}",
-                                       "check the input; other requests were not affected")
-                        ], pieces[0].weight
-            mid = len(pieces) // 2
-            left, left_computed = self._forward_isolating(pieces[:mid])
-            right, right_computed = self._forward_isolating(pieces[mid:])
-            return left + right, left_computed + right_computed
-
-    def _forward(self, pieces: list[Piece]) -> tuple[np.ndarray, int]:
-        """Rows for ``pieces`` and the tokens computed (padding or packing slack included)."""
-        if not self.packed:
-            return (np.asarray(self.task.forward(pieces)),
-                    max(p.weight for p in pieces) * len(pieces))
-        layout = pack_rows([p.weight for p in pieces])
-        if layout.computed > self.settings.max_batch_tokens and len(pieces) > 1:
-            # the planner counted the fewest rows; first-fit may need one more
-            mid = len(pieces) // 2
-            (left, left_computed), (right, right_computed) = (self._forward(pieces[:mid]),
-                                                              self._forward(pieces[mid:]))
-            return np.vstack([left, right]), left_computed + right_computed
-        assert isinstance(self.task, EmbedTask)  # packed is only ever on for embedding tasks
-        return np.asarray(self.task.forward_packed(pieces, layout)), layout.computed
 
 
 def measure_cost(task: Task, max_len: int) -> PassCost:
