@@ -265,7 +265,8 @@ class GenerationEngine:
                 self.step()  # free its slot now rather than at someone's next step
 
     def generate_ids(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations (token ids, prompt excluded), for tests and benchmarks."""
+        """Greedy continuations (token ids, prompt excluded): the server's warm-up, the
+        benchmarks' and the tests' plain call."""
         done = self.run(prompts, SamplingParams(max_new_tokens=max_new_tokens))
         return [c.token_ids for c in done]
 

@@ -295,7 +295,7 @@ def _install_routes(app: FastAPI, state: ServerState, cluster: Cluster | None) -
         _, engine = state.pick(body.model, None)
         texts = state.validate(body.inputs)
         return await asyncio.get_running_loop().run_in_executor(
-            state.tokenize, _tokens, engine.tokenizer, texts, body.add_special_tokens)
+            state.tokenizer_pool, _tokens, engine.tokenizer, texts, body.add_special_tokens)
 
     @app.post("/v1/embeddings", response_model=S.OpenAIEmbeddingResponse,
               responses=OPENAI_ERRORS)

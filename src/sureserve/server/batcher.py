@@ -49,14 +49,14 @@ class _Waiting:
 
 class Batcher:
     def __init__(self, name: str, engine: Engine, settings: Settings, metrics: Metrics,
-                 tokenize: Executor, cost: PassCost | None = None, workers: int = 1,
+                 tokenizer_pool: Executor, cost: PassCost | None = None, workers: int = 1,
                  packed: bool = False) -> None:
         self.name = name
         self.engine = engine
         self.task = engine.text_task()
         self.settings = settings
         self.metrics = metrics
-        self.tokenize = tokenize  # the server's tokenizer pool
+        self.tokenizer_pool = tokenizer_pool  # the server's (an executor)
         self.cost = cost or PassCost()
         self.packed = packed  # texts laid end to end in rows (task.forward_packed)
         self.waiting: dict[int, _Waiting] = {}  # the queue, oldest first (insertion order)
@@ -125,7 +125,7 @@ class Batcher:
             # a few short texts tokenize faster than the hop to another thread costs
             # (BENCHMARKS.md); anything bigger goes to the pool, off the event loop
             job = submit() if sum(map(len, texts)) <= INLINE_CHARS else \
-                await asyncio.get_running_loop().run_in_executor(self.tokenize, submit)
+                await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, submit)
         except InputTooLongError as exc:
             fix = ('send "truncate": true to cut it (the cut is counted in metrics), or '
                    "shorten it" + (", or start the server with --truncation chunk" if chunks
@@ -243,14 +243,14 @@ class Batcher:
 
     @classmethod
     def warmed_up(cls, name: str, engine: Engine, settings: Settings, metrics: Metrics,
-                  tokenize: Executor, workers: int) -> Batcher:
+                  tokenizer_pool: Executor, workers: int) -> Batcher:
         """A batcher for a loaded model, after measuring its pass cost (which is also its
         warm-up) and deciding whether to pack its batches. Runs off the event loop."""
         cost = measure_cost(engine.text_task(), engine.loaded.limit.value)
         log.info("%s: a forward pass costs %.0f tokens' worth plus its tokens "
                  "(attention: %.4f more per token of length)", name, cost.overhead,
                  cost.attention)
-        return cls(name, engine, settings, metrics, tokenize, cost, workers,
+        return cls(name, engine, settings, metrics, tokenizer_pool, cost, workers,
                    _may_pack(name, engine, settings))
 
 

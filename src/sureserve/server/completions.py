@@ -75,7 +75,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             raise NotReadyError(f"model {slot.name} is not generating", "wait for GET /health")
         gen, worker = engine.generation, slot.gen
         encoded = await asyncio.get_running_loop().run_in_executor(
-            state.tokenize, lambda: [gen.encode(p) for p in prompts])
+            state.tokenizer_pool, lambda: [gen.encode(p) for p in prompts])
         seqs = [ids for ids in encoded for _ in range(body.n)]
         return slot.name, worker.submit(seqs, params), [len(x) for x in encoded]
 

@@ -94,7 +94,7 @@ class ServerState:
         self.started = int(time.time())
         # HF tokenizers encode batches in Rust without the GIL, so a small pool keeps a
         # long request's tokenizing from stalling every other request on the event loop
-        self.tokenize = ThreadPoolExecutor(settings.tokenizer_workers,
+        self.tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_workers,
                                            thread_name_prefix="tokenize")
 
     async def load_all(self) -> None:
@@ -151,7 +151,7 @@ class ServerState:
         else:
             slot.batcher = await in_own_thread(Batcher.warmed_up, slot.name, engine,
                                                    self.settings, self.metrics,
-                                                   self.tokenize, workers)
+                                                   self.tokenizer_pool, workers)
             slot.batcher.start()
         slot.engine = engine
         report = engine.gate_report
@@ -199,7 +199,7 @@ class ServerState:
                 await slot.batcher.stop()
             if slot.gen:
                 await slot.gen.stop()
-        self.tokenize.shutdown(wait=False, cancel_futures=True)
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def status(self) -> Literal["ok", "degraded", "loading", "failed"]:
