@@ -123,7 +123,7 @@ def serve(settings: Settings, models: Annotated[list[str] | None, typer.Argument
     if settings.ray:
         from sureserve.ray.serving import serve_on_ray
 
-        serve_on_ray(names, settings, settings.replicas, settings.ray_address)
+        serve_on_ray(names, settings)
         return
     run_server(names, settings)
 

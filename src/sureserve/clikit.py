@@ -76,7 +76,6 @@ FieldOpt = Annotated[str, typer.Option(help="JSONL field or CSV column.")]
 TextsArg = Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / stdin).")]
 
 
-
 GenModel = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id of "
                                        "a causal language model.")]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")]

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from sureserve.batching.packing import pack_rows
 from sureserve.batching.planner import padding_ratio, plan_batches
 from sureserve.batching.truncation import Piece
 from sureserve.errors import InferenceError, InputError, InputTooLongError, TaskMismatchError
@@ -35,6 +36,7 @@ from sureserve.loading.loader import Loaded
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
 from sureserve.tasks.base import merge
+from sureserve.tasks.embed import EmbedTask
 from sureserve.watch.drift import DriftWatch, count_unknown
 
 log = logging.getLogger("sureserve.engine")
@@ -186,13 +188,18 @@ class Engine:
                                     "can)")
         return self.task
 
+    def policy(self, truncation: str | None = None) -> str:
+        """The truncation policy in force: the caller's, else the ``truncation`` setting
+        (the one place that default is resolved)."""
+        return truncation or self.settings.truncation
+
     def submit(self, texts: Sequence[str], *, truncation: str | None = None,
                first_index: int = 0, query: str | None = None) -> Job:
         """Tokenize once and apply the truncation policy. ``first_index`` offsets the
         indices in errors and the summary, for callers that feed a long input in windows;
         ``query``: a reranker's, paired with every text."""
         task = self.text_task()
-        policy = truncation or self.settings.truncation
+        policy = self.policy(truncation)
         try:
             cut = task.to_pieces(texts, policy, stride=self.settings.chunk_stride,
                                  first_index=first_index, query=query)
@@ -232,9 +239,6 @@ class Engine:
         task = self.text_task()
         if not packed:
             return np.asarray(task.forward(pieces)), max(p.weight for p in pieces) * len(pieces)
-        from sureserve.batching.packing import pack_rows
-        from sureserve.tasks.embed import EmbedTask
-
         layout = pack_rows([p.weight for p in pieces])
         if layout.computed > self.settings.max_batch_tokens and len(pieces) > 1:
             mid = len(pieces) // 2
@@ -243,6 +247,13 @@ class Engine:
             return np.vstack([left, right]), lc + rc
         assert isinstance(task, EmbedTask)  # packing is only ever on for embedding tasks
         return np.asarray(task.forward_packed(pieces, layout)), layout.computed
+
+    def token_states(self, pieces: Sequence[Piece]) -> list[np.ndarray]:
+        """Every token's last hidden state per piece, padding dropped (TEI ``/embed_all``):
+        the embedding task's unpooled forward."""
+        task = self.text_task("embed")
+        assert isinstance(task, EmbedTask)
+        return list(task.token_states(pieces))
 
     def forward_isolating(self, pieces: Sequence[Piece], packed: bool = False
                           ) -> tuple[list[np.ndarray | Exception], int]:

@@ -33,8 +33,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from sureserve.bench.harness import RssSampler
 from sureserve.bench.serve import _free_port, _start, _stop
+from sureserve.loading.machine import RssSampler
 
 
 @dataclass

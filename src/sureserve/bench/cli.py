@@ -197,7 +197,6 @@ def bench_generate(model: GenModel = "smollm2",
                                     out=_bench_out(output, "generate")), _report)
 
 
-
 @bench_app.command("quantize")
 def bench_quantize(n: BenchN = 1200, long_share: BenchLong = 0.1,
                    seed: Annotated[int, typer.Option(help="Mix seed.")] = 11,

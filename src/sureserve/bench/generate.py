@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from sureserve.bench.harness import RssSampler
 from sureserve.errors import TaskMismatchError
+from sureserve.loading.machine import RssSampler
 
 
 @dataclass

@@ -11,12 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sureserve.batching.planner import padding_ratio, padding_share
-
-# measurement helpers that production code uses too live with the machine facts
-from sureserve.loading.machine import RssSampler, linear_flops_per_token
-
-__all__ = ["Result", "RssSampler", "cpu_has_bf16", "linear_flops_per_token", "timed",
-           "write_report"]
+from sureserve.loading.machine import RssSampler
 
 
 @dataclass

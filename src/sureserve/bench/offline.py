@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from sureserve.bench.harness import Result, cpu_has_bf16, linear_flops_per_token, timed
-from sureserve.loading.machine import gemm_gflops
+from sureserve.bench.harness import Result, cpu_has_bf16, timed
+from sureserve.loading.machine import gemm_gflops, linear_flops_per_token
 
 BATCH = 32
 

@@ -31,6 +31,7 @@ from sureserve.settings import Settings
 
 log = logging.getLogger("sureserve.loading")
 
+
 @dataclass
 class Loaded:
     """Everything a task needs: model, tokenizer, and how they were chosen."""

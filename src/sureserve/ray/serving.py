@@ -88,10 +88,11 @@ def deployment(names: Sequence[str], settings: Settings, replicas: int,
     return dep.bind()
 
 
-def serve_on_ray(names: Sequence[str], settings: Settings, replicas: int,
-                 address: str | None) -> None:
-    """Deploy and wait for SIGTERM or Ctrl-C; then take the deployment down (and the local
-    Ray instance, when this command started it)."""
+def serve_on_ray(names: Sequence[str], settings: Settings) -> None:
+    """Deploy (``settings.replicas`` replicas, or autoscaling; on ``settings.ray_address``
+    or a local Ray) and wait for SIGTERM or Ctrl-C; then take the deployment down (and the
+    local Ray instance, when this command started it)."""
+    replicas, address = settings.replicas, settings.ray_address
     import ray
     from ray import serve
 

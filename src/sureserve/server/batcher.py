@@ -53,7 +53,6 @@ class Batcher:
                  packed: bool = False) -> None:
         self.name = name
         self.engine = engine
-        self.task = engine.text_task()
         self.settings = settings
         self.metrics = metrics
         self.tokenizer_pool = tokenizer_pool  # the server's (an executor)
@@ -108,16 +107,15 @@ class Batcher:
         # on the forward pool (its threads are the model's forward workers: the request
         # waits its turn behind the batches already there); not through the batch loop's
         # semaphore, which its idle loop holds while it waits for work
-        task: Any = self.task
-        return list(await asyncio.get_running_loop().run_in_executor(
-            self._pool, task.token_states, job.pieces))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.engine.token_states, job.pieces)
 
     async def _submit(self, texts: list[str], truncation: str | None, query: str | None,
                       chunks: bool = True) -> Job:
         """Tokenize and apply the truncation policy (the request's, else the engine's: one
         default, resolved in ``Engine.submit``). ``chunks=False``: a route whose answer is
         one output per text refuses a text that the policy would split."""
-        if not chunks and (truncation or self.engine.settings.truncation) == "chunk":
+        if not chunks and self.engine.policy(truncation) == "chunk":
             truncation = "error"
         submit = functools.partial(self.engine.submit, texts, truncation=truncation,
                                    query=query)

@@ -95,7 +95,7 @@ class ServerState:
         # HF tokenizers encode batches in Rust without the GIL, so a small pool keeps a
         # long request's tokenizing from stalling every other request on the event loop
         self.tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_workers,
-                                           thread_name_prefix="tokenize")
+                                                 thread_name_prefix="tokenize")
 
     async def load_all(self) -> None:
         """Load, gate and warm up every model, one after the other, off the event loop;
