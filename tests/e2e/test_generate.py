@@ -251,6 +251,53 @@ def test_prefix_reuse_gives_the_same_tokens_and_counts_hits(smollm2: sureserve.E
     assert gen.cache_bytes == 0 and gen.prefix.bytes > 0  # the batch cache is given back
 
 
+def test_prompts_with_different_stored_prefixes_prefill_in_one_forward(
+        smollm2: sureserve.Engine) -> None:
+    """A burst of chats with different histories (two stored system prompts of different
+    lengths, and a prompt with nothing stored) is one forward, not one per history, and
+    every continuation equals plain ``generate`` on the whole prompt."""
+    import torch
+
+    gen = GenerationEngine(smollm2.loaded, prefix_cache_bytes=64 * 2**20, prefix_block=16,
+                           prefill_tokens=1024)
+    assert gen.prefix is not None
+    other = SYSTEM.split(". ")[0] + "."
+    assert smollm2.generation is not None
+    short_sys = smollm2.generation.encode([{"role": "system", "content": other},
+                                           {"role": "user", "content": QUESTIONS[1]}])
+    gen.generate_ids([_chat_ids(smollm2, QUESTIONS[0]), short_sys], 2)  # stores both
+    burst = [_chat_ids(smollm2, QUESTIONS[2]),  # long stored prefix
+             list(smollm2.tokenizer("Tell me about rivers.")["input_ids"]),  # nothing stored
+             smollm2.generation.encode([{"role": "system", "content": other},
+                                        {"role": "user", "content": QUESTIONS[3]}])]
+    hits = gen.prefix.hits
+    forwards = 0
+    real = gen.model.forward
+
+    def counting(*a: object, **kw: object) -> object:
+        nonlocal forwards
+        forwards += 1
+        return real(*a, **kw)
+
+    gen.model.forward = counting  # type: ignore[method-assign]
+    try:
+        ids = gen.submit(burst, SamplingParams(max_new_tokens=8))
+        gen.step()
+        # one prefill forward for the three, then one decode step
+        assert forwards == 2 and all(gen._seqs[i].tokens for i in ids)
+        assert gen.prefix.hits == hits + 2
+        reused = sorted(gen._seqs[i].reused for i in ids)
+        assert reused[0] == 0 and 0 < reused[1] < reused[2]
+        while gen.has_work:
+            gen.step()
+    finally:
+        del gen.model.forward
+    for i, prompt in zip(ids, burst, strict=True):
+        ref = smollm2.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8,
+                                     do_sample=False)[0, len(prompt):].tolist()
+        assert gen.result(i).token_ids == ref  # type: ignore[union-attr]
+
+
 def test_batched_prefill_matches_one_at_a_time_prefill(smollm2: sureserve.Engine) -> None:
     """Prompts of different lengths prefilled in one left-padded forward leave the same
     keys/values (within float tolerance) and first tokens as a lone forward of each."""

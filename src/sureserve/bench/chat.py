@@ -198,7 +198,17 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
     folder = resolve("smollm2", settings=settings).path
     tok = AutoTokenizer.from_pretrained(folder)
     shared_n = shared_requests or requests
-    loads = workloads(tok, max(requests, shared_n), seed)
+    # every phase of the short workload gets prompts of its own (two for the warm-up
+    # first): a server that caches whole prompts (llama.cpp's slots and host-memory prompt
+    # cache, our prefix store) would otherwise answer a later phase's prompts from what an
+    # earlier phase left, and its TTFT would measure that cache, not a burst of new prompts
+    sizes = [single if clients == 1 else requests for clients in levels]
+    loads = workloads(tok, max(2 + sum(sizes), shared_n), seed)
+    phase: dict[int, list[list[dict[str, str]]]] = {}
+    offset = 2
+    for clients, size in zip(levels, sizes, strict=True):
+        phase[clients] = loads["short"][offset:offset + size]
+        offset += size
     report: dict[str, Any] = {
         "peer": peer, "threads": threads, "max_tokens": max_tokens, "seed": seed,
         "machine": platform.processor() or platform.machine(), "runs": [], "peers": {}}
@@ -250,8 +260,8 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
             asyncio.run(_closed_loop(url, loads["short"][:2], 2, 8, tok))
             for wl in c.workloads:
                 for clients in levels if wl == "short" else (max(levels),):
-                    reqs = loads[wl][:single if clients == 1 else
-                                     shared_n if wl == "shared-prefix" else requests]
+                    reqs = (loads[wl][:shared_n] if wl == "shared-prefix"
+                            else phase[clients])
                     run = Run(c.name, wl, clients)
                     with RssSampler(proc.pid) as rss:
                         run.results, run.seconds = asyncio.run(

@@ -344,9 +344,14 @@ class GenerationEngine:
     def _reuse_prefixes(self) -> None:
         """Point every request that has not started its prefill at the longest stored
         prefix of its prompt. Called before each group is formed, so in a burst of prompts
-        sharing a system prompt the first one computes it and the others reuse it."""
+        sharing a system prompt the first one computes it and the others reuse it; prompts
+        given the same stored prefix share one copy of its tensors."""
         if self.prefix is None:
             return
+        shared: dict[int, tuple[Any, Any]] = {}
+        for seq in self._prefilling:
+            if seq.chain > 0 and isinstance(seq.past, tuple):
+                shared.setdefault(seq.chain, seq.past)
         for seq in self._prefilling:
             # not started (a request's own chunks have a negative chain), and a whole
             # block left to gain
@@ -355,13 +360,15 @@ class GenerationEngine:
                 hit = self.prefix.lookup(seq.prompt, count=False)
                 if hit is not None and hit[0] > seq.computed:
                     seq.computed, k, v, seq.chain = hit
-                    seq.past, seq.reused = (k, v), seq.computed
+                    seq.past = shared.setdefault(seq.chain, (k, v))
+                    seq.reused = seq.computed
 
     def _prefill_some(self) -> list[Request]:
         """Run up to ``prefill_tokens`` prompt tokens (at least one forward), FIFO: a prompt
         whose rest is longer than that runs a chunk on its own; otherwise the next prompts
-        that start from the same point (nothing, or the same stored prefix) share one
-        left-padded forward. Returns the requests that got their first token."""
+        share one forward, each from its own starting point (nothing, or the stored prefix
+        it found: a burst of chats with different histories is one forward, not one per
+        history). Returns the requests that got their first token."""
         budget, done = self.prefill_tokens, []
         while self._prefilling and budget > 0:
             self._reuse_prefixes()
@@ -379,8 +386,7 @@ class GenerationEngine:
                 group, width = [], 0
                 for seq in self._prefilling:
                     r = len(seq.prompt) - seq.computed
-                    if seq.done is not None or (seq.computed, seq.chain) != (head.computed,
-                                                                              head.chain):
+                    if seq.done is not None or seq.chain < 0:
                         break
                     if (len(group) + 1) * max(width, r) > budget:
                         break
@@ -400,37 +406,60 @@ class GenerationEngine:
                         done.append(seq)
         return done
 
-    def _prefill_group(self, group: list[Request], budget: int) -> int:
-        """One forward over ``group`` (rows sharing their starting point); rows that reach
-        the end of their prompt get their first token and join the batch cache. Returns the
-        padded tokens computed."""
+    def _past(self, group: list[Request], start: int) -> Any:
+        """The cache a group's forward starts from: its rows' reused prefixes right-aligned
+        at column ``start`` (the longest), zeros where a row has less (masked, and zero so
+        that no stale NaN reaches the attention scores)."""
         import torch
         from transformers.cache_utils import Cache, DynamicLayer
 
-        start = group[0].computed
         past = group[0].past
+        if past is not None and not isinstance(past, tuple):  # this request's own chunks
+            return past
+        layers: list[Any] = [DynamicLayer() for _ in range(self._layers())]
+        n = len(group)
+        if all(seq.past is past for seq in group):
+            if past is not None:  # one stored prefix for every row: the same tensors
+                k, v = past
+                for i, layer in enumerate(layers):
+                    layer.update(k[i][None].expand(n, -1, -1, -1),
+                                 v[i][None].expand(n, -1, -1, -1))
+            return Cache(layers=layers)
+        k0 = next(seq.past for seq in group if seq.past is not None)[0]
+        ks = k0.new_zeros((k0.shape[0], n, k0.shape[1], start, k0.shape[3]))
+        vs = torch.zeros_like(ks)
+        for r, seq in enumerate(group):
+            if seq.past is not None:
+                ks[:, r, :, start - seq.computed:] = seq.past[0]
+                vs[:, r, :, start - seq.computed:] = seq.past[1]
+        for i, layer in enumerate(layers):
+            layer.update(ks[i], vs[i])
+        return Cache(layers=layers)
+
+    def _prefill_group(self, group: list[Request], budget: int) -> int:
+        """One forward over ``group``; each row starts from its own computed prefix (they
+        are right-aligned at the longest, and each row's chunk is left-padded after it).
+        Rows that reach the end of their prompt get their first token and join the batch
+        cache. Returns the padded tokens computed."""
+        import torch
+
+        starts = [seq.computed for seq in group]
+        start = max(starts)
         n = len(group)
         if self.prefix is not None and group[0].chain >= 0:  # the start of these prompts
             for seq in group:
                 self.prefix.record(seq.reused)
-        layers: list[Any] = [DynamicLayer() for _ in range(self._layers())]
-        if isinstance(past, tuple):  # a shared stored prefix: the same tensors for every row
-            k, v = past
-            for i, layer in enumerate(layers):
-                layer.update(k[i][None].expand(n, -1, -1, -1), v[i][None].expand(n, -1, -1, -1))
-        cache = Cache(layers=layers)
-        if past is not None and not isinstance(past, tuple):  # this request's own earlier chunks
-            cache = past
-        chunks = [seq.prompt[start:start + budget] for seq in group]
+        cache = self._past(group, start)
+        chunks = [seq.prompt[s:s + budget] for seq, s in zip(group, starts, strict=True)]
         width = max(len(c) for c in chunks)
         ids = torch.full((n, width), self._pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((n, start + width), dtype=torch.long, device=self.device)
-        mask[:, :start] = 1
         pos = torch.zeros((n, width), dtype=torch.long, device=self.device)
-        for r, c in enumerate(chunks):  # left padding between the prefix and the chunk
+        for r, (c, s) in enumerate(zip(chunks, starts, strict=True)):
+            mask[r, start - s:start] = 1  # its prefix, then padding, then its chunk
             ids[r, width - len(c):] = torch.tensor(c, device=self.device)
             mask[r, start + width - len(c):] = 1
-            pos[r, width - len(c):] = torch.arange(start, start + len(c), device=self.device)
+            pos[r, width - len(c):] = torch.arange(s, s + len(c), device=self.device)
         kw: dict[str, Any] = {"attention_mask": mask} if n > 1 or start else {}
         if n > 1 or start:
             kw["position_ids"] = pos
@@ -448,23 +477,26 @@ class GenerationEngine:
         pending = [s for s in self._prefilling if s.done is None]
         self._room(len(pending), max(len(s.prompt) for s in pending), layers[0].keys,
                    max(s.params.max_new_tokens for s in [*pending, *self._rows]))
-        for r, (seq, c, token) in enumerate(zip(group, chunks, tokens, strict=True)):
-            seq.computed = start + len(c)
-            keys = [self._row(layer.keys, r, start, width, len(c)) for layer in layers]
-            values = [self._row(layer.values, r, start, width, len(c)) for layer in layers]
+        for r, (seq, s, c, token) in enumerate(zip(group, starts, chunks, tokens,
+                                                   strict=True)):
+            seq.computed = s + len(c)
+            keys = [self._row(layer.keys, r, start, s, width, len(c)) for layer in layers]
+            values = [self._row(layer.values, r, start, s, width, len(c)) for layer in layers]
             if self.prefix is not None:
                 self.prefix.store(seq.prompt, keys, values)
             self._join(seq, keys, values, token)
         return n * width
 
     @staticmethod
-    def _row(t: Any, r: int, start: int, width: int, length: int) -> Any:
-        """Row ``r``'s real columns (the prefix, then its chunk without the padding)."""
+    def _row(t: Any, r: int, start: int, own: int, width: int, length: int) -> Any:
+        """Row ``r``'s real columns: its ``own`` prefix (right-aligned at ``start``), then
+        its chunk without the padding."""
         import torch
 
-        if width == length:
+        if width == length and own == start:
             return t[r:r + 1]
-        return torch.cat([t[r:r + 1, :, :start], t[r:r + 1, :, start + width - length:]], dim=2)
+        return torch.cat([t[r:r + 1, :, start - own:start],
+                          t[r:r + 1, :, start + width - length:]], dim=2)
 
     def _layers(self) -> int:
         return int(getattr(self.loaded.config, "num_hidden_layers", 0) or
