@@ -16,9 +16,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: lowest first; a module may import its own layer and the ones below. Matched by the
 #: longest prefix, so ``sureserve.loading.precision`` sits below ``sureserve.loading``.
 LAYERS: list[tuple[str, ...]] = [
-    # facts and vocabulary everything shares: the error tree, the version, text readers,
+    # facts and vocabulary everything shares: the error tree, the version, text readers
+    # and result writers,
     # the pure batch planner, what each precision/quantization method is
-    ("sureserve.errors", "sureserve.version", "sureserve.textio", "sureserve.batching",
+    ("sureserve.errors", "sureserve.version", "sureserve.textio", "sureserve.writers",
+     "sureserve.batching",
      "sureserve.loading.precision"),
     ("sureserve.settings",),
     ("sureserve.zoo",),

@@ -16,7 +16,7 @@ from sureserve import errors
 from sureserve.api import check, info, load
 from sureserve.engine import Engine, RunSummary
 from sureserve.gate.report import Check, GateReport
-from sureserve.generation.engine import Completion
+from sureserve.generation.continuous import Completion
 from sureserve.generation.sampling import SamplingParams
 from sureserve.settings import Settings
 from sureserve.version import __version__

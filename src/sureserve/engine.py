@@ -3,7 +3,7 @@
 Every embed/classify request takes one path, whoever sends it (``embed``/``classify``,
 the CLI file jobs, the server's batcher):
 
-    submit  texts → task.to_pieces (tokenize once, truncation policy) → Job of pieces
+    prepare texts → task.to_pieces (tokenize once, truncation policy) → Job of pieces
     forward a batch of pieces → rows (the only call into the task's forward; packed rows,
             and ``forward_isolating``: a failing batch split until the bad input is found)
             -- the caller decides the batches: ``run`` plans them offline with
@@ -29,7 +29,7 @@ from sureserve.batching.planner import padding_ratio, plan_batches
 from sureserve.batching.truncation import Piece
 from sureserve.errors import InferenceError, InputError, InputTooLongError, TaskMismatchError
 from sureserve.gate.report import GateReport
-from sureserve.generation.engine import Completion, GenerationEngine, Prompt
+from sureserve.generation.continuous import Completion, GenerationEngine, Prompt
 from sureserve.generation.sampling import SamplingParams
 from sureserve.loading.inspect import kv_bytes_per_token
 from sureserve.loading.loader import Loaded
@@ -69,7 +69,10 @@ class RunSummary:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.truncated.extend(other.truncated)
         self.chunked.update(other.chunked)
-        self.limit, self.bound_by, self.policy = other.limit, other.bound_by, other.policy
+        if other.texts:  # a window of bad lines only ran nothing: it knows no limit
+            self.limit = other.limit or self.limit
+            self.bound_by = other.bound_by or self.bound_by
+            self.policy = other.policy
 
     def flags(self, index: int) -> dict[str, Any]:
         """Whether text ``index`` (global) was truncated, and into how many chunks it ran."""
@@ -92,7 +95,7 @@ class Job:
     """Texts tokenized and cut to the truncation policy, waiting for their pieces' rows."""
 
     pieces: list[Piece]
-    summary: RunSummary  # counts filled by submit; batches and computed tokens by the runner
+    summary: RunSummary  # counts filled by prepare; batches and computed tokens by the runner
     first_index: int
     started: float
     lengths: list[int] = field(default_factory=list)  # each text's tokens, before any cut
@@ -193,8 +196,8 @@ class Engine:
         (the one place that default is resolved)."""
         return truncation or self.settings.truncation
 
-    def submit(self, texts: Sequence[str], *, truncation: str | None = None,
-               first_index: int = 0, query: str | None = None) -> Job:
+    def prepare(self, texts: Sequence[str], *, truncation: str | None = None,
+                first_index: int = 0, query: str | None = None) -> Job:
         """Tokenize once and apply the truncation policy. ``first_index`` offsets the
         indices in errors and the summary, for callers that feed a long input in windows;
         ``query``: a reranker's, paired with every text."""
@@ -294,9 +297,9 @@ class Engine:
     def run(self, texts: Sequence[str], *, truncation: str | None = None,
             first_index: int = 0, on_texts_done: Callable[[int], None] | None = None,
             query: str | None = None, **options: Any) -> Result:
-        """The offline path: submit, run the pieces in planned batches, finish."""
+        """The offline path: prepare, run the pieces in planned batches, finish."""
         task = self.text_task()
-        job = self.submit(texts, truncation=truncation, first_index=first_index, query=query)
+        job = self.prepare(texts, truncation=truncation, first_index=first_index, query=query)
         s, pieces = self.settings, job.pieces
         batches = plan_batches([p.weight for p in pieces], s.max_batch_tokens,
                                s.max_batch_size, s.planner_window, s.min_batch_tokens,

@@ -1,79 +1,150 @@
-"""Offline file jobs (``sureserve embed|classify``): read texts in windows, run each window
-through the engine's one path (``Engine.run``), write results in input order as they come.
+"""Offline file jobs (``sureserve embed|classify|rerank``), local or on Ray: one driver.
 
-Each window is ``planner_window`` texts, so memory stays bounded on files larger than RAM;
-every JSONL row carries ``index`` (0-based among the texts read), ``line`` (1-based in the
-file), ``truncated`` and ``chunks``.
+    source (``textio.read_items``: records, each bad line in its place)
+      ─► windows of items in input order, rows computed by ``Engine.run``
+         (``local_windows``: in this process; ``ray.data``: in one actor per replica)
+      ─► ``drive``: the bad-line policy, the writer (``writers.open_writer``), the totals
+
+``drive`` is the one owner of what a job does with its results, wherever the forward ran:
+it writes rows as windows come (JSONL, ``.npy`` or Parquet, by the output's suffix), stops
+at the first bad line after writing every row before it (with ``skip_bad_lines``, reports
+and skips it instead), and adds up the windows' summaries (``RunSummary.add``). Every JSONL
+row carries ``index`` (0-based among the texts read), ``line`` (1-based in the file),
+``truncated`` and ``chunks``. Windows are ``planner_window`` texts, so memory stays bounded
+on files larger than RAM.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sureserve.engine import RunSummary
 from sureserve.errors import BadLineError
 from sureserve.settings import Settings
-from sureserve.textio import JsonlWriter, NpyWriter, Record, read_records, windows
+from sureserve.textio import Record, read_items, windows
+from sureserve.writers import Row, open_writer
+
+Item = Row | BadLineError
 
 
-def _records(texts: list[str] | None, input_file: Path | None, field: str, skip: bool,
-             skipped: list[BadLineError]) -> Iterator[Record]:
+@dataclass
+class Window:
+    """Finished rows (and bad lines, in their places) of consecutive inputs, and the
+    summary of the run that computed them (text indices global)."""
+
+    items: list[Item]
+    summary: RunSummary
+
+
+def drive(task_name: str, source: Iterable[Window], output: Path | None, settings: Settings,
+          report: Callable[[str], None], options: dict[str, Any], total: RunSummary,
+          on_window: Callable[[], object] | None = None) -> int:
+    """Write every window's rows, apply the bad-line policy, add the summaries into
+    ``total`` (given by the caller, so that it can report it even when the job stops).
+    Returns the bad lines skipped. No output file is created until a row exists."""
+    writer = None
+    skipped = 0
+
+    def write(rows: list[Row]) -> None:
+        nonlocal writer
+        if rows:
+            writer = writer or open_writer(output, task_name)
+            writer.write(rows, options)
+
+    try:
+        for win in source:
+            rows: list[Row] = []
+            for item in win.items:
+                if not isinstance(item, BadLineError):
+                    rows.append(item)
+                elif settings.skip_bad_lines:
+                    report(f"[yellow]skipped[/] {item.message}")
+                    skipped += 1
+                else:
+                    write(rows)  # the rows before it are kept
+                    raise item
+            write(rows)
+            total.add(win.summary)
+            if on_window is not None:
+                on_window()
+    finally:
+        if writer is not None:
+            writer.close()
+        # a source stopped early (a bad line, an error) is closed now, not when the
+        # traceback that holds it is collected: a Ray Data iterator left open keeps its
+        # executor running, and disconnecting from Ray then waits for it
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+    return skipped
+
+
+def local_windows(engine: Any, items: Iterable[Record | BadLineError], size: int,
+                  options: dict[str, Any], progress: Callable[[int], None]
+                  ) -> Iterator[Window]:
+    """Windows of ``size`` inputs run through ``engine.run`` in this process."""
+    done = 0
+    for win in windows(items, size):
+        recs = [r for r in win if isinstance(r, Record)]
+        if not recs:
+            yield Window(list(win), RunSummary())
+            continue
+        res = engine.run([r.text for r in recs], first_index=done, on_texts_done=progress,
+                         **options)
+        outs = iter(enumerate(res.outputs, start=done))
+        out: list[Item] = []
+        for item in win:
+            if isinstance(item, Record):
+                i, o = next(outs)
+                out.append((i, item.line, o, res.summary.flags(i)))
+            else:
+                out.append(item)
+        yield Window(out, res.summary)
+        done += len(recs)
+
+
+def inputs(texts: list[str] | None, input_file: Path | None, field: str
+           ) -> Iterator[Record | BadLineError]:
+    """A job's inputs: texts given as arguments, else the file, else stdin."""
     if texts:  # the CLI refuses texts given together with --input
         return iter([Record(i + 1, t) for i, t in enumerate(texts)])
-    if input_file is None:
-        return read_records(sys.stdin.buffer, ".txt", skip=skip, skipped=skipped)
-    fh = open(input_file, "rb")  # noqa: SIM115 - closed when the process ends
-    return read_records(fh, input_file.suffix.lower(), field=field, skip=skip, skipped=skipped)
+    return read_items(input_file, field)
 
 
 def run_file_job(task_name: str, model: str, texts: list[str] | None, input_file: Path | None,
-                 output: Path | None, field: str, settings: Settings, report: Any,
-                 **options: Any) -> RunSummary:
-    """Embed or classify every text; ``options`` go to the task's post-processing
-    (``normalize``; ``top_k``). ``report`` prints the skipped lines and the summary."""
+                 output: Path | None, field: str, settings: Settings,
+                 report: Callable[[str], None], **options: Any) -> RunSummary:
+    """Embed or classify every text in this process; ``options`` go to the task's
+    post-processing (``normalize``; ``top_k``). ``report`` prints the skipped lines and the
+    summary."""
     from tqdm.auto import tqdm
 
     import sureserve
 
-    skipped: list[BadLineError] = []
-    records = _records(texts, input_file, field, settings.skip_bad_lines, skipped)
+    items = inputs(texts, input_file, field)
     engine = sureserve.load(model, task=task_name, settings=settings)
-    npy = output is not None and output.suffix == ".npy"
-    writer: JsonlWriter | NpyWriter = NpyWriter(output) if npy and output else \
-        JsonlWriter(output)
-    total = RunSummary()
+    total = RunSummary(policy=settings.truncation)
     bar = tqdm(unit="text", desc=task_name, disable=None, file=sys.stderr)
-    done = 0
+    skipped = 0
+    # alerts start (and clear) as the run goes
+    evaluate = engine.watch.evaluate if engine.watch is not None else None
     try:
-        for win in windows(records, settings.planner_window):
-            res = engine.run([r.text for r in win], first_index=done,
-                             on_texts_done=bar.update, **options)
-            if isinstance(writer, NpyWriter):
-                writer.write(res.outputs)
-            else:
-                writer.write(output_row(task_name, done + i, r.line, out,
-                                        res.summary.flags(done + i), options)
-                             for i, (r, out) in enumerate(zip(win, res.outputs, strict=True)))
-            total.add(res.summary)
-            done += len(win)
-            if engine.watch is not None:  # alerts start (and clear) as the run goes
-                engine.watch.evaluate()
+        skipped = drive(task_name, local_windows(engine, items, settings.planner_window,
+                                                 options, bar.update),
+                        output, settings, report, options, total, on_window=evaluate)
     finally:
-        writer.close()
         bar.close()
-        for bad in skipped:
-            report(f"[yellow]skipped[/] {bad.message}")
-        report(f"{task_name}: {total.line()}" + (f", {len(skipped)} bad lines skipped"
+        report(f"{task_name}: {total.line()}" + (f", {skipped} bad lines skipped"
                                                   if skipped else ""))
         drift_report(engine, total, report)
     return total
 
 
-def drift_report(engine: Any, total: RunSummary, report: Any) -> None:
+def drift_report(engine: Any, total: RunSummary, report: Callable[[str], None]) -> None:
     """Put the drift watch's verdict on the run into its summary, and warn about each
     alerting signal (the baseline: a reference file, or the run's first window)."""
     watch = engine.watch
@@ -91,35 +162,28 @@ def drift_report(engine: Any, total: RunSummary, report: Any) -> None:
                "--reference FILE)")
 
 
-def output_row(task_name: str, index: int, line: int, out: Any, flags: dict[str, Any],
-               options: dict[str, Any]) -> dict[str, Any]:
-    """One JSONL output row: the output, ``index``, ``line`` and the text's flags (the
-    same for local and Ray jobs)."""
-    if task_name == "embed":
-        item: dict[str, Any] = {"embedding": out.tolist()}
-    else:
-        # each label dict: label and score (the row itself carries the flags)
-        item = dict(out) if options.get("top_k") == 1 else {
-            "labels": [{"label": d["label"], "score": d["score"]} for d in out]}
-    return {**item, "index": index, "line": line, **flags}
-
-
 def run_rerank_job(query: str, model: str, texts: list[str] | None, input_file: Path | None,
-                   field: str, settings: Settings, report: Any, **options: Any) -> RunSummary:
+                   field: str, settings: Settings, report: Callable[[str], None],
+                   **options: Any) -> RunSummary:
     """Rank every text (arguments, a file or stdin) against ``query``; one JSON line per
-    text on stdout, best first. A ranking needs every text before it can answer, so the
-    texts are read whole (unlike embed/classify, written window by window)."""
+    text on stdout, best first, through the same driver as embed/classify (bad-line policy,
+    writer). A ranking needs every text before it can answer, so the texts are read whole
+    (unlike embed/classify, written window by window)."""
     import sureserve
 
-    skipped: list[BadLineError] = []
-    docs = [r.text for r in _records(texts, input_file, field, settings.skip_bad_lines,
-                                     skipped)]
-    for bad in skipped:
-        report(f"[yellow]skipped[/] {bad.message}")
+    items = list(inputs(texts, input_file, field))
+    recs = [r for r in items if isinstance(r, Record)]
+    bad = [b for b in items if isinstance(b, BadLineError)]
+    if bad and not settings.skip_bad_lines:
+        raise bad[0]  # nothing is ranked until every text is read
     engine = sureserve.load(model, task="rerank", settings=settings)
-    for item in engine.rerank(query, docs, return_text=True, **options):
-        sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
+    ranked = engine.rerank(query, [r.text for r in recs], return_text=True, **options)
     assert engine.last_summary is not None
-    report(f"rerank: {engine.last_summary.line()}")
-    drift_report(engine, engine.last_summary, report)
-    return engine.last_summary
+    total = RunSummary(policy=settings.truncation)
+    rows: list[Item] = [*bad, *((item["index"], recs[item["index"]].line, item, {})
+                                for item in ranked)]
+    drive("rerank", [Window(rows, engine.last_summary)], None, settings, report, options,
+          total)
+    report(f"rerank: {total.line()}")
+    drift_report(engine, total, report)
+    return total

@@ -188,8 +188,10 @@ class Settings(BaseSettings):
     )
     max_queue_inputs: int = Field(
         default=1024, ge=1,
-        description="Most inputs queued for the model; a request beyond it gets 429 with "
-        "Retry-After at once.",
+        description="Most inputs waiting for a model: for embed/classify/rerank the pieces "
+        "queued for a forward (a text run as chunks counts once per chunk), for generation the "
+        "sequences waiting for admission; a request beyond it gets 429 with Retry-After at "
+        "once.",
     )
     max_client_batch: int = Field(
         default=256, ge=1, description="Most inputs one request may carry (413 beyond)."
@@ -224,8 +226,8 @@ class Settings(BaseSettings):
     ray: bool = Field(
         default=False,
         description="Run on Ray: embed/classify as a Ray Data job (one actor per replica, "
-        "each with the model and its gate; --input also takes .parquet, -o also writes "
-        ".parquet); serve as Ray Serve replicas of the same app (Ray's proxy on host/port).",
+        "each with the model and its gate; the local job's formats, reader and writers); "
+        "serve as Ray Serve replicas of the same app (Ray's proxy on host/port).",
     )
     replicas: int = Field(
         default=2, ge=1,

@@ -1,9 +1,10 @@
 """Reading texts from files and writing results, in bounded windows.
 
 Inputs: ``.txt`` (one text per line), ``.jsonl`` (a field of each object), ``.csv`` (a
-column). Lines are decoded one at a time so that a bad line is named by its number; with
-``skip_bad_lines`` it is reported and skipped instead of stopping the run. Results are
-written as they are produced, so an error late in a file loses nothing already written.
+column), ``.parquet`` (a column; ``line`` is the row's number). Lines are decoded one at a
+time so that a bad line is named by its number; with ``skip_bad_lines`` it is reported and
+skipped instead of stopping the run. Results are written as they are produced, so an error
+late in a file loses nothing already written.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import numpy as np
 
 from sureserve.errors import BadLineError, InputError
 
-FORMATS = (".txt", ".jsonl", ".csv")
+#: the input formats of file jobs (local and Ray), by suffix
+FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+LINE_FORMATS = FORMATS[:3]  # read line by line by ``read_records``
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,59 @@ def read_records(stream: IO[bytes], fmt: str, *, field: str = "text", skip: bool
     elif fmt == ".csv":
         yield from _csv(lines, field, skip, skipped)
     else:
+        raise InputError(f"unknown input format {fmt!r}",
+                         f"use one of {', '.join(LINE_FORMATS)}")
+
+
+def read_items(source: Path | None, field: str = "text") -> Iterator[Record | BadLineError]:
+    """Every record of a file in order, each bad line in its place as a ``BadLineError``
+    (the caller decides whether it stops the job); ``source`` None reads stdin, one text
+    per line. Lazy: memory stays bounded on files larger than RAM."""
+    if source is None:
+        yield from _interleaved(sys.stdin.buffer, ".txt", field)
+        return
+    fmt = source.suffix.lower()
+    if fmt not in FORMATS:
         raise InputError(f"unknown input format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if not source.is_file():
+        raise InputError(f"no input file at {source}", "check the --input path")
+    if fmt == ".parquet":
+        yield from _parquet(source, field)
+        return
+    with open(source, "rb") as fh:
+        yield from _interleaved(fh, fmt, field)
+
+
+def _interleaved(stream: IO[bytes], fmt: str, field: str) -> Iterator[Record | BadLineError]:
+    skipped: list[BadLineError] = []
+    seen = 0
+    for rec in read_records(stream, fmt, field=field, skip=True, skipped=skipped):
+        yield from skipped[seen:]  # bad lines met before this record
+        seen = len(skipped)
+        yield rec
+    yield from skipped[seen:]
+
+
+def _parquet(path: Path, field: str, rows: int = 1024) -> Iterator[Record | BadLineError]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise InputError("reading Parquet needs pyarrow, which is not installed",
+                         "pip install pyarrow (it comes with sureserve[ray])") from exc
+    f = pq.ParquetFile(path)
+    if field not in f.schema_arrow.names:
+        raise InputError(f"the Parquet file has no column {field!r} (columns: "
+                         f"{f.schema_arrow.names})", "name the text column with --field")
+    n = 0
+    for batch in f.iter_batches(batch_size=rows, columns=[field]):
+        for text in batch.column(0).to_pylist():
+            n += 1
+            if isinstance(text, str):
+                yield Record(n, text)
+            else:
+                yield BadLineError(f"row {n}: no text in {field!r}",
+                                   "fix that row, or pass --skip-bad-lines "
+                                   "(SURESERVE_SKIP_BAD_LINES=1) to skip such rows", line=n)
 
 
 def _bad(n: int, what: str, skip: bool, skipped: list[BadLineError]) -> None:
@@ -111,9 +166,9 @@ def _csv(lines: Iterator[tuple[int, str]], column: str, skip: bool,
         yield Record(current[0], row[col])
 
 
-def windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+def windows(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Consecutive lists of at most ``size`` records: memory stays bounded on huge files."""
-    buf: list[Record] = []
+    buf: list[Any] = []
     for r in records:
         buf.append(r)
         if len(buf) >= size:

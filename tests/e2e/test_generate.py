@@ -9,7 +9,7 @@ import pytest
 
 import sureserve
 from sureserve.errors import InputError, InputTooLongError, TaskMismatchError
-from sureserve.generation.engine import GenerationEngine
+from sureserve.generation.continuous import GenerationEngine
 from sureserve.generation.sampling import SamplingParams
 
 pytestmark = pytest.mark.e2e

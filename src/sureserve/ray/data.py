@@ -1,16 +1,16 @@
 """Offline jobs on Ray Data: the same engine, in one actor per replica.
 
-    file (txt/jsonl/csv: our own reader, block by block; parquet: Ray's) ─► blocks
+    file (``textio.read_items``, the local job's reader, block by block) ─► blocks
       ─► map_batches(Worker, one actor per replica)   Worker = sureserve.load (the gate runs
          in every actor) + Engine.run: the same planner, truncation policy and flags
-      ─► (this process) rows in input order ─► JSONL / .npy / Parquet, index and line added
+      ─► (this process) batches as ``jobs.Window``s ─► ``jobs.drive``, the local job's
+         driver: bad-line policy, writer (JSONL / .npy / Parquet), totals
 
-Input order is kept by Ray Data's ``preserve_order``; the driver numbers the rows as they
-arrive, so every written row carries its ``index`` and (for line-based files) ``line``,
-as the local job writes them. Bad lines travel as rows marked bad: the driver stops at the
-first one (after writing every row before it, as the local job does) or, with
-``skip_bad_lines``, reports and skips it. Actors that die are restarted by Ray and their
-blocks redone (Ray Data's actor pools retry), so the output has every row exactly once.
+Input order is kept by Ray Data's ``preserve_order``; rows are numbered as they arrive, so
+every written row carries its ``index`` and ``line`` as the local job writes them. Bad
+lines travel as rows marked bad, and the driver treats them as it does locally. Actors that
+die are restarted by Ray and their blocks redone (Ray Data's actor pools retry), so the
+output has every row exactly once.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from ray.data.datasource import Datasource, ReadTask
 
 from sureserve.engine import RunSummary
 from sureserve.errors import BadLineError, InferenceError, InputError, SettingsError, SureserveError
+from sureserve.jobs import Window
 from sureserve.settings import Settings
-
-FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+from sureserve.textio import FORMATS, Record, read_items, windows
 
 
 def batch_rows(settings: Settings, replicas: int) -> int:
@@ -45,8 +45,8 @@ def batch_rows(settings: Settings, replicas: int) -> int:
 
 def records_dataset(path: Path, field: str, block_rows: int) -> Any:
     """A Ray Dataset of ``{line, text, bad}`` rows read by one streaming read task, block
-    by block (no process holds the whole file): sureserve's own line-numbered reader for
-    txt/jsonl/csv, pyarrow's batch reader for Parquet (``line``: the row's number)."""
+    by block (no process holds the whole file), with the local job's reader
+    (``textio.read_items``: txt/jsonl/csv line by line, Parquet by pyarrow batches)."""
     import ray.data
 
     fmt = path.suffix.lower()
@@ -56,15 +56,15 @@ def records_dataset(path: Path, field: str, block_rows: int) -> Any:
         raise InputError(f"no input file at {path}", "check the --input path")
     # reading takes no CPU slot: the actors hold them all, and a read waiting for a slot
     # would wait forever
-    return ray.data.read_datasource(Records(path, fmt, field, block_rows), num_cpus=0)
+    return ray.data.read_datasource(Records(path, field, block_rows), num_cpus=0)
 
 
 class Records(Datasource):
-    """A txt/jsonl/csv file read by sureserve's own reader (``textio``), in blocks."""
+    """An input file read by sureserve's own reader (``textio.read_items``), in blocks."""
 
-    def __init__(self, path: Path, fmt: str, field: str, block_rows: int) -> None:
+    def __init__(self, path: Path, field: str, block_rows: int) -> None:
         super().__init__()
-        self.path, self.fmt, self.field, self.block_rows = path, fmt, field, block_rows
+        self.path, self.field, self.block_rows = path, field, block_rows
 
     def estimate_inmemory_data_size(self) -> int:
         return self.path.stat().st_size
@@ -74,61 +74,19 @@ class Records(Datasource):
         # one task: lines are numbered in order, and reading is cheap next to the model
         meta = BlockMetadata(num_rows=None, size_bytes=self.path.stat().st_size,
                              input_files=(str(self.path),), exec_stats=None)
-        args = (self.path, self.fmt, self.field, self.block_rows)
+        args = (self.path, self.field, self.block_rows)
         return [ReadTask(lambda: _read_blocks(*args), meta)]
 
 
-def _read_blocks(path: Path, fmt: str, field: str, block_rows: int) -> Iterator[Any]:
+def _read_blocks(path: Path, field: str, block_rows: int) -> Iterator[Any]:
     """Blocks of ``{line, text, bad}``: bad lines stay in the stream, in order."""
     import pyarrow as pa
 
-    from sureserve.textio import read_records
-
-    cols: dict[str, list[Any]] = {"line": [], "text": [], "bad": []}
-
-    def add(line: int, text: str, bad: str) -> None:
-        cols["line"].append(line)
-        cols["text"].append(text)
-        cols["bad"].append(bad)
-
-    if fmt == ".parquet":
-        yield from _parquet_blocks(path, field, block_rows)
-        return
-    skipped: list[BadLineError] = []
-    seen = 0
-    with open(path, "rb") as fh:
-        for rec in read_records(fh, fmt, field=field, skip=True, skipped=skipped):
-            for bad in skipped[seen:]:  # bad lines met before this record
-                add(bad.line, "", bad.message)
-            seen = len(skipped)
-            add(rec.line, rec.text, "")
-            if len(cols["line"]) >= block_rows:
-                yield pa.table(cols)
-                cols = {k: [] for k in cols}
-    for bad in skipped[seen:]:
-        add(bad.line, "", bad.message)
-    if cols["line"]:
-        yield pa.table(cols)
-
-
-def _parquet_blocks(path: Path, field: str, block_rows: int) -> Iterator[Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    f = pq.ParquetFile(path)
-    if field not in f.schema_arrow.names:
-        raise InputError(f"the Parquet file has no column {field!r} (columns: "
-                         f"{f.schema_arrow.names})", "name the text column with --field")
-    row = 0
-    for batch in f.iter_batches(batch_size=block_rows, columns=[field]):
-        texts = batch.column(0).to_pylist()
-        n = len(texts)
-        bad = ["" if isinstance(t, str) else f"row {row + k + 1}: no text in {field!r}"
-               for k, t in enumerate(texts)]
-        yield pa.table({"line": list(range(row + 1, row + n + 1)),
-                        "text": [t if isinstance(t, str) else "" for t in texts],
-                        "bad": bad})
-        row += n
+    for block in windows(read_items(path, field), block_rows):
+        yield pa.table({
+            "line": [item.line for item in block],
+            "text": [item.text if isinstance(item, Record) else "" for item in block],
+            "bad": [item.message if isinstance(item, BadLineError) else "" for item in block]})
 
 
 class Worker:
@@ -251,67 +209,22 @@ class RayRunSummary:
 
 def _drive(task_name: str, model: str, ds: Any, output: Path | None, settings: Settings,
            report: Callable[[str], None], options: dict[str, Any]) -> RayRunSummary:
+    """The mapped dataset's batches through the file-job driver (``jobs.drive``: writer,
+    bad lines, totals), with what each actor did on the side."""
     from tqdm.auto import tqdm
 
-    from sureserve.ray.writers import open_writer
+    from sureserve.jobs import drive
 
     total = RunSummary(policy=settings.truncation)
     per_actor: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])  # rows, seconds
-    writer = None
     bar = tqdm(unit="text", desc=f"{task_name} (ray)", disable=None, file=sys.stderr)
     started = time.perf_counter()
-    index = 0
-    last_line = 0
     try:
-        for batch in _batches(ds):
-            rows: list[tuple[int, int, Any, dict[str, Any]]] = []
-            for k in range(len(batch["line"])):
-                bad = str(batch["bad"][k])
-                if bad:
-                    if not settings.skip_bad_lines:  # the rows before it are written first
-                        if rows:
-                            writer = writer or open_writer(output, task_name)
-                            writer.write(rows, options)
-                        raise BadLineError(bad, "fix that line, or pass --skip-bad-lines "
-                                           "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines",
-                                           line=int(batch["line"][k]))
-                    report(f"[yellow]skipped[/] {bad}")
-                    continue
-                flags = {"truncated": bool(batch["truncated"][k]),
-                         "chunks": int(batch["chunks"][k])}
-                if flags["truncated"]:
-                    total.truncated.append(index)
-                if flags["chunks"] > 1:
-                    total.chunked[index] = flags["chunks"]
-                out: Any = batch["embedding"][k] if task_name == "embed" else \
-                    json.loads(str(batch["result"][k]))
-                line = int(batch["line"][k])
-                if line != -1:  # our readers number rows: a row out of order is a bug
-                    if line <= last_line:
-                        raise InferenceError(f"Ray returned line {line} after line "
-                                             f"{last_line}: input order was lost",
-                                             "report this as a sureserve bug")
-                    last_line = line
-                rows.append((index, line, out, flags))
-                index += 1
-            real, computed, seconds, _ = batch["stats"].sum(axis=0)
-            total.limit = int(batch["stats"][:, 3].max()) or total.limit
-            total.real_tokens += int(real)
-            total.computed_tokens += int(computed)
-            good = batch["bad"] == ""
-            for pid in set(batch["pid"].tolist()):
-                per_actor[pid][0] += float(((batch["pid"] == pid) & good).sum())
-            per_actor[int(batch["pid"][0])][1] += float(seconds)
-            if rows:
-                writer = writer or open_writer(output, task_name)  # none until a row exists
-                writer.write(rows, options)
-            bar.update(len(rows))
+        drive(task_name, _windows(task_name, ds, settings, per_actor, bar.update), output,
+              settings, report, options, total)
     finally:
-        if writer is not None:
-            writer.close()
         bar.close()
-    total.texts = index
-    total.seconds = time.perf_counter() - started
+    total.seconds = time.perf_counter() - started  # wall time, not the actors' sum
     total.bound_by = "the model, in each replica"
     report(f"{task_name}: {total.line()}, {len(per_actor)} actor(s)")
     for pid, (n, secs) in sorted(per_actor.items()):
@@ -319,6 +232,51 @@ def _drive(task_name: str, model: str, ds: Any, output: Path | None, settings: S
                "in its passes")
     return RayRunSummary(total, {pid: (int(n), secs) for pid, (n, secs) in
                                  per_actor.items()})
+
+
+def _windows(task_name: str, ds: Any, settings: Settings, per_actor: dict[int, list[float]],
+             progress: Callable[[int], None]) -> Iterator[Window]:
+    """Each batch the actors return as a ``jobs.Window``: rows numbered in arrival order
+    (Ray keeps input order), bad lines in their places, the batch's summary."""
+    index = 0
+    last_line = 0
+    for batch in _batches(ds):
+        items: list[Any] = []
+        part = RunSummary(policy=settings.truncation)
+        for k in range(len(batch["line"])):
+            line = int(batch["line"][k])
+            bad = str(batch["bad"][k])
+            if bad:
+                items.append(BadLineError(bad, "fix that line, or pass --skip-bad-lines "
+                                          "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines",
+                                          line=line))
+                continue
+            flags = {"truncated": bool(batch["truncated"][k]),
+                     "chunks": int(batch["chunks"][k])}
+            if flags["truncated"]:
+                part.truncated.append(index)
+            if flags["chunks"] > 1:
+                part.chunked[index] = flags["chunks"]
+            out: Any = batch["embedding"][k] if task_name == "embed" else \
+                json.loads(str(batch["result"][k]))
+            if line != -1:  # our readers number rows: a row out of order is a bug
+                if line <= last_line:
+                    raise InferenceError(f"Ray returned line {line} after line "
+                                         f"{last_line}: input order was lost",
+                                         "report this as a sureserve bug")
+                last_line = line
+            items.append((index, line, out, flags))
+            index += 1
+        real, computed, seconds, _ = batch["stats"].sum(axis=0)
+        part.texts = sum(1 for item in items if not isinstance(item, BadLineError))
+        part.limit = int(batch["stats"][:, 3].max())
+        part.real_tokens, part.computed_tokens = int(real), int(computed)
+        good = batch["bad"] == ""
+        for pid in set(batch["pid"].tolist()):
+            per_actor[pid][0] += float(((batch["pid"] == pid) & good).sum())
+        per_actor[int(batch["pid"][0])][1] += float(seconds)
+        progress(part.texts)
+        yield Window(items, part)
 
 
 def _batches(ds: Any) -> Iterator[dict[str, np.ndarray]]:

@@ -309,7 +309,7 @@ def _install_routes(app: FastAPI, state: ServerState, cluster: Cluster | None) -
         if body.dimensions is not None and body.dimensions != dim:
             raise InputError(f"dimensions={body.dimensions} requested; {batcher.name} gives "
                              f"{dim}", "omit dimensions, or send the model's own dimension")
-        out = await until_done_or_gone(request, batcher.infer(texts, False))
+        out = await until_done_or_gone(request, batcher.infer(texts))
         data = [S.OpenAIEmbedding(index=i, embedding=_encode(v, body.encoding_format))
                 for i, v in enumerate(out.outputs)]
         tokens = out.summary.real_tokens

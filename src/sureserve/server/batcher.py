@@ -2,7 +2,7 @@
 
 ``Batcher.infer`` is the one method the embed/classify routes call, and the batcher owns
 a request's whole life there, like TEI's ``Infer``: the texts are tokenized and cut to the
-truncation policy on the tokenizer pool (``Engine.submit``, off the event loop), their
+truncation policy on the tokenizer pool (``Engine.prepare``, off the event loop), their
 pieces wait in the batcher's queue (the one registry of queued work), one loop per model
 takes the batch holding the oldest piece (``oldest_batch``, pure) whenever a forward worker
 is free and runs ``task.forward`` (or ``forward_packed``) on that worker's thread, and the
@@ -47,6 +47,12 @@ class _Waiting:
     enqueued: float
 
 
+def requested(truncate: bool | None) -> str | None:
+    """A request's ``"truncate": true`` as its truncation policy; false or absent leaves the
+    server's (None: the one default, resolved by ``Engine.policy``)."""
+    return "truncate" if truncate else None
+
+
 class Batcher:
     def __init__(self, name: str, engine: Engine, settings: Settings, metrics: Metrics,
                  tokenizer_pool: Executor, cost: PassCost | None = None, workers: int = 1,
@@ -84,46 +90,47 @@ class Batcher:
     def depth(self) -> int:
         return len(self.waiting)
 
-    async def infer(self, texts: list[str], truncate: bool, query: str | None = None,
-                    **options: Any) -> Result:
+    async def infer(self, texts: list[str], truncation: str | None = None,
+                    query: str | None = None, **options: Any) -> Result:
         """Outputs for ``texts`` in input order (``options``: see ``Engine.finish``;
-        ``query``: a reranker's, paired with every text). ``truncate``: the request asked
-        to cut long texts; otherwise the engine's policy (``--truncation``) applies."""
-        job = await self._submit(texts, "truncate" if truncate else None, query)
+        ``query``: a reranker's, paired with every text). ``truncation``: the request's
+        policy (``requested``); None: the engine's (``--truncation``)."""
+        job = await self._prepare(texts, truncation, query)
         rows = await self.queue(job.pieces)
         return self.engine.finish(job, np.vstack(rows), **options)
 
-    async def token_states(self, texts: list[str], truncate: bool) -> list[np.ndarray]:
+    async def token_states(self, texts: list[str],
+                           truncation: str | None = None) -> list[np.ndarray]:
         """Every token's last hidden state per text (TEI ``/embed_all``): tokenized and cut
         like ``infer`` (the same policy), bounded by the same queue limit (429 past it),
         and run on this model's forward workers, one worker for the whole request (its
         outputs are not pooled rows, so it does not share a batch)."""
-        job = await self._submit(texts, "truncate" if truncate else None, None,
-                                 chunks=False)
+        job = await self._prepare(texts, truncation, None, chunks=False)
         limit = self.settings.max_queue_inputs
         if self.depth + len(job.pieces) > limit:
             self.metrics.rejected.inc()
-            raise OverloadedError.queue_full(self.depth, len(job.pieces), limit, "inputs")
+            raise OverloadedError.queue_full(self.depth, len(job.pieces), limit,
+                                             "inputs (texts or their chunks)")
         # on the forward pool (its threads are the model's forward workers: the request
         # waits its turn behind the batches already there); not through the batch loop's
         # semaphore, which its idle loop holds while it waits for work
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, self.engine.token_states, job.pieces)
 
-    async def _submit(self, texts: list[str], truncation: str | None, query: str | None,
+    async def _prepare(self, texts: list[str], truncation: str | None, query: str | None,
                       chunks: bool = True) -> Job:
         """Tokenize and apply the truncation policy (the request's, else the engine's: one
-        default, resolved in ``Engine.submit``). ``chunks=False``: a route whose answer is
+        default, resolved in ``Engine.policy``). ``chunks=False``: a route whose answer is
         one output per text refuses a text that the policy would split."""
         if not chunks and self.engine.policy(truncation) == "chunk":
             truncation = "error"
-        submit = functools.partial(self.engine.submit, texts, truncation=truncation,
+        prepare = functools.partial(self.engine.prepare, texts, truncation=truncation,
                                    query=query)
         try:
             # a few short texts tokenize faster than the hop to another thread costs
             # (BENCHMARKS.md); anything bigger goes to the pool, off the event loop
-            job = submit() if sum(map(len, texts)) <= INLINE_CHARS else \
-                await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, submit)
+            job = prepare() if sum(map(len, texts)) <= INLINE_CHARS else \
+                await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, prepare)
         except InputTooLongError as exc:
             fix = ('send "truncate": true to cut it (the cut is counted in metrics), or '
                    "shorten it" + (", or start the server with --truncation chunk" if chunks
@@ -140,7 +147,8 @@ class Batcher:
         limit = self.settings.max_queue_inputs
         if self.depth + len(pieces) > limit:
             self.metrics.rejected.inc()
-            raise OverloadedError.queue_full(self.depth, len(pieces), limit, "inputs")
+            raise OverloadedError.queue_full(self.depth, len(pieces), limit,
+                                             "inputs (texts or their chunks)")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         ids = [next(self._ids) for _ in pieces]

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
-from sureserve.generation.engine import GenEvent
+from sureserve.generation.continuous import GenEvent
 from sureserve.generation.sampling import SamplingParams
 from sureserve.server import schemas as S
 from sureserve.server.genworker import Events

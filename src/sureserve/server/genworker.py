@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from sureserve.errors import OverloadedError
-from sureserve.generation.engine import GenerationEngine, GenEvent
+from sureserve.generation.continuous import GenerationEngine, GenEvent
 from sureserve.generation.sampling import SamplingParams
 from sureserve.server.metrics import Metrics
 from sureserve.settings import Settings

@@ -26,22 +26,23 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sureserve.errors import InputError
 from sureserve.server import schemas as S
+from sureserve.server.batcher import requested
 from sureserve.server.http import ERRORS, OPENAI_ERRORS, health_response, until_done_or_gone
 from sureserve.server.state import ServerState
 
 _VECTORS = TypeAdapter(list[list[float]])
-#: options each request shape understands, top level or inside ``parameters``
-EMBED_OPTIONS = ("normalize", "truncate", "truncation_direction", "prompt_name", "dimensions")
-PREDICT_OPTIONS = ("raw_scores", "truncate", "truncation_direction", "top_k",
-                   "function_to_apply")
-SIMILARITY_OPTIONS = ("truncate", "truncation_direction", "prompt_name")
+#: request fields that are the payload or the routing, not options
+_NOT_OPTIONS = {"inputs", "model", "parameters", "query", "texts"}
 
 
-def options(body: BaseModel, known: tuple[str, ...], route: str) -> dict[str, Any]:
+def options(body: BaseModel, route: str) -> dict[str, Any]:
     """The request's options, merged from the top level and ``parameters`` (null: not set).
 
-    A key in ``parameters`` that this route does not implement is refused, naming it; a
-    key given in both places with different values is refused too."""
+    The options a route understands are its request schema's own fields (one owner: the
+    schema), each also accepted inside ``parameters`` as TEI's clients send them. A key in
+    ``parameters`` that this route does not implement is refused, naming it; a key given in
+    both places with different values is refused too."""
+    known = tuple(k for k in type(body).model_fields if k not in _NOT_OPTIONS)
     params = getattr(body, "parameters", None) or {}
     unknown = sorted(k for k, v in params.items() if k not in known and v is not None)
     if unknown:
@@ -92,7 +93,7 @@ def _prompts(folder: Path) -> dict[str, str]:
 
 
 async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> Response:
-    opts = options(body, EMBED_OPTIONS, "/embed")
+    opts = options(body, "/embed")
     batcher = state.batcher(body.model, "embed")
     dim = batcher.engine.loaded.hidden_size
     if opts.get("dimensions") not in (None, dim):
@@ -100,7 +101,7 @@ async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> R
                          f"{dim}", "leave dimensions out, or send the model's own dimension")
     texts = with_prompt(batcher.engine, state.validate(body.inputs, engine=batcher.engine),
                         opts.get("prompt_name"))
-    work = batcher.infer(texts, opts.get("truncate", False),
+    work = batcher.infer(texts, requested(opts.get("truncate")),
                          normalize=opts.get("normalize", True))
     vecs = (await until_done_or_gone(request, work)).outputs
     # the hottest route: serialise straight from the floats (cheaper than validating them
@@ -109,7 +110,7 @@ async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> R
 
 
 async def predict(state: ServerState, body: S.PredictRequest, request: Request) -> Any:
-    opts = options(body, PREDICT_OPTIONS, "/predict")
+    opts = options(body, "/predict")
     batcher = state.batcher(body.model, "classify")
     fn = opts.get("function_to_apply")
     if fn is not None and opts.get("raw_scores"):
@@ -119,7 +120,7 @@ async def predict(state: ServerState, body: S.PredictRequest, request: Request) 
     if top_k is not None and top_k < 1:
         raise InputError(f"top_k is {top_k}", "send a positive top_k, or leave it out")
     work = batcher.infer(state.validate(body.inputs, engine=batcher.engine),
-                         opts.get("truncate", False),
+                         requested(opts.get("truncate")),
                          top_k=None, raw_scores=opts.get("raw_scores", False) or fn is not None)
     results = (await until_done_or_gone(request, work)).outputs
     if fn is not None:
@@ -147,13 +148,13 @@ def _transformed(ranked: list[dict[str, Any]], fn: str) -> list[dict[str, Any]]:
 
 async def similarity(state: ServerState, body: S.SimilarityRequest,
                      request: Request) -> list[float]:
-    opts = options(body, SIMILARITY_OPTIONS, "/similarity")
+    opts = options(body, "/similarity")
     batcher = state.batcher(body.model, "embed")
     texts = state.validate([body.inputs.source_sentence, *body.inputs.sentences],
                            engine=batcher.engine)
     texts = with_prompt(batcher.engine, texts, opts.get("prompt_name"))
-    out = await until_done_or_gone(request, batcher.infer(texts, opts.get("truncate", False),
-                                                          normalize=True))
+    work = batcher.infer(texts, requested(opts.get("truncate")), normalize=True)
+    out = await until_done_or_gone(request, work)
     vecs = np.asarray(out.outputs, dtype=np.float64)
     return [float(x) for x in vecs[1:] @ vecs[0]]
 
@@ -161,23 +162,24 @@ async def similarity(state: ServerState, body: S.SimilarityRequest,
 async def embed_all(state: ServerState, body: S.EmbedAllRequest,
                     request: Request) -> list[list[list[float]]]:
     """Token-level hidden states per input (TEI ``/embed_all``): no pooling, no padding."""
-    opts = options(body, ("truncate", "truncation_direction", "prompt_name"), "/embed_all")
+    opts = options(body, "/embed_all")
     batcher = state.batcher(body.model, "embed")
     texts = with_prompt(batcher.engine, state.validate(body.inputs, engine=batcher.engine),
                         opts.get("prompt_name"))
     states = await until_done_or_gone(
-        request, batcher.token_states(texts, bool(opts.get("truncate"))))
+        request, batcher.token_states(texts, requested(opts.get("truncate"))))
     return [s.tolist() for s in states]
 
 
 async def rerank(state: ServerState, body: S.RerankRequest, request: Request) -> list[Any]:
     from sureserve.tasks.rerank import ranked
 
-    options(body, ("truncation_direction",), "/rerank")  # refuses "left"
+    options(body, "/rerank")  # refuses "left"
     batcher = state.batcher(body.model, "rerank")
     texts = state.validate(body.texts, "texts", batcher.engine)
-    out = await until_done_or_gone(request, batcher.infer(texts, body.truncate, body.query,
-                                                          raw_scores=body.raw_scores))
+    work = batcher.infer(texts, requested(body.truncate), body.query,
+                         raw_scores=body.raw_scores)
+    out = await until_done_or_gone(request, work)
     flags = out.summary.flags if out.summary.policy != "error" else None
     return ranked(out.outputs, texts, None, body.return_text, flags)
 
@@ -189,7 +191,7 @@ async def v1_rerank(state: ServerState, body: S.V1RerankRequest,
     batcher = state.batcher(body.model, "rerank")
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
     texts = state.validate(docs, "documents", batcher.engine)
-    out = await until_done_or_gone(request, batcher.infer(texts, False, body.query))
+    out = await until_done_or_gone(request, batcher.infer(texts, query=body.query))
     results = [S.V1RerankResult(index=r["index"], relevance_score=r["score"],
                                 document=S.DocumentText(text=texts[r["index"]])
                                 if body.return_documents else None)

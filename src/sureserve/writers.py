@@ -1,6 +1,6 @@
-"""Where a Ray job's rows go, in input order: JSONL (file or stdout), ``.npy`` or Parquet,
-each row with ``index`` (and ``line`` for line-based inputs) and the text's flags; the
-JSONL rows are the local job's (``jobs.output_row``)."""
+"""Where a file job's rows go, in input order, chosen by the output's suffix: JSONL (a file
+or stdout), ``.npy`` (embeddings) or Parquet, each row with ``index``, ``line`` and the
+text's flags. The one set of writers for local and Ray jobs (``jobs.drive``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,23 @@ from typing import Any
 
 import numpy as np
 
-from sureserve.jobs import output_row
 from sureserve.textio import JsonlWriter, NpyWriter
 
 Row = tuple[int, int, Any, dict[str, Any]]  # index, line, output, flags
+
+
+def output_row(task_name: str, index: int, line: int, out: Any, flags: dict[str, Any],
+               options: dict[str, Any]) -> dict[str, Any]:
+    """One JSONL output row: the output, ``index``, ``line`` and the text's flags."""
+    if task_name == "embed":
+        item: dict[str, Any] = {"embedding": np.asarray(out).tolist()}
+    elif task_name == "rerank":  # a ranked document: index, score (and text), best first
+        return {**out, "line": line}
+    else:
+        # each label dict: label and score (the row itself carries the flags)
+        item = dict(out) if options.get("top_k") == 1 else {
+            "labels": [{"label": d["label"], "score": d["score"]} for d in out]}
+    return {**item, "index": index, "line": line, **flags}
 
 
 class _Jsonl:
@@ -73,6 +86,7 @@ class _Parquet:
 
 
 def open_writer(output: Path | None, task: str) -> Any:
+    """The writer for ``output`` (None: JSONL on stdout)."""
     if output is not None and output.suffix == ".npy":
         if task != "embed":
             from sureserve.errors import InputError
