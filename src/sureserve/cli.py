@@ -352,51 +352,50 @@ def _one_source(texts: list[str] | None, input_file: Path | None) -> None:
         raise typer.BadParameter("give texts as arguments or --input, not both")
 
 
+def _file_job(task: str, settings: Settings, model: str, texts: list[str] | None,
+              input_file: Path | None, output: Path | None, field: str,
+              **options: Any) -> None:
+    """embed/classify: in this process, or as a Ray Data job (``--ray``)."""
+    _one_source(texts, input_file)
+    if settings.ray:
+        from sureserve.ray.data import run_ray_job
+
+        run_ray_job(task, model, input_file, output, field, settings, _report,
+                    settings.replicas, settings.ray_address, **options)
+        return
+    from sureserve.jobs import run_file_job
+
+    run_file_job(task, model, texts, input_file, output, field, settings, _report, **options)
+
+
 @app.command()
 @with_settings("source", "plan", "batching", "drift", "ray")
 def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm",
           input_file: InputOpt = None,
-          output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl or .npy "
-                                                      "(default: JSONL on stdout).")] = None,
+          output: Annotated[Path | None, typer.Option(
+              "--output", "-o", help=".jsonl, .npy or .parquet (default: JSONL on stdout).")
+          ] = None,
           field: FieldOpt = "text",
           normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize",
                                help="Unit-length vectors (default: as the model says).")] = None,
           ) -> None:
     """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
-    from sureserve.jobs import run_file_job
-
-    _one_source(texts, input_file)
-    if settings.ray:
-        from sureserve.ray.data import run_ray_job
-
-        run_ray_job("embed", model, input_file, output, field, settings, _report,
-                    settings.replicas, settings.ray_address, normalize=normalize)
-        return
-    run_file_job("embed", model, texts, input_file, output, field, settings, _report,
-                 normalize=normalize)
+    _file_job("embed", settings, model, texts, input_file, output, field, normalize=normalize)
 
 
 @app.command()
 @with_settings("source", "plan", "batching", "drift", "ray")
 def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sentiment-demo",
              input_file: InputOpt = None,
-             output: Annotated[Path | None, typer.Option("--output", "-o", help=".jsonl file "
-                                                         "(default: stdout).")] = None,
+             output: Annotated[Path | None, typer.Option(
+                 "--output", "-o", help=".jsonl or .parquet (default: JSONL on stdout).")
+             ] = None,
              field: FieldOpt = "text",
              top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1
              ) -> None:
     """Classify texts; writes one JSON line per text in input order."""
-    from sureserve.jobs import run_file_job
-
-    _one_source(texts, input_file)
-    if settings.ray:
-        from sureserve.ray.data import run_ray_job
-
-        run_ray_job("classify", model, input_file, output, field, settings, _report,
-                    settings.replicas, settings.ray_address, top_k=top_k or None)
-        return
-    run_file_job("classify", model, texts, input_file, output, field, settings, _report,
-                 top_k=top_k or None)
+    _file_job("classify", settings, model, texts, input_file, output, field,
+              top_k=top_k or None)
 
 
 @app.command()

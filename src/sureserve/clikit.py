@@ -70,9 +70,9 @@ TaskOpt = Annotated[str | None, typer.Option("--task", help="embed, classify, re
                                               "(default: inferred from the config).")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Pinned hub revision.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl or .csv "
-                                               "file.")]
-FieldOpt = Annotated[str, typer.Option(help="JSONL field or CSV column.")]
+InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl, .csv or "
+                                               ".parquet file.")]
+FieldOpt = Annotated[str, typer.Option(help="JSONL field, CSV or Parquet column.")]
 TextsArg = Annotated[list[str] | None, typer.Argument(help="Texts (or use --input / stdin).")]
 
 
