@@ -134,7 +134,8 @@ def test_int4_kernel_matches_its_dequantized_weights() -> None:
     lin = torch.nn.Linear(64, 32)
     q = Int4WeightOnlyLinear(lin)
     x = torch.randn(3, 64)
-    assert float((q(x) - lin(x)).norm() / lin(x).norm()) < 0.2
+    with torch.no_grad():
+        assert float((q(x) - lin(x)).norm() / lin(x).norm()) < 0.2
 
 
 def test_embed_accept_writes_a_folder_that_loads_and_is_checked(tiny_bert: Path,
