@@ -8,14 +8,23 @@ import pytest
 import torch
 
 from sureserve.errors import InputError
-from sureserve.generation.sampling import RowState, SamplingParams, choose, new_generator
+from sureserve.generation.sampling import (
+    RowState,
+    SamplingParams,
+    choose,
+    new_generator,
+    scores,
+)
 
 
 @pytest.mark.parametrize(("field", "value"), [
     ("max_new_tokens", 0), ("max_new_tokens", 1.5), ("temperature", -0.1),
     ("temperature", 2.5), ("temperature", math.nan), ("top_p", 0.0), ("top_p", 1.1),
     ("top_k", -1), ("repetition_penalty", 0.0), ("stop", ("",)),
-    ("stop", ("a", "b", "c", "d", "e")), ("seed", -1), ("seed", True)])
+    ("stop", ("a", "b", "c", "d", "e")), ("seed", -1), ("seed", True),
+    ("frequency_penalty", 2.5), ("presence_penalty", -3), ("presence_penalty", math.inf),
+    ("logit_bias", {"a": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {-1: 1}),
+    ("logit_bias", {True: 1}), ("logit_bias", {"1.5": 1}), ("logit_bias", {"7": math.nan})])
 def test_invalid_values_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(InputError) as exc:
         SamplingParams(**{field: value})  # type: ignore[arg-type]
@@ -61,3 +70,44 @@ def test_repetition_penalty_discourages_seen_tokens() -> None:
     p = SamplingParams(repetition_penalty=1.5)
     assert choose(logits, [RowState(p, [0])]) == [1]  # 2.0/1.5 < 1.9
     assert choose(logits, [RowState(SamplingParams(), [0])]) == [0]
+
+
+def test_logit_bias_keys_may_be_strings_and_are_stored_sorted() -> None:
+    p = SamplingParams(logit_bias={"7": 2.5, 5: -100})
+    assert p.bias == ((5, -100.0), (7, 2.5)) and not p.plain_greedy
+
+
+def test_openai_penalties_follow_openais_definition() -> None:
+    """mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty, after logit_bias,
+    over the output's token counts only (the prompt does not count)."""
+    torch.manual_seed(0)
+    logits = torch.randn(10)
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=0.3, logit_bias={2: 5.0})
+    row = RowState(p, [])
+    for t in (1, 1, 4, 1):
+        row.observe(t)
+    want = logits.clone()
+    want[2] += 5.0
+    want[1] -= 3 * 0.5 + 0.3
+    want[4] -= 1 * 0.5 + 0.3
+    torch.testing.assert_close(scores(logits, row), want, rtol=0, atol=0)
+    assert row.seen == []  # no repetition penalty: nothing kept for it
+
+
+def test_penalties_change_the_greedy_pick_and_bias_can_force_or_ban() -> None:
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    row = RowState(SamplingParams(presence_penalty=0.2), [])
+    assert choose(logits, [row]) == [0]
+    row.observe(0)
+    assert choose(logits, [row]) == [1]  # 2.0 - 0.2 < 1.9
+    negative = RowState(SamplingParams(frequency_penalty=-2.0), [])
+    negative.observe(2)
+    negative.observe(2)
+    assert choose(logits, [negative]) == [2]  # -1.0 + 4.0: encouraged
+    forced = SamplingParams(logit_bias={2: 100}, temperature=0.7, seed=1)
+    assert choose(logits, [RowState(forced, [], new_generator(forced, "cpu"))]) == [2]
+    banned = SamplingParams(logit_bias={"0": -100})
+    assert choose(logits, [RowState(banned, [])]) == [1]
+    # rows with and without in one batch: the plain greedy row keeps the batched argmax
+    assert choose(torch.cat([logits, logits]), [RowState(banned, []),
+                                                RowState(SamplingParams(), [])]) == [1, 0]

@@ -384,16 +384,20 @@ class Engine:
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, stop: str | Sequence[str] = (),
-                 seed: int | None = None) -> list[str]:
+                 seed: int | None = None, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0,
+                 logit_bias: dict[int, float] | None = None) -> list[str]:
         """Generated text of each prompt (without the prompt), in input order.
 
         A prompt is a string, or a list of chat messages (``{"role", "content"}``) to which
         the model's chat template is applied once. ``temperature=0`` is greedy; the default
-        ``max_new_tokens`` is the ``max_new_tokens`` setting. All prompts run together with
+        ``max_new_tokens`` is the ``max_new_tokens`` setting. ``frequency_penalty``,
+        ``presence_penalty`` and ``logit_bias`` are OpenAI's. All prompts run together with
         continuous batching (and with concurrent calls from other threads)."""
         done = self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                             stop=stop, seed=seed)
+                             stop=stop, seed=seed, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty, logit_bias=logit_bias)
         for c in done:
             if c.error:
                 raise InferenceError(c.error, "check the prompt; other prompts were fine")

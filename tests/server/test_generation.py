@@ -51,6 +51,26 @@ def test_openai_client_completion(client: OpenAI) -> None:
         r.usage.completion_tokens
 
 
+def test_openai_penalties_and_logit_bias_reach_the_sampler(client: OpenAI) -> None:
+    """OpenAI's frequency/presence penalties and logit_bias (their definitions are checked
+    on logits in tests/test_sampling.py): a greedy repetition breaks under a penalty, a
+    banned token never comes, a forced one always does (ids from smollm2's tokenizer)."""
+    def text(prompt: str, **kw: object) -> str:
+        r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=8,
+                                      temperature=0, **kw)  # type: ignore[call-overload]
+        return str(r.choices[0].text)
+
+    plain = text("one, one, one, one, one,")
+    assert plain.count("one") == 4
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        assert text("one, one, one, one, one,", **kw).count("one") < 4, kw
+    assert "Paris" in text("The capital of France is")
+    assert "Paris" not in text("The capital of France is", logit_bias={"7042": -100})  # " Paris"
+    forced = client.completions.create(model="smollm2", prompt="Hi", max_tokens=4,
+                                       temperature=0.8, seed=3, logit_bias={"4626": 100})
+    assert forced.choices[0].text == " river" * 4
+
+
 def test_openai_client_chat_stream_equals_non_stream(client: OpenAI) -> None:
     messages = [{"role": "user", "content": "What is 2+2?"}]
     whole = client.chat.completions.create(model="smollm2", messages=messages,  # type: ignore
@@ -115,7 +135,9 @@ def test_sampling_with_seed_and_n(gen_server: Server) -> None:
     ({"prompt": ["Hi"] * 17, "n": 16}, 413, "SURESERVE_MAX_CLIENT_BATCH", "too_many_inputs"),
     ({"prompt": "Hi", "temperature": 3}, 422, "temperature", "invalid_input"),
     ({"prompt": "Hi", "top_p": 0}, 422, "top_p", "invalid_input"),
-    ({"prompt": "Hi", "frequency_penalty": 0.5}, 422, "frequency_penalty", "invalid_input"),
+    ({"prompt": "Hi", "frequency_penalty": 3}, 422, "frequency_penalty", "invalid_input"),
+    ({"prompt": "Hi", "logit_bias": {"x": 1}}, 422, "logit_bias", "invalid_input"),
+    ({"prompt": "Hi", "logit_bias": {"9999999": 1}}, 422, "vocabulary", "invalid_input"),
     ({"prompt": "Hi", "logprobs": 2}, 422, "logprobs", "invalid_input"),
     ({"prompt": "Hi", "n": 0}, 422, "n=0", "invalid_input"),
     ({"prompt": ""}, 422, "empty", "invalid_input"),

@@ -122,6 +122,10 @@ class GenerationEngine:
         self.sched: GenerationScheduler[Request] = GenerationScheduler(
             kv_budget_tokens, self.context, max_running)
         self.eos_ids = _eos_ids(loaded)
+        # the logits' width (logit_bias ids are checked against it)
+        head = self.model.get_output_embeddings()
+        self.vocab_size = int(getattr(head, "out_features", 0)
+                              or getattr(self.model.config, "vocab_size", 0))
         self._ids = itertools.count()
         self._inbox: list[Request] = []
         self._cancels: set[int] = set()
@@ -170,6 +174,10 @@ class GenerationEngine:
         """Queue requests (token ids), all or none: each is validated here, once, and one
         that could never fit is refused at once with the numbers; then, if they would take
         the waiting requests past ``max_waiting``, all are refused (429). Returns their ids."""
+        if params.bias and params.bias[-1][0] >= self.vocab_size:
+            raise InputError(f"logit_bias names token id {params.bias[-1][0]}, but this "
+                             f"model's vocabulary has {self.vocab_size} tokens",
+                             f"send token ids below {self.vocab_size}")
         for i, ids in enumerate(prompts):
             if not ids:
                 raise InputError(f"prompt {i} has no tokens", "send a non-empty prompt")
@@ -539,8 +547,7 @@ class GenerationEngine:
     def _advance(self, seq: Request, now: float) -> None:
         """Turn the row's newest token into text and decide whether it is finished."""
         token = seq.tokens[-1]
-        if seq.row.params.repetition_penalty != 1:
-            seq.row.seen.append(token)
+        seq.row.observe(token)
         first = len(seq.tokens) == 1
         wait = now - (seq.submitted if first else seq.last)
         seq.last = now

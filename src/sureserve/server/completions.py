@@ -29,9 +29,9 @@ from sureserve.settings import Settings
 #: accepted and ignored: they do not change the output
 HARMLESS_EXTRAS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 #: OpenAI parameters refused unless they have their neutral value
-NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "top_logprobs":
-           None, "logit_bias": None, "echo": False, "suffix": None, "best_of": 1,
-           "tools": None, "tool_choice": None, "functions": None, "response_format": None}
+NEUTRAL = {"logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
+           "best_of": 1, "tools": None, "tool_choice": None, "functions": None,
+           "response_format": None}
 MAX_N = 16
 Chunk = Callable[..., dict[str, Any]]
 
@@ -45,15 +45,16 @@ def _params(body: S._GenParams, max_tokens: int | None, settings: Settings) -> S
     if refused or unknown:
         names = ", ".join(refused + unknown)
         raise InputError(f"unsupported parameter(s): {names}",
-                         "remove them (use repetition_penalty instead of frequency/presence "
-                         "penalties); sureserve refuses what it would otherwise ignore")
+                         "remove them; sureserve refuses what it would otherwise ignore")
     if not 1 <= body.n <= MAX_N:
         raise InputError(f"n={body.n} is invalid: it must be between 1 and {MAX_N}",
                          "send a smaller n")
     return SamplingParams(max_new_tokens=max_tokens or settings.max_new_tokens,
                           temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                           repetition_penalty=body.repetition_penalty, stop=body.stop or (),
-                          seed=body.seed)
+                          seed=body.seed, frequency_penalty=body.frequency_penalty,
+                          presence_penalty=body.presence_penalty,
+                          logit_bias=body.logit_bias or ())
 
 
 def _sse(obj: Any) -> bytes:

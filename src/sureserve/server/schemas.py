@@ -333,6 +333,12 @@ class _GenParams(BaseModel):
                        "tokens (0 = off).")
     repetition_penalty: float = Field(default=1.0, description="sureserve extension (as in "
                                       "transformers): > 1 discourages repeating tokens.")
+    frequency_penalty: float = Field(default=0.0, description="OpenAI's: a token's logit "
+                                     "loses this times its count in the output (-2..2).")
+    presence_penalty: float = Field(default=0.0, description="OpenAI's: a token's logit loses "
+                                    "this once it appears in the output (-2..2).")
+    logit_bias: dict[str, float] | None = Field(default=None, description="OpenAI's: token id "
+                                                "-> bias added to its logit (-100..100).")
     n: int = Field(default=1, description="Completions per prompt.")
     stop: str | list[str] | None = None
     seed: int | None = None
