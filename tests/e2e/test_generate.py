@@ -217,6 +217,33 @@ def test_column_major_decode_weights_keep_greedy_outputs(smollm2: sureserve.Engi
         assert ids == _reference(plain, prompt, 12), prompt
 
 
+def test_logprobs_are_the_models_log_softmax(smollm2: sureserve.Engine) -> None:
+    """Each generated token's logprob and its step's top alternatives equal a plain
+    ``transformers`` forward over prompt + output (log-softmax of the raw logits), within
+    1e-4, whether the row decoded alone or in a batch; rows that did not ask carry none."""
+    import torch
+
+    prompts = PROMPTS[:3]
+    asked = smollm2.complete(prompts, max_new_tokens=6, logprobs=4)
+    plain = smollm2.complete(prompts[:1], max_new_tokens=6)
+    assert plain[0].logprobs is None and plain[0].token_ids == asked[0].token_ids
+    assert smollm2.generation is not None
+    for prompt, c in zip(prompts, asked, strict=True):
+        ids = smollm2.generation.encode(prompt)
+        with torch.inference_mode():
+            logits = smollm2.model(input_ids=torch.tensor([ids + c.token_ids])).logits[0]
+        lp = torch.log_softmax(logits.float(), -1)
+        assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
+        for k, (tok, entry) in enumerate(zip(c.token_ids, c.logprobs, strict=True)):
+            row = lp[len(ids) - 1 + k]
+            assert entry.token == tok and abs(entry.logprob - float(row[tok])) < 1e-4
+            top = row.topk(4)
+            assert len(entry.top) == 4
+            assert max(abs(v - float(w)) for (_, v), w in zip(entry.top, top.values,
+                                                                strict=True)) < 1e-4
+            assert entry.top[0][0] == tok  # greedy: the chosen token is the most likely
+
+
 SYSTEM = ("You answer questions about the article below, briefly. The city council met on "
           "Tuesday to discuss the new bridge, the budget for the coming year and the plan "
           "to plant a thousand trees along the river before the summer. The mayor said the "

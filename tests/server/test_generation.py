@@ -71,6 +71,45 @@ def test_openai_penalties_and_logit_bias_reach_the_sampler(client: OpenAI) -> No
     assert forced.choices[0].text == " river" * 4
 
 
+def test_logprobs_in_openais_shapes_streamed_and_not(client: OpenAI) -> None:
+    """Chat ``logprobs`` + ``top_logprobs`` and completions ``logprobs`` through the openai
+    client: one entry per generated token, the streamed ones equal to the whole answer's,
+    the greedy token the most likely one (values are checked against a plain forward in
+    tests/e2e/test_generate.py)."""
+    import math
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    whole = client.chat.completions.create(model="smollm2", messages=messages,  # type: ignore
+                                           max_tokens=6, temperature=0, logprobs=True,
+                                           top_logprobs=3)
+    entries = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert entries is not None and len(entries) == whole.usage.completion_tokens  # type: ignore
+    for e in entries:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.logprob <= 0 and math.isclose(e.top_logprobs[0].logprob, e.logprob)
+        assert bytes(e.bytes or []).decode("utf-8") == e.token
+    streamed = [c.choices[0].logprobs.content for c in client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=6, temperature=0,  # type: ignore
+        logprobs=True, top_logprobs=3, stream=True) if c.choices and c.choices[0].logprobs]
+    flat = [e for part in streamed for e in (part or [])]
+    # the same tokens; the values within float noise (the second request reuses the first
+    # one's stored prompt prefix, so its prefill computes fewer positions)
+    assert [e.token for e in flat] == [e.token for e in entries]
+    assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-4)
+               for a, b in zip(flat, entries, strict=True))
+    plain = client.chat.completions.create(model="smollm2", messages=messages,  # type: ignore
+                                           max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == whole.choices[0].message.content
+    legacy = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                       max_tokens=5, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.text_offset is not None
+    assert "".join(lp.tokens).startswith(legacy.choices[0].text)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(len(d) <= 2 for d in lp.top_logprobs or [])
+
+
 def test_openai_client_chat_stream_equals_non_stream(client: OpenAI) -> None:
     messages = [{"role": "user", "content": "What is 2+2?"}]
     whole = client.chat.completions.create(model="smollm2", messages=messages,  # type: ignore
@@ -138,7 +177,7 @@ def test_sampling_with_seed_and_n(gen_server: Server) -> None:
     ({"prompt": "Hi", "frequency_penalty": 3}, 422, "frequency_penalty", "invalid_input"),
     ({"prompt": "Hi", "logit_bias": {"x": 1}}, 422, "logit_bias", "invalid_input"),
     ({"prompt": "Hi", "logit_bias": {"9999999": 1}}, 422, "vocabulary", "invalid_input"),
-    ({"prompt": "Hi", "logprobs": 2}, 422, "logprobs", "invalid_input"),
+    ({"prompt": "Hi", "logprobs": 6}, 422, "logprobs", "invalid_input"),
     ({"prompt": "Hi", "n": 0}, 422, "n=0", "invalid_input"),
     ({"prompt": ""}, 422, "empty", "invalid_input"),
     ({"prompt": []}, 422, "empty", "invalid_input"),
@@ -161,6 +200,10 @@ def test_chat_refusals(gen_server: Server) -> None:
     r = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}],
                               "tools": [{"type": "function"}]}, timeout=30)
     assert r.status_code == 422 and "tools" in r.json()["error"]["message"]
+    for extra in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+        r = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], **extra},
+                       timeout=30)
+        assert r.status_code == 422 and "top_logprobs" in r.json()["error"]["message"]
 
 
 def _metric(url: str, name: str) -> float:

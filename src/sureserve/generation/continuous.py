@@ -49,6 +49,18 @@ Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the most likely tokens at its step: the
+    log-softmax of the model's raw logits over the whole vocabulary, before logit_bias,
+    penalties, temperature and top-k/top-p (what the model says, not what was sampled
+    from; vLLM's default too)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
 class Completion:
     """One finished request."""
 
@@ -58,6 +70,7 @@ class Completion:
     completion_tokens: int
     token_ids: list[int]
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked
 
 
 @dataclass
@@ -73,6 +86,7 @@ class GenEvent:
     first: bool
     error: str | None = None
     completion: Completion | None = None  # on the last event
+    logprob: TokenLogprob | None = None  # this event's token's, when asked
 
 
 @dataclass
@@ -97,6 +111,7 @@ class Request:
     past: Any = None
     chain: int = 0
     reused: int = 0  # prompt tokens taken from the prefix cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
 
     @property
     def reservation(self) -> int:
@@ -341,6 +356,7 @@ class GenerationEngine:
         for s, t in zip(rows, choose(logits, [s.row for s in rows]), strict=True):
             s.length += 1
             s.tokens.append(t)
+        _note_logprobs(logits, rows)
         return list(rows)
 
     # ---- prefill ------------------------------------------------------------------------
@@ -502,6 +518,7 @@ class GenerationEngine:
             if self.prefix is not None:
                 self.prefix.store(seq.prompt, keys, values)
             self._join(seq, keys, values, token)
+        _note_logprobs(res.logits[:, -1], group)
         return n * width
 
     @staticmethod
@@ -559,16 +576,19 @@ class GenerationEngine:
         delta, hit = seq.text.push(seq.tokens, final=reason is not None)
         if hit:
             reason = "stop"
+        logprob = seq.logprobs[-1] if seq.logprobs else None
         if reason is not None:
-            self._finish(seq, reason, delta=delta, wait=wait, first=first)
+            self._finish(seq, reason, delta=delta, wait=wait, first=first, logprob=logprob)
         elif seq.on_event is not None:
             seq.on_event(GenEvent(seq.id, delta, None, len(seq.prompt), len(seq.tokens),
-                                  wait, first))
+                                  wait, first, logprob=logprob))
 
     def _finish(self, seq: Request, reason: str, *, delta: str = "", wait: float = 0.0,
-                first: bool = False, error: str | None = None) -> None:
+                first: bool = False, error: str | None = None,
+                logprob: TokenLogprob | None = None) -> None:
         seq.done = Completion(seq.text.released, reason, len(seq.prompt), len(seq.tokens),
-                              list(seq.tokens), error)
+                              list(seq.tokens), error,
+                              list(seq.logprobs) if seq.params.logprobs is not None else None)
         if self.watch is not None:
             self.watch.observe_completion(reason, seq.done.text, seq.tokens)
         if seq.on_event is None:  # kept for ``result``; event consumers get the last event
@@ -576,7 +596,7 @@ class GenerationEngine:
                 self._finished[seq.id] = seq.done
         else:
             seq.on_event(GenEvent(seq.id, delta, reason, len(seq.prompt), len(seq.tokens),
-                                  wait, first, error, seq.done))
+                                  wait, first, error, seq.done, logprob))
 
     def _drop_finished(self) -> None:
         """Free finished requests: scheduler slots, cache rows, padding columns."""
@@ -604,6 +624,25 @@ class GenerationEngine:
             kv.trim(max(s.length for s in rows))
         else:  # idle: give the whole buffer back (the next prefill allocates a fresh one)
             self._kv = None
+
+
+def _note_logprobs(logits: Any, seqs: Sequence[Request]) -> None:
+    """Each asking row's newest token's log-probability and its step's top alternatives,
+    from that step's raw logits (rows x vocab, in ``seqs`` order)."""
+    import torch
+
+    want = [(i, s) for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not want:
+        return
+    lp = torch.log_softmax(logits[[i for i, _ in want]].float(), dim=-1)
+    k = max(s.params.logprobs or 0 for _, s in want)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    for j, (_, s) in enumerate(want):
+        n = s.params.logprobs or 0
+        t = s.tokens[-1]
+        s.logprobs.append(TokenLogprob(t, float(lp[j, t]),
+                                       list(zip(top_i[j, :n].tolist(),
+                                                top_v[j, :n].tolist(), strict=True))))
 
 
 def _eos_ids(loaded: Loaded) -> set[int]:

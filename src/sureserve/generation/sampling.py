@@ -23,6 +23,7 @@ from sureserve.settings import Settings
 
 MAX_STOPS = 4  # OpenAI's limit; every stop string is searched after every token
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class SamplingParams:
     # token id -> added to its logit (-100..100: -100 bans it, 100 forces it); a mapping
     # (keys may be strings of digits, as OpenAI's JSON sends them), stored as sorted pairs
     logit_bias: Any = ()  # Mapping[int | str, float] or (id, bias) pairs, as given
+    # log-probabilities of each generated token and of this many alternatives (None: off)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, rule: str) -> InputError:
@@ -74,6 +77,12 @@ class SamplingParams:
             if not _finite(value) or not -2 <= value <= 2:
                 raise bad(name, value, "it must be between -2 and 2 (0 is no penalty)")
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if self.logprobs is not None and (isinstance(self.logprobs, bool)
+                                          or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise bad("logprobs", self.logprobs,
+                      f"it must be an integer between 0 and {MAX_TOP_LOGPROBS} (alternatives "
+                      "per token), or left out")
         if self.seed is not None and (isinstance(self.seed, bool)
                                       or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**63):

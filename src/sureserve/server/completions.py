@@ -18,8 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
-from sureserve.generation.continuous import GenEvent
-from sureserve.generation.sampling import SamplingParams
+from sureserve.generation.continuous import GenEvent, TokenLogprob
+from sureserve.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from sureserve.server import schemas as S
 from sureserve.server.genworker import Events
 from sureserve.server.http import OPENAI_ERRORS, until_done_or_gone
@@ -29,16 +29,17 @@ from sureserve.settings import Settings
 #: accepted and ignored: they do not change the output
 HARMLESS_EXTRAS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 #: OpenAI parameters refused unless they have their neutral value
-NEUTRAL = {"logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
-           "best_of": 1, "tools": None, "tool_choice": None, "functions": None,
-           "response_format": None}
+NEUTRAL = {"echo": False, "suffix": None, "best_of": 1, "tools": None, "tool_choice": None,
+           "functions": None, "response_format": None}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions (chat: top_logprobs <= 20)
 MAX_N = 16
 Chunk = Callable[..., dict[str, Any]]
 
 
 # ---- routes -----------------------------------------------------------------------------
 
-def _params(body: S._GenParams, max_tokens: int | None, settings: Settings) -> SamplingParams:
+def _params(body: S._GenParams, max_tokens: int | None, settings: Settings,
+            logprobs: int | None) -> SamplingParams:
     extras = dict(body.model_extra or {})
     refused = [k for k, v in extras.items() if k in NEUTRAL and v not in (NEUTRAL[k], None)]
     unknown = [k for k in extras if k not in NEUTRAL and k not in HARMLESS_EXTRAS]
@@ -54,7 +55,7 @@ def _params(body: S._GenParams, max_tokens: int | None, settings: Settings) -> S
                           repetition_penalty=body.repetition_penalty, stop=body.stop or (),
                           seed=body.seed, frequency_penalty=body.frequency_penalty,
                           presence_penalty=body.presence_penalty,
-                          logit_bias=body.logit_bias or ())
+                          logit_bias=body.logit_bias or (), logprobs=logprobs)
 
 
 def _sse(obj: Any) -> bytes:
@@ -64,12 +65,12 @@ def _sse(obj: Any) -> bytes:
 def install_generation_routes(app: FastAPI, state: ServerState) -> None:
     settings: Settings = state.settings
 
-    async def submit(body: S._GenParams, prompts: list[Any], max_tokens: int | None
-                     ) -> tuple[str, Events, list[int]]:
+    async def submit(body: S._GenParams, prompts: list[Any], max_tokens: int | None,
+                     logprobs: int | None) -> tuple[str, Events, list[int], Any]:
         """Tokenize off the event loop and queue every sequence; returns the model's name,
-        its events and the prompts' token counts."""
+        its events, the prompts' token counts and its tokenizer."""
         slot, engine = state.pick(body.model, "generate")
-        params = _params(body, max_tokens, settings)
+        params = _params(body, max_tokens, settings, logprobs)
         state.within_client_batch(len(prompts) * body.n, f"{len(prompts)} prompts x "
                                   f"n={body.n} sequences in one request")
         if slot.gen is None or engine.generation is None:
@@ -78,7 +79,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         encoded = await asyncio.get_running_loop().run_in_executor(
             state.tokenizer_pool, lambda: [gen.encode(p) for p in prompts])
         seqs = [ids for ids in encoded for _ in range(body.n)]
-        return slot.name, worker.submit(seqs, params), [len(x) for x in encoded]
+        return slot.name, worker.submit(seqs, params), [len(x) for x in encoded], gen.tok
 
     async def collect(events: Events, count: int) -> list[GenEvent]:
         last: dict[int, GenEvent] = {}
@@ -108,13 +109,19 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
 
         async def sse() -> AsyncIterator[bytes]:
             done: list[GenEvent] = []
+            # a token's log-probability waits for the chunk that carries its text (text is
+            # held back while it could still be a stop string or half a UTF-8 character)
+            pending: dict[int, list[TokenLogprob]] = {}
             try:
                 async for k, ev in events:
                     if ev.error:
                         yield _sse(_model_error(ev.error).openai_body())
                         continue
+                    if ev.logprob is not None:
+                        pending.setdefault(k, []).append(ev.logprob)
                     if ev.delta or ev.finish_reason:
-                        yield _sse(chunk(k, ev.delta, ev.finish_reason))
+                        yield _sse(chunk(k, ev.delta, ev.finish_reason,
+                                         lps=pending.pop(k, [])))
                     if ev.finish_reason:
                         done.append(ev)
                 if include_usage:
@@ -135,13 +142,27 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise InputError("prompt is an empty list", "send at least one prompt")
-        name, events, prompt_tokens = await submit(body, prompts, body.max_tokens)
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InputError(f"logprobs={body.logprobs} is invalid: /v1/completions gives 0 to "
+                             f"{MAX_COMPLETION_LOGPROBS} alternatives per token",
+                             f"send 0..{MAX_COMPLETION_LOGPROBS} (/v1/chat/completions' "
+                             "top_logprobs goes to 20)")
+        name, events, prompt_tokens, tok = await submit(body, prompts, body.max_tokens,
+                                                        body.logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        offsets: dict[int, int] = {}  # each choice's text offset so far, across chunks
 
         def chunk(k: int | None, text: str, reason: str | None,
-                  use: S.CompletionUsage | None = None) -> dict[str, Any]:
-            choices = [] if k is None else [{"index": k, "text": text, "logprobs": None,
-                                             "finish_reason": reason}]
+                  use: S.CompletionUsage | None = None,
+                  lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
+            choices: list[dict[str, Any]] = []
+            if k is not None:
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _completion_logprobs(tok, lps or [], offsets.get(k, 0))
+                    offsets[k] = offsets.get(k, 0) + sum(map(len, logprobs["tokens"]))
+                choices = [{"index": k, "text": text, "logprobs": logprobs,
+                            "finish_reason": reason}]
             return envelope(rid, "text_completion", created, name, choices, use)
 
         if body.stream:
@@ -152,7 +173,9 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             events.close()
         return S.CompletionResponse(
             id=rid, created=created, model=name, usage=usage(done, prompt_tokens),
-            choices=[S.CompletionChoice(index=k, text=_text(ev), finish_reason=_reason(ev))
+            choices=[S.CompletionChoice(index=k, text=_text(ev), finish_reason=_reason(ev),
+                                        logprobs=None if body.logprobs is None else
+                                        _completion_logprobs(tok, _lps(ev)))
                      for k, ev in enumerate(done)])
 
     @app.post("/v1/chat/completions", response_model=S.ChatCompletionResponse,
@@ -163,13 +186,21 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str)
                      else "".join(p.text for p in m.content)} for m in body.messages]
-        name, events, prompt_tokens = await submit(body, [messages],
-                                                   body.max_completion_tokens or body.max_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InputError("top_logprobs was sent without logprobs: true",
+                             "send logprobs: true with it, or leave top_logprobs out")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(f"top_logprobs={body.top_logprobs} is invalid: it must be "
+                             f"between 0 and {MAX_TOP_LOGPROBS}", "send a smaller top_logprobs")
+        asked = (body.top_logprobs or 0) if body.logprobs else None
+        name, events, prompt_tokens, tok = await submit(
+            body, [messages], body.max_completion_tokens or body.max_tokens, asked)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         started: set[int] = set()
 
         def chunk(k: int | None, text: str, reason: str | None,
-                  use: S.CompletionUsage | None = None) -> dict[str, Any]:
+                  use: S.CompletionUsage | None = None,
+                  lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
             choices: list[dict[str, Any]] = []
             if k is not None:
                 delta: dict[str, Any] = {}
@@ -178,7 +209,9 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
                     delta["role"] = "assistant"
                 if text or not reason:
                     delta["content"] = text
-                choices = [{"index": k, "delta": delta, "logprobs": None,
+                choices = [{"index": k, "delta": delta,
+                            "logprobs": None if asked is None else
+                            _chat_logprobs(tok, lps or []),
                             "finish_reason": reason}]
             return envelope(rid, "chat.completion.chunk", created, name, choices, use)
 
@@ -191,7 +224,9 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         return S.ChatCompletionResponse(
             id=rid, created=created, model=name, usage=usage(done, prompt_tokens),
             choices=[S.ChatChoice(index=k, message=S.AssistantMessage(content=_text(ev)),
-                                  finish_reason=_reason(ev))
+                                  finish_reason=_reason(ev),
+                                  logprobs=None if asked is None else
+                                  _chat_logprobs(tok, _lps(ev)))
                      for k, ev in enumerate(done)])
 
 
@@ -206,3 +241,33 @@ def _reason(ev: GenEvent) -> Literal["stop", "length"]:
 
 def _text(ev: GenEvent) -> str:
     return ev.completion.text if ev.completion is not None else ""
+
+
+def _lps(ev: GenEvent) -> list[TokenLogprob]:
+    return (ev.completion.logprobs or []) if ev.completion is not None else []
+
+
+def _token(tok: Any, t: int, logprob: float) -> dict[str, Any]:
+    """OpenAI's token entry: the token's text, its logprob, and the UTF-8 bytes of that
+    text (a token that is part of a character decodes to U+FFFD, whose bytes these are)."""
+    text = tok.decode([t])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _chat_logprobs(tok: Any, lps: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat completions' ``logprobs``: one entry per generated token, each with its
+    ``top_logprobs`` (as many as asked)."""
+    return {"content": [{**_token(tok, x.token, x.logprob),
+                         "top_logprobs": [_token(tok, t, v) for t, v in x.top]}
+                        for x in lps], "refusal": None}
+
+
+def _completion_logprobs(tok: Any, lps: list[TokenLogprob], offset: int = 0
+                         ) -> dict[str, Any]:
+    """Completions' (legacy) ``logprobs``: parallel lists, ``text_offset`` counted in
+    characters from the start of the generated text."""
+    tokens = [tok.decode([x.token]) for x in lps]
+    starts = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": [{tok.decode([t]): v for t, v in x.top} for x in lps],
+            "text_offset": starts}

@@ -354,6 +354,8 @@ class CompletionRequest(_GenParams):
     """OpenAI ``POST /v1/completions``."""
 
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, description="Log-probabilities of each "
+                                 "generated token and of this many alternatives (0..5).")
 
 
 class ChatContentPart(BaseModel):
@@ -372,6 +374,10 @@ class ChatCompletionRequest(_GenParams):
 
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = Field(default=None, description="Log-probabilities of each "
+                                  "generated token (the model's, before sampling).")
+    top_logprobs: int | None = Field(default=None, description="With logprobs: this many "
+                                     "most likely alternatives per token (0..20).")
 
 
 class CompletionUsage(BaseModel):
@@ -383,7 +389,7 @@ class CompletionUsage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -404,7 +410,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"]
 
 
