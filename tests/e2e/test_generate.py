@@ -242,6 +242,12 @@ def test_logprobs_are_the_models_log_softmax(smollm2: sureserve.Engine) -> None:
             assert max(abs(v - float(w)) for (_, v), w in zip(entry.top, top.values,
                                                                 strict=True)) < 1e-4
             assert entry.top[0][0] == tok  # greedy: the chosen token is the most likely
+        # echo's prompt scoring, in chunks of 2 positions (the cache carries the rest)
+        scored = smollm2.generation.prompt_logprobs(ids, 2, chunk=2)
+        assert [e.token for e in scored] == ids and scored[0].logprob is None
+        for k, e in enumerate(scored[1:], start=1):
+            assert e.logprob is not None and abs(e.logprob - float(lp[k - 1, ids[k]])) < 1e-4
+            assert [t for t, _ in e.top] == lp[k - 1].topk(2).indices.tolist()
 
 
 SYSTEM = ("You answer questions about the article below, briefly. The city council met on "

@@ -110,6 +110,51 @@ def test_logprobs_in_openais_shapes_streamed_and_not(client: OpenAI) -> None:
     assert all(len(d) <= 2 for d in lp.top_logprobs or [])
 
 
+def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(client: OpenAI,
+                                                            gen_server: Server) -> None:
+    """``echo`` + ``logprobs`` (+ ``max_tokens: 0``), what lm-evaluation-harness's
+    ``local-completions`` sends to score a continuation: the prompt's tokens with their
+    log-probabilities, the first null; with generation, the prompt's entries come first
+    and the generated ones equal the answer's without echo."""
+    import math
+
+    prompt = "The capital of France is"
+    scored = client.completions.create(model="smollm2", prompt=prompt, max_tokens=0,
+                                       echo=True, logprobs=1, temperature=0)
+    c = scored.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and c.logprobs is not None
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert lp.tokens is not None and len(lp.tokens) == scored.usage.prompt_tokens == 5
+    assert "".join(lp.tokens) == prompt
+    assert lp.token_logprobs is not None and lp.token_logprobs[0] is None
+    assert all(v is not None and v < 0 for v in lp.token_logprobs[1:])
+    assert lp.top_logprobs is not None and lp.top_logprobs[0] is None
+    assert all(len(d) == 1 for d in lp.top_logprobs[1:])
+    plain = client.completions.create(model="smollm2", prompt=prompt, max_tokens=3,
+                                      temperature=0, logprobs=2)
+    both = client.completions.create(model="smollm2", prompt=prompt, max_tokens=3,
+                                     temperature=0, logprobs=2, echo=True)
+    assert both.choices[0].text == prompt + plain.choices[0].text
+    bl, pl = both.choices[0].logprobs, plain.choices[0].logprobs
+    assert bl is not None and pl is not None and bl.token_logprobs and pl.token_logprobs
+    assert bl.tokens == lp.tokens + pl.tokens
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in
+               zip(bl.token_logprobs[1:5], lp.token_logprobs[1:], strict=True))
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in
+               zip(bl.token_logprobs[5:], pl.token_logprobs, strict=True))
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=3, temperature=0, echo=True, stream=True)
+        if ch.choices)
+    assert streamed == both.choices[0].text
+    url = f"{gen_server.url}/v1"
+    r = httpx.post(f"{url}/completions", json={"prompt": "Hi", "max_tokens": 0}, timeout=30)
+    assert r.status_code == 422 and "max_tokens=0" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "echo": True}, timeout=30)
+    assert r.status_code == 422 and "echo" in r.json()["error"]["message"]
+
+
 def test_openai_client_chat_stream_equals_non_stream(client: OpenAI) -> None:
     messages = [{"role": "user", "content": "What is 2+2?"}]
     whole = client.chat.completions.create(model="smollm2", messages=messages,  # type: ignore

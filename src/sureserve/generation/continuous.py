@@ -56,7 +56,7 @@ class TokenLogprob:
     from; vLLM's default too)."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing comes before it)
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
@@ -292,6 +292,32 @@ class GenerationEngine:
         benchmarks' and the tests' plain call."""
         done = self.run(prompts, SamplingParams(max_new_tokens=max_new_tokens))
         return [c.token_ids for c in done]
+
+    def prompt_logprobs(self, ids: Sequence[int], top: int, chunk: int = 256
+                        ) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (the first has
+        none), with ``top`` alternatives: what OpenAI's ``echo`` + ``logprobs`` return, and
+        what evaluation harnesses score. One plain forward, in chunks of ``chunk`` positions
+        so the full-vocabulary logits stay small; between steps (the step lock), never
+        inside a batch."""
+        import torch
+
+        out = [TokenLogprob(int(ids[0]), None, [])]
+        cache = None
+        with self._step_lock, torch.inference_mode():
+            for a in range(0, len(ids) - 1, chunk):
+                piece = list(ids[a:a + chunk])
+                res = self.model(input_ids=torch.tensor([piece], device=self.device),
+                                 cache=cache, use_cache=True)
+                cache = res.cache
+                lp = torch.log_softmax(res.logits[0].float(), dim=-1)  # j predicts a + j + 1
+                targets = list(ids[a + 1:a + len(piece) + 1])
+                top_v, top_i = lp[:len(targets)].topk(top, dim=-1) if top else (None, None)
+                for j, t in enumerate(targets):
+                    alts = list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True)) \
+                        if top_v is not None and top_i is not None else []
+                    out.append(TokenLogprob(int(t), float(lp[j, t]), alts))
+        return out
 
     # ---- one iteration ----------------------------------------------------------------
     def step(self) -> None:

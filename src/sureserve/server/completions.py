@@ -8,10 +8,11 @@ fits, 429 over capacity) before a stream's 200 goes out; text deltas come back a
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -29,7 +30,7 @@ from sureserve.settings import Settings
 #: accepted and ignored: they do not change the output
 HARMLESS_EXTRAS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 #: OpenAI parameters refused unless they have their neutral value
-NEUTRAL = {"echo": False, "suffix": None, "best_of": 1, "tools": None, "tool_choice": None,
+NEUTRAL = {"suffix": None, "best_of": 1, "tools": None, "tool_choice": None,
            "functions": None, "response_format": None}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions (chat: top_logprobs <= 20)
 MAX_N = 16
@@ -81,6 +82,29 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         seqs = [ids for ids in encoded for _ in range(body.n)]
         return slot.name, worker.submit(seqs, params), [len(x) for x in encoded], gen.tok
 
+    async def echoed(body: S.CompletionRequest, prompts: list[str]
+                     ) -> tuple[str, list[list[int]], list[list[TokenLogprob]] | None, Any]:
+        """``echo``: the prompts' token ids and, when logprobs are asked, each prompt
+        token's log-probability (one forward per prompt, on the model's stepping thread);
+        with the model's name and tokenizer."""
+        slot, engine = state.pick(body.model, "generate")
+        state.within_client_batch(len(prompts) * body.n, f"{len(prompts)} prompts x "
+                                  f"n={body.n} sequences in one request")
+        if slot.gen is None or engine.generation is None:
+            raise NotReadyError(f"model {slot.name} is not generating", "wait for GET /health")
+        gen, worker = engine.generation, slot.gen
+        encoded = await asyncio.get_running_loop().run_in_executor(
+            state.tokenizer_pool, lambda: [gen.encode(p) for p in prompts])
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise InputError(f"prompt {i} has no tokens", "send a non-empty prompt")
+            gen.sched.check(len(ids), 1, i)  # within the context (413 with the numbers)
+        lps = None
+        if body.logprobs is not None:
+            lps = [await worker.call(functools.partial(gen.prompt_logprobs, ids, body.logprobs))
+                   for ids in encoded]
+        return slot.name, encoded, lps, gen.tok
+
     async def collect(events: Events, count: int) -> list[GenEvent]:
         last: dict[int, GenEvent] = {}
         async for k, ev in events:
@@ -103,12 +127,23 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         c = sum(ev.completion_tokens for ev in done)
         return S.CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
-    def stream(events: Events, prompt_tokens: list[int], body: Any, chunk: Chunk
-               ) -> StreamingResponse:
+    def stream(events: Events | None, prompt_tokens: list[int], body: Any, chunk: Chunk,
+               first: Sequence[dict[str, Any]] = ()) -> StreamingResponse:
+        """Server-sent events: the ``first`` chunks (an echoed prompt), then one chunk per
+        piece of text of ``events`` (none: the first chunks are the whole answer)."""
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def sse() -> AsyncIterator[bytes]:
             done: list[GenEvent] = []
+            for c in first:
+                yield _sse(c)
+            if events is None:
+                if include_usage:
+                    p = sum(prompt_tokens)
+                    yield _sse(chunk(None, "", None, S.CompletionUsage(
+                        prompt_tokens=p, completion_tokens=0, total_tokens=p)))
+                yield b"data: [DONE]\n\n"
+                return
             # a token's log-probability waits for the chunk that carries its text (text is
             # held back while it could still be a stop string or half a UTF-8 character)
             pending: dict[int, list[TokenLogprob]] = {}
@@ -147,36 +182,64 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
                              f"{MAX_COMPLETION_LOGPROBS} alternatives per token",
                              f"send 0..{MAX_COMPLETION_LOGPROBS} (/v1/chat/completions' "
                              "top_logprobs goes to 20)")
-        name, events, prompt_tokens, tok = await submit(body, prompts, body.max_tokens,
-                                                        body.logprobs)
+        if body.max_tokens == 0 and not body.echo:
+            raise InputError("max_tokens=0 generates nothing",
+                             "send max_tokens >= 1, or echo: true to score the prompt alone")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         offsets: dict[int, int] = {}  # each choice's text offset so far, across chunks
+        # echo: each choice starts with its prompt (text, and its tokens' logprobs)
+        head_text: list[str] = []
+        head_lps: list[list[TokenLogprob]] = []
+        if body.echo:
+            name, encoded, plps, tok = await echoed(body, prompts)
+            head_text = [p for p in prompts for _ in range(body.n)]
+            head_lps = [lp for lp in (plps or [[] for _ in prompts]) for _ in range(body.n)]
+            prompt_tokens = [len(ids) for ids in encoded]
+
+        def logprobs_of(k: int, lps: list[TokenLogprob]) -> dict[str, Any] | None:
+            if body.logprobs is None:
+                return None
+            out = _completion_logprobs(tok, lps, offsets.get(k, 0))
+            offsets[k] = offsets.get(k, 0) + sum(map(len, out["tokens"]))
+            return out
 
         def chunk(k: int | None, text: str, reason: str | None,
                   use: S.CompletionUsage | None = None,
                   lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
-            choices: list[dict[str, Any]] = []
-            if k is not None:
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = _completion_logprobs(tok, lps or [], offsets.get(k, 0))
-                    offsets[k] = offsets.get(k, 0) + sum(map(len, logprobs["tokens"]))
-                choices = [{"index": k, "text": text, "logprobs": logprobs,
-                            "finish_reason": reason}]
+            choices = [] if k is None else [{"index": k, "text": text,
+                                             "logprobs": logprobs_of(k, lps or []),
+                                             "finish_reason": reason}]
             return envelope(rid, "text_completion", created, name, choices, use)
 
+        if body.echo and body.max_tokens == 0:  # the prompts scored, nothing generated
+            if body.stream:
+                return stream(None, prompt_tokens, body, chunk,
+                              [chunk(k, t, "length", lps=head_lps[k])
+                               for k, t in enumerate(head_text)])
+            p = sum(prompt_tokens)
+            return S.CompletionResponse(
+                id=rid, created=created, model=name, usage=S.CompletionUsage(
+                    prompt_tokens=p, completion_tokens=0, total_tokens=p),
+                choices=[S.CompletionChoice(index=k, text=t, finish_reason="length",
+                                            logprobs=logprobs_of(k, head_lps[k]))
+                         for k, t in enumerate(head_text)])
+        name, events, prompt_tokens, tok = await submit(body, prompts, body.max_tokens,
+                                                        body.logprobs)
         if body.stream:
-            return stream(events, prompt_tokens, body, chunk)
+            return stream(events, prompt_tokens, body, chunk,
+                          [chunk(k, t, None, lps=head_lps[k])
+                           for k, t in enumerate(head_text)])
         try:
             done = await until_done_or_gone(request, collect(events, len(prompt_tokens) * body.n))
         finally:  # also when the client left before ``collect`` began
             events.close()
         return S.CompletionResponse(
             id=rid, created=created, model=name, usage=usage(done, prompt_tokens),
-            choices=[S.CompletionChoice(index=k, text=_text(ev), finish_reason=_reason(ev),
-                                        logprobs=None if body.logprobs is None else
-                                        _completion_logprobs(tok, _lps(ev)))
-                     for k, ev in enumerate(done)])
+            choices=[S.CompletionChoice(
+                index=k, text=(head_text[k] if body.echo else "") + _text(ev),
+                finish_reason=_reason(ev),
+                logprobs=logprobs_of(k, (head_lps[k] if body.echo else []) + _lps(ev)))
+                for k, ev in enumerate(done)])
 
     @app.post("/v1/chat/completions", response_model=S.ChatCompletionResponse,
               responses=OPENAI_ERRORS)
@@ -247,7 +310,7 @@ def _lps(ev: GenEvent) -> list[TokenLogprob]:
     return (ev.completion.logprobs or []) if ev.completion is not None else []
 
 
-def _token(tok: Any, t: int, logprob: float) -> dict[str, Any]:
+def _token(tok: Any, t: int, logprob: float | None) -> dict[str, Any]:
     """OpenAI's token entry: the token's text, its logprob, and the UTF-8 bytes of that
     text (a token that is part of a character decodes to U+FFFD, whose bytes these are)."""
     text = tok.decode([t])
@@ -265,9 +328,11 @@ def _chat_logprobs(tok: Any, lps: list[TokenLogprob]) -> dict[str, Any]:
 def _completion_logprobs(tok: Any, lps: list[TokenLogprob], offset: int = 0
                          ) -> dict[str, Any]:
     """Completions' (legacy) ``logprobs``: parallel lists, ``text_offset`` counted in
-    characters from the start of the generated text."""
+    characters from the start of the choice's text; an echoed prompt's first token has
+    null for its logprob and its alternatives, as OpenAI returns it."""
     tokens = [tok.decode([x.token]) for x in lps]
     starts = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
     return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
-            "top_logprobs": [{tok.decode([t]): v for t, v in x.top} for x in lps],
+            "top_logprobs": [None if x.logprob is None else
+                             {tok.decode([t]): v for t, v in x.top} for x in lps],
             "text_offset": starts}

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from sureserve.errors import OverloadedError
 from sureserve.generation.continuous import GenerationEngine, GenEvent
@@ -30,6 +32,10 @@ class GenWorker:
         self._wake = threading.Event()
         self._stopping = False
         self._prefix_seen = (0, 0, 0, 0)  # the prefix cache's counters already exported
+        # model work outside the batch (echo's prompt log-probabilities), run on this
+        # thread between steps: one thread drives the model, its OpenMP pool stays warm
+        self._jobs: deque[tuple[Callable[[], Any], asyncio.Future[Any],
+                                asyncio.AbstractEventLoop]] = deque()
         self._thread = threading.Thread(target=self._run, name=f"generate-{name}", daemon=True)
 
     def start(self) -> None:
@@ -48,6 +54,13 @@ class GenWorker:
     def _run(self) -> None:
         m, engine = self.metrics, self.engine
         while not self._stopping:
+            while self._jobs:
+                fn, fut, loop = self._jobs.popleft()
+                try:
+                    res, exc = fn(), None
+                except Exception as e:  # the caller's request fails, not the worker
+                    res, exc = None, e
+                loop.call_soon_threadsafe(_settle, fut, res, exc)
             if not engine.has_work:
                 self._wake.wait(0.2)
                 self._wake.clear()
@@ -68,6 +81,14 @@ class GenWorker:
                         counter.labels(self.name).inc(a - b)
                 self._prefix_seen = now
                 m.prefix_bytes.labels(self.name).set(pc.bytes)
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the stepping thread, between two steps; its result (or error)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._jobs.append((fn, fut, loop))
+        self._wake.set()
+        return await fut
 
     def cancel(self, ids: Iterable[int]) -> None:
         """Stop these sequences (their client is gone); freed at the next step."""
@@ -97,6 +118,14 @@ class GenWorker:
             raise
         self._wake.set()
         return Events(self, ids, queue)
+
+
+def _settle(fut: asyncio.Future[Any], res: Any, exc: BaseException | None) -> None:
+    if not fut.done():  # the request may have gone meanwhile
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(res)
 
 
 class Events:

@@ -356,6 +356,9 @@ class CompletionRequest(_GenParams):
     prompt: str | list[str]
     logprobs: int | None = Field(default=None, description="Log-probabilities of each "
                                  "generated token and of this many alternatives (0..5).")
+    echo: bool = Field(default=False, description="Start each choice with its prompt (and, "
+                       "with logprobs, the prompt tokens' log-probabilities, the first null); "
+                       "with max_tokens 0 the prompt is scored and nothing generated.")
 
 
 class ChatContentPart(BaseModel):
