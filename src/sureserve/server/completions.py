@@ -19,10 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
-from sureserve.generation.continuous import GenEvent, TokenLogprob
+from sureserve.generation.continuous import GenerationEngine, GenEvent, TokenLogprob
 from sureserve.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from sureserve.server import schemas as S
-from sureserve.server.genworker import Events
+from sureserve.server.genworker import Events, GenWorker
 from sureserve.server.http import OPENAI_ERRORS, until_done_or_gone
 from sureserve.server.state import ServerState
 from sureserve.settings import Settings
@@ -66,35 +66,34 @@ def _sse(obj: Any) -> bytes:
 def install_generation_routes(app: FastAPI, state: ServerState) -> None:
     settings: Settings = state.settings
 
-    async def submit(body: S._GenParams, prompts: list[Any], max_tokens: int | None,
-                     logprobs: int | None) -> tuple[str, Events, list[int], Any]:
-        """Tokenize off the event loop and queue every sequence; returns the model's name,
-        its events, the prompts' token counts and its tokenizer."""
+    async def encode(body: S._GenParams, prompts: list[Any]
+                     ) -> tuple[str, GenerationEngine, GenWorker, list[list[int]]]:
+        """The model for ``body``, and the prompts tokenized off the event loop."""
         slot, engine = state.pick(body.model, "generate")
-        params = _params(body, max_tokens, settings, logprobs)
         state.within_client_batch(len(prompts) * body.n, f"{len(prompts)} prompts x "
                                   f"n={body.n} sequences in one request")
         if slot.gen is None or engine.generation is None:
             raise NotReadyError(f"model {slot.name} is not generating", "wait for GET /health")
-        gen, worker = engine.generation, slot.gen
+        gen = engine.generation
         encoded = await asyncio.get_running_loop().run_in_executor(
             state.tokenizer_pool, lambda: [gen.encode(p) for p in prompts])
+        return slot.name, gen, slot.gen, encoded
+
+    async def submit(body: S._GenParams, prompts: list[Any], max_tokens: int | None,
+                     logprobs: int | None) -> tuple[str, Events, list[int], Any]:
+        """Queue every sequence; returns the model's name, its events, the prompts' token
+        counts and its tokenizer."""
+        params = _params(body, max_tokens, settings, logprobs)
+        name, gen, worker, encoded = await encode(body, prompts)
         seqs = [ids for ids in encoded for _ in range(body.n)]
-        return slot.name, worker.submit(seqs, params), [len(x) for x in encoded], gen.tok
+        return name, worker.submit(seqs, params), [len(x) for x in encoded], gen.tok
 
     async def echoed(body: S.CompletionRequest, prompts: list[str]
                      ) -> tuple[str, list[list[int]], list[list[TokenLogprob]] | None, Any]:
         """``echo``: the prompts' token ids and, when logprobs are asked, each prompt
         token's log-probability (one forward per prompt, on the model's stepping thread);
         with the model's name and tokenizer."""
-        slot, engine = state.pick(body.model, "generate")
-        state.within_client_batch(len(prompts) * body.n, f"{len(prompts)} prompts x "
-                                  f"n={body.n} sequences in one request")
-        if slot.gen is None or engine.generation is None:
-            raise NotReadyError(f"model {slot.name} is not generating", "wait for GET /health")
-        gen, worker = engine.generation, slot.gen
-        encoded = await asyncio.get_running_loop().run_in_executor(
-            state.tokenizer_pool, lambda: [gen.encode(p) for p in prompts])
+        name, gen, worker, encoded = await encode(body, prompts)
         for i, ids in enumerate(encoded):
             if not ids:
                 raise InputError(f"prompt {i} has no tokens", "send a non-empty prompt")
@@ -103,7 +102,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         if body.logprobs is not None:
             lps = [await worker.call(functools.partial(gen.prompt_logprobs, ids, body.logprobs))
                    for ids in encoded]
-        return slot.name, encoded, lps, gen.tok
+        return name, encoded, lps, gen.tok
 
     async def collect(events: Events, count: int) -> list[GenEvent]:
         last: dict[int, GenEvent] = {}
