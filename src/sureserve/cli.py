@@ -16,11 +16,13 @@ from rich.console import Console
 from sureserve.bench.cli import bench_app
 from sureserve.clikit import (
     FieldOpt,
+    FreqOpt,
     GenModel,
     InputOpt,
     JsonOpt,
     ModelArg,
     ModelOpt,
+    PresOpt,
     RepOpt,
     RevisionOpt,
     SeedOpt,
@@ -137,6 +139,10 @@ def generate(prompts: Annotated[list[str], typer.Argument(help="Prompt(s). One p
                              "message through the model's chat template.")] = False,
              temperature: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
              repetition_penalty: RepOpt = 1.0, stop: StopOpt = None, seed: SeedOpt = None,
+             frequency_penalty: FreqOpt = 0.0, presence_penalty: PresOpt = 0.0,
+             logprobs: Annotated[int | None, typer.Option(
+                 "--logprobs", help="With --json: each generated token's log-probability "
+                 "and this many alternatives (0..20).")] = None,
              as_json: Annotated[bool, typer.Option(
                  "--json", help="Print one JSON line per prompt (text, finish_reason, "
                  "token counts) instead of streaming.")] = False) -> None:
@@ -145,8 +151,11 @@ def generate(prompts: Annotated[list[str], typer.Argument(help="Prompt(s). One p
 
     engine = sureserve.load(model, task="generate", settings=settings)
     params = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-              "repetition_penalty": repetition_penalty, "stop": stop or (), "seed": seed}
+              "repetition_penalty": repetition_penalty, "stop": stop or (), "seed": seed,
+              "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty,
+              "logprobs": logprobs}
     inputs: list[Any] = [[{"role": "user", "content": p}] if chat else p for p in prompts]
+    as_json = as_json or logprobs is not None  # log-probabilities need the JSON lines
     if len(inputs) == 1 and not as_json:
         for piece in engine.stream(inputs[0], **params):
             sys.stdout.write(piece)
@@ -155,9 +164,16 @@ def generate(prompts: Annotated[list[str], typer.Argument(help="Prompt(s). One p
         return
     for prompt, c in zip(prompts, engine.complete(inputs, **params), strict=True):
         if as_json:
-            print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
-                              "prompt_tokens": c.prompt_tokens,
-                              "completion_tokens": c.completion_tokens, "error": c.error}))
+            row: dict[str, Any] = {"prompt": prompt, "text": c.text,
+                                   "finish_reason": c.finish_reason,
+                                   "prompt_tokens": c.prompt_tokens,
+                                   "completion_tokens": c.completion_tokens, "error": c.error}
+            if c.logprobs is not None:
+                tok = engine.tokenizer
+                row["logprobs"] = [{"token": tok.decode([x.token]), "logprob": x.logprob,
+                                    "top": [[tok.decode([t]), v] for t, v in x.top]}
+                                   for x in c.logprobs]
+            print(json.dumps(row))
         else:
             out.rule(prompt[:60])
             print(c.text)

@@ -85,6 +85,10 @@ RepOpt = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discour
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable, "
                                                    "not included in the output).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Makes sampling reproducible.")]
+FreqOpt = Annotated[float, typer.Option("--frequency-penalty", help="OpenAI's (-2..2): a "
+                                        "token loses this per time it was generated.")]
+PresOpt = Annotated[float, typer.Option("--presence-penalty", help="OpenAI's (-2..2): a token "
+                                        "loses this once it was generated.")]
 
 
 def report(message: str) -> None:

@@ -11,6 +11,7 @@ import sureserve
 from sureserve.errors import InputError, InputTooLongError, TaskMismatchError
 from sureserve.generation.continuous import GenerationEngine
 from sureserve.generation.sampling import SamplingParams
+from tests.cli import cli
 
 pytestmark = pytest.mark.e2e
 
@@ -248,6 +249,22 @@ def test_logprobs_are_the_models_log_softmax(smollm2: sureserve.Engine) -> None:
         for k, e in enumerate(scored[1:], start=1):
             assert e.logprob is not None and abs(e.logprob - float(lp[k - 1, ids[k]])) < 1e-4
             assert [t for t, _ in e.top] == lp[k - 1].topk(2).indices.tolist()
+
+
+def test_cli_generate_takes_the_openai_penalties_and_prints_logprobs(
+        smollm2: sureserve.Engine) -> None:
+    """``sureserve generate --frequency-penalty --logprobs N`` prints JSON lines whose text
+    is the Python API's with the same parameters, with one logprob entry per token."""
+    import json
+
+    prompt = "one, one, one, one,"
+    r = cli("generate", prompt, "--max-new-tokens", "5", "--frequency-penalty", "2",
+            "--logprobs", "2")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    want = smollm2.complete([prompt], max_new_tokens=5, frequency_penalty=2.0, logprobs=2)[0]
+    assert row["text"] == want.text and len(row["logprobs"]) == want.completion_tokens
+    assert all(len(e["top"]) == 2 and e["logprob"] <= 0 for e in row["logprobs"])
 
 
 SYSTEM = ("You answer questions about the article below, briefly. The city council met on "
