@@ -32,15 +32,22 @@ class Record:
     text: str
 
 
+def bad_line(message: str, line: int, fix: str = "fix that line", what: str = "lines"
+             ) -> BadLineError:
+    """A line (or row) a job cannot read, with the fix the bad-line policy offers: local
+    and Ray jobs, whichever reader found it."""
+    return BadLineError(message, f"{fix}, or pass --skip-bad-lines "
+                        f"(SURESERVE_SKIP_BAD_LINES=1) to skip such {what}", line=line)
+
+
 def _decoded_lines(raw: Iterable[bytes], skipped: list[BadLineError],
                    skip: bool) -> Iterator[tuple[int, str]]:
     for n, b in enumerate(raw, start=1):
         try:
             yield n, b.decode("utf-8")
         except UnicodeDecodeError as exc:
-            err = BadLineError(f"line {n} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                               "fix the file's encoding, or pass --skip-bad-lines "
-                               "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines", line=n)
+            err = bad_line(f"line {n} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                           n, "fix the file's encoding")
             if not skip:
                 raise err from exc
             skipped.append(err)
@@ -109,14 +116,11 @@ def _parquet(path: Path, field: str, rows: int = 1024) -> Iterator[Record | BadL
             if isinstance(text, str):
                 yield Record(n, text)
             else:
-                yield BadLineError(f"row {n}: no text in {field!r}",
-                                   "fix that row, or pass --skip-bad-lines "
-                                   "(SURESERVE_SKIP_BAD_LINES=1) to skip such rows", line=n)
+                yield bad_line(f"row {n}: no text in {field!r}", n, "fix that row", "rows")
 
 
 def _bad(n: int, what: str, skip: bool, skipped: list[BadLineError]) -> None:
-    err = BadLineError(f"line {n}: {what}", "fix that line, or pass --skip-bad-lines "
-                       "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines", line=n)
+    err = bad_line(f"line {n}: {what}", n)
     if not skip:
         raise err
     skipped.append(err)

@@ -193,10 +193,7 @@ class GenerationEngine:
             raise InputError(f"logit_bias names token id {params.bias[-1][0]}, but this "
                              f"model's vocabulary has {self.vocab_size} tokens",
                              f"send token ids below {self.vocab_size}")
-        for i, ids in enumerate(prompts):
-            if not ids:
-                raise InputError(f"prompt {i} has no tokens", "send a non-empty prompt")
-            self.sched.check(len(ids), params.max_new_tokens, i)
+        self.check(prompts, params.max_new_tokens)
         with self._lock:
             if max_waiting is not None and self.waiting + len(prompts) > max_waiting:
                 raise OverloadedError.queue_full(self.waiting, len(prompts), max_waiting,
@@ -210,6 +207,14 @@ class GenerationEngine:
             self.watch.observe_texts([len(p) for p in prompts],
                                      [count_unknown(p, self.watch.unknown_id) for p in prompts])
         return [r.id for r in made]
+
+    def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """Each prompt has tokens and could fit with ``max_new_tokens`` more (the context
+        and the KV budget), or is refused at once with the numbers (413)."""
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise InputError(f"prompt {i} has no tokens", "send a non-empty prompt")
+            self.sched.check(len(ids), max_new_tokens, i)
 
     def cancel(self, seq_id: int) -> None:
         """Stop a request (client gone): its slot and cache rows are freed at the next step."""
@@ -310,13 +315,9 @@ class GenerationEngine:
                 res = self.model(input_ids=torch.tensor([piece], device=self.device),
                                  cache=cache, use_cache=True)
                 cache = res.cache
-                lp = torch.log_softmax(res.logits[0].float(), dim=-1)  # j predicts a + j + 1
-                targets = list(ids[a + 1:a + len(piece) + 1])
-                top_v, top_i = lp[:len(targets)].topk(top, dim=-1) if top else (None, None)
-                for j, t in enumerate(targets):
-                    alts = list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True)) \
-                        if top_v is not None and top_i is not None else []
-                    out.append(TokenLogprob(int(t), float(lp[j, t]), alts))
+                targets = list(ids[a + 1:a + len(piece) + 1])  # position j predicts a + j + 1
+                out += _logprob_entries(res.logits[0, :len(targets)], targets,
+                                        [top] * len(targets))
         return out
 
     # ---- one iteration ----------------------------------------------------------------
@@ -414,11 +415,12 @@ class GenerationEngine:
                     seq.reused = seq.computed
 
     def _prefill_some(self) -> list[Request]:
-        """Run up to ``prefill_tokens`` prompt tokens (at least one forward), FIFO: a prompt
-        whose rest is longer than that runs a chunk on its own; otherwise the next prompts
-        share one forward, each from its own starting point (nothing, or the stored prefix
-        it found: a burst of chats with different histories is one forward, not one per
-        history). Returns the requests that got their first token."""
+        """Run up to ``prefill_tokens`` prompt tokens (at least one forward), oldest first: a
+        prompt whose rest is longer than that runs a chunk on its own; otherwise it shares
+        one forward with the waiting prompts closest to it in length (``_group``), each from
+        its own starting point (nothing, or the stored prefix it found: a burst of chats with
+        different histories is one forward, not one per history). Returns the requests that
+        got their first token."""
         budget, done = self.prefill_tokens, []
         while self._prefilling and budget > 0:
             self._reuse_prefixes()
@@ -655,20 +657,28 @@ class GenerationEngine:
 def _note_logprobs(logits: Any, seqs: Sequence[Request]) -> None:
     """Each asking row's newest token's log-probability and its step's top alternatives,
     from that step's raw logits (rows x vocab, in ``seqs`` order)."""
-    import torch
-
     want = [(i, s) for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not want:
         return
-    lp = torch.log_softmax(logits[[i for i, _ in want]].float(), dim=-1)
-    k = max(s.params.logprobs or 0 for _, s in want)
+    entries = _logprob_entries(logits[[i for i, _ in want]], [s.tokens[-1] for _, s in want],
+                               [s.params.logprobs or 0 for _, s in want])
+    for (_, s), entry in zip(want, entries, strict=True):
+        s.logprobs.append(entry)
+
+
+def _logprob_entries(logits: Any, tokens: Sequence[int], tops: Sequence[int]
+                     ) -> list[TokenLogprob]:
+    """``tokens[j]``'s log-probability under logits row ``j`` (rows x vocab, raw), with
+    that row's ``tops[j]`` most likely alternatives: generated tokens and echoed prompts
+    alike."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    k = max(tops, default=0)
     top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-    for j, (_, s) in enumerate(want):
-        n = s.params.logprobs or 0
-        t = s.tokens[-1]
-        s.logprobs.append(TokenLogprob(t, float(lp[j, t]),
-                                       list(zip(top_i[j, :n].tolist(),
-                                                top_v[j, :n].tolist(), strict=True))))
+    return [TokenLogprob(int(t), float(lp[j, t]),
+                         list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)))
+            for j, (t, n) in enumerate(zip(tokens, tops, strict=True))]
 
 
 def _eos_ids(loaded: Loaded) -> set[int]:

@@ -34,7 +34,7 @@ from sureserve.engine import RunSummary
 from sureserve.errors import BadLineError, InferenceError, InputError, SettingsError, SureserveError
 from sureserve.jobs import Window
 from sureserve.settings import Settings
-from sureserve.textio import FORMATS, Record, read_items, windows
+from sureserve.textio import FORMATS, Record, bad_line, read_items, windows
 
 
 def batch_rows(settings: Settings, replicas: int) -> int:
@@ -247,9 +247,7 @@ def _windows(task_name: str, ds: Any, settings: Settings, per_actor: dict[int, l
             line = int(batch["line"][k])
             bad = str(batch["bad"][k])
             if bad:
-                items.append(BadLineError(bad, "fix that line, or pass --skip-bad-lines "
-                                          "(SURESERVE_SKIP_BAD_LINES=1) to skip such lines",
-                                          line=line))
+                items.append(bad_line(bad, line))
                 continue
             flags = {"truncated": bool(batch["truncated"][k]),
                      "chunks": int(batch["chunks"][k])}

@@ -35,6 +35,8 @@ NEUTRAL = {"suffix": None, "best_of": 1, "tools": None, "tool_choice": None,
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions (chat: top_logprobs <= 20)
 MAX_N = 16
 Chunk = Callable[..., dict[str, Any]]
+#: a request's model and its prompts tokenized: name, engine, worker, token ids
+Model = tuple[str, GenerationEngine, GenWorker, list[list[int]]]
 
 
 # ---- routes -----------------------------------------------------------------------------
@@ -66,8 +68,7 @@ def _sse(obj: Any) -> bytes:
 def install_generation_routes(app: FastAPI, state: ServerState) -> None:
     settings: Settings = state.settings
 
-    async def encode(body: S._GenParams, prompts: list[Any]
-                     ) -> tuple[str, GenerationEngine, GenWorker, list[list[int]]]:
+    async def encode(body: S._GenParams, prompts: list[Any]) -> Model:
         """The model for ``body``, and the prompts tokenized off the event loop."""
         slot, engine = state.pick(body.model, "generate")
         state.within_client_batch(len(prompts) * body.n, f"{len(prompts)} prompts x "
@@ -79,30 +80,28 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             state.tokenizer_pool, lambda: [gen.encode(p) for p in prompts])
         return slot.name, gen, slot.gen, encoded
 
-    async def submit(body: S._GenParams, prompts: list[Any], max_tokens: int | None,
-                     logprobs: int | None) -> tuple[str, Events, list[int], Any]:
-        """Queue every sequence; returns the model's name, its events, the prompts' token
-        counts and its tokenizer."""
-        params = _params(body, max_tokens, settings, logprobs)
-        name, gen, worker, encoded = await encode(body, prompts)
+    async def submit(body: S._GenParams, prompts: list[Any], params: SamplingParams,
+                     model: Model | None = None) -> tuple[str, Events, list[int], Any]:
+        """Queue every sequence (of ``model``'s prompts, already tokenized, else of
+        ``prompts`` tokenized here); returns the model's name, its events, the prompts'
+        token counts and its tokenizer."""
+        name, gen, worker, encoded = model or await encode(body, prompts)
         seqs = [ids for ids in encoded for _ in range(body.n)]
         return name, worker.submit(seqs, params), [len(x) for x in encoded], gen.tok
 
     async def echoed(body: S.CompletionRequest, prompts: list[str]
-                     ) -> tuple[str, list[list[int]], list[list[TokenLogprob]] | None, Any]:
-        """``echo``: the prompts' token ids and, when logprobs are asked, each prompt
-        token's log-probability (one forward per prompt, on the model's stepping thread);
-        with the model's name and tokenizer."""
-        name, gen, worker, encoded = await encode(body, prompts)
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise InputError(f"prompt {i} has no tokens", "send a non-empty prompt")
-            gen.sched.check(len(ids), 1, i)  # within the context (413 with the numbers)
+                     ) -> tuple[Model, list[list[TokenLogprob]] | None]:
+        """``echo``: the model and the prompts tokenized (kept for the generation that
+        follows, if any) and, when logprobs are asked, each prompt token's log-probability
+        (one forward per prompt, on the model's stepping thread)."""
+        model = await encode(body, prompts)
+        _, gen, worker, encoded = model
+        gen.check(encoded, 1)  # within the context (413 with the numbers)
         lps = None
         if body.logprobs is not None:
             lps = [await worker.call(functools.partial(gen.prompt_logprobs, ids, body.logprobs))
                    for ids in encoded]
-        return name, encoded, lps, gen.tok
+        return model, lps
 
     async def collect(events: Events, count: int) -> list[GenEvent]:
         last: dict[int, GenEvent] = {}
@@ -184,16 +183,19 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         if body.max_tokens == 0 and not body.echo:
             raise InputError("max_tokens=0 generates nothing",
                              "send max_tokens >= 1, or echo: true to score the prompt alone")
+        params = _params(body, body.max_tokens, settings, body.logprobs)  # before any work
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         offsets: dict[int, int] = {}  # each choice's text offset so far, across chunks
         # echo: each choice starts with its prompt (text, and its tokens' logprobs)
         head_text: list[str] = []
         head_lps: list[list[TokenLogprob]] = []
+        model: Model | None = None
         if body.echo:
-            name, encoded, plps, tok = await echoed(body, prompts)
+            model, plps = await echoed(body, prompts)
+            name, tok = model[0], model[1].tok
             head_text = [p for p in prompts for _ in range(body.n)]
             head_lps = [lp for lp in (plps or [[] for _ in prompts]) for _ in range(body.n)]
-            prompt_tokens = [len(ids) for ids in encoded]
+            prompt_tokens = [len(ids) for ids in model[3]]
 
         def logprobs_of(k: int, lps: list[TokenLogprob]) -> dict[str, Any] | None:
             if body.logprobs is None:
@@ -222,8 +224,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
                 choices=[S.CompletionChoice(index=k, text=t, finish_reason="length",
                                             logprobs=logprobs_of(k, head_lps[k]))
                          for k, t in enumerate(head_text)])
-        name, events, prompt_tokens, tok = await submit(body, prompts, body.max_tokens,
-                                                        body.logprobs)
+        name, events, prompt_tokens, tok = await submit(body, prompts, params, model)
         if body.stream:
             return stream(events, prompt_tokens, body, chunk,
                           [chunk(k, t, None, lps=head_lps[k])
@@ -255,8 +256,8 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             raise InputError(f"top_logprobs={body.top_logprobs} is invalid: it must be "
                              f"between 0 and {MAX_TOP_LOGPROBS}", "send a smaller top_logprobs")
         asked = (body.top_logprobs or 0) if body.logprobs else None
-        name, events, prompt_tokens, tok = await submit(
-            body, [messages], body.max_completion_tokens or body.max_tokens, asked)
+        params = _params(body, body.max_completion_tokens or body.max_tokens, settings, asked)
+        name, events, prompt_tokens, tok = await submit(body, [messages], params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         started: set[int] = set()
 
