@@ -171,6 +171,7 @@ class Engine:
                                                settings.max_running_seqs,
                                                layout_home=settings.home_dir(),
                                                layout=settings.decode_weight_layout,
+                                               direct_decode=settings.direct_decode,
                                                prefill_tokens=settings.prefill_tokens,
                                                prefix_cache_bytes=int(
                                                    settings.prefix_cache_mb * 2**20))

@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         "starts with one prefills only the rest; least recently used first out. 0 turns "
         "prefix reuse off. /metrics: sureserve_prefix_cache_*.",
     )
+    direct_decode: bool = Field(
+        default=True,
+        description="Decode steps of Llama-family models (llama, mistral, qwen2) run the "
+        "model's layers directly instead of through its forward: the same operations, "
+        "bit-identical logits, less per-token overhead (BENCHMARKS.md). Off: every step "
+        "through transformers' forward. /info's decode_path says which runs and why.",
+    )
     decode_weight_layout: bool = Field(
         default=False,
         description="On a CPU, store each decoder weight shape in the memory order this "
@@ -409,7 +416,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
                  "forward_workers"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "prefill_tokens",
-                   "prefix_cache_mb", "decode_weight_layout"),
+                   "prefix_cache_mb", "direct_decode", "decode_weight_layout"),
     "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
               "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",
               "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",

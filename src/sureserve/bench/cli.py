@@ -140,6 +140,9 @@ def bench_ray(n: BenchN = 4000,
                   help="data and/or serve (default: both).")] = None,
               clients: Annotated[int, typer.Option(help="Closed-loop clients (serve).")] = 32,
               seconds: Annotated[float, typer.Option(help="Load time per server.")] = 20.0,
+              ray_address: Annotated[str | None, typer.Option(
+                  help="A running Ray cluster for the Ray side (default: each run starts "
+                  "a local one, and its start-up counts in the data part's wall time).")] = None,
               output: BenchOut = None) -> None:
     """Ray vs local, in one run. data: offline embeddings on Ray Data (one actor per
     replica) vs the local engine, as two `sureserve embed` runs of the realistic mix (wall
@@ -151,7 +154,7 @@ def bench_ray(n: BenchN = 4000,
     if unknown := set(parts) - {"data", "serve"}:
         raise SettingsError(f"unknown part(s) {sorted(unknown)}", "use --part data or serve")
     print_report(run_bench(n, replicas, _bench_out(output, "ray"), _report, parts, clients,
-                           seconds), _report)
+                           seconds, ray_address), _report)
 
 
 @bench_app.command("generate")

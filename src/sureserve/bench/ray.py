@@ -44,18 +44,23 @@ def _vectors(path: Path) -> tuple[list[int], np.ndarray]:
 
 def run_bench(n: int, replicas: int, out: Path | None, log: Callable[[str], None],
               parts: Sequence[str] = ("data", "serve"), clients: int = 32,
-              seconds: float = 20.0) -> dict[str, Any]:
+              seconds: float = 20.0, address: str | None = None) -> dict[str, Any]:
     import ray
 
-    report: dict[str, Any] = {"ray": ray.__version__, "replicas": replicas}
+    report: dict[str, Any] = {"ray": ray.__version__, "replicas": replicas,
+                              "ray_address": address or "local, started per run"}
+    # the ``--ray`` side's options: its replicas, and the cluster when one is given
+    ray_args = ["--ray", "--replicas", str(replicas),
+                *(["--ray-address", address] if address else [])]
     if "data" in parts:
-        report["data"] = _data(n, replicas, log)
+        report["data"] = _data(n, replicas, ray_args, log)
     if "serve" in parts:
-        report["serve"] = _serve(replicas, clients, seconds, log)
+        report["serve"] = _serve(replicas, ray_args, clients, seconds, log)
     return write_report(out, report)
 
 
-def _data(n: int, replicas: int, log: Callable[[str], None]) -> dict[str, Any]:
+def _data(n: int, replicas: int, ray_args: list[str], log: Callable[[str], None]
+          ) -> dict[str, Any]:
     from sureserve.zoo.corpora import realistic_mix
 
     texts = realistic_mix(n, 0.05, seed=21)
@@ -65,8 +70,7 @@ def _data(n: int, replicas: int, log: Callable[[str], None]) -> dict[str, Any]:
         common = ["embed", "-i", str(src), "--truncation", "truncate"]
         results: dict[str, Any] = {}
         outputs = {}
-        for name, extra in (("local", []), (f"ray-{replicas}",
-                                             ["--ray", "--replicas", str(replicas)])):
+        for name, extra in (("local", []), (f"ray-{replicas}", ray_args)):
             dest = Path(tmp) / f"{name}.jsonl"
             seconds, err = _job([*common, "-o", str(dest), *extra])
             outputs[name] = _vectors(dest)
@@ -97,8 +101,8 @@ def _until_all_ready(url: str, timeout: float = 300) -> None:
                        f"{last}")
 
 
-def _serve(replicas: int, clients: int, seconds: float, log: Callable[[str], None]
-           ) -> dict[str, Any]:
+def _serve(replicas: int, ray_args: list[str], clients: int, seconds: float,
+           log: Callable[[str], None]) -> dict[str, Any]:
     from sureserve.bench.serve import _free_port, _load, _start, _stop
     from sureserve.zoo.corpora import realistic_mix
 
@@ -108,14 +112,14 @@ def _serve(replicas: int, clients: int, seconds: float, log: Callable[[str], Non
             "truncate"]
     rows: dict[str, Any] = {}
     answers = {}
-    for name, extra in (("local", []), (f"ray-{replicas}",
-                                         ["--ray", "--replicas", str(replicas)])):
+    for name, extra in (("local", []), (f"ray-{replicas}", ray_args)):
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         proc = _start([*base, *extra, "--port", str(port)], url)
         try:
             _until_all_ready(url)
-            asyncio.run(_load(url, texts, 4, 3.0, 100))  # warm-up
+            # warm-up: at most as long as the measured load (a short smoke run stays short)
+            asyncio.run(_load(url, texts, 4, min(3.0, seconds), 100))
             before = _cpu(proc.pid)
             rows[name] = asyncio.run(_load(url, texts, clients, seconds, 10**6))
             rows[name]["cpu_ms_per_request"] = _cpu_use(before, _cpu(proc.pid),

@@ -122,12 +122,16 @@ class GenerationEngine:
     def __init__(self, loaded: Loaded, kv_budget_tokens: int = 65_536,
                  max_running: int = 64, *, layout: bool = False,
                  layout_home: Path | None = None, prefill_tokens: int = 512,
-                 prefix_cache_bytes: int = 0, prefix_block: int = 16) -> None:
+                 prefix_cache_bytes: int = 0, prefix_block: int = 16,
+                 direct_decode: bool = True) -> None:
+        from sureserve.generation.direct import plan as plan_decode
         from sureserve.generation.layout import plan_and_apply
 
         self.loaded = loaded
         # before anything runs the model (the gate included): it is checked as it will run
         self.layout = plan_and_apply(loaded.model, loaded.plan.device, layout_home, layout)
+        # after the layout: the direct step holds the weights as they will be
+        self.decode = plan_decode(loaded.model, direct_decode)
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = loaded.plan.device
@@ -161,6 +165,10 @@ class GenerationEngine:
 
             self.prefix = PrefixCache(prefix_cache_bytes, prefix_block)
         self.watch: DriftWatch | None = None  # the engine's drift watch (sureserve.load)
+
+    def decode_path(self) -> str:
+        """Which decode step runs and the weight layout it reads (``/info``)."""
+        return f"{self.decode.describe()}; {self.layout.describe()}"
 
     # ---- requests ---------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -377,8 +385,14 @@ class GenerationEngine:
                 >= (width - lengths)[:, None]).long()
         last = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
         pos = (lengths - 1)[:, None]
-        logits = self.model(input_ids=last, attention_mask=mask, position_ids=pos,
-                            cache=kv.cache, use_cache=True).logits[:, -1]
+        direct = self.decode.direct
+        if direct is not None:
+            # no row padded: no mask at all (what transformers passes SDPA then too)
+            padded = None if all(s.length + 1 == width for s in rows) else mask.bool()
+            logits = direct.step(last, pos, kv, padded)
+        else:
+            logits = self.model(input_ids=last, attention_mask=mask, position_ids=pos,
+                                cache=kv.cache, use_cache=True).logits[:, -1]
         kv.advance(1)
         for s, t in zip(rows, choose(logits, [s.row for s in rows]), strict=True):
             s.length += 1

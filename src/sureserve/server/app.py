@@ -360,5 +360,5 @@ def _model_info(slot: Slot) -> S.ModelInfo | None:
         precision=e.loaded.precision,
         quantization_evaluated=e.loaded.quantization.evaluated if e.loaded.quantization
         else None, warnings=list(e.loaded.warnings),
-        decode_path=e.generation.layout.describe() if e.generation is not None else None,
+        decode_path=e.generation.decode_path() if e.generation is not None else None,
         drift=e.watch.info() if e.watch is not None else None)

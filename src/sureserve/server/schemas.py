@@ -300,8 +300,9 @@ class ModelInfo(BaseModel):
                                 "warnings (e.g. layers placed on the CPU, unmeasured "
                                 "quantization)")
     decode_path: str | None = Field(
-        default=None, description="Generation models: how decoding runs here (the weight "
-        "layout measured for this CPU, or why it is unchanged); null for other models")
+        default=None, description="Generation models: how decoding runs here (the direct "
+        "decode step or why the model's forward runs it; the weight layout measured for "
+        "this CPU, or why it is unchanged); null for other models")
     drift: dict[str, Any] | None = Field(
         default=None, description="The drift watch: baseline (reference file or first "
         "window of traffic) and whether it is complete, window, every signal with its score, "

@@ -1,0 +1,192 @@
+"""A decode step for Llama-family models that walks the model's layers directly.
+
+Why: at one running sequence a CPU decode step is weight streaming (211 matmuls per token
+for smollm2) plus ~1,000 small operations, and the small ones are mostly not arithmetic but
+``nn.Module`` calls, ``transformers``' generic plumbing (output records, kwargs handling,
+the attention-interface lookup, a causal mask built and checked every step) and the
+``Cache`` object's per-layer ``update``. Measured on smollm2 fp32, one row, 2 threads
+(BENCHMARKS.md "Generation: a direct decode step"): the same arithmetic called directly
+decodes ~1.2x faster, with bit-identical logits.
+
+Bit-identical is the contract: every operation here is the one ``transformers`` runs, in
+the same order and dtype (RMSNorm upcast to float32 and back, rotary cos/sin computed in
+float32 from the position ids, SDPA called exactly as ``sdpa_attention_forward`` calls it:
+grouped-query heads by ``enable_gqa`` when no row is padded, packed per key/value head with
+a boolean padding mask otherwise). The tests compare logits with ``torch.equal`` against the
+model's own forward, padded and unpadded, fp32 and bf16, per supported architecture; a
+model this module cannot vouch for keeps the model's forward (``plan`` says why).
+
+Only decode steps (one new token per row over the in-place ``PaddedKV``) take this path;
+prefill, prompt scoring and everything else call the model as before. Linear layers that
+are plain ``nn.Linear`` run as ``F.linear`` (what ``nn.Linear.forward`` does); quantized
+replacements (``loading/kernels.py``) are called as modules, so every precision sureserve
+serves takes the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+#: architectures whose decoder layer is Llama's (pre-norm RMSNorm, rotary q/k, SDPA, SiLU
+#: gated MLP); Qwen2 adds biases to q/k/v, which ``F.linear`` carries
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+#: rotary variants whose frequencies change with the sequence at run time (their module
+#: recomputes ``inv_freq`` in ``forward``); the others are fixed at load and read here
+DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+def why_not(model: Any) -> str | None:
+    """None when ``DirectDecode`` reproduces ``model``'s decode step exactly; else the
+    reason it keeps the model's own forward (for ``/info``)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in ARCHITECTURES:
+        return f"architecture {kind!r} (direct steps exist for {', '.join(ARCHITECTURES)})"
+    attn = getattr(cfg, "_attn_implementation", None)
+    if attn != "sdpa":
+        return f"attention implementation {attn!r} (the direct step reproduces sdpa)"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"activation {getattr(cfg, 'hidden_act', None)!r}"
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope in DYNAMIC_ROPE:
+        return f"rotary type {rope!r} recomputes its frequencies per step"
+    if getattr(cfg, "sliding_window", None) is not None and \
+            (kind == "mistral" or getattr(cfg, "use_sliding_window", False)):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "layers other than full attention"
+    if getattr(cfg, "pretraining_tp", 1) not in (1, None):
+        return "pretraining_tp > 1"
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return "weights offloaded or dispatched by accelerate hooks"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "forward hooks are registered on the model (a direct step would skip them)"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return "unexpected module layout"
+    return None
+
+
+def _apply(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with less dispatch: a plain ``nn.Linear`` as the ``F.linear`` its
+    forward is; anything else (a quantized replacement) through its own forward. Looked up
+    at every step, never cached: ``sureserve quantize``'s search swaps layers in and out
+    of a live engine's model."""
+    if module.__class__ is _LINEAR:
+        p = module._parameters
+        return F.linear(x, p["weight"], p["bias"])  # type: ignore[arg-type]
+    return module.forward(x)
+
+
+_LINEAR = torch.nn.Linear
+
+
+class DirectDecode:
+    """One decode step of a Llama-family model over a ``PaddedKV``."""
+
+    def __init__(self, model: Any) -> None:
+        cfg = model.config
+        inner = model.model
+        self.model = model
+        self.embed = inner.embed_tokens
+        self.final_norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.groups = self.heads // self.kv_heads
+        self.scaling = inner.layers[0].self_attn.scaling
+        # (input norm, attention, post-attention norm, MLP) per layer: their linear
+        # children are read at each step (see ``_apply``)
+        self.layers = [(layer.input_layernorm, layer.self_attn._modules,
+                        layer.post_attention_layernorm, layer.mlp._modules)
+                       for layer in inner.layers[:cfg.num_hidden_layers]]
+
+    def describe(self) -> str:
+        return f"direct decode step ({len(self.layers)} layers, bit-identical to the forward)"
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, kv: Any,
+             padded: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``(rows, vocab)`` for one new token per row. ``ids`` and ``positions``
+        are ``(rows, 1)``; ``padded`` is ``(rows, width + 1)`` boolean, True where a row
+        attends (None when no row has padding in the span). Writes each layer's new keys
+        and values into column ``kv.end`` (the caller advances it)."""
+        rows, d = ids.shape[0], self.head_dim
+        x = self.embed(ids)
+        dtype = x.dtype
+        # rotary: as LlamaRotaryEmbedding.forward computes it (float32, then the dtype)
+        freqs = positions[..., None].float() * self.rotary.inv_freq.to(device=x.device,
+                                                                       dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.rotary.attention_scaling
+        cos = (emb.cos() * scaling).to(dtype).unsqueeze(1)
+        sin = (emb.sin() * scaling).to(dtype).unsqueeze(1)
+        mask = padded[:, None, None, :] if padded is not None else None
+        n, start, end = kv.n, kv.start, kv.end
+        for i, (norm1, attn, norm2, mlp) in enumerate(self.layers):
+            h = _rms(x, norm1)
+            q = _apply(attn["q_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+            k = _apply(attn["k_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+            v = _apply(attn["v_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kv.k[i, :n, :, end:end + 1] = k
+            kv.v[i, :n, :, end:end + 1] = v
+            keys = kv.k[i, :n, :, start:end + 1]
+            values = kv.v[i, :n, :, start:end + 1]
+            if self.groups == 1:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                   scale=self.scaling)
+            elif mask is None:
+                o = F.scaled_dot_product_attention(q, keys, values, scale=self.scaling,
+                                                   enable_gqa=True)
+            else:  # one query per row: the group's heads side by side, as transformers does
+                o = F.scaled_dot_product_attention(
+                    q.reshape(rows, self.kv_heads, self.groups, d), keys, values,
+                    attn_mask=mask, scale=self.scaling)
+            o = o.reshape(rows, -1, 1, d).transpose(1, 2).contiguous()
+            x = x + _apply(attn["o_proj"], o.reshape(rows, 1, -1).contiguous())
+            h = _rms(x, norm2)
+            x = x + _apply(mlp["down_proj"], F.silu(_apply(mlp["gate_proj"], h)) *
+                           _apply(mlp["up_proj"], h))
+        x = _rms(x, self.final_norm)
+        return _apply(self.model._modules["lm_head"], x)[:, -1]
+
+
+def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
+    """LlamaRMSNorm.forward, operation for operation."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm._parameters["weight"] * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class DecodePlan:
+    """Which decode step runs, and why (``/info``)."""
+
+    direct: DirectDecode | None
+    reason: str
+
+    def describe(self) -> str:
+        if self.direct is not None:
+            return self.direct.describe()
+        return f"decode step through the model's forward: {self.reason}"
+
+
+def plan(model: Any, enabled: bool = True) -> DecodePlan:
+    if not enabled:
+        return DecodePlan(None, "direct_decode is off")
+    reason = why_not(model)
+    if reason is not None:
+        return DecodePlan(None, reason)
+    return DecodePlan(DirectDecode(model), "")
