@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sureserve.errors import InputError, OverloadedError
+from sureserve.generation.grammar import Grammars
 from sureserve.generation.sampling import RowState, SamplingParams, choose, new_generator
 from sureserve.generation.scheduler import GenerationScheduler
 from sureserve.generation.textstream import TextStream
@@ -145,6 +146,7 @@ class GenerationEngine:
         head = self.model.get_output_embeddings()
         self.vocab_size = int(getattr(head, "out_features", 0)
                               or getattr(self.model.config, "vocab_size", 0))
+        self.grammars = Grammars(self.tok, self.vocab_size, self.eos_ids)  # structured output
         self._ids = itertools.count()
         self._inbox: list[Request] = []
         self._cancels: set[int] = set()
@@ -202,14 +204,18 @@ class GenerationEngine:
                              f"model's vocabulary has {self.vocab_size} tokens",
                              f"send token ids below {self.vocab_size}")
         self.check(prompts, params.max_new_tokens)
+        # one matcher per sequence; the first is built before anything is queued, so a
+        # grammar llguidance cannot enforce is refused (422) with nothing to undo
+        matchers = [self.grammars.matcher(params.grammar) if params.grammar else None
+                    for _ in prompts]
         with self._lock:
             if max_waiting is not None and self.waiting + len(prompts) > max_waiting:
                 raise OverloadedError.queue_full(self.waiting, len(prompts), max_waiting,
                                                  "sequences")
             made = [Request(next(self._ids), list(ids), params, TextStream(self.tok, params.stop),
                             RowState(params, list(ids) if params.repetition_penalty != 1 else [],
-                                     new_generator(params, self.device)), on_event)
-                    for ids in prompts]
+                                     new_generator(params, self.device), matcher=m), on_event)
+                    for ids, m in zip(prompts, matchers, strict=True)]
             self._inbox.extend(made)
         if self.watch is not None:
             self.watch.observe_texts([len(p) for p in prompts],
@@ -611,7 +617,7 @@ class GenerationEngine:
         wait = now - (seq.submitted if first else seq.last)
         seq.last = now
         reason = None
-        if token in self.eos_ids:
+        if token in self.eos_ids or seq.row.complete:  # a finished grammar is a stop too
             reason = "stop"
         elif len(seq.tokens) >= seq.params.max_new_tokens:
             reason = "length"

@@ -4,10 +4,10 @@ Every running row of a batch can carry its own parameters; greedy rows (the comm
 and the one that must match ``model.generate``) take one batched argmax, the others are
 processed row by row (``scores``), in the order vLLM applies them: OpenAI's ``logit_bias``
 → repetition penalty (transformers' CTRL rule, over prompt and output) → OpenAI's
-frequency and presence penalties (over the output only) → greedy argmax, or temperature →
-top-k → top-p → sample. Each request that samples
-owns a ``torch.Generator`` seeded from its ``seed``, so a seeded request draws the same
-tokens whoever shares its batch.
+frequency and presence penalties (over the output only) → the grammar's mask (structured
+output: ``grammar.py``) → greedy argmax, or temperature → top-k → top-p → sample. Each
+request that samples owns a ``torch.Generator`` seeded from its ``seed``, so a seeded
+request draws the same tokens whoever shares its batch.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ class SamplingParams:
     logit_bias: Any = ()  # Mapping[int | str, float] or (id, bias) pairs, as given
     # log-probabilities of each generated token and of this many alternatives (None: off)
     logprobs: int | None = None
+    # an llguidance grammar (``grammar.grammar_for``): only tokens it allows are chosen
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, rule: str) -> InputError:
@@ -106,7 +108,7 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: the batched argmax is the answer."""
         return self.greedy and self.repetition_penalty == 1 and not self.output_penalties \
-            and not self.logit_bias
+            and not self.logit_bias and self.grammar is None
 
 
 def _finite(x: Any) -> bool:
@@ -147,13 +149,21 @@ class RowState:
     seen: list[int]  # prompt + generated token ids, for the repetition penalty
     generator: Any = field(default=None)  # torch.Generator when sampling
     counts: Counter[int] = field(default_factory=Counter)  # generated ids (OpenAI penalties)
+    matcher: Any = None  # llguidance matcher when the request has a grammar
 
     def observe(self, token: int) -> None:
-        """Record a generated token for the penalties that need it."""
+        """Record a generated token for the penalties and the grammar that need it."""
         if self.params.repetition_penalty != 1:
             self.seen.append(token)
         if self.params.output_penalties:
             self.counts[token] += 1
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+
+    @property
+    def complete(self) -> bool:
+        """The grammar is satisfied and allows nothing more (only the end of sequence)."""
+        return self.matcher is not None and self.matcher.is_stopped()
 
 
 def new_generator(params: SamplingParams, device: str) -> Any:
@@ -190,6 +200,10 @@ def scores(logits: Any, row: RowState) -> Any:
         counts = torch.tensor(list(row.counts.values()), dtype=out.dtype, device=out.device)
         # OpenAI's definition: mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty
         out[ids] -= counts * p.frequency_penalty + p.presence_penalty
+    if row.matcher is not None:  # last: no bias or penalty can bring a banned token back
+        from sureserve.generation.grammar import allowed
+
+        out[~allowed(row.matcher, out.shape[-1]).to(out.device)] = -math.inf
     return out
 
 

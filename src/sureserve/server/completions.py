@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 
 from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
 from sureserve.generation.continuous import GenerationEngine, GenEvent, TokenLogprob
+from sureserve.generation.grammar import grammar_for
 from sureserve.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from sureserve.server import schemas as S
 from sureserve.server.genworker import Events, GenWorker
@@ -31,7 +32,7 @@ from sureserve.settings import Settings
 HARMLESS_EXTRAS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 #: OpenAI parameters refused unless they have their neutral value
 NEUTRAL = {"suffix": None, "best_of": 1, "tools": None, "tool_choice": None,
-           "functions": None, "response_format": None}
+           "functions": None}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions (chat: top_logprobs <= 20)
 MAX_N = 16
 Chunk = Callable[..., dict[str, Any]]
@@ -58,7 +59,8 @@ def _params(body: S._GenParams, max_tokens: int | None, settings: Settings,
                           repetition_penalty=body.repetition_penalty, stop=body.stop or (),
                           seed=body.seed, frequency_penalty=body.frequency_penalty,
                           presence_penalty=body.presence_penalty,
-                          logit_bias=body.logit_bias or (), logprobs=logprobs)
+                          logit_bias=body.logit_bias or (), logprobs=logprobs,
+                          grammar=grammar_for(body.response_format))
 
 
 def _sse(obj: Any) -> bytes:

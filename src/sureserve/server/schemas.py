@@ -348,6 +348,12 @@ class _GenParams(BaseModel):
                                                    " true} adds a final usage chunk.")
     max_tokens: int | None = Field(default=None, description="Tokens to generate (default: the "
                                    "server's max_new_tokens setting).")
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="OpenAI's structured output, enforced by constrained "
+        "decoding: {'type': 'json_object'} (any JSON object) or {'type': 'json_schema', "
+        "'json_schema': {'name': ..., 'schema': {...}}}; the output always parses (and "
+        "validates against the schema) unless max_tokens cuts it (finish_reason 'length'). "
+        "A schema that cannot be enforced is a 422 naming what is unsupported.")
     user: str | None = None
 
 
