@@ -333,8 +333,10 @@ def test_prompts_with_different_stored_prefixes_prefill_in_one_forward(
     try:
         ids = gen.submit(burst, SamplingParams(max_new_tokens=8))
         gen.step()
-        # one prefill forward for the three, then one decode step
-        assert forwards == 2 and all(gen._seqs[i].tokens for i in ids)
+        # one prefill forward for the three, then one decode step (the direct step runs
+        # the model's layers without its forward: smollm2 is a llama)
+        assert gen.decode.direct is not None
+        assert forwards == 1 and all(gen._seqs[i].tokens for i in ids)
         assert gen.prefix.hits == hits + 2
         reused = sorted(gen._seqs[i].reused for i in ids)
         assert reused[0] == 0 and 0 < reused[1] < reused[2]
