@@ -203,7 +203,7 @@ def scores(logits: Any, row: RowState) -> Any:
     if row.matcher is not None:  # last: no bias or penalty can bring a banned token back
         from sureserve.generation.grammar import allowed
 
-        out[~allowed(row.matcher, out.shape[-1]).to(out.device)] = -math.inf
+        out.masked_fill_(~allowed(row.matcher, out.shape[-1]).to(out.device), -math.inf)
     return out
 
 
