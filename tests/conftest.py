@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -128,6 +129,41 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       max_position_embeddings=256, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+#: a Hermes-style chat template with tools (the shape of Qwen2.5's): tools listed in a
+#: system turn, calls written as <tool_call>{json}</tool_call>, results as tool_response
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou can call these functions:\n<tools>\n"
+    "{%- for tool in tools %}{{ tool | tojson }}\n{%- endfor %}</tools>\n"
+    "Call one as <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n</tool_call>"
+    "<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}<|im_start|>user\n<tool_response>\n"
+    "{{ message.content }}\n</tool_response><|im_end|>\n"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{%- for call in message.tool_calls %}\n<tool_call>\n{\"name\": \""
+    "{{ call.function.name }}\", \"arguments\": {{ call.function.arguments | tojson }}}"
+    "\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+@pytest.fixture(scope="session")
+def tool_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_llama with a chat template that renders tools (Hermes style)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tool_llama")
+    shutil.copytree(tiny_llama, path, dirs_exist_ok=True)
+    # room for the rendered tools (~200 tokens) and a call after them
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = HERMES_TEMPLATE
     tok.save_pretrained(path)
     return path
 

@@ -245,6 +245,12 @@ def test_chat_refusals(gen_server: Server) -> None:
     r = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}],
                               "tools": [{"type": "function"}]}, timeout=30)
     assert r.status_code == 422 and "tools" in r.json()["error"]["message"]
+    # a well-formed tool, but smollm2's chat template has no tools: the model would never
+    # see them, so the request is refused rather than answered as if they were there
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+        timeout=30)
+    assert r.status_code == 422 and "does not render tools" in r.json()["error"]["message"]
     for extra in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
         r = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], **extra},
                        timeout=30)

@@ -173,9 +173,10 @@ class GenerationEngine:
         return f"{self.decode.describe()}; {self.layout.describe()}"
 
     # ---- requests ---------------------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt; chat messages go through the chat template exactly once
-        (the rendered text already holds the special tokens, so none are added again)."""
+        (the rendered text already holds the special tokens, so none are added again),
+        with ``tools`` (OpenAI's function tools) when given."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InputError("the prompt is empty", "send at least one character")
@@ -184,13 +185,18 @@ class GenerationEngine:
         if not messages:
             raise InputError("messages is empty", "send at least one message")
         for i, m in enumerate(messages):
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            calls_only = m.get("content") is None and m.get("tool_calls")
+            if not isinstance(m.get("role"), str) or \
+                    not (isinstance(m.get("content"), str) or calls_only):
                 raise InputError(f"message {i} needs a string 'role' and 'content'",
                                  "send messages like {'role': 'user', 'content': 'Hi'}")
         if not getattr(self.tok, "chat_template", None):
             raise InputError(f"{self.loaded.source.identifier} has no chat template",
                              "send a plain text prompt instead of messages")
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from sureserve.generation.tools import for_template
+
+        text = self.tok.apply_chat_template(for_template(messages), tools=tools,
+                                            tokenize=False, add_generation_prompt=True)
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams,

@@ -8,6 +8,7 @@ fits, 429 over capacity) before a stream's 200 goes out; text deltas come back a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import time
@@ -22,6 +23,7 @@ from sureserve.errors import InferenceError, InputError, NotReadyError, Sureserv
 from sureserve.generation.continuous import GenerationEngine, GenEvent, TokenLogprob
 from sureserve.generation.grammar import grammar_for
 from sureserve.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from sureserve.generation.tools import plan as tool_plan
 from sureserve.server import schemas as S
 from sureserve.server.genworker import Events, GenWorker
 from sureserve.server.http import OPENAI_ERRORS, until_done_or_gone
@@ -31,11 +33,10 @@ from sureserve.settings import Settings
 #: accepted and ignored: they do not change the output
 HARMLESS_EXTRAS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 #: OpenAI parameters refused unless they have their neutral value
-NEUTRAL = {"suffix": None, "best_of": 1, "tools": None, "tool_choice": None,
-           "functions": None}
+NEUTRAL = {"suffix": None, "best_of": 1, "functions": None, "function_call": None}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions (chat: top_logprobs <= 20)
 MAX_N = 16
-Chunk = Callable[..., dict[str, Any]]
+Chunk = Callable[..., dict[str, Any] | None]
 #: a request's model and its prompts tokenized: name, engine, worker, token ids
 Model = tuple[str, GenerationEngine, GenWorker, list[list[int]]]
 
@@ -70,8 +71,10 @@ def _sse(obj: Any) -> bytes:
 def install_generation_routes(app: FastAPI, state: ServerState) -> None:
     settings: Settings = state.settings
 
-    async def encode(body: S._GenParams, prompts: list[Any]) -> Model:
-        """The model for ``body``, and the prompts tokenized off the event loop."""
+    async def encode(body: S._GenParams, prompts: list[Any],
+                     tools: list[dict[str, Any]] | None = None) -> Model:
+        """The model for ``body``, and the prompts tokenized off the event loop (chat
+        messages with ``tools`` rendered by the template)."""
         slot, engine = state.pick(body.model, "generate")
         state.within_client_batch(len(prompts) * body.n, f"{len(prompts)} prompts x "
                                   f"n={body.n} sequences in one request")
@@ -79,7 +82,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             raise NotReadyError(f"model {slot.name} is not generating", "wait for GET /health")
         gen = engine.generation
         encoded = await asyncio.get_running_loop().run_in_executor(
-            state.tokenizer_pool, lambda: [gen.encode(p) for p in prompts])
+            state.tokenizer_pool, lambda: [gen.encode(p, tools) for p in prompts])
         return slot.name, gen, slot.gen, encoded
 
     async def submit(body: S._GenParams, prompts: list[Any], params: SamplingParams,
@@ -155,8 +158,9 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
                     if ev.logprob is not None:
                         pending.setdefault(k, []).append(ev.logprob)
                     if ev.delta or ev.finish_reason:
-                        yield _sse(chunk(k, ev.delta, ev.finish_reason,
-                                         lps=pending.pop(k, [])))
+                        piece = chunk(k, ev.delta, ev.finish_reason, lps=pending.pop(k, []))
+                        if piece is not None:  # None: held back (a tool call being written)
+                            yield _sse(piece)
                     if ev.finish_reason:
                         done.append(ev)
                 if include_usage:
@@ -248,9 +252,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Any:
         if not body.messages:
             raise InputError("messages is empty", "send at least one message")
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str)
-                     else "".join(p.text for p in m.content)} for m in body.messages]
+        messages = [_message(m) for m in body.messages]
         if body.top_logprobs is not None and not body.logprobs:
             raise InputError("top_logprobs was sent without logprobs: true",
                              "send logprobs: true with it, or leave top_logprobs out")
@@ -259,20 +261,49 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
                              f"between 0 and {MAX_TOP_LOGPROBS}", "send a smaller top_logprobs")
         asked = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, body.max_completion_tokens or body.max_tokens, settings, asked)
-        name, events, prompt_tokens, tok = await submit(body, [messages], params)
+        tools = None
+        if body.tools is not None or body.tool_choice is not None:
+            slot, engine = state.pick(body.model, "generate")
+            tools = tool_plan(body.tools, body.tool_choice,
+                              getattr(engine.tokenizer, "chat_template", None), slot.name)
+            if tools is not None and tools.grammar is not None:
+                if params.grammar is not None:
+                    raise InputError("response_format and tools both constrain the output",
+                                     "send one of them (tool_choice 'none' keeps "
+                                     "response_format)")
+                params = dataclasses.replace(params, grammar=tools.grammar)
+        model = await encode(body, [messages], tools.render if tools else None)
+        name, events, prompt_tokens, tok = await submit(body, [messages], params, model)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         started: set[int] = set()
+        # with tools, a choice's text is held until it is known to be a plain answer (auto:
+        # its first character is not '<') or, finished, turned into tool calls
+        held: dict[int, tuple[str, list[TokenLogprob]]] = {}
+        plain: set[int] = set()
 
         def chunk(k: int | None, text: str, reason: str | None,
                   use: S.CompletionUsage | None = None,
-                  lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
+                  lps: list[TokenLogprob] | None = None) -> dict[str, Any] | None:
             choices: list[dict[str, Any]] = []
+            calls = None
+            if k is not None and tools is not None and tools.mode != "none" and k not in plain:
+                before, kept = held.pop(k, ("", []))
+                text, lps = before + text, kept + (lps or [])
+                if tools.mode == "auto" and text.strip() and not text.lstrip().startswith("<"):
+                    plain.add(k)  # a plain answer: streamed from here on
+                elif reason is None:
+                    held[k] = (text, lps)
+                    return None
+                elif reason == "stop" and (calls := tools.calls(text)):
+                    text, reason = "", "tool_calls"
             if k is not None:
                 delta: dict[str, Any] = {}
                 if k not in started:  # the first chunk of a choice names the role
                     started.add(k)
                     delta["role"] = "assistant"
-                if text or not reason:
+                if calls:
+                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+                elif text or not reason:
                     delta["content"] = text
                 choices = [{"index": k, "delta": delta,
                             "logprobs": None if asked is None else
@@ -286,13 +317,34 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             done = await until_done_or_gone(request, collect(events, len(prompt_tokens) * body.n))
         finally:
             events.close()
+
+        def choice(k: int, ev: GenEvent) -> S.ChatChoice:
+            text, reason = _text(ev), _reason(ev)
+            calls = tools.calls(text) if tools is not None and reason == "stop" else None
+            message = S.AssistantMessage(
+                content=None, tool_calls=[S.ToolCall.model_validate(c) for c in calls]) \
+                if calls else S.AssistantMessage(content=text)
+            return S.ChatChoice(index=k, message=message,
+                                finish_reason="tool_calls" if calls else reason,
+                                logprobs=None if asked is None else
+                                _chat_logprobs(tok, _lps(ev)))
+
         return S.ChatCompletionResponse(
             id=rid, created=created, model=name, usage=usage(done, prompt_tokens),
-            choices=[S.ChatChoice(index=k, message=S.AssistantMessage(content=_text(ev)),
-                                  finish_reason=_reason(ev),
-                                  logprobs=None if asked is None else
-                                  _chat_logprobs(tok, _lps(ev)))
-                     for k, ev in enumerate(done)])
+            choices=[choice(k, ev) for k, ev in enumerate(done)])
+
+
+def _message(m: S.ChatMessage) -> dict[str, Any]:
+    """An OpenAI message as the chat template reads it (developer is system; content parts
+    joined; an assistant's earlier tool calls and a tool result's call id kept)."""
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                           "content": m.content if m.content is None or
+                           isinstance(m.content, str) else "".join(p.text for p in m.content)}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def _model_error(message: str) -> InferenceError:

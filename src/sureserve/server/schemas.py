@@ -373,10 +373,26 @@ class ChatContentPart(BaseModel):
     text: str
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON-encoded object.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ChatContentPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ChatContentPart] | None = Field(
+        default=None, description="Required except on an assistant message with tool_calls.")
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="An assistant "
+                                              "message's earlier calls (multi-turn tools).")
+    tool_call_id: str | None = Field(default=None, description="role 'tool': the call this "
+                                     "message answers.")
 
 
 class ChatCompletionRequest(_GenParams):
@@ -388,6 +404,14 @@ class ChatCompletionRequest(_GenParams):
                                   "generated token (the model's, before sampling).")
     top_logprobs: int | None = Field(default=None, description="With logprobs: this many "
                                      "most likely alternatives per token (0..20).")
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="OpenAI function tools, rendered by the model's chat "
+        "template (refused when the template has no tool support); calls are produced under "
+        "constrained decoding and returned as tool_calls.")
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="'auto' (default with tools; templates that write "
+        "<tool_call> blocks), 'none', 'required' (one or more calls), or {'type': "
+        "'function', 'function': {'name': ...}}.")
 
 
 class CompletionUsage(BaseModel):
@@ -414,14 +438,15 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponse(BaseModel):
