@@ -98,3 +98,40 @@ def test_a_schema_keyword_it_cannot_enforce_is_named(tiny: Any) -> None:
         tiny.submit([tiny.encode("x")], SamplingParams(max_new_tokens=8, grammar=grammar))
     assert "json_schema" in err.value.fix
     assert tiny.waiting == 0  # nothing was queued
+
+
+def test_the_python_api_and_a_schema_over_the_limit(tool_llama: Path) -> None:
+    """``generate(response_format=...)`` and ``complete(tools=...)`` take the same path as
+    the server; a schema over ``max_schema_bytes`` is a 413 naming the setting."""
+    from sureserve.errors import InputTooLongError
+    from tests.test_tools import ASK, SCHEMAS, TOOLS
+
+    engine = sureserve.load(str(tool_llama), accept_gate_failure=True, drift_watch=False,
+                            max_schema_bytes=400)
+    (text,) = engine.generate(["Describe:"], max_new_tokens=60, response_format=FORMAT)
+    assert _valid(json.loads(text))
+    (c,) = engine.complete([ASK], tools=TOOLS, tool_choice="required", max_new_tokens=60)
+    assert c.finish_reason == "tool_calls" and c.tool_calls
+    assert all(call["function"]["name"] in SCHEMAS for call in c.tool_calls)
+    with pytest.raises(InputError, match="need chat prompts"):
+        engine.complete(["plain"], tools=TOOLS)
+    big = {"type": "json_schema", "json_schema": {"schema": {
+        "enum": [f"value number {i}" for i in range(40)]}}}
+    with pytest.raises(InputTooLongError, match="SURESERVE_MAX_SCHEMA_BYTES"):
+        engine.generate(["x"], max_new_tokens=4, response_format=big)
+
+
+def test_the_cli_writes_json_valid_against_a_schema_file(tool_llama: Path,
+                                                        tmp_path: Path) -> None:
+    from tests.cli import cli
+
+    schema = tmp_path / "item.json"
+    schema.write_text(json.dumps(SCHEMA))
+    r = cli("generate", "Describe:", "Another:", "-m", str(tool_llama), "--json-schema",
+            str(schema), "--json", "--accept-gate-failure", "--max-new-tokens", "60")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2
+    assert all(_valid(json.loads(row["text"])) for row in rows if row["finish_reason"] == "stop")
+    bad = cli("generate", "x", "-m", str(tool_llama), "--json-schema", str(tmp_path / "no"))
+    assert bad.returncode != 0 and "--json-schema" in bad.stderr

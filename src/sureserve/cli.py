@@ -145,15 +145,29 @@ def generate(prompts: Annotated[list[str], typer.Argument(help="Prompt(s). One p
                  "and this many alternatives (0..20).")] = None,
              as_json: Annotated[bool, typer.Option(
                  "--json", help="Print one JSON line per prompt (text, finish_reason, "
-                 "token counts) instead of streaming.")] = False) -> None:
+                 "token counts) instead of streaming.")] = False,
+             json_schema: Annotated[Path | None, typer.Option(
+                 "--json-schema", help="A JSON schema file: every output is JSON valid "
+                 "against it (constrained decoding), unless max_new_tokens cuts it "
+                 "(finish_reason length).")] = None) -> None:
     """Generate text (greedy by default). Several prompts run together, batched."""
     import sureserve
 
+    response_format = None
+    if json_schema is not None:
+        try:
+            schema = json.loads(json_schema.read_text())
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"--json-schema {json_schema}: {exc}",
+                                "pass a readable file holding one JSON schema") from exc
+        response_format = {"type": "json_schema",
+                           "json_schema": {"name": json_schema.stem, "schema": schema}}
     engine = sureserve.load(model, task="generate", settings=settings)
-    params = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-              "repetition_penalty": repetition_penalty, "stop": stop or (), "seed": seed,
-              "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty,
-              "logprobs": logprobs}
+    params: dict[str, Any] = {
+        "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        "repetition_penalty": repetition_penalty, "stop": stop or (), "seed": seed,
+        "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty,
+        "logprobs": logprobs, "response_format": response_format}
     inputs: list[Any] = [[{"role": "user", "content": p}] if chat else p for p in prompts]
     as_json = as_json or logprobs is not None  # log-probabilities need the JSON lines
     if len(inputs) == 1 and not as_json:

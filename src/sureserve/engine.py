@@ -369,36 +369,72 @@ class Engine:
         return self.generation
 
     def sampling(self, **params: Any) -> SamplingParams:
-        """Sampling parameters, defaults filled in from settings (max_new_tokens)."""
+        """Sampling parameters, defaults filled in from settings (max_new_tokens);
+        ``response_format`` (OpenAI's, for structured output) becomes the grammar."""
+        from sureserve.generation.grammar import grammar_for
+
         params = {k: v for k, v in params.items() if v is not None}
         params.setdefault("max_new_tokens", self.settings.max_new_tokens)
+        if "response_format" in params:
+            params["grammar"] = grammar_for(params.pop("response_format"),
+                                            self.settings.max_schema_bytes)
         return SamplingParams(**params)
 
-    def complete(self, prompts: Sequence[Prompt], **params: Any) -> list[Completion]:
-        """Like ``generate`` with the details: finish_reason, token counts, token ids."""
+    def complete(self, prompts: Sequence[Prompt], *, tools: list[dict[str, Any]] | None = None,
+                 tool_choice: Any = None, **params: Any) -> list[Completion]:
+        """Like ``generate`` with the details: finish_reason, token counts, token ids, and
+        with ``tools`` (OpenAI function tools, chat prompts only) each completion's
+        ``tool_calls`` (finish_reason ``tool_calls``) when the model called them."""
+        import dataclasses
+
+        from sureserve.generation.tools import plan as tool_plan
+
         gen = self._gen()
         if isinstance(prompts, str):
             raise InputError("prompts must be a list", "wrap a single prompt: [prompt]")
         sp = self.sampling(**params)
-        return gen.run([gen.encode(p) for p in prompts], sp)
+        tools_plan = None
+        if tools is not None or tool_choice is not None:
+            if any(isinstance(p, str) for p in prompts):
+                raise InputError("tools need chat prompts (lists of messages): a plain text "
+                                 "prompt has no template to show them", "send messages")
+            tools_plan = tool_plan(tools, tool_choice, getattr(gen.tok, "chat_template", None),
+                                   gen.loaded.source.identifier,
+                                   self.settings.max_schema_bytes)
+            if tools_plan is not None and tools_plan.grammar is not None:
+                if sp.grammar is not None:
+                    raise InputError("response_format and tools both constrain the output",
+                                     "send one of them")
+                sp = dataclasses.replace(sp, grammar=tools_plan.grammar)
+        render = tools_plan.render if tools_plan is not None else None
+        done = gen.run([gen.encode(p, render) for p in prompts], sp)
+        if tools_plan is not None:
+            for c in done:
+                if c.finish_reason == "stop" and (calls := tools_plan.calls(c.text)):
+                    c.tool_calls, c.finish_reason = calls, "tool_calls"
+        return done
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, stop: str | Sequence[str] = (),
                  seed: int | None = None, frequency_penalty: float = 0.0,
                  presence_penalty: float = 0.0,
-                 logit_bias: dict[int, float] | None = None) -> list[str]:
+                 logit_bias: dict[int, float] | None = None,
+                 response_format: dict[str, Any] | None = None) -> list[str]:
         """Generated text of each prompt (without the prompt), in input order.
 
         A prompt is a string, or a list of chat messages (``{"role", "content"}``) to which
         the model's chat template is applied once. ``temperature=0`` is greedy; the default
         ``max_new_tokens`` is the ``max_new_tokens`` setting. ``frequency_penalty``,
-        ``presence_penalty`` and ``logit_bias`` are OpenAI's. All prompts run together with
-        continuous batching (and with concurrent calls from other threads)."""
+        ``presence_penalty``, ``logit_bias`` and ``response_format`` (structured output:
+        ``{"type": "json_schema", "json_schema": {"schema": {...}}}``) are OpenAI's. All
+        prompts run together with continuous batching (and with concurrent calls from
+        other threads)."""
         done = self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                              stop=stop, seed=seed, frequency_penalty=frequency_penalty,
-                             presence_penalty=presence_penalty, logit_bias=logit_bias)
+                             presence_penalty=presence_penalty, logit_bias=logit_bias,
+                             response_format=response_format)
         for c in done:
             if c.error:
                 raise InferenceError(c.error, "check the prompt; other prompts were fine")

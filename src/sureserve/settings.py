@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         "starts with one prefills only the rest; least recently used first out. 0 turns "
         "prefix reuse off. /metrics: sureserve_prefix_cache_*.",
     )
+    max_schema_bytes: int = Field(
+        default=65_536, ge=256,
+        description="Largest JSON schema a request may constrain its output with "
+        "(response_format, or all of its tools' parameters together), in bytes of JSON; "
+        "larger is refused with 413 before any work (a huge schema would hold the "
+        "generation worker while its grammar is built).",
+    )
     direct_decode: bool = Field(
         default=True,
         description="Decode steps of Llama-family models (llama, mistral, qwen2) run the "
@@ -416,7 +423,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
                  "forward_workers"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "prefill_tokens",
-                   "prefix_cache_mb", "direct_decode", "decode_weight_layout"),
+                   "prefix_cache_mb", "max_schema_bytes", "direct_decode", "decode_weight_layout"),
     "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
               "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",
               "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",

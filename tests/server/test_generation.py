@@ -291,6 +291,23 @@ def test_structured_output_parses_streamed_and_not(client: OpenAI, gen_server: S
         assert obj["finish_reason"] == "length" and obj["text"].startswith("{")
 
 
+def test_the_openai_parse_helper_gets_a_pydantic_object(client: OpenAI) -> None:
+    """openai's ``chat.completions.parse`` with a pydantic model: what LangChain and the
+    SDK's own structured-output helpers send (a strict json_schema)."""
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    r = client.chat.completions.parse(
+        model="smollm2", response_format=Person, temperature=0, max_tokens=60,
+        messages=[{"role": "user", "content": "Give me a person as JSON with a name and an "
+                   "age."}])
+    person = r.choices[0].message.parsed
+    assert isinstance(person, Person) and person.name
+
+
 def test_structured_output_refusals_say_what_to_fix(gen_server: Server) -> None:
     url = f"{gen_server.url}/v1/chat/completions"
     base = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8}
@@ -303,6 +320,10 @@ def test_structured_output_refusals_say_what_to_fix(gen_server: Server) -> None:
         r = httpx.post(url, json={**base, "response_format": fmt}, timeout=30)
         assert r.status_code == 422, r.text
         assert words in r.json()["error"]["message"], r.text
+    huge = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "enum": ["v" * 100 + str(i) for i in range(1000)]}}}
+    r = httpx.post(url, json={**base, "response_format": huge}, timeout=30)
+    assert r.status_code == 413 and "SURESERVE_MAX_SCHEMA_BYTES" in r.text, r.text
     # a refused request leaves nothing behind: the next one is answered
     r = httpx.post(url, json=base, timeout=60)
     assert r.status_code == 200

@@ -72,6 +72,7 @@ class Completion:
     token_ids: list[int]
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape (Engine.complete, tools)
 
 
 @dataclass

@@ -23,20 +23,32 @@ asks the matcher for its mask (``allowed``), and the engine feeds it every chose
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
-from sureserve.errors import InputError
+from sureserve.errors import InputError, InputTooLongError
 
 FIX = ("send response_format {'type': 'json_object'} or {'type': 'json_schema', "
        "'json_schema': {'name': ..., 'schema': {...}}} with a schema within JSON Schema's "
        "common keywords")
 
 
-def grammar_for(response_format: Any) -> str | None:
+def check_size(schema: Any, limit: int, what: str) -> None:
+    """A schema past ``limit`` bytes of JSON is refused (413) before its grammar is built:
+    building one holds the generation worker, and a huge one would hold it for everyone."""
+    size = len(json.dumps(schema, separators=(",", ":")))
+    if size > limit:
+        raise InputTooLongError(f"{what} is {size} bytes of JSON, over the {limit}-byte limit",
+                                "send a smaller schema, or raise SURESERVE_MAX_SCHEMA_BYTES "
+                                "(--max-schema-bytes)", length=size, limit=limit)
+
+
+def grammar_for(response_format: Any, limit: int = 65_536) -> str | None:
     """The llguidance grammar for an OpenAI ``response_format`` (None: unconstrained).
-    Raises ``InputError`` for a malformed request; a schema's unsupported keywords are
-    reported when the matcher is built (``Grammars.matcher``)."""
+    Raises ``InputError`` for a malformed request and ``InputTooLongError`` for a schema
+    over ``limit`` bytes (the ``max_schema_bytes`` setting); a schema's unsupported keywords
+    are reported when the matcher is built (``Grammars.matcher``)."""
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
@@ -57,6 +69,7 @@ def grammar_for(response_format: Any) -> str | None:
             raise InputError("response_format json_schema needs an object 'json_schema' "
                              "with an object 'schema'", FIX)
         schema = spec.get("schema", {})
+        check_size(schema, limit, "the response_format schema")
         try:
             return str(LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_flexible": False}))

@@ -102,9 +102,13 @@ def supports_tools(template: str | None) -> bool:
     return bool(template) and "tools" in str(template)
 
 
-def plan(tools: Any, tool_choice: Any, template: str | None, model: str) -> ToolPlan | None:
-    """The request's tool plan (None: no tools, plain chat), or a 422 saying what to send."""
+def plan(tools: Any, tool_choice: Any, template: str | None, model: str,
+         limit: int = 65_536) -> ToolPlan | None:
+    """The request's tool plan (None: no tools, plain chat), or a 422 saying what to send
+    (413 when the tools' schemas together pass ``limit`` bytes: ``max_schema_bytes``)."""
     from llguidance import LLMatcher
+
+    from sureserve.generation.grammar import check_size
 
     if tools is None:
         if tool_choice not in (None, "none"):
@@ -112,6 +116,7 @@ def plan(tools: Any, tool_choice: Any, template: str | None, model: str) -> Tool
                              "send tools with it, or leave tool_choice out")
         return None
     functions = _functions(tools)
+    check_size(list(functions.values()), limit, "the tools' parameters schemas")
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
         return ToolPlan("none", list(tools))

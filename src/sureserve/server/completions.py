@@ -61,7 +61,8 @@ def _params(body: S._GenParams, max_tokens: int | None, settings: Settings,
                           seed=body.seed, frequency_penalty=body.frequency_penalty,
                           presence_penalty=body.presence_penalty,
                           logit_bias=body.logit_bias or (), logprobs=logprobs,
-                          grammar=grammar_for(body.response_format))
+                          grammar=grammar_for(body.response_format,
+                                              settings.max_schema_bytes))
 
 
 def _sse(obj: Any) -> bytes:
@@ -265,7 +266,8 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         if body.tools is not None or body.tool_choice is not None:
             slot, engine = state.pick(body.model, "generate")
             tools = tool_plan(body.tools, body.tool_choice,
-                              getattr(engine.tokenizer, "chat_template", None), slot.name)
+                              getattr(engine.tokenizer, "chat_template", None), slot.name,
+                              settings.max_schema_bytes)
             if tools is not None and tools.grammar is not None:
                 if params.grammar is not None:
                     raise InputError("response_format and tools both constrain the output",
