@@ -38,18 +38,126 @@ SUBJECTS = ["a retired teacher", "a young chef", "a painter from Lisbon", "a foo
             "a singer"]
 
 
-def _valid(text: str) -> bool:
+#: the mix: (what the prompt asks for, its schema): nested objects, enums, arrays, numbers
+#: with bounds, as the issue's measurement asks
+MIX = [
+    ("a book with its author (name and birth year) and a rating from 1 to 5",
+     {"type": "object", "additionalProperties": False, "required": ["title", "author", "rating"],
+      "properties": {"title": {"type": "string", "maxLength": 60},
+                     "author": {"type": "object", "additionalProperties": False,
+                                "required": ["name", "born"],
+                                "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "born": {"type": "integer", "minimum": 1000,
+                                                        "maximum": 2025}}},
+                     "rating": {"type": "integer", "minimum": 1, "maximum": 5}}}),
+    ("the sentiment of the sentence 'I loved the ending' and your confidence",
+     {"type": "object", "additionalProperties": False, "required": ["label", "confidence"],
+      "properties": {"label": {"enum": ["positive", "negative", "neutral"]},
+                     "confidence": {"type": "number", "minimum": 0, "maximum": 1}}}),
+    ("a shopping list of up to five items with quantities",
+     {"type": "object", "additionalProperties": False, "required": ["items"],
+      "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 5, "items": {
+          "type": "object", "additionalProperties": False, "required": ["name", "qty"],
+          "properties": {"name": {"type": "string", "maxLength": 30},
+                         "qty": {"type": "integer", "minimum": 1, "maximum": 99}}}}}}),
+    ("a meeting: its day of the week, its start hour and whether it is online",
+     {"type": "object", "additionalProperties": False, "required": ["day", "hour", "online"],
+      "properties": {"day": {"enum": ["monday", "tuesday", "wednesday", "thursday", "friday"]},
+                     "hour": {"type": "integer", "minimum": 8, "maximum": 18},
+                     "online": {"type": "boolean"}}}),
+    ("a city with its country and population and three landmarks",
+     {"type": "object", "additionalProperties": False,
+      "required": ["city", "country", "population", "landmarks"],
+      "properties": {"city": {"type": "string", "maxLength": 40},
+                     "country": {"type": "string", "maxLength": 40},
+                     "population": {"type": "integer", "minimum": 0},
+                     "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40},
+                                   "minItems": 3, "maxItems": 3}}}),
+]
+
+
+def _valid(text: str, schema: Any = SCHEMA) -> bool:
     try:
-        jsonschema.validate(json.loads(text), SCHEMA)
+        jsonschema.validate(json.loads(text), schema)
         return True
     except (ValueError, jsonschema.ValidationError):
         return False
+
+
+def _mix(gen: Any, n: int) -> dict[str, Any]:
+    """``n`` requests over the schema mix, greedy, all submitted together (so rows with
+    different grammars share steps), each also unconstrained; and tok/s constrained vs
+    free at 1 row and at 32 rows."""
+    reqs = [MIX[i % len(MIX)] for i in range(n)]
+    styles = ["", " Be brief.", " Answer in JSON.", " Use realistic values."]
+    prompts = [gen.encode([{"role": "user", "content": f"Describe {ask} as a JSON "
+                            f"object.{styles[(i // len(MIX)) % len(styles)]}"}])
+               for i, (ask, _) in enumerate(reqs)]
+    grammars = [G.grammar_for({"type": "json_schema", "json_schema": {"schema": sch}})
+                for _, sch in reqs]
+    held = gen.run(prompts, [SamplingParams(max_new_tokens=160, grammar=g) for g in grammars])
+    free = gen.run(prompts, SamplingParams(max_new_tokens=160))
+    out: dict[str, Any] = {
+        "requests": n,
+        "constrained_valid": sum(_valid(c.text, s) for c, (_, s) in zip(held, reqs, strict=True)),
+        "constrained_finish": {r: sum(c.finish_reason == r for c in held)
+                               for r in ("stop", "length")},
+        "valid_of_stopped": sum(_valid(c.text, s) for c, (_, s) in zip(held, reqs, strict=True)
+                                if c.finish_reason == "stop"),
+        "free_valid": sum(_valid(c.text, s) for c, (_, s) in zip(free, reqs, strict=True))}
+    print(f"mix of {n}: constrained valid {out['constrained_valid']}/{n} (finish "
+          f"{out['constrained_finish']}, valid among stopped {out['valid_of_stopped']}), "
+          f"unconstrained valid {out['free_valid']}/{n}", flush=True)
+    # throughput at 1 and 32 rows. Raw tok/s mixes two things: the grammar's cost per token
+    # and constrained rows ending as soon as their JSON closes (the batch thins out sooner).
+    # So the token choice is also timed (mask, logits copy, per-row choice), and the
+    # grammar's cost alone is the free rate with the extra choice time per token added.
+    real_choose = C.choose
+    timing = {"s": 0.0, "tokens": 0}
+
+    def choose(logits: Any, rows: Any) -> Any:
+        t0 = time.perf_counter()
+        picked = real_choose(logits, rows)
+        timing["s"] += time.perf_counter() - t0
+        timing["tokens"] += len(rows)
+        return picked
+
+    C.choose = choose
+    for rows in (1, 32):
+        batch, gs = prompts[:rows], grammars[:rows]
+        best = {"free": 0.0, "constrained": 0.0}
+        per_token = {"free": 1e9, "constrained": 1e9}
+        for _ in range(2):
+            for name in ("free", "constrained"):
+                params = [SamplingParams(max_new_tokens=48, grammar=g if name == "constrained"
+                                         else None) for g in gs]
+                timing.update(s=0.0, tokens=0)
+                t0 = time.perf_counter()
+                done = gen.run(batch, params)
+                rate = sum(c.completion_tokens for c in done) / (time.perf_counter() - t0)
+                best[name] = max(best[name], rate)
+                per_token[name] = min(per_token[name], timing["s"] / max(timing["tokens"], 1))
+        extra = per_token["constrained"] - per_token["free"]
+        alone = 1 / (1 / best["free"] + extra)  # tokens/s with the extra cost per token
+        row = {"free_tok_s": round(best["free"], 2),
+               "constrained_tok_s_raw": round(best["constrained"], 2),
+               "raw_ratio": round(best["constrained"] / best["free"], 3),
+               "choice_ms_per_token": {k: round(v * 1e3, 3) for k, v in per_token.items()},
+               "grammar_cost_ratio": round(alone / best["free"], 3)}
+        out[f"{rows}_rows"] = row
+        print(f"{rows} rows: free {row['free_tok_s']} tok/s, constrained (raw) "
+              f"{row['constrained_tok_s_raw']} tok/s ({row['raw_ratio']}x); token choice "
+              f"{row['choice_ms_per_token']} ms per token: the grammar alone costs "
+              f"{row['grammar_cost_ratio']}x", flush=True)
+    C.choose = real_choose
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-m", "--model", default="smollm2")
     ap.add_argument("-o", "--output", type=Path)
+    ap.add_argument("--mix", type=int, default=100, help="requests of the schema mix")
     args = ap.parse_args()
     gen = sureserve.load(args.model).generation
     grammar = G.grammar_for({"type": "json_schema",
@@ -122,10 +230,11 @@ def main() -> None:
           f"their batch thins out sooner); mask {cost['mask_ms_per_token']} ms per token; "
           f"token choice per token {cost['choice_ms_per_token']} ms; llguidance tokenizer "
           f"built in {cost['tokenizer_build_s']} s", flush=True)
+    mix = _mix(gen, args.mix)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"model": args.model, "validity": validity,
-                                           "cost": cost}, indent=2))
+                                           "cost": cost, "mix": mix}, indent=2))
 
 
 if __name__ == "__main__":
