@@ -38,7 +38,7 @@ def models(settings: Settings, as_json: JsonOpt = False) -> None:
 @zoo_app.command("build")
 @with_settings("source")
 def zoo_build(settings: Settings, names: Annotated[list[str] | None, typer.Argument(
-        help="Aliases (default: all).")] = None,
+        help="Aliases (default: all but the on-demand ones, e.g. qwen-coder).")] = None,
               corpora: Annotated[bool, typer.Option(help="Also fetch the corpora.")] = True
               ) -> None:
     """Build zoo entries and fetch corpora now, instead of on first use."""
@@ -47,7 +47,7 @@ def zoo_build(settings: Settings, names: Annotated[list[str] | None, typer.Argum
 
     if corpora:
         err.print(f"corpora: vader at {vader_dir(settings)}, bbc at {bbc_dir()}")
-    for name in names or list(ZOO):
+    for name in names or [n for n, e in ZOO.items() if not e.on_demand]:
         if name not in ZOO:
             raise ModelSourceError(f"unknown zoo alias {name!r}", f"use one of {', '.join(ZOO)}")
         err.print(f"{name}: {ZOO[name].path(settings)}")

