@@ -81,13 +81,25 @@ def test_auto_gives_a_plain_answer_or_valid_calls(gen: Any) -> None:
             continue
         calls = plan.calls(c.text)
         if calls is None:
-            assert not c.text.lstrip().startswith("<")
+            assert c.text[:1] not in ("<", "{", " ", "\n")
         else:
             _check(calls)
     forced = plan.calls('<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n'
                         '</tool_call>')
     assert forced and forced[0]["function"] == {"name": "get_time",
                                                 "arguments": '{"zone": "UTC"}'}
+    bare = plan.calls('{"name": "get_time", "arguments": {"zone": "UTC"}}')
+    assert bare and bare[0]["function"]["name"] == "get_time"
+    # the grammar itself: a bare call, tagged calls and plain text pass; a bad call fails
+    m = gen.grammars.matcher(plan.grammar)
+    for text, ok in (('{"name": "get_time", "arguments": {"zone": "UTC"}}', True),
+                     ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "X"}}\n'
+                      '</tool_call>', True), ("Sunny, 18 C.", True),
+                     ('{"name": "get_time", "arguments": {"city": "Paris"}}', False),
+                     (" leading space", False)):
+        m.reset()
+        ids = gen.tok(text, add_special_tokens=False)["input_ids"]
+        assert (m.validate_tokens(ids) == len(ids)) is ok, text
 
 
 def test_the_template_renders_the_tools_and_none_leaves_them_out(gen: Any) -> None:

@@ -13,9 +13,11 @@ request is refused (422) rather than answered by a model that never saw them. Th
 - ``"auto"`` (the default when tools are sent): the model chooses between a plain answer
   and calls in its template's own format. Only templates that write calls as
   ``<tool_call>{json}</tool_call>`` (Hermes, Qwen2.5, SmolLM3 and most open chat models) are
-  read: the grammar allows either text that does not start with ``<`` or one or more such
-  blocks whose JSON is a valid call. For other templates ``auto`` is refused with the two
-  choices that work everywhere (``required`` or a named function).
+  read: the grammar allows text that starts with neither ``<``, ``{`` nor white space (a
+  plain answer), one or more such blocks whose JSON is a valid call, or one valid call as
+  a bare JSON object (what small models write: Qwen2.5-Coder-0.5B answers a weather
+  question with ``{"name": "get_weather", ...}`` and no tags). For other templates ``auto``
+  is refused with the two choices that work everywhere (``required`` or a named function).
 
 The result is OpenAI's ``tool_calls`` (ids, ``arguments`` as a JSON string) with
 ``finish_reason: "tool_calls"``.
@@ -60,11 +62,14 @@ class ToolPlan:
             return [_call(self.named or "", text)]
         if self.mode == "required":
             return [_call(c["name"], json.dumps(c["arguments"])) for c in json.loads(text)]
-        if self.mode == "auto" and text.lstrip().startswith(HERMES_OPEN):
+        if self.mode == "auto" and text.startswith(HERMES_OPEN):
             found = re.findall(re.escape(HERMES_OPEN) + r"(.*?)" + re.escape(HERMES_CLOSE),
                                text, re.S)
             return [_call(c["name"], json.dumps(c["arguments"]))
                     for c in (json.loads(f) for f in found)]
+        if self.mode == "auto" and text.startswith("{"):  # one bare JSON call
+            c = json.loads(text)
+            return [_call(c["name"], json.dumps(c["arguments"]))]
         return None
 
 
@@ -155,12 +160,14 @@ def plan(tools: Any, tool_choice: Any, template: str | None, model: str,
                          "send tool_choice 'required' or a named function: both work with "
                          "any template")
     call = json.dumps(_any_call(functions))
-    lark = (f'start: calls | free\n'
+    # a plain answer cannot start with '<', '{' or white space: those begin calls
+    lark = (f'start: calls | bare | free\n'
             f'calls: call ("\\n" call)*\n'
             f'call: "{HERMES_OPEN}\\n" body "\\n{HERMES_CLOSE}"\n'
             f'body: %json {call}\n'
+            f'bare: %json {call}\n'
             f'free: FREE\n'
-            f'FREE: /[^<][\\s\\S]*/\n')
+            f'FREE: /[^<{{\\s][\\s\\S]*/\n')
     return ToolPlan("auto", list(tools), str(LLMatcher.grammar_from_lark(lark)))
 
 

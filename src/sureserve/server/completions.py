@@ -279,7 +279,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         started: set[int] = set()
         # with tools, a choice's text is held until it is known to be a plain answer (auto:
-        # its first character is not '<') or, finished, turned into tool calls
+        # its first character is neither '<' nor '{') or, finished, turned into tool calls
         held: dict[int, tuple[str, list[TokenLogprob]]] = {}
         plain: set[int] = set()
 
@@ -291,8 +291,8 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             if k is not None and tools is not None and tools.mode != "none" and k not in plain:
                 before, kept = held.pop(k, ("", []))
                 text, lps = before + text, kept + (lps or [])
-                if tools.mode == "auto" and text.strip() and not text.lstrip().startswith("<"):
-                    plain.add(k)  # a plain answer: streamed from here on
+                if tools.mode == "auto" and text and text[0] not in "<{":
+                    plain.add(k)  # a plain answer (the grammar's rule): streamed from here
                 elif reason is None:
                     held[k] = (text, lps)
                     return None
