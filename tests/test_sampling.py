@@ -111,3 +111,42 @@ def test_penalties_change_the_greedy_pick_and_bias_can_force_or_ban() -> None:
     # rows with and without in one batch: the plain greedy row keeps the batched argmax
     assert choose(torch.cat([logits, logits]), [RowState(banned, []),
                                                 RowState(SamplingParams(), [])]) == [1, 0]
+
+
+class _Allow:
+    """A matcher stand-in that allows a fixed set of token ids."""
+
+    def __init__(self, ids: list[int], vocab: int) -> None:
+        import numpy as np
+
+        bits = np.zeros(((vocab + 31) // 32) * 32, dtype=bool)
+        bits[ids] = True
+        self.mask = np.packbits(bits, bitorder="little").tobytes()
+
+    def compute_bitmask(self) -> bytes:
+        return self.mask
+
+
+def test_grammar_rows_choose_the_best_allowed_token_batched_or_not() -> None:
+    """Greedy rows whose only constraint is a grammar are masked together; rows that also
+    carry a penalty go through ``scores`` one by one: both pick the best allowed token."""
+    import torch
+
+    from sureserve.generation.sampling import RowState, SamplingParams, choose
+
+    torch.manual_seed(0)
+    vocab = 70
+    logits = torch.randn(4, vocab)
+    allowed = [[3, 9, 41], [0, 69], [5], [7, 8, 60]]
+    grammar = SamplingParams(grammar="x")
+    penalised = SamplingParams(grammar="x", presence_penalty=0.5)
+    rows = [RowState(grammar, [], matcher=_Allow(allowed[0], vocab)),
+            RowState(grammar, [], matcher=_Allow(allowed[1], vocab)),
+            RowState(SamplingParams(), []),  # no grammar: plain argmax
+            RowState(penalised, [], matcher=_Allow(allowed[3], vocab))]
+    assert rows[0].params.grammar_greedy and not rows[3].params.grammar_greedy
+    picks = choose(logits, rows)
+    for k in (0, 1, 3):
+        best = max(allowed[k], key=lambda t: float(logits[k, t]))
+        assert picks[k] == best
+    assert picks[2] == int(logits[2].argmax())

@@ -105,6 +105,12 @@ class SamplingParams:
         return self.frequency_penalty != 0 or self.presence_penalty != 0
 
     @property
+    def grammar_greedy(self) -> bool:
+        """Greedy with a grammar and nothing else that changes the logits."""
+        return self.grammar is not None and self.greedy and self.repetition_penalty == 1 \
+            and not self.output_penalties and not self.logit_bias
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: the batched argmax is the answer."""
         return self.greedy and self.repetition_penalty == 1 and not self.output_penalties \
@@ -212,9 +218,19 @@ def choose(logits: Any, rows: Sequence[RowState]) -> list[int]:
     import torch
 
     picks = logits.argmax(-1).tolist()
+    # greedy rows whose only constraint is a grammar: masked and chosen together, one
+    # tensor operation for all of them (no per-row copy of the logits)
+    masked = [i for i, row in enumerate(rows) if row.params.grammar_greedy]
+    if masked:
+        from sureserve.generation.grammar import allowed
+
+        ok = torch.stack([allowed(rows[i].matcher, logits.shape[-1]) for i in masked])
+        best = logits[masked].masked_fill(~ok.to(logits.device), -math.inf).argmax(-1)
+        for i, t in zip(masked, best.tolist(), strict=True):
+            picks[i] = t
     for i, row in enumerate(rows):
         p = row.params
-        if p.plain_greedy:
+        if p.plain_greedy or p.grammar_greedy:
             continue
         s = scores(logits[i], row)
         if p.greedy:
