@@ -69,7 +69,7 @@ def test_json_object_mode_gives_an_object(tiny: Any) -> None:
 
 
 def test_the_mask_allows_only_what_can_start_the_output(tiny: Any) -> None:
-    m = tiny.grammars.matcher(grammar_for({"type": "json_object"}))
+    (m,) = tiny.grammars.matchers(grammar_for({"type": "json_object"}), 1)
     ok = allowed(m, tiny.vocab_size).nonzero().flatten().tolist()
     assert ok and all(tiny.tok.decode([t]).lstrip().startswith("{") for t in ok)
     assert len(ok) < tiny.vocab_size // 100
@@ -135,3 +135,16 @@ def test_the_cli_writes_json_valid_against_a_schema_file(tool_llama: Path,
     assert all(_valid(json.loads(row["text"])) for row in rows if row["finish_reason"] == "stop")
     bad = cli("generate", "x", "-m", str(tool_llama), "--json-schema", str(tmp_path / "no"))
     assert bad.returncode != 0 and "--json-schema" in bad.stderr
+
+
+def test_sequences_of_one_request_each_get_their_own_matcher(tiny: Any) -> None:
+    """One grammar, three sequences in one submit (as ``n`` sends them): the grammar is
+    built once and copied; a shared matcher would be fed three rows' tokens and break."""
+    params = SamplingParams(max_new_tokens=60, grammar=grammar_for(FORMAT), temperature=1.0,
+                            seed=3)
+    ids = tiny.submit([tiny.encode("Describe:")] * 3, params)  # one submit, as ``n`` does
+    while tiny.has_work:
+        tiny.step()
+    out = [tiny.result(i) for i in ids]
+    done = [c for c in out if c is not None and c.finish_reason == "stop"]
+    assert done and all(_valid(json.loads(c.text)) for c in done)

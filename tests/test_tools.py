@@ -91,7 +91,7 @@ def test_auto_gives_a_plain_answer_or_valid_calls(gen: Any) -> None:
     bare = plan.calls('{"name": "get_time", "arguments": {"zone": "UTC"}}')
     assert bare and bare[0]["function"]["name"] == "get_time"
     # the grammar itself: a bare call, tagged calls and plain text pass; a bad call fails
-    m = gen.grammars.matcher(plan.grammar)
+    (m,) = gen.grammars.matchers(plan.grammar, 1)
     for text, ok in (('{"name": "get_time", "arguments": {"zone": "UTC"}}', True),
                      ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "X"}}\n'
                       '</tool_call>', True), ("Sunny, 18 C.", True),

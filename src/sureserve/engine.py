@@ -385,8 +385,6 @@ class Engine:
         """Like ``generate`` with the details: finish_reason, token counts, token ids, and
         with ``tools`` (OpenAI function tools, chat prompts only) each completion's
         ``tool_calls`` (finish_reason ``tool_calls``) when the model called them."""
-        import dataclasses
-
         from sureserve.generation.tools import plan as tool_plan
 
         gen = self._gen()
@@ -401,16 +399,13 @@ class Engine:
             tools_plan = tool_plan(tools, tool_choice, getattr(gen.tok, "chat_template", None),
                                    gen.loaded.source.identifier,
                                    self.settings.max_schema_bytes)
-            if tools_plan is not None and tools_plan.grammar is not None:
-                if sp.grammar is not None:
-                    raise InputError("response_format and tools both constrain the output",
-                                     "send one of them")
-                sp = dataclasses.replace(sp, grammar=tools_plan.grammar)
+            if tools_plan is not None:
+                sp = tools_plan.constrain(sp)
         render = tools_plan.render if tools_plan is not None else None
         done = gen.run([gen.encode(p, render) for p in prompts], sp)
         if tools_plan is not None:
             for c in done:
-                if c.finish_reason == "stop" and (calls := tools_plan.calls(c.text)):
+                if calls := tools_plan.finished(c.text, c.finish_reason):
                     c.tool_calls, c.finish_reason = calls, "tool_calls"
         return done
 

@@ -211,10 +211,10 @@ class GenerationEngine:
                              f"model's vocabulary has {self.vocab_size} tokens",
                              f"send token ids below {self.vocab_size}")
         self.check(prompts, params.max_new_tokens)
-        # one matcher per sequence; the first is built before anything is queued, so a
-        # grammar llguidance cannot enforce is refused (422) with nothing to undo
-        matchers = [self.grammars.matcher(params.grammar) if params.grammar else None
-                    for _ in prompts]
+        # one matcher per sequence, built before anything is queued, so a grammar
+        # llguidance cannot enforce is refused (422) with nothing to undo
+        matchers = self.grammars.matchers(params.grammar, len(prompts)) if params.grammar \
+            else [None] * len(prompts)
         with self._lock:
             if max_waiting is not None and self.waiting + len(prompts) > max_waiting:
                 raise OverloadedError.queue_full(self.waiting, len(prompts), max_waiting,

@@ -16,9 +16,10 @@ token mask computed lazily per step in tens of microseconds (measured in BENCHMA
 
 Pieces: ``grammar_for`` turns a ``response_format`` into a grammar (a clear 422 for a
 schema llguidance cannot compile, naming the keyword); ``Grammars`` holds the model's
-llguidance tokenizer (built once, ~1 s) and starts one matcher per request; the sampler
-asks the matcher for its mask (``allowed``), and the engine feeds it every chosen token
-(``RowState.observe``) and ends the request when the grammar is complete.
+llguidance tokenizer (built once, ~1 s) and starts a request's matchers (its grammar built
+once, copied per sequence); the sampler asks each matcher for its mask (``allowed``), and
+the engine feeds it every chosen token (``RowState.observe``) and ends the request when the
+grammar is complete.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def check_size(schema: Any, limit: int, what: str) -> None:
                                 "(--max-schema-bytes)", length=size, limit=limit)
 
 
+def schema_grammar(schema: Any, what: str, fix: str) -> str:
+    """The llguidance grammar of a JSON schema, with JSON whitespace kept compact (a model
+    cannot spend its tokens on blank lines). Something that is not a JSON schema object is a
+    422 naming ``what``; a schema's unsupported keywords are reported when the matcher is
+    built (``Grammars.matcher``). Shared by ``response_format`` and tools."""
+    from llguidance import LLMatcher
+
+    try:
+        return str(LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_flexible": False}))
+    except ValueError as exc:
+        raise InputError(f"{what} is not a valid JSON schema: {exc}", fix) from exc
+
+
 def grammar_for(response_format: Any, limit: int = 65_536) -> str | None:
     """The llguidance grammar for an OpenAI ``response_format`` (None: unconstrained).
     Raises ``InputError`` for a malformed request and ``InputTooLongError`` for a schema
@@ -56,13 +71,8 @@ def grammar_for(response_format: Any, limit: int = 65_536) -> str | None:
     kind = response_format.get("type")
     if kind == "text":
         return None
-    from llguidance import LLMatcher
-
-    if kind == "json_object":
-        # any JSON object (OpenAI's JSON mode); whitespace kept compact and bounded so that
-        # a model cannot spend its tokens on blank lines
-        return str(LLMatcher.grammar_from_json_schema(
-            {"type": "object"}, defaults={"whitespace_flexible": False}))
+    if kind == "json_object":  # any JSON object (OpenAI's JSON mode)
+        return schema_grammar({"type": "object"}, "json_object", FIX)
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
@@ -70,11 +80,7 @@ def grammar_for(response_format: Any, limit: int = 65_536) -> str | None:
                              "with an object 'schema'", FIX)
         schema = spec.get("schema", {})
         check_size(schema, limit, "the response_format schema")
-        try:
-            return str(LLMatcher.grammar_from_json_schema(
-                schema, defaults={"whitespace_flexible": False}))
-        except ValueError as exc:
-            raise InputError(f"response_format schema is not valid: {exc}", FIX) from exc
+        return schema_grammar(schema, "the response_format schema", FIX)
     raise InputError(f"response_format type {kind!r} is not supported",
                      "use 'text', 'json_object' or 'json_schema'")
 
@@ -98,16 +104,17 @@ class Grammars:
                     self._hf, n_vocab=self._vocab, eos_token=self._eos or None)
             return self._tok
 
-    def matcher(self, grammar: str) -> Any:
-        """A fresh matcher for one request; a grammar llguidance cannot build (an
+    def matchers(self, grammar: str, n: int) -> list[Any]:
+        """Fresh matchers for ``n`` sequences of one request: the grammar is built once and
+        copied (building is the costly part). A grammar llguidance cannot build (an
         unsupported schema keyword, a bad regex) is a 422 with its reason."""
         from llguidance import LLMatcher
 
         m = LLMatcher(self.tokenizer(), grammar, log_level=0)
         if m.is_error():
-            raise InputError(f"response_format cannot be enforced: {_reason(m.get_error())}",
-                             FIX)
-        return m
+            raise InputError("the output constraint (response_format or tool parameters) "
+                             f"cannot be enforced: {_reason(m.get_error())}", FIX)
+        return [m, *(m.deep_copy() for _ in range(n - 1))]
 
 
 def _reason(error: str) -> str:

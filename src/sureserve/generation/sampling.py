@@ -105,16 +105,21 @@ class SamplingParams:
         return self.frequency_penalty != 0 or self.presence_penalty != 0
 
     @property
+    def _argmax_of_logits(self) -> bool:
+        """Greedy with no bias or penalty: the choice is an argmax of the raw logits (of
+        those the grammar allows, when there is one)."""
+        return self.greedy and self.repetition_penalty == 1 and not self.output_penalties \
+            and not self.logit_bias
+
+    @property
     def grammar_greedy(self) -> bool:
         """Greedy with a grammar and nothing else that changes the logits."""
-        return self.grammar is not None and self.greedy and self.repetition_penalty == 1 \
-            and not self.output_penalties and not self.logit_bias
+        return self._argmax_of_logits and self.grammar is not None
 
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: the batched argmax is the answer."""
-        return self.greedy and self.repetition_penalty == 1 and not self.output_penalties \
-            and not self.logit_bias and self.grammar is None
+        return self._argmax_of_logits and self.grammar is None
 
 
 def _finite(x: Any) -> bool:

@@ -25,6 +25,7 @@ The result is OpenAI's ``tool_calls`` (ids, ``arguments`` as a JSON string) with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sureserve.errors import InputError
+from sureserve.generation.sampling import SamplingParams
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -52,6 +54,21 @@ class ToolPlan:
     def render(self) -> list[dict[str, Any]] | None:
         """The tools the chat template shows the model (none for ``tool_choice: none``)."""
         return self.tools if self.tools and self.mode != "none" else None
+
+    def constrain(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with this plan's grammar (unchanged when it has none); a request that
+        also constrains its output with ``response_format`` is refused."""
+        if self.grammar is None:
+            return params
+        if params.grammar is not None:
+            raise InputError("response_format and tools both constrain the output",
+                             "send one of them (tool_choice 'none' keeps response_format)")
+        return dataclasses.replace(params, grammar=self.grammar)
+
+    def finished(self, text: str, reason: str) -> list[dict[str, Any]] | None:
+        """The tool calls of a finished output, or None: a plain answer, or an output cut
+        by ``max_tokens`` (``length``: returned as text, the client can tell)."""
+        return self.calls(text) if reason == "stop" else None
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
         """OpenAI ``tool_calls`` from a finished output, or None when it is a plain answer
@@ -113,7 +130,7 @@ def plan(tools: Any, tool_choice: Any, template: str | None, model: str,
     (413 when the tools' schemas together pass ``limit`` bytes: ``max_schema_bytes``)."""
     from llguidance import LLMatcher
 
-    from sureserve.generation.grammar import check_size
+    from sureserve.generation.grammar import check_size, schema_grammar
 
     if tools is None:
         if tool_choice not in (None, "none"):
@@ -130,17 +147,10 @@ def plan(tools: Any, tool_choice: Any, template: str | None, model: str,
                          "never see them", "serve a model whose chat template supports tools "
                          "(its tokenizer_config.json chat_template mentions them), or send "
                          "tool_choice 'none'")
-    def from_schema(schema: dict[str, Any]) -> str:
-        try:  # compact JSON, as in grammar.py
-            return str(LLMatcher.grammar_from_json_schema(
-                schema, defaults={"whitespace_flexible": False}))
-        except ValueError as exc:  # the matcher names unsupported keywords later
-            raise InputError(f"a tool's parameters are not a valid JSON schema: {exc}",
-                             FIX_TOOLS) from exc
-
+    what = "a tool's parameters"
     if choice == "required":
-        return ToolPlan("required", list(tools), from_schema(
-            {"type": "array", "minItems": 1, "items": _any_call(functions)}))
+        return ToolPlan("required", list(tools), schema_grammar(
+            {"type": "array", "minItems": 1, "items": _any_call(functions)}, what, FIX_TOOLS))
     if isinstance(choice, dict):
         fn = choice.get("function")
         name = fn.get("name") if choice.get("type") == "function" and isinstance(fn, dict) \
@@ -149,7 +159,8 @@ def plan(tools: Any, tool_choice: Any, template: str | None, model: str,
             raise InputError(f"tool_choice names {name!r}, which is not among the tools "
                              f"({', '.join(functions)})", "name one of the tools sent, as "
                              "{'type': 'function', 'function': {'name': ...}}")
-        return ToolPlan("named", list(tools), from_schema(functions[name]), named=name)
+        return ToolPlan("named", list(tools), schema_grammar(functions[name], what, FIX_TOOLS),
+                        named=name)
     if choice != "auto":
         raise InputError(f"tool_choice {choice!r} is invalid",
                          "send 'auto', 'none', 'required' or {'type': 'function', "

@@ -8,8 +8,8 @@ fits, 429 over capacity) before a stream's 200 goes out; text deltas come back a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
+import itertools
 import json
 import time
 import uuid
@@ -268,12 +268,8 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
             tools = tool_plan(body.tools, body.tool_choice,
                               getattr(engine.tokenizer, "chat_template", None), slot.name,
                               settings.max_schema_bytes)
-            if tools is not None and tools.grammar is not None:
-                if params.grammar is not None:
-                    raise InputError("response_format and tools both constrain the output",
-                                     "send one of them (tool_choice 'none' keeps "
-                                     "response_format)")
-                params = dataclasses.replace(params, grammar=tools.grammar)
+            if tools is not None:
+                params = tools.constrain(params)
         model = await encode(body, [messages], tools.render if tools else None)
         name, events, prompt_tokens, tok = await submit(body, [messages], params, model)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -296,7 +292,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
                 elif reason is None:
                     held[k] = (text, lps)
                     return None
-                elif reason == "stop" and (calls := tools.calls(text)):
+                elif calls := tools.finished(text, reason):
                     text, reason = "", "tool_calls"
             if k is not None:
                 delta: dict[str, Any] = {}
@@ -322,7 +318,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
 
         def choice(k: int, ev: GenEvent) -> S.ChatChoice:
             text, reason = _text(ev), _reason(ev)
-            calls = tools.calls(text) if tools is not None and reason == "stop" else None
+            calls = tools.finished(text, reason) if tools is not None else None
             message = S.AssistantMessage(
                 content=None, tool_calls=[S.ToolCall.model_validate(c) for c in calls]) \
                 if calls else S.AssistantMessage(content=text)
@@ -387,7 +383,7 @@ def _completion_logprobs(tok: Any, lps: list[TokenLogprob], offset: int = 0
     characters from the start of the choice's text; an echoed prompt's first token has
     null for its logprob and its alternatives, as OpenAI returns it."""
     tokens = [tok.decode([x.token]) for x in lps]
-    starts = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    starts = list(itertools.accumulate(map(len, tokens[:-1]), initial=offset))[:len(tokens)]
     return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
             "top_logprobs": [None if x.logprob is None else
                              {tok.decode([t]): v for t, v in x.top} for x in lps],
