@@ -13,8 +13,10 @@ person record:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,31 @@ MIX = [
 ]
 
 
+@contextlib.contextmanager
+def _timed(module: Any, name: str, count: Callable[..., int]) -> Iterator[dict[str, float]]:
+    """Time every call of ``module.name`` while the block runs (looked up at call time by
+    its callers): seconds and ``count(*args)`` summed; the caller may reset both."""
+    real = getattr(module, name)
+    spent = {"s": 0.0, "n": 0.0}
+
+    def wrapper(*args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = real(*args)
+        spent["s"] += time.perf_counter() - t0
+        spent["n"] += count(*args)
+        return out
+
+    setattr(module, name, wrapper)
+    try:
+        yield spent
+    finally:
+        setattr(module, name, real)
+
+
+def _rows(logits: Any, rows: Any) -> int:
+    return len(rows)
+
+
 def _valid(text: str, schema: Any = SCHEMA) -> bool:
     try:
         jsonschema.validate(json.loads(text), schema)
@@ -112,17 +139,13 @@ def _mix(gen: Any, n: int) -> dict[str, Any]:
     # and constrained rows ending as soon as their JSON closes (the batch thins out sooner).
     # So the token choice is also timed (mask, logits copy, per-row choice), and the
     # grammar's cost alone is the free rate with the extra choice time per token added.
-    real_choose = C.choose
-    timing = {"s": 0.0, "tokens": 0}
+    with _timed(C, "choose", _rows) as timing:  # the engine's module-level name
+        _throughput(gen, prompts, grammars, timing, out)
+    return out
 
-    def choose(logits: Any, rows: Any) -> Any:
-        t0 = time.perf_counter()
-        picked = real_choose(logits, rows)
-        timing["s"] += time.perf_counter() - t0
-        timing["tokens"] += len(rows)
-        return picked
 
-    C.choose = choose
+def _throughput(gen: Any, prompts: list[Any], grammars: list[Any], timing: dict[str, float],
+                out: dict[str, Any]) -> None:
     for rows in (1, 32):
         batch, gs = prompts[:rows], grammars[:rows]
         best = {"free": 0.0, "constrained": 0.0}
@@ -131,12 +154,12 @@ def _mix(gen: Any, n: int) -> dict[str, Any]:
             for name in ("free", "constrained"):
                 params = [SamplingParams(max_new_tokens=48, grammar=g if name == "constrained"
                                          else None) for g in gs]
-                timing.update(s=0.0, tokens=0)
+                timing.update(s=0.0, n=0.0)
                 t0 = time.perf_counter()
                 done = gen.run(batch, params)
                 rate = sum(c.completion_tokens for c in done) / (time.perf_counter() - t0)
                 best[name] = max(best[name], rate)
-                per_token[name] = min(per_token[name], timing["s"] / max(timing["tokens"], 1))
+                per_token[name] = min(per_token[name], timing["s"] / max(timing["n"], 1))
         extra = per_token["constrained"] - per_token["free"]
         alone = 1 / (1 / best["free"] + extra)  # tokens/s with the extra cost per token
         row = {"free_tok_s": round(best["free"], 2),
@@ -149,8 +172,6 @@ def _mix(gen: Any, n: int) -> dict[str, Any]:
               f"{row['constrained_tok_s_raw']} tok/s ({row['raw_ratio']}x); token choice "
               f"{row['choice_ms_per_token']} ms per token: the grammar alone costs "
               f"{row['grammar_cost_ratio']}x", flush=True)
-    C.choose = real_choose
-    return out
 
 
 def main() -> None:
@@ -181,47 +202,28 @@ def main() -> None:
           f"constrained {validity['constrained_valid']}/{len(prompts)} "
           f"(finish {validity['constrained_finish']})", flush=True)
 
-    # cost: mask time per call, and batch throughput constrained vs free
-    spent = {"calls": 0, "s": 0.0}
-    inner = G.allowed
-
-    def timed(matcher: Any, vocab: int) -> Any:
-        t0 = time.perf_counter()
-        out = inner(matcher, vocab)
-        spent["s"] += time.perf_counter() - t0
-        spent["calls"] += 1
-        return out
-
-    G.allowed = timed  # sampling imports it at call time
-    # the token choice's whole time (mask, logits copy, per-row argmax), per token
-    choosing = {"free": [0.0, 0], "constrained": [0.0, 0]}
-    real_choose = C.choose
-    current = ["free"]
-
-    def choose(logits: Any, rows: Any) -> Any:
-        t0 = time.perf_counter()
-        out = real_choose(logits, rows)
-        choosing[current[0]][0] += time.perf_counter() - t0
-        choosing[current[0]][1] += len(rows)
-        return out
-
-    C.choose = choose  # the engine's module-level name
+    # cost: mask time per call, the token choice's whole time per token (mask, logits copy,
+    # per-row argmax), and batch throughput constrained vs free
+    choosing = {"free": [0.0, 0.0], "constrained": [0.0, 0.0]}
     batch = prompts[:8]
     best = {"free": 0.0, "constrained": 0.0}
-    for _ in range(3):
-        for name, params in (("free", SamplingParams(max_new_tokens=48)),
-                             ("constrained", SamplingParams(max_new_tokens=48,
-                                                            grammar=grammar))):
-            current[0] = name
-            t0 = time.perf_counter()
-            out = gen.run(batch, params)
-            rate = sum(c.completion_tokens for c in out) / (time.perf_counter() - t0)
-            best[name] = max(best[name], rate)
-    G.allowed, C.choose = inner, real_choose
+    with _timed(G, "allowed", lambda *_: 1) as spent, \
+            _timed(C, "choose", _rows) as timing:  # sampling imports allowed at call time
+        for _ in range(3):
+            for name, params in (("free", SamplingParams(max_new_tokens=48)),
+                                 ("constrained", SamplingParams(max_new_tokens=48,
+                                                                grammar=grammar))):
+                timing.update(s=0.0, n=0.0)
+                t0 = time.perf_counter()
+                out = gen.run(batch, params)
+                rate = sum(c.completion_tokens for c in out) / (time.perf_counter() - t0)
+                best[name] = max(best[name], rate)
+                choosing[name][0] += timing["s"]
+                choosing[name][1] += timing["n"]
     cost = {"batch": len(batch), "free_tok_s": round(best["free"], 2),
             "constrained_tok_s": round(best["constrained"], 2),
             "constrained_over_free": round(best["constrained"] / best["free"], 3),
-            "mask_ms_per_token": round(1e3 * spent["s"] / max(spent["calls"], 1), 3),
+            "mask_ms_per_token": round(1e3 * spent["s"] / max(spent["n"], 1), 3),
             "choice_ms_per_token": {k: round(1e3 * v[0] / max(v[1], 1), 3)
                                     for k, v in choosing.items()},
             "tokenizer_build_s": round(tokenizer_s, 2)}
