@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from sureserve.bench.serve import _free_port, _start, _stop
+from sureserve.bench.serve import _start, _stop, free_port
 from sureserve.loading.machine import RssSampler
 
 
@@ -241,7 +241,7 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
 
     reference: dict[tuple[str, int], list[str]] = {}
     for c in contenders:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         log(f"starting {c.name}")
         try:

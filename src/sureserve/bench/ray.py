@@ -103,7 +103,7 @@ def _until_all_ready(url: str, timeout: float = 300) -> None:
 
 def _serve(replicas: int, ray_args: list[str], clients: int, seconds: float,
            log: Callable[[str], None]) -> dict[str, Any]:
-    from sureserve.bench.serve import _free_port, _load, _start, _stop
+    from sureserve.bench.serve import _load, _start, _stop, free_port
     from sureserve.zoo.corpora import realistic_mix
 
     texts = realistic_mix(2000, 0.05, seed=1)
@@ -113,7 +113,7 @@ def _serve(replicas: int, ray_args: list[str], clients: int, seconds: float,
     rows: dict[str, Any] = {}
     answers = {}
     for name, extra in (("local", []), (f"ray-{replicas}", ray_args)):
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = _start([*base, *extra, "--port", str(port)], url)
         try:

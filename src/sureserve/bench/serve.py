@@ -12,8 +12,10 @@ same run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -29,8 +31,27 @@ import httpx
 import numpy as np
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+def free_port() -> int:
+    """A loopback port free now, chosen below the kernel's ephemeral range.
+
+    Port 0 would hand out an ephemeral port, and between this check and the server's own
+    bind the kernel may give the same number to an outgoing connection as its source port
+    (a local Ray cluster opens many), so the server fails with "address in use". Ports
+    between Ray's worker range (10002-19999) and the ephemeral range are never handed out
+    that way."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(20000, max(20001, low)))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free below the range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -226,7 +247,7 @@ def run_serve_bench(levels: Sequence[int] = (1, 8, 32, 64), seconds: float = 10.
     for c in contenders:
         if c.name in skip:
             continue
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = _start(c.cmd + c.argv(port), url, c.env)
         rows = []
@@ -274,7 +295,7 @@ def run_lag_probe(seconds: float = 15.0, big_inputs: int = 256, out: Path | None
     bodies = {"embed": json.dumps({"inputs": "A quiet, well made film."}).encode(), "health":
               b"", "big": json.dumps({"inputs": [t for _, t in load_bbc()][:big_inputs],
                                       "truncate": True}).encode()}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start([sys.executable, "-m", "sureserve.cli", "serve", "minilm", "--port",
                    str(port)], url)

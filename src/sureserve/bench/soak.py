@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 
 from sureserve.bench.harness import write_report
-from sureserve.bench.serve import Lost, _Conn, _free_port, _start, _stop
+from sureserve.bench.serve import Lost, _Conn, _start, _stop, free_port
 from sureserve.server.metrics import Scrape
 
 REQUEST_TIMEOUT_S = 120.0
@@ -206,7 +206,7 @@ def run_soak(minutes: float = 30.0, clients: int = 64, warmup_minutes: float = 2
 
     texts = realistic_mix(2000, 0.1, seed=seed)
     max_payload = 2_000_000
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "sureserve.cli", "serve", "minilm", "sentiment-demo",
            "smollm2", "--max-payload-bytes", str(max_payload), *extra_args, "--port", str(port)]
