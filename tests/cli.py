@@ -26,9 +26,15 @@ _ONE_AT_A_TIME = threading.Lock()  # argv, environ, cwd and std streams are proc
 
 def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
         timeout: float = 600, cwd: Path | None = None,
-        process: bool = False) -> subprocess.CompletedProcess[str]:
-    """``sureserve ARGS``; ``env`` adds to the environment."""
-    if process or "--ray" in args or (args and args[0] in PROCESS_ONLY):
+        process: bool | None = None) -> subprocess.CompletedProcess[str]:
+    """``sureserve ARGS``; ``env`` adds to the environment. ``process``: True or False
+    forces a real process or this one; by default ``--ray`` and ``PROCESS_ONLY`` commands
+    get a process (a ``--ray`` job may run here when this process is connected to the
+    cluster: the command then uses that connection, as a program embedding sureserve does,
+    and leaves it open)."""
+    if process is None:
+        process = "--ray" in args or bool(args and args[0] in PROCESS_ONLY)
+    if process:
         return subprocess.run([sys.executable, "-m", "sureserve.cli", *args],
                               capture_output=True, text=True, input=stdin, timeout=timeout,
                               cwd=cwd, env={**os.environ, **(env or {})})

@@ -10,39 +10,56 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 # load a tiny BERT (its GELU runs through oneDNN) through sureserve, run a batch of 3 at
 # each of 8 lengths (shapes the gate's probes do not use), then the first length again;
-# oneDNN logs every kernel creation
+# oneDNN logs every kernel creation. Then embed three texts (after the evictions) and save
+# the vectors: the outputs must not depend on the cache.
 SCRIPT = """
-import sys, torch, sureserve
+import sys, numpy, torch, sureserve
 m = sureserve.load(sys.argv[1])
 for n in [41, 42, 43, 44, 45, 46, 47, 48, 41]:
     with torch.inference_mode():
         m.model(input_ids=torch.full((3, n), 1000),
                 attention_mask=torch.ones(3, n, dtype=torch.long))
+numpy.save(sys.argv[2], m.embed(['a short one', 'a somewhat longer text than that', 'x']))
 """
 OURS = {f"3x{n}x64" for n in range(41, 49)}
+#: one process per cache configuration (each costs a fresh interpreter's imports)
+CONFIGS = {"capacity 4": {"SURESERVE_ONEDNN_CACHE_CAPACITY": "4"},
+           "capacity 0": {"SURESERVE_ONEDNN_CACHE_CAPACITY": "0"},
+           "explicit 1024": {"SURESERVE_ONEDNN_CACHE_CAPACITY": "4",
+                             "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}}
 
 
-def _gelu_creations(tiny_bert: Path, env: dict[str, str]) -> list[tuple[str, str]]:
+@pytest.fixture(scope="module")
+def runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory
+         ) -> dict[str, tuple[list[tuple[str, str]], np.ndarray]]:
+    """For each configuration: the GELU kernel creations oneDNN logged, and the vectors."""
+    out_dir = tmp_path_factory.mktemp("onednn")
     clean = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_bert)], check=True,
-                         capture_output=True, text=True, timeout=300,
-                         env={**clean, "ONEDNN_VERBOSE": "profile_create",
-                              "SURESERVE_ACCEPT_GATE_FAILURE": "1", **env}).stdout
-    rows = []
-    for line in out.splitlines():  # onednn_verbose,v1,primitive,create:cache_miss,...,1x3x64,ms
-        parts = line.split(",")
-        if len(parts) > 4 and parts[3].startswith("create:") and parts[-2] in OURS:
-            rows.append((parts[3].removeprefix("create:"), parts[-2]))
-    return rows
+    got = {}
+    for name, env in CONFIGS.items():
+        vecs = out_dir / f"{name.replace(' ', '-')}.npy"
+        out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_bert), str(vecs)],
+                             check=True, capture_output=True, text=True, timeout=300,
+                             env={**clean, "ONEDNN_VERBOSE": "profile_create",
+                                  "SURESERVE_ACCEPT_GATE_FAILURE": "1", **env}).stdout
+        rows = []
+        for line in out.splitlines():  # onednn_verbose,v1,primitive,create:cache_miss,...
+            parts = line.split(",")
+            if len(parts) > 4 and parts[3].startswith("create:") and parts[-2] in OURS:
+                rows.append((parts[3].removeprefix("create:"), parts[-2]))
+        got[name] = (rows, np.load(vecs))
+    return got
 
 
-def test_the_onednn_cache_is_bounded_by_the_setting(tiny_bert: Path) -> None:
-    rows = _gelu_creations(tiny_bert, {"SURESERVE_ONEDNN_CACHE_CAPACITY": "4"})
+def test_the_onednn_cache_is_bounded_by_the_setting(runs: dict[str, Any]) -> None:
+    rows, _ = runs["capacity 4"]
     # one kernel per length (the second layer reuses the first's): the cache's growth
     assert {shape for _, shape in rows} == OURS, rows
     # the first length was evicted by the next ones (at most 4 kernels are kept, whatever
@@ -50,9 +67,8 @@ def test_the_onednn_cache_is_bounded_by_the_setting(tiny_bert: Path) -> None:
     assert rows.count(("cache_miss", "3x41x64")) == 2, rows
 
 
-def test_an_explicit_onednn_variable_wins(tiny_bert: Path) -> None:
-    rows = _gelu_creations(tiny_bert, {"SURESERVE_ONEDNN_CACHE_CAPACITY": "4",
-                                       "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})
+def test_an_explicit_onednn_variable_wins(runs: dict[str, Any]) -> None:
+    rows, _ = runs["explicit 1024"]
     assert rows.count(("cache_miss", "3x41x64")) == 1, rows
 
 
@@ -63,19 +79,7 @@ def test_the_default_is_bounded() -> None:
     assert 0 <= capacity <= 256  # oneDNN's own default, 1,024, is what grew for hours
 
 
-@pytest.mark.parametrize("capacity", ["0", "4"])
-def test_outputs_do_not_depend_on_the_cache(tiny_bert: Path, capacity: str) -> None:
-    script = ("import sys, numpy, sureserve; m = sureserve.load(sys.argv[1]); "
-              "numpy.save(sys.argv[2], m.embed(['a short one', 'a somewhat longer text "
-              "than that', 'x']))")
-    outs = []
-    for cap in (capacity, "1024"):
-        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sureserve-cache-{os.getpid()}-{cap}.npy"
-        subprocess.run([sys.executable, "-c", script, str(tiny_bert), str(path)], check=True,
-                       timeout=300, env={**os.environ, "SURESERVE_ONEDNN_CACHE_CAPACITY": cap,
-                              "SURESERVE_ACCEPT_GATE_FAILURE": "1"})
-        import numpy as np
-
-        outs.append(np.load(path))
-        path.unlink()
-    assert (outs[0] == outs[1]).all()
+@pytest.mark.parametrize("capacity", ["capacity 0", "capacity 4"])
+def test_outputs_do_not_depend_on_the_cache(runs: dict[str, Any], capacity: str) -> None:
+    """Vectors with a bounded (or no) cache equal those with oneDNN's 1,024 kernels."""
+    assert (runs[capacity][1] == runs["explicit 1024"][1]).all()

@@ -285,6 +285,11 @@ class Settings(BaseSettings):
         "(each replica takes max_queue_inputs requests at once); beyond that it answers 429 "
         "with Retry-After.",
     )
+    ray_health_check_period_s: float = Field(
+        default=2.0, gt=0,
+        description="serve --ray: how often Ray Serve checks each replica; a replica whose "
+        "process died is replaced within about this long (Ray Serve's own default: 10 s).",
+    )
 
     # --- drift watch ---------------------------------------------------------------------
     drift_watch: bool = Field(
@@ -431,7 +436,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "drift_loops"),
     "ray": ("ray", "replicas", "ray_address"),
     "ray_serve": ("ray_min_replicas", "ray_max_replicas", "ray_target_ongoing_requests",
-                  "ray_upscale_delay_s", "ray_downscale_delay_s", "ray_max_queued_requests"),
+                  "ray_upscale_delay_s", "ray_downscale_delay_s", "ray_max_queued_requests",
+                  "ray_health_check_period_s"),
     "server": ("host", "port", "api_key", "open_health", "max_wait_ms", "max_queue_inputs",
                "max_client_batch", "max_payload_bytes", "packing", "tokenizer_workers"),
 }

@@ -19,7 +19,7 @@ from sureserve.settings import Settings
 from sureserve.zoo import ZOO
 from tests import mutations as M
 from tests.cli import cli
-from tests.server.conftest import start_server, stop_server
+from tests.server.conftest import serve_here
 
 pytestmark = pytest.mark.e2e
 GUIDE = ["Same output for different inputs", "Out of memory even with small batches",
@@ -136,9 +136,8 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 def test_url_under_a_flood_reports_429s_and_writes_a_page(tmp_path: Path) -> None:
-    server = start_server(["sentiment-demo"], {"SURESERVE_MAX_QUEUE_INPUTS": "8",
-                                               "SURESERVE_DRIFT_WINDOW": "20"})
-    try:
+    # the server's app on a thread of this process (the doctor reads it over HTTP only)
+    with serve_here(["sentiment-demo"], max_queue_inputs=8, drift_window=20) as server:
         texts = ["What a wonderful, moving film.", "A dull and tedious mess."] * 4
 
         def one(_: int) -> int:
@@ -150,8 +149,6 @@ def test_url_under_a_flood_reports_429s_and_writes_a_page(tmp_path: Path) -> Non
         assert 429 in codes and 200 in codes, codes
         page = tmp_path / "doctor.html"
         r = cli("doctor", "--url", server.url, "--json", "--html", str(page))
-    finally:
-        stop_server(server)
     assert r.returncode in (0, 3), r.stderr
     found = by_symptom(json.loads(r.stdout))
     refused = found["Requests refused (429)"]

@@ -45,10 +45,13 @@ def rows(path: Path) -> list[dict[str, Any]]:
 
 
 def run(*args: str, address: str) -> subprocess.CompletedProcess[str]:
-    """A Ray job; a small planner window makes batches of 32 texts, so that both actors
-    work and their results must be put back in order."""
+    """A Ray job, run by the CLI in this test process (connected to the session's cluster:
+    a fresh interpreter would only add its ~4 s of imports; the killed-actor job below runs
+    in a real process, connecting by ``--ray-address``). A small planner window makes
+    batches of 32 texts, so that both actors work and their results must be put back in
+    order."""
     return cli(*args, "--ray", "--ray-address", address, "--planner-window", "64",
-               timeout=900)
+               timeout=900, process=False)
 
 
 def test_the_cluster_binds_only_loopback(ray_cluster: str) -> None:
@@ -104,8 +107,9 @@ def test_ray_classify_rows_equal_the_local_engine(texts_file: Path, ray_cluster:
 def test_a_bad_line_stops_the_job_after_the_rows_before_it(texts_file: Path, ray_cluster: str,
                                                            tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
+    # one actor: stopping at a bad line is the driver's doing, whatever the actors
     r = run("classify", "-i", str(texts_file), "-o", str(out), "--truncation", "truncate",
-            address=ray_cluster)
+            "--replicas", "1", address=ray_cluster)
     assert r.returncode == 1 and "line 101: not valid JSON" in r.stderr, r.stderr
     assert [x["line"] for x in rows(out)] == list(range(1, 101))
 
@@ -116,7 +120,7 @@ def test_a_failed_gate_stops_the_job_with_no_output(texts_file: Path, ray_cluste
     broken = M.with_tokenizer(mini, M.shuffled_tokenizer(mini, tmp_path / "t"), tmp_path / "m")
     out = tmp_path / "out.jsonl"
     r = run("embed", "-i", str(texts_file), "-o", str(out), "-m", str(broken),
-            "--skip-bad-lines", address=ray_cluster)
+            "--skip-bad-lines", "--replicas", "1", address=ray_cluster)
     assert r.returncode == 3, r.stderr
     assert "failed its preflight gate" in r.stderr and "alignment" in r.stderr
     assert not out.exists()
@@ -141,7 +145,8 @@ def test_parquet_in_and_out_and_the_python_api(ray_cluster: str, tmp_path: Path)
     ref = sureserve.load("minilm").embed(texts)
     got = np.asarray(table.column("embedding").to_pylist())
     assert np.abs(got - ref).max() < 1e-4
-    ds = sureserve.ray.classify(ray.data.from_items([{"text": t} for t in texts]))
+    # a caller's own Dataset, on one actor (two are the file job's test, above)
+    ds = sureserve.ray.classify(ray.data.from_items([{"text": t} for t in texts]), replicas=1)
     labels = [json.loads(r["result"])["label"] for r in ds.take_all()]
     assert labels == [x["label"] for x in sureserve.load("sentiment-demo").classify(texts)]
 

@@ -42,7 +42,9 @@ def test_serve_bench_runs_end_to_end(tmp_path: Path) -> None:
 
 def test_loop_probe_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "loop.json"
-    r = cli("bench", "loop", "--seconds", "1", "--big", "8", "-o", str(out), timeout=300)
+    # the bench in this process (its server is a process of its own, as for a user)
+    r = cli("bench", "loop", "--seconds", "1", "--big", "8", "-o", str(out), timeout=300,
+            process=False)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["big_inputs"] == 8 and set(rep) >= {"alone", "with_big"}
@@ -57,7 +59,7 @@ def test_soak_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
     5xx, nothing lost), and each sample carries the figures the verdict is made of."""
     out = tmp_path / "soak.json"
     r = cli("bench", "soak", "--minutes", "0.12", "--clients", "6", "--warmup", "0.04",
-            "--sample", "1.5", "-o", str(out))
+            "--sample", "1.5", "-o", str(out), process=False)  # its server: a process
     rep = json.loads(out.read_text())
     s = rep["summary"]
     assert s["server_errors"] == 0 and s["lost"] == 0 and s["unexpected"] == 0, s

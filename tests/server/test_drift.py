@@ -3,6 +3,7 @@ one-sided label mix and boilerplate raise their alerts within one window, and th
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import time
@@ -16,7 +17,7 @@ import pytest
 from sureserve.bench.drift import boilerplate, unreadable
 from sureserve.settings import Settings
 from sureserve.zoo.corpora import load_vader
-from tests.server.conftest import Server, start_server, stop_server
+from tests.server.conftest import LocalServer, serve_here
 
 pytestmark = pytest.mark.e2e
 WINDOW = 100
@@ -31,20 +32,36 @@ def texts() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def watched() -> Iterator[Server]:
-    s = start_server(["sentiment-demo", "minilm"], {"SURESERVE_DRIFT_WINDOW": str(WINDOW)})
-    yield s
-    stop_server(s)
+def watched(logged: list[str]) -> Iterator[LocalServer]:
+    """In this process: the watch is the app's, and a process of its own adds only start-up."""
+    with serve_here(["sentiment-demo", "minilm"], drift_window=WINDOW) as s:
+        yield s
 
 
-def send(server: Server, model: str, texts: list[str], route: str = "/predict") -> None:
+@pytest.fixture(scope="module")
+def logged() -> Iterator[list[str]]:
+    """What the drift watch logged while this module's server ran (its warnings, as a
+    server process writes them to its log)."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("sureserve.drift").addHandler(handler)
+    yield lines
+    logging.getLogger("sureserve.drift").removeHandler(handler)
+
+
+def send(server: LocalServer, model: str, texts: list[str], route: str = "/predict") -> None:
     for k in range(0, len(texts), 20):
         r = httpx.post(f"{server.url}{route}", json={"inputs": texts[k:k + 20],
                                                      "model": model}, timeout=60)
         assert r.status_code == 200, r.text
 
 
-def alerts(server: Server, model: str) -> dict[str, dict[str, Any]]:
+def alerts(server: LocalServer, model: str) -> dict[str, dict[str, Any]]:
     body = httpx.get(f"{server.url}/health").json()
     return {a["signal"]: a for a in body["drift"] if a["model"] == model}
 
@@ -58,13 +75,13 @@ def wait_until(check: Callable[[], bool], seconds: float = 10) -> bool:
     return False
 
 
-def gauge(server: Server, name: str, model: str, signal: str) -> float | None:
+def gauge(server: LocalServer, name: str, model: str, signal: str) -> float | None:
     text = httpx.get(f"{server.url}/metrics").text
     m = re.search(rf'^{name}\{{model="{model}",signal="{signal}"\}} (\S+)$', text, re.M)
     return float(m.group(1)) if m else None
 
 
-def test_classifier_drift_alerts_start_and_clear(watched: Server,
+def test_classifier_drift_alerts_start_and_clear(watched: LocalServer,
                                                  texts: dict[str, list[str]]) -> None:
     ordinary = iter(texts["ordinary"])
     model = "sentiment-demo"
@@ -105,7 +122,7 @@ def test_classifier_drift_alerts_start_and_clear(watched: Server,
     assert wait_until(lambda: not alerts(watched, model))
 
 
-def test_embedding_collapse_alert(watched: Server, texts: dict[str, list[str]]) -> None:
+def test_embedding_collapse_alert(watched: LocalServer, texts: dict[str, list[str]]) -> None:
     model = "minilm"
     send(watched, model, texts["ordinary"][-2 * WINDOW:], "/embed")
     time.sleep(2.5)
@@ -116,7 +133,7 @@ def test_embedding_collapse_alert(watched: Server, texts: dict[str, list[str]]) 
     assert "mean pairwise cosine" in alerts(watched, model)["collapse"]["detail"]
 
 
-def test_blank_inputs_are_refused_and_counted(watched: Server) -> None:
+def test_blank_inputs_are_refused_and_counted(watched: LocalServer) -> None:
     model = "minilm"
     for k in range(WINDOW // 10):  # a client that starts sending blanks
         r = httpx.post(f"{watched.url}/embed", json={"inputs": [f"fine {k}", "   "],
@@ -128,9 +145,8 @@ def test_blank_inputs_are_refused_and_counted(watched: Server) -> None:
 
 
 def test_alerts_are_logged_once_when_they_start_and_once_when_they_clear(
-        watched: Server) -> None:
-    stop_server(watched)  # last test of the module: read what the server logged
-    log = watched.proc.stdout.read() if watched.proc.stdout else ""
+        watched: LocalServer, logged: list[str]) -> None:
+    log = "\n".join(logged)  # last test of the module: what the watch logged so far
     started = re.findall(r"drift alert on sentiment-demo: unknown_tokens", log)
     cleared = re.findall(r"drift alert cleared on sentiment-demo: unknown_tokens", log)
     assert len(started) == 1 and len(cleared) == 1, log[-3000:]

@@ -1,5 +1,5 @@
-"""A folder written by `sureserve quantize`, served by a real server and read by a real
-client; and `sureserve bench quantize` end to end through the CLI."""
+"""A folder written by `sureserve quantize`, served (the server's app, on loopback) and read
+by a real client; and `sureserve bench quantize` end to end through the CLI."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sureserve.quantize import measure as M
 from sureserve.quantize.run import quantize
 from sureserve.settings import Settings
 from tests.cli import cli
-from tests.server.conftest import start_server, stop_server
+from tests.server.conftest import serve_here
 
 TEXTS = [f"Sentence {i}: the weather, the markets and the match report." for i in range(12)]
 
@@ -26,8 +26,7 @@ def test_a_quantized_folder_serves_with_its_precision_in_info(tiny_bert: Path,
                    thresholds=M.Thresholds(min_cosine=0.5, min_speedup=0.0),
                    settings=Settings(accept_gate_failure=True))  # a random model's gate
     assert rep["chosen"] == "int8-dynamic"
-    server = start_server([str(out)], {"SURESERVE_ACCEPT_GATE_FAILURE": "1"})
-    try:
+    with serve_here([str(out)], accept_gate_failure=True) as server:
         info = httpx.get(f"{server.url}/info").json()
         (model,) = info["models"]
         assert model["precision"] == "int8-dynamic" and model["quantization_evaluated"] is True
@@ -37,13 +36,12 @@ def test_a_quantized_folder_serves_with_its_precision_in_info(tiny_bert: Path,
                                                                         normalize=True)
         # /embed normalizes (TEI); activations are quantized per call, so batches may differ
         np.testing.assert_allclose(np.array(r.json()), local, atol=0.06)
-    finally:
-        stop_server(server)
 
 
 def test_bench_quantize_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "quantize.json"
-    r = cli("bench", "quantize", "--part", "embed", "--n", "40", "-o", str(out))
+    # in this process: the bench starts no server and sets no signal handler
+    r = cli("bench", "quantize", "--part", "embed", "--n", "40", "-o", str(out), process=False)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert set(rep) == {"torch", "transformers", "threads", "cpu_gflops", "embed"}

@@ -273,7 +273,7 @@ def test_bench_ray_serve_part_runs_and_compares_answers(tmp_path: Path,
     """On the session's cluster (a Ray start of its own cost ~15 s of this test)."""
     out = tmp_path / "ray.json"
     r = cli("bench", "ray", "--part", "serve", "--clients", "4", "--seconds", "1", "-o",
-            str(out), "--ray-address", ray_cluster, timeout=600)
+            str(out), "--ray-address", ray_cluster, timeout=600, process=False)
     assert r.returncode == 0, r.stderr[-3000:]
     whole = json.loads(out.read_text())
     assert whole["ray_address"] == ray_cluster

@@ -83,6 +83,7 @@ def deployment(names: Sequence[str], settings: Settings, replicas: int,
         serve.ingress(build)(), name=APP, **scaling(settings, replicas),
         max_ongoing_requests=settings.max_queue_inputs,
         max_queued_requests=settings.ray_max_queued_requests,
+        health_check_period_s=settings.ray_health_check_period_s,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         ray_actor_options=actor_options)
     return dep.bind()
