@@ -155,6 +155,46 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(client: OpenAI,
     assert r.status_code == 422 and "echo" in r.json()["error"]["message"]
 
 
+def test_token_id_prompts_as_lm_evaluation_harness_sends_them(client: OpenAI,
+                                                              gen_server: Server) -> None:
+    """OpenAI's completions take prompts as token ids too; lm-evaluation-harness's
+    ``local-completions`` sends them so (a batch of id lists, ``max_tokens: 1``, ``echo``,
+    ``logprobs: 1``) and reads ``token_logprobs[ctxlen:-1]``: the same figures as the
+    text prompt's, one entry per id plus the generated token. Ids outside the vocabulary
+    are a 422 naming its size."""
+    from transformers import AutoTokenizer
+
+    from sureserve.settings import Settings
+    from sureserve.zoo import ZOO
+
+    tok = AutoTokenizer.from_pretrained(ZOO["smollm2"].path(Settings()))
+    texts = ["The capital of France is Paris", "Water boils at 100 degrees"]
+    ids = [list(tok(t)["input_ids"]) for t in texts]
+    by_ids = client.completions.create(model="smollm2", prompt=ids, max_tokens=1, echo=True,
+                                       logprobs=1, temperature=0, seed=1234)
+    assert [c.index for c in by_ids.choices] == [0, 1]
+    for text, row, c in zip(texts, ids, by_ids.choices, strict=True):
+        by_text = client.completions.create(model="smollm2", prompt=text, max_tokens=1,
+                                            echo=True, logprobs=1, temperature=0)
+        a, b = c.logprobs, by_text.choices[0].logprobs
+        assert a is not None and b is not None and a.token_logprobs and b.token_logprobs
+        assert len(a.token_logprobs) == len(row) + 1 and a.token_logprobs[0] is None
+        assert a.tokens == b.tokens and c.text == by_text.choices[0].text
+        assert a.token_logprobs[1:] == pytest.approx(b.token_logprobs[1:], abs=1e-5)
+    one = client.completions.create(model="smollm2", prompt=ids[0], max_tokens=2,
+                                    temperature=0)
+    same = client.completions.create(model="smollm2", prompt=texts[0], max_tokens=2,
+                                     temperature=0)
+    assert len(one.choices) == 1 and one.choices[0].text == same.choices[0].text
+    url = f"{gen_server.url}/v1/completions"
+    r = httpx.post(url, json={"prompt": [1, 10**7], "max_tokens": 1}, timeout=30)
+    assert r.status_code == 422 and "vocabulary has 49152 tokens" in r.text, r.text
+    r = httpx.post(url, json={"prompt": [[1, 2], []], "max_tokens": 1}, timeout=30)
+    assert r.status_code == 422 and "empty" in r.text, r.text
+    r = httpx.post(url, json={"prompt": [1, "a"], "max_tokens": 1}, timeout=30)
+    assert r.status_code == 422, r.text
+
+
 def test_openai_client_chat_stream_equals_non_stream(client: OpenAI) -> None:
     messages = [{"role": "user", "content": "What is 2+2?"}]
     whole = client.chat.completions.create(model="smollm2", messages=messages,  # type: ignore

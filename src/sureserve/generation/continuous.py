@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sureserve.generate")
 
-Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages
+#: plain text, token ids (OpenAI's completions accept them; evaluation harnesses send them),
+#: or chat messages
+Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
 
 @dataclass
@@ -182,7 +184,16 @@ class GenerationEngine:
             if not prompt:
                 raise InputError("the prompt is empty", "send at least one character")
             return list(self.tok(prompt)["input_ids"])
-        messages = [dict(m) for m in prompt]
+        if prompt and all(isinstance(t, int) for t in prompt):
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InputError(f"the prompt holds token id {bad}, but this model's "
+                                 f"vocabulary has {self.vocab_size} tokens",
+                                 f"send token ids from 0 to {self.vocab_size - 1} (ids of "
+                                 "this model's tokenizer)")
+            return ids
+        messages = [dict(m) for m in prompt]  # type: ignore[arg-type]
         if not messages:
             raise InputError("messages is empty", "send at least one message")
         for i, m in enumerate(messages):

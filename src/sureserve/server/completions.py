@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -95,7 +95,7 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         seqs = [ids for ids in encoded for _ in range(body.n)]
         return name, worker.submit(seqs, params), [len(x) for x in encoded], gen.tok
 
-    async def echoed(body: S.CompletionRequest, prompts: list[str]
+    async def echoed(body: S.CompletionRequest, prompts: list[Any]
                      ) -> tuple[Model, list[list[TokenLogprob]] | None]:
         """``echo``: the model and the prompts tokenized (kept for the generation that
         follows, if any) and, when logprobs are asked, each prompt token's log-probability
@@ -179,9 +179,10 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", response_model=S.CompletionResponse,
               responses=OPENAI_ERRORS)
     async def completions(body: S.CompletionRequest, request: Request) -> Any:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts:
-            raise InputError("prompt is an empty list", "send at least one prompt")
+        prompts = _prompts(body.prompt)
+        if not prompts or any(isinstance(p, list) and not p for p in prompts):
+            raise InputError("prompt is an empty list", "send at least one prompt (text or "
+                             "token ids)")
         if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise InputError(f"logprobs={body.logprobs} is invalid: /v1/completions gives 0 to "
                              f"{MAX_COMPLETION_LOGPROBS} alternatives per token",
@@ -200,7 +201,8 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         if body.echo:
             model, plps = await echoed(body, prompts)
             name, tok = model[0], model[1].tok
-            head_text = [p for p in prompts for _ in range(body.n)]
+            head_text = [p if isinstance(p, str) else tok.decode(p)
+                         for p in prompts for _ in range(body.n)]
             head_lps = [lp for lp in (plps or [[] for _ in prompts]) for _ in range(body.n)]
             prompt_tokens = [len(ids) for ids in model[3]]
 
@@ -347,6 +349,19 @@ def _message(m: S.ChatMessage) -> dict[str, Any]:
 
 def _model_error(message: str) -> InferenceError:
     return InferenceError(message, "check the prompt; other requests were not affected")
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]
+             ) -> list[str] | list[list[int]]:
+    """OpenAI's four prompt shapes as a list of prompts: a text, texts, one prompt's token
+    ids, or several prompts' token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(t, str) for t in prompt):
+        return [str(t) for t in prompt]
+    if all(isinstance(t, int) for t in prompt):
+        return [cast(list[int], prompt)]
+    return cast(list[list[int]], prompt)
 
 
 def _reason(ev: GenEvent) -> Literal["stop", "length"]:

@@ -360,7 +360,9 @@ class _GenParams(BaseModel):
 class CompletionRequest(_GenParams):
     """OpenAI ``POST /v1/completions``."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description=(
+        "A text, texts, or token ids (one prompt as a list of ids, several as lists), as "
+        "OpenAI's completions take them; ids are the model's own tokenizer's."))
     logprobs: int | None = Field(default=None, description="Log-probabilities of each "
                                  "generated token and of this many alternatives (0..5).")
     echo: bool = Field(default=False, description="Start each choice with its prompt (and, "
