@@ -238,6 +238,20 @@ def test_openai_error_shape(server: Server) -> None:
     assert err["message"] and err["type"] == "invalid_input"
 
 
+def test_token_ids_on_openai_embeddings_are_refused_with_the_reason(server: Server) -> None:
+    """LangChain's OpenAIEmbeddings sends tiktoken ids by default: embedding them with
+    another model's tokenizer would be silently wrong, so they get a 422 naming the client
+    setting that sends text."""
+    for ids in ([[9906, 1917]], [9906, 1917]):
+        r = httpx.post(f"{server.url}/v1/embeddings", json={"input": ids})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert "token ids" in err["message"] and "check_embedding_ctx_length=False" in \
+            err["message"] and err["type"] == "invalid_input", err
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"input": ["a text", 3]})
+    assert r.status_code == 422
+
+
 def test_flood_gets_429_while_accepted_requests_succeed(server: Server) -> None:
     texts = ["a fairly ordinary sentence about the weather " * 4] * 16
 

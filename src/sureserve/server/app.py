@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -304,7 +304,17 @@ def _install_routes(app: FastAPI, state: ServerState, cluster: Cluster | None) -
     async def openai_embeddings(body: S.OpenAIEmbeddingRequest,
                                 request: Request) -> S.OpenAIEmbeddingResponse:
         batcher = state.batcher(body.model, "embed")
-        texts = state.validate(body.input, "input", batcher.engine)
+        if not isinstance(body.input, str) and body.input and \
+                not all(isinstance(t, str) for t in body.input):
+            # ids made by the client's tokenizer (tiktoken, for LangChain's OpenAIEmbeddings)
+            # would be read as other words by this model's: vectors of the wrong text
+            raise InputError(
+                "input holds token ids; they were made by the client's tokenizer, not "
+                f"{batcher.name}'s, so embedding them would embed other words and give "
+                "silently wrong vectors",
+                "send the texts themselves (LangChain: OpenAIEmbeddings(..., "
+                "check_embedding_ctx_length=False) sends text)")
+        texts = state.validate(cast(list[str] | str, body.input), "input", batcher.engine)
         dim = batcher.engine.loaded.hidden_size
         if body.dimensions is not None and body.dimensions != dim:
             raise InputError(f"dimensions={body.dimensions} requested; {batcher.name} gives "

@@ -188,7 +188,10 @@ class OpenAIEmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")  # e.g. "user" is accepted and ignored
 
-    input: Inputs
+    # token ids are parsed only to be refused with the reason (see the route)
+    input: Inputs | list[int] | list[list[int]] = Field(description=(
+        "A text or texts. Token ids (what LangChain's OpenAIEmbeddings sends by default) are "
+        "refused: they come from another tokenizer."))
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, description="Must equal the model's "
