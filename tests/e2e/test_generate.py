@@ -251,6 +251,44 @@ def test_logprobs_are_the_models_log_softmax(smollm2: sureserve.Engine) -> None:
             assert [t for t, _ in e.top] == lp[k - 1].topk(2).indices.tolist()
 
 
+def test_prompts_sharing_a_context_are_scored_once_for_the_context(
+        smollm2: sureserve.Engine) -> None:
+    """echo scoring of a harness's context + each choice: a prompt that starts like the one
+    before reuses its keys/values (only its own tokens run), and every entry equals scoring
+    the prompt alone within 1e-4; a repeated prompt, a shorter one and an unrelated one
+    in between (chunked, so the cut falls inside the cache) stay equal too."""
+    from sureserve.generation.continuous import PromptScorer
+
+    gen = smollm2.generation
+    assert gen is not None
+    context = "Headline: Rates rose again on Tuesday as the bank met.\nTopic:"
+    prompts = [gen.encode(context + c) for c in (" business", " politics", " sport")]
+    prompts += [prompts[2], prompts[0][:6], gen.encode("Another text entirely."), prompts[1]]
+    fed: list[int] = []
+    hook = gen.model.register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        scorer = PromptScorer(gen, 2, chunk=16)
+        got = []
+        for p in prompts:
+            fed.clear()
+            got.append((scorer.score(p), sum(fed)))
+    finally:
+        hook.remove()
+    shared = len(prompts[0]) - 2  # the choices differ in their last two tokens at most
+    assert got[0][1] >= len(prompts[0]) - 1  # the whole prompt (its last token predicts nothing)
+    assert 0 < got[1][1] <= len(prompts[1]) - shared + 1
+    assert got[3][1] == 0  # the same prompt again: nothing to compute
+    for p, (entries, _) in zip(prompts, got, strict=True):
+        alone = gen.prompt_logprobs(p, 2)
+        assert [e.token for e in entries] == [e.token for e in alone] == p
+        assert entries[0].logprob is None
+        for a, b in zip(entries[1:], alone[1:], strict=True):
+            assert a.logprob is not None and b.logprob is not None
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
 def test_cli_generate_takes_the_openai_penalties_and_prints_logprobs(
         smollm2: sureserve.Engine) -> None:
     """``sureserve generate --frequency-penalty --logprobs N`` prints JSON lines whose text

@@ -337,20 +337,7 @@ class GenerationEngine:
         what evaluation harnesses score. One plain forward, in chunks of ``chunk`` positions
         so the full-vocabulary logits stay small; between steps (the step lock), never
         inside a batch."""
-        import torch
-
-        out = [TokenLogprob(int(ids[0]), None, [])]
-        cache = None
-        with self._step_lock, torch.inference_mode():
-            for a in range(0, len(ids) - 1, chunk):
-                piece = list(ids[a:a + chunk])
-                res = self.model(input_ids=torch.tensor([piece], device=self.device),
-                                 cache=cache, use_cache=True)
-                cache = res.cache
-                targets = list(ids[a + 1:a + len(piece) + 1])  # position j predicts a + j + 1
-                out += _logprob_entries(res.logits[0, :len(targets)], targets,
-                                        [top] * len(targets))
-        return out
+        return PromptScorer(self, top, chunk).score(ids)
 
     # ---- one iteration ----------------------------------------------------------------
     def step(self) -> None:
@@ -702,6 +689,56 @@ def _note_logprobs(logits: Any, seqs: Sequence[Request]) -> None:
                                [s.params.logprobs or 0 for _, s in want])
     for (_, s), entry in zip(want, entries, strict=True):
         s.logprobs.append(entry)
+
+
+class PromptScorer:
+    """``prompt_logprobs`` for a request's prompts, one call per prompt (so decode steps of
+    other requests run between them), where a prompt that starts like the one scored before
+    it reuses that prompt's keys/values and entries for the shared part: an evaluation
+    harness sends one context followed by each of its choices, and only the choice's own
+    tokens are computed again. The entries are those of a plain forward over the whole
+    prompt, up to float rounding (the shared part's logits come from another forward)."""
+
+    def __init__(self, gen: GenerationEngine, top: int, chunk: int = 256) -> None:
+        self.gen, self.top, self.chunk = gen, top, chunk
+        self._ids: list[int] = []
+        self._entries: list[TokenLogprob] = []
+        self._cache: Any = None
+
+    def score(self, ids: Sequence[int]) -> list[TokenLogprob]:
+        import torch
+
+        ids = list(ids)
+        shared = 0
+        for a, b in zip(self._ids, ids, strict=False):
+            if a != b:
+                break
+            shared += 1
+        # restart from the last shared position: its logits predict this prompt's next token
+        start = shared - 1 if shared >= 2 and self._cache is not None else 0
+        gen = self.gen
+        with gen._step_lock, torch.inference_mode():
+            if start:
+                try:  # keep the first ``start`` positions (transformers: a negative count
+                    # of positions to remove)
+                    self._cache.crop(-(self._cache.get_seq_length() - start))
+                except (ValueError, RuntimeError, AttributeError):
+                    start = 0  # a cache that cannot be cut back (sliding windows): anew
+            if start:
+                out = self._entries[:start + 1]
+            else:
+                self._cache = None
+                out = [TokenLogprob(int(ids[0]), None, [])]
+            for a in range(start, len(ids) - 1, self.chunk):
+                piece = ids[a:a + self.chunk]
+                res = gen.model(input_ids=torch.tensor([piece], device=gen.device),
+                                cache=self._cache, use_cache=True)
+                self._cache = res.cache
+                targets = ids[a + 1:a + len(piece) + 1]  # position j predicts a + j + 1
+                out += _logprob_entries(res.logits[0, :len(targets)], targets,
+                                        [self.top] * len(targets))
+        self._ids, self._entries = ids, out
+        return out
 
 
 def _logprob_entries(logits: Any, tokens: Sequence[int], tops: Sequence[int]

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from sureserve.errors import InferenceError, InputError, NotReadyError, SureserveError
-from sureserve.generation.continuous import GenerationEngine, GenEvent, TokenLogprob
+from sureserve.generation.continuous import GenerationEngine, GenEvent, PromptScorer, TokenLogprob
 from sureserve.generation.grammar import grammar_for
 from sureserve.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from sureserve.generation.tools import plan as tool_plan
@@ -105,8 +105,10 @@ def install_generation_routes(app: FastAPI, state: ServerState) -> None:
         gen.check(encoded, 1)  # within the context (413 with the numbers)
         lps = None
         if body.logprobs is not None:
-            lps = [await worker.call(functools.partial(gen.prompt_logprobs, ids, body.logprobs))
-                   for ids in encoded]
+            # one call per prompt (other requests' steps run between them); a prompt that
+            # starts like the one before (a harness's choices after one context) reuses it
+            scorer = PromptScorer(gen, body.logprobs)
+            lps = [await worker.call(functools.partial(scorer.score, ids)) for ids in encoded]
         return model, lps
 
     async def collect(events: Events, count: int) -> list[GenEvent]:
