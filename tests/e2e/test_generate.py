@@ -177,6 +177,9 @@ def test_invalid_requests(smollm2: sureserve.Engine, tiny_bert: object) -> None:
         smollm2.generate([""])
     with pytest.raises(InputError, match="list"):
         smollm2.generate("Hi")  # type: ignore[arg-type]
+    assert smollm2.generation is not None  # token ids outside the vocabulary, by any path
+    with pytest.raises(InputError, match="vocabulary has 49152 tokens"):
+        smollm2.generation.generate_ids([[1, 2], [3, 49152]], 2)
     embedder = sureserve.load(str(tiny_bert), accept_gate_failure=True)
     with pytest.raises(TaskMismatchError):
         embedder.generate(["Hi"])

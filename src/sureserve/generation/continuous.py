@@ -185,14 +185,8 @@ class GenerationEngine:
                 raise InputError("the prompt is empty", "send at least one character")
             return list(self.tok(prompt)["input_ids"])
         if prompt and all(isinstance(t, int) for t in prompt):
-            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise InputError(f"the prompt holds token id {bad}, but this model's "
-                                 f"vocabulary has {self.vocab_size} tokens",
-                                 f"send token ids from 0 to {self.vocab_size - 1} (ids of "
-                                 "this model's tokenizer)")
-            return ids
+            # token ids as they are (``check`` refuses ids outside the vocabulary)
+            return [int(t) for t in prompt]  # type: ignore[arg-type]
         messages = [dict(m) for m in prompt]  # type: ignore[arg-type]
         if not messages:
             raise InputError("messages is empty", "send at least one message")
@@ -241,11 +235,18 @@ class GenerationEngine:
         return [r.id for r in made]
 
     def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-        """Each prompt has tokens and could fit with ``max_new_tokens`` more (the context
-        and the KV budget), or is refused at once with the numbers (413)."""
+        """Each prompt has tokens, all of them ids of this model's vocabulary (one outside
+        it would fail the whole batch it joins), and could fit with ``max_new_tokens`` more
+        (the context and the KV budget), or is refused at once with the numbers (422/413)."""
         for i, ids in enumerate(prompts):
             if not ids:
                 raise InputError(f"prompt {i} has no tokens", "send a non-empty prompt")
+            if not 0 <= min(ids) <= max(ids) < self.vocab_size:
+                bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+                raise InputError(f"prompt {i} holds token id {bad}, but this model's "
+                                 f"vocabulary has {self.vocab_size} tokens",
+                                 f"send token ids from 0 to {self.vocab_size - 1} (ids of "
+                                 "this model's tokenizer)")
             self.sched.check(len(ids), max_new_tokens, i)
 
     def cancel(self, seq_id: int) -> None:
