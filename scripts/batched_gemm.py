@@ -28,21 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sureserve.loading.machine import best_ms
+
 SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576),
           "gate/up 1536x576": (1536, 576), "down 576x1536": (576, 1536),
           "lm_head 49152x576": (49152, 576)}
 ROWS = (1, 8, 17, 32)
 LAYERS = 30
-
-
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def profile_steps() -> dict[str, Any]:
@@ -115,7 +107,7 @@ def kernels() -> list[dict[str, Any]]:
             row: dict[str, Any] = {"shape": name, "rows": m}
             for label, fn in variants.items():
                 run = functools.partial(_all, fn, layers)
-                row[label] = {"us": round(_time(run, 5) / layers * 1e6, 1),
+                row[label] = {"us": round(best_ms(run, 5) / layers * 1e3, 1),
                               "bit_equal": all(torch.equal(fn(i), ref[i])
                                                for i in range(len(ref)))}
             rows_out.append(row)
@@ -131,15 +123,15 @@ def fused() -> list[dict[str, Any]]:
         gu = [(torch.randn(1536, 576), torch.randn(1536, 576)) for _ in range(LAYERS)]
         qkv = [torch.cat([a, b, c]) for a, (b, c) in zip(q, kv, strict=True)]
         gate_up = [torch.cat(p) for p in gu]
-        sep_qkv = _time(functools.partial(_each, x, [(a, b, c) for a, (b, c) in
+        sep_qkv = best_ms(functools.partial(_each, x, [(a, b, c) for a, (b, c) in
                                                      zip(q, kv, strict=True)]), 5)
-        one_qkv = _time(functools.partial(_each, x, [(w,) for w in qkv]), 5)
-        sep_gu = _time(functools.partial(_each, x, gu), 5)
-        one_gu = _time(functools.partial(_each, x, [(w,) for w in gate_up]), 5)
-        out.append({"rows": m, "qkv_separate_us": round(sep_qkv / LAYERS * 1e6, 1),
-                    "qkv_fused_us": round(one_qkv / LAYERS * 1e6, 1),
-                    "gate_up_separate_us": round(sep_gu / LAYERS * 1e6, 1),
-                    "gate_up_fused_us": round(one_gu / LAYERS * 1e6, 1)})
+        one_qkv = best_ms(functools.partial(_each, x, [(w,) for w in qkv]), 5)
+        sep_gu = best_ms(functools.partial(_each, x, gu), 5)
+        one_gu = best_ms(functools.partial(_each, x, [(w,) for w in gate_up]), 5)
+        out.append({"rows": m, "qkv_separate_us": round(sep_qkv / LAYERS * 1e3, 1),
+                    "qkv_fused_us": round(one_qkv / LAYERS * 1e3, 1),
+                    "gate_up_separate_us": round(sep_gu / LAYERS * 1e3, 1),
+                    "gate_up_fused_us": round(one_gu / LAYERS * 1e3, 1)})
     return out
 
 

@@ -49,7 +49,7 @@ def schema_grammar(schema: Any, what: str, fix: str) -> str:
     """The llguidance grammar of a JSON schema, with JSON whitespace kept compact (a model
     cannot spend its tokens on blank lines). Something that is not a JSON schema object is a
     422 naming ``what``; a schema's unsupported keywords are reported when the matcher is
-    built (``Grammars.matcher``). Shared by ``response_format`` and tools."""
+    built (``Grammars.matchers``). Shared by ``response_format`` and tools."""
     from llguidance import LLMatcher
 
     try:
@@ -63,7 +63,7 @@ def grammar_for(response_format: Any, limit: int = 65_536) -> str | None:
     """The llguidance grammar for an OpenAI ``response_format`` (None: unconstrained).
     Raises ``InputError`` for a malformed request and ``InputTooLongError`` for a schema
     over ``limit`` bytes (the ``max_schema_bytes`` setting); a schema's unsupported keywords
-    are reported when the matcher is built (``Grammars.matcher``)."""
+    are reported when the matcher is built (``Grammars.matchers``)."""
     if response_format is None:
         return None
     if not isinstance(response_format, dict):

@@ -78,21 +78,24 @@ class ToolPlan:
             json.loads(text)  # an arguments object, by construction
             return [_call(self.named or "", text)]
         if self.mode == "required":
-            return [_call(c["name"], json.dumps(c["arguments"])) for c in json.loads(text)]
+            return [_written(c) for c in json.loads(text)]
         if self.mode == "auto" and text.startswith(HERMES_OPEN):
             found = re.findall(re.escape(HERMES_OPEN) + r"(.*?)" + re.escape(HERMES_CLOSE),
                                text, re.S)
-            return [_call(c["name"], json.dumps(c["arguments"]))
-                    for c in (json.loads(f) for f in found)]
+            return [_written(json.loads(f)) for f in found]
         if self.mode == "auto" and text.startswith("{"):  # one bare JSON call
-            c = json.loads(text)
-            return [_call(c["name"], json.dumps(c["arguments"]))]
+            return [_written(json.loads(text))]
         return None
 
 
 def _call(name: str, arguments: str) -> dict[str, Any]:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": name, "arguments": arguments}}
+
+
+def _written(call: dict[str, Any]) -> dict[str, Any]:
+    """A call the model wrote as ``{"name", "arguments": {...}}``, in OpenAI's shape."""
+    return _call(call["name"], json.dumps(call["arguments"]))
 
 
 def _functions(tools: Any) -> dict[str, dict[str, Any]]:
