@@ -294,6 +294,8 @@ class Engine:
             watch.observe_labels(task.probabilities(merged))  # type: ignore[attr-defined]
         elif self.task_name == "embed":
             watch.observe_vectors(merged)
+        elif self.task_name == "sparse":
+            watch.observe_sparse(merged)
 
     def run(self, texts: Sequence[str], *, truncation: str | None = None,
             first_index: int = 0, on_texts_done: Callable[[int], None] | None = None,
@@ -340,6 +342,18 @@ class Engine:
         """Embeddings, shape (n, dim), in input order; unit length if the model says so."""
         self.text_task("embed")
         return np.asarray(self.run(texts, truncation=truncation, normalize=normalize).outputs)
+
+    def embed_sparse(self, texts: Sequence[str], *, truncation: str | None = None,
+                     top_k: int | None = None, tokens: bool = False
+                     ) -> list[list[dict[str, Any]]]:
+        """Sparse (SPLADE) vectors, in input order: per text its non-zero terms
+        ``{"index": token id, "value": weight}``, strongest first (``top_k``: only the
+        strongest; default the ``sparse_top_k`` setting, 0 = all; ``tokens``: each term's
+        token text too)."""
+        self.text_task("sparse")
+        top_k = self.settings.sparse_top_k if top_k is None else top_k
+        return list(self.run(texts, truncation=truncation, top_k=top_k,
+                             tokens=tokens).outputs)
 
     def classify(self, texts: Sequence[str], *, truncation: str | None = None,
                  top_k: int | None = 1) -> list[Any]:

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Tokens of overlap between consecutive chunks when truncation=chunk.",
     )
+    sparse_top_k: int = Field(
+        default=0,
+        ge=0,
+        description="Sparse (SPLADE) models: keep only each text's strongest terms, this "
+        "many (0: every non-zero term). A request's own top_k wins.",
+    )
     max_batch_tokens: int = Field(
         default=4096,
         ge=1,
@@ -360,6 +366,11 @@ class Settings(BaseSettings):
         description="Drift alert (embed): 1 - cosine between the window's mean embedding "
         "and the baseline's.",
     )
+    drift_active_terms: float = Field(
+        default=1.0, gt=0, le=10,
+        description="Drift alert (sparse): |log2| of the window's mean non-zero terms per "
+        "text over the baseline's (1: halved or doubled).",
+    )
     drift_finish_js: float = Field(
         default=0.10, gt=0, le=1,
         description="Drift alert (generate): Jensen-Shannon divergence in bits of finish "
@@ -426,14 +437,14 @@ GROUPS: dict[str, tuple[str, ...]] = {
              "onednn_cache_capacity", "accept_gate_failure"),
     "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
-                 "forward_workers"),
+                 "forward_workers", "sparse_top_k"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "prefill_tokens",
                    "prefix_cache_mb", "max_schema_bytes", "direct_decode", "decode_weight_layout"),
     "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
               "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",
               "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",
-              "drift_collapse", "drift_mean_shift", "drift_finish_js", "drift_empty_outputs",
-              "drift_loops"),
+              "drift_collapse", "drift_mean_shift", "drift_active_terms", "drift_finish_js",
+              "drift_empty_outputs", "drift_loops"),
     "ray": ("ray", "replicas", "ray_address"),
     "ray_serve": ("ray_min_replicas", "ray_max_replicas", "ray_target_ongoing_requests",
                   "ray_upscale_delay_s", "ray_downscale_delay_s", "ray_max_queued_requests",

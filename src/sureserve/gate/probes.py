@@ -6,6 +6,7 @@ Thresholds are justified by measurements recorded in BENCHMARKS.md ("gate calibr
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,13 @@ EMBED_COLLAPSE_COS = 0.95
 CLASSIFY_COLLAPSE_SPREAD = 0.05
 # Absolute tolerances by dtype: batch invariance, packing, and the lockfile's outputs.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+# Sparse term order: chance that a content word of a probe text outweighs one of its
+# stopwords in its sparse vector. Measured (BENCHMARKS.md, gate calibration): splade-tiny
+# 0.93 with its own tokenizer, 0.48-0.55 with its token->id map shuffled (5 seeds).
+SPARSE_PASS = 0.75
+SPARSE_WARN = 0.65
+SPARSE_MIN_TEXTS = 3
 
 # LM affinity: shuffled-token loss must exceed the real loss by this many nats per token.
 LM_MARGIN = 1.0
@@ -230,3 +238,57 @@ def check_lm_affinity(loss: float, shuffled: float) -> Check:
         return Check("lm-affinity", "fail", evidence + ": the model does not read this text as "
                      "language", "use the tokenizer saved with the model")
     return Check("lm-affinity", "pass", evidence)
+
+
+def content_over_stopwords(tok: Any, texts: list[str], rows: np.ndarray) -> tuple[float, int]:
+    """(mean over texts of P(content word's weight > stopword's weight), texts scored).
+
+    A word's weight is the largest of its tokens' weights in the text's sparse row (its
+    vocabulary-wide vector); words under 3 letters that are not stopwords are left out."""
+    width = rows.shape[1]
+    scores = []
+    for text, row in zip(texts, rows, strict=True):
+        content, stop = [], []
+        for w in re.findall(r"[a-z]+", text.lower()):
+            ids = [i for i in word_ids(tok, w) if i < width]
+            if not ids:
+                continue
+            weight = float(row[ids].max())
+            if w in P.STOPWORDS:
+                stop.append(weight)
+            elif len(w) > 2:
+                content.append(weight)
+        if content and stop:
+            c, s_ = np.asarray(content)[:, None], np.asarray(stop)[None, :]
+            scores.append(float(((c > s_) + 0.5 * (c == s_)).mean()))
+    return (float(np.mean(scores)) if scores else 0.0), len(scores)
+
+
+def check_sparse_terms(tok: Any, texts: list[str], rows: np.ndarray) -> Check:
+    """A sparse model's strongest terms must be a text's own content words, not its
+    stopwords: the sparse form of 'does the model read these token ids as language'."""
+    share, n = content_over_stopwords(tok, texts, rows)
+    evidence = (f"in {n} probe texts a content word outweighs a stopword of the same text "
+                f"{share:.0%} of the time")
+    fix = ("the model does not read this tokenizer's ids as the words they spell: use the "
+           "tokenizer saved with the model")
+    if n < SPARSE_MIN_TEXTS:
+        return Check("sparse-terms", "warn", f"only {n} probe texts have words in this "
+                     "vocabulary; too few to judge", "")
+    if share >= SPARSE_PASS:
+        return Check("sparse-terms", "pass", evidence)
+    if share >= SPARSE_WARN:
+        return Check("sparse-terms", "warn", evidence + f" (pass >= {SPARSE_PASS:.0%})", fix)
+    return Check("sparse-terms", "fail", evidence + f" (a matched pair: >= {SPARSE_PASS:.0%})",
+                 fix)
+
+
+def check_sparse_active(rows: np.ndarray) -> Check:
+    """Every probe text must keep some terms: all-zero vectors match nothing."""
+    active = (rows > 0).sum(axis=1)
+    evidence = (f"non-zero terms per probe text: min {int(active.min())}, median "
+                f"{int(np.median(active))}, max {int(active.max())} of {rows.shape[1]}")
+    if active.min() == 0:
+        return Check("output-collapse", "fail", evidence + ": a text with no terms matches "
+                     "nothing", "check the weights and the tokenizer (see the other checks)")
+    return Check("output-collapse", "pass", evidence)

@@ -80,10 +80,16 @@ def _encoder_probes(loaded: Loaded, task: Any) -> list[Check]:
     if task.name == "rerank":
         return _rerank_probes(loaded, task)
     texts = P.DIVERSE
+    if task.name == "sparse":
+        texts = [*P.DIVERSE, P.PARAGRAPH]
     pieces = task.to_pieces([*texts, P.LONG], "truncate").pieces
     # (a) every probe text in one padded batch next to a much longer text, (b) each alone
     together = task.forward(pieces)[: len(texts)]
     alone = np.vstack([task.forward([p]) for p in pieces[: len(texts)]])
+    if task.name == "sparse":
+        return [probes.check_sparse_active(together),
+                probes.check_sparse_terms(loaded.tokenizer, texts, together),
+                probes.check_invariance(alone, together, loaded.precision, "sparse weights")]
     if task.name == "embed":
         out = task.postprocess(together, normalize=True)
         return [probes.check_embed_collapse(out),

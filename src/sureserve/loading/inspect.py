@@ -13,9 +13,9 @@ from sureserve.errors import TaskMismatchError
 #: model)
 AUTO_CLASSES = {"embed": "AutoModel", "classify": "AutoModelForSequenceClassification",
                 "rerank": "AutoModelForSequenceClassification",
-                "generate": "AutoModelForCausalLM"}
+                "generate": "AutoModelForCausalLM", "sparse": "AutoModelForMaskedLM"}
 
-TASKS = ("embed", "classify", "generate", "rerank")
+TASKS = ("embed", "classify", "generate", "rerank", "sparse")
 # Models whose position ids start after the padding index (fairseq heritage): they can embed
 # max_position_embeddings - pad_token_id - 1 tokens, not max_position_embeddings.
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "bart")
@@ -35,6 +35,8 @@ class STConfig:
     pooling: str  # "mean" | "cls" | "max" | "lasttoken"
     normalize: bool
     max_seq_length: int | None
+    #: a SparseEncoder folder's SpladePooling: (pooling_strategy, activation_function)
+    splade: tuple[str, str] | None = None
 
 
 def sentence_transformers_config(path: Path) -> STConfig | None:
@@ -44,16 +46,21 @@ def sentence_transformers_config(path: Path) -> STConfig | None:
     modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
     pooling = "mean"
     normalize = False
+    splade = None
     for mod in modules:
         kind = str(mod.get("type", ""))
-        if kind.endswith("Pooling"):
+        if kind.endswith("SpladePooling"):
+            cfg = read_json(path / mod.get("path", "") / "config.json")
+            splade = (str(cfg.get("pooling_strategy", "max")),
+                      str(cfg.get("activation_function", "relu")))
+        elif kind.endswith("Pooling"):
             cfg = read_json(path / mod.get("path", "") / "config.json")
             pooling = _pooling_mode(cfg)
         elif kind.endswith("Normalize"):
             normalize = True
     st = read_json(path / "sentence_bert_config.json")
     max_len = st.get("max_seq_length")
-    return STConfig(pooling, normalize, int(max_len) if max_len else None)
+    return STConfig(pooling, normalize, int(max_len) if max_len else None, splade)
 
 
 def _pooling_mode(cfg: dict[str, Any]) -> str:
@@ -72,10 +79,12 @@ def architecture(config: dict[str, Any]) -> str:
 
 
 def head_kind(config: dict[str, Any]) -> str:
-    """'classify', 'generate' or 'encoder' from the config's architecture name."""
+    """'classify', 'generate', 'masked-lm' or 'encoder' from the config's architecture."""
     arch = architecture(config)
     if arch.endswith("ForSequenceClassification"):
         return "classify"
+    if arch.endswith("ForMaskedLM"):
+        return "masked-lm"
     if arch.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
         return "generate"
     return "encoder"
@@ -88,23 +97,29 @@ def num_labels(config: dict[str, Any]) -> int:
 def infer_task(path: Path, config: dict[str, Any], requested: str | None) -> str:
     """The task to run; a requested task the model cannot do is an error naming what it is."""
     head = head_kind(config)
-    is_st = sentence_transformers_config(path) is not None
+    st = sentence_transformers_config(path)
+    is_st = st is not None
     found = f"{architecture(config)}" + (" in a sentence-transformers folder" if is_st else "")
     if requested is None:
+        if st is not None and st.splade is not None:
+            return "sparse"  # a SparseEncoder folder: its pooling is SPLADE's
         if is_st:
             return "embed"
         if head == "classify" and num_labels(config) == 1:
             return "rerank"  # one output read from a (query, text) pair: a cross-encoder
-        return "embed" if head == "encoder" else head
+        return "embed" if head in ("encoder", "masked-lm") else head
     if requested not in TASKS:
         raise TaskMismatchError(f"unknown task {requested!r}", f"use one of {', '.join(TASKS)}")
-    ok = {"embed": head in ("encoder", "classify"),
+    # a plain masked-LM checkpoint (BERT's own) stays an encoder by default: only a
+    # SparseEncoder folder or an explicit task="sparse" reads its vocabulary logits
+    ok = {"embed": head in ("encoder", "classify", "masked-lm"),
           "classify": head == "classify",
           "rerank": head == "classify",
-          "generate": head == "generate"}[requested]
+          "generate": head == "generate",
+          "sparse": head == "masked-lm"}[requested]
     if not ok:
-        can = "generate" if head == "generate" else ("classify or embed" if head == "classify"
-                                                      else "embed")
+        can = {"generate": "generate", "classify": "classify or embed",
+               "masked-lm": "sparse or embed"}.get(head, "embed")
         raise TaskMismatchError(
             f"task {requested!r} does not fit this model: found {found}, which can {can}",
             f"drop --task to use {can.split()[0]!r}, or choose a model with the right head",

@@ -111,8 +111,8 @@ def merge(
     reduce: str = "mean",
 ) -> np.ndarray:
     """Token-count-weighted mean of piece rows per text (``reduce="max"``: the largest,
-    a reranker's rule: a text is as relevant as its best chunk); texts with one piece pass
-    through."""
+    a reranker's rule: a text is as relevant as its best chunk, and SPLADE's max pooling;
+    ``"sum"``: SPLADE's sum pooling); texts with one piece pass through."""
     if reduce == "max":
         best = np.full((n_texts, rows.shape[1]), -np.inf, dtype=np.float32)
         for p, row in zip(pieces, rows, strict=True):
@@ -123,8 +123,11 @@ def merge(
     weight = np.zeros(n_texts, dtype=np.float64)
     for p, row in zip(pieces, rows, strict=True):
         k = p.text_index - first_index
-        out[k] += p.weight * row.astype(np.float64)
-        weight[k] += p.weight
+        w = 1 if reduce == "sum" else p.weight
+        out[k] += w * row.astype(np.float64)
+        weight[k] += w
+    if reduce == "sum":
+        return out.astype(np.float32)
     return (out / weight[:, None]).astype(np.float32)
 
 

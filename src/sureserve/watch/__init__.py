@@ -43,12 +43,14 @@ def for_engine(engine: Any) -> DriftWatch:
     probes = [*P.DIVERSE, P.PARAGRAPH]
     for ids in tok(probes, add_special_tokens=False)["input_ids"]:
         anchor.add_text(len(ids), count_unknown(ids, unk), False, False)
-    if engine.task_name == "embed" and engine.task is not None:
-        pieces = engine.task.to_pieces(P.DIVERSE, "truncate").pieces
+    if engine.task_name in ("embed", "sparse") and engine.task is not None:
         from sureserve.watch.signals import unit_rows
 
-        anchor.unit_sum = unit_rows(engine.task.forward(pieces)).sum(axis=0)
-        anchor.vectors = len(pieces)
+        rows = engine.task.forward(engine.task.to_pieces(P.DIVERSE, "truncate").pieces)
+        anchor.unit_sum = unit_rows(rows).sum(axis=0)
+        anchor.vectors = len(rows)
+        if engine.task_name == "sparse":
+            anchor.active = int((rows > 0).sum())
     return DriftWatch(loaded.source.identifier, engine.task_name, engine.settings, labels,
                       unk, anchor)
 

@@ -66,6 +66,12 @@ TASK_SIGNALS = {
         "mean_shift": ("drift_mean_shift", "1 - cosine between the window's mean embedding "
                        "and the baseline's"),
     },
+    "sparse": {
+        "collapse": ("drift_collapse", "mean pairwise cosine of the window's sparse vectors, "
+                     "as the share of the distance from the baseline's to 1 closed"),
+        "active_terms": ("drift_active_terms", "|log2| of the window's mean non-zero terms "
+                         "per text over the baseline's (1: halved or doubled)"),
+    },
     "generate": {
         "finish_js": ("drift_finish_js", "Jensen-Shannon divergence (bits) of finish reasons "
                       "(stop, length, error) vs the baseline's"),
@@ -124,6 +130,7 @@ class Stats:
     top_score: float = 0.0  # summed
     vectors: int = 0
     unit_sum: np.ndarray | None = None
+    active: int = 0  # sparse vectors: non-zero terms, summed
     finishes: Counter[str] = field(default_factory=Counter)
     empty_outputs: int = 0
     loops: int = 0
@@ -149,6 +156,12 @@ class Stats:
             self.vectors += 1
             self.unit_sum = out[1].astype(np.float64) if self.unit_sum is None \
                 else self.unit_sum + out[1]
+        elif kind == "sparse":  # ("sparse", width, term ids, unit weights)
+            self.vectors += 1
+            self.active += len(out[2])
+            if self.unit_sum is None:
+                self.unit_sum = np.zeros(out[1])
+            self.unit_sum[out[2]] += out[3]
         else:  # completion
             self.finishes[out[1]] += 1
             self.empty_outputs += out[2]
@@ -213,6 +226,19 @@ class DriftWatch:
         """Pooled embeddings (any scale), one row per text."""
         # float32: a window of 1,000 vectors of a 4,096-wide model is 16 MB, not 32
         self._outputs_add([("vector", v) for v in sig.unit_rows(vectors).astype(np.float32)])
+
+    def observe_sparse(self, rows: np.ndarray) -> None:
+        """Sparse vectors (vocabulary-wide rows, mostly zero), one row per text; kept as
+        their non-zero terms only (a window of dense rows would be 120 MB for BERT's
+        vocabulary)."""
+        outs: list[tuple[Any, ...]] = []
+        for row in rows:
+            idx = np.flatnonzero(row)
+            vals = row[idx].astype(np.float64)
+            norm = float(np.linalg.norm(vals))
+            outs.append(("sparse", row.shape[0], idx.astype(np.int32),
+                         (vals / norm if norm > 0 else vals).astype(np.float32)))
+        self._outputs_add(outs)
 
     def observe_completion(self, reason: str, text: str, tokens: Sequence[int]) -> None:
         if reason not in FINISH_REASONS:  # cancelled: the client's doing, not the model's
@@ -356,6 +382,10 @@ class DriftWatch:
             a = w.share(w.top_score, sum(w.labels.values()))  # type: ignore[arg-type]
             z = b.share(b.top_score, sum(b.labels.values()))  # type: ignore[arg-type]
             return z - a, f"mean top probability {a:.3f} in {n} ({z:.3f})"
+        if name == "active_terms":
+            a, z = w.share(w.active, w.vectors), b.share(b.active, b.vectors)
+            score = abs(float(np.log2(max(a, 0.5) / max(z, 0.5))))
+            return score, f"{a:.1f} non-zero terms per text in {n} ({z:.1f})"
         if name == "mean_shift":
             if w.unit_sum is None or b.unit_sum is None:
                 return 0.0, "no embeddings"

