@@ -44,11 +44,12 @@ DIVERSE = [
 
 #: English function words: a sparse (SPLADE) model weights a text's content words above
 #: these; a model reading the wrong token ids cannot tell them apart (the sparse probe)
-STOPWORDS = frozenset(
+_STOPWORDS = (
     "a an the and or but of to in on at by for with from as is are was were be been it its "
     "this that these those i we you he she they me my our your their them us will would can "
     "could not no so then than too very just also into about after before up down out over "
-    "under again had has have did do does there where which who what when why how".split())
+    "under again had has have did do does there where which who what when why how")
+STOPWORDS = frozenset(_STOPWORDS.split())
 
 #: A long text to pad the batch-invariance probe (its length differs a lot from the others).
 LONG = " ".join([PARAGRAPH] * 2)

@@ -30,8 +30,9 @@ class SparseTask(Task):
     def __init__(self, loaded: Any) -> None:
         super().__init__(loaded)
         st = loaded.st
-        self.pooling, self.activation = (st.splade if st is not None and st.splade
-                                         else ("max", "relu"))
+        splade: tuple[str, str] = st.splade if st is not None and st.splade else ("max",
+                                                                                 "relu")
+        self.pooling, self.activation = splade
         self.reduce = "sum" if self.pooling == "sum" else "max"
 
     @property

