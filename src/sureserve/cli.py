@@ -400,7 +400,9 @@ def _file_job(task: str, settings: Settings, model: str, texts: list[str] | None
 
 @app.command()
 @with_settings("source", "plan", "batching", "drift", "ray")
-def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm",
+def embed(settings: Settings, texts: TextsArg = None, model: Annotated[str | None, typer.Option(
+              "--model", "-m", help="Zoo alias, folder or hub id (default: minilm; with "
+              "--sparse, splade-tiny).")] = None,
           input_file: InputOpt = None,
           output: Annotated[Path | None, typer.Option(
               "--output", "-o", help=".jsonl, .npy or .parquet (default: JSONL on stdout).")
@@ -408,9 +410,28 @@ def embed(settings: Settings, texts: TextsArg = None, model: ModelOpt = "minilm"
           field: FieldOpt = "text",
           normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize",
                                help="Unit-length vectors (default: as the model says).")] = None,
+          sparse: Annotated[bool, typer.Option(
+              "--sparse", help="Sparse (SPLADE) vectors from a masked-LM model: each row's "
+              "\"sparse\" maps token id -> weight, strongest first (--model splade-tiny).")
+          ] = False,
+          top_k: Annotated[int | None, typer.Option(
+              help="With --sparse: only each text's k strongest terms (default: the "
+              "sparse_top_k setting; 0: all).", min=0)] = None,
+          tokens: Annotated[bool, typer.Option(
+              "--tokens", help="With --sparse: also \"tokens\", token id -> token text.")
+          ] = False,
           ) -> None:
     """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
-    _file_job("embed", settings, model, texts, input_file, output, field, normalize=normalize)
+    if not sparse:
+        if top_k is not None or tokens:
+            raise typer.BadParameter("--top-k and --tokens go with --sparse")
+        _file_job("embed", settings, model or "minilm", texts, input_file, output, field,
+                  normalize=normalize)
+        return
+    if normalize is not None:
+        raise typer.BadParameter("sparse vectors are not normalized: drop --normalize")
+    _file_job("sparse", settings, model or "splade-tiny", texts, input_file, output, field,
+              top_k=settings.sparse_top_k if top_k is None else top_k, tokens=tokens)
 
 
 @app.command()

@@ -19,6 +19,10 @@ def output_row(task_name: str, index: int, line: int, out: Any, flags: dict[str,
     """One JSONL output row: the output, ``index``, ``line`` and the text's flags."""
     if task_name == "embed":
         item: dict[str, Any] = {"embedding": np.asarray(out).tolist()}
+    elif task_name == "sparse":  # token id -> weight, strongest first (and id -> token)
+        item = {"sparse": {str(t["index"]): t["value"] for t in out}}
+        if options.get("tokens"):
+            item["tokens"] = {str(t["index"]): t["token"] for t in out}
     elif task_name == "rerank":  # a ranked document: index, score (and text), best first
         return {**out, "line": line}
     else:
@@ -66,6 +70,11 @@ class _Parquet:
         cols: dict[str, Any] = {"index": [r[0] for r in rows], "line": [r[1] for r in rows]}
         if self.task == "embed":
             cols["embedding"] = [np.asarray(r[2], np.float32).tolist() for r in rows]
+        elif self.task == "sparse":  # parallel lists, strongest term first
+            cols["sparse_indices"] = [[t["index"] for t in r[2]] for r in rows]
+            cols["sparse_values"] = [[t["value"] for t in r[2]] for r in rows]
+            if options.get("tokens"):
+                cols["sparse_tokens"] = [[t["token"] for t in r[2]] for r in rows]
         elif isinstance(rows[0][2], list):
             cols["labels"] = [[{"label": d["label"], "score": d["score"]} for d in r[2]]
                               for r in rows]
@@ -91,7 +100,8 @@ def open_writer(output: Path | None, task: str) -> Any:
         if task != "embed":
             from sureserve.errors import InputError
 
-            raise InputError(".npy holds embeddings only", "write labels to .jsonl or .parquet")
+            raise InputError(".npy holds dense embeddings only",
+                             f"write {task} results to .jsonl or .parquet")
         return _Npy(output)
     if output is not None and output.suffix == ".parquet":
         return _Parquet(output, task)

@@ -40,6 +40,30 @@ class EmbedRequest(_Strict):
     parameters: Parameters = _PARAMS
 
 
+class EmbedSparseRequest(_Strict):
+    """text-embeddings-inference ``POST /embed_sparse`` (SPLADE models)."""
+
+    inputs: Inputs
+    truncate: bool = Field(default=False, description="Cut inputs longer than the model's "
+                           "maximum instead of answering 413 (reported in metrics).")
+    truncation_direction: Direction = _DIRECTION
+    prompt_name: str | None = Field(default=None, description="A prompt from the model's "
+                                    "sentence-transformers config, prepended to every input.")
+    top_k: int | None = Field(default=None, ge=0, description="Only each text's k strongest "
+                              "terms (sureserve's; default the sparse_top_k setting, 0: all).")
+    return_tokens: bool = Field(default=False, description="Add each term's token text "
+                                "(sureserve's; TEI returns indices only).")
+    model: str | None = Field(default=None, description="Served model name (default: the "
+                              "first sparse model).")
+    parameters: Parameters = _PARAMS
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="Token id in the model's vocabulary.")
+    value: float = Field(description="The term's weight (> 0).")
+    token: str | None = Field(default=None, description="With return_tokens: the token.")
+
+
 class PredictRequest(_Strict):
     """text-embeddings-inference ``POST /predict``."""
 

@@ -84,6 +84,12 @@ class Slot:
     gen: GenWorker | None = None  # generation models
 
 
+#: where each task's requests go (named when a request reaches the wrong kind of model)
+ROUTES = {"embed": "/embed or /v1/embeddings", "sparse": "/embed_sparse",
+          "classify": "/predict", "rerank": "/rerank or /v1/rerank",
+          "generate": "/v1/completions or /v1/chat/completions"}
+
+
 class ServerState:
     def __init__(self, settings: Settings, names: Sequence[str],
                  factory: EngineFactory = default_factory) -> None:
@@ -229,8 +235,9 @@ class ServerState:
                                     "wait for GET /health to answer 200")
             if task_name is not None and slot.engine.task_name != task_name:
                 raise TaskMismatchError(f"model {slot.name} does {slot.engine.task_name}, "
-                                        f"not {task_name}", f"choose a model that does "
-                                        f"{task_name}")
+                                        f"not {task_name}",
+                                        f"send its inputs to {ROUTES[slot.engine.task_name]}, "
+                                        f"or choose a model that does {task_name}")
             return slot, slot.engine
         raise TaskMismatchError(f"no served model does {task_name}",
                                 f"start the server with a model for {task_name}")

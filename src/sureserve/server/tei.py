@@ -31,6 +31,7 @@ from sureserve.server.http import ERRORS, OPENAI_ERRORS, health_response, until_
 from sureserve.server.state import ServerState
 
 _VECTORS = TypeAdapter(list[list[float]])
+_TERMS = TypeAdapter(list[list[dict[str, Any]]])
 #: request fields that are the payload or the routing, not options
 _NOT_OPTIONS = {"inputs", "model", "parameters", "query", "texts"}
 
@@ -107,6 +108,22 @@ async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> R
     # the hottest route: serialise straight from the floats (cheaper than validating them
     # against response_model first, which only documents the shape)
     return Response(_VECTORS.dump_json(vecs.tolist()), media_type="application/json")
+
+
+async def embed_sparse(state: ServerState, body: S.EmbedSparseRequest,
+                       request: Request) -> Response:
+    opts = options(body, "/embed_sparse")
+    batcher = state.batcher(body.model, "sparse")
+    top_k = opts.get("top_k")
+    if top_k is not None and top_k < 0:  # inside parameters, where the schema's bound is not
+        raise InputError(f"top_k is {top_k}", "send 0 (every term) or more, or leave it out")
+    texts = with_prompt(batcher.engine, state.validate(body.inputs, engine=batcher.engine),
+                        opts.get("prompt_name"))
+    work = batcher.infer(texts, requested(opts.get("truncate")),
+                         top_k=batcher.engine.settings.sparse_top_k if top_k is None else top_k,
+                         tokens=opts.get("return_tokens", False))
+    terms = (await until_done_or_gone(request, work)).outputs
+    return Response(_TERMS.dump_json(terms), media_type="application/json")
 
 
 async def predict(state: ServerState, body: S.PredictRequest, request: Request) -> Any:
@@ -220,6 +237,12 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
     async def embed_route(body: S.EmbedRequest, request: Request) -> Response:
         return await embed(state, body, request)
 
+    @app.post("/embed_sparse", response_model=list[list[S.SparseValue]],
+              response_model_exclude_none=True, responses=ERRORS)
+    async def embed_sparse_route(body: S.EmbedSparseRequest, request: Request) -> Response:
+        """Sparse (SPLADE) vectors: each text's non-zero terms, strongest first."""
+        return await embed_sparse(state, body, request)
+
     @app.post("/predict", response_model=list[S.Prediction] | list[list[S.Prediction]],
               response_model_exclude_none=True, responses=ERRORS)
     async def predict_route(body: S.PredictRequest, request: Request) -> Any:
@@ -268,7 +291,7 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
                                  "use /v1/completions or /v1/chat/completions")
             shapes: dict[str, type[BaseModel]] = {
                 "embed": S.EmbedRequest, "classify": S.PredictRequest,
-                "rerank": S.RerankRequest}
+                "rerank": S.RerankRequest, "sparse": S.EmbedSparseRequest}
             shape = shapes[task]
         try:
             parsed = shape.model_validate(data)
@@ -283,6 +306,8 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
             return await embed(state, parsed, request)
         if isinstance(parsed, S.RerankRequest):
             return await rerank(state, parsed, request)
+        if isinstance(parsed, S.EmbedSparseRequest):
+            return await embed_sparse(state, parsed, request)
         assert isinstance(parsed, S.PredictRequest)
         return await predict(state, parsed, request)
 
@@ -290,7 +315,8 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
         app.post(path, responses=ERRORS, summary="The default model's task (TEI, "
                  "Hugging Face inference API, SageMaker)",
                  response_model=list[list[float]] | list[S.Prediction]
-                 | list[list[S.Prediction]] | list[float] | list[S.Rank],
+                 | list[list[S.Prediction]] | list[float] | list[S.Rank]
+                 | list[list[S.SparseValue]],
                  response_model_exclude_none=True)(default_task)
 
     @app.get("/ping", response_model=S.Health,

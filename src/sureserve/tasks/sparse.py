@@ -21,7 +21,8 @@ import numpy as np
 from sureserve.batching.truncation import Piece
 from sureserve.tasks.base import Task
 
-Term = dict[str, Any]  # {"index": token id, "value": weight[, "token": text]}
+Term = dict[str, Any]
+HEAD_BLOCK = 512  # tokens through the MLM head at once (see SparseTask._pool_real_tokens)  # {"index": token id, "value": weight[, "token": text]}
 
 
 class SparseTask(Task):
@@ -43,11 +44,41 @@ class SparseTask(Task):
         import torch
 
         feats = self.collate(pieces)
+        base, head = _body_and_head(self.model)
         with torch.inference_mode():
-            logits = self.model(**feats).logits  # (batch, seq, vocab)
-            weights = splade_pool(logits, feats["attention_mask"], self.pooling,
-                                  self.activation)
+            if base is None:  # an architecture whose head we cannot call apart
+                logits = self.model(**feats).logits  # (batch, seq, vocab)
+                weights = splade_pool(logits, feats["attention_mask"], self.pooling,
+                                      self.activation)
+            else:
+                hidden = base(**feats).last_hidden_state
+                weights = self._pool_real_tokens(hidden, feats["attention_mask"], head)
         return weights.float().cpu().numpy()
+
+    def _pool_real_tokens(self, hidden: Any, mask: Any, head: Any) -> Any:
+        """The MLM head on real tokens only, ``HEAD_BLOCK`` tokens at a time, each block
+        pooled into its texts' rows at once. The head (hidden x vocabulary) is most of a
+        small SPLADE model's cost and its logits the largest tensor by far: full padded
+        logits of a 4,096-token batch are 500 MB; a block's are 62 MB."""
+        import torch
+
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        keep = mask.reshape(-1).bool()
+        owner = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(
+            mask.shape[1])[keep]
+        states = flat[keep]
+        out = torch.zeros((mask.shape[0], self.width), dtype=torch.float32,
+                          device=hidden.device)
+        for start in range(0, states.shape[0], HEAD_BLOCK):
+            w = head(states[start:start + HEAD_BLOCK]).float().relu_().log1p_()
+            if self.activation == "log1p_relu":
+                w = w.log1p_()
+            rows = owner[start:start + HEAD_BLOCK].unsqueeze(1).expand(-1, w.shape[1])
+            if self.pooling == "max":  # weights are >= 0: the zeros are a neutral start
+                out.scatter_reduce_(0, rows, w, "amax")
+            else:
+                out.scatter_add_(0, rows, w)
+        return out
 
     def postprocess(self, rows: np.ndarray, **options: Any) -> list[list[Term]]:
         """Each text's non-zero terms, strongest first (ties by token id): ``top_k`` keeps
@@ -74,6 +105,17 @@ def splade_pool(logits: Any, mask: Any, pooling: str = "max", activation: str = 
     if activation == "log1p_relu":
         w = w.log1p_()
     return w.amax(dim=1) if pooling == "max" else w.sum(dim=1)
+
+
+def _body_and_head(model: Any) -> tuple[Any, Any]:
+    """(encoder body, MLM head) of a masked-LM model whose head is one module applied per
+    token (BERT's ``cls``, RoBERTa's ``lm_head``), else (None, None)."""
+    base = getattr(model, "base_model", None)
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if head is not None and base is not None and base is not model:
+            return base, head
+    return None, None
 
 
 def active_terms(rows: np.ndarray) -> np.ndarray:

