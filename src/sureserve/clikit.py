@@ -66,8 +66,8 @@ def with_settings(*groups: str) -> Callable[[F], F]:
 
 ModelArg = Annotated[str, typer.Argument(help="Zoo alias, folder or hub id.")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo alias, folder or hub id.")]
-TaskOpt = Annotated[str | None, typer.Option("--task", help="embed, classify, rerank, sparse or generate "
-                                              "(default: inferred from the config).")]
+TaskOpt = Annotated[str | None, typer.Option("--task", help="embed, classify, rerank, sparse or "
+                                              "generate (default: inferred from the config).")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Pinned hub revision.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help=".txt, .jsonl, .csv or "

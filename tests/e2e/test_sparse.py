@@ -109,7 +109,7 @@ def test_gate_fails_a_sparse_model_with_a_shuffled_tokenizer(splade: Any, tmp_pa
     assert check.status == "fail", check
     # and the whole gate, as a user meets it: the model refused before serving
     broken = M.with_tokenizer(folder, tmp_path / "t", tmp_path / "m")
-    with pytest.raises(errors.GateError, match="sparse-terms|alignment"):
+    with pytest.raises(errors.GateError, match=r"sparse-terms|alignment"):
         sureserve.load(str(broken))
 
 

@@ -21,8 +21,8 @@ import numpy as np
 from sureserve.batching.truncation import Piece
 from sureserve.tasks.base import Task
 
-Term = dict[str, Any]
-HEAD_BLOCK = 512  # tokens through the MLM head at once (see SparseTask._pool_real_tokens)  # {"index": token id, "value": weight[, "token": text]}
+Term = dict[str, Any]  # {"index": token id, "value": weight[, "token": text]}
+HEAD_BLOCK = 512  # tokens through the MLM head at once (see SparseTask._pool_real_tokens)
 
 
 class SparseTask(Task):
