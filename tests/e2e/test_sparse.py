@@ -53,6 +53,12 @@ def test_random_masked_lm_equals_sparse_encoder(tmp_path: Path, pooling: str,
     ours = engine.run(TEXTS).rows  # one padded batch of very different lengths
     ref = SparseEncoder(str(folder), device="cpu").encode(TEXTS, convert_to_tensor=True)
     np.testing.assert_allclose(ours, ref.to_dense().numpy(), atol=1e-4)
+    # the head run apart on real tokens (pooled before its elementwise work) equals the
+    # whole model's padded logits pooled afterwards
+    split, engine.task._split = engine.task._split, None
+    assert split is not None
+    np.testing.assert_allclose(engine.run(TEXTS).rows, ours, atol=1e-5)
+    engine.task._split = split
     terms = engine.embed_sparse(TEXTS[:2], top_k=5)
     for row, got in zip(ours[:2], terms, strict=True):
         strongest = np.argsort(-row, kind="stable")[:5]
@@ -154,3 +160,24 @@ def test_cli_embed_sparse_writes_ids_to_weights(tmp_path: Path) -> None:
               process=False)
     assert npy.returncode != 0 and ".jsonl or .parquet" in npy.stderr
     assert cli("embed", "--tokens", "x", process=False).returncode == 2
+
+
+def test_lockfile_holds_and_checks_a_sparse_models_outputs(splade: Any, tmp_path: Path
+                                                           ) -> None:
+    from sureserve.gate.lock import verify, write_lock
+
+    lock = write_lock(splade, tmp_path / "sureserve.lock")
+    assert lock["outputs"]["kind"].startswith("sparse weights")
+    assert verify(lock, splade).ok
+    lock["outputs"]["values"][0][0] += 0.01  # as if an upgrade moved one weight
+    rep = verify(lock, splade)
+    assert not rep.ok and "probe text 0" in rep.outputs[0]
+
+
+def test_bench_sparse_runs_side_by_side_with_sparse_encoder(tmp_path: Path) -> None:
+    from sureserve.bench.sparse import run_sparse_bench
+
+    rep = run_sparse_bench(40, out=tmp_path / "sparse.json", log=lambda _: None)
+    assert json.loads((tmp_path / "sparse.json").read_text())["texts"] == 40
+    assert rep["max_abs_weight_diff"] < 1e-4 and rep["top10_terms_agree"] > 0.99
+    assert set(rep["texts_per_s"]) == {"sureserve", "sentence-transformers"}

@@ -93,6 +93,19 @@ def bench_rerank(queries: Annotated[int, typer.Option(help="Queries (BBC sport/t
                                   _report), _report)
 
 
+@bench_app.command("sparse")
+def bench_sparse(texts: Annotated[int, typer.Option(help="Texts of the realistic mix.")] = 1000,
+                 model: Annotated[str, typer.Option(help="Sparse (SPLADE) model.")
+                                  ] = "splade-tiny",
+                 output: BenchOut = None) -> None:
+    """Sparse-embedding throughput (texts/s) against sentence-transformers' SparseEncoder
+    (batch 32) on the same texts, with the largest weight difference."""
+    from sureserve.bench.sparse import print_report, run_sparse_bench
+
+    print_report(run_sparse_bench(texts, model, _bench_out(output, "sparse"), _report),
+                 _report)
+
+
 @bench_app.command("soak")
 def bench_soak(minutes: Annotated[float, typer.Option(help="Minutes of load.")] = 30.0,
                clients: Annotated[int, typer.Option(help="Closed-loop clients.")] = 64,

@@ -56,6 +56,10 @@ def _outputs_side_by_side(engine: Any) -> str:
         if engine.task_name == "generate":
             texts = engine.generate(list(KNOWN), max_new_tokens=8)
             return "continuations: " + " vs ".join(repr(t) for t in texts)
+        if engine.task_name == "sparse":
+            a, b = ({t["index"] for t in terms}
+                    for terms in engine.embed_sparse(list(KNOWN), truncation="truncate"))
+            return f"terms {len(a)} and {len(b)}, {len(a & b)} shared"
         if engine.task_name == "rerank":
             r = engine.rerank(KNOWN[0], [KNOWN[0], KNOWN[1]])
             return "relevance to the first: " + ", ".join(
