@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sureserve.batching.truncation import apply_policy, chunk_spans
-from sureserve.errors import InputTooLongError, SettingsError
+from sureserve.errors import InputError, InputTooLongError, SettingsError
 
 CLS, SEP = 101, 102
 
@@ -34,6 +34,16 @@ def test_truncate_keeps_special_tokens_and_reports() -> None:
     assert short.ids == wrap(3)
     assert cut.ids == [CLS, *range(1000, 1008), SEP]
     assert len(cut.ids) == 10
+
+
+def test_left_truncation_keeps_the_end_and_the_special_tokens() -> None:
+    res = apply_policy([wrap(3), wrap(20)], 10, "truncate", prefix=1, suffix=1,
+                       direction="left")
+    assert res.truncated == [1]
+    assert res.pieces[0].ids == wrap(3)
+    assert res.pieces[1].ids == [CLS, *range(1012, 1020), SEP]
+    with pytest.raises(InputError, match="truncation_direction 'up'"):
+        apply_policy([wrap(3)], 10, "truncate", prefix=1, suffix=1, direction="up")
 
 
 def test_chunk_windows_overlap_and_cover_everything() -> None:

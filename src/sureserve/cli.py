@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -398,6 +398,15 @@ def _file_job(task: str, settings: Settings, model: str, texts: list[str] | None
     run_file_job(task, model, texts, input_file, output, field, settings, _report, **options)
 
 
+PromptOpt = Annotated[str | None, typer.Option(
+    "--prompt-name", help="One of the model's sentence-transformers prompts, put before "
+    "every text (default: the model's default_prompt_name, if it has one; \"\" for none).")]
+DirectionOpt = Annotated[Literal["right", "left"], typer.Option(
+    "--truncation-direction",
+    help="Which end a cut (--truncation truncate) takes tokens from: right keeps a text's "
+    "start, left its end.")]
+
+
 @app.command()
 @with_settings("source", "plan", "batching", "drift", "ray")
 def embed(settings: Settings, texts: TextsArg = None, model: Annotated[str | None, typer.Option(
@@ -420,18 +429,21 @@ def embed(settings: Settings, texts: TextsArg = None, model: Annotated[str | Non
           tokens: Annotated[bool, typer.Option(
               "--tokens", help="With --sparse: also \"tokens\", token id -> token text.")
           ] = False,
+          prompt_name: PromptOpt = None,
+          direction: DirectionOpt = "right",
           ) -> None:
     """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
+    text = {"prompt_name": prompt_name, "direction": direction}
     if not sparse:
         if top_k is not None or tokens:
             raise typer.BadParameter("--top-k and --tokens go with --sparse")
         _file_job("embed", settings, model or "minilm", texts, input_file, output, field,
-                  normalize=normalize)
+                  normalize=normalize, **text)
         return
     if normalize is not None:
         raise typer.BadParameter("sparse vectors are not normalized: drop --normalize")
     _file_job("sparse", settings, model or "splade-tiny", texts, input_file, output, field,
-              top_k=settings.sparse_top_k if top_k is None else top_k, tokens=tokens)
+              top_k=settings.sparse_top_k if top_k is None else top_k, tokens=tokens, **text)
 
 
 @app.command()
@@ -442,11 +454,12 @@ def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sent
                  "--output", "-o", help=".jsonl or .parquet (default: JSONL on stdout).")
              ] = None,
              field: FieldOpt = "text",
-             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1
+             top_k: Annotated[int, typer.Option(help="Labels per text (0: all).")] = 1,
+             direction: DirectionOpt = "right",
              ) -> None:
     """Classify texts; writes one JSON line per text in input order."""
     _file_job("classify", settings, model, texts, input_file, output, field,
-              top_k=top_k or None)
+              top_k=top_k or None, direction=direction)
 
 
 @app.command()

@@ -198,15 +198,20 @@ class Engine:
         return truncation or self.settings.truncation
 
     def prepare(self, texts: Sequence[str], *, truncation: str | None = None,
-                first_index: int = 0, query: str | None = None) -> Job:
+                first_index: int = 0, query: str | None = None,
+                direction: str = "right", prompt_name: str | None = None) -> Job:
         """Tokenize once and apply the truncation policy. ``first_index`` offsets the
         indices in errors and the summary, for callers that feed a long input in windows;
-        ``query``: a reranker's, paired with every text."""
+        ``query``: a reranker's, paired with every text; ``direction``: the end a cut
+        takes tokens from ("right" keeps the start, "left" the end); ``prompt_name``: see
+        ``prompted``."""
         task = self.text_task()
         policy = self.policy(truncation)
+        given = texts
+        texts = self.prompted(texts, prompt_name)
         try:
             cut = task.to_pieces(texts, policy, stride=self.settings.chunk_stride,
-                                 first_index=first_index, query=query)
+                                 first_index=first_index, query=query, direction=direction)
         except InputTooLongError as exc:  # refused: still traffic the watch should see
             if self.watch is not None and exc.length:
                 self.watch.observe_texts([exc.length], cut=[True])
@@ -216,7 +221,8 @@ class Engine:
         summary = RunSummary(texts=len(texts), pieces=len(cut.pieces), real_tokens=real,
                              truncated=cut.truncated, chunked=cut.chunked, limit=limit.value,
                              bound_by=limit.bound_by, policy=policy)
-        blank = [not t.strip() for t in texts] if self.watch is not None else []
+        # after to_pieces, which refuses a non-string; the texts as sent, without a prompt
+        blank = [not t.strip() for t in given] if self.watch is not None else []
         return Job(cut.pieces, summary, first_index, time.perf_counter(), cut.lengths, blank)
 
     def finish(self, job: Job, rows: np.ndarray, **options: Any) -> Result:
@@ -299,10 +305,12 @@ class Engine:
 
     def run(self, texts: Sequence[str], *, truncation: str | None = None,
             first_index: int = 0, on_texts_done: Callable[[int], None] | None = None,
-            query: str | None = None, **options: Any) -> Result:
+            query: str | None = None, direction: str = "right",
+            prompt_name: str | None = None, **options: Any) -> Result:
         """The offline path: prepare, run the pieces in planned batches, finish."""
         task = self.text_task()
-        job = self.prepare(texts, truncation=truncation, first_index=first_index, query=query)
+        job = self.prepare(texts, truncation=truncation, first_index=first_index, query=query,
+                           direction=direction, prompt_name=prompt_name)
         s, pieces = self.settings, job.pieces
         batches = plan_batches([p.weight for p in pieces], s.max_batch_tokens,
                                s.max_batch_size, s.planner_window, s.min_batch_tokens,
@@ -338,13 +346,49 @@ class Engine:
                                str(self.loaded.plan.device) == "cpu")
 
     def embed(self, texts: Sequence[str], *, truncation: str | None = None,
-              normalize: bool | None = None) -> np.ndarray:
-        """Embeddings, shape (n, dim), in input order; unit length if the model says so."""
+              normalize: bool | None = None, truncation_direction: str = "right",
+              prompt_name: str | None = None) -> np.ndarray:
+        """Embeddings, shape (n, dim), in input order; unit length if the model says so.
+        ``truncation_direction="left"``: a cut keeps a text's end; ``prompt_name``: one of
+        the model's prompts (default: its own default, as sentence-transformers applies
+        it; "" for none)."""
         self.text_task("embed")
-        return np.asarray(self.run(texts, truncation=truncation, normalize=normalize).outputs)
+        return np.asarray(self.run(texts, truncation=truncation, normalize=normalize,
+                                   direction=truncation_direction,
+                                   prompt_name=prompt_name).outputs)
+
+    def prompted(self, texts: Sequence[str], prompt_name: str | None = None
+                 ) -> Sequence[str]:
+        """Texts with one of the model's sentence-transformers prompts in front, as
+        sentence-transformers puts it there: ``prompt_name`` None takes the model's
+        ``default_prompt_name`` (if it declares one), "" takes none. Only embedding models
+        (dense or sparse) have prompts."""
+        st = self.loaded.st
+        prompts = st.prompts if st is not None and self.task_name in ("embed", "sparse") \
+            else {}
+        name = (st.default_prompt_name if st is not None and prompts else None) \
+            if prompt_name is None else prompt_name
+        if not name or not all(isinstance(t, str) for t in texts):
+            return texts  # (a non-string is refused, naming it, by the task's to_pieces)
+        if name not in prompts:
+            have = ", ".join(map(repr, prompts)) or "none"
+            raise InputError(f"prompt_name {name!r} is not one of this model's prompts "
+                             f"({have})", "leave prompt_name out, or use one the model "
+                             "defines (config_sentence_transformers.json)")
+        if not prompts[name]:
+            return texts
+        assert st is not None
+        if not st.include_prompt:
+            raise InputError(f"this model pools without its prompt's tokens "
+                             f"(include_prompt false), which sureserve does not do: its "
+                             f"vectors with prompt {name!r} would differ from "
+                             "sentence-transformers'", 'send prompt_name "" and put the '
+                             "prompt in the text only if the model was trained that way")
+        return [prompts[name] + t for t in texts]
 
     def embed_sparse(self, texts: Sequence[str], *, truncation: str | None = None,
-                     top_k: int | None = None, tokens: bool = False
+                     top_k: int | None = None, tokens: bool = False,
+                     truncation_direction: str = "right", prompt_name: str | None = None
                      ) -> list[list[dict[str, Any]]]:
         """Sparse (SPLADE) vectors, in input order: per text its non-zero terms
         ``{"index": token id, "value": weight}``, strongest first (``top_k``: only the
@@ -352,25 +396,29 @@ class Engine:
         token text too)."""
         self.text_task("sparse")
         top_k = self.settings.sparse_top_k if top_k is None else top_k
-        return list(self.run(texts, truncation=truncation, top_k=top_k,
-                             tokens=tokens).outputs)
+        return list(self.run(texts, truncation=truncation, top_k=top_k, tokens=tokens,
+                             direction=truncation_direction,
+                             prompt_name=prompt_name).outputs)
 
     def classify(self, texts: Sequence[str], *, truncation: str | None = None,
-                 top_k: int | None = 1) -> list[Any]:
+                 top_k: int | None = 1, truncation_direction: str = "right") -> list[Any]:
         """Labels with scores, in input order (see ClassifyTask.postprocess for top_k)."""
         self.text_task("classify")
-        return list(self.run(texts, truncation=truncation, top_k=top_k).outputs)
+        return list(self.run(texts, truncation=truncation, top_k=top_k,
+                             direction=truncation_direction).outputs)
 
     def rerank(self, query: str, texts: Sequence[str], *, top_n: int | None = None,
                raw_scores: bool = False, return_text: bool = False,
-               truncation: str | None = None) -> list[dict[str, Any]]:
+               truncation: str | None = None, truncation_direction: str = "right"
+               ) -> list[dict[str, Any]]:
         """``texts`` ranked by relevance to ``query``, best first: ``[{"index", "score",
         "text"?}]`` (``top_n`` best only; ``raw_scores``: logits instead of sigmoids).
         When cutting is allowed, each item also says whether its text was ``truncated``."""
         from sureserve.tasks.rerank import ranked
 
         self.text_task("rerank")
-        res = self.run(texts, truncation=truncation, query=query, raw_scores=raw_scores)
+        res = self.run(texts, truncation=truncation, query=query, raw_scores=raw_scores,
+                       direction=truncation_direction)
         flags = res.summary.flags if res.summary.policy != "error" else None
         return ranked(res.outputs, texts, top_n, return_text, flags)
 

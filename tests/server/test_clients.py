@@ -39,9 +39,14 @@ def test_inference_client_feature_extraction(server: Server) -> None:
     with pytest.raises(HfHubHTTPError) as exc:
         client.feature_extraction(TEXTS[0], prompt_name="query")
     assert exc.value.response.status_code == 422 and "prompt_name" in exc.value.response.text
-    with pytest.raises(HfHubHTTPError) as exc:
-        client.feature_extraction(TEXTS[0], truncation_direction="left")
-    assert exc.value.response.status_code == 422 and "left" in exc.value.response.text
+    # a cut from the left keeps the text's end: the same vector as the end alone
+    words = ["football"] * 200 + ["bank"] * 200
+    left = client.feature_extraction(" ".join(words), truncate=True,
+                                     truncation_direction="left")
+    end = client.feature_extraction(" ".join(words[-254:]))  # minilm: 256 with [CLS] [SEP]
+    right = client.feature_extraction(" ".join(words), truncate=True)
+    np.testing.assert_allclose(left, end, atol=1e-5)
+    assert float(np.abs(np.asarray(left) - np.asarray(right)).max()) > 1e-2
 
 
 def test_inference_client_sentence_similarity(server: Server) -> None:

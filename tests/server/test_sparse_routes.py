@@ -67,7 +67,7 @@ def test_sparse_limits_and_wrong_routes_name_what_to_do(sparse_server: LocalServ
             ({"inputs": ["ok"], "top_k": -1}, 422, "top_k"),
             ({"inputs": ["ok"], "parameters": {"top_k": -2}}, 422, "top_k"),
             ({"inputs": ["ok"], "parameters": {"normalize": True}}, 422, "normalize"),
-            ({"inputs": ["ok"], "truncation_direction": "left"}, 422, "left"),
+            ({"inputs": ["ok"], "truncation_direction": "up"}, 422, "truncation_direction"),
             ({"inputs": ["x"] * 17}, 413, "SURESERVE_MAX_CLIENT_BATCH"),
             # a sparse request to a dense model names the dense model's routes
             ({"inputs": ["ok"], "model": "minilm"}, 400, "/embed or /v1/embeddings")):

@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sureserve.errors import InputTooLongError, SettingsError
+from sureserve.errors import InputError, InputTooLongError, SettingsError
 
 MODES = ("error", "truncate", "chunk")
+DIRECTIONS = ("right", "left")
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,18 @@ def apply_policy(
     stride: int = 32,
     bound_by: str = "model",
     first_index: int = 0,
+    direction: str = "right",
 ) -> PolicyResult:
-    """Turn tokenized texts into pieces that each fit ``limit`` tokens."""
+    """Turn tokenized texts into pieces that each fit ``limit`` tokens. ``direction``
+    (TEI's ``truncation_direction``): which end ``truncate`` cuts, "right" (keep the start)
+    or "left" (keep the end: the latest turns of a conversation, a log's last lines); the
+    special tokens stay either way."""
     if mode not in MODES:
         raise SettingsError(f"unknown truncation policy {mode!r}", f"use one of {', '.join(MODES)}")
+    if direction not in DIRECTIONS:
+        raise InputError(f"truncation_direction {direction!r} is not one of "
+                         f"{', '.join(DIRECTIONS)}", '"right" keeps the start of a text, '
+                         '"left" its end')
     room = limit - prefix - suffix  # content tokens one piece can carry
     if room < 1:
         raise SettingsError(f"the usable maximum {limit} leaves no room for text after "
@@ -87,7 +96,8 @@ def apply_policy(
             raise too_long_error(i, len(seq), limit, bound_by)
         head, body, tail = seq[:prefix], seq[prefix:len(seq) - suffix], seq[len(seq) - suffix:]
         if mode == "truncate":
-            result.pieces.append(Piece(i, head + body[:room] + tail))
+            kept = body[:room] if direction == "right" else body[len(body) - room:]
+            result.pieces.append(Piece(i, head + kept + tail))
             result.truncated.append(i)
             continue
         spans = chunk_spans(len(body), room, stride)

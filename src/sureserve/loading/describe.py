@@ -80,7 +80,9 @@ def _facts(source: Source, tok_source: Source, task: str, plan: LoadPlan,
         "usable_max_bound_by": limit.bound_by,
         "special_tokens": {k: str(v) for k, v in tok.special_tokens_map.items()},
         "sentence_transformers": (
-            {"pooling": st.pooling, "normalize": st.normalize, "max_seq_length": st.max_seq_length}
+            {"pooling": st.pooling, "normalize": st.normalize, "max_seq_length": st.max_seq_length,
+             "prompts": st.prompts, "default_prompt_name": st.default_prompt_name,
+             "splade": list(st.splade) if st.splade else None}
             if st else None),
         "labels": config.get("id2label") if task == "classify" else None,
         "chat_template": bool(getattr(tok, "chat_template", None)),

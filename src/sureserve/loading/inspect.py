@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,11 @@ class STConfig:
     max_seq_length: int | None
     #: a SparseEncoder folder's SpladePooling: (pooling_strategy, activation_function)
     splade: tuple[str, str] | None = None
+    #: config_sentence_transformers.json: named prompts, and the one applied by default
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    #: the Pooling module's include_prompt (False: prompt tokens are left out of the mean)
+    include_prompt: bool = True
 
 
 def sentence_transformers_config(path: Path) -> STConfig | None:
@@ -47,6 +52,7 @@ def sentence_transformers_config(path: Path) -> STConfig | None:
     pooling = "mean"
     normalize = False
     splade = None
+    include_prompt = True
     for mod in modules:
         kind = str(mod.get("type", ""))
         if kind.endswith("SpladePooling"):
@@ -56,11 +62,16 @@ def sentence_transformers_config(path: Path) -> STConfig | None:
         elif kind.endswith("Pooling"):
             cfg = read_json(path / mod.get("path", "") / "config.json")
             pooling = _pooling_mode(cfg)
+            include_prompt = bool(cfg.get("include_prompt", True))
         elif kind.endswith("Normalize"):
             normalize = True
     st = read_json(path / "sentence_bert_config.json")
     max_len = st.get("max_seq_length")
-    return STConfig(pooling, normalize, int(max_len) if max_len else None, splade)
+    model_cfg = read_json(path / "config_sentence_transformers.json")
+    prompts = {str(k): str(v) for k, v in (model_cfg.get("prompts") or {}).items()}
+    default = model_cfg.get("default_prompt_name")
+    return STConfig(pooling, normalize, int(max_len) if max_len else None, splade, prompts,
+                    str(default) if default else None, include_prompt)
 
 
 def _pooling_mode(cfg: dict[str, Any]) -> str:

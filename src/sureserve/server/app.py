@@ -362,6 +362,9 @@ def _model_info(slot: Slot) -> S.ModelInfo | None:
         name=slot.name, task=e.task_name, path=str(e.loaded.source.path),
         max_input_length=e.loaded.limit.value,
         dim=e.loaded.hidden_size if e.task_name == "embed" else None,
+        prompts=e.loaded.st.prompts if e.loaded.st and e.task_name in ("embed", "sparse")
+        else None,
+        default_prompt_name=e.loaded.st.default_prompt_name if e.loaded.st else None,
         labels=getattr(e.task, "labels", None) if e.task_name == "classify" else None,
         gate_passed=report.passed if report else None,
         gate_overridden=bool(report and report.overridden),

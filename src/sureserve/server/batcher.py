@@ -91,21 +91,26 @@ class Batcher:
         return len(self.waiting)
 
     async def infer(self, texts: list[str], truncation: str | None = None,
-                    query: str | None = None, **options: Any) -> Result:
+                    query: str | None = None, direction: str = "right",
+                    prompt_name: str | None = None, **options: Any) -> Result:
         """Outputs for ``texts`` in input order (``options``: see ``Engine.finish``;
         ``query``: a reranker's, paired with every text). ``truncation``: the request's
-        policy (``requested``); None: the engine's (``--truncation``)."""
-        job = await self._prepare(texts, truncation, query)
+        policy (``requested``); None: the engine's (``--truncation``); ``direction``: the
+        end a cut takes tokens from; ``prompt_name``: see ``Engine.prompted``."""
+        job = await self._prepare(texts, truncation, query, direction=direction,
+                                  prompt_name=prompt_name)
         rows = await self.queue(job.pieces)
         return self.engine.finish(job, np.vstack(rows), **options)
 
-    async def token_states(self, texts: list[str],
-                           truncation: str | None = None) -> list[np.ndarray]:
+    async def token_states(self, texts: list[str], truncation: str | None = None,
+                           direction: str = "right", prompt_name: str | None = None
+                           ) -> list[np.ndarray]:
         """Every token's last hidden state per text (TEI ``/embed_all``): tokenized and cut
         like ``infer`` (the same policy), bounded by the same queue limit (429 past it),
         and run on this model's forward workers, one worker for the whole request (its
         outputs are not pooled rows, so it does not share a batch)."""
-        job = await self._prepare(texts, truncation, None, chunks=False)
+        job = await self._prepare(texts, truncation, None, chunks=False, direction=direction,
+                                  prompt_name=prompt_name)
         limit = self.settings.max_queue_inputs
         if self.depth + len(job.pieces) > limit:
             self.metrics.rejected.inc()
@@ -118,14 +123,15 @@ class Batcher:
             self._pool, self.engine.token_states, job.pieces)
 
     async def _prepare(self, texts: list[str], truncation: str | None, query: str | None,
-                      chunks: bool = True) -> Job:
+                      chunks: bool = True, direction: str = "right",
+                      prompt_name: str | None = None) -> Job:
         """Tokenize and apply the truncation policy (the request's, else the engine's: one
         default, resolved in ``Engine.policy``). ``chunks=False``: a route whose answer is
         one output per text refuses a text that the policy would split."""
         if not chunks and self.engine.policy(truncation) == "chunk":
             truncation = "error"
         prepare = functools.partial(self.engine.prepare, texts, truncation=truncation,
-                                   query=query)
+                                   query=query, direction=direction, prompt_name=prompt_name)
         try:
             # a few short texts tokenize faster than the hop to another thread costs
             # (BENCHMARKS.md); anything bigger goes to the pool, off the event loop

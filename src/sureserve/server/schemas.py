@@ -19,8 +19,8 @@ _PARAMS = Field(default=None, description="The Hugging Face inference payload's 
                 "null meaning not set; a key this route does not implement is refused (422), "
                 "never ignored.")
 Direction = Literal["left", "right", "Left", "Right"] | None
-_DIRECTION = Field(default=None, description="Only 'right' (keep the start) is implemented; "
-                   "'left' is refused.")
+_DIRECTION = Field(default=None, description="Which end a cut takes tokens from when "
+                   "truncating: 'right' (default; keep the start) or 'left' (keep the end).")
 
 
 class EmbedRequest(_Strict):
@@ -32,7 +32,9 @@ class EmbedRequest(_Strict):
                            "maximum instead of answering 413 (reported in metrics).")
     truncation_direction: Direction = _DIRECTION
     prompt_name: str | None = Field(default=None, description="A prompt from the model's "
-                                    "sentence-transformers config, prepended to every input.")
+                                    "sentence-transformers config, prepended to every input "
+                                    "(default: the model's default_prompt_name, if any; \"\" "
+                                    "for none).")
     dimensions: int | None = Field(default=None, description="Must equal the model's "
                                    "dimension if given; sureserve does not shorten vectors.")
     model: str | None = Field(default=None, description="Served model name (default: the "
@@ -48,7 +50,9 @@ class EmbedSparseRequest(_Strict):
                            "maximum instead of answering 413 (reported in metrics).")
     truncation_direction: Direction = _DIRECTION
     prompt_name: str | None = Field(default=None, description="A prompt from the model's "
-                                    "sentence-transformers config, prepended to every input.")
+                                    "sentence-transformers config, prepended to every input "
+                                    "(default: the model's default_prompt_name, if any; \"\" "
+                                    "for none).")
     top_k: int | None = Field(default=None, ge=0, description="Only each text's k strongest "
                               "terms (sureserve's; default the sparse_top_k setting, 0: all).")
     return_tokens: bool = Field(default=False, description="Add each term's token text "
@@ -311,6 +315,12 @@ class ModelInfo(BaseModel):
     path: str
     max_input_length: int
     dim: int | None = None
+    prompts: dict[str, str] | None = Field(
+        default=None, description="Embedding models: the sentence-transformers prompts "
+        "prompt_name can name")
+    default_prompt_name: str | None = Field(
+        default=None, description="The prompt put before every input when a request names "
+        "none (as sentence-transformers applies it); null: none")
     labels: list[str] | None = None
     gate_passed: bool | None = None
     gate_overridden: bool = False

@@ -14,9 +14,6 @@ even for a single string, which is what that convention's clients parse.
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,29 +65,15 @@ def options(body: BaseModel, route: str) -> dict[str, Any]:
         value = inner if inner is not None else top
         if value is not None:
             out[key] = value
-    if str(out.get("truncation_direction", "right")).lower() != "right":
-        raise InputError("truncation_direction 'left' is not implemented: sureserve keeps "
-                         "the start of a text", 'send "right" or leave it out')
     return out
 
 
-def with_prompt(engine: Any, texts: list[str], name: str | None) -> list[str]:
-    """Texts with a sentence-transformers prompt prepended (``prompt_name``)."""
-    if name is None:
-        return texts
-    prompts = _prompts(engine.loaded.source.path)
-    if name not in prompts:
-        have = ", ".join(map(repr, prompts)) or "none"
-        raise InputError(f"prompt_name {name!r} is not one of this model's prompts ({have})",
-                         "leave prompt_name out, or use one the model defines")
-    return [prompts[name] + t for t in texts]
-
-
-@functools.cache
-def _prompts(folder: Path) -> dict[str, str]:
-    """A model folder's sentence-transformers prompts, read once."""
-    cfg = folder / "config_sentence_transformers.json"
-    return dict(json.loads(cfg.read_text()).get("prompts") or {}) if cfg.is_file() else {}
+def cut(opts: dict[str, Any]) -> dict[str, Any]:
+    """The request's text-side arguments for ``Batcher.infer``: its truncation policy, the
+    end a cut takes tokens from, and its prompt."""
+    return {"truncation": requested(opts.get("truncate")),
+            "direction": str(opts.get("truncation_direction") or "right").lower(),
+            "prompt_name": opts.get("prompt_name")}
 
 
 async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> Response:
@@ -100,10 +83,8 @@ async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> R
     if opts.get("dimensions") not in (None, dim):
         raise InputError(f"dimensions={opts['dimensions']} requested; {batcher.name} gives "
                          f"{dim}", "leave dimensions out, or send the model's own dimension")
-    texts = with_prompt(batcher.engine, state.validate(body.inputs, engine=batcher.engine),
-                        opts.get("prompt_name"))
-    work = batcher.infer(texts, requested(opts.get("truncate")),
-                         normalize=opts.get("normalize", True))
+    texts = state.validate(body.inputs, engine=batcher.engine)
+    work = batcher.infer(texts, **cut(opts), normalize=opts.get("normalize", True))
     vecs = (await until_done_or_gone(request, work)).outputs
     # the hottest route: serialise straight from the floats (cheaper than validating them
     # against response_model first, which only documents the shape)
@@ -117,9 +98,8 @@ async def embed_sparse(state: ServerState, body: S.EmbedSparseRequest,
     top_k = opts.get("top_k")
     if top_k is not None and top_k < 0:  # inside parameters, where the schema's bound is not
         raise InputError(f"top_k is {top_k}", "send 0 (every term) or more, or leave it out")
-    texts = with_prompt(batcher.engine, state.validate(body.inputs, engine=batcher.engine),
-                        opts.get("prompt_name"))
-    work = batcher.infer(texts, requested(opts.get("truncate")),
+    texts = state.validate(body.inputs, engine=batcher.engine)
+    work = batcher.infer(texts, **cut(opts),
                          top_k=batcher.engine.settings.sparse_top_k if top_k is None else top_k,
                          tokens=opts.get("return_tokens", False))
     terms = (await until_done_or_gone(request, work)).outputs
@@ -136,8 +116,7 @@ async def predict(state: ServerState, body: S.PredictRequest, request: Request) 
     top_k = opts.get("top_k")
     if top_k is not None and top_k < 1:
         raise InputError(f"top_k is {top_k}", "send a positive top_k, or leave it out")
-    work = batcher.infer(state.validate(body.inputs, engine=batcher.engine),
-                         requested(opts.get("truncate")),
+    work = batcher.infer(state.validate(body.inputs, engine=batcher.engine), **cut(opts),
                          top_k=None, raw_scores=opts.get("raw_scores", False) or fn is not None)
     results = (await until_done_or_gone(request, work)).outputs
     if fn is not None:
@@ -169,8 +148,7 @@ async def similarity(state: ServerState, body: S.SimilarityRequest,
     batcher = state.batcher(body.model, "embed")
     texts = state.validate([body.inputs.source_sentence, *body.inputs.sentences],
                            engine=batcher.engine)
-    texts = with_prompt(batcher.engine, texts, opts.get("prompt_name"))
-    work = batcher.infer(texts, requested(opts.get("truncate")), normalize=True)
+    work = batcher.infer(texts, **cut(opts), normalize=True)
     out = await until_done_or_gone(request, work)
     vecs = np.asarray(out.outputs, dtype=np.float64)
     return [float(x) for x in vecs[1:] @ vecs[0]]
@@ -181,21 +159,18 @@ async def embed_all(state: ServerState, body: S.EmbedAllRequest,
     """Token-level hidden states per input (TEI ``/embed_all``): no pooling, no padding."""
     opts = options(body, "/embed_all")
     batcher = state.batcher(body.model, "embed")
-    texts = with_prompt(batcher.engine, state.validate(body.inputs, engine=batcher.engine),
-                        opts.get("prompt_name"))
-    states = await until_done_or_gone(
-        request, batcher.token_states(texts, requested(opts.get("truncate"))))
+    texts = state.validate(body.inputs, engine=batcher.engine)
+    states = await until_done_or_gone(request, batcher.token_states(texts, **cut(opts)))
     return [s.tolist() for s in states]
 
 
 async def rerank(state: ServerState, body: S.RerankRequest, request: Request) -> list[Any]:
     from sureserve.tasks.rerank import ranked
 
-    options(body, "/rerank")  # refuses "left"
+    opts = options(body, "/rerank")
     batcher = state.batcher(body.model, "rerank")
     texts = state.validate(body.texts, "texts", batcher.engine)
-    work = batcher.infer(texts, requested(body.truncate), body.query,
-                         raw_scores=body.raw_scores)
+    work = batcher.infer(texts, **cut(opts), query=body.query, raw_scores=body.raw_scores)
     out = await until_done_or_gone(request, work)
     flags = out.summary.flags if out.summary.policy != "error" else None
     return ranked(out.outputs, texts, None, body.return_text, flags)

@@ -55,7 +55,8 @@ class Task(ABC):
     reduce = "mean"
 
     def to_pieces(self, texts: Sequence[str], policy: str, *, stride: int = 32,
-                  first_index: int = 0, query: str | None = None) -> PolicyResult:
+                  first_index: int = 0, query: str | None = None,
+                  direction: str = "right") -> PolicyResult:
         """Tokenize once and apply the truncation policy against the usable maximum.
 
         Shared by offline runs, the server and the gate, so all three cut texts the same way.
@@ -67,7 +68,7 @@ class Task(ABC):
         limit = self.loaded.limit
         return apply_policy(self.preprocess(texts), limit.value, policy, prefix=self.prefix,
                             suffix=self.suffix, stride=stride, bound_by=limit.bound_by,
-                            first_index=first_index)
+                            first_index=first_index, direction=direction)
 
     @abstractmethod
     def forward(self, pieces: Sequence[Piece]) -> np.ndarray:

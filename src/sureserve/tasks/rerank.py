@@ -46,7 +46,8 @@ class RerankTask(Task):
                          "use the reranker's own tokenizer")
 
     def to_pieces(self, texts: Sequence[str], policy: str, *, stride: int = 32,
-                  first_index: int = 0, query: str | None = None) -> PolicyResult:
+                  first_index: int = 0, query: str | None = None,
+                  direction: str = "right") -> PolicyResult:
         if query is None:
             raise InputError("a reranker scores (query, text) pairs: no query was given",
                              "send a query with the texts")
@@ -73,7 +74,8 @@ class RerankTask(Task):
                 f"the {limit.bound_by})", "shorten the query (it is never cut)",
                 length=prefix + suffix, limit=limit.value)
         cut = apply_policy(ids, limit.value, policy, prefix=prefix, suffix=suffix,
-                           stride=stride, bound_by=limit.bound_by, first_index=first_index)
+                           stride=stride, bound_by=limit.bound_by, first_index=first_index,
+                           direction=direction)
         if self.uses_token_types:
             cut.pieces = [dataclasses.replace(p, segment_at=prefix) for p in cut.pieces]
         return cut
