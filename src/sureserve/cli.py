@@ -465,18 +465,41 @@ def classify(settings: Settings, texts: TextsArg = None, model: ModelOpt = "sent
 @app.command()
 @with_settings("source", "plan", "batching", "drift")
 def rerank(settings: Settings,
-           query: Annotated[str, typer.Argument(help="What the texts are ranked against.")],
+           query: Annotated[str | None, typer.Argument(
+               help="What the texts are ranked against (leave out with --pairs).")] = None,
            texts: TextsArg = None, model: ModelOpt = "rerank-demo", input_file: InputOpt = None,
            field: FieldOpt = "text",
            top_n: Annotated[int | None, typer.Option(help="Only the n best.")] = None,
            raw_scores: Annotated[bool, typer.Option(help="Logits instead of sigmoids.")] = False,
+           pairs: Annotated[bool, typer.Option(
+               "--pairs", help="--input holds (query, text) pairs (.jsonl, .csv, .parquet): "
+               "score each one, streamed in windows, in input order.")] = False,
+           query_field: Annotated[str, typer.Option(
+               help="With --pairs: the field or column holding each pair's query.")
+           ] = "query",
+           output: Annotated[Path | None, typer.Option(
+               "--output", "-o", help="With --pairs: .jsonl or .parquet (default: JSONL on "
+               "stdout).")] = None,
            ) -> None:
     """Rank texts by relevance to QUERY with a cross-encoder; one JSON line per text, best
     first: index (0-based among the texts read), score, text (and, when cutting is allowed,
-    truncated / chunks)."""
-    from sureserve.jobs import run_rerank_job
+    truncated / chunks). With --pairs, score a file of (query, text) pairs instead: one
+    line per pair in input order (index, line, score, flags); the pairs of many queries
+    share batches."""
+    from sureserve.jobs import run_file_job, run_rerank_job
 
     _one_source(texts, input_file)
+    if pairs:
+        if query is not None or texts or input_file is None or top_n is not None:
+            raise typer.BadParameter("--pairs scores the pairs of an --input file: no QUERY, "
+                                     "texts or --top-n")
+        run_file_job("pairs", model, None, input_file, output, field, settings, _report,
+                     query_field=query_field, raw_scores=raw_scores)
+        return
+    if query is None:
+        raise typer.BadParameter("give QUERY (or --pairs with a file of pairs)")
+    if output is not None:
+        raise typer.BadParameter("--output goes with --pairs (a ranking goes to stdout)")
     run_rerank_job(query, model, texts, input_file, field, settings, _report, top_n=top_n,
                    raw_scores=raw_scores)
 

@@ -198,13 +198,13 @@ class Engine:
         return truncation or self.settings.truncation
 
     def prepare(self, texts: Sequence[str], *, truncation: str | None = None,
-                first_index: int = 0, query: str | None = None,
+                first_index: int = 0, query: str | Sequence[str] | None = None,
                 direction: str = "right", prompt_name: str | None = None) -> Job:
         """Tokenize once and apply the truncation policy. ``first_index`` offsets the
         indices in errors and the summary, for callers that feed a long input in windows;
-        ``query``: a reranker's, paired with every text; ``direction``: the end a cut
-        takes tokens from ("right" keeps the start, "left" the end); ``prompt_name``: see
-        ``prompted``."""
+        ``query``: a reranker's, paired with every text (or one per text); ``direction``:
+        the end a cut takes tokens from ("right" keeps the start, "left" the end);
+        ``prompt_name``: see ``prompted``."""
         task = self.text_task()
         policy = self.policy(truncation)
         given = texts
@@ -305,7 +305,7 @@ class Engine:
 
     def run(self, texts: Sequence[str], *, truncation: str | None = None,
             first_index: int = 0, on_texts_done: Callable[[int], None] | None = None,
-            query: str | None = None, direction: str = "right",
+            query: str | Sequence[str] | None = None, direction: str = "right",
             prompt_name: str | None = None, **options: Any) -> Result:
         """The offline path: prepare, run the pieces in planned batches, finish."""
         task = self.text_task()
@@ -421,6 +421,43 @@ class Engine:
                        direction=truncation_direction)
         flags = res.summary.flags if res.summary.policy != "error" else None
         return ranked(res.outputs, texts, top_n, return_text, flags)
+
+    def rerank_many(self, groups: Sequence[tuple[str, Sequence[str]]], *,
+                    top_n: int | None = None, raw_scores: bool = False,
+                    return_text: bool = False, truncation: str | None = None,
+                    truncation_direction: str = "right") -> list[list[dict[str, Any]]]:
+        """``rerank`` for many queries at once: ``[(query, texts), ...]`` -> one ranking per
+        query, in order. Every pair goes through one planner window, so the candidates of
+        many queries fill batches together (a query's 20 candidates alone make a small,
+        badly shaped batch)."""
+        from sureserve.tasks.rerank import ranked
+
+        self.text_task("rerank")
+        if isinstance(groups, (str, tuple)) or not all(
+                isinstance(g, (tuple, list)) and len(g) == 2 for g in groups):
+            raise InputError("rerank_many takes a list of (query, texts) pairs",
+                             'e.g. [("who won?", ["text", ...]), ...]')
+        texts: list[str] = []
+        queries: list[str] = []
+        for k, (q, docs) in enumerate(groups):
+            if isinstance(docs, str) or not isinstance(docs, (list, tuple)):
+                raise InputError(f"query {k}'s texts are not a list", "send a list of texts")
+            if not isinstance(q, str) or not q.strip():
+                raise InputError(f"query {k} is empty or not a string",
+                                 "send a non-empty query for every group")
+            texts += docs
+            queries += [q] * len(docs)
+        res = self.run(texts, truncation=truncation, query=queries, raw_scores=raw_scores,
+                       direction=truncation_direction)
+        flags = res.summary.flags if res.summary.policy != "error" else None
+        out, start = [], 0
+        for _, docs in groups:
+            part = range(start, start + len(docs))
+            shifted = (lambda i, s=start: flags(s + i)) if flags else None
+            out.append(ranked([res.outputs[i] for i in part], docs, top_n, return_text,
+                              shifted))
+            start += len(docs)
+        return out
 
     # ---- generation -----------------------------------------------------------------
     def _gen(self) -> GenerationEngine:

@@ -93,6 +93,8 @@ def local_windows(engine: Any, items: Iterable[Record | BadLineError], size: int
         if not recs:
             yield Window(list(win), RunSummary())
             continue
+        if recs[0].query is not None:  # (query, text) pairs: each with its own query
+            options = {**options, "query": [r.query for r in recs]}
         res = engine.run([r.text for r in recs], first_index=done, on_texts_done=progress,
                          **options)
         outs = iter(enumerate(res.outputs, start=done))
@@ -107,26 +109,28 @@ def local_windows(engine: Any, items: Iterable[Record | BadLineError], size: int
         done += len(recs)
 
 
-def inputs(texts: list[str] | None, input_file: Path | None, field: str
-           ) -> Iterator[Record | BadLineError]:
+def inputs(texts: list[str] | None, input_file: Path | None, field: str,
+           query_field: str | None = None) -> Iterator[Record | BadLineError]:
     """A job's inputs: texts given as arguments, else the file, else stdin."""
     if texts:  # the CLI refuses texts given together with --input
         return iter([Record(i + 1, t) for i, t in enumerate(texts)])
-    return read_items(input_file, field)
+    return read_items(input_file, field, query_field)
 
 
 def run_file_job(task_name: str, model: str, texts: list[str] | None, input_file: Path | None,
                  output: Path | None, field: str, settings: Settings,
-                 report: Callable[[str], None], **options: Any) -> RunSummary:
-    """Embed or classify every text in this process; ``options`` go to the task's
-    post-processing (``normalize``; ``top_k``). ``report`` prints the skipped lines and the
-    summary."""
+                 report: Callable[[str], None], query_field: str | None = None,
+                 **options: Any) -> RunSummary:
+    """Embed, classify (or, with ``query_field``, score (query, text) pairs: task
+    ``pairs``) every text in this process; ``options`` go to the task's post-processing
+    (``normalize``; ``top_k``). ``report`` prints the skipped lines and the summary."""
     from tqdm.auto import tqdm
 
     import sureserve
 
-    items = inputs(texts, input_file, field)
-    engine = sureserve.load(model, task=task_name, settings=settings)
+    items = inputs(texts, input_file, field, query_field)
+    engine = sureserve.load(model, task="rerank" if task_name == "pairs" else task_name,
+                            settings=settings)
     total = RunSummary(policy=settings.truncation)
     bar = tqdm(unit="text", desc=task_name, disable=None, file=sys.stderr)
     skipped = 0

@@ -30,6 +30,7 @@ LINE_FORMATS = FORMATS[:3]  # read line by line by ``read_records``
 class Record:
     line: int  # 1-based line number in the input (for csv: the record's first line)
     text: str
+    query: str | None = None  # files of (query, text) pairs: this text's query
 
 
 def bad_line(message: str, line: int, fix: str = "fix that line", what: str = "lines"
@@ -54,27 +55,38 @@ def _decoded_lines(raw: Iterable[bytes], skipped: list[BadLineError],
 
 
 def read_records(stream: IO[bytes], fmt: str, *, field: str = "text", skip: bool = False,
-                 skipped: list[BadLineError] | None = None) -> Iterator[Record]:
-    """Yield records lazily; bad ones raise ``BadLineError`` or go to ``skipped``."""
+                 skipped: list[BadLineError] | None = None,
+                 query_field: str | None = None) -> Iterator[Record]:
+    """Yield records lazily; bad ones raise ``BadLineError`` or go to ``skipped``.
+    ``query_field``: (query, text) pairs, each record's query from that field too."""
     skipped = skipped if skipped is not None else []
     lines = _decoded_lines(stream, skipped, skip)
+    if query_field is not None and fmt == ".txt":
+        raise InputError("a .txt file holds one text per line, no (query, text) pairs",
+                         f"give pairs as .jsonl, .csv or .parquet with a {query_field!r} "
+                         "field")
     if fmt == ".txt":
         for n, s in lines:
             yield Record(n, s.rstrip("\r\n"))
     elif fmt == ".jsonl":
-        yield from _jsonl(lines, field, skip, skipped)
+        yield from _jsonl(lines, field, skip, skipped, query_field)
     elif fmt == ".csv":
-        yield from _csv(lines, field, skip, skipped)
+        yield from _csv(lines, field, skip, skipped, query_field)
     else:
         raise InputError(f"unknown input format {fmt!r}",
                          f"use one of {', '.join(LINE_FORMATS)}")
 
 
-def read_items(source: Path | None, field: str = "text") -> Iterator[Record | BadLineError]:
+def read_items(source: Path | None, field: str = "text", query_field: str | None = None
+               ) -> Iterator[Record | BadLineError]:
     """Every record of a file in order, each bad line in its place as a ``BadLineError``
     (the caller decides whether it stops the job); ``source`` None reads stdin, one text
-    per line. Lazy: memory stays bounded on files larger than RAM."""
+    per line. Lazy: memory stays bounded on files larger than RAM. ``query_field``: a file
+    of (query, text) pairs."""
     if source is None:
+        if query_field is not None:
+            raise InputError("(query, text) pairs are read from a file",
+                             "give --input pairs.jsonl (or .csv, .parquet)")
         yield from _interleaved(sys.stdin.buffer, ".txt", field)
         return
     fmt = source.suffix.lower()
@@ -83,40 +95,51 @@ def read_items(source: Path | None, field: str = "text") -> Iterator[Record | Ba
     if not source.is_file():
         raise InputError(f"no input file at {source}", "check the --input path")
     if fmt == ".parquet":
-        yield from _parquet(source, field)
+        yield from _parquet(source, field, query_field=query_field)
         return
     with open(source, "rb") as fh:
-        yield from _interleaved(fh, fmt, field)
+        yield from _interleaved(fh, fmt, field, query_field)
 
 
-def _interleaved(stream: IO[bytes], fmt: str, field: str) -> Iterator[Record | BadLineError]:
+def _interleaved(stream: IO[bytes], fmt: str, field: str, query_field: str | None = None
+                 ) -> Iterator[Record | BadLineError]:
     skipped: list[BadLineError] = []
     seen = 0
-    for rec in read_records(stream, fmt, field=field, skip=True, skipped=skipped):
+    for rec in read_records(stream, fmt, field=field, skip=True, skipped=skipped,
+                            query_field=query_field):
         yield from skipped[seen:]  # bad lines met before this record
         seen = len(skipped)
         yield rec
     yield from skipped[seen:]
 
 
-def _parquet(path: Path, field: str, rows: int = 1024) -> Iterator[Record | BadLineError]:
+def _parquet(path: Path, field: str, rows: int = 1024, query_field: str | None = None
+             ) -> Iterator[Record | BadLineError]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise InputError("reading Parquet needs pyarrow, which is not installed",
                          "pip install pyarrow (it comes with sureserve[ray])") from exc
     f = pq.ParquetFile(path)
-    if field not in f.schema_arrow.names:
-        raise InputError(f"the Parquet file has no column {field!r} (columns: "
-                         f"{f.schema_arrow.names})", "name the text column with --field")
+    columns = [field] + ([query_field] if query_field is not None else [])
+    for col in columns:
+        if col not in f.schema_arrow.names:
+            raise InputError(f"the Parquet file has no column {col!r} (columns: "
+                             f"{f.schema_arrow.names})", "name the column with --field "
+                             "(--query-field for the queries of pairs)")
     n = 0
-    for batch in f.iter_batches(batch_size=rows, columns=[field]):
-        for text in batch.column(0).to_pylist():
+    for batch in f.iter_batches(batch_size=rows, columns=columns):
+        queries = batch.column(1).to_pylist() if query_field is not None \
+            else [None] * batch.num_rows
+        for text, query in zip(batch.column(0).to_pylist(), queries, strict=True):
             n += 1
-            if isinstance(text, str):
-                yield Record(n, text)
-            else:
+            if not isinstance(text, str):
                 yield bad_line(f"row {n}: no text in {field!r}", n, "fix that row", "rows")
+            elif query_field is not None and not (isinstance(query, str) and query.strip()):
+                yield bad_line(f"row {n}: no query in {query_field!r}", n, "fix that row",
+                               "rows")
+            else:
+                yield Record(n, text, query)
 
 
 def _bad(n: int, what: str, skip: bool, skipped: list[BadLineError]) -> None:
@@ -127,7 +150,7 @@ def _bad(n: int, what: str, skip: bool, skipped: list[BadLineError]) -> None:
 
 
 def _jsonl(lines: Iterator[tuple[int, str]], field: str, skip: bool,
-           skipped: list[BadLineError]) -> Iterator[Record]:
+           skipped: list[BadLineError], query_field: str | None = None) -> Iterator[Record]:
     for n, s in lines:
         if not s.strip():
             continue
@@ -141,11 +164,17 @@ def _jsonl(lines: Iterator[tuple[int, str]], field: str, skip: bool,
             _bad(n, f"no string field {field!r}" + ("" if value is None else
                  f" (found {type(value).__name__})"), skip, skipped)
             continue
-        yield Record(n, value)
+        query = None
+        if query_field is not None:
+            query = obj.get(query_field)
+            if not (isinstance(query, str) and query.strip()):
+                _bad(n, f"no non-empty string field {query_field!r}", skip, skipped)
+                continue
+        yield Record(n, value, query)
 
 
 def _csv(lines: Iterator[tuple[int, str]], column: str, skip: bool,
-         skipped: list[BadLineError]) -> Iterator[Record]:
+         skipped: list[BadLineError], query_column: str | None = None) -> Iterator[Record]:
     current = [0]
 
     def tracked() -> Iterator[str]:
@@ -157,17 +186,23 @@ def _csv(lines: Iterator[tuple[int, str]], column: str, skip: bool,
     header = next(reader, None)
     if header is None:
         return
-    if column not in header:
-        raise InputError(f"the CSV header has no column {column!r} (columns: {header})",
-                         "name the text column with --field")
+    for name in [column] + ([query_column] if query_column is not None else []):
+        if name not in header:
+            raise InputError(f"the CSV header has no column {name!r} (columns: {header})",
+                             "name the column with --field (--query-field for the queries "
+                             "of pairs)")
     col = header.index(column)
+    qcol = header.index(query_column) if query_column is not None else None
     for row in reader:
         if not row:
             continue
-        if col >= len(row):
-            _bad(current[0], f"only {len(row)} columns, no {column!r}", skip, skipped)
+        if max(col, qcol or 0) >= len(row):
+            _bad(current[0], f"only {len(row)} columns", skip, skipped)
             continue
-        yield Record(current[0], row[col])
+        if qcol is not None and not row[qcol].strip():
+            _bad(current[0], f"empty query in {query_column!r}", skip, skipped)
+            continue
+        yield Record(current[0], row[col], row[qcol] if qcol is not None else None)
 
 
 def windows(records: Iterable[Any], size: int) -> Iterator[list[Any]]:

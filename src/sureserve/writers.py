@@ -23,6 +23,8 @@ def output_row(task_name: str, index: int, line: int, out: Any, flags: dict[str,
         item = {"sparse": {str(t["index"]): t["value"] for t in out}}
         if options.get("tokens"):
             item["tokens"] = {str(t["index"]): t["token"] for t in out}
+    elif task_name == "pairs":  # a (query, text) pair's relevance, in input order
+        item = {"score": float(out)}
     elif task_name == "rerank":  # a ranked document: index, score (and text), best first
         return {**out, "line": line}
     else:
@@ -70,6 +72,8 @@ class _Parquet:
         cols: dict[str, Any] = {"index": [r[0] for r in rows], "line": [r[1] for r in rows]}
         if self.task == "embed":
             cols["embedding"] = [np.asarray(r[2], np.float32).tolist() for r in rows]
+        elif self.task == "pairs":
+            cols["score"] = [float(r[2]) for r in rows]
         elif self.task == "sparse":  # parallel lists, strongest term first
             cols["sparse_indices"] = [[t["index"] for t in r[2]] for r in rows]
             cols["sparse_values"] = [[t["value"] for t in r[2]] for r in rows]

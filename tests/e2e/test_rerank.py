@@ -143,10 +143,57 @@ def test_cli_rerank_ranks_a_file(tmp_path: Path, news: list[tuple[str, str]]) ->
     assert "rerank:" in r.stderr
 
 
+def test_rerank_many_equals_per_query_rerank(rr: sureserve.Engine,
+                                            news: list[tuple[str, str]]) -> None:
+    groups = [(q, [b[:60 * (k + j + 1)] for j, (_, b) in enumerate(news[k:k + 5])])
+              for k, (q, _) in enumerate(news[:4])]
+    groups.append((news[9][0], [news[9][1]]))  # a whole article: cut under "truncate"
+    many = rr.rerank_many(groups, truncation="truncate", return_text=True)
+    for (q, docs), got in zip(groups, many, strict=True):
+        want = rr.rerank(q, docs, truncation="truncate", return_text=True)
+        assert [x["index"] for x in got] == [x["index"] for x in want]
+        assert [x["score"] for x in got] == pytest.approx([x["score"] for x in want],
+                                                          abs=1e-5)
+        assert [(x["text"], x["truncated"]) for x in got] == \
+            [(x["text"], x["truncated"]) for x in want]
+    assert many[-1][0]["truncated"] is True
+    assert rr.rerank_many([]) == []
+    with pytest.raises(InputError, match="query 1 is empty"):
+        rr.rerank_many([("q", ["a"]), (" ", ["b"])])
+    with pytest.raises(InputError, match="query 0's texts are not a list"):
+        rr.rerank_many([("q", "a text, not a list")])  # type: ignore[list-item]
+    with pytest.raises(InputTooLongError, match="text 5"):  # global index, as in the call
+        rr.rerank_many([("q", ["a"] * 5), ("r", ["word " * 400])])
+
+
+def test_cli_rerank_pairs_scores_a_file_in_order(rr: sureserve.Engine, tmp_path: Path,
+                                                news: list[tuple[str, str]]) -> None:
+    rows = [{"query": news[k % 3][0], "text": news[k][1][:200]} for k in range(7)]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]) + "{broken\n"
+                   + "".join(json.dumps(r) + "\n" for r in rows[4:]))
+    stopped = cli("rerank", "--pairs", "-i", str(src), process=False)
+    assert stopped.returncode != 0 and "line 5" in stopped.stderr
+    assert len(stopped.stdout.splitlines()) == 4  # every pair before the bad line written
+    out = tmp_path / "scores.parquet"
+    r = cli("rerank", "--pairs", "-i", str(src), "--skip-bad-lines", "-o", str(out),
+            "--planner-window", "3", process=False)  # windows of 3: streamed, order kept
+    assert r.returncode == 0, r.stderr
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out).to_pydict()
+    assert table["line"] == [1, 2, 3, 4, 6, 7, 8]
+    want = [rr.rerank(x["query"], [x["text"]])[0]["score"] for x in rows]
+    assert table["score"] == pytest.approx(want, abs=1e-5)
+    usage = cli("rerank", "--pairs", "some query", "-i", str(src), process=False)
+    assert usage.returncode == 2
+
+
 def test_bench_rerank_runs_and_agrees(tmp_path: Path) -> None:
     from sureserve.bench.rerank import run_rerank_bench
 
     rep = run_rerank_bench(queries=2, candidates=6, out=tmp_path / "r.json", log=lambda _: None)
     assert rep["pairs"] == 12 and rep["max_abs_score_diff"] <= 1e-5
-    assert set(rep["pairs_per_s"]) == {"sureserve", "sentence-transformers"}
+    assert set(rep["pairs_per_s"]) == {"sureserve", "sureserve rerank_many",
+                                       "sentence-transformers"}
     assert json.loads((tmp_path / "r.json").read_text()) == rep

@@ -228,6 +228,22 @@ def test_rerank_tei_shape(server: Server) -> None:
     assert httpx.post(f"{url}/rerank", json={"query": " ", "texts": DOCS}).status_code == 422
     wrong = httpx.post(f"{url}/rerank", json={"query": q, "texts": DOCS, "model": "minilm"})
     assert wrong.status_code == 400 and "rerank" in wrong.text
+    # the batch form: several queries' candidates in one request, one ranking per query
+    q2 = "Why did bank shares fall?"
+    both = httpx.post(f"{url}/rerank", json={"queries": [{"query": q, "texts": DOCS},
+                                                         {"query": q2, "texts": DOCS[:3]}],
+                                             "return_text": True})
+    assert both.status_code == 200, both.text
+    first, second = both.json()
+    assert [(x["index"], x["text"]) for x in first] == [(x["index"], x["text"]) for x in ranks]
+    assert [x["score"] for x in first] == pytest.approx([x["score"] for x in ranks], abs=1e-5)
+    single = httpx.post(f"{url}/rerank", json={"query": q2, "texts": DOCS[:3]}).json()
+    assert [x["index"] for x in second] == [x["index"] for x in single]
+    for body in ({"queries": [{"query": q, "texts": DOCS}], "query": q},  # both shapes
+                 {"queries": []}, {"query": q}, {},
+                 {"queries": [{"query": q, "texts": DOCS}, {"query": " ", "texts": ["x"]}]}):
+        bad = httpx.post(f"{url}/rerank", json=body)
+        assert bad.status_code == 422, (body, bad.text)
 
 
 def test_v1_rerank_shape(server: Server) -> None:

@@ -81,12 +81,13 @@ def bench_loop(seconds: Annotated[float, typer.Option(help="Seconds per phase.")
 
 @bench_app.command("rerank")
 def bench_rerank(queries: Annotated[int, typer.Option(help="Queries (BBC sport/tech "
-                                                      "headlines).")] = 16,
-                 candidates: Annotated[int, typer.Option(help="Passages per query.")] = 40,
+                                                      "headlines).")] = 32,
+                 candidates: Annotated[int, typer.Option(help="Passages per query.")] = 20,
                  model: Annotated[str, typer.Option(help="Cross-encoder.")] = "rerank-demo",
                  output: BenchOut = None) -> None:
-    """Rerank throughput (pairs/s) against sentence-transformers' CrossEncoder.predict
-    (batch 32) on the same pairs, with the largest score difference."""
+    """Rerank throughput (pairs/s), per query and all queries at once (rerank_many),
+    against sentence-transformers' CrossEncoder.predict (batch 32) on the same pairs, with
+    the largest score difference."""
     from sureserve.bench.rerank import print_report, run_rerank_bench
 
     print_report(run_rerank_bench(queries, candidates, model, _bench_out(output, "rerank"),

@@ -91,7 +91,7 @@ class Batcher:
         return len(self.waiting)
 
     async def infer(self, texts: list[str], truncation: str | None = None,
-                    query: str | None = None, direction: str = "right",
+                    query: str | Sequence[str] | None = None, direction: str = "right",
                     prompt_name: str | None = None, **options: Any) -> Result:
         """Outputs for ``texts`` in input order (``options``: see ``Engine.finish``;
         ``query``: a reranker's, paired with every text). ``truncation``: the request's
@@ -122,7 +122,8 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, self.engine.token_states, job.pieces)
 
-    async def _prepare(self, texts: list[str], truncation: str | None, query: str | None,
+    async def _prepare(self, texts: list[str], truncation: str | None,
+                       query: str | Sequence[str] | None,
                       chunks: bool = True, direction: str = "right",
                       prompt_name: str | None = None) -> Job:
         """Tokenize and apply the truncation policy (the request's, else the engine's: one

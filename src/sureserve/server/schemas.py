@@ -120,11 +120,21 @@ class DecodeRequest(_Strict):
     model: str | None = None
 
 
-class RerankRequest(_Strict):
-    """text-embeddings-inference ``POST /rerank``: ``texts`` by relevance to ``query``."""
-
+class RerankGroup(_Strict):
     query: str
     texts: list[str]
+
+
+class RerankRequest(_Strict):
+    """text-embeddings-inference ``POST /rerank``: ``texts`` by relevance to ``query``; or
+    sureserve's batch form, ``queries``: several (query, texts) groups in one request, all
+    pairs batched together, answered with one ranking per group."""
+
+    query: str | None = None
+    texts: list[str] | None = None
+    queries: list[RerankGroup] | None = Field(
+        default=None, description="Instead of query and texts: several groups, each ranked "
+        "on its own (answer: a list of rankings, in order); their pairs share batches.")
     truncate: bool = Field(default=False, description="Cut a (query, text) pair that is too "
                            "long by cutting the text (never the query) instead of 413.")
     truncation_direction: Direction = _DIRECTION

@@ -30,7 +30,7 @@ from sureserve.server.state import ServerState
 _VECTORS = TypeAdapter(list[list[float]])
 _TERMS = TypeAdapter(list[list[dict[str, Any]]])
 #: request fields that are the payload or the routing, not options
-_NOT_OPTIONS = {"inputs", "model", "parameters", "query", "texts"}
+_NOT_OPTIONS = {"inputs", "model", "parameters", "query", "texts", "queries"}
 
 
 def options(body: BaseModel, route: str) -> dict[str, Any]:
@@ -169,11 +169,31 @@ async def rerank(state: ServerState, body: S.RerankRequest, request: Request) ->
 
     opts = options(body, "/rerank")
     batcher = state.batcher(body.model, "rerank")
-    texts = state.validate(body.texts, "texts", batcher.engine)
-    work = batcher.infer(texts, **cut(opts), query=body.query, raw_scores=body.raw_scores)
+    single = body.query is not None or body.texts is not None
+    if single == (body.queries is not None) or \
+            (single and (body.query is None or body.texts is None)):
+        raise InputError("send either query and texts, or queries (a list of {query, "
+                         "texts}) for several rankings at once", "see /docs for both shapes")
+    if body.queries is None:
+        assert body.query is not None and body.texts is not None
+        groups = [S.RerankGroup(query=body.query, texts=body.texts)]
+    else:
+        groups = body.queries
+        if not groups:
+            raise InputError("queries is empty", "send at least one {query, texts}")
+    texts = state.validate([t for g in groups for t in g.texts], "texts", batcher.engine)
+    queries = [g.query for g in groups for _ in g.texts]
+    work = batcher.infer(texts, **cut(opts), query=body.query if body.queries is None
+                         else queries, raw_scores=body.raw_scores)
     out = await until_done_or_gone(request, work)
     flags = out.summary.flags if out.summary.policy != "error" else None
-    return ranked(out.outputs, texts, None, body.return_text, flags)
+    rankings, start = [], 0
+    for g in groups:
+        shifted = (lambda i, s=start: flags(s + i)) if flags else None
+        rankings.append(ranked(out.outputs[start:start + len(g.texts)], g.texts, None,
+                               body.return_text, shifted))
+        start += len(g.texts)
+    return rankings[0] if body.queries is None else rankings
 
 
 async def v1_rerank(state: ServerState, body: S.V1RerankRequest,
@@ -233,10 +253,11 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
                               request: Request) -> list[list[list[float]]]:
         return await embed_all(state, body, request)
 
-    @app.post("/rerank", response_model=list[S.Rank], response_model_exclude_none=True,
-              responses=ERRORS)
+    @app.post("/rerank", response_model=list[S.Rank] | list[list[S.Rank]],
+              response_model_exclude_none=True, responses=ERRORS)
     async def rerank_route(body: S.RerankRequest, request: Request) -> list[Any]:
-        """``texts`` ranked by relevance to ``query`` (a cross-encoder), best first."""
+        """``texts`` ranked by relevance to ``query`` (a cross-encoder), best first; with
+        ``queries``, one such ranking per group."""
         return await rerank(state, body, request)
 
     @app.post("/v1/rerank", response_model=S.V1RerankResponse,
@@ -291,7 +312,7 @@ def install_tei_routes(app: FastAPI, state: ServerState) -> None:
                  "Hugging Face inference API, SageMaker)",
                  response_model=list[list[float]] | list[S.Prediction]
                  | list[list[S.Prediction]] | list[float] | list[S.Rank]
-                 | list[list[S.SparseValue]],
+                 | list[list[S.Rank]] | list[list[S.SparseValue]],
                  response_model_exclude_none=True)(default_task)
 
     @app.get("/ping", response_model=S.Health,

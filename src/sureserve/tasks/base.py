@@ -55,7 +55,7 @@ class Task(ABC):
     reduce = "mean"
 
     def to_pieces(self, texts: Sequence[str], policy: str, *, stride: int = 32,
-                  first_index: int = 0, query: str | None = None,
+                  first_index: int = 0, query: str | Sequence[str] | None = None,
                   direction: str = "right") -> PolicyResult:
         """Tokenize once and apply the truncation policy against the usable maximum.
 

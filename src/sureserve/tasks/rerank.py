@@ -12,6 +12,7 @@ or, with ``raw_scores``, the logit itself.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,39 +47,62 @@ class RerankTask(Task):
                          "use the reranker's own tokenizer")
 
     def to_pieces(self, texts: Sequence[str], policy: str, *, stride: int = 32,
-                  first_index: int = 0, query: str | None = None,
+                  first_index: int = 0, query: str | Sequence[str] | None = None,
                   direction: str = "right") -> PolicyResult:
+        """Pairs cut to the limit by cutting the text. ``query``: one for every text, or a
+        list with one per text (pairs of many queries in one planner window)."""
         if query is None:
             raise InputError("a reranker scores (query, text) pairs: no query was given",
                              "send a query with the texts")
-        for i, t in enumerate([query, *texts]):
+        queries = [query] * len(texts) if isinstance(query, str) else list(query)
+        if len(queries) != len(texts):
+            raise InputError(f"{len(queries)} queries for {len(texts)} texts",
+                             "send one query per text, or one for all")
+        for i, t in enumerate(texts):
             if not isinstance(t, str):
-                what = "the query" if i == 0 else f"input {i - 1}"
-                raise InputError(f"{what} is a {type(t).__name__}, not a string",
+                raise InputError(f"input {first_index + i} is a {type(t).__name__}, not a "
+                                 "string", "send text as strings")
+        for i, q in enumerate([query] if isinstance(query, str) else queries):
+            what = "the query" if isinstance(query, str) else f"the query of pair " \
+                f"{first_index + i}"
+            if not isinstance(q, str):
+                raise InputError(f"{what} is a {type(q).__name__}, not a string",
                                  "send text as strings")
-        if not query.strip():
-            raise InputError("the query is empty", "send a non-empty query")
+            if not q.strip():
+                raise InputError(f"{what} is empty", "send a non-empty query")
         if not texts:
             return PolicyResult([], [], {})
-        enc = self.tokenizer([query] * len(texts), list(texts), add_special_tokens=True,
+        enc = self.tokenizer(queries, list(texts), add_special_tokens=True,
                              truncation=False, padding=False, return_attention_mask=False,
                              return_token_type_ids=False)
         ids = [list(x) for x in enc["input_ids"]]
-        q_ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
-        prefix, suffix = self.pair_layout(query)
         limit = self.loaded.limit
-        if prefix + suffix >= limit.value:
-            raise InputTooLongError(
-                f"the query is {len(q_ids)} tokens long: with its special tokens it leaves "
-                f"no room for any text within the usable maximum of {limit.value} (set by "
-                f"the {limit.bound_by})", "shorten the query (it is never cut)",
-                length=prefix + suffix, limit=limit.value)
-        cut = apply_policy(ids, limit.value, policy, prefix=prefix, suffix=suffix,
-                           stride=stride, bound_by=limit.bound_by, first_index=first_index,
-                           direction=direction)
-        if self.uses_token_types:
-            cut.pieces = [dataclasses.replace(p, segment_at=prefix) for p in cut.pieces]
-        return cut
+        layouts: dict[str, tuple[int, int]] = {}
+        for q in dict.fromkeys(queries):  # each distinct query once
+            prefix, suffix = layouts[q] = self.pair_layout(q)
+            if prefix + suffix >= limit.value:
+                n = len(self.tokenizer(q, add_special_tokens=False)["input_ids"])
+                raise InputTooLongError(
+                    f"a query is {n} tokens long: with its special tokens it leaves no room "
+                    f"for any text within the usable maximum of {limit.value} (set by the "
+                    f"{limit.bound_by})", "shorten the query (it is never cut)",
+                    length=prefix + suffix, limit=limit.value)
+        out = PolicyResult([], [], {})
+        # one policy call per run of pairs with the same query (each query takes its own
+        # room); a run is contiguous, so its texts keep their indices
+        for q, run in itertools.groupby(range(len(texts)), key=queries.__getitem__):
+            members = list(run)
+            prefix, suffix = layouts[q]
+            cut = apply_policy([ids[i] for i in members], limit.value, policy, prefix=prefix,
+                               suffix=suffix, stride=stride, bound_by=limit.bound_by,
+                               first_index=first_index + members[0], direction=direction)
+            if self.uses_token_types:
+                cut.pieces = [dataclasses.replace(p, segment_at=prefix) for p in cut.pieces]
+            out.pieces += cut.pieces
+            out.truncated += cut.truncated
+            out.chunked.update(cut.chunked)
+            out.lengths += cut.lengths
+        return out
 
     def forward(self, pieces: Sequence[Piece]) -> np.ndarray:
         import torch
