@@ -199,19 +199,22 @@ class Engine:
 
     def prepare(self, texts: Sequence[str], *, truncation: str | None = None,
                 first_index: int = 0, query: str | Sequence[str] | None = None,
-                direction: str = "right", prompt_name: str | None = None) -> Job:
+                direction: str = "right", prompt_name: str | None = None,
+                max_text_tokens: int | None = None) -> Job:
         """Tokenize once and apply the truncation policy. ``first_index`` offsets the
         indices in errors and the summary, for callers that feed a long input in windows;
         ``query``: a reranker's, paired with every text (or one per text); ``direction``:
         the end a cut takes tokens from ("right" keeps the start, "left" the end);
-        ``prompt_name``: see ``prompted``."""
+        ``prompt_name``: see ``prompted``; ``max_text_tokens``: a reranker's cap on each
+        text (``RerankTask.to_pieces``)."""
         task = self.text_task()
         policy = self.policy(truncation)
         given = texts
         texts = self.prompted(texts, prompt_name)
         try:
             cut = task.to_pieces(texts, policy, stride=self.settings.chunk_stride,
-                                 first_index=first_index, query=query, direction=direction)
+                                 first_index=first_index, query=query, direction=direction,
+                                 max_text_tokens=max_text_tokens)
         except InputTooLongError as exc:  # refused: still traffic the watch should see
             if self.watch is not None and exc.length:
                 self.watch.observe_texts([exc.length], cut=[True])

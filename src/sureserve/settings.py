@@ -219,6 +219,13 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         default=2_000_000, ge=1, description="Largest request body accepted, in bytes (413)."
     )
+    v1_rerank_truncation: Truncation | None = Field(
+        default=None,
+        description="Server: what /v1/rerank (the Cohere shape RAG frameworks send whole "
+        "passages through) does with a (query, document) pair over the model's limit: error "
+        "(413), truncate, or chunk (scored as its best chunk, the faithful one). Unset: the "
+        "truncation setting. Every cut is listed in the answer's meta.warnings.",
+    )
     packing: bool = Field(
         default=True,
         description="Server: lay short texts end to end in the rows of a forward pass "
@@ -450,5 +457,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
                   "ray_upscale_delay_s", "ray_downscale_delay_s", "ray_max_queued_requests",
                   "ray_health_check_period_s"),
     "server": ("host", "port", "api_key", "open_health", "max_wait_ms", "max_queue_inputs",
-               "max_client_batch", "max_payload_bytes", "packing", "tokenizer_workers"),
+               "max_client_batch", "max_payload_bytes", "packing", "tokenizer_workers",
+               "v1_rerank_truncation"),
 }

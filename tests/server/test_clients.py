@@ -4,6 +4,8 @@ TEI's remaining routes with httpx, and /docs rendered offline in a headless brow
 
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 import subprocess
@@ -264,6 +266,45 @@ def test_v1_rerank_shape(server: Server) -> None:
     assert len(plain["results"]) == 4 and "document" not in plain["results"][0]
     bad = httpx.post(f"{url}/v1/rerank", json={"query": q, "documents": DOCS, "top_n": 0})
     assert bad.status_code == 422 and "message" in bad.json()["error"]
+
+
+def test_v1_rerank_takes_rag_sized_passages_as_told(server: Server) -> None:
+    """A whole passage: refused by default naming both ways out; cut by Cohere's
+    max_tokens_per_doc; scored as its best chunk on a server told so; every cut listed."""
+    import sureserve
+
+    url, q = server.url, "Why did bank shares fall?"
+    long = " ".join(["shares fell"] * 150)  # 300 tokens: over rerank-demo's 128 per pair
+    docs = [DOCS[2], long]
+    too = httpx.post(f"{url}/v1/rerank", json={"query": q, "documents": docs})
+    assert too.status_code == 413, too.text
+    said = json.dumps(too.json())
+    assert "document 1" in said and "max_tokens_per_doc" in said
+    assert "SURESERVE_V1_RERANK_TRUNCATION" in said
+    capped = httpx.post(f"{url}/v1/rerank", json={"query": q, "documents": docs,
+                                                   "max_tokens_per_doc": 40}).json()
+    assert [w.split(" was")[0] for w in capped["meta"]["warnings"]] == ["document 1"]
+    local = sureserve.load("rerank-demo", drift_watch=False)
+    first_40 = " ".join(["shares fell"] * 20)
+    want = local.rerank(q, docs[:1] + [first_40])
+    got = {r["index"]: r["relevance_score"] for r in capped["results"]}
+    assert got == pytest.approx({r["index"]: r["score"] for r in want}, abs=1e-5)
+    short = httpx.post(f"{url}/v1/rerank", json={"query": q, "documents": DOCS,
+                                                  "max_tokens_per_doc": 100}).json()
+    assert short["meta"]["warnings"] == []
+    from tests.server.conftest import serve_here
+
+    with serve_here(["rerank-demo"], v1_rerank_truncation="chunk") as chunked:
+        r = httpx.post(f"{chunked.url}/v1/rerank", json={"query": q, "documents": docs})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["meta"]["warnings"]) == 1 and "chunks" in body["meta"]["warnings"][0]
+        best = local.rerank(q, docs, truncation="chunk")
+        assert {x["index"]: x["relevance_score"] for x in body["results"]} == \
+            pytest.approx({x["index"]: x["score"] for x in best}, abs=1e-5)
+        # the TEI route keeps the server's own policy (error): the setting is per route
+        assert httpx.post(f"{chunked.url}/rerank", json={"query": q, "texts": docs}
+                          ).status_code == 413
 
 
 def test_post_root_reranks_when_the_reranker_is_named(server: Server) -> None:

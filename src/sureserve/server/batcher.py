@@ -92,13 +92,14 @@ class Batcher:
 
     async def infer(self, texts: list[str], truncation: str | None = None,
                     query: str | Sequence[str] | None = None, direction: str = "right",
-                    prompt_name: str | None = None, **options: Any) -> Result:
+                    prompt_name: str | None = None, max_text_tokens: int | None = None,
+                    **options: Any) -> Result:
         """Outputs for ``texts`` in input order (``options``: see ``Engine.finish``;
         ``query``: a reranker's, paired with every text). ``truncation``: the request's
         policy (``requested``); None: the engine's (``--truncation``); ``direction``: the
         end a cut takes tokens from; ``prompt_name``: see ``Engine.prompted``."""
         job = await self._prepare(texts, truncation, query, direction=direction,
-                                  prompt_name=prompt_name)
+                                  prompt_name=prompt_name, max_text_tokens=max_text_tokens)
         rows = await self.queue(job.pieces)
         return self.engine.finish(job, np.vstack(rows), **options)
 
@@ -125,14 +126,16 @@ class Batcher:
     async def _prepare(self, texts: list[str], truncation: str | None,
                        query: str | Sequence[str] | None,
                       chunks: bool = True, direction: str = "right",
-                      prompt_name: str | None = None) -> Job:
+                      prompt_name: str | None = None, max_text_tokens: int | None = None
+                      ) -> Job:
         """Tokenize and apply the truncation policy (the request's, else the engine's: one
         default, resolved in ``Engine.policy``). ``chunks=False``: a route whose answer is
         one output per text refuses a text that the policy would split."""
         if not chunks and self.engine.policy(truncation) == "chunk":
             truncation = "error"
         prepare = functools.partial(self.engine.prepare, texts, truncation=truncation,
-                                   query=query, direction=direction, prompt_name=prompt_name)
+                                   query=query, direction=direction, prompt_name=prompt_name,
+                                   max_text_tokens=max_text_tokens)
         try:
             # a few short texts tokenize faster than the hop to another thread costs
             # (BENCHMARKS.md); anything bigger goes to the pool, off the event loop

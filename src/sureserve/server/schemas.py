@@ -164,6 +164,10 @@ class V1RerankRequest(_Strict):
     top_n: int | None = Field(default=None, ge=1, description="Only the n best (default: "
                               "all).")
     return_documents: bool = False
+    max_tokens_per_doc: int | None = Field(
+        default=None, ge=1, description="Cohere's: a document longer than this many tokens "
+        "is cut to them (listed in meta.warnings). A pair still over the model's limit is "
+        "handled as SURESERVE_V1_RERANK_TRUNCATION says.")
     model: str | None = None
 
 
@@ -177,10 +181,16 @@ class RerankUsage(BaseModel):
     total_tokens: int
 
 
+class RerankMeta(BaseModel):
+    warnings: list[str] = Field(default_factory=list, description="Every document that "
+                                "was cut or scored in chunks, and how (Cohere's shape).")
+
+
 class V1RerankResponse(BaseModel):
     model: str
     results: list[V1RerankResult]
     usage: RerankUsage
+    meta: RerankMeta = Field(default_factory=RerankMeta)
 
 
 class InferenceRequest(BaseModel):

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from sureserve.errors import InputError
+from sureserve.errors import InputError, InputTooLongError
 from sureserve.server import schemas as S
 from sureserve.server.batcher import requested
 from sureserve.server.http import ERRORS, OPENAI_ERRORS, health_response, until_done_or_gone
@@ -203,13 +203,31 @@ async def v1_rerank(state: ServerState, body: S.V1RerankRequest,
     batcher = state.batcher(body.model, "rerank")
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
     texts = state.validate(docs, "documents", batcher.engine)
-    out = await until_done_or_gone(request, batcher.infer(texts, query=body.query))
+    policy = state.settings.v1_rerank_truncation
+    try:
+        out = await until_done_or_gone(request, batcher.infer(
+            texts, policy, query=body.query, max_text_tokens=body.max_tokens_per_doc))
+    except InputTooLongError as exc:
+        raise InputTooLongError(
+            exc.message.replace("text ", "document ", 1),
+            "send max_tokens_per_doc to cut documents to a size the model reads, or start "
+            "the server with --v1-rerank-truncation chunk (each document scored as its best "
+            "chunk) or truncate (SURESERVE_V1_RERANK_TRUNCATION)", index=exc.index,
+            length=exc.length, limit=exc.limit) from exc
     results = [S.V1RerankResult(index=r["index"], relevance_score=r["score"],
                                 document=S.DocumentText(text=texts[r["index"]])
                                 if body.return_documents else None)
                for r in ranked(out.outputs, texts, body.top_n)]
+    s = out.summary
+    limit = f"the model's limit of {s.limit} tokens per (query, document) pair"
+    cap = f"max_tokens_per_doc={body.max_tokens_per_doc} or " if body.max_tokens_per_doc \
+        else ""
+    warnings = [f"document {i} was truncated to fit {cap}{limit}" for i in s.truncated]
+    warnings += [f"document {i} is over {limit}: scored as the best of its {n} chunks"
+                 for i, n in sorted(s.chunked.items())]
     return S.V1RerankResponse(model=batcher.name, results=results,
-                              usage=S.RerankUsage(total_tokens=out.summary.real_tokens))
+                              usage=S.RerankUsage(total_tokens=s.real_tokens),
+                              meta=S.RerankMeta(warnings=warnings))
 
 
 async def decode(state: ServerState, body: S.DecodeRequest) -> list[str]:

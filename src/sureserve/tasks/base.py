@@ -56,13 +56,15 @@ class Task(ABC):
 
     def to_pieces(self, texts: Sequence[str], policy: str, *, stride: int = 32,
                   first_index: int = 0, query: str | Sequence[str] | None = None,
-                  direction: str = "right") -> PolicyResult:
+                  direction: str = "right", max_text_tokens: int | None = None
+                  ) -> PolicyResult:
         """Tokenize once and apply the truncation policy against the usable maximum.
 
         Shared by offline runs, the server and the gate, so all three cut texts the same way.
-        ``query`` is for rerankers (``RerankTask``); other tasks refuse one.
+        ``query`` and ``max_text_tokens`` are for rerankers (``RerankTask``); other tasks
+        refuse them.
         """
-        if query is not None:
+        if query is not None or max_text_tokens is not None:
             raise InputError(f"a query was sent to a {self.name} model",
                              "send queries to a reranker (a cross-encoder)")
         limit = self.loaded.limit

@@ -48,9 +48,13 @@ class RerankTask(Task):
 
     def to_pieces(self, texts: Sequence[str], policy: str, *, stride: int = 32,
                   first_index: int = 0, query: str | Sequence[str] | None = None,
-                  direction: str = "right") -> PolicyResult:
+                  direction: str = "right", max_text_tokens: int | None = None
+                  ) -> PolicyResult:
         """Pairs cut to the limit by cutting the text. ``query``: one for every text, or a
-        list with one per text (pairs of many queries in one planner window)."""
+        list with one per text (pairs of many queries in one planner window).
+        ``max_text_tokens`` (Cohere's ``max_tokens_per_doc``): a text longer than that is
+        cut to it first (reported as truncated), whatever the policy; the policy then
+        decides what a pair still over the model's limit becomes."""
         if query is None:
             raise InputError("a reranker scores (query, text) pairs: no query was given",
                              "send a query with the texts")
@@ -87,6 +91,14 @@ class RerankTask(Task):
                     f"for any text within the usable maximum of {limit.value} (set by the "
                     f"{limit.bound_by})", "shorten the query (it is never cut)",
                     length=prefix + suffix, limit=limit.value)
+        capped: list[int] = []
+        if max_text_tokens is not None:
+            for i, q in enumerate(queries):
+                prefix, suffix = layouts[q]
+                if len(ids[i]) - prefix - suffix > max_text_tokens:
+                    seq = ids[i]
+                    ids[i] = seq[:prefix + max_text_tokens] + seq[len(seq) - suffix:]
+                    capped.append(first_index + i)
         out = PolicyResult([], [], {})
         # one policy call per run of pairs with the same query (each query takes its own
         # room); a run is contiguous, so its texts keep their indices
@@ -102,6 +114,11 @@ class RerankTask(Task):
             out.truncated += cut.truncated
             out.chunked.update(cut.chunked)
             out.lengths += cut.lengths
+        if capped:  # texts cut to max_text_tokens count as truncated; lengths as sent
+            out.truncated = sorted(set(out.truncated) | set(capped))
+            for i in capped:
+                k = i - first_index
+                out.lengths[k] = len(enc["input_ids"][k])
         return out
 
     def forward(self, pieces: Sequence[Piece]) -> np.ndarray:
