@@ -5,7 +5,6 @@ TEI's remaining routes with httpx, and /docs rendered offline in a headless brow
 from __future__ import annotations
 
 import json
-
 import re
 import shutil
 import subprocess
@@ -286,7 +285,7 @@ def test_v1_rerank_takes_rag_sized_passages_as_told(server: Server) -> None:
     assert [w.split(" was")[0] for w in capped["meta"]["warnings"]] == ["document 1"]
     local = sureserve.load("rerank-demo", drift_watch=False)
     first_40 = " ".join(["shares fell"] * 20)
-    want = local.rerank(q, docs[:1] + [first_40])
+    want = local.rerank(q, [*docs[:1], first_40])
     got = {r["index"]: r["relevance_score"] for r in capped["results"]}
     assert got == pytest.approx({r["index"]: r["score"] for r in want}, abs=1e-5)
     short = httpx.post(f"{url}/v1/rerank", json={"query": q, "documents": DOCS,
