@@ -280,6 +280,14 @@ def quantize(
                                                "memory.")] = 1.0,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the chosen "
                                                 "candidate as a model folder here.")] = None,
+    dimensions: Annotated[str | None, typer.Option(
+        "--dimensions", help="embed: also measure these shorter vector sizes "
+        "(comma-separated, e.g. 256,128): recall@10 against full size.")] = None,
+    precisions: Annotated[str | None, typer.Option(
+        "--precisions", help="embed: also measure these output precisions (int8, uint8, "
+        "binary, ubinary).")] = None,
+    min_recall: Annotated[float, typer.Option(
+        help="Accept a vector size or precision whose recall@10 is at least this.")] = 0.9,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure precision/quantization candidates on your texts; keep the fastest that holds.
@@ -288,19 +296,30 @@ def quantize(
     from sureserve.quantize import measure, run
 
     wanted = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    if wanted == ["none"]:  # only the vectors: no weight candidates
+        wanted = []
     for name in wanted or ():
         get_method(name)  # an unknown name is a usage error before anything loads
+    try:
+        dims = [int(d) for d in dimensions.split(",") if d.strip()] if dimensions else []
+    except ValueError as exc:
+        raise typer.BadParameter(f"--dimensions takes sizes like 256,128: {exc}") from exc
+    precs = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else []
     texts, labels = run.read_eval(eval_file, field_name, label_field)
     thresholds = measure.Thresholds(min_cosine, min_agreement, max_accuracy_drop,
                                     max_perplexity_increase, min_speedup)
     rep = run.quantize(model, texts, labels, methods=wanted, thresholds=thresholds,
                        output=output, settings=settings,
-                       say=(lambda m: None) if as_json else _report)
+                       say=(lambda m: None) if as_json else _report, dimensions=dims,
+                       precisions=precs, min_recall=min_recall)
     if as_json:
         print(run.as_json(rep))
     else:
         run.print_report(rep, Console(width=160))
-    raise typer.Exit(0 if rep["chosen"] else 3)
+    vec = rep.get("vectors") or {}
+    vec_ok = any(m["status"] == "accepted"
+                 for m in [*vec.get("dimensions", []), *vec.get("precisions", [])])
+    raise typer.Exit(0 if rep["chosen"] or (wanted == [] and vec_ok) else 3)
 
 
 @app.command()
@@ -431,15 +450,26 @@ def embed(settings: Settings, texts: TextsArg = None, model: Annotated[str | Non
           ] = False,
           prompt_name: PromptOpt = None,
           direction: DirectionOpt = "right",
+          dimensions: Annotated[int | None, typer.Option(
+              help="Shorter vectors (the first n components, renormalised): where the model "
+              "declares Matryoshka sizes or `sureserve quantize --dimensions` accepted n.")
+          ] = None,
+          precision: Annotated[str | None, typer.Option(
+              help="int8, uint8, binary or ubinary vectors: where `sureserve quantize "
+              "--precisions` measured and accepted it.")] = None,
           ) -> None:
     """Embed texts; writes one JSON line per text (or a .npy matrix) in input order."""
     text = {"prompt_name": prompt_name, "direction": direction}
     if not sparse:
         if top_k is not None or tokens:
             raise typer.BadParameter("--top-k and --tokens go with --sparse")
+        form = {k: v for k, v in (("dimensions", dimensions), ("precision", precision))
+                if v is not None}
         _file_job("embed", settings, model or "minilm", texts, input_file, output, field,
-                  normalize=normalize, **text)
+                  normalize=normalize, **text, **form)
         return
+    if dimensions is not None or precision is not None:
+        raise typer.BadParameter("--dimensions and --precision are for dense vectors")
     if normalize is not None:
         raise typer.BadParameter("sparse vectors are not normalized: drop --normalize")
     _file_job("sparse", settings, model or "splade-tiny", texts, input_file, output, field,

@@ -350,15 +350,20 @@ class Engine:
 
     def embed(self, texts: Sequence[str], *, truncation: str | None = None,
               normalize: bool | None = None, truncation_direction: str = "right",
-              prompt_name: str | None = None) -> np.ndarray:
+              prompt_name: str | None = None, dimensions: int | None = None,
+              precision: str | None = None) -> np.ndarray:
         """Embeddings, shape (n, dim), in input order; unit length if the model says so.
         ``truncation_direction="left"``: a cut keeps a text's end; ``prompt_name``: one of
         the model's prompts (default: its own default, as sentence-transformers applies
-        it; "" for none)."""
-        self.text_task("embed")
+        it; "" for none); ``dimensions`` (shorter, renormalised) and ``precision`` (int8,
+        uint8, binary, ubinary): only where the model declares them or ``sureserve
+        quantize`` measured them (``vectors.py``), refused otherwise."""
+        task = self.text_task("embed")
+        if dimensions is not None or precision not in (None, "float32"):
+            task.vector_forms.check(dimensions, precision)  # type: ignore[attr-defined]
         return np.asarray(self.run(texts, truncation=truncation, normalize=normalize,
-                                   direction=truncation_direction,
-                                   prompt_name=prompt_name).outputs)
+                                   direction=truncation_direction, prompt_name=prompt_name,
+                                   dimensions=dimensions, precision=precision).outputs)
 
     def prompted(self, texts: Sequence[str], prompt_name: str | None = None
                  ) -> Sequence[str]:

@@ -243,19 +243,24 @@ class NpyWriter:
         self.fh: IO[bytes] = open(self.partial, "wb")  # noqa: SIM115
         self.rows = 0
         self.dim: int | None = None
+        self.dtype: np.dtype[Any] | None = None  # float32, or a quantized vector's integers
 
     def write(self, arr: np.ndarray) -> None:
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        arr = np.ascontiguousarray(arr)
         self.dim = arr.shape[1] if self.dim is None else self.dim
-        self.fh.write(arr.tobytes())
+        self.dtype = arr.dtype if self.dtype is None else self.dtype
+        self.fh.write(arr.astype(self.dtype).tobytes())
         self.rows += arr.shape[0]
 
     def close(self) -> None:
         self.fh.close()
         shape = (self.rows, self.dim or 0)
         with open(self.path, "wb") as out, open(self.partial, "rb") as raw:
+            descr = np.lib.format.dtype_to_descr(self.dtype or np.dtype(np.float32))
             np.lib.format.write_array_header_1_0(
-                out, {"descr": "<f4", "fortran_order": False, "shape": shape})
+                out, {"descr": descr, "fortran_order": False, "shape": shape})
             while chunk := raw.read(1 << 20):
                 out.write(chunk)
         self.partial.unlink()

@@ -51,7 +51,8 @@ class _Npy:
         self.out = NpyWriter(path)
 
     def write(self, rows: list[Row], options: dict[str, Any]) -> None:
-        self.out.write(np.stack([np.asarray(out, np.float32) for _, _, out, _ in rows]))
+        # quantized vectors keep their integer type (int8, uint8, packed bits)
+        self.out.write(np.stack([np.asarray(out) for _, _, out, _ in rows]))
 
     def close(self) -> None:
         self.out.close()

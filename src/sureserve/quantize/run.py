@@ -8,6 +8,9 @@ that hold, choose the fastest.
               single layers in full precision → sensitivity search on the calibration slice
     verdict   accepted / rejected (fidelity, gate, or not faster here) / skipped (cannot run)
     output    the chosen recipe + the base weights + the report: a folder ``load`` takes
+    vectors   (embed, when asked) shorter sizes and output precisions of the full-precision
+              vectors, measured on the eval split: recall@10 against full size, verdicts
+              and int8 ranges written into the folder (``vectors.py``)
 """
 
 from __future__ import annotations
@@ -80,8 +83,12 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
              methods: Sequence[str] | None = None,
              thresholds: M.Thresholds | None = None, output: Path | None = None,
              settings: Settings | None = None,
-             say: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Measure candidates of ``model`` on ``texts``; the report (see ``--json``)."""
+             say: Callable[[str], None] = log.info,
+             dimensions: Sequence[int] = (), precisions: Sequence[str] = (),
+             min_recall: float = 0.9) -> dict[str, Any]:
+    """Measure candidates of ``model`` on ``texts``; the report (see ``--json``).
+    ``dimensions``/``precisions``: also measure shorter and smaller output vectors (embed
+    models), accepted when their recall@10 against full size is at least ``min_recall``."""
     from sureserve.api import _load_and_gate as load_and_gate
     from sureserve.api import load
     from sureserve.loading.plan import detect_caps
@@ -98,6 +105,9 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
     if baseline.loaded.quantization is not None:
         raise InputError(f"{model} is already quantized ({baseline.loaded.quantization.method})",
                          "quantize its base model instead")
+    if (dimensions or precisions) and task != "embed":
+        raise InputError("--dimensions and --precisions measure embedding vectors",
+                         f"drop them for this {task} model")
     base_failures = {c.name for c in baseline.gate_report.failures} \
         if baseline.gate_report else set()
     calib_idx, eval_idx = split(len(texts), task)
@@ -129,9 +139,17 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
                      "peak_rss_mib": round(base.peak_rss_mib, 1),
                      "accuracy": base_fid.get("accuracy"),
                      "perplexity": base_fid.get("baseline_perplexity")},
-        "candidates": [], "chosen": None, "output": None}
+        "candidates": [], "chosen": None, "output": None,
+        "vectors": None}
+    vec_results = _measure_vectors(baseline, base.outputs, calib_ref, dimensions, precisions,
+                                   min_recall, say) if dimensions or precisions else None
+    if vec_results is not None:
+        report["vectors"] = {"min_recall": min_recall,
+                             "dimensions": [m.to_dict() for m in vec_results[0]],
+                             "precisions": [m.to_dict() for m in vec_results[1]]}
     caps = detect_caps()
-    names = list(methods) if methods else [n for n, m in Q.METHODS.items() if task in m.tasks]
+    names = list(methods) if methods is not None else [n for n, m in Q.METHODS.items()
+                                                       if task in m.tasks]
     results: list[Candidate] = []
     best: tuple[Candidate, Any] | None = None  # the fastest accepted, and its engine
     for name in names:
@@ -213,12 +231,46 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
         say(f"{name}: {cand.status}, {cand.reason}; speedup {cand.speedup:.2f}x")
     report["candidates"] = [c.to_dict() for c in results]
     if best is not None:
-        chosen, engine = best
-        report["chosen"] = chosen.method
-        if output is not None:
-            write_folder(engine, chosen, model, report, output)
-            report["output"] = str(output)
+        report["chosen"] = best[0].method
+    if output is not None and (best is not None or vec_results is not None):
+        from sureserve import vectors
+
+        if best is not None:
+            write_folder(best[1], best[0], model, report, output)
+        else:  # only the vectors were measured: the base folder and what was measured
+            _copy_base(baseline.loaded.source.path, output)
+            (output / Q.REPORT_FILE).write_text(
+                json.dumps(report | {"output": str(output)}, indent=1) + "\n",
+                encoding="utf-8")
+        if vec_results is not None:
+            vectors.write(output, *vec_results, len(eval_idx))
+        report["output"] = str(output)
     return report
+
+
+def _measure_vectors(baseline: Any, rows: Any, calib_rows: Any, dimensions: Sequence[int],
+                     precisions: Sequence[str], min_recall: float,
+                     say: Callable[[str], None]) -> tuple[list[Any], list[Any], Any]:
+    """Shorter and smaller forms of the vectors the model serves (post-processed as it
+    serves them), against full-size fp32 on the eval split; int8 ranges from the
+    calibration slice."""
+    from sureserve import vectors
+
+    task = baseline.text_task()
+    full, calib = task.postprocess(rows), task.postprocess(calib_rows)
+    dims = vectors.measure_dimensions(full, list(dimensions), min_recall)
+    precs, ranges = vectors.measure_precisions(full, calib, list(precisions), min_recall)
+    for m in [*dims, *precs]:
+        say(f"vectors {m.name}: {m.status} ({m.reason})")
+    return dims, precs, ranges if precisions else None
+
+
+def _copy_base(src: Path, out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"the output folder {out} is not empty", "choose a new folder")
+    shutil.copytree(src, out, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl",
+                                                  Q.RECIPE_FILE, Q.REPORT_FILE))
 
 
 def _hopeless_dtype(method: Q.Method, device: str, settings: Settings) -> str | None:
@@ -243,12 +295,7 @@ def write_folder(engine: Any, cand: Candidate, base: str, report: dict[str, Any]
     the recipe (deterministic), and the gate compares the result with the golden outputs."""
     from sureserve.gate.lock import golden_outputs
 
-    src = engine.loaded.source.path
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"the output folder {out} is not empty", "choose a new folder")
-    shutil.copytree(src, out, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl",
-                                                  Q.RECIPE_FILE, Q.REPORT_FILE))
+    _copy_base(engine.loaded.source.path, out)
     recipe = Q.Recipe(cand.method, tuple(cand.full_precision_layers), True, base,
                       golden_outputs(engine))
     (out / Q.RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=1) + "\n",
@@ -284,8 +331,22 @@ def print_report(rep: dict[str, Any], console: Any) -> None:
         console.print(f"chosen: [bold]{rep['chosen']}[/]"
                       + (f", written to {rep['output']}" if rep["output"] else
                          " (pass -o DIR to write it as a model folder)"))
-    else:
+    elif rep["candidates"]:
         console.print("[bold red]no candidate was accepted[/]: serve the full-precision model")
+    vec = rep.get("vectors")
+    if vec:
+        t = Table("vectors", "status", "recall@10", "min recall@10", "rank agreement p1",
+                  "bytes per vector")
+        for m in [*vec["dimensions"], *vec["precisions"]]:
+            t.add_row(m["name"] if not m["name"].isdigit() else f"{m['name']} dims",
+                      m["status"], _cell(m.get("recall_at_10")),
+                      _cell(m.get("recall_at_10_min")), _cell(m.get("rank_agreement_p1")),
+                      _cell(m.get("bytes_per_vector")))
+        console.print(t)
+        console.print(f"accepted when recall@10 >= {vec['min_recall']:g}; "
+                      + (f"written to {rep['output']} (serve that folder to offer them)"
+                         if rep["output"] else "pass -o DIR to write a folder that serves "
+                         "the accepted ones"))
 
 
 def _cell(x: Any) -> str:

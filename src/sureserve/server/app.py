@@ -38,7 +38,7 @@ from sureserve.server.http import (
 )
 from sureserve.server.metrics import Metrics
 from sureserve.server.state import EngineFactory, ServerState, Slot, default_factory
-from sureserve.server.tei import install_tei_routes
+from sureserve.server.tei import install_tei_routes, vector_form
 from sureserve.settings import Settings
 from sureserve.version import __version__
 
@@ -315,11 +315,8 @@ def _install_routes(app: FastAPI, state: ServerState, cluster: Cluster | None) -
                 "send the texts themselves (LangChain: OpenAIEmbeddings(..., "
                 "check_embedding_ctx_length=False) sends text)")
         texts = state.validate(cast(list[str] | str, body.input), "input", batcher.engine)
-        dim = batcher.engine.loaded.hidden_size
-        if body.dimensions is not None and body.dimensions != dim:
-            raise InputError(f"dimensions={body.dimensions} requested; {batcher.name} gives "
-                             f"{dim}", "omit dimensions, or send the model's own dimension")
-        out = await until_done_or_gone(request, batcher.infer(texts))
+        form = vector_form(batcher.engine, body.dimensions, body.embed_dtype)
+        out = await until_done_or_gone(request, batcher.infer(texts, **form))
         data = [S.OpenAIEmbedding(index=i, embedding=_encode(v, body.encoding_format))
                 for i, v in enumerate(out.outputs)]
         tokens = out.summary.real_tokens
@@ -347,10 +344,12 @@ def _tokens(tok: Any, texts: list[str], special: bool) -> list[list[S.SimpleToke
     return out
 
 
-def _encode(vec: np.ndarray, fmt: str) -> list[float] | str:
+def _encode(vec: np.ndarray, fmt: str) -> list[float] | list[int] | str:
+    quantized = vec.dtype.kind != "f"
     if fmt == "base64":  # OpenAI's convention: little-endian float32 bytes, base64
-        return base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
-    return [float(x) for x in vec]
+        raw = vec.tobytes() if quantized else np.asarray(vec, dtype="<f4").tobytes()
+        return base64.b64encode(raw).decode()
+    return [int(x) for x in vec] if quantized else [float(x) for x in vec]
 
 
 def _model_info(slot: Slot) -> S.ModelInfo | None:

@@ -19,6 +19,12 @@ _PARAMS = Field(default=None, description="The Hugging Face inference payload's 
                 "null meaning not set; a key this route does not implement is refused (422), "
                 "never ignored.")
 Direction = Literal["left", "right", "Left", "Right"] | None
+EmbedDtype = Literal["float32", "int8", "uint8", "binary", "ubinary"] | None
+_EMBED_DTYPE = Field(default=None, description="Smaller vectors, as sentence-transformers' "
+                     "quantize_embeddings makes them: int8/uint8 (ranges calibrated on your "
+                     "texts), binary/ubinary (sign bits, 8 per byte). Served only after "
+                     "`sureserve quantize --precisions` measured and accepted it (422 "
+                     "otherwise).")
 _DIRECTION = Field(default=None, description="Which end a cut takes tokens from when "
                    "truncating: 'right' (default; keep the start) or 'left' (keep the end).")
 
@@ -35,8 +41,11 @@ class EmbedRequest(_Strict):
                                     "sentence-transformers config, prepended to every input "
                                     "(default: the model's default_prompt_name, if any; \"\" "
                                     "for none).")
-    dimensions: int | None = Field(default=None, description="Must equal the model's "
-                                   "dimension if given; sureserve does not shorten vectors.")
+    dimensions: int | None = Field(default=None, description="Shorter vectors: the first n "
+                                   "components, renormalised. Served where the model declares "
+                                   "Matryoshka sizes or `sureserve quantize --dimensions` "
+                                   "measured and accepted n; refused (422) otherwise.")
+    embed_dtype: EmbedDtype = _EMBED_DTYPE
     model: str | None = Field(default=None, description="Served model name (default: the "
                               "first embedding model).")
     parameters: Parameters = _PARAMS
@@ -241,15 +250,20 @@ class OpenAIEmbeddingRequest(BaseModel):
         "A text or texts. Token ids (what LangChain's OpenAIEmbeddings sends by default) are "
         "refused: they come from another tokenizer."))
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, description="Must equal the model's "
-                                   "dimension if given; sureserve does not shorten vectors.")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="base64: the vector's bytes (little-endian float32, or "
+        "the integers of embed_dtype), base64-encoded.")
+    dimensions: int | None = Field(default=None, description="Shorter vectors: the first n "
+                                   "components, renormalised. Served where the model declares "
+                                   "Matryoshka sizes or `sureserve quantize --dimensions` "
+                                   "measured and accepted n; refused (422) otherwise.")
+    embed_dtype: EmbedDtype = _EMBED_DTYPE
 
 
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
 
 
 class Usage(BaseModel):

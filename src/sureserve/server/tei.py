@@ -28,6 +28,7 @@ from sureserve.server.http import ERRORS, OPENAI_ERRORS, health_response, until_
 from sureserve.server.state import ServerState
 
 _VECTORS = TypeAdapter(list[list[float]])
+_INT_VECTORS = TypeAdapter(list[list[int]])
 _TERMS = TypeAdapter(list[list[dict[str, Any]]])
 #: request fields that are the payload or the routing, not options
 _NOT_OPTIONS = {"inputs", "model", "parameters", "query", "texts", "queries"}
@@ -79,16 +80,23 @@ def cut(opts: dict[str, Any]) -> dict[str, Any]:
 async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> Response:
     opts = options(body, "/embed")
     batcher = state.batcher(body.model, "embed")
-    dim = batcher.engine.loaded.hidden_size
-    if opts.get("dimensions") not in (None, dim):
-        raise InputError(f"dimensions={opts['dimensions']} requested; {batcher.name} gives "
-                         f"{dim}", "leave dimensions out, or send the model's own dimension")
+    form = vector_form(batcher.engine, opts.get("dimensions"), opts.get("embed_dtype"))
     texts = state.validate(body.inputs, engine=batcher.engine)
-    work = batcher.infer(texts, **cut(opts), normalize=opts.get("normalize", True))
+    work = batcher.infer(texts, **cut(opts), normalize=opts.get("normalize", True), **form)
     vecs = (await until_done_or_gone(request, work)).outputs
-    # the hottest route: serialise straight from the floats (cheaper than validating them
+    # the hottest route: serialise straight from the numbers (cheaper than validating them
     # against response_model first, which only documents the shape)
-    return Response(_VECTORS.dump_json(vecs.tolist()), media_type="application/json")
+    adapter = _VECTORS if vecs.dtype.kind == "f" else _INT_VECTORS
+    return Response(adapter.dump_json(vecs.tolist()), media_type="application/json")
+
+
+def vector_form(engine: Any, dimensions: int | None, dtype: str | None) -> dict[str, Any]:
+    """``dimensions`` and ``precision`` for ``Engine.finish``, refused before any work
+    when the model neither declares nor was measured for them (``vectors.Allowed``)."""
+    if dimensions is None and dtype in (None, "float32"):
+        return {}
+    engine.text_task().vector_forms.check(dimensions, dtype)
+    return {"dimensions": dimensions, "precision": dtype}
 
 
 async def embed_sparse(state: ServerState, body: S.EmbedSparseRequest,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,14 +118,27 @@ class EmbedTask(Task):
         return pad + 1 if isinstance(pad, int) else 0
 
     def postprocess(self, rows: np.ndarray, **options: Any) -> np.ndarray:
-        """Normalize to unit length when asked (default: as the model's config says)."""
+        """Normalize to unit length when asked (default: as the model's config says);
+        ``dimensions`` shortens (renormalised when normalized) and ``precision`` quantizes
+        the vectors, each only where declared or measured (``vectors.py``)."""
         normalize = options.get("normalize")
         if normalize is None:
             normalize = self.normalize_default
         if normalize:
             norms = np.linalg.norm(rows, axis=1, keepdims=True)
             rows = rows / np.maximum(norms, 1e-12)
-        return rows.astype(np.float32)
+        rows = rows.astype(np.float32)
+        dims, precision = options.get("dimensions"), options.get("precision")
+        if dims is None and precision in (None, "float32"):
+            return rows
+        return self.vector_forms.apply(rows, dims, precision, renormalize=bool(normalize))
+
+    @functools.cached_property
+    def vector_forms(self) -> Any:
+        """The shorter sizes and precisions this model may serve (``vectors.allowed``)."""
+        from sureserve.vectors import allowed
+
+        return allowed(self.loaded.source.path, self.loaded.config, self.width)
 
 
 def pool(hidden: Any, mask: Any, mode: str) -> Any:
