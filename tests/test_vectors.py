@@ -29,7 +29,7 @@ def test_shorten_truncates_and_renormalises_exactly() -> None:
 
 @pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
 def test_precisions_equal_sentence_transformers_with_the_same_ranges(precision: str) -> None:
-    from sentence_transformers.quantization import quantize_embeddings
+    from sentence_transformers.util.quantization import quantize_embeddings
 
     v = _unit(40, 20)
     ranges = V.int8_ranges(v[:25])  # calibrated on part: the rest may fall outside (clipped)
@@ -37,6 +37,15 @@ def test_precisions_equal_sentence_transformers_with_the_same_ranges(precision: 
     theirs = quantize_embeddings(v, precision=precision, ranges=ranges)
     assert ours.dtype == theirs.dtype
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_int8_codes_decode_to_within_a_bucket() -> None:
+    v = _unit(50, 8)
+    ranges = V.int8_ranges(v)
+    step = (ranges[1] - ranges[0]) / 255
+    for p in ("int8", "uint8"):
+        back = V.decode(V.quantize(v, p, ranges), p, ranges)
+        assert (np.abs(back - v) <= step / 2 + 1e-6).all()
 
 
 def test_int8_without_ranges_and_unknown_precisions_are_refused() -> None:

@@ -5,9 +5,10 @@ each allowed only where it is declared or was measured on the user's texts.
   trained for it (Matryoshka): declared by its folder (``matryoshka_dimensions`` /
   ``matryoshka_dims`` in ``config.json`` or ``config_sentence_transformers.json``), or
   measured by ``sureserve quantize MODEL --eval FILE --dimensions 256,128``.
-* precisions ``int8``/``uint8`` (per-dimension ranges calibrated on the eval texts, 256
-  buckets; values outside the ranges are clipped) and ``binary``/``ubinary`` (the sign bit
-  of each component, 8 per byte; ``binary`` offset by -128 into int8), as
+* precisions ``int8``/``uint8`` (per-dimension ranges calibrated on the calibration slice
+  of the eval texts, 256 buckets; values outside the ranges are clipped) and
+  ``binary``/``ubinary`` (the sign bit of each component, 8 per byte; ``binary`` offset by
+  -128 into int8), as
   sentence-transformers' ``quantize_embeddings`` defines them. Measured by ``sureserve
   quantize ... --precisions int8,binary``; int8 cannot run unmeasured (it needs the ranges).
 
@@ -73,9 +74,11 @@ def quantize(vecs: np.ndarray, precision: str, ranges: np.ndarray | None = None
 
 
 def similarity(q: np.ndarray, precision: str) -> np.ndarray:
-    """All-pairs similarity of quantized vectors, as a search over them would rank:
-    dot products for float and int8 (uint8 shifted to int8 first), minus the Hamming
-    distance for the binary forms."""
+    """All-pairs similarity of quantized vectors as an index over the codes ranks them
+    (the verdict's measure): dot products of the int8 codes (uint8 shifted to int8
+    first), minus the Hamming distance for the binary forms. Each int8 component has its
+    own scale and zero point, so a plain dot product of codes is not the cosine; the
+    report adds ``recall_at_10_decoded``, what decoding with the ranges keeps."""
     if precision in ("binary", "ubinary"):
         raw = (q.astype(np.int16) + 128).astype(np.uint8) if precision == "binary" else q
         bits = np.unpackbits(raw, axis=-1).astype(np.float32)
@@ -83,6 +86,14 @@ def similarity(q: np.ndarray, precision: str) -> np.ndarray:
         return signs @ signs.T
     x = q.astype(np.float32) - (128 if precision == "uint8" else 0)
     return x @ x.T
+
+
+def decode(q: np.ndarray, precision: str, ranges: np.ndarray) -> np.ndarray:
+    """int8/uint8 codes back to floats at their buckets' centres (what an index that keeps
+    the ranges, or a rescoring step, compares)."""
+    buckets = q.astype(np.float32) + (128 if precision == "int8" else 0)
+    steps = (ranges[1] - ranges[0]) / 255
+    return (buckets + 0.5) * np.where(steps == 0, 1, steps) + ranges[0]
 
 
 def _top(sim: np.ndarray, k: int) -> np.ndarray:
@@ -162,6 +173,10 @@ def measure_precisions(full: np.ndarray, calibration: np.ndarray, precisions: li
         figs = {"recall_at_10": round(float(rec.mean()), 4),
                 "recall_at_10_min": round(float(rec.min()), 4),
                 "bytes_per_vector": int(q.shape[1] * q.itemsize)}
+        if p in ("int8", "uint8"):  # for information: what decoding with the ranges keeps
+            back = decode(q, p, ranges)
+            figs["recall_at_10_decoded"] = round(float(recall_at_k(full, back @ back.T)
+                                                       .mean()), 4)
         out.append(_verdict(p, figs, min_recall))
     return out, ranges
 

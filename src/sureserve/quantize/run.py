@@ -336,12 +336,12 @@ def print_report(rep: dict[str, Any], console: Any) -> None:
     vec = rep.get("vectors")
     if vec:
         t = Table("vectors", "status", "recall@10", "min recall@10", "rank agreement p1",
-                  "bytes per vector")
+                  "recall@10 decoded", "bytes per vector")
         for m in [*vec["dimensions"], *vec["precisions"]]:
             t.add_row(m["name"] if not m["name"].isdigit() else f"{m['name']} dims",
                       m["status"], _cell(m.get("recall_at_10")),
                       _cell(m.get("recall_at_10_min")), _cell(m.get("rank_agreement_p1")),
-                      _cell(m.get("bytes_per_vector")))
+                      _cell(m.get("recall_at_10_decoded")), _cell(m.get("bytes_per_vector")))
         console.print(t)
         console.print(f"accepted when recall@10 >= {vec['min_recall']:g}; "
                       + (f"written to {rep['output']} (serve that folder to offer them)"
