@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     # and result writers,
     # the pure batch planner, what each precision/quantization method is
     ("sureserve.errors", "sureserve.version", "sureserve.textio", "sureserve.writers",
-     "sureserve.batching",
+     "sureserve.batching", "sureserve.vectors",
      "sureserve.loading.precision"),
     ("sureserve.settings",),
     ("sureserve.zoo",),

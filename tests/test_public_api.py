@@ -16,7 +16,7 @@ def test_public_api_is_pinned() -> None:
 
 def test_zoo_has_the_packaged_models() -> None:
     assert set(sureserve.ZOO) == {"minilm", "smollm2", "sentiment-demo", "rerank-demo",
-                                  "qwen-coder"}
+                                  "splade-tiny", "qwen-coder"}
     assert [n for n, e in sureserve.ZOO.items() if e.on_demand] == ["qwen-coder"]
     assert sureserve.ZOO["minilm"].task_name == "embed"
     assert sureserve.ZOO["smollm2"].task_name == "generate"

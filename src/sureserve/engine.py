@@ -438,7 +438,7 @@ class Engine:
         query, in order. Every pair goes through one planner window, so the candidates of
         many queries fill batches together (a query's 20 candidates alone make a small,
         badly shaped batch)."""
-        from sureserve.tasks.rerank import ranked
+        from sureserve.tasks.rerank import ranked_groups
 
         self.text_task("rerank")
         if isinstance(groups, (str, tuple)) or not all(
@@ -458,14 +458,8 @@ class Engine:
         res = self.run(texts, truncation=truncation, query=queries, raw_scores=raw_scores,
                        direction=truncation_direction)
         flags = res.summary.flags if res.summary.policy != "error" else None
-        out, start = [], 0
-        for _, docs in groups:
-            part = range(start, start + len(docs))
-            shifted = (lambda i, s=start: flags(s + i)) if flags else None
-            out.append(ranked([res.outputs[i] for i in part], docs, top_n, return_text,
-                              shifted))
-            start += len(docs)
-        return out
+        return ranked_groups(res.outputs, [docs for _, docs in groups], top_n, return_text,
+                             flags)
 
     # ---- generation -----------------------------------------------------------------
     def _gen(self) -> GenerationEngine:

@@ -177,7 +177,9 @@ def test_lockfile_holds_and_checks_a_sparse_models_outputs(splade: Any, tmp_path
 def test_bench_sparse_runs_side_by_side_with_sparse_encoder(tmp_path: Path) -> None:
     from sureserve.bench.sparse import run_sparse_bench
 
-    rep = run_sparse_bench(40, out=tmp_path / "sparse.json", log=lambda _: None)
-    assert json.loads((tmp_path / "sparse.json").read_text())["texts"] == 40
+    # short texts only: the long ones' padded logits are what makes the peer slow
+    rep = run_sparse_bench(24, out=tmp_path / "sparse.json", log=lambda _: None,
+                           long_share=0.0)
+    assert json.loads((tmp_path / "sparse.json").read_text())["texts"] == 24
     assert rep["max_abs_weight_diff"] < 1e-4 and rep["top10_terms_agree"] > 0.99
     assert set(rep["texts_per_s"]) == {"sureserve", "sentence-transformers"}

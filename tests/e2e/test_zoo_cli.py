@@ -43,7 +43,8 @@ def test_info_json(alias: str, arch: str, task: str) -> None:
     if alias == "minilm":
         assert d["usable_max_tokens"] == 256
         assert d["sentence_transformers"] == {"pooling": "mean", "normalize": True,
-                                              "max_seq_length": 256}
+                                              "max_seq_length": 256, "prompts": {},
+                                              "default_prompt_name": None, "splade": None}
 
 
 def test_info_table_shows_plan_and_why() -> None:

@@ -22,14 +22,15 @@ from sureserve.bench.harness import write_report
 
 
 def run_sparse_bench(texts: int = 1000, model: str = "splade-tiny", out: Path | None = None,
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
+                     log: Callable[[str], None] = print, long_share: float = 0.05
+                     ) -> dict[str, Any]:
     import torch
     from sentence_transformers import SparseEncoder
 
     import sureserve
     from sureserve.zoo.corpora import realistic_mix
 
-    work = realistic_mix(texts, 0.05, seed=3)
+    work = realistic_mix(texts, long_share, seed=3)
     engine = sureserve.load(model, task="sparse", drift_watch=False)
     limit = engine.loaded.limit.value
     st = SparseEncoder(str(engine.loaded.source.path), device="cpu")

@@ -173,7 +173,7 @@ async def embed_all(state: ServerState, body: S.EmbedAllRequest,
 
 
 async def rerank(state: ServerState, body: S.RerankRequest, request: Request) -> list[Any]:
-    from sureserve.tasks.rerank import ranked
+    from sureserve.tasks.rerank import ranked_groups
 
     opts = options(body, "/rerank")
     batcher = state.batcher(body.model, "rerank")
@@ -195,12 +195,8 @@ async def rerank(state: ServerState, body: S.RerankRequest, request: Request) ->
                          else queries, raw_scores=body.raw_scores)
     out = await until_done_or_gone(request, work)
     flags = out.summary.flags if out.summary.policy != "error" else None
-    rankings, start = [], 0
-    for g in groups:
-        shifted = (lambda i, s=start: flags(s + i)) if flags else None
-        rankings.append(ranked(out.outputs[start:start + len(g.texts)], g.texts, None,
-                               body.return_text, shifted))
-        start += len(g.texts)
+    rankings = ranked_groups(out.outputs, [g.texts for g in groups], None, body.return_text,
+                             flags)
     return rankings[0] if body.queries is None else rankings
 
 

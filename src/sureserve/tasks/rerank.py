@@ -137,6 +137,20 @@ class RerankTask(Task):
         return [float(s) for s in scores]
 
 
+def ranked_groups(scores: Sequence[float], groups: Sequence[Sequence[str]],
+                  top_n: int | None = None, return_text: bool = False, flags: Any = None
+                  ) -> list[list[dict[str, Any]]]:
+    """One ``ranked`` list per group of texts, from the scores of every group's texts laid
+    end to end (many queries' pairs run together); ``flags`` takes the global index."""
+    out, start = [], 0
+    for texts in groups:
+        shifted = (lambda i, s=start: flags(s + i)) if flags else None
+        out.append(ranked(scores[start:start + len(texts)], texts, top_n, return_text,
+                          shifted))
+        start += len(texts)
+    return out
+
+
 def ranked(scores: Sequence[float], texts: Sequence[str], top_n: int | None = None,
            return_text: bool = False, flags: Any = None) -> list[dict[str, Any]]:
     """``[{"index", "score", "text"?, ...flags}]``, best first (ties: input order)."""
