@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sureserve.api", "sureserve"),  # the public API (``sureserve/__init__.py``)
     # the services built on it
     ("sureserve.jobs", "sureserve.server", "sureserve.quantize", "sureserve.doctor",
-     "sureserve.ray", "sureserve.clikit", "sureserve.zoo.cli"),
+     "sureserve.ray", "sureserve.clikit", "sureserve.zoo.cli", "sureserve.jobcli"),
     ("sureserve.bench",),
     ("sureserve.cli",),
 ]
