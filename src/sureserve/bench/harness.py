@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,25 @@ def cpu_has_bf16() -> bool:
     from sureserve.settings import Settings
 
     return bf16_speed(Settings().home_dir()) > 1.0
+
+
+def alternating(contenders: Sequence[tuple[str, Callable[[], Any]]], items: int, unit: str,
+                log: Callable[[str], None], rounds: int = 2
+                ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each contender once to warm up, then ``rounds`` timed runs with the order reversed
+    every other round (the host's drift shared out); returns each one's last output and
+    its best seconds, logging ``items``/s per run."""
+    for _, fn in contenders:
+        fn()
+    times: dict[str, list[float]] = {name: [] for name, _ in contenders}
+    results: dict[str, Any] = {}
+    for rnd in range(rounds):
+        for name, fn in contenders if rnd % 2 == 0 else contenders[::-1]:
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+            log(f"{name}: {items / times[name][-1]:.1f} {unit}/s")
+    return results, {k: min(v) for k, v in times.items()}
 
 
 def write_report(out: Path | None, report: dict[str, Any]) -> dict[str, Any]:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sureserve.bench.harness import write_report
+from sureserve.bench.harness import alternating, write_report
 
 BODY_CHARS = 1500
 
@@ -80,21 +79,10 @@ def run_rerank_bench(queries: int = 32, candidates: int = 20, model: str = "rera
         with torch.inference_mode():
             return np.asarray(st.predict(flat, batch_size=32, show_progress_bar=False))
 
-    contenders = [("sureserve", ours), ("sureserve rerank_many", ours_many),
-                  ("sentence-transformers", theirs)]
-    for _, fn in contenders:  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name, _ in contenders}
-    results: dict[str, np.ndarray] = {}
-    for rnd in range(2):
-        for name, fn in contenders if rnd == 0 else contenders[::-1]:
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-            log(f"{name}: {n_pairs / times[name][-1]:.1f} pairs/s")
+    results, best = alternating([("sureserve", ours), ("sureserve rerank_many", ours_many),
+                                 ("sentence-transformers", theirs)], n_pairs, "pairs", log)
     diff = max(float(np.abs(results[k] - results["sentence-transformers"]).max())
                for k in ("sureserve", "sureserve rerank_many"))
-    best = {k: min(v) for k, v in times.items()}
     report = {
         "model": model, "queries": queries, "candidates": candidates, "pairs": n_pairs,
         "torch_threads": torch.get_num_threads(),

@@ -11,14 +11,13 @@ both sides agree on.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sureserve.bench.harness import write_report
+from sureserve.bench.harness import alternating, write_report
 
 
 def run_sparse_bench(texts: int = 1000, model: str = "splade-tiny", out: Path | None = None,
@@ -45,21 +44,12 @@ def run_sparse_bench(texts: int = 1000, model: str = "splade-tiny", out: Path | 
                             show_progress_bar=False)
         return enc.to_dense().numpy()
 
-    ours(), theirs()  # warm-up
-    times: dict[str, list[float]] = {"sureserve": [], "sentence-transformers": []}
-    results: dict[str, np.ndarray] = {}
-    for rnd in range(2):
-        for name, fn in ((("sureserve", ours), ("sentence-transformers", theirs)) if rnd == 0
-                         else (("sentence-transformers", theirs), ("sureserve", ours))):
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-            log(f"{name}: {len(work) / times[name][-1]:.1f} texts/s")
+    results, best = alternating([("sureserve", ours), ("sentence-transformers", theirs)],
+                                len(work), "texts", log)
     a, b = results["sureserve"], results["sentence-transformers"]
     top_a, top_b = np.argsort(-a, axis=1)[:, :10], np.argsort(-b, axis=1)[:, :10]
     agree = float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(top_a, top_b,
                                                                        strict=True)]))
-    best = {k: min(v) for k, v in times.items()}
     report = {
         "model": model, "texts": len(work), "limit_tokens": limit,
         "torch_threads": torch.get_num_threads(),

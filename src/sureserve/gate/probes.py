@@ -110,11 +110,19 @@ def check_alignment(tok: Any, emb: np.ndarray) -> Check:
     if words < ALIGN_MIN_WORDS:
         return Check("alignment", "warn", f"only {words} probe words map into this vocabulary; "
                      "too few to judge the tokenizer", "")
-    if z >= ALIGN_PASS:
-        return Check("alignment", "pass", evidence)
-    if z >= ALIGN_WARN:
-        return Check("alignment", "warn", evidence + f" (pass >= {ALIGN_PASS})", fix)
-    return Check("alignment", "fail", evidence + f" (a matched pair scores >= {ALIGN_PASS})", fix)
+    return _graded("alignment", z, ALIGN_PASS, ALIGN_WARN, evidence, fix,
+                   f" (pass >= {ALIGN_PASS})", f" (a matched pair scores >= {ALIGN_PASS})")
+
+
+def _graded(name: str, score: float, pass_at: float, warn_at: float, evidence: str, fix: str,
+            warn_note: str, fail_note: str) -> Check:
+    """pass at ``pass_at`` and above, warn from ``warn_at``, fail below (the notes say
+    where the bar is)."""
+    if score >= pass_at:
+        return Check(name, "pass", evidence)
+    if score >= warn_at:
+        return Check(name, "warn", evidence + warn_note, fix)
+    return Check(name, "fail", evidence + fail_note, fix)
 
 
 def check_unknown_rate(tok: Any) -> Check:
@@ -275,12 +283,8 @@ def check_sparse_terms(tok: Any, texts: list[str], rows: np.ndarray) -> Check:
     if n < SPARSE_MIN_TEXTS:
         return Check("sparse-terms", "warn", f"only {n} probe texts have words in this "
                      "vocabulary; too few to judge", "")
-    if share >= SPARSE_PASS:
-        return Check("sparse-terms", "pass", evidence)
-    if share >= SPARSE_WARN:
-        return Check("sparse-terms", "warn", evidence + f" (pass >= {SPARSE_PASS:.0%})", fix)
-    return Check("sparse-terms", "fail", evidence + f" (a matched pair: >= {SPARSE_PASS:.0%})",
-                 fix)
+    return _graded("sparse-terms", share, SPARSE_PASS, SPARSE_WARN, evidence, fix,
+                   f" (pass >= {SPARSE_PASS:.0%})", f" (a matched pair: >= {SPARSE_PASS:.0%})")
 
 
 def check_sparse_active(rows: np.ndarray) -> Check:

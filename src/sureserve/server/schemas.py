@@ -19,6 +19,15 @@ _PARAMS = Field(default=None, description="The Hugging Face inference payload's 
                 "null meaning not set; a key this route does not implement is refused (422), "
                 "never ignored.")
 Direction = Literal["left", "right", "Left", "Right"] | None
+_TRUNCATE = Field(default=False, description="Cut inputs longer than the model's maximum "
+                  "instead of answering 413 (reported in metrics).")
+_PROMPT_NAME = Field(default=None, description="A prompt from the model's "
+                     "sentence-transformers config, prepended to every input (default: the "
+                     "model's default_prompt_name, if any; \"\" for none).")
+_DIMENSIONS = Field(default=None, description="Shorter vectors: the first n components, "
+                    "renormalised. Served where the model declares Matryoshka sizes or "
+                    "`sureserve quantize --dimensions` measured and accepted n; refused (422) "
+                    "otherwise.")
 EmbedDtype = Literal["float32", "int8", "uint8", "binary", "ubinary"] | None
 _EMBED_DTYPE = Field(default=None, description="Smaller vectors, as sentence-transformers' "
                      "quantize_embeddings makes them: int8/uint8 (ranges calibrated on your "
@@ -34,17 +43,10 @@ class EmbedRequest(_Strict):
 
     inputs: Inputs
     normalize: bool = True
-    truncate: bool = Field(default=False, description="Cut inputs longer than the model's "
-                           "maximum instead of answering 413 (reported in metrics).")
+    truncate: bool = _TRUNCATE
     truncation_direction: Direction = _DIRECTION
-    prompt_name: str | None = Field(default=None, description="A prompt from the model's "
-                                    "sentence-transformers config, prepended to every input "
-                                    "(default: the model's default_prompt_name, if any; \"\" "
-                                    "for none).")
-    dimensions: int | None = Field(default=None, description="Shorter vectors: the first n "
-                                   "components, renormalised. Served where the model declares "
-                                   "Matryoshka sizes or `sureserve quantize --dimensions` "
-                                   "measured and accepted n; refused (422) otherwise.")
+    prompt_name: str | None = _PROMPT_NAME
+    dimensions: int | None = _DIMENSIONS
     embed_dtype: EmbedDtype = _EMBED_DTYPE
     model: str | None = Field(default=None, description="Served model name (default: the "
                               "first embedding model).")
@@ -55,13 +57,9 @@ class EmbedSparseRequest(_Strict):
     """text-embeddings-inference ``POST /embed_sparse`` (SPLADE models)."""
 
     inputs: Inputs
-    truncate: bool = Field(default=False, description="Cut inputs longer than the model's "
-                           "maximum instead of answering 413 (reported in metrics).")
+    truncate: bool = _TRUNCATE
     truncation_direction: Direction = _DIRECTION
-    prompt_name: str | None = Field(default=None, description="A prompt from the model's "
-                                    "sentence-transformers config, prepended to every input "
-                                    "(default: the model's default_prompt_name, if any; \"\" "
-                                    "for none).")
+    prompt_name: str | None = _PROMPT_NAME
     top_k: int | None = Field(default=None, ge=0, description="Only each text's k strongest "
                               "terms (sureserve's; default the sparse_top_k setting, 0: all).")
     return_tokens: bool = Field(default=False, description="Add each term's token text "
@@ -253,10 +251,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="base64: the vector's bytes (little-endian float32, or "
         "the integers of embed_dtype), base64-encoded.")
-    dimensions: int | None = Field(default=None, description="Shorter vectors: the first n "
-                                   "components, renormalised. Served where the model declares "
-                                   "Matryoshka sizes or `sureserve quantize --dimensions` "
-                                   "measured and accepted n; refused (422) otherwise.")
+    dimensions: int | None = _DIMENSIONS
     embed_dtype: EmbedDtype = _EMBED_DTYPE
 
 

@@ -87,16 +87,11 @@ class SparseTask(Task):
                 continue
             if bias is not None:
                 w += bias.float()
-            w = w.relu_().log1p_()
-            if self.activation == "log1p_relu":
-                w = w.log1p_()
-            out.scatter_add_(0, rows, w)
+            out.scatter_add_(0, rows, activate(w, self.activation))
         if first:
             if bias is not None:
                 out += bias.float()
-            out = out.relu_().log1p_()
-            if self.activation == "log1p_relu":
-                out = out.log1p_()
+            out = activate(out, self.activation)
         return out
 
     def postprocess(self, rows: np.ndarray, **options: Any) -> list[list[Term]]:
@@ -120,10 +115,14 @@ class SparseTask(Task):
 def splade_pool(logits: Any, mask: Any, pooling: str = "max", activation: str = "relu") -> Any:
     """(batch, seq, vocab) MLM logits -> (batch, vocab) SPLADE weights; padding never
     contributes (its rows are zeroed before the pooling, and every weight is >= 0)."""
-    w = (logits * mask.unsqueeze(-1).to(logits.dtype)).relu().log1p_()
-    if activation == "log1p_relu":
-        w = w.log1p_()
+    w = activate(logits * mask.unsqueeze(-1).to(logits.dtype), activation)
     return w.amax(dim=1) if pooling == "max" else w.sum(dim=1)
+
+
+def activate(x: Any, activation: str) -> Any:
+    """SPLADE's ``log(1 + relu(x))`` (twice for ``log1p_relu``), in place on ``x``."""
+    w = x.relu_().log1p_()
+    return w.log1p_() if activation == "log1p_relu" else w
 
 
 @dataclass
@@ -170,7 +169,3 @@ def split_head(model: Any) -> HeadSplit | None:
         return HeadSplit(base, transform, decoder)
     return None
 
-
-def active_terms(rows: np.ndarray) -> np.ndarray:
-    """Non-zero terms per text (the drift watch's and the gate's sparsity figure)."""
-    return (rows > 0).sum(axis=1)
