@@ -358,12 +358,19 @@ class Engine:
         it; "" for none); ``dimensions`` (shorter, renormalised) and ``precision`` (int8,
         uint8, binary, ubinary): only where the model declares them or ``sureserve
         quantize`` measured them (``vectors.py``), refused otherwise."""
-        task = self.text_task("embed")
-        if dimensions is not None or precision not in (None, "float32"):
-            task.vector_forms.check(dimensions, precision)  # type: ignore[attr-defined]
+        self.check_vectors(dimensions, precision)
         return np.asarray(self.run(texts, truncation=truncation, normalize=normalize,
                                    direction=truncation_direction, prompt_name=prompt_name,
                                    dimensions=dimensions, precision=precision).outputs)
+
+    def check_vectors(self, dimensions: int | None, precision: str | None) -> None:
+        """Refuse, before any work, a shorter size or a precision this embedding model
+        neither declares nor was measured for (``vectors.Allowed.check``; the task's
+        postprocess applies them)."""
+        if dimensions is None and precision in (None, "float32"):
+            return
+        self.text_task("embed").vector_forms.check(  # type: ignore[attr-defined]
+            dimensions, precision)
 
     def prompted(self, texts: Sequence[str], prompt_name: str | None = None
                  ) -> Sequence[str]:

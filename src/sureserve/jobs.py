@@ -131,10 +131,8 @@ def run_file_job(task_name: str, model: str, texts: list[str] | None, input_file
     items = inputs(texts, input_file, field, query_field)
     engine = sureserve.load(model, task="rerank" if task_name == "pairs" else task_name,
                             settings=settings)
-    if options.get("dimensions") is not None or options.get("precision") is not None:
-        # refused before the first window runs, not after it
-        engine.text_task("embed").vector_forms.check(  # type: ignore[attr-defined]
-            options.get("dimensions"), options.get("precision"))
+    if task_name == "embed":  # refused before the first window runs, not after it
+        engine.check_vectors(options.get("dimensions"), options.get("precision"))
     total = RunSummary(policy=settings.truncation)
     bar = tqdm(unit="text", desc=task_name, disable=None, file=sys.stderr)
     skipped = 0

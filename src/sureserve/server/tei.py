@@ -93,9 +93,9 @@ async def embed(state: ServerState, body: S.EmbedRequest, request: Request) -> R
 def vector_form(engine: Any, dimensions: int | None, dtype: str | None) -> dict[str, Any]:
     """``dimensions`` and ``precision`` for ``Engine.finish``, refused before any work
     when the model neither declares nor was measured for them (``vectors.Allowed``)."""
+    engine.check_vectors(dimensions, dtype)
     if dimensions is None and dtype in (None, "float32"):
         return {}
-    engine.text_task().vector_forms.check(dimensions, dtype)
     return {"dimensions": dimensions, "precision": dtype}
 
 
