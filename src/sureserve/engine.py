@@ -358,6 +358,7 @@ class Engine:
         it; "" for none); ``dimensions`` (shorter, renormalised) and ``precision`` (int8,
         uint8, binary, ubinary): only where the model declares them or ``sureserve
         quantize`` measured them (``vectors.py``), refused otherwise."""
+        self.text_task("embed")
         self.check_vectors(dimensions, precision)
         return np.asarray(self.run(texts, truncation=truncation, normalize=normalize,
                                    direction=truncation_direction, prompt_name=prompt_name,
