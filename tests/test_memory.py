@@ -29,7 +29,8 @@ for n in [41, 42, 43, 44, 45, 46, 47, 48, 41]:
 numpy.save(sys.argv[2], m.embed(['a short one', 'a somewhat longer text than that', 'x']))
 """
 OURS = {f"3x{n}x64" for n in range(41, 49)}
-#: one process per cache configuration (each costs a fresh interpreter's imports)
+#: one process per cache configuration (each costs a fresh interpreter's imports), run side
+#: by side on one thread each
 CONFIGS = {"capacity 4": {"SURESERVE_ONEDNN_CACHE_CAPACITY": "4"},
            "capacity 0": {"SURESERVE_ONEDNN_CACHE_CAPACITY": "0"},
            "explicit 1024": {"SURESERVE_ONEDNN_CACHE_CAPACITY": "4",
@@ -42,13 +43,19 @@ def runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory
     """For each configuration: the GELU kernel creations oneDNN logged, and the vectors."""
     out_dir = tmp_path_factory.mktemp("onednn")
     clean = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    got = {}
-    for name, env in CONFIGS.items():
+    procs = {}
+    for name, env in CONFIGS.items():  # side by side: each is mostly one thread's imports
         vecs = out_dir / f"{name.replace(' ', '-')}.npy"
-        out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_bert), str(vecs)],
-                             check=True, capture_output=True, text=True, timeout=300,
-                             env={**clean, "ONEDNN_VERBOSE": "profile_create",
-                                  "SURESERVE_ACCEPT_GATE_FAILURE": "1", **env}).stdout
+        procs[name] = (vecs, subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, str(tiny_bert), str(vecs)], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env={**clean, "ONEDNN_VERBOSE": "profile_create", "SURESERVE_ACCEPT_GATE_FAILURE": "1",
+                 "OMP_NUM_THREADS": "1",
+                 **env}))
+    got = {}
+    for name, (vecs, proc) in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
         rows = []
         for line in out.splitlines():  # onednn_verbose,v1,primitive,create:cache_miss,...
             parts = line.split(",")

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,23 @@ def _serve(replicas: int, ray_args: list[str], clients: int, seconds: float,
             "truncate"]
     rows: dict[str, Any] = {}
     answers = {}
-    for name, extra in (("local", []), (f"ray-{replicas}", ray_args)):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = _start([*base, *extra, "--port", str(port)], url)
-        try:
+    contenders = {"local": [], f"ray-{replicas}": ray_args}
+    urls = {name: f"http://127.0.0.1:{free_port()}" for name in contenders}
+    # both start side by side (Ray's start-up is mostly waiting on its own processes), then
+    # each is measured alone while the other idles or is already stopped
+    with ThreadPoolExecutor(len(contenders)) as pool:
+        starting = {name: pool.submit(_start, [*base, *extra, "--port",
+                                               urls[name].rsplit(":", 1)[1]], urls[name])
+                    for name, extra in contenders.items()}
+    procs = {name: f.result() for name, f in starting.items() if f.exception() is None}
+    failed = [f.exception() for f in starting.values() if f.exception() is not None]
+    if failed:
+        for proc in procs.values():
+            _stop(proc)
+        raise failed[0]  # type: ignore[misc]
+    try:
+        for name, proc in procs.items():
+            url = urls[name]
             _until_all_ready(url)
             # warm-up: at most as long as the measured load (a short smoke run stays short)
             asyncio.run(_load(url, texts, 4, min(3.0, seconds), 100))
@@ -127,8 +140,11 @@ def _serve(replicas: int, ray_args: list[str], clients: int, seconds: float,
             answers[name] = np.asarray(httpx.post(f"{url}/embed", json=sample,
                                                   timeout=60).json())
             log(f"serve {name} x{clients}: {rows[name]}")
-        finally:
             _stop(proc)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                _stop(proc)
     a, b = answers["local"], answers[f"ray-{replicas}"]
     return {"clients": clients, "seconds": seconds, "results": rows,
             "ray_over_local_req_per_s": round(rows[f"ray-{replicas}"]["req_per_s"] /

@@ -84,6 +84,9 @@ def deployment(names: Sequence[str], settings: Settings, replicas: int,
         max_ongoing_requests=settings.max_queue_inputs,
         max_queued_requests=settings.ray_max_queued_requests,
         health_check_period_s=settings.ray_health_check_period_s,
+        # how often a stopping replica looks whether its requests in flight are done (Serve's
+        # default, 2 s, kept an idle replica 2 s at every stop or downscale)
+        graceful_shutdown_wait_loop_s=0.5,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         ray_actor_options=actor_options)
     return dep.bind()
