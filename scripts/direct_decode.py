@@ -3,6 +3,8 @@ process (BENCHMARKS.md "Generation: a direct decode step"). smollm2 (or another 
 model), greedy, the two paths alternated so that drift of the machine hits both:
 
 - 1 row: one chat prompt, 64 new tokens, best of 3 per path;
+- the direct step runs its layers in TorchScript ("direct") or in the Python loop
+  ("python", ``decode_script`` off);
 - 8 and 32 rows: that many prompts of the realistic mix submitted together (continuous
   batching over the padded cache), 32 new tokens each, best of 2.
 
@@ -34,7 +36,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     gen = sureserve.load(args.model).generation
-    paths = {"forward": plan(gen.model, enabled=False), "direct": plan(gen.model)}
+    paths = {"forward": plan(gen.model, enabled=False),
+             "python": plan(gen.model, script=False), "direct": plan(gen.model)}
     if paths["direct"].direct is None:
         raise SystemExit(f"{args.model}: {paths['direct'].describe()}")
     one = [gen.encode([{"role": "user", "content": "Write a short note about rivers and "
@@ -56,13 +59,17 @@ def main() -> None:
                 outs[p] = gen.generate_ids(prompts, new)
                 rate = sum(len(o) for o in outs[p]) / (time.perf_counter() - t)
                 best[p] = max(best[p], rate)
-        row = {"forward_tok_s": round(best["forward"], 2), "direct_tok_s": round(best["direct"], 2),
+        row = {"forward_tok_s": round(best["forward"], 2),
+               "direct_python_tok_s": round(best["python"], 2),
+               "direct_tok_s": round(best["direct"], 2),
                "direct_over_forward": round(best["direct"] / best["forward"], 3),
-               "identical": outs["direct"] == outs["forward"]}
+               "direct_over_python": round(best["direct"] / best["python"], 3),
+               "identical": outs["direct"] == outs["forward"] == outs["python"]}
         report["results"][name] = row
-        print(f"{name}: forward {row['forward_tok_s']} tok/s, direct {row['direct_tok_s']} "
-              f"tok/s ({row['direct_over_forward']}x), identical tokens: {row['identical']}",
-              flush=True)
+        print(f"{name}: forward {row['forward_tok_s']} tok/s, direct (Python loop) "
+              f"{row['direct_python_tok_s']}, direct (TorchScript) {row['direct_tok_s']} tok/s "
+              f"({row['direct_over_forward']}x forward, {row['direct_over_python']}x Python "
+              f"loop), identical tokens: {row['identical']}", flush=True)
     if args.profile:
         from torch.profiler import profile
 

@@ -63,9 +63,11 @@ def _filled(model: Any, lengths: list[int]) -> tuple[PaddedKV, list[list[int]]]:
     return kv, prompts
 
 
-def _both(model: Any, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
-    """One decode step through the forward and through the direct step, from the same
-    cache state: (logits, logits, written keys, written keys)."""
+def _both(model: Any, lengths: list[int], script: bool = True
+          ) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+    """One decode step through the forward and through the direct step (its layers in
+    TorchScript or in the Python loop), from the same cache state: (logits, logits, written
+    keys, written keys)."""
     torch.manual_seed(1)
     kv, _ = _filled(model, lengths)
     kv.reserve(1)
@@ -82,27 +84,33 @@ def _both(model: Any, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, A
         kv.k.copy_(saved_k)
         kv.v.copy_(saved_v)
         padded = None if all(n + 1 == width for n in lengths) else mask.bool()
-        got = DirectDecode(model).step(ids, pos, kv, padded)
+        step = DirectDecode(model, script)
+        assert ("TorchScript," in step.describe()) == (script and step.script is not None)
+        got = step.step(ids, pos, kv, padded)
         got_k = kv.k[:, :rows, :, kv.end].clone()
     return ref, got, ref_k, got_k
 
 
+@pytest.mark.parametrize("script", [True, False], ids=["torchscript", "python"])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("lengths", [[5, 9, 3], [7, 7]], ids=["padded", "unpadded"])
-def test_logits_and_cache_are_bit_identical_to_the_forward(kind: str,
-                                                           lengths: list[int]) -> None:
+def test_logits_and_cache_are_bit_identical_to_the_forward(kind: str, lengths: list[int],
+                                                           script: bool) -> None:
     model = _model(kind)
     assert why_not(model) is None
-    ref, got, ref_k, got_k = _both(model, lengths)
+    assert (DirectDecode(model, script).script is not None) == script  # torch 2.13 scripts it
+    ref, got, ref_k, got_k = _both(model, lengths, script)
     assert torch.equal(ref, got)
     assert torch.equal(ref_k, got_k)
 
 
+@pytest.mark.parametrize("script", [True, False], ids=["torchscript", "python"])
 @pytest.mark.parametrize("lengths", [[5, 9, 3], [6]], ids=["padded", "one-row"])
-def test_plain_multi_head_attention_and_bf16_are_bit_identical(lengths: list[int]) -> None:
-    ref, got, _, _ = _both(_model("llama", kv_heads=4), lengths)
+def test_plain_multi_head_attention_and_bf16_are_bit_identical(lengths: list[int],
+                                                               script: bool) -> None:
+    ref, got, _, _ = _both(_model("llama", kv_heads=4), lengths, script)
     assert torch.equal(ref, got)
-    ref, got, _, _ = _both(_model("llama", dtype=torch.bfloat16), lengths)
+    ref, got, _, _ = _both(_model("llama", dtype=torch.bfloat16), lengths, script)
     assert got.dtype == torch.bfloat16 and torch.equal(ref, got)
 
 
@@ -113,8 +121,11 @@ def test_a_swapped_linear_layer_is_used_at_the_next_step() -> None:
 
     model = _model("llama")
     step = DirectDecode(model)
+    assert "TorchScript," in step.describe()
     layer = model.model.layers[1].mlp
     layer.down_proj = Int8WeightOnlyLinear(layer.down_proj)
+    # a quantized layer runs as a module: the layers fall back to the Python loop
+    assert "Python loop: a linear layer is not a plain nn.Linear" in step.describe()
     kv, _ = _filled(model, [4, 6])
     kv.reserve(1)
     width = kv.width + 1
@@ -143,6 +154,25 @@ def test_models_it_cannot_vouch_for_keep_their_forward() -> None:
     sliding = _model("mistral")
     sliding.config.sliding_window = 16
     assert why_not(sliding) == "sliding-window attention"
+    assert "Python loop: decode_script is off" in plan(_model("llama"), script=False).describe()
     off = plan(_model("llama"), enabled=False)
     assert off.direct is None and off.describe() == \
         "decode step through the model's forward: direct_decode is off"
+
+
+def test_without_torchscript_the_layers_run_the_python_loop(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A torch that cannot script the layer loop (or has no TorchScript) decodes the same,
+    through the Python loop, and says so."""
+    from sureserve.generation import direct
+
+    def refuse(fn: Any) -> Any:
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(direct, "_SCRIPT", [])
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    step = DirectDecode(_model("llama"))
+    assert step.script is None
+    assert "Python loop: TorchScript unavailable (RuntimeError)" in step.describe()
+    ref, got, _, _ = _both(_model("llama"), [5, 9, 3], script=True)
+    assert torch.equal(ref, got)

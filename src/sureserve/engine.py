@@ -172,6 +172,7 @@ class Engine:
                                                layout_home=settings.home_dir(),
                                                layout=settings.decode_weight_layout,
                                                direct_decode=settings.direct_decode,
+                                               decode_script=settings.decode_script,
                                                prefill_tokens=settings.prefill_tokens,
                                                prefix_cache_bytes=int(
                                                    settings.prefix_cache_mb * 2**20))

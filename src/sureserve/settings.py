@@ -182,6 +182,13 @@ class Settings(BaseSettings):
         "bit-identical logits, less per-token overhead (BENCHMARKS.md). Off: every step "
         "through transformers' forward. /info's decode_path says which runs and why.",
     )
+    decode_script: bool = Field(
+        default=True,
+        description="With direct_decode: run the decoder layers of a decode step in one "
+        "TorchScript function (the same operations, bit-identical logits, less interpreter "
+        "overhead per token; BENCHMARKS.md). Falls back to the Python loop, said in /info's "
+        "decode_path, where a layer is quantized or TorchScript is unavailable.",
+    )
     decode_weight_layout: bool = Field(
         default=False,
         description="On a CPU, store each decoder weight shape in the memory order this "
@@ -446,7 +453,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
                  "forward_workers", "sparse_top_k"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "prefill_tokens",
-                   "prefix_cache_mb", "max_schema_bytes", "direct_decode", "decode_weight_layout"),
+                   "prefix_cache_mb", "max_schema_bytes", "direct_decode", "decode_script",
+                   "decode_weight_layout"),
     "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
               "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",
               "drift_length_psi", "drift_label_js", "drift_label_share", "drift_top_score_drop",

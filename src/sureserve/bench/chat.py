@@ -7,7 +7,8 @@ from the same client (greedy, ``max_tokens`` each, closed-loop clients over loop
 - ``llama.cpp F32``: ``llama-server`` on that GGUF requantized to F32, i.e. the very fp32
   tensors the zoo's smollm2 folder holds (the same precision as ours);
 - ``sureserve``: ``sureserve serve smollm2`` (fp32), with prefix reuse on (the default), and
-  for the shared-prefix workload also with it off (``--prefix-cache-mb 0``).
+  for the shared-prefix workload also with it off (``--prefix-cache-mb 0``), and for the
+  short one also with the decode step's layers in Python (``--no-decode-script``).
 
 Workloads: short chat prompts at 1, 8 and 32 clients; and one ~400-token system prompt
 shared by every request, at 32 clients. Output tokens are what each server reports in the
@@ -217,7 +218,12 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
     contenders = [Contender("sureserve fp32", [exe, "serve", "smollm2"]),
                   Contender("sureserve fp32, no prefix reuse",
                             [exe, "serve", "smollm2", "--prefix-cache-mb", "0"],
-                            workloads=("shared-prefix",))]
+                            workloads=("shared-prefix",)),
+                  # the decode step's layers in Python instead of TorchScript: what the
+                  # script gains over HTTP, in the same run
+                  Contender("sureserve fp32, Python decode loop",
+                            [exe, "serve", "smollm2", "--no-decode-script"],
+                            workloads=("short",))]
     def wants(name: str) -> bool:
         return not only or any(o in name for o in only)
 

@@ -127,7 +127,7 @@ class GenerationEngine:
                  max_running: int = 64, *, layout: bool = False,
                  layout_home: Path | None = None, prefill_tokens: int = 512,
                  prefix_cache_bytes: int = 0, prefix_block: int = 16,
-                 direct_decode: bool = True) -> None:
+                 direct_decode: bool = True, decode_script: bool = True) -> None:
         from sureserve.generation.direct import plan as plan_decode
         from sureserve.generation.layout import plan_and_apply
 
@@ -135,7 +135,7 @@ class GenerationEngine:
         # before anything runs the model (the gate included): it is checked as it will run
         self.layout = plan_and_apply(loaded.model, loaded.plan.device, layout_home, layout)
         # after the layout: the direct step holds the weights as they will be
-        self.decode = plan_decode(loaded.model, direct_decode)
+        self.decode = plan_decode(loaded.model, direct_decode, decode_script)
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = loaded.plan.device

@@ -16,6 +16,13 @@ a boolean padding mask otherwise). The tests compare logits with ``torch.equal``
 model's own forward, padded and unpadded, fp32 and bf16, per supported architecture; a
 model this module cannot vouch for keeps the model's forward (``plan`` says why).
 
+The layers run in one TorchScript function (``_layers``) when every linear layer of the
+decoder is a plain ``nn.Linear``: the same operations, executed by TorchScript's interpreter
+instead of Python, which takes ~3 of the ~7 ms a one-row smollm2 token spent outside its
+matmuls (BENCHMARKS.md "Generation: the decode layers in TorchScript"). Anything else (a
+quantized replacement, a torch without TorchScript) runs the Python loop, which is the
+reference the script is tested against, and ``describe`` says which runs.
+
 Only decode steps (one new token per row over the in-place ``PaddedKV``) take this path;
 prefill, prompt scoring and everything else call the model as before. Linear layers that
 are plain ``nn.Linear`` run as ``F.linear`` (what ``nn.Linear.forward`` does); quantized
@@ -25,11 +32,14 @@ serves takes the same path.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("sureserve.generation")
 
 #: architectures whose decoder layer is Llama's (pre-norm RMSNorm, rotary q/k, SDPA, SiLU
 #: gated MLP); Qwen2 adds biases to q/k/v, which ``F.linear`` carries
@@ -88,7 +98,7 @@ _LINEAR = torch.nn.Linear
 class DirectDecode:
     """One decode step of a Llama-family model over a ``PaddedKV``."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, script: bool = True) -> None:
         cfg = model.config
         inner = model.model
         self.model = model
@@ -105,9 +115,33 @@ class DirectDecode:
         self.layers = [(layer.input_layernorm, layer.self_attn._modules,
                         layer.post_attention_layernorm, layer.mlp._modules)
                        for layer in inner.layers[:cfg.num_hidden_layers]]
+        eps = {n.variance_epsilon for n, _, n2, _ in self.layers for n in (n, n2)}
+        self.eps = eps.pop() if len(eps) == 1 else None
+        self.script, self.why_python = (None, "decode_script is off") if not script else \
+            (None, "RMSNorm epsilons differ between layers") if self.eps is None else _scripted()
 
     def describe(self) -> str:
-        return f"direct decode step ({len(self.layers)} layers, bit-identical to the forward)"
+        how = "TorchScript" if self.script is not None else f"Python loop: {self.why_python}"
+        if self.script is not None and self._tensors() is None:
+            how = "Python loop: a linear layer is not a plain nn.Linear (quantized)"
+        return (f"direct decode step ({len(self.layers)} layers, {how}, bit-identical to the "
+                "forward)")
+
+    def _tensors(self) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor | None]]] | None:
+        """Each layer's weights (input norm, q, k, v, o, post-attention norm, gate, up, down)
+        and the linear layers' biases, read now (never cached: see ``_apply``); None when a
+        linear layer is not a plain ``nn.Linear``."""
+        weights, biases = [], []
+        for norm1, attn, norm2, mlp in self.layers:
+            linears = (attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"],
+                       mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"])
+            if any(m.__class__ is not _LINEAR for m in linears):
+                return None
+            w = [m._parameters["weight"] for m in linears]
+            weights.append([norm1._parameters["weight"], *w[:4],
+                            norm2._parameters["weight"], *w[4:]])
+            biases.append([m._parameters["bias"] for m in linears])
+        return weights, biases
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, kv: Any,
              padded: torch.Tensor | None) -> torch.Tensor:
@@ -127,6 +161,13 @@ class DirectDecode:
         sin = (emb.sin() * scaling).to(dtype).unsqueeze(1)
         mask = padded[:, None, None, :] if padded is not None else None
         n, start, end = kv.n, kv.start, kv.end
+        tensors = self._tensors() if self.script is not None else None
+        if tensors is not None:
+            x = self.script(x, cos, sin, kv.k, kv.v, n, start, end, mask, tensors[0],
+                            tensors[1], float(self.eps), d, self.kv_heads, self.groups,
+                            float(self.scaling))
+            x = _rms(x, self.final_norm)
+            return _apply(self.model._modules["lm_head"], x)[:, -1]
         for i, (norm1, attn, norm2, mlp) in enumerate(self.layers):
             h = _rms(x, norm1)
             q = _apply(attn["q_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
@@ -158,16 +199,68 @@ class DirectDecode:
 
 
 def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
-    """LlamaRMSNorm.forward, operation for operation."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm._parameters["weight"] * h.to(dtype)
+    return _rms_weight(x, norm._parameters["weight"], norm.variance_epsilon)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+            cache_v: torch.Tensor, n: int, start: int, end: int, mask: torch.Tensor | None,
+            weights: list[list[torch.Tensor]], biases: list[list[torch.Tensor | None]],
+            eps: float, d: int, kv_heads: int, groups: int, scaling: float) -> torch.Tensor:
+    """``DirectDecode.step``'s layer loop over plain tensors, operation for operation (the
+    tests hold both to the model's forward with ``torch.equal``), for TorchScript."""
+    rows = x.shape[0]
+    for i in range(len(weights)):
+        w, b = weights[i], biases[i]
+        h = _rms_weight(x, w[0], eps)
+        q = F.linear(h, w[1], b[0]).view(rows, 1, -1, d).transpose(1, 2)
+        k = F.linear(h, w[2], b[1]).view(rows, 1, -1, d).transpose(1, 2)
+        v = F.linear(h, w[3], b[2]).view(rows, 1, -1, d).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache_k[i, :n, :, end:end + 1] = k
+        cache_v[i, :n, :, end:end + 1] = v
+        keys = cache_k[i, :n, :, start:end + 1]
+        values = cache_v[i, :n, :, start:end + 1]
+        if groups == 1:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+        elif mask is None:
+            o = F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, groups, d), keys,
+                                               values, attn_mask=mask, scale=scaling)
+        o = o.reshape(rows, -1, 1, d).transpose(1, 2).contiguous()
+        x = x + F.linear(o.reshape(rows, 1, -1).contiguous(), w[4], b[3])
+        h = _rms_weight(x, w[5], eps)
+        x = x + F.linear(F.silu(F.linear(h, w[6], b[4])) * F.linear(h, w[7], b[5]), w[8], b[6])
+    return x
+
+
+def _rms_weight(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm.forward, operation for operation."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+_SCRIPT: list[Any] = []  # the scripted _layers, made once per process
+
+
+def _scripted() -> tuple[Any, str]:
+    """(the scripted layer loop, "") or (None, why it is unavailable)."""
+    if not _SCRIPT:
+        try:
+            _SCRIPT.append(torch.jit.script(_layers))
+        except Exception as exc:  # a torch without TorchScript, or one that cannot script it
+            log.warning("decode layers stay in Python: TorchScript failed (%s)", exc)
+            _SCRIPT.append(f"TorchScript unavailable ({type(exc).__name__})")
+    got = _SCRIPT[0]
+    return (None, got) if isinstance(got, str) else (got, "")
 
 
 @dataclass
@@ -183,10 +276,11 @@ class DecodePlan:
         return f"decode step through the model's forward: {self.reason}"
 
 
-def plan(model: Any, enabled: bool = True) -> DecodePlan:
+def plan(model: Any, enabled: bool = True, script: bool = True) -> DecodePlan:
+    """``script``: the layers in TorchScript where possible (``decode_script``)."""
     if not enabled:
         return DecodePlan(None, "direct_decode is off")
     reason = why_not(model)
     if reason is not None:
         return DecodePlan(None, reason)
-    return DecodePlan(DirectDecode(model), "")
+    return DecodePlan(DirectDecode(model, script), "")
