@@ -203,7 +203,7 @@ def test_ray_serve_answers_like_local_autoscales_overload_killed_replica_clean_e
         workers = [threading.Thread(target=client, args=(k,)) for k in range(2)]
         for w in workers:
             w.start()
-        time.sleep(2)
+        time.sleep(1)  # requests are flowing
         before = sum(seen.values())
         os.kill(victim, signal.SIGKILL)
         states: list[str] = []
