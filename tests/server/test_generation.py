@@ -498,10 +498,10 @@ def test_prefix_reuse_shows_in_metrics_and_the_bench_client_reads_streams(
 
 def test_info_says_how_decoding_runs(gen_server: Server) -> None:
     (model,) = httpx.get(f"{gen_server.url}/info", timeout=10).json()["models"]
-    # smollm2 is a llama: the direct step runs; the layout setting is off by default, and
-    # /info says so rather than saying nothing
-    assert model["decode_path"] == "direct decode step (30 layers, bit-identical to the " \
-        "forward); decode weight layout unchanged: turned off " \
+    # smollm2 is a llama: the direct step runs, its layers in TorchScript; the layout
+    # setting is off by default, and /info says so rather than saying nothing
+    assert model["decode_path"] == "direct decode step (30 layers, TorchScript, " \
+        "bit-identical to the forward); decode weight layout unchanged: turned off " \
         "(decode_weight_layout = false)", model
 
 
