@@ -115,10 +115,16 @@ class DirectDecode:
         self.layers = [(layer.input_layernorm, layer.self_attn._modules,
                         layer.post_attention_layernorm, layer.mlp._modules)
                        for layer in inner.layers[:cfg.num_hidden_layers]]
-        eps = {n.variance_epsilon for n, _, n2, _ in self.layers for n in (n, n2)}
+        eps = {norm.variance_epsilon for layer in self.layers for norm in (layer[0], layer[2])}
         self.eps = eps.pop() if len(eps) == 1 else None
-        self.script, self.why_python = (None, "decode_script is off") if not script else \
-            (None, "RMSNorm epsilons differ between layers") if self.eps is None else _scripted()
+        # the scripted layer loop (None: the Python loop runs, for the reason given)
+        self.script: Any = None
+        if not script:
+            self.why_python = "decode_script is off"
+        elif self.eps is None:
+            self.why_python = "RMSNorm epsilons differ between layers"
+        else:
+            self.script, self.why_python = _scripted()
 
     def describe(self) -> str:
         how = "TorchScript" if self.script is not None else f"Python loop: {self.why_python}"
