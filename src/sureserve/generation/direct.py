@@ -169,6 +169,7 @@ class DirectDecode:
         n, start, end = kv.n, kv.start, kv.end
         tensors = self._tensors() if self.script is not None else None
         if tensors is not None:
+            assert self.eps is not None  # a script is only made with one epsilon
             x = self.script(x, cos, sin, kv.k, kv.v, n, start, end, mask, tensors[0],
                             tensors[1], float(self.eps), d, self.kv_heads, self.groups,
                             float(self.scaling))
