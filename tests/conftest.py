@@ -54,12 +54,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # cluster then starts after it and is shut down right after its last user (an idle local
     # Ray takes ~5% of a core, which the tests after it used to pay)
     def order(item: pytest.Item) -> int:
+        if item.name == STOPS_THE_SESSION_SERVER:
+            return 3
         if item.get_closest_marker("ray") is None:
             return 0
         return 1 if item.name == OWN_RAY_INSTANCE else 2
     items.sort(key=order)  # stable: every other order is kept
 
 
+#: the test that SIGTERMs the session's server (tests/server/conftest.py ``server``): last
+STOPS_THE_SESSION_SERVER = "test_sigterm_finishes_in_flight_requests_then_exits_0"
 #: the Ray test that starts (and checks that it leaves nothing of) a Ray instance of its own
 OWN_RAY_INSTANCE = "test_ray_serve_answers_like_local_autoscales_overload_killed_replica_clean_exit"
 
