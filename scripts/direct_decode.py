@@ -5,6 +5,8 @@ model), greedy, the two paths alternated so that drift of the machine hits both:
 - 1 row: one chat prompt, 64 new tokens, best of 3 per path;
 - the direct step runs its layers in TorchScript ("direct") or in the Python loop
   ("python", ``decode_script`` off);
+- "kernel": the Python loop through sureserve's GEMV kernel (``decode_kernel``), where
+  this machine measured it faster (up to its row count; TorchScript above);
 - 8 and 32 rows: that many prompts of the realistic mix submitted together (continuous
   batching over the padded cache), 32 new tokens each, best of 2.
 
@@ -38,6 +40,10 @@ def main() -> None:
     gen = sureserve.load(args.model).generation
     paths = {"forward": plan(gen.model, enabled=False),
              "python": plan(gen.model, script=False), "direct": plan(gen.model)}
+    # sureserve's GEMV kernel (decode_kernel) where this machine measured it faster
+    print(f"GEMV kernel: {gen.kernel.describe()}", flush=True)
+    if gen.kernel.max_rows:
+        paths["kernel"] = plan(gen.model, kernel=gen.kernel)
     if paths["direct"].direct is None:
         raise SystemExit(f"{args.model}: {paths['direct'].describe()}")
     one = [gen.encode([{"role": "user", "content": "Write a short note about rivers and "
@@ -65,11 +71,19 @@ def main() -> None:
                "direct_over_forward": round(best["direct"] / best["forward"], 3),
                "direct_over_python": round(best["direct"] / best["python"], 3),
                "identical": outs["direct"] == outs["forward"] == outs["python"]}
+        if "kernel" in best:
+            row["kernel_tok_s"] = round(best["kernel"], 2)
+            row["kernel_over_direct"] = round(best["kernel"] / best["direct"], 3)
+            row["kernel_identical"] = outs["kernel"] == outs["forward"]
         report["results"][name] = row
         print(f"{name}: forward {row['forward_tok_s']} tok/s, direct (Python loop) "
               f"{row['direct_python_tok_s']}, direct (TorchScript) {row['direct_tok_s']} tok/s "
               f"({row['direct_over_forward']}x forward, {row['direct_over_python']}x Python "
               f"loop), identical tokens: {row['identical']}", flush=True)
+        if "kernel" in best:
+            print(f"    GEMV kernel {row['kernel_tok_s']} tok/s ({row['kernel_over_direct']}x "
+                  f"TorchScript), tokens identical to the forward's: {row['kernel_identical']}",
+                  flush=True)
     if args.profile:
         from torch.profiler import profile
 

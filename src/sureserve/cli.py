@@ -53,9 +53,11 @@ def main() -> None:
     try:
         app()
     except SureserveError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        # soft_wrap: the message stays one line whatever the width (rich would break it at
+        # 80 columns when stderr is a file or a pipe, where people and scripts grep it)
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         if exc.fix:
-            err.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
+            err.print(f"[bold]fix:[/] {exc.fix}", highlight=False, soft_wrap=True)
         sys.exit(exit_code(exc))
 
 

@@ -173,6 +173,7 @@ class Engine:
                                                layout=settings.decode_weight_layout,
                                                direct_decode=settings.direct_decode,
                                                decode_script=settings.decode_script,
+                                               decode_kernel=settings.decode_kernel,
                                                prefill_tokens=settings.prefill_tokens,
                                                prefix_cache_bytes=int(
                                                    settings.prefix_cache_mb * 2**20))

@@ -189,6 +189,16 @@ class Settings(BaseSettings):
         "overhead per token; BENCHMARKS.md). Falls back to the Python loop, said in /info's "
         "decode_path, where a layer is quantized or TorchScript is unavailable.",
     )
+    decode_kernel: bool = Field(
+        default=True,
+        description="With direct_decode, on a CPU: decode steps of few rows multiply by "
+        "the float32 weights through sureserve's own GEMV kernel (compiled here once with "
+        "the C compiler, cc or $CC) wherever it measured faster than torch's on this "
+        "machine and model (measured once, cached; /info's decode_path gives the figures "
+        "and the row count it serves). Its sums run in another order than torch's: logits "
+        "can differ in the last bits (greedy outputs are checked against transformers in "
+        "the tests and the benchmark). Off: torch's kernels, bit-identical to the forward.",
+    )
     decode_weight_layout: bool = Field(
         default=False,
         description="On a CPU, store each decoder weight shape in the memory order this "
@@ -454,6 +464,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "forward_workers", "sparse_top_k"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "prefill_tokens",
                    "prefix_cache_mb", "max_schema_bytes", "direct_decode", "decode_script",
+                   "decode_kernel",
                    "decode_weight_layout"),
     "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
               "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",

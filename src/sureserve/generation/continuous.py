@@ -127,7 +127,9 @@ class GenerationEngine:
                  max_running: int = 64, *, layout: bool = False,
                  layout_home: Path | None = None, prefill_tokens: int = 512,
                  prefix_cache_bytes: int = 0, prefix_block: int = 16,
-                 direct_decode: bool = True, decode_script: bool = True) -> None:
+                 direct_decode: bool = True, decode_script: bool = True,
+                 decode_kernel: bool = False) -> None:
+        from sureserve.generation import native
         from sureserve.generation.direct import plan as plan_decode
         from sureserve.generation.layout import plan_and_apply
 
@@ -135,7 +137,11 @@ class GenerationEngine:
         # before anything runs the model (the gate included): it is checked as it will run
         self.layout = plan_and_apply(loaded.model, loaded.plan.device, layout_home, layout)
         # after the layout: the direct step holds the weights as they will be
-        self.decode = plan_decode(loaded.model, direct_decode, decode_script)
+        # the GEMV kernel is measured against torch's on this model's shapes (cached per
+        # machine); only the direct step uses it, so it is not built without one
+        self.kernel = native.plan(loaded.model, loaded.plan.device, layout_home,
+                                  decode_kernel and direct_decode)
+        self.decode = plan_decode(loaded.model, direct_decode, decode_script, self.kernel)
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = loaded.plan.device
@@ -172,8 +178,12 @@ class GenerationEngine:
         self.watch: DriftWatch | None = None  # the engine's drift watch (sureserve.load)
 
     def decode_path(self) -> str:
-        """Which decode step runs and the weight layout it reads (``/info``)."""
-        return f"{self.decode.describe()}; {self.layout.describe()}"
+        """Which decode step runs, its matmul kernels and the weight layout it reads
+        (``/info``)."""
+        parts = [self.decode.describe()]
+        if self.decode.direct is None or self.decode.direct.kernel is None:
+            parts.append(f"decode matmuls: {self.kernel.describe()}")
+        return "; ".join([*parts, self.layout.describe()])
 
     # ---- requests ---------------------------------------------------------------------
     def encode(self, prompt: Prompt, tools: list[dict[str, Any]] | None = None) -> list[int]:

@@ -98,7 +98,7 @@ _LINEAR = torch.nn.Linear
 class DirectDecode:
     """One decode step of a Llama-family model over a ``PaddedKV``."""
 
-    def __init__(self, model: Any, script: bool = True) -> None:
+    def __init__(self, model: Any, script: bool = True, kernel: Any = None) -> None:
         cfg = model.config
         inner = model.model
         self.model = model
@@ -110,6 +110,9 @@ class DirectDecode:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.groups = self.heads // self.kv_heads
         self.scaling = inner.layers[0].self_attn.scaling
+        # sureserve's GEMV kernel (native.KernelPlan) for steps of few rows, or None
+        self.kernel = kernel if kernel is not None and kernel.kernel is not None \
+            and kernel.max_rows > 0 else None
         # (input norm, attention, post-attention norm, MLP) per layer: their linear
         # children are read at each step (see ``_apply``)
         self.layers = [(layer.input_layernorm, layer.self_attn._modules,
@@ -130,7 +133,12 @@ class DirectDecode:
         how = "TorchScript" if self.script is not None else f"Python loop: {self.why_python}"
         if self.script is not None and self._tensors() is None:
             how = "Python loop: a linear layer is not a plain nn.Linear (quantized)"
-        return (f"direct decode step ({len(self.layers)} layers, {how}, bit-identical to the "
+        if self.kernel is None:
+            return (f"direct decode step ({len(self.layers)} layers, {how}, bit-identical to "
+                    "the forward)")
+        return (f"direct decode step ({len(self.layers)} layers; {self.kernel.describe()}, "
+                "in the Python loop, sums in another order than torch's (greedy outputs "
+                f"checked against transformers); larger steps: {how}, bit-identical to the "
                 "forward)")
 
     def _tensors(self) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor | None]]] | None:
@@ -167,7 +175,10 @@ class DirectDecode:
         sin = (emb.sin() * scaling).to(dtype).unsqueeze(1)
         mask = padded[:, None, None, :] if padded is not None else None
         n, start, end = kv.n, kv.start, kv.end
-        tensors = self._tensors() if self.script is not None else None
+        apply = _apply
+        if self.kernel is not None and self.kernel.active(rows):
+            apply = self._kernel_apply
+        tensors = self._tensors() if self.script is not None and apply is _apply else None
         if tensors is not None:
             assert self.eps is not None  # a script is only made with one epsilon
             x = self.script(x, cos, sin, kv.k, kv.v, n, start, end, mask, tensors[0],
@@ -177,9 +188,9 @@ class DirectDecode:
             return _apply(self.model._modules["lm_head"], x)[:, -1]
         for i, (norm1, attn, norm2, mlp) in enumerate(self.layers):
             h = _rms(x, norm1)
-            q = _apply(attn["q_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
-            k = _apply(attn["k_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
-            v = _apply(attn["v_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+            q = apply(attn["q_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+            k = apply(attn["k_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+            v = apply(attn["v_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kv.k[i, :n, :, end:end + 1] = k
@@ -197,12 +208,24 @@ class DirectDecode:
                     q.reshape(rows, self.kv_heads, self.groups, d), keys, values,
                     attn_mask=mask, scale=self.scaling)
             o = o.reshape(rows, -1, 1, d).transpose(1, 2).contiguous()
-            x = x + _apply(attn["o_proj"], o.reshape(rows, 1, -1).contiguous())
+            x = x + apply(attn["o_proj"], o.reshape(rows, 1, -1).contiguous())
             h = _rms(x, norm2)
-            x = x + _apply(mlp["down_proj"], F.silu(_apply(mlp["gate_proj"], h)) *
-                           _apply(mlp["up_proj"], h))
+            x = x + apply(mlp["down_proj"], F.silu(apply(mlp["gate_proj"], h)) *
+                          apply(mlp["up_proj"], h))
         x = _rms(x, self.final_norm)
-        return _apply(self.model._modules["lm_head"], x)[:, -1]
+        return apply(self.model._modules["lm_head"], x)[:, -1]
+
+    def _kernel_apply(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        """``_apply`` through the GEMV kernel where it takes the layer (a plain float32
+        ``nn.Linear`` with a contiguous weight); anything else as ``_apply``."""
+        if module.__class__ is _LINEAR:
+            p = module._parameters
+            w, b = p["weight"], p["bias"]
+            assert self.kernel is not None and self.kernel.kernel is not None
+            gemv = self.kernel.kernel
+            if self.kernel.takes(w, x.shape[0]) and gemv.accepts(x, w, b):
+                return gemv(x, w, b)
+        return _apply(module, x)
 
 
 def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
@@ -286,11 +309,13 @@ class DecodePlan:
         return f"decode step through the model's forward: {self.reason}"
 
 
-def plan(model: Any, enabled: bool = True, script: bool = True) -> DecodePlan:
-    """``script``: the layers in TorchScript where possible (``decode_script``)."""
+def plan(model: Any, enabled: bool = True, script: bool = True,
+         kernel: Any = None) -> DecodePlan:
+    """``script``: the layers in TorchScript where possible (``decode_script``);
+    ``kernel``: a ``native.KernelPlan`` (``decode_kernel``) for steps of few rows."""
     if not enabled:
         return DecodePlan(None, "direct_decode is off")
     reason = why_not(model)
     if reason is not None:
         return DecodePlan(None, reason)
-    return DecodePlan(DirectDecode(model, script), "")
+    return DecodePlan(DirectDecode(model, script, kernel), "")

@@ -373,4 +373,5 @@ def _model_info(slot: Slot) -> S.ModelInfo | None:
         quantization_evaluated=e.loaded.quantization.evaluated if e.loaded.quantization
         else None, warnings=list(e.loaded.warnings),
         decode_path=e.generation.decode_path() if e.generation is not None else None,
+        decode_kernel=e.generation.kernel.to_dict() if e.generation is not None else None,
         drift=e.watch.info() if e.watch is not None else None)

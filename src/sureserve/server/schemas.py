@@ -369,6 +369,12 @@ class ModelInfo(BaseModel):
         default=None, description="Generation models: how decoding runs here (the direct "
         "decode step or why the model's forward runs it; the weight layout measured for "
         "this CPU, or why it is unchanged); null for other models")
+    decode_kernel: dict[str, Any] | None = Field(
+        default=None, description="Generation models: sureserve's GEMV kernel for decode "
+        "steps (decode_kernel): its instruction set, up to how many rows it runs "
+        "(max_rows, 0: not used), why not (reason), and the measurement it was chosen by "
+        "(step_ms: per row count, ms of one step's matmuls through torch and with the "
+        "kernel where faster; shape_rows: per weight shape, the most rows it serves)")
     drift: dict[str, Any] | None = Field(
         default=None, description="The drift watch: baseline (reference file or first "
         "window of traffic) and whether it is complete, window, every signal with its score, "

@@ -1,0 +1,285 @@
+"""sureserve's GEMV kernel for decode steps (``gemv.c``): built here, used where it measured
+faster, with the reason in ``/info`` wherever it is not.
+
+Why: a decode step at a few rows is bound by how fast the weights stream from memory, and
+torch's CPU GEMM reads a skinny product's weights far below the memory's speed on some
+CPUs (an AMD EPYC: ~11 GB/s through ``F.linear`` where a plain FMA loop over the same
+row-major weight reads ~25 GB/s; BENCHMARKS.md "Generation: a GEMV kernel for the decode
+step"). The kernel is ~100 lines of C compiled once per machine with ``-march=native``
+(AVX-512, AVX2 or plain C, whichever this CPU has) and kept under
+``<home>/kernels/``; loading it needs a C compiler the first time (``cc``, or ``$CC``).
+
+It is chosen by measurement, never by CPU flags: every distinct weight shape of the model
+is timed through ``F.linear`` and through the kernel at 1, 4, 8 and 16 rows (cached per
+machine, beside the matmul speeds), and the kernel serves decode steps up to the largest
+row count at which the whole model's matmuls are faster with it. Its sums run in another
+order than torch's, so logits can differ in the last bits: greedy outputs are compared
+with ``transformers`` generation in the tests (a difference is allowed only at a near-tie)
+and by ``sureserve bench generate``; ``decode_kernel = false`` keeps torch's kernels, and
+the direct step's bit-identity with the model's forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sureserve.generation")
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+#: row counts the kernel is measured at; it serves up to the largest one where it wins
+ROWS = (1, 4, 8, 16)
+#: a weight shape goes through the kernel at a row count where it beat F.linear by this
+#: much (noise margin)
+MIN_GAIN = 1.05
+#: a step of this many rows takes the kernel's path (the Python layer loop) when its
+#: matmuls, each shape through the faster kernel, beat torch's by this much: the margin
+#: pays for the Python loop that replaces the TorchScript one (~2 ms a step, BENCHMARKS.md)
+STEP_GAIN = 1.2
+#: bytes of weight copies a shape is timed over (a decode step streams the whole model, so
+#: the timing must not run from the caches)
+STREAM_BYTES = 64 * 2**20
+
+_LOCK = threading.Lock()
+_BUILT: dict[str, tuple[Gemv | None, str]] = {}
+
+
+class Gemv:
+    """The loaded kernel: ``gemv(x, weight, bias)`` is ``F.linear`` for contiguous float32
+    CPU tensors (``accepts`` says whether it can take them)."""
+
+    def __init__(self, lib: ctypes.CDLL, key: str) -> None:
+        self.key = key
+        fn = lib.sureserve_gemv
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+        fn.restype = None
+        self._fn = fn  # ctypes releases the GIL for the call
+        isa = lib.sureserve_gemv_isa
+        isa.restype = ctypes.c_char_p
+        self.isa: str = isa().decode()
+
+    @staticmethod
+    def accepts(x: Any, weight: Any, bias: Any) -> bool:
+        import torch
+
+        f32 = torch.float32
+        return (x.dtype == f32 and weight.dtype == f32 and x.device.type == "cpu"
+                and weight.device.type == "cpu" and weight.dim() == 2
+                and weight.is_contiguous() and x.shape[-1] == weight.shape[1]
+                and (bias is None or (bias.dtype == f32 and bias.is_contiguous())))
+
+    def __call__(self, x: Any, weight: Any, bias: Any = None) -> Any:
+        import torch
+
+        x = x.contiguous()
+        k, n = weight.shape[1], weight.shape[0]
+        y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+        self._fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                 y.data_ptr(), x.numel() // k, n, k)
+        return y
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build(home: Path | None) -> tuple[Gemv | None, str]:
+    """(the kernel, "") or (None, why it is unavailable); compiled once per machine and
+    source (cached under ``<home>/kernels/``), loaded once per process."""
+    import torch  # first: the kernel's libgomp must resolve to the one torch loaded
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler to build it (install gcc, or set CC)"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"the C compiler {compiler!r} does not run ({exc})"
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + version.encode()
+                         + " ".join(FLAGS).encode() + torch.__version__.encode()
+                         ).hexdigest()[:16]
+    with _LOCK:
+        if key in _BUILT:
+            return _BUILT[key]
+        folder = (home if home is not None else Path(os.environ.get("TMPDIR", "/tmp"))
+                  / "sureserve") / "kernels"
+        so = folder / f"gemv-{key}.so"
+        got: tuple[Gemv | None, str]
+        try:
+            if not so.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = so.with_suffix(f".{os.getpid()}.tmp.so")
+                r = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)],
+                                   capture_output=True, text=True, timeout=120)
+                if r.returncode != 0:
+                    raise OSError(f"{compiler} failed: {r.stderr.strip()[-300:]}")
+                tmp.replace(so)
+            got = (Gemv(ctypes.CDLL(str(so)), key), "")
+        except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+            log.warning("decode GEMV kernel unavailable: %s", exc)
+            got = (None, f"it could not be built or loaded ({exc})")
+        _BUILT[key] = got
+        return got
+
+
+@dataclass
+class KernelPlan:
+    """Whether decode steps use the kernel, up to how many rows, and the measurement."""
+
+    kernel: Gemv | None
+    max_rows: int  # steps of at most this many rows take the kernel's path
+    reason: str  # why it is not used ("" when it is)
+    # rows -> (F.linear ms, ms with each shape through the faster of the two), summed over
+    # one decode step's matmuls
+    step_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # (out, in) weight shape -> the most rows at which the kernel beat F.linear for it
+    shape_rows: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def active(self, rows: int) -> bool:
+        return self.kernel is not None and rows <= self.max_rows
+
+    def takes(self, weight: Any, rows: int) -> bool:
+        """Whether a ``weight`` times ``rows`` rows goes through the kernel."""
+        return rows <= self.shape_rows.get((weight.shape[0], weight.shape[1]), 0)
+
+    def describe(self) -> str:
+        if self.kernel is None or self.max_rows == 0:
+            return f"torch's matmul kernels ({self.reason})"
+        one = self.step_ms.get(1)
+        gain = f", matmuls {one[0] / max(one[1], 1e-9):.2f}x faster at 1 row" if one else ""
+        return (f"sureserve's GEMV kernel ({self.kernel.isa}) for steps of up to "
+                f"{self.max_rows} rows{gain}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": None if self.kernel is None else self.kernel.isa,
+                "max_rows": self.max_rows if self.kernel is not None else 0,
+                "reason": self.reason,
+                "shape_rows": {f"{n}x{k}": r for (n, k), r in self.shape_rows.items()},
+                "step_ms": {str(r): [round(a, 3), round(b, 3)]
+                            for r, (a, b) in self.step_ms.items()}}
+
+
+def plan(model: Any, device: str, home: Path | None, enabled: bool = True) -> KernelPlan:
+    """Build the kernel and measure it against ``F.linear`` on ``model``'s weight shapes
+    (cached per machine); the plan says up to how many rows it runs, or why it does not."""
+    import torch
+
+    if not enabled:
+        return KernelPlan(None, 0, "decode_kernel is off")
+    if not str(device).startswith("cpu"):
+        return KernelPlan(None, 0, "not a CPU")
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if m.__class__ is torch.nn.Linear and m.weight.dtype == torch.float32 \
+                and m.weight.is_contiguous():
+            key = (int(m.weight.shape[0]), int(m.weight.shape[1]))
+            shapes[key] = shapes.get(key, 0) + 1
+    if not shapes:
+        return KernelPlan(None, 0, "no float32 nn.Linear weights (another dtype or quantized)")
+    kernel, why = build(home)
+    if kernel is None:
+        return KernelPlan(None, 0, why)
+    step: dict[int, tuple[float, float]] = {}
+    shape_rows = dict.fromkeys(shapes, 0)
+    for rows in ROWS:
+        torch_ms = best_ms = 0.0
+        for (n, k), count in shapes.items():
+            a, b = _measured(home, kernel, n, k, rows)
+            # a shape keeps the kernel for the longest run of row counts, from one, where
+            # it won (a win at 16 rows after a loss at 8 is noise, not a regime)
+            before = ROWS[ROWS.index(rows) - 1] if rows != ROWS[0] else 0
+            wins = a >= b * MIN_GAIN and shape_rows[(n, k)] == before
+            if wins:
+                shape_rows[(n, k)] = rows
+            torch_ms, best_ms = torch_ms + a * count, best_ms + (b if wins else a) * count
+        step[rows] = (torch_ms, best_ms)
+    max_rows = 0
+    for rows in ROWS:  # the longest run of row counts, from one, where the step gains
+        if step[rows][0] < step[rows][1] * STEP_GAIN:
+            break
+        max_rows = rows
+    reason = "" if max_rows else (
+        f"no faster than F.linear here ({step[1][1]:.2f} vs {step[1][0]:.2f} ms of matmuls "
+        "a step at 1 row)")
+    out = KernelPlan(kernel, max_rows, reason, step, shape_rows)
+    log.info("decode matmuls: %s", out.describe())
+    return out
+
+
+def measure(kernel: Gemv, n: int, k: int, rows: int) -> tuple[float, float]:
+    """(F.linear ms, kernel ms) for one ``(n, k)`` weight at ``rows`` rows, streamed over
+    enough copies that they come from memory."""
+    import torch
+    import torch.nn.functional as F
+
+    from sureserve.loading.machine import best_ms
+
+    # (at most 256: a tiny test model's shapes would need thousands to leave the caches)
+    copies = min(256, max(1, STREAM_BYTES // (n * k * 4)))
+    ws = [torch.empty(n, k).uniform_(-1, 1) for _ in range(copies)]
+    x = torch.randn(rows, k)
+
+    def through_torch() -> None:
+        for w in ws:
+            F.linear(x, w)
+
+    def through_kernel() -> None:
+        for w in ws:
+            kernel(x, w)
+
+    # alternated, best of 3 each: drift of the machine hits both
+    a = b = float("inf")
+    for _ in range(3):
+        a = min(a, best_ms(through_torch, 1))
+        b = min(b, best_ms(through_kernel, 1))
+    return a / copies, b / copies
+
+
+def _measured(home: Path | None, kernel: Gemv, n: int, k: int, rows: int
+              ) -> tuple[float, float]:
+    """``measure``, cached per machine, thread count and kernel build."""
+    from sureserve.loading.machine import speeds_path
+
+    key = f"{n}x{k}:{rows}"
+    path = None
+    if home is not None:
+        base = speeds_path(home)
+        path = base.with_name(f"gemv-{kernel.key}-{base.name}")
+    cached: dict[str, Any] = {}
+    if path is not None:
+        try:
+            cached = json.loads(path.read_text())
+            a, b = cached[key]
+            return float(a), float(b)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    a, b = measure(kernel, n, k, rows)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**cached, key: [a, b]}))
+            tmp.replace(path)
+        except OSError:
+            pass  # measured again next time
+    return a, b

@@ -1,0 +1,172 @@
+"""sureserve's GEMV kernel for decode steps (generation/native.py, gemv.c): it computes
+``F.linear`` (to float32 rounding) for every shape and row count a decode step gives it,
+the direct step through it gives the forward's logits to rounding and the same greedy
+tokens, the plan follows what was measured (whatever this machine measured), and a machine
+that cannot build it decodes through torch's kernels and says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sureserve.generation import native
+from sureserve.generation.direct import DirectDecode, plan
+from tests.test_direct_decode import _filled, _model
+
+
+@pytest.fixture(scope="module")
+def gemv(tmp_path_factory: pytest.TempPathFactory) -> native.Gemv:
+    kernel, why = native.build(tmp_path_factory.mktemp("home"))
+    if kernel is None:  # a machine without a C compiler: the fallback test below covers it
+        pytest.skip(f"the GEMV kernel is unavailable here: {why}")
+    assert kernel.isa in ("avx512", "avx2", "scalar")
+    return kernel
+
+
+def forced(model: Any, kernel: native.Gemv, rows: int = 16) -> native.KernelPlan:
+    """A plan that sends every float32 linear layer through the kernel, whatever this
+    machine measured (so that the kernel's path is tested on every CPU)."""
+    shapes = {(int(m.weight.shape[0]), int(m.weight.shape[1])): rows
+              for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return native.KernelPlan(kernel, rows, "", {1: (2.0, 1.0)}, shapes)
+
+
+@pytest.mark.parametrize("n,k", [(576, 576), (49, 33), (7, 16), (40, 100), (1, 5)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_the_kernel_is_f_linear(gemv: native.Gemv, m: int, n: int, k: int) -> None:
+    """Row counts, widths that are not a multiple of the vector width or of the block of
+    rows, with and without a bias, 2-D and (rows, 1, k) inputs as a decode step gives."""
+    torch.manual_seed(n * 7 + k)
+    w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(m, 1, k)
+    for bias in (None, b):
+        assert gemv.accepts(x, w, bias)
+        got = gemv(x, w, bias)
+        assert got.shape == (m, 1, n) and got.dtype == torch.float32
+        torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+    flat = gemv(x[:, 0], w, b)
+    torch.testing.assert_close(flat, F.linear(x[:, 0], w, b), rtol=1e-4, atol=1e-4)
+    # a non-contiguous input is made contiguous first (the weight must be: see accepts)
+    wide = torch.randn(m, 2 * k)[:, ::2]
+    torch.testing.assert_close(gemv(wide, w), F.linear(wide, w), rtol=1e-4, atol=1e-4)
+
+
+def test_it_refuses_what_it_cannot_take(gemv: native.Gemv) -> None:
+    w, x = torch.randn(8, 4), torch.randn(2, 4)
+    assert gemv.accepts(x, w, None)
+    assert not gemv.accepts(x.bfloat16(), w.bfloat16(), None)
+    assert not gemv.accepts(x, w.t().contiguous().t(), None)  # column-major weight
+    assert not gemv.accepts(torch.randn(2, 5), w, None)
+    assert not gemv.accepts(x, w, torch.randn(8).double())
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("lengths", [[5, 9, 3], [6]], ids=["padded", "one-row"])
+def test_the_direct_step_through_the_kernel_matches_the_forward(
+        gemv: native.Gemv, kind: str, lengths: list[int]) -> None:
+    """Logits within float32 rounding of the model's forward and the same keys written
+    (qwen2: the q/k/v biases go through the kernel too)."""
+    model = _model(kind)
+    kv, _ = _filled(model, lengths)
+    kv.reserve(1)
+    rows, width = kv.n, kv.width + 1
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (rows, 1))
+    lens = torch.tensor([n + 1 for n in lengths])
+    mask = (torch.arange(width)[None, :] >= (width - lens)[:, None]).long()
+    pos = (lens - 1)[:, None]
+    saved_k, saved_v = kv.k.clone(), kv.v.clone()
+    step = DirectDecode(model, kernel=forced(model, gemv))
+    assert "sureserve's GEMV kernel" in step.describe()
+    with torch.inference_mode():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv.cache,
+                    use_cache=True).logits[:, -1]
+        ref_k = kv.k[:, :rows, :, kv.end].clone()
+        kv.k.copy_(saved_k)
+        kv.v.copy_(saved_v)
+        padded = None if all(n + 1 == width for n in lengths) else mask.bool()
+        got = step.step(ids, pos, kv, padded)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv.k[:, :rows, :, kv.end], ref_k, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_steps_above_the_planned_rows_keep_torchs_kernels(gemv: native.Gemv) -> None:
+    """Above max_rows the step is the bit-identical TorchScript one; a shape planned for
+    fewer rows than the step has goes through F.linear."""
+    model = _model("llama")
+    plan_ = forced(model, gemv, rows=1)
+    step = DirectDecode(model, kernel=plan_)
+    assert plan_.active(1) and not plan_.active(2)
+    w = model.lm_head.weight
+    assert plan_.takes(w, 1) and not plan_.takes(w, 2)
+    plan_.shape_rows[(int(w.shape[0]), int(w.shape[1]))] = 0
+    assert not plan_.takes(w, 1)
+    kv, _ = _filled(model, [4, 6])
+    kv.reserve(1)
+    width = kv.width + 1
+    lens = torch.tensor([5, 7])
+    mask = (torch.arange(width)[None, :] >= (width - lens)[:, None]).long()
+    ids, pos = torch.tensor([[3], [4]]), (lens - 1)[:, None]
+    saved_k, saved_v = kv.k.clone(), kv.v.clone()
+    with torch.inference_mode():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv.cache,
+                    use_cache=True).logits[:, -1]
+        kv.k.copy_(saved_k)
+        kv.v.copy_(saved_v)
+        got = step.step(ids, pos, kv, mask.bool())  # two rows > max_rows 1
+    assert torch.equal(ref, got)
+
+
+def test_the_plan_follows_the_measurement(monkeypatch: pytest.MonkeyPatch,
+                                          gemv: native.Gemv, tmp_path: Path) -> None:
+    """Faked timings (the choice must not depend on this CPU): the kernel serves the longest
+    run of row counts from one where the step's matmuls gain STEP_GAIN, each shape up to
+    where it won; a kernel slower everywhere is not used, with the figures."""
+    model = _model("llama")  # shapes: 64x64 (q, o), 32x64 (k, v), 96x64, 64x96, 300x64
+    timings = {1: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 1.0), 16: (1.0, 2.0)}
+
+    def fake(home: Any, kernel: Any, n: int, k: int, rows: int) -> tuple[float, float]:
+        a, b = timings[rows]
+        if (n, k) == (300, 64) and rows == 8:
+            b = 0.5  # the head still wins at 8 rows
+        return a, b
+
+    monkeypatch.setattr(native, "_measured", fake)
+    got = native.plan(model, "cpu", tmp_path)
+    assert got.max_rows == 4 and got.reason == ""
+    assert got.shape_rows[(300, 64)] == 8 and got.shape_rows[(64, 64)] == 4
+    assert got.step_ms[1][0] > got.step_ms[1][1] * native.STEP_GAIN
+    assert "for steps of up to 4 rows" in got.describe()
+    assert got.to_dict()["shape_rows"]["300x64"] == 8
+    timings.update({1: (1.0, 1.1), 4: (1.0, 0.5)})  # slower at one row: not used at all
+    slow = native.plan(model, "cpu", tmp_path)
+    assert slow.max_rows == 0 and "no faster than F.linear here" in slow.reason
+    assert "torch's matmul kernels (no faster than F.linear" in slow.describe()
+    assert DirectDecode(model, kernel=slow).kernel is None
+
+
+def test_without_a_compiler_decoding_keeps_torchs_kernels_and_says_why(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_BUILT", {})
+    got = native.plan(_model("llama"), "cpu", tmp_path)
+    assert got.kernel is None and "does not run" in got.reason
+    assert got.describe().startswith("torch's matmul kernels (the C compiler")
+    step = plan(_model("llama"), kernel=got)
+    assert step.direct is not None and step.direct.kernel is None
+    assert "TorchScript, bit-identical" in step.describe()
+    assert native.plan(_model("llama"), "cpu", tmp_path, enabled=False).reason == \
+        "decode_kernel is off"
+    assert "another dtype" in native.plan(_model("llama", dtype=torch.bfloat16), "cpu",
+                                          tmp_path).reason
+
+
+def test_the_measurement_is_cached_per_machine(gemv: native.Gemv, tmp_path: Path) -> None:
+    a = native._measured(tmp_path, gemv, 64, 32, 1)
+    assert a[0] > 0 and a[1] > 0
+    assert native._measured(tmp_path, gemv, 64, 32, 1) == a  # read back, not re-measured
+    assert list((tmp_path / "machine").glob(f"gemv-{gemv.key}-*.json"))
