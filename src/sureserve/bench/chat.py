@@ -8,7 +8,8 @@ from the same client (greedy, ``max_tokens`` each, closed-loop clients over loop
   tensors the zoo's smollm2 folder holds (the same precision as ours);
 - ``sureserve``: ``sureserve serve smollm2`` (fp32), with prefix reuse on (the default), and
   for the shared-prefix workload also with it off (``--prefix-cache-mb 0``), and for the
-  short one also with the decode step's layers in Python (``--no-decode-script``).
+  short one also with torch's matmul kernels in every decode step instead of sureserve's
+  GEMV kernel for the small ones (``--no-decode-kernel``).
 
 Workloads: short chat prompts at 1, 8 and 32 clients; and one ~400-token system prompt
 shared by every request, at 32 clients. Output tokens are what each server reports in the
@@ -219,10 +220,10 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                   Contender("sureserve fp32, no prefix reuse",
                             [exe, "serve", "smollm2", "--prefix-cache-mb", "0"],
                             workloads=("shared-prefix",)),
-                  # the decode step's layers in Python instead of TorchScript: what the
-                  # script gains over HTTP, in the same run
-                  Contender("sureserve fp32, Python decode loop",
-                            [exe, "serve", "smollm2", "--no-decode-script"],
+                  # torch's matmul kernels instead of sureserve's GEMV kernel for small
+                  # steps: what the kernel gains over HTTP, in the same run
+                  Contender("sureserve fp32, torch kernels",
+                            [exe, "serve", "smollm2", "--no-decode-kernel"],
                             workloads=("short",))]
     def wants(name: str) -> bool:
         return not only or any(o in name for o in only)

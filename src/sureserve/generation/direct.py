@@ -186,11 +186,23 @@ class DirectDecode:
                             float(self.scaling))
             x = _rms(x, self.final_norm)
             return _apply(self.model._modules["lm_head"], x)[:, -1]
+        gemv = self.kernel.kernel if apply is not _apply and self.kernel is not None else None
         for i, (norm1, attn, norm2, mlp) in enumerate(self.layers):
-            h = _rms(x, norm1)
-            q = apply(attn["q_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
-            k = apply(attn["k_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
-            v = apply(attn["v_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+            fused = gemv is not None and self._fusable(norm1, attn, norm2, mlp, x)
+            if fused:  # RMSNorm and q, k, v in one call of the kernel
+                assert gemv is not None
+                qkv = gemv.norm_qkv(x, norm1._parameters["weight"], norm1.variance_epsilon,
+                                    [(attn[p]._parameters["weight"], attn[p]._parameters["bias"])
+                                     for p in ("q_proj", "k_proj", "v_proj")])
+                nq, nk = attn["q_proj"].out_features, attn["k_proj"].out_features
+                q = qkv[..., :nq].view(rows, 1, -1, d).transpose(1, 2)
+                k = qkv[..., nq:nq + nk].view(rows, 1, -1, d).transpose(1, 2)
+                v = qkv[..., nq + nk:].view(rows, 1, -1, d).transpose(1, 2)
+            else:
+                h = _rms(x, norm1)
+                q = apply(attn["q_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+                k = apply(attn["k_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
+                v = apply(attn["v_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kv.k[i, :n, :, end:end + 1] = k
@@ -208,12 +220,45 @@ class DirectDecode:
                     q.reshape(rows, self.kv_heads, self.groups, d), keys, values,
                     attn_mask=mask, scale=self.scaling)
             o = o.reshape(rows, -1, 1, d).transpose(1, 2).contiguous()
+            if fused:  # the output projection with its residual; the MLP block whole
+                assert gemv is not None
+                p = attn["o_proj"]._parameters
+                x = gemv.linear_add(o.reshape(rows, 1, -1), p["weight"], p["bias"], x)
+                x = gemv.mlp(x, norm2._parameters["weight"], norm2.variance_epsilon,
+                             *(mlp[p]._parameters["weight"]
+                               for p in ("gate_proj", "up_proj", "down_proj")))
+                continue
             x = x + apply(attn["o_proj"], o.reshape(rows, 1, -1).contiguous())
             h = _rms(x, norm2)
             x = x + apply(mlp["down_proj"], F.silu(apply(mlp["gate_proj"], h)) *
                           apply(mlp["up_proj"], h))
         x = _rms(x, self.final_norm)
         return apply(self.model._modules["lm_head"], x)[:, -1]
+
+    def _fusable(self, norm1: Any, attn: dict[str, Any], norm2: Any, mlp: dict[str, Any],
+                 x: torch.Tensor) -> bool:
+        """Whether a layer runs as the kernel's fused calls: every linear layer a plain
+        float32 ``nn.Linear`` the kernel takes, planned for this many rows, no MLP biases,
+        float32 norms and input. Checked at every step (``sureserve quantize`` swaps layers
+        of a live model)."""
+        assert self.kernel is not None and self.kernel.kernel is not None
+        gemv, rows = self.kernel.kernel, x.shape[0]
+        f32 = torch.float32
+        if x.dtype != f32 or norm1._parameters["weight"].dtype != f32 \
+                or norm2._parameters["weight"].dtype != f32:
+            return False
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            m = attn[name]
+            if m.__class__ is not _LINEAR or not gemv.takes_weight(m.weight, m.bias) \
+                    or not self.kernel.takes(m.weight, rows):
+                return False
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            m = mlp[name]
+            if m.__class__ is not _LINEAR or m.bias is not None \
+                    or not gemv.takes_weight(m.weight, None) \
+                    or not self.kernel.takes(m.weight, rows):
+                return False
+        return True
 
     def _kernel_apply(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """``_apply`` through the GEMV kernel where it takes the layer (a plain float32

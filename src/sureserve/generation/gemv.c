@@ -13,6 +13,7 @@
  * rows of W are read side by side (enough loads in flight to keep DRAM busy).
  * The threads are OpenMP's: the same libgomp torch loaded, so one pool, sized by
  * torch.set_num_threads. */
+#include <math.h>
 #include <stddef.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -60,48 +61,118 @@ static inline float dot_from(const float *x, const float *w, int k, int K, float
     return s;
 }
 
+/* out[r] = x . w[n0 + r] for r < rows (rows <= R): R rows of W read side by side */
+static inline void block_dot(const float *xm, const float *w, int n0, int rows, int K,
+                             float *out) {
+    if (rows == R) {
+        int k = 0;
+        float s[R];
+#if defined(VW)
+        vec acc[R];
+        for (int r = 0; r < R; r++) acc[r] = vzero();
+        for (; k + VW <= K; k += VW) {
+            vec xv = vload(xm + k);
+            #pragma GCC unroll 16
+            for (int r = 0; r < R; r++)
+                acc[r] = vfma(vload(w + (size_t)(n0 + r) * K + k), xv, acc[r]);
+        }
+        for (int r = 0; r < R; r++) s[r] = vsum(acc[r]);
+#else
+        for (int r = 0; r < R; r++) s[r] = 0.0f;
+#endif
+        for (int r = 0; r < R; r++) out[r] = dot_from(xm, w + (size_t)(n0 + r) * K, k, K, s[r]);
+        return;
+    }
+    for (int r = 0; r < rows; r++) {  /* the last, partial block */
+        const float *wr = w + (size_t)(n0 + r) * K;
+        int k = 0;
+        float s0 = 0.0f;
+#if defined(VW)
+        vec acc = vzero();
+        for (; k + VW <= K; k += VW) acc = vfma(vload(wr + k), vload(xm + k), acc);
+        s0 = vsum(acc);
+#endif
+        out[r] = dot_from(xm, wr, k, K, s0);
+    }
+}
+
+/* y[m, n] = x[m] . w[n] + b[n] (+ res[m, n]) for the blocks of n in this thread's share;
+ * x has row stride ldx, y and res ldy. Called inside a parallel region. */
+static void gemv_for(const float *x, int ldx, const float *w, const float *b,
+                     const float *res, float *y, int ldy, int M, int N, int K) {
+    int blocks = (N + R - 1) / R;
+    #pragma omp for schedule(static)
+    for (int blk = 0; blk < blocks; blk++) {
+        int n0 = blk * R, rows = N - n0 < R ? N - n0 : R;
+        for (int m = 0; m < M; m++) {
+            float out[R];
+            block_dot(x + (size_t)m * ldx, w, n0, rows, K, out);
+            float *ym = y + (size_t)m * ldy + n0;
+            const float *rm = res ? res + (size_t)m * ldy + n0 : 0;
+            for (int r = 0; r < rows; r++)
+                ym[r] = out[r] + (b ? b[n0 + r] : 0.0f) + (rm ? rm[r] : 0.0f);
+        }
+    }
+}
+
+/* h[m] = weight * (x[m] * rsqrt(mean(x[m]^2) + eps)): LlamaRMSNorm in float32 */
+static void rms_norm(const float *x, const float *weight, float eps, float *h, int M, int K) {
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * K;
+        double ss = 0.0;
+        for (int k = 0; k < K; k++) ss += (double)xm[k] * xm[k];
+        float r = 1.0f / sqrtf((float)(ss / K) + eps);
+        for (int k = 0; k < K; k++) h[(size_t)m * K + k] = weight[k] * (xm[k] * r);
+    }
+}
+
+/* y = x W^T (+ b): one linear layer */
 void sureserve_gemv(const float *x, const float *w, const float *b, float *y, int M, int N,
                     int K) {
-    int blocks = (N + R - 1) / R;
-    #pragma omp parallel for schedule(static)
-    for (int blk = 0; blk < blocks; blk++) {
-        int n0 = blk * R;
-        int rows = N - n0 < R ? N - n0 : R;
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * K;
-            float *ym = y + (size_t)m * N + n0;
-            if (rows == R) {
-                int k = 0;
-                float s[R];
-#if defined(VW)
-                vec acc[R];
-                for (int r = 0; r < R; r++) acc[r] = vzero();
-                for (; k + VW <= K; k += VW) {
-                    vec xv = vload(xm + k);
-                    #pragma GCC unroll 16
-                    for (int r = 0; r < R; r++)
-                        acc[r] = vfma(vload(w + (size_t)(n0 + r) * K + k), xv, acc[r]);
-                }
-                for (int r = 0; r < R; r++) s[r] = vsum(acc[r]);
-#else
-                for (int r = 0; r < R; r++) s[r] = 0.0f;
-#endif
-                for (int r = 0; r < R; r++)
-                    ym[r] = dot_from(xm, w + (size_t)(n0 + r) * K, k, K, s[r]) +
-                            (b ? b[n0 + r] : 0.0f);
-            } else {  /* the last, partial block */
-                for (int r = 0; r < rows; r++) {
-                    const float *wr = w + (size_t)(n0 + r) * K;
-                    int k = 0;
-                    float s0 = 0.0f;
-#if defined(VW)
-                    vec acc = vzero();
-                    for (; k + VW <= K; k += VW) acc = vfma(vload(wr + k), vload(xm + k), acc);
-                    s0 = vsum(acc);
-#endif
-                    ym[r] = dot_from(xm, wr, k, K, s0) + (b ? b[n0 + r] : 0.0f);
-                }
-            }
+    #pragma omp parallel
+    gemv_for(x, K, w, b, 0, y, N, M, N, K);
+}
+
+/* y = res + x W^T (+ b): the attention's output projection and its residual */
+void sureserve_gemv_add(const float *x, const float *w, const float *b, const float *res,
+                        float *y, int M, int N, int K) {
+    #pragma omp parallel
+    gemv_for(x, K, w, b, res, y, N, M, N, K);
+}
+
+/* y = [h W1^T + b1 | h W2^T + b2 | h W3^T + b3], h = RMSNorm(x) (norm_w may be NULL: h = x);
+ * y is (M, n1 + n2 + n3), h is scratch (M, K): the attention's q, k and v in one call */
+void sureserve_norm_gemv3(const float *x, const float *norm_w, float eps, float *h, int M,
+                          int K, const float *w1, const float *b1, int n1, const float *w2,
+                          const float *b2, int n2, const float *w3, const float *b3, int n3,
+                          float *y) {
+    int ld = n1 + n2 + n3;
+    const float *in = x;
+    if (norm_w) { rms_norm(x, norm_w, eps, h, M, K); in = h; }
+    #pragma omp parallel
+    {
+        gemv_for(in, K, w1, b1, 0, y, ld, M, n1, K);  /* each "omp for" ends in a barrier */
+        gemv_for(in, K, w2, b2, 0, y + n1, ld, M, n2, K);
+        gemv_for(in, K, w3, b3, 0, y + n1 + n2, ld, M, n3, K);
+    }
+}
+
+/* y = x + down(silu(gate(h)) * up(h)), h = RMSNorm(x): a Llama MLP block and its residual.
+ * h (M, K) and a (M, 2F) are scratch. */
+void sureserve_mlp(const float *x, const float *norm_w, float eps, const float *wg,
+                   const float *wu, const float *wd, float *h, float *a, float *y, int M,
+                   int K, int F) {
+    rms_norm(x, norm_w, eps, h, M, K);
+    #pragma omp parallel
+    {
+        gemv_for(h, K, wg, 0, 0, a, 2 * F, M, F, K);
+        gemv_for(h, K, wu, 0, 0, a + F, 2 * F, M, F, K);
+        #pragma omp for schedule(static)
+        for (int i = 0; i < M * F; i++) {
+            int m = i / F, f = i % F;
+            float g = a[(size_t)m * 2 * F + f], u = a[(size_t)m * 2 * F + F + f];
+            a[(size_t)m * 2 * F + f] = g / (1.0f + expf(-g)) * u;
         }
+        gemv_for(a, 2 * F, wd, 0, x, y, K, M, K, F);  /* a's rows: silu(g) * u, then u */
     }
 }

@@ -37,6 +37,7 @@ log = logging.getLogger("sureserve.generation")
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 #: row counts the kernel is measured at; it serves up to the largest one where it wins
 ROWS = (1, 4, 8, 16)
 #: a weight shape goes through the kernel at a row count where it beat F.linear by this
@@ -60,10 +61,13 @@ class Gemv:
 
     def __init__(self, lib: ctypes.CDLL, key: str) -> None:
         self.key = key
-        fn = lib.sureserve_gemv
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-        fn.restype = None
-        self._fn = fn  # ctypes releases the GIL for the call
+        P, N, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        # ctypes releases the GIL for each call
+        self._fn = _bind(lib.sureserve_gemv, [P, P, P, P, N, N, N])
+        self._add = _bind(lib.sureserve_gemv_add, [P, P, P, P, P, N, N, N])
+        self._qkv = _bind(lib.sureserve_norm_gemv3,
+                          [P, P, Fl, P, N, N, P, P, N, P, P, N, P, P, N, P])
+        self._mlp = _bind(lib.sureserve_mlp, [P, P, Fl, P, P, P, P, P, P, N, N, N])
         isa = lib.sureserve_gemv_isa
         isa.restype = ctypes.c_char_p
         self.isa: str = isa().decode()
@@ -72,10 +76,18 @@ class Gemv:
     def accepts(x: Any, weight: Any, bias: Any) -> bool:
         import torch
 
+        return (x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.shape[-1] == weight.shape[1] and Gemv.takes_weight(weight, bias))
+
+    @staticmethod
+    def takes_weight(weight: Any, bias: Any) -> bool:
+        """A float32 CPU weight, row-major contiguous (nn.Linear's own layout), and a
+        float32 contiguous bias or none."""
+        import torch
+
         f32 = torch.float32
-        return (x.dtype == f32 and weight.dtype == f32 and x.device.type == "cpu"
-                and weight.device.type == "cpu" and weight.dim() == 2
-                and weight.is_contiguous() and x.shape[-1] == weight.shape[1]
+        return (weight.dtype == f32 and weight.device.type == "cpu" and weight.dim() == 2
+                and weight.is_contiguous()
                 and (bias is None or (bias.dtype == f32 and bias.is_contiguous())))
 
     def __call__(self, x: Any, weight: Any, bias: Any = None) -> Any:
@@ -84,9 +96,67 @@ class Gemv:
         x = x.contiguous()
         k, n = weight.shape[1], weight.shape[0]
         y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-        self._fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                 y.data_ptr(), x.numel() // k, n, k)
+        self._fn(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), x.numel() // k,
+                 n, k)
         return y
+
+
+    # The fused calls of one Llama decoder layer (``DirectDecode``'s kernel path): fewer,
+    # larger calls, so that the small operations between the matmuls (RMSNorm, the bias,
+    # SiLU, the residual adds) stop costing a Python call each. Inputs: contiguous float32
+    # (rows, 1, width) activations; the caller checked the weights with ``accepts``.
+
+    def linear_add(self, x: Any, weight: Any, bias: Any, residual: Any) -> Any:
+        """``residual + F.linear(x, weight, bias)``."""
+        import torch
+
+        x = x.contiguous()
+        n, k = weight.shape
+        y = torch.empty_like(residual)
+        self._add(x.data_ptr(), weight.data_ptr(), _ptr(bias), residual.data_ptr(),
+                  y.data_ptr(), x.numel() // k, n, k)
+        return y
+
+    def norm_qkv(self, x: Any, norm_weight: Any, eps: float,
+                 linears: list[tuple[Any, Any]]) -> Any:
+        """``cat([F.linear(rms_norm(x), w, b) for w, b in linears], -1)`` for three
+        linear layers of the same input width (q, k and v)."""
+        import torch
+
+        (w1, b1), (w2, b2), (w3, b3) = linears
+        k = w1.shape[1]
+        rows = x.numel() // k
+        h = torch.empty(rows, k, dtype=torch.float32)
+        y = torch.empty(*x.shape[:-1], w1.shape[0] + w2.shape[0] + w3.shape[0],
+                        dtype=torch.float32)
+        self._qkv(x.data_ptr(), norm_weight.data_ptr(), eps, h.data_ptr(), rows, k,
+                  w1.data_ptr(), _ptr(b1), w1.shape[0], w2.data_ptr(), _ptr(b2), w2.shape[0],
+                  w3.data_ptr(), _ptr(b3), w3.shape[0], y.data_ptr())
+        return y
+
+    def mlp(self, x: Any, norm_weight: Any, eps: float, gate: Any, up: Any,
+            down: Any) -> Any:
+        """``x + down(silu(gate(h)) * up(h))`` with ``h = rms_norm(x)`` (no biases)."""
+        import torch
+
+        k, f = x.shape[-1], gate.shape[0]
+        rows = x.numel() // k
+        h = torch.empty(rows, k, dtype=torch.float32)
+        a = torch.empty(rows, 2 * f, dtype=torch.float32)
+        y = torch.empty_like(x)
+        self._mlp(x.data_ptr(), norm_weight.data_ptr(), eps, gate.data_ptr(), up.data_ptr(),
+                  down.data_ptr(), h.data_ptr(), a.data_ptr(), y.data_ptr(), rows, k, f)
+        return y
+
+
+def _bind(fn: Any, argtypes: list[Any]) -> Any:
+    fn.argtypes = argtypes
+    fn.restype = None
+    return fn
+
+
+def _ptr(t: Any) -> int | None:
+    return None if t is None else int(t.data_ptr())
 
 
 def _cpu_flags() -> str:
@@ -116,7 +186,7 @@ def build(home: Path | None) -> tuple[Gemv | None, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"the C compiler {compiler!r} does not run ({exc})"
     key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + version.encode()
-                         + " ".join(FLAGS).encode() + torch.__version__.encode()
+                         + " ".join(FLAGS + LIBS).encode() + torch.__version__.encode()
                          ).hexdigest()[:16]
     with _LOCK:
         if key in _BUILT:
@@ -129,7 +199,7 @@ def build(home: Path | None) -> tuple[Gemv | None, str]:
             if not so.exists():
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = so.with_suffix(f".{os.getpid()}.tmp.so")
-                r = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)],
+                r = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), *LIBS],
                                    capture_output=True, text=True, timeout=120)
                 if r.returncode != 0:
                     raise OSError(f"{compiler} failed: {r.stderr.strip()[-300:]}")
