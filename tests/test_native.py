@@ -63,13 +63,35 @@ def test_it_refuses_what_it_cannot_take(gemv: native.Gemv) -> None:
     assert not gemv.accepts(x, w, torch.randn(8).double())
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def _mlp_bias_llama() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.test_direct_decode import COMMON
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, mlp_bias=True)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.mlp.down_proj.bias, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama-mlp-bias"])
 @pytest.mark.parametrize("lengths", [[5, 9, 3], [6]], ids=["padded", "one-row"])
 def test_the_direct_step_through_the_kernel_matches_the_forward(
         gemv: native.Gemv, kind: str, lengths: list[int]) -> None:
-    """Logits within float32 rounding of the model's forward and the same keys written
-    (qwen2: the q/k/v biases go through the kernel too)."""
-    model = _model(kind)
+    """Logits within float32 rounding of the model's forward and the same keys written.
+    A Llama layer runs as the kernel's three fused calls (qwen2: with the q/k/v biases);
+    a layer the fused calls do not cover (MLP biases) takes the kernel one linear layer at
+    a time."""
+    model = _mlp_bias_llama() if kind == "llama-mlp-bias" else _model(kind)
+    fused = []
+    real = DirectDecode._fusable
+
+    def spy(self: Any, *args: Any) -> bool:
+        fused.append(real(self, *args))
+        return fused[-1]
     kv, _ = _filled(model, lengths)
     kv.reserve(1)
     rows, width = kv.n, kv.width + 1
@@ -88,7 +110,10 @@ def test_the_direct_step_through_the_kernel_matches_the_forward(
         kv.k.copy_(saved_k)
         kv.v.copy_(saved_v)
         padded = None if all(n + 1 == width for n in lengths) else mask.bool()
-        got = step.step(ids, pos, kv, padded)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(DirectDecode, "_fusable", spy)
+            got = step.step(ids, pos, kv, padded)
+    assert fused == [kind != "llama-mlp-bias"] * 2  # two layers
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(kv.k[:, :rows, :, kv.end], ref_k, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))

@@ -61,39 +61,69 @@ static inline float dot_from(const float *x, const float *w, int k, int K, float
     return s;
 }
 
-/* out[r] = x . w[n0 + r] for r < rows (rows <= R): R rows of W read side by side */
-static inline void block_dot(const float *xm, const float *w, int n0, int rows, int K,
-                             float *out) {
-    if (rows == R) {
-        int k = 0;
-        float s[R];
+/* out[m * NT + n] = x[m] . w[n] for m < MT, n < NT: MT rows of x against NT rows of W,
+ * MT x NT accumulators in registers (each loaded vector of W serves MT rows of x, each
+ * vector of x NT rows of W). Inlined with constant MT and NT, so the loops unroll. */
+static inline __attribute__((always_inline)) void tile(const float *x, int ldx,
+                                                       const float *w, int K, int MT,
+                                                       int NT, float *out) {
+    int k = 0;
+    float s[16];
 #if defined(VW)
-        vec acc[R];
-        for (int r = 0; r < R; r++) acc[r] = vzero();
-        for (; k + VW <= K; k += VW) {
-            vec xv = vload(xm + k);
-            #pragma GCC unroll 16
-            for (int r = 0; r < R; r++)
-                acc[r] = vfma(vload(w + (size_t)(n0 + r) * K + k), xv, acc[r]);
+    vec acc[16];
+    for (int i = 0; i < MT * NT; i++) acc[i] = vzero();
+    for (; k + VW <= K; k += VW) {
+        vec xv[4];
+        for (int m = 0; m < MT; m++) xv[m] = vload(x + (size_t)m * ldx + k);
+        for (int n = 0; n < NT; n++) {
+            vec wv = vload(w + (size_t)n * K + k);
+            for (int m = 0; m < MT; m++) acc[m * NT + n] = vfma(wv, xv[m], acc[m * NT + n]);
         }
-        for (int r = 0; r < R; r++) s[r] = vsum(acc[r]);
+    }
+    for (int i = 0; i < MT * NT; i++) s[i] = vsum(acc[i]);
 #else
-        for (int r = 0; r < R; r++) s[r] = 0.0f;
+    for (int i = 0; i < MT * NT; i++) s[i] = 0.0f;
 #endif
-        for (int r = 0; r < R; r++) out[r] = dot_from(xm, w + (size_t)(n0 + r) * K, k, K, s[r]);
+    for (int m = 0; m < MT; m++)
+        for (int n = 0; n < NT; n++)
+            out[m * NT + n] = dot_from(x + (size_t)m * ldx, w + (size_t)n * K, k, K,
+                                       s[m * NT + n]);
+}
+
+#if defined(__AVX512F__)
+#define MT_MAX 4 /* 32 vector registers: 4 x 4 accumulators, 4 of x, 1 of W */
+#else
+#define MT_MAX 2 /* 16 vector registers: 2 x 4 accumulators */
+#endif
+
+/* one row of x against rows n0 .. n0 + rows of W (rows <= R) */
+static inline void one_row(const float *xm, const float *w, int n0, int rows, int K,
+                           float *out) {
+    if (rows == R) {
+        tile(xm, K, w + (size_t)n0 * K, K, 1, R, out);
         return;
     }
-    for (int r = 0; r < rows; r++) {  /* the last, partial block */
-        const float *wr = w + (size_t)(n0 + r) * K;
-        int k = 0;
-        float s0 = 0.0f;
-#if defined(VW)
-        vec acc = vzero();
-        for (; k + VW <= K; k += VW) acc = vfma(vload(wr + k), vload(xm + k), acc);
-        s0 = vsum(acc);
+    for (int r = 0; r < rows; r++) tile(xm, K, w + (size_t)(n0 + r) * K, K, 1, 1, out + r);
+}
+
+/* mt rows of x (mt <= MT_MAX) against 4 rows of W from row n (or fewer: nt); out is
+ * (mt, 4) */
+static inline void sub_tile(const float *x, int ldx, const float *w, int n, int K, int mt,
+                            int nt, float *out) {
+    const float *wn = w + (size_t)n * K;
+    if (nt == 4) {
+        switch (mt) {
+        case 1: tile(x, ldx, wn, K, 1, 4, out); return;
+        case 2: tile(x, ldx, wn, K, 2, 4, out); return;
+#if MT_MAX >= 4
+        case 3: tile(x, ldx, wn, K, 3, 4, out); return;
+        case 4: tile(x, ldx, wn, K, 4, 4, out); return;
 #endif
-        out[r] = dot_from(xm, wr, k, K, s0);
+        }
     }
+    for (int j = 0; j < nt; j++)  /* a partial block's last rows of W */
+        for (int m = 0; m < mt; m++)
+            tile(x + (size_t)m * ldx, ldx, wn + (size_t)j * K, K, 1, 1, out + m * 4 + j);
 }
 
 /* y[m, n] = x[m] . w[n] + b[n] (+ res[m, n]) for the blocks of n in this thread's share;
@@ -104,13 +134,29 @@ static void gemv_for(const float *x, int ldx, const float *w, const float *b,
     #pragma omp for schedule(static)
     for (int blk = 0; blk < blocks; blk++) {
         int n0 = blk * R, rows = N - n0 < R ? N - n0 : R;
-        for (int m = 0; m < M; m++) {
+        if (M == 1) {  /* one row: R rows of W side by side (memory-bound: many streams) */
             float out[R];
-            block_dot(x + (size_t)m * ldx, w, n0, rows, K, out);
-            float *ym = y + (size_t)m * ldy + n0;
-            const float *rm = res ? res + (size_t)m * ldy + n0 : 0;
+            one_row(x, w, n0, rows, K, out);
             for (int r = 0; r < rows; r++)
-                ym[r] = out[r] + (b ? b[n0 + r] : 0.0f) + (rm ? rm[r] : 0.0f);
+                y[n0 + r] = out[r] + (b ? b[n0 + r] : 0.0f) + (res ? res[n0 + r] : 0.0f);
+            continue;
+        }
+        /* several rows: register tiles of MT_MAX rows of x by 4 rows of W, the block of W
+         * read again from the caches for each tile of x rows */
+        for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+            int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+            for (int n = n0; n < n0 + rows; n += 4) {
+                int nt = n0 + rows - n < 4 ? n0 + rows - n : 4;
+                float out[4 * 4];
+                sub_tile(x + (size_t)m0 * ldx, ldx, w, n, K, mt, nt, out);
+                for (int m = 0; m < mt; m++) {
+                    float *ym = y + (size_t)(m0 + m) * ldy;
+                    const float *rm = res ? res + (size_t)(m0 + m) * ldy : 0;
+                    for (int j = 0; j < nt; j++)
+                        ym[n + j] = out[m * 4 + j] + (b ? b[n + j] : 0.0f) +
+                                    (rm ? rm[n + j] : 0.0f);
+                }
+            }
         }
     }
 }
