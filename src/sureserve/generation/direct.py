@@ -187,13 +187,16 @@ class DirectDecode:
             x = _rms(x, self.final_norm)
             return _apply(self.model._modules["lm_head"], x)[:, -1]
         gemv = self.kernel.kernel if apply is not _apply and self.kernel is not None else None
+        # the fused calls take the rotary tables flat: (rows, head_dim) each
+        rotary = (cos.reshape(rows, d).contiguous(), sin.reshape(rows, d).contiguous()) \
+            if gemv is not None and cos.dtype == torch.float32 else None
         for i, (norm1, attn, norm2, mlp) in enumerate(self.layers):
-            fused = gemv is not None and self._fusable(norm1, attn, norm2, mlp, x)
-            if fused:  # RMSNorm and q, k, v in one call of the kernel
+            fused = rotary is not None and self._fusable(norm1, attn, norm2, mlp, x)
+            if fused:  # RMSNorm, q, k, v and the rotary embedding in one call of the kernel
                 assert gemv is not None
                 qkv = gemv.norm_qkv(x, norm1._parameters["weight"], norm1.variance_epsilon,
                                     [(attn[p]._parameters["weight"], attn[p]._parameters["bias"])
-                                     for p in ("q_proj", "k_proj", "v_proj")])
+                                     for p in ("q_proj", "k_proj", "v_proj")], rotary)
                 nq, nk = attn["q_proj"].out_features, attn["k_proj"].out_features
                 q = qkv[..., :nq].view(rows, 1, -1, d).transpose(1, 2)
                 k = qkv[..., nq:nq + nk].view(rows, 1, -1, d).transpose(1, 2)
@@ -203,8 +206,8 @@ class DirectDecode:
                 q = apply(attn["q_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
                 k = apply(attn["k_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
                 v = apply(attn["v_proj"], h).view(rows, 1, -1, d).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
             kv.k[i, :n, :, end:end + 1] = k
             kv.v[i, :n, :, end:end + 1] = v
             keys = kv.k[i, :n, :, start:end + 1]

@@ -187,11 +187,14 @@ void sureserve_gemv_add(const float *x, const float *w, const float *b, const fl
 }
 
 /* y = [h W1^T + b1 | h W2^T + b2 | h W3^T + b3], h = RMSNorm(x) (norm_w may be NULL: h = x);
- * y is (M, n1 + n2 + n3), h is scratch (M, K): the attention's q, k and v in one call */
+ * y is (M, n1 + n2 + n3), h is scratch (M, K): the attention's q, k and v in one call.
+ * With cos and sin ((M, d) each; NULL: none), the rotary embedding is applied to the
+ * first n1 + n2 columns (q and k) in heads of d, as transformers' apply_rotary_pos_emb:
+ * x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2]). */
 void sureserve_norm_gemv3(const float *x, const float *norm_w, float eps, float *h, int M,
                           int K, const float *w1, const float *b1, int n1, const float *w2,
                           const float *b2, int n2, const float *w3, const float *b3, int n3,
-                          float *y) {
+                          float *y, const float *cos, const float *sin, int d) {
     int ld = n1 + n2 + n3;
     const float *in = x;
     if (norm_w) { rms_norm(x, norm_w, eps, h, M, K); in = h; }
@@ -200,6 +203,20 @@ void sureserve_norm_gemv3(const float *x, const float *norm_w, float eps, float 
         gemv_for(in, K, w1, b1, 0, y, ld, M, n1, K);  /* each "omp for" ends in a barrier */
         gemv_for(in, K, w2, b2, 0, y + n1, ld, M, n2, K);
         gemv_for(in, K, w3, b3, 0, y + n1 + n2, ld, M, n3, K);
+        if (cos && sin && d > 1) {
+            int heads = (n1 + n2) / d, half = d / 2;
+            #pragma omp for schedule(static)
+            for (int i = 0; i < M * heads; i++) {
+                int m = i / heads;
+                float *v = y + (size_t)m * ld + (size_t)(i % heads) * d;
+                const float *c = cos + (size_t)m * d, *sn = sin + (size_t)m * d;
+                for (int j = 0; j < half; j++) {
+                    float lo = v[j], hi = v[j + half];
+                    v[j] = lo * c[j] - hi * sn[j];
+                    v[j + half] = hi * c[j + half] + lo * sn[j + half];
+                }
+            }
+        }
     }
 }
 

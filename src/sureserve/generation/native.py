@@ -66,7 +66,7 @@ class Gemv:
         self._fn = _bind(lib.sureserve_gemv, [P, P, P, P, N, N, N])
         self._add = _bind(lib.sureserve_gemv_add, [P, P, P, P, P, N, N, N])
         self._qkv = _bind(lib.sureserve_norm_gemv3,
-                          [P, P, Fl, P, N, N, P, P, N, P, P, N, P, P, N, P])
+                          [P, P, Fl, P, N, N, P, P, N, P, P, N, P, P, N, P, P, P, N])
         self._mlp = _bind(lib.sureserve_mlp, [P, P, Fl, P, P, P, P, P, P, N, N, N])
         isa = lib.sureserve_gemv_isa
         isa.restype = ctypes.c_char_p
@@ -118,12 +118,16 @@ class Gemv:
         return y
 
     def norm_qkv(self, x: Any, norm_weight: Any, eps: float,
-                 linears: list[tuple[Any, Any]]) -> Any:
+                 linears: list[tuple[Any, Any]], rotary: tuple[Any, Any] | None = None
+                 ) -> Any:
         """``cat([F.linear(rms_norm(x), w, b) for w, b in linears], -1)`` for three
-        linear layers of the same input width (q, k and v)."""
+        linear layers of the same input width (q, k and v); with ``rotary`` = (cos, sin),
+        each ``(rows, head_dim)`` float32 contiguous, the rotary embedding is applied to
+        the first two's heads (q and k), as ``apply_rotary_pos_emb`` does."""
         import torch
 
         (w1, b1), (w2, b2), (w3, b3) = linears
+        cos, sin = rotary if rotary is not None else (None, None)
         k = w1.shape[1]
         rows = x.numel() // k
         h = torch.empty(rows, k, dtype=torch.float32)
@@ -131,7 +135,8 @@ class Gemv:
                         dtype=torch.float32)
         self._qkv(x.data_ptr(), norm_weight.data_ptr(), eps, h.data_ptr(), rows, k,
                   w1.data_ptr(), _ptr(b1), w1.shape[0], w2.data_ptr(), _ptr(b2), w2.shape[0],
-                  w3.data_ptr(), _ptr(b3), w3.shape[0], y.data_ptr())
+                  w3.data_ptr(), _ptr(b3), w3.shape[0], y.data_ptr(), _ptr(cos), _ptr(sin),
+                  0 if cos is None else cos.shape[-1])
         return y
 
     def mlp(self, x: Any, norm_weight: Any, eps: float, gate: Any, up: Any,
