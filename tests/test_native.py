@@ -195,3 +195,33 @@ def test_the_measurement_is_cached_per_machine(gemv: native.Gemv, tmp_path: Path
     assert a[0] > 0 and a[1] > 0
     assert native._measured(tmp_path, gemv, 64, 32, 1) == a  # read back, not re-measured
     assert list((tmp_path / "machine").glob(f"gemv-{gemv.key}-*.json"))
+
+
+@pytest.mark.parametrize("march,isa", [("x86-64-v3", "avx2"), ("x86-64", "scalar")])
+def test_the_other_instruction_sets_compute_the_same(march: str, isa: str, tmp_path: Path
+                                                     ) -> None:
+    """The AVX2 and plain-C builds (what an AVX2-only or another CPU compiles) checked on
+    this machine too: every entry point against torch, to float32 rounding."""
+    flags = native._cpu_flags().split()
+    if isa == "avx2" and not {"avx2", "fma"} <= set(flags):
+        pytest.skip("this CPU cannot run AVX2 code")
+    kernel, why = native.build(tmp_path, march=march)
+    if kernel is None:
+        pytest.skip(f"the GEMV kernel is unavailable here: {why}")
+    assert kernel.isa == isa
+    torch.manual_seed(0)
+    for m in (1, 3, 5):
+        x, res = torch.randn(m, 1, 40), torch.randn(m, 1, 40)
+        w, b = torch.randn(40, 40), torch.randn(40)
+        tol = dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kernel(x, w, b), F.linear(x, w, b), **tol)
+        torch.testing.assert_close(kernel.linear_add(x, w, b, res), res + F.linear(x, w, b),
+                                   **tol)
+        norm = torch.rand(40) + 0.5
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm
+        ws = [(torch.randn(n, 40), torch.randn(n)) for n in (16, 8, 8)]
+        ref = torch.cat([F.linear(h, wi, bi) for wi, bi in ws], -1)
+        torch.testing.assert_close(kernel.norm_qkv(x, norm, 1e-5, ws), ref, **tol)
+        gate, up, down = torch.randn(24, 40), torch.randn(24, 40), torch.randn(40, 24)
+        mlp = x + F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
+        torch.testing.assert_close(kernel.mlp(x, norm, 1e-5, gate, up, down), mlp, **tol)

@@ -9,8 +9,12 @@
  *
  * Layout: W is nn.Linear's weight, row-major (N, K), contiguous; x is (M, K), y is (M, N),
  * both contiguous float32. Each thread takes a contiguous run of R-row blocks of W (one
- * stream of memory per thread) and, for every row of x, keeps R accumulators so that R
- * rows of W are read side by side (enough loads in flight to keep DRAM busy).
+ * stream of memory per thread). One row of x keeps R accumulators, so that R rows of W are
+ * read side by side (enough loads in flight to keep DRAM busy); several rows use register
+ * tiles of MT_MAX rows of x by 4 rows of W (each loaded vector used several times). Beside
+ * the plain product, three fused entry points cover a Llama decoder layer (RMSNorm + q/k/v
+ * + rotary; output projection + residual; the MLP block), so that the operations between
+ * the matmuls do not each cost a Python call.
  * The threads are OpenMP's: the same libgomp torch loaded, so one pool, sized by
  * torch.set_num_threads. */
 #include <math.h>

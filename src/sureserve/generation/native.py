@@ -5,7 +5,7 @@ Why: a decode step at a few rows is bound by how fast the weights stream from me
 torch's CPU GEMM reads a skinny product's weights far below the memory's speed on some
 CPUs (an AMD EPYC: ~11 GB/s through ``F.linear`` where a plain FMA loop over the same
 row-major weight reads ~25 GB/s; BENCHMARKS.md "Generation: a GEMV kernel for the decode
-step"). The kernel is ~100 lines of C compiled once per machine with ``-march=native``
+step"). The kernel is ~250 lines of C compiled once per machine with ``-march=native``
 (AVX-512, AVX2 or plain C, whichever this CPU has) and kept under
 ``<home>/kernels/``; loading it needs a C compiler the first time (``cc``, or ``$CC``).
 
@@ -36,7 +36,7 @@ from typing import Any
 log = logging.getLogger("sureserve.generation")
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 #: row counts the kernel is measured at; it serves up to the largest one where it wins
 ROWS = (1, 4, 8, 16)
@@ -177,9 +177,10 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(home: Path | None) -> tuple[Gemv | None, str]:
+def build(home: Path | None, march: str = "native") -> tuple[Gemv | None, str]:
     """(the kernel, "") or (None, why it is unavailable); compiled once per machine and
-    source (cached under ``<home>/kernels/``), loaded once per process."""
+    source (cached under ``<home>/kernels/``), loaded once per process. ``march``: the
+    instruction set compiled for (the tests build the other ones too)."""
     import torch  # first: the kernel's libgomp must resolve to the one torch loaded
 
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -190,8 +191,9 @@ def build(home: Path | None) -> tuple[Gemv | None, str]:
                                  timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"the C compiler {compiler!r} does not run ({exc})"
+    flags = (*FLAGS, f"-march={march}")
     key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + version.encode()
-                         + " ".join(FLAGS + LIBS).encode() + torch.__version__.encode()
+                         + " ".join(flags + LIBS).encode() + torch.__version__.encode()
                          ).hexdigest()[:16]
     with _LOCK:
         if key in _BUILT:
@@ -204,7 +206,7 @@ def build(home: Path | None) -> tuple[Gemv | None, str]:
             if not so.exists():
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = so.with_suffix(f".{os.getpid()}.tmp.so")
-                r = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), *LIBS],
+                r = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), *LIBS],
                                    capture_output=True, text=True, timeout=120)
                 if r.returncode != 0:
                     raise OSError(f"{compiler} failed: {r.stderr.strip()[-300:]}")
