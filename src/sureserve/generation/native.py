@@ -110,7 +110,7 @@ class Gemv:
         """``residual + F.linear(x, weight, bias)``."""
         import torch
 
-        x = x.contiguous()
+        x, residual = x.contiguous(), residual.contiguous()
         n, k = weight.shape
         y = torch.empty_like(residual)
         self._add(x.data_ptr(), weight.data_ptr(), _ptr(bias), residual.data_ptr(),
@@ -128,6 +128,7 @@ class Gemv:
 
         (w1, b1), (w2, b2), (w3, b3) = linears
         cos, sin = rotary if rotary is not None else (None, None)
+        x = x.contiguous()
         k = w1.shape[1]
         rows = x.numel() // k
         h = torch.empty(rows, k, dtype=torch.float32)
@@ -144,6 +145,7 @@ class Gemv:
         """``x + down(silu(gate(h)) * up(h))`` with ``h = rms_norm(x)`` (no biases)."""
         import torch
 
+        x = x.contiguous()
         k, f = x.shape[-1], gate.shape[0]
         rows = x.numel() // k
         h = torch.empty(rows, k, dtype=torch.float32)
