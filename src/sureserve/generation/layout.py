@@ -23,9 +23,7 @@ compared with plain ``transformers`` generation in the tests (near-ties only) an
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,31 +109,15 @@ def measure_shape(out_f: int, in_f: int, dtype: Any) -> tuple[tuple[float, float
 
 def _measured(home: Path | None, o: int, i: int, dtype: Any) -> tuple[tuple[float, float],
                                                                       tuple[float, float]]:
-    """``measure_shape``, cached per machine beside its matmul speeds (loading/machine.py):
-    the same shapes load again and again, and one verdict per machine keeps the choice
-    stable from one start to the next."""
-    from sureserve.loading.machine import speeds_path
+    """``measure_shape``, cached per machine (``machine.measured_once``)."""
+    from sureserve.loading.machine import measured_once
 
-    key = f"{o}x{i}:{str(dtype).removeprefix('torch.')}"
-    path = speeds_path(home).with_name("layout-" + speeds_path(home).name) if home else None
-    cached: dict[str, Any] = {}
-    if path is not None:
-        try:
-            cached = json.loads(path.read_text())
-            row, col = cached[key]
-            return (float(row[0]), float(row[1])), (float(col[0]), float(col[1]))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    row, col = measure_shape(o, i, dtype)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**cached, key: [list(row), list(col)]}))
-            tmp.replace(path)
-        except OSError:
-            pass  # measured again next time
-    return row, col
+    def parse(v: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+        row, col = v
+        return (float(row[0]), float(row[1])), (float(col[0]), float(col[1]))
+
+    return measured_once(home, "layout", f"{o}x{i}:{str(dtype).removeprefix('torch.')}",
+                         lambda: [list(x) for x in measure_shape(o, i, dtype)], parse)
 
 
 def plan_and_apply(model: Any, device: str, home: Path | None = None,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -100,7 +99,6 @@ class Gemv:
                  n, k)
         return y
 
-
     # The fused calls of one Llama decoder layer (``DirectDecode``'s kernel path): fewer,
     # larger calls, so that the small operations between the matmuls (RMSNorm, the bias,
     # SiLU, the residual adds) stop costing a Python call each. Inputs: contiguous float32
@@ -167,16 +165,12 @@ def _ptr(t: Any) -> int | None:
 
 
 def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
+    """This CPU's instruction-set flags (part of a build's key; the tests read them)."""
     import platform
 
-    return platform.processor() or platform.machine()
+    from sureserve.loading.machine import cpuinfo_field
+
+    return cpuinfo_field("flags", "Features") or platform.processor() or platform.machine()
 
 
 def build(home: Path | None, march: str = "native") -> tuple[Gemv | None, str]:
@@ -251,7 +245,7 @@ class KernelPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": None if self.kernel is None else self.kernel.isa,
-                "max_rows": self.max_rows if self.kernel is not None else 0,
+                "max_rows": self.max_rows,
                 "reason": self.reason,
                 "shape_rows": {f"{n}x{k}": r for (n, k), r in self.shape_rows.items()},
                 "step_ms": {str(r): [round(a, 3), round(b, 3)]
@@ -336,29 +330,13 @@ def measure(kernel: Gemv, n: int, k: int, rows: int) -> tuple[float, float]:
 
 def _measured(home: Path | None, kernel: Gemv, n: int, k: int, rows: int
               ) -> tuple[float, float]:
-    """``measure``, cached per machine, thread count and kernel build."""
-    from sureserve.loading.machine import speeds_path
+    """``measure``, cached per machine, thread count and kernel build
+    (``machine.measured_once``)."""
+    from sureserve.loading.machine import measured_once
 
-    key = f"{n}x{k}:{rows}"
-    path = None
-    if home is not None:
-        base = speeds_path(home)
-        path = base.with_name(f"gemv-{kernel.key}-{base.name}")
-    cached: dict[str, Any] = {}
-    if path is not None:
-        try:
-            cached = json.loads(path.read_text())
-            a, b = cached[key]
-            return float(a), float(b)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    a, b = measure(kernel, n, k, rows)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**cached, key: [a, b]}))
-            tmp.replace(path)
-        except OSError:
-            pass  # measured again next time
-    return a, b
+    def parse(v: Any) -> tuple[float, float]:
+        a, b = v
+        return float(a), float(b)
+
+    return measured_once(home, f"gemv-{kernel.key}", f"{n}x{k}:{rows}",
+                         lambda: list(measure(kernel, n, k, rows)), parse)

@@ -16,7 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DTYPES = ("float32", "bfloat16", "float16")
 #: bf16 matmuls at least this much faster than fp32: worth measuring bf16 on the user's data
@@ -28,15 +30,21 @@ ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 SIZE, SECONDS = 512, 0.12
 
 
-def _cpu_name() -> str:
+def cpuinfo_field(*names: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line that starts with one of ``names``
+    (None where there is no such file or line)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith(names):
+                    return line.split(":", 1)[-1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_name() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def bound_onednn_cache(capacity: int) -> int:
@@ -116,6 +124,39 @@ def write_speeds(home: Path, speeds: dict[str, float], note: str = "measured",
         tmp.replace(path)
     except OSError:
         pass  # a read-only home still gets the advice, measured again next time
+
+
+def measured_once(home: Path | None, prefix: str, key: str, measure: Callable[[], Any],
+                  parse: Callable[[Any], T]) -> T:
+    """``parse(measure())``, cached per machine beside its matmul speeds: entry ``key`` of
+    ``<home>/machine/<prefix>-<speeds file name>`` (one file per CPU model, torch version and
+    thread count, like the speeds). ``measure`` returns something JSON can hold; a missing
+    or unreadable entry is measured again and stored (atomic), and nothing is stored when
+    ``home`` is None or read-only. Used for the per-shape timings the decode paths are
+    chosen by (generation/layout.py, generation/native.py): the same shapes load again and
+    again, and one verdict per machine keeps the choice stable from one start to the
+    next."""
+    path = None
+    cached: dict[str, Any] = {}
+    if home is not None:
+        base = speeds_path(home)
+        path = base.with_name(f"{prefix}-{base.name}")
+        try:
+            loaded = json.loads(path.read_text())
+            cached = loaded if isinstance(loaded, dict) else {}
+            return parse(cached[key])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass
+    value = measure()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**cached, key: value}))
+            tmp.replace(path)
+        except OSError:
+            pass  # measured again next time
+    return parse(value)
 
 
 #: the CPU kinds seen so far, as their measured matmul GFLOP/s (2 threads): a test presets
