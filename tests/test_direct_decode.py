@@ -63,11 +63,11 @@ def _filled(model: Any, lengths: list[int]) -> tuple[PaddedKV, list[list[int]]]:
     return kv, prompts
 
 
-def _both(model: Any, lengths: list[int], script: bool = True
-          ) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+def _both(model: Any, lengths: list[int], script: bool = True,
+          step: DirectDecode | None = None) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
     """One decode step through the forward and through the direct step (its layers in
-    TorchScript or in the Python loop), from the same cache state: (logits, logits, written
-    keys, written keys)."""
+    TorchScript or in the Python loop; or ``step``, one made beforehand), from the same
+    cache state: (logits, logits, written keys, written keys)."""
     torch.manual_seed(1)
     kv, _ = _filled(model, lengths)
     kv.reserve(1)
@@ -84,8 +84,9 @@ def _both(model: Any, lengths: list[int], script: bool = True
         kv.k.copy_(saved_k)
         kv.v.copy_(saved_v)
         padded = None if all(n + 1 == width for n in lengths) else mask.bool()
-        step = DirectDecode(model, script)
-        assert ("TorchScript," in step.describe()) == (script and step.script is not None)
+        if step is None:
+            step = DirectDecode(model, script)
+            assert ("TorchScript," in step.describe()) == (script and step.script is not None)
         got = step.step(ids, pos, kv, padded)
         got_k = kv.k[:, :rows, :, kv.end].clone()
     return ref, got, ref_k, got_k
@@ -126,19 +127,7 @@ def test_a_swapped_linear_layer_is_used_at_the_next_step() -> None:
     layer.down_proj = Int8WeightOnlyLinear(layer.down_proj)
     # a quantized layer runs as a module: the layers fall back to the Python loop
     assert "Python loop: a linear layer is not a plain nn.Linear" in step.describe()
-    kv, _ = _filled(model, [4, 6])
-    kv.reserve(1)
-    width = kv.width + 1
-    lens = torch.tensor([5, 7])
-    mask = (torch.arange(width)[None, :] >= (width - lens)[:, None]).long()
-    ids, pos = torch.tensor([[3], [4]]), (lens - 1)[:, None]
-    saved_k, saved_v = kv.k.clone(), kv.v.clone()
-    with torch.inference_mode():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv.cache,
-                    use_cache=True).logits[:, -1]
-        kv.k.copy_(saved_k)
-        kv.v.copy_(saved_v)
-        got = step.step(ids, pos, kv, mask.bool())
+    ref, got, _, _ = _both(model, [4, 6], step=step)
     assert torch.equal(ref, got)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from sureserve.generation import native
 from sureserve.generation.direct import DirectDecode, plan
-from tests.test_direct_decode import _filled, _model
+from tests.test_direct_decode import _both, _model
 
 
 @pytest.fixture(scope="module")
@@ -92,30 +92,15 @@ def test_the_direct_step_through_the_kernel_matches_the_forward(
     def spy(self: Any, *args: Any) -> bool:
         fused.append(real(self, *args))
         return fused[-1]
-    kv, _ = _filled(model, lengths)
-    kv.reserve(1)
-    rows, width = kv.n, kv.width + 1
-    torch.manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (rows, 1))
-    lens = torch.tensor([n + 1 for n in lengths])
-    mask = (torch.arange(width)[None, :] >= (width - lens)[:, None]).long()
-    pos = (lens - 1)[:, None]
-    saved_k, saved_v = kv.k.clone(), kv.v.clone()
+
     step = DirectDecode(model, kernel=forced(model, gemv))
     assert "sureserve's GEMV kernel" in step.describe()
-    with torch.inference_mode():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv.cache,
-                    use_cache=True).logits[:, -1]
-        ref_k = kv.k[:, :rows, :, kv.end].clone()
-        kv.k.copy_(saved_k)
-        kv.v.copy_(saved_v)
-        padded = None if all(n + 1 == width for n in lengths) else mask.bool()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(DirectDecode, "_fusable", spy)
-            got = step.step(ids, pos, kv, padded)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DirectDecode, "_fusable", spy)
+        ref, got, ref_k, got_k = _both(model, lengths, step=step)
     assert fused == [kind != "llama-mlp-bias"] * 2  # two layers
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(kv.k[:, :rows, :, kv.end], ref_k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
@@ -130,19 +115,7 @@ def test_steps_above_the_planned_rows_keep_torchs_kernels(gemv: native.Gemv) -> 
     assert plan_.takes(w, 1) and not plan_.takes(w, 2)
     plan_.shape_rows[(int(w.shape[0]), int(w.shape[1]))] = 0
     assert not plan_.takes(w, 1)
-    kv, _ = _filled(model, [4, 6])
-    kv.reserve(1)
-    width = kv.width + 1
-    lens = torch.tensor([5, 7])
-    mask = (torch.arange(width)[None, :] >= (width - lens)[:, None]).long()
-    ids, pos = torch.tensor([[3], [4]]), (lens - 1)[:, None]
-    saved_k, saved_v = kv.k.clone(), kv.v.clone()
-    with torch.inference_mode():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv.cache,
-                    use_cache=True).logits[:, -1]
-        kv.k.copy_(saved_k)
-        kv.v.copy_(saved_v)
-        got = step.step(ids, pos, kv, mask.bool())  # two rows > max_rows 1
+    ref, got, _, _ = _both(model, [4, 6], step=step)  # two rows > max_rows 1
     assert torch.equal(ref, got)
 
 
