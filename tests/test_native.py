@@ -28,11 +28,47 @@ def gemv(tmp_path_factory: pytest.TempPathFactory) -> native.Gemv:
 
 
 def forced(model: Any, kernel: native.Gemv, rows: int = 16) -> native.KernelPlan:
-    """A plan that sends every float32 linear layer through the kernel, whatever this
-    machine measured (so that the kernel's path is tested on every CPU)."""
-    shapes = {(int(m.weight.shape[0]), int(m.weight.shape[1])): rows
-              for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    """A plan that sends every linear layer the kernel reads (float32 or int8 weight-only)
+    through it, whatever this machine measured (so that the kernel's path is tested on
+    every CPU)."""
+    shapes = {native.shape_key(got[0]): rows
+              for got in map(native.weights_of, model.modules()) if got is not None}
     return native.KernelPlan(kernel, rows, "", {1: (2.0, 1.0)}, shapes)
+
+
+def int8_model(model: Any) -> tuple[Any, Any]:
+    """(``model`` with every decoder linear layer int8 weight-only, lm_head kept as
+    ``sureserve quantize`` keeps heads; a float32 copy holding the dequantized weights, whose
+    forward is what the kernel must compute)."""
+    import copy
+
+    from sureserve.loading.kernels import Int8WeightOnlyLinear
+
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                setattr(parent, name, Int8WeightOnlyLinear(getattr(parent, name)))
+    deq = copy.deepcopy(model)
+    for name, m in list(deq.named_modules()):
+        if isinstance(m, Int8WeightOnlyLinear):
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(m.weight_int8.float() * m.scale[:, None])
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            deq.set_submodule(name, lin)
+    return model, deq
+
+
+def q8(n: int, k: int, bias: bool = True) -> tuple[Any, torch.Tensor, native.Linear]:
+    """An int8 weight-only layer, its dequantized float32 weight and its kernel structure."""
+    from sureserve.loading.kernels import Int8WeightOnlyLinear
+
+    layer = Int8WeightOnlyLinear(torch.nn.Linear(k, n, bias=bias))
+    st = native.linear_struct(layer)
+    assert st is not None
+    return layer, layer.weight_int8.float() * layer.scale[:, None], st
 
 
 @pytest.mark.parametrize("n,k", [(576, 576), (49, 33), (7, 16), (40, 100), (1, 5)])
@@ -54,6 +90,22 @@ def test_the_kernel_is_f_linear(gemv: native.Gemv, m: int, n: int, k: int) -> No
     torch.testing.assert_close(gemv(wide, w), F.linear(wide, w), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k", [(576, 576), (49, 33), (7, 16), (40, 100), (1, 5), (96, 1536)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_int8_weights_are_their_dequantized_product(gemv: native.Gemv, m: int, n: int,
+                                                     k: int) -> None:
+    """int8 weight-only layers (one scale per output row), widened in registers: the
+    product of the dequantized weights to float32 rounding (activations are not rounded),
+    with a bias and with a residual."""
+    torch.manual_seed(n + k)
+    for bias in (True, False):
+        layer, w, st = q8(n, k, bias)
+        x, res = torch.randn(m, 1, k), torch.randn(m, 1, n)
+        want = F.linear(x, w, layer.bias)
+        torch.testing.assert_close(gemv.linear(x, st), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gemv.linear(x, st, res), want + res, rtol=1e-4, atol=1e-4)
+
+
 def test_it_refuses_what_it_cannot_take(gemv: native.Gemv) -> None:
     w, x = torch.randn(8, 4), torch.randn(2, 4)
     assert gemv.accepts(x, w, None)
@@ -61,6 +113,15 @@ def test_it_refuses_what_it_cannot_take(gemv: native.Gemv) -> None:
     assert not gemv.accepts(x, w.t().contiguous().t(), None)  # column-major weight
     assert not gemv.accepts(torch.randn(2, 5), w, None)
     assert not gemv.accepts(x, w, torch.randn(8).double())
+    # what the kernel's structures are made from: float32 or int8 weight-only layers only
+    assert native.weights_of(torch.nn.Linear(4, 8)) is not None
+    assert native.weights_of(torch.nn.Linear(4, 8).bfloat16()) is None
+    assert native.weights_of(torch.nn.Conv1d(4, 8, 1)) is None
+    layer, _, _ = q8(8, 4)
+    got = native.weights_of(layer)
+    assert got is not None and got[0].dtype == torch.int8 and got[1] is not None
+    assert native.shape_key(got[0]) == (8, 4, "int8")
+    assert native.shape_key(torch.nn.Linear(4, 8).weight) == (8, 4)
 
 
 def _mlp_bias_llama() -> Any:
@@ -78,29 +139,85 @@ def _mlp_bias_llama() -> Any:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "llama-mlp-bias"])
-@pytest.mark.parametrize("lengths", [[5, 9, 3], [6]], ids=["padded", "one-row"])
+@pytest.mark.parametrize("lengths", [[5, 9, 3], [6], [70, 2]],
+                         ids=["padded", "one-row", "blocks"])
+@pytest.mark.parametrize("whole", [True, False], ids=["one-call", "per-layer"])
 def test_the_direct_step_through_the_kernel_matches_the_forward(
-        gemv: native.Gemv, kind: str, lengths: list[int]) -> None:
+        gemv: native.Gemv, kind: str, lengths: list[int], whole: bool) -> None:
     """Logits within float32 rounding of the model's forward and the same keys written.
-    A Llama layer runs as the kernel's three fused calls (qwen2: with the q/k/v biases);
-    a layer the fused calls do not cover (MLP biases) takes the kernel one linear layer at
-    a time."""
+    One call of the kernel runs the whole step (every layer, the attention over the cache
+    in blocks of columns with a running maximum, lm_head); with that off, a Llama layer runs
+    as the kernel's three fused calls (qwen2: with the q/k/v biases), and a layer those do
+    not cover (MLP biases) takes the kernel one linear layer at a time."""
     model = _mlp_bias_llama() if kind == "llama-mlp-bias" else _model(kind)
-    fused = []
-    real = DirectDecode._fusable
+    fused, wholes = [], []
+    real, real_whole = DirectDecode._fusable, DirectDecode._whole
 
     def spy(self: Any, *args: Any) -> bool:
         fused.append(real(self, *args))
         return fused[-1]
 
-    step = DirectDecode(model, kernel=forced(model, gemv))
+    def spy_whole(self: Any, *args: Any) -> Any:
+        wholes.append(real_whole(self, *args))
+        return wholes[-1]
+
+    step = DirectDecode(model, kernel=forced(model, gemv), whole=whole)
     assert "sureserve's GEMV kernel" in step.describe()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DirectDecode, "_fusable", spy)
+        mp.setattr(DirectDecode, "_whole", spy_whole)
         ref, got, ref_k, got_k = _both(model, lengths, step=step)
-    assert fused == [kind != "llama-mlp-bias"] * 2  # two layers
+    if whole:
+        assert len(wholes) == 1 and wholes[0] is not None and fused == []
+    else:
+        assert wholes == [None] and fused == [kind != "llama-mlp-bias"] * 2  # two layers
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("lengths", [[5, 9, 3], [6]], ids=["padded", "one-row"])
+@pytest.mark.parametrize("whole", [True, False], ids=["one-call", "per-layer"])
+def test_an_int8_weight_only_model_decodes_through_the_kernel(
+        gemv: native.Gemv, lengths: list[int], whole: bool) -> None:
+    """An int8 weight-only model (what ``sureserve quantize`` makes) decodes through the
+    kernel reading its int8 weights: logits and keys are the forward of the dequantized
+    float32 model to float32 rounding (torch's own int8 path rounds activations to bf16,
+    which this does not), and greedy tokens are the same."""
+    model, deq = int8_model(_model("qwen2"))
+    plan_ = forced(model, gemv)
+    assert (96, 64, "int8") in plan_.shape_rows
+    step = DirectDecode(model, kernel=plan_, whole=whole)
+    ref, got, ref_k, got_k = _both(deq, lengths, step=step)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert (step._prep is not None and step._prep.ok) == whole
+
+
+def test_the_whole_step_follows_swapped_layers(gemv: native.Gemv) -> None:
+    """``sureserve quantize`` swaps layers of a live model: the one-call step is made again
+    for the new layers (an int8 layer read as int8, even one whose shape the plan has no
+    figure for: the step as a whole was measured); a layer the kernel cannot read (4-bit)
+    sends the step back to the layer loop, where that layer runs as a module."""
+    from sureserve.loading.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    model = _model("llama")
+    step = DirectDecode(model, kernel=forced(model, gemv))
+    _, got, _, _ = _both(model, [4, 6], step=step)
+    first = step._prep
+    assert first is not None and first.ok and first.head_rows == {2: True}
+    mlp = model.model.layers[1].mlp
+    down = mlp.down_proj
+    mlp.down_proj = Int4WeightOnlyLinear(down)
+    ref, got, _, _ = _both(model, [4, 6], step=step)
+    assert step._prep is not first and not step._prep.ok and "neither" in step._prep.why
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    mlp.down_proj = Int8WeightOnlyLinear(down)  # int8 64x96: no figure in the plan
+    ref, got, _, _ = _both(model, [4, 6], step=step)
+    assert step._prep is not None and step._prep.ok
+    # the forward rounds the int8 layer's activations to bf16 where faster; the kernel not
+    torch.testing.assert_close(got, ref, rtol=3e-2, atol=3e-2)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
@@ -127,9 +244,9 @@ def test_the_plan_follows_the_measurement(monkeypatch: pytest.MonkeyPatch,
     model = _model("llama")  # shapes: 64x64 (q, o), 32x64 (k, v), 96x64, 64x96, 300x64
     timings = {1: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 1.0), 16: (1.0, 2.0)}
 
-    def fake(home: Any, kernel: Any, n: int, k: int, rows: int) -> tuple[float, float]:
+    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int) -> tuple[float, float]:
         a, b = timings[rows]
-        if (n, k) == (300, 64) and rows == 8:
+        if key == (300, 64) and rows == 8:
             b = 0.5  # the head still wins at 8 rows
         return a, b
 
@@ -145,6 +262,13 @@ def test_the_plan_follows_the_measurement(monkeypatch: pytest.MonkeyPatch,
     assert slow.max_rows == 0 and "no faster than F.linear here" in slow.reason
     assert "torch's matmul kernels (no faster than F.linear" in slow.describe()
     assert DirectDecode(model, kernel=slow).kernel is None
+    # an int8 weight-only model: its int8 shapes are measured as such, and in float32 too
+    # (a layer may be swapped back); lm_head stays float32
+    timings.update({1: (1.0, 0.4)})
+    q = native.plan(int8_model(_model("llama"))[0], "cpu", tmp_path)
+    assert q.max_rows == 4 and q.shape_rows[(96, 64, "int8")] == 4
+    assert q.shape_rows[(300, 64)] == 8 and (96, 64) in q.shape_rows
+    assert q.to_dict()["shape_rows"]["96x64:int8"] == 4
 
 
 def test_without_a_compiler_decoding_keeps_torchs_kernels_and_says_why(
@@ -164,9 +288,12 @@ def test_without_a_compiler_decoding_keeps_torchs_kernels_and_says_why(
 
 
 def test_the_measurement_is_cached_per_machine(gemv: native.Gemv, tmp_path: Path) -> None:
-    a = native._measured(tmp_path, gemv, 64, 32, 1)
+    a = native._measured(tmp_path, gemv, (64, 32), 1)
     assert a[0] > 0 and a[1] > 0
-    assert native._measured(tmp_path, gemv, 64, 32, 1) == a  # read back, not re-measured
+    assert native._measured(tmp_path, gemv, (64, 32), 1) == a  # read back, not re-measured
+    q = native._measured(tmp_path, gemv, (64, 32, "int8"), 1)  # against torch's int8 path
+    assert q[0] > 0 and q[1] > 0 and q != a
+    assert native._measured(tmp_path, gemv, (64, 32, "int8"), 1) == q
     assert list((tmp_path / "machine").glob(f"gemv-{gemv.key}-*.json"))
 
 
@@ -198,3 +325,12 @@ def test_the_other_instruction_sets_compute_the_same(march: str, isa: str, tmp_p
         gate, up, down = torch.randn(24, 40), torch.randn(24, 40), torch.randn(40, 24)
         mlp = x + F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
         torch.testing.assert_close(kernel.mlp(x, norm, 1e-5, gate, up, down), mlp, **tol)
+        layer, wq, st = q8(24, 40)
+        torch.testing.assert_close(kernel.linear(x, st), F.linear(x, wq, layer.bias), **tol)
+    # the whole step (attention included) with this build, float32 and int8 weights
+    for model, ref_model in ((_model("llama"), None), int8_model(_model("llama"))):
+        step = DirectDecode(model, kernel=forced(model, kernel))
+        ref, got, ref_k, got_k = _both(ref_model or model, [5, 40, 3], step=step)
+        assert step._prep is not None and step._prep.ok
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-4)

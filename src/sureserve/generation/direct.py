@@ -98,7 +98,8 @@ _LINEAR = torch.nn.Linear
 class DirectDecode:
     """One decode step of a Llama-family model over a ``PaddedKV``."""
 
-    def __init__(self, model: Any, script: bool = True, kernel: Any = None) -> None:
+    def __init__(self, model: Any, script: bool = True, kernel: Any = None,
+                 whole: bool = True) -> None:
         cfg = model.config
         inner = model.model
         self.model = model
@@ -113,11 +114,23 @@ class DirectDecode:
         # sureserve's GEMV kernel (native.KernelPlan) for steps of few rows, or None
         self.kernel = kernel if kernel is not None and kernel.kernel is not None \
             and kernel.max_rows > 0 else None
+        # steps the kernel takes run as one call of it (``_whole``) unless ``whole`` is off
+        # (then its fused calls per layer, in the Python loop: the tests and the
+        # benchmark script compare the two)
+        self.whole = whole
         # (input norm, attention, post-attention norm, MLP) per layer: their linear
         # children are read at each step (see ``_apply``)
         self.layers = [(layer.input_layernorm, layer.self_attn._modules,
                         layer.post_attention_layernorm, layer.mlp._modules)
                        for layer in inner.layers[:cfg.num_hidden_layers]]
+        # where each linear layer hangs (its parent's ``_modules`` and its name), lm_head
+        # last: read at each step for the kernel's whole-step call (``_prepared``)
+        self._slots = [(parent, name) for _, attn, _, mlp in self.layers
+                       for parent, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                             (mlp, ("gate_proj", "up_proj", "down_proj")))
+                       for name in names] + [(model._modules, "lm_head")]
+        self._prep: _Prepared | None = None
+        self._scratch = torch.empty(0)
         eps = {norm.variance_epsilon for layer in self.layers for norm in (layer[0], layer[2])}
         self.eps = eps.pop() if len(eps) == 1 else None
         # the scripted layer loop (None: the Python loop runs, for the reason given)
@@ -178,6 +191,9 @@ class DirectDecode:
         apply = _apply
         if self.kernel is not None and self.kernel.active(rows):
             apply = self._kernel_apply
+            logits = self._whole(x, cos, sin, kv, padded)
+            if logits is not None:
+                return logits
         tensors = self._tensors() if self.script is not None and apply is _apply else None
         if tensors is not None:
             assert self.eps is not None  # a script is only made with one epsilon
@@ -238,6 +254,59 @@ class DirectDecode:
         x = _rms(x, self.final_norm)
         return apply(self.model._modules["lm_head"], x)[:, -1]
 
+    def _whole(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: Any,
+               padded: torch.Tensor | None) -> torch.Tensor | None:
+        """The step as one call of the kernel (``sureserve_decode``: every layer, the
+        attention over the cache included, and lm_head when the kernel reads it), or None
+        when it cannot take this step (then the layer loop runs)."""
+        rows = x.shape[0]
+        prep = self._prepared(rows) if self.whole else None
+        if prep is None or x.dtype != torch.float32 or kv.k.dtype != torch.float32 \
+                or not kv.k.is_contiguous() or not kv.v.is_contiguous():
+            return None
+        assert self.kernel is not None and self.kernel.kernel is not None
+        gemv = self.kernel.kernel
+        d = self.head_dim
+        need = gemv.scratch_size(rows, x.shape[-1], prep.layers[0], self.heads, d)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        h = x.reshape(rows, -1).contiguous()
+        mask = padded.contiguous() if padded is not None else None
+        assert self.eps is not None
+        head = prep.head if prep.head_rows[rows] else None
+        logits = gemv.decode(h, prep.layers, self.eps,
+                             (cos.reshape(rows, d).contiguous(), sin.reshape(rows, d).contiguous()),
+                             self.heads, self.kv_heads, float(self.scaling), kv, mask,
+                             self._scratch, prep.final_norm, head)
+        if logits is not None:
+            return logits
+        h = _rms(h.view(rows, 1, -1), self.final_norm)
+        return self._kernel_apply(self.model._modules["lm_head"], h)[:, -1]
+
+    def _prepared(self, rows: int) -> _Prepared | None:
+        """The layers as the kernel's structures, made again whenever a linear layer or
+        its weight was swapped (``sureserve quantize`` swaps layers of a live model: the
+        check costs ~0.1 ms a step), or None when a layer is not one the kernel reads (see
+        ``_Prepared.make``). Every layer goes through the kernel, even a shape that alone
+        measured no faster than torch's at this many rows: the step as a whole was measured
+        faster up to ``max_rows`` (``native.plan``), and the alternative is the layer loop
+        in Python; lm_head, which can run outside, goes through it only where it won."""
+        mods = [parent[name] for parent, name in self._slots]
+        weights = [m._parameters.get("weight") if m.__class__ is _LINEAR
+                   else m._buffers.get("weight_int8") for m in mods]
+        prep = self._prep
+        if prep is None or any(a is not b for a, b in zip(mods, prep.modules, strict=True)) \
+                or any(a is not b for a, b in zip(weights, prep.weights, strict=True)):
+            assert self.kernel is not None
+            prep = self._prep = _Prepared.make(self, mods, weights)
+        if not prep.ok:
+            return None
+        if rows not in prep.head_rows:
+            assert self.kernel is not None
+            prep.head_rows[rows] = prep.head is not None and \
+                self.kernel.takes(prep.weights[-1], rows)
+        return prep
+
     def _fusable(self, norm1: Any, attn: dict[str, Any], norm2: Any, mlp: dict[str, Any],
                  x: torch.Tensor) -> bool:
         """Whether a layer runs as the kernel's fused calls: every linear layer a plain
@@ -265,15 +334,75 @@ class DirectDecode:
 
     def _kernel_apply(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """``_apply`` through the GEMV kernel where it takes the layer (a plain float32
-        ``nn.Linear`` with a contiguous weight); anything else as ``_apply``."""
+        ``nn.Linear`` with a contiguous weight, or an int8 weight-only layer) at this many
+        rows; anything else as ``_apply``."""
+        assert self.kernel is not None and self.kernel.kernel is not None
+        gemv = self.kernel.kernel
         if module.__class__ is _LINEAR:
             p = module._parameters
             w, b = p["weight"], p["bias"]
-            assert self.kernel is not None and self.kernel.kernel is not None
-            gemv = self.kernel.kernel
             if self.kernel.takes(w, x.shape[0]) and gemv.accepts(x, w, b):
                 return gemv(x, w, b)
+        elif x.dtype == torch.float32 and "weight_int8" in module._buffers:
+            from sureserve.generation.native import linear_struct
+
+            layer = linear_struct(module)
+            if layer is not None and x.shape[-1] == layer.k \
+                    and self.kernel.takes(module._buffers["weight_int8"], x.shape[0]):
+                return gemv.linear(x, layer)
         return _apply(module, x)
+
+
+class _Prepared:
+    """``DirectDecode``'s layers as ``gemv.c`` reads them, for the whole-step call: made
+    once per set of linear layers (it holds them, so that their identity is a valid key)."""
+
+    def __init__(self, modules: list[Any], weights: list[Any]) -> None:
+        self.modules, self.weights = modules, weights
+        self.ok = False  # whether every layer is one the kernel takes
+        self.why = ""
+        self.layers: Any = None
+        self.head: Any = None  # lm_head's structure, or None: lm_head runs outside
+        self.final_norm: torch.Tensor | None = None
+        self.norms: list[torch.Tensor] = []  # held: the structures point into them
+        # rows -> whether lm_head goes through the kernel at that many rows
+        self.head_rows: dict[int, bool] = {}
+
+    @classmethod
+    def make(cls, direct: DirectDecode, modules: list[Any], weights: list[Any]) -> _Prepared:
+        from sureserve.generation import native
+
+        self = cls(modules, weights)
+        f32 = torch.float32
+        d = direct.head_dim
+        if direct.eps is None or d % 2 or d > native.MAX_HEAD_DIM \
+                or direct.heads % direct.kv_heads:
+            self.why = "head size or norms the kernel's step does not take"
+            return self
+        norms = [direct.final_norm._parameters["weight"]]
+        layers = []
+        per = len(native.LAYER_LINEARS)
+        for i, (norm1, _, norm2, _) in enumerate(direct.layers):
+            n1, n2 = norm1._parameters["weight"], norm2._parameters["weight"]
+            norms += [n1, n2]
+            structs = [native.linear_struct(m) for m in modules[i * per:(i + 1) * per]]
+            if any(st is None for st in structs):
+                self.why = "a linear layer is neither float32 nor int8 weight-only"
+                return self
+            layers.append(native.Layer(n1.data_ptr(), n2.data_ptr(), *structs))
+        if any(n.dtype != f32 or not n.is_contiguous() for n in norms):
+            self.why = "a norm is not float32"
+            return self
+        q, k = layers[0].q, layers[0].k
+        if q.n != direct.heads * d or k.n != direct.kv_heads * d:
+            self.why = "unexpected q/k/v widths"
+            return self
+        self.layers = (native.Layer * len(layers))(*layers)
+        self.head = native.linear_struct(modules[-1])
+        self.final_norm = norms[0]
+        self.norms = norms
+        self.ok = True
+        return self
 
 
 def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
@@ -358,7 +487,7 @@ class DecodePlan:
 
 
 def plan(model: Any, enabled: bool = True, script: bool = True,
-         kernel: Any = None) -> DecodePlan:
+         kernel: Any = None, whole: bool = True) -> DecodePlan:
     """``script``: the layers in TorchScript where possible (``decode_script``);
     ``kernel``: a ``native.KernelPlan`` (``decode_kernel``) for steps of few rows."""
     if not enabled:
@@ -366,4 +495,4 @@ def plan(model: Any, enabled: bool = True, script: bool = True,
     reason = why_not(model)
     if reason is not None:
         return DecodePlan(None, reason)
-    return DecodePlan(DirectDecode(model, script, kernel), "")
+    return DecodePlan(DirectDecode(model, script, kernel, whole), "")

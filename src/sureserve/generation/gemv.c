@@ -1,4 +1,5 @@
-/* A matrix-vector product for decode steps: y = x W^T (+ b), for a few rows of x.
+/* A matrix-vector product for decode steps: y = x W^T (+ b), for a few rows of x, and a
+ * whole decode step of a Llama-family model built on it.
  *
  * Why it exists: at one running sequence a decode step is bound by how fast the weights
  * stream from memory, and torch's CPU GEMM for M = 1..8 reads them at ~11 GB/s on an AMD
@@ -7,18 +8,24 @@
  * generation/native.py), used only where it measured faster, and checked against
  * F.linear in the tests.
  *
- * Layout: W is nn.Linear's weight, row-major (N, K), contiguous; x is (M, K), y is (M, N),
- * both contiguous float32. Each thread takes a contiguous run of R-row blocks of W (one
- * stream of memory per thread). One row of x keeps R accumulators, so that R rows of W are
- * read side by side (enough loads in flight to keep DRAM busy); several rows use register
- * tiles of MT_MAX rows of x by 4 rows of W (each loaded vector used several times). Beside
- * the plain product, three fused entry points cover a Llama decoder layer (RMSNorm + q/k/v
- * + rotary; output projection + residual; the MLP block), so that the operations between
- * the matmuls do not each cost a Python call.
+ * Layout: W is nn.Linear's weight, row-major (N, K), contiguous, float32 or int8 with one
+ * float32 scale per row (int8 weight-only quantization: y = scale * (x . q)); x is (M, K),
+ * y is (M, N), both contiguous float32. Each thread takes a contiguous run of R-row blocks
+ * of W (one stream of memory per thread). One row of x keeps R accumulators, so that R
+ * rows of W are read side by side (enough loads in flight to keep DRAM busy); several rows
+ * use register tiles of MT_MAX rows of x by 4 rows of W (each loaded vector used several
+ * times). int8 weights are widened to float32 in registers: a quarter of the bytes to
+ * stream, the arithmetic in float32 (activations are not rounded).
+ *
+ * Beside the plain product, fused entry points cover a Llama decoder layer (RMSNorm + q/k/v
+ * + rotary; output projection + residual; the MLP block), and ``sureserve_decode`` runs
+ * every layer of one decode step (attention over the KV cache included) in one call and
+ * one parallel region, so that the operations between the matmuls cost no Python call.
  * The threads are OpenMP's: the same libgomp torch loaded, so one pool, sized by
  * torch.set_num_threads. */
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -29,20 +36,34 @@
 typedef __m512 vec;
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vset1(float a) { return _mm512_set1_ps(a); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline vec vload_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define R 8
 #define VW 8
 typedef __m256 vec;
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vset1(float a) { return _mm256_set1_ps(a); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vec v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
     lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
     return _mm_cvtss_f32(lo);
+}
+static inline vec vload_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 #else
 #define R 4
@@ -59,18 +80,32 @@ const char *sureserve_gemv_isa(void) {
 #endif
 }
 
-/* one row of W against one row of x, from element k on */
-static inline float dot_from(const float *x, const float *w, int k, int K, float s) {
-    for (; k < K; k++) s += x[k] * w[k];
-    return s;
-}
+/* A linear layer as the kernel reads it (native.py fills these with ctypes). */
+typedef struct {
+    const void *w;      /* (n, k) row-major: float32, or int8 when scale is set */
+    const float *scale; /* (n,): int8 weights' per-row scale; NULL: float32 weights */
+    const float *bias;  /* (n,) or NULL */
+    int n, k;
+} sureserve_linear;
 
-/* out[m * NT + n] = x[m] . w[n] for m < MT, n < NT: MT rows of x against NT rows of W,
- * MT x NT accumulators in registers (each loaded vector of W serves MT rows of x, each
- * vector of x NT rows of W). Inlined with constant MT and NT, so the loops unroll. */
+/* W's element i (an element offset: the weight is float32 or int8, Q says which; Q is a
+ * constant wherever these are inlined, so each kind gets its own loop) */
+static inline __attribute__((always_inline)) float wget(const void *w, size_t i, int Q) {
+    return Q ? (float)((const int8_t *)w)[i] : ((const float *)w)[i];
+}
+#if defined(VW)
+static inline __attribute__((always_inline)) vec wvec(const void *w, size_t i, int Q) {
+    return Q ? vload_i8((const int8_t *)w + i) : vload((const float *)w + i);
+}
+#endif
+
+/* out[m * NT + n] = x[m] . w[n] for m < MT, n < NT: MT rows of x against NT rows of W
+ * (from element offset w0), MT x NT accumulators in registers (each loaded vector of W
+ * serves MT rows of x, each vector of x NT rows of W). Inlined with constant MT, NT and Q,
+ * so the loops unroll. */
 static inline __attribute__((always_inline)) void tile(const float *x, int ldx,
-                                                       const float *w, int K, int MT,
-                                                       int NT, float *out) {
+                                                       const void *w, size_t w0, int K,
+                                                       int MT, int NT, int Q, float *out) {
     int k = 0;
     float s[16];
 #if defined(VW)
@@ -80,7 +115,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int ldx,
         vec xv[4];
         for (int m = 0; m < MT; m++) xv[m] = vload(x + (size_t)m * ldx + k);
         for (int n = 0; n < NT; n++) {
-            vec wv = vload(w + (size_t)n * K + k);
+            vec wv = wvec(w, w0 + (size_t)n * K + k, Q);
             for (int m = 0; m < MT; m++) acc[m * NT + n] = vfma(wv, xv[m], acc[m * NT + n]);
         }
     }
@@ -89,10 +124,63 @@ static inline __attribute__((always_inline)) void tile(const float *x, int ldx,
     for (int i = 0; i < MT * NT; i++) s[i] = 0.0f;
 #endif
     for (int m = 0; m < MT; m++)
-        for (int n = 0; n < NT; n++)
-            out[m * NT + n] = dot_from(x + (size_t)m * ldx, w + (size_t)n * K, k, K,
-                                       s[m * NT + n]);
+        for (int n = 0; n < NT; n++) {
+            float a = s[m * NT + n];
+            const float *xm = x + (size_t)m * ldx;
+            for (int kk = k; kk < K; kk++) a += xm[kk] * wget(w, w0 + (size_t)n * K + kk, Q);
+            out[m * NT + n] = a;
+        }
 }
+
+/* out[m] = x[m] . w (one row of W from element offset w0) for m < MT, the row read once,
+ * front to back, U vectors at a time (U accumulators per row of x). This is how int8
+ * weights are read: interleaving R rows of int8, 16 bytes of each at a time, streamed at
+ * ~10 GB/s where one row after another streams at ~25 GB/s (measured on an AMD EPYC;
+ * float32 rows, 64 bytes of each at a time, stream at full speed interleaved). */
+static inline __attribute__((always_inline)) void row_tile(const float *x, int ldx,
+                                                           const void *w, size_t w0, int K,
+                                                           int MT, int U, int Q, float *out) {
+    int k = 0;
+    float s[4];
+#if defined(VW)
+    vec acc[4][4];
+    for (int m = 0; m < MT; m++)
+        for (int u = 0; u < U; u++) acc[m][u] = vzero();
+    for (; k + U * VW <= K; k += U * VW)
+        for (int u = 0; u < U; u++) {
+            vec wv = wvec(w, w0 + k + u * VW, Q);
+            for (int m = 0; m < MT; m++)
+                acc[m][u] = vfma(wv, vload(x + (size_t)m * ldx + k + u * VW), acc[m][u]);
+        }
+    for (; k + VW <= K; k += VW) {
+        vec wv = wvec(w, w0 + k, Q);
+        for (int m = 0; m < MT; m++)
+            acc[m][0] = vfma(wv, vload(x + (size_t)m * ldx + k), acc[m][0]);
+    }
+    for (int m = 0; m < MT; m++) {
+        vec t = acc[m][0];
+        for (int u = 1; u < U; u++) t = vadd(t, acc[m][u]);
+        s[m] = vsum(t);
+    }
+#else
+    (void)U;
+    for (int m = 0; m < MT; m++) s[m] = 0.0f;
+#endif
+    for (int m = 0; m < MT; m++) {
+        float a = s[m];
+        const float *xm = x + (size_t)m * ldx;
+        for (int kk = k; kk < K; kk++) a += xm[kk] * wget(w, w0 + kk, Q);
+        out[m] = a;
+    }
+}
+
+/* up to this many rows of x, int8 weights are read one row after another (row_tile);
+ * with more, each loaded vector serves enough rows that the interleaved tiles are faster
+ * (measured on an AMD EPYC: from ~4 rows on, for the longer rows of an MLP's down
+ * projection) */
+#ifndef Q_ROWS
+#define Q_ROWS 2
+#endif
 
 #if defined(__AVX512F__)
 #define MT_MAX 4 /* 32 vector registers: 4 x 4 accumulators, 4 of x, 1 of W */
@@ -101,48 +189,81 @@ static inline __attribute__((always_inline)) void tile(const float *x, int ldx,
 #endif
 
 /* one row of x against rows n0 .. n0 + rows of W (rows <= R) */
-static inline void one_row(const float *xm, const float *w, int n0, int rows, int K,
-                           float *out) {
+static inline __attribute__((always_inline)) void one_row(const float *xm, const void *w,
+                                                          int n0, int rows, int K, int Q,
+                                                          float *out) {
     if (rows == R) {
-        tile(xm, K, w + (size_t)n0 * K, K, 1, R, out);
+        tile(xm, K, w, (size_t)n0 * K, K, 1, R, Q, out);
         return;
     }
-    for (int r = 0; r < rows; r++) tile(xm, K, w + (size_t)(n0 + r) * K, K, 1, 1, out + r);
+    for (int r = 0; r < rows; r++) tile(xm, K, w, (size_t)(n0 + r) * K, K, 1, 1, Q, out + r);
 }
 
 /* mt rows of x (mt <= MT_MAX) against 4 rows of W from row n (or fewer: nt); out is
  * (mt, 4) */
-static inline void sub_tile(const float *x, int ldx, const float *w, int n, int K, int mt,
-                            int nt, float *out) {
-    const float *wn = w + (size_t)n * K;
+static inline __attribute__((always_inline)) void sub_tile(const float *x, int ldx,
+                                                           const void *w, int n, int K,
+                                                           int mt, int nt, int Q,
+                                                           float *out) {
+    size_t wn = (size_t)n * K;
     if (nt == 4) {
         switch (mt) {
-        case 1: tile(x, ldx, wn, K, 1, 4, out); return;
-        case 2: tile(x, ldx, wn, K, 2, 4, out); return;
+        case 1: tile(x, ldx, w, wn, K, 1, 4, Q, out); return;
+        case 2: tile(x, ldx, w, wn, K, 2, 4, Q, out); return;
 #if MT_MAX >= 4
-        case 3: tile(x, ldx, wn, K, 3, 4, out); return;
-        case 4: tile(x, ldx, wn, K, 4, 4, out); return;
+        case 3: tile(x, ldx, w, wn, K, 3, 4, Q, out); return;
+        case 4: tile(x, ldx, w, wn, K, 4, 4, Q, out); return;
 #endif
         }
     }
     for (int j = 0; j < nt; j++)  /* a partial block's last rows of W */
         for (int m = 0; m < mt; m++)
-            tile(x + (size_t)m * ldx, ldx, wn + (size_t)j * K, K, 1, 1, out + m * 4 + j);
+            tile(x + (size_t)m * ldx, ldx, w, wn + (size_t)j * K, K, 1, 1, Q,
+                 out + m * 4 + j);
 }
 
-/* y[m, n] = x[m] . w[n] + b[n] (+ res[m, n]) for the blocks of n in this thread's share;
- * x has row stride ldx, y and res ldy. Called inside a parallel region. */
-static void gemv_for(const float *x, int ldx, const float *w, const float *b,
-                     const float *res, float *y, int ldy, int M, int N, int K) {
+/* y[m, n] = x[m] . w[n] (* scale[n]) + b[n] (+ res[m, n]) for the blocks of n in this
+ * thread's share; x has row stride ldx, y and res ldy (res may be y: each element is read
+ * before it is written, by the thread that writes it). Called inside a parallel region. */
+static inline __attribute__((always_inline)) void gemv_body(
+        const float *x, int ldx, const sureserve_linear *L, const float *res, float *y,
+        int ldy, int M, int Q) {
+    const void *w = L->w;
+    const float *b = L->bias, *sc = L->scale;
+    int N = L->n, K = L->k;
     int blocks = (N + R - 1) / R;
     #pragma omp for schedule(static)
     for (int blk = 0; blk < blocks; blk++) {
         int n0 = blk * R, rows = N - n0 < R ? N - n0 : R;
+        if (Q && M <= Q_ROWS) {  /* int8, few rows: one row of W after another (row_tile) */
+            for (int n = n0; n < n0 + rows; n++)
+                for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+                    int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+                    const float *xm = x + (size_t)m0 * ldx;
+                    size_t wn = (size_t)n * K;
+                    float out[4];
+                    switch (mt) {
+                    case 1: row_tile(xm, ldx, w, wn, K, 1, 4, Q, out); break;
+                    case 2: row_tile(xm, ldx, w, wn, K, 2, 2, Q, out); break;
+#if MT_MAX >= 4
+                    case 3: row_tile(xm, ldx, w, wn, K, 3, 2, Q, out); break;
+                    default: row_tile(xm, ldx, w, wn, K, 4, 2, Q, out); break;
+#endif
+                    }
+                    for (int m = 0; m < mt; m++) {
+                        float *ym = y + (size_t)(m0 + m) * ldy;
+                        const float *rm = res ? res + (size_t)(m0 + m) * ldy : 0;
+                        ym[n] = out[m] * sc[n] + (b ? b[n] : 0.0f) + (rm ? rm[n] : 0.0f);
+                    }
+                }
+            continue;
+        }
         if (M == 1) {  /* one row: R rows of W side by side (memory-bound: many streams) */
             float out[R];
-            one_row(x, w, n0, rows, K, out);
+            one_row(x, w, n0, rows, K, Q, out);
             for (int r = 0; r < rows; r++)
-                y[n0 + r] = out[r] + (b ? b[n0 + r] : 0.0f) + (res ? res[n0 + r] : 0.0f);
+                y[n0 + r] = (Q ? out[r] * sc[n0 + r] : out[r]) + (b ? b[n0 + r] : 0.0f) +
+                            (res ? res[n0 + r] : 0.0f);
             continue;
         }
         /* several rows: register tiles of MT_MAX rows of x by 4 rows of W, the block of W
@@ -152,22 +273,39 @@ static void gemv_for(const float *x, int ldx, const float *w, const float *b,
             for (int n = n0; n < n0 + rows; n += 4) {
                 int nt = n0 + rows - n < 4 ? n0 + rows - n : 4;
                 float out[4 * 4];
-                sub_tile(x + (size_t)m0 * ldx, ldx, w, n, K, mt, nt, out);
+                sub_tile(x + (size_t)m0 * ldx, ldx, w, n, K, mt, nt, Q, out);
                 for (int m = 0; m < mt; m++) {
                     float *ym = y + (size_t)(m0 + m) * ldy;
                     const float *rm = res ? res + (size_t)(m0 + m) * ldy : 0;
-                    for (int j = 0; j < nt; j++)
-                        ym[n + j] = out[m * 4 + j] + (b ? b[n + j] : 0.0f) +
+                    for (int j = 0; j < nt; j++) {
+                        float o = out[m * 4 + j];
+                        ym[n + j] = (Q ? o * sc[n + j] : o) + (b ? b[n + j] : 0.0f) +
                                     (rm ? rm[n + j] : 0.0f);
+                    }
                 }
             }
         }
     }
 }
 
-/* h[m] = weight * (x[m] * rsqrt(mean(x[m]^2) + eps)): LlamaRMSNorm in float32 */
-static void rms_norm(const float *x, const float *weight, float eps, float *h, int M, int K) {
-    for (int m = 0; m < M; m++) {
+static void gemv_for(const float *x, int ldx, const sureserve_linear *L, const float *res,
+                     float *y, int ldy, int M) {
+    if (L->scale)
+        gemv_body(x, ldx, L, res, y, ldy, M, 1);
+    else
+        gemv_body(x, ldx, L, res, y, ldy, M, 0);
+}
+
+static sureserve_linear f32(const float *w, const float *b, int n, int k) {
+    sureserve_linear l = {w, 0, b, n, k};
+    return l;
+}
+
+/* h[m] = weight * (x[m] * rsqrt(mean(x[m]^2) + eps)): LlamaRMSNorm in float32, for the
+ * rows m0 .. m1 */
+static void rms_rows(const float *x, const float *weight, float eps, float *h, int m0,
+                     int m1, int K) {
+    for (int m = m0; m < m1; m++) {
         const float *xm = x + (size_t)m * K;
         double ss = 0.0;
         for (int k = 0; k < K; k++) ss += (double)xm[k] * xm[k];
@@ -176,52 +314,94 @@ static void rms_norm(const float *x, const float *weight, float eps, float *h, i
     }
 }
 
+static void rms_norm(const float *x, const float *weight, float eps, float *h, int M, int K) {
+    rms_rows(x, weight, eps, h, 0, M, K);
+}
+
+/* the same inside a parallel region: one row per iteration */
+static void rms_for(const float *x, const float *weight, float eps, float *h, int M, int K) {
+    #pragma omp for schedule(static)
+    for (int m = 0; m < M; m++) rms_rows(x, weight, eps, h, m, m + 1, K);
+}
+
+/* the rotary embedding on heads of d in each row's first `heads` heads of y (row stride
+ * ld), as transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin,
+ * rotate_half(x) = (-x[d/2:], x[:d/2]); cos and sin are (M, d) */
+static void rotate_head(float *v, const float *c, const float *sn, int d) {
+    int half = d / 2;
+    for (int j = 0; j < half; j++) {
+        float lo = v[j], hi = v[j + half];
+        v[j] = lo * c[j] - hi * sn[j];
+        v[j + half] = hi * c[j + half] + lo * sn[j + half];
+    }
+}
+
 /* y = x W^T (+ b): one linear layer */
 void sureserve_gemv(const float *x, const float *w, const float *b, float *y, int M, int N,
                     int K) {
+    sureserve_linear l = f32(w, b, N, K);
     #pragma omp parallel
-    gemv_for(x, K, w, b, 0, y, N, M, N, K);
+    gemv_for(x, K, &l, 0, y, N, M);
+}
+
+/* y = x W^T (* scale) (+ b) (+ res): one linear layer of either kind (res may be NULL) */
+void sureserve_linear_apply(const float *x, const sureserve_linear *l, const float *res,
+                            float *y, int M) {
+    #pragma omp parallel
+    gemv_for(x, l->k, l, res, y, l->n, M);
 }
 
 /* y = res + x W^T (+ b): the attention's output projection and its residual */
 void sureserve_gemv_add(const float *x, const float *w, const float *b, const float *res,
                         float *y, int M, int N, int K) {
+    sureserve_linear l = f32(w, b, N, K);
     #pragma omp parallel
-    gemv_for(x, K, w, b, res, y, N, M, N, K);
+    gemv_for(x, K, &l, res, y, N, M);
 }
 
 /* y = [h W1^T + b1 | h W2^T + b2 | h W3^T + b3], h = RMSNorm(x) (norm_w may be NULL: h = x);
  * y is (M, n1 + n2 + n3), h is scratch (M, K): the attention's q, k and v in one call.
  * With cos and sin ((M, d) each; NULL: none), the rotary embedding is applied to the
- * first n1 + n2 columns (q and k) in heads of d, as transformers' apply_rotary_pos_emb:
- * x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2]). */
+ * first n1 + n2 columns (q and k) in heads of d. */
 void sureserve_norm_gemv3(const float *x, const float *norm_w, float eps, float *h, int M,
                           int K, const float *w1, const float *b1, int n1, const float *w2,
                           const float *b2, int n2, const float *w3, const float *b3, int n3,
                           float *y, const float *cos, const float *sin, int d) {
     int ld = n1 + n2 + n3;
     const float *in = x;
+    sureserve_linear l1 = f32(w1, b1, n1, K), l2 = f32(w2, b2, n2, K), l3 = f32(w3, b3, n3, K);
     if (norm_w) { rms_norm(x, norm_w, eps, h, M, K); in = h; }
     #pragma omp parallel
     {
-        gemv_for(in, K, w1, b1, 0, y, ld, M, n1, K);  /* each "omp for" ends in a barrier */
-        gemv_for(in, K, w2, b2, 0, y + n1, ld, M, n2, K);
-        gemv_for(in, K, w3, b3, 0, y + n1 + n2, ld, M, n3, K);
+        gemv_for(in, K, &l1, 0, y, ld, M);  /* each "omp for" ends in a barrier */
+        gemv_for(in, K, &l2, 0, y + n1, ld, M);
+        gemv_for(in, K, &l3, 0, y + n1 + n2, ld, M);
         if (cos && sin && d > 1) {
-            int heads = (n1 + n2) / d, half = d / 2;
+            int heads = (n1 + n2) / d;
             #pragma omp for schedule(static)
             for (int i = 0; i < M * heads; i++) {
                 int m = i / heads;
-                float *v = y + (size_t)m * ld + (size_t)(i % heads) * d;
-                const float *c = cos + (size_t)m * d, *sn = sin + (size_t)m * d;
-                for (int j = 0; j < half; j++) {
-                    float lo = v[j], hi = v[j + half];
-                    v[j] = lo * c[j] - hi * sn[j];
-                    v[j + half] = hi * c[j + half] + lo * sn[j + half];
-                }
+                rotate_head(y + (size_t)m * ld + (size_t)(i % heads) * d,
+                            cos + (size_t)m * d, sin + (size_t)m * d, d);
             }
         }
     }
+}
+
+/* a = [silu(h Wg^T + bg) * (h Wu^T + bu) | h Wu^T + bu]; x = x + a[:, :F] Wd^T + bd
+ * (in place), inside a parallel region */
+static void mlp_for(float *x, const float *h, const sureserve_linear *gate,
+                    const sureserve_linear *up, const sureserve_linear *down, float *a, int M) {
+    int K = gate->k, F = gate->n;
+    gemv_for(h, K, gate, 0, a, 2 * F, M);
+    gemv_for(h, K, up, 0, a + F, 2 * F, M);
+    #pragma omp for schedule(static)
+    for (int i = 0; i < M * F; i++) {
+        int m = i / F, f = i % F;
+        float g = a[(size_t)m * 2 * F + f], u = a[(size_t)m * 2 * F + F + f];
+        a[(size_t)m * 2 * F + f] = g / (1.0f + expf(-g)) * u;
+    }
+    gemv_for(a, 2 * F, down, x, x, K, M);  /* a's rows: silu(g) * u, then u */
 }
 
 /* y = x + down(silu(gate(h)) * up(h)), h = RMSNorm(x): a Llama MLP block and its residual.
@@ -229,17 +409,130 @@ void sureserve_norm_gemv3(const float *x, const float *norm_w, float eps, float 
 void sureserve_mlp(const float *x, const float *norm_w, float eps, const float *wg,
                    const float *wu, const float *wd, float *h, float *a, float *y, int M,
                    int K, int F) {
+    sureserve_linear g = f32(wg, 0, F, K), u = f32(wu, 0, F, K), dn = f32(wd, 0, K, F);
     rms_norm(x, norm_w, eps, h, M, K);
+    for (size_t i = 0; i < (size_t)M * K; i++) y[i] = x[i];
+    #pragma omp parallel
+    mlp_for(y, h, &g, &u, &dn, a, M);
+}
+
+/* One decoder layer's weights (float32 norms; linear layers of either kind). */
+typedef struct {
+    const float *norm1, *norm2;
+    sureserve_linear q, k, v, o, gate, up, down;
+} sureserve_layer;
+
+#define BLOCK 32 /* key columns scored at a time by the attention */
+
+/* out = softmax(q K^T * scale, masked) V for one query head over columns start .. end
+ * (inclusive) of its key/value head (column stride d), in blocks with a running maximum
+ * (the scores of a block are computed once; earlier sums are rescaled when the maximum
+ * grows). mask: one byte per column from start (non-zero: attend), or NULL. */
+static void attend(const float *q, const float *kh, const float *vh, int start, int end,
+                   int d, float scale, const unsigned char *mask, float *out) {
+    float acc[512], s[BLOCK];
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < d; j++) acc[j] = 0.0f;
+    for (int c0 = start; c0 <= end; c0 += BLOCK) {
+        int nb = end + 1 - c0 < BLOCK ? end + 1 - c0 : BLOCK;
+        float bm = -INFINITY;
+        for (int c = 0; c < nb; c++) {
+            if (mask && !mask[c0 - start + c]) { s[c] = -INFINITY; continue; }
+            const float *kc = kh + (size_t)(c0 + c) * d;
+            float dot = 0.0f;
+            int j = 0;
+#if defined(VW)
+            vec t = vzero();
+            for (; j + VW <= d; j += VW) t = vfma(vload(q + j), vload(kc + j), t);
+            dot = vsum(t);
+#endif
+            for (; j < d; j++) dot += q[j] * kc[j];
+            s[c] = dot * scale;
+            if (s[c] > bm) bm = s[c];
+        }
+        if (bm == -INFINITY) continue;
+        if (bm > mx) {  /* a new maximum: what was summed so far shrinks by exp(old - new) */
+            float corr = expf(mx - bm);
+            sum *= corr;
+            for (int j = 0; j < d; j++) acc[j] *= corr;
+            mx = bm;
+        }
+        for (int c = 0; c < nb; c++) {
+            if (s[c] == -INFINITY) continue;
+            float p = expf(s[c] - mx);
+            const float *vc = vh + (size_t)(c0 + c) * d;
+            sum += p;
+            int j = 0;
+#if defined(VW)
+            vec pv = vset1(p);
+            for (; j + VW <= d; j += VW) vstore(acc + j, vfma(pv, vload(vc + j), vload(acc + j)));
+#endif
+            for (; j < d; j++) acc[j] += p * vc[j];
+        }
+    }
+    float inv = 1.0f / sum;
+    for (int j = 0; j < d; j++) out[j] = acc[j] * inv;
+}
+
+/* One decode step of a Llama-family decoder: for each of the L layers, x = x + attention
+ * and x = x + MLP, in place on x (M, H), one new token per row.
+ *
+ * The keys and values of layer i live in kc/vc + i * layer_stride as (rows, kv_heads,
+ * columns, d) with the given row and head strides (elements; column stride d): this
+ * step's keys (rotated) and values are written at column `end`, and each row attends to
+ * columns start .. end where its mask byte (mask: (M, end + 1 - start), NULL: all) is set.
+ * cos/sin: (M, d) rotary tables. Scratch (floats): M * (H + nq + nk + nv + nq + 2 * F).
+ * With a final norm and a head, logits (M, head.n) = head(RMSNorm(x)) after the layers. */
+void sureserve_decode(float *x, int M, int H, const sureserve_layer *layers, int L,
+                      float eps, const float *cos, const float *sin, int d, int heads,
+                      int kv_heads, float scaling, float *kc, float *vc, long layer_stride,
+                      long row_stride, long head_stride, int start, int end,
+                      const unsigned char *mask, float *scratch, const float *final_norm,
+                      const sureserve_linear *head, float *logits) {
+    int nq = heads * d, nk = kv_heads * d, ld = nq + 2 * nk, groups = heads / kv_heads;
+    int width = end + 1 - start;
+    float *h = scratch, *qkv = h + (size_t)M * H, *att = qkv + (size_t)M * ld;
+    float *a = att + (size_t)M * nq;
     #pragma omp parallel
     {
-        gemv_for(h, K, wg, 0, 0, a, 2 * F, M, F, K);
-        gemv_for(h, K, wu, 0, 0, a + F, 2 * F, M, F, K);
-        #pragma omp for schedule(static)
-        for (int i = 0; i < M * F; i++) {
-            int m = i / F, f = i % F;
-            float g = a[(size_t)m * 2 * F + f], u = a[(size_t)m * 2 * F + F + f];
-            a[(size_t)m * 2 * F + f] = g / (1.0f + expf(-g)) * u;
+        for (int i = 0; i < L; i++) {
+            const sureserve_layer *ly = &layers[i];
+            float *kl = kc + (size_t)i * layer_stride, *vl = vc + (size_t)i * layer_stride;
+            rms_for(x, ly->norm1, eps, h, M, H);
+            gemv_for(h, H, &ly->q, 0, qkv, ld, M);
+            gemv_for(h, H, &ly->k, 0, qkv + nq, ld, M);
+            gemv_for(h, H, &ly->v, 0, qkv + nq + nk, ld, M);
+            /* rotary on q's and k's heads; k and v into the cache at column `end` */
+            #pragma omp for schedule(static)
+            for (int t = 0; t < M * (heads + kv_heads); t++) {
+                int m = t / (heads + kv_heads), hd = t % (heads + kv_heads);
+                float *row = qkv + (size_t)m * ld;
+                rotate_head(row + (size_t)hd * d, cos + (size_t)m * d, sin + (size_t)m * d, d);
+                if (hd >= heads) {
+                    int g = hd - heads;
+                    size_t at = (size_t)m * row_stride + (size_t)g * head_stride +
+                                (size_t)end * d;
+                    for (int j = 0; j < d; j++) {
+                        kl[at + j] = row[nq + (size_t)g * d + j];
+                        vl[at + j] = row[nq + nk + (size_t)g * d + j];
+                    }
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int t = 0; t < M * heads; t++) {
+                int m = t / heads, hq = t % heads, g = hq / groups;
+                size_t base = (size_t)m * row_stride + (size_t)g * head_stride;
+                attend(qkv + (size_t)m * ld + (size_t)hq * d, kl + base, vl + base, start,
+                       end, d, scaling, mask ? mask + (size_t)m * width : 0,
+                       att + (size_t)m * nq + (size_t)hq * d);
+            }
+            gemv_for(att, nq, &ly->o, x, x, H, M);
+            rms_for(x, ly->norm2, eps, h, M, H);
+            mlp_for(x, h, &ly->gate, &ly->up, &ly->down, a, M);
         }
-        gemv_for(a, 2 * F, wd, 0, x, y, K, M, K, F);  /* a's rows: silu(g) * u, then u */
+        if (final_norm && head) {
+            rms_for(x, final_norm, eps, h, M, H);
+            gemv_for(h, H, head, 0, logits, head->n, M);
+        }
     }
 }

@@ -52,6 +52,70 @@ STREAM_BYTES = 64 * 2**20
 
 _LOCK = threading.Lock()
 _BUILT: dict[str, tuple[Gemv | None, str]] = {}
+#: the attention keeps one head's sums on the stack (gemv.c ``attend``)
+MAX_HEAD_DIM = 512
+
+
+class Linear(ctypes.Structure):
+    """A linear layer as ``gemv.c`` reads it (``sureserve_linear``): float32 weights, or
+    int8 weights with one float32 scale per output row; the tensors must outlive it."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n", ctypes.c_int), ("k", ctypes.c_int)]
+
+
+LAYER_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class Layer(ctypes.Structure):
+    """One decoder layer's weights (``sureserve_layer``)."""
+
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p),
+                *((name, Linear) for name in LAYER_LINEARS)]
+
+
+def weights_of(module: Any) -> tuple[Any, Any, Any] | None:
+    """(weight, scale, bias) the kernel reads for a linear layer: a plain ``nn.Linear`` in
+    float32 (scale None), or an int8 weight-only layer (``loading/kernels.py``: int8
+    weight, one float32 scale per output row); None for anything else (another dtype, a
+    non-contiguous weight, another quantization)."""
+    import torch
+
+    f32 = torch.float32
+    w: Any
+    if module.__class__ is torch.nn.Linear:
+        w, b = module._parameters["weight"], module._parameters["bias"]
+        scale = None
+        if w is None or w.dtype != f32:
+            return None
+    elif module.__class__.__name__ == "Int8WeightOnlyLinear" and \
+            module.__class__.__module__ == "sureserve.loading.kernels":
+        w, scale, b = module._buffers["weight_int8"], module._buffers["scale"], module.bias
+        if w.dtype != torch.int8 or scale.dtype != f32 or not scale.is_contiguous():
+            return None
+    else:
+        return None
+    if w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
+        return None
+    if b is not None and (b.dtype != f32 or not b.is_contiguous()):
+        return None
+    return w, scale, b
+
+
+def linear_struct(module: Any) -> Linear | None:
+    """``module``'s weights as a ``Linear`` (None: not one the kernel reads)."""
+    got = weights_of(module)
+    if got is None:
+        return None
+    w, scale, b = got
+    return Linear(w.data_ptr(), _ptr(scale), _ptr(b), int(w.shape[0]), int(w.shape[1]))
+
+
+def shape_key(weight: Any) -> tuple[Any, ...]:
+    """The key a weight's measurement is kept under: (out, in) for float32, (out, in,
+    "int8") for int8 weights."""
+    n, k = int(weight.shape[0]), int(weight.shape[1])
+    return (n, k) if str(weight.dtype) == "torch.float32" else (n, k, "int8")
 
 
 class Gemv:
@@ -67,6 +131,11 @@ class Gemv:
         self._qkv = _bind(lib.sureserve_norm_gemv3,
                           [P, P, Fl, P, N, N, P, P, N, P, P, N, P, P, N, P, P, P, N])
         self._mlp = _bind(lib.sureserve_mlp, [P, P, Fl, P, P, P, P, P, P, N, N, N])
+        self._linear = _bind(lib.sureserve_linear_apply, [P, ctypes.POINTER(Linear), P, P, N])
+        Lg = ctypes.c_long
+        self._decode = _bind(lib.sureserve_decode,
+                             [P, N, N, ctypes.POINTER(Layer), N, Fl, P, P, N, N, N, Fl, P, P,
+                              Lg, Lg, Lg, N, N, P, P, P, ctypes.POINTER(Linear), P])
         isa = lib.sureserve_gemv_isa
         isa.restype = ctypes.c_char_p
         self.isa: str = isa().decode()
@@ -98,6 +167,44 @@ class Gemv:
         self._fn(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), x.numel() // k,
                  n, k)
         return y
+
+    def linear(self, x: Any, layer: Linear, residual: Any = None) -> Any:
+        """``F.linear`` for a layer of either kind (``Linear``: float32 or int8 weights),
+        plus ``residual`` when given; x contiguous float32 ``(..., layer.k)``."""
+        import torch
+
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], layer.n, dtype=torch.float32)
+        self._linear(x.data_ptr(), ctypes.byref(layer), _ptr(residual), y.data_ptr(),
+                     x.numel() // layer.k)
+        return y
+
+    def decode(self, x: Any, layers: Any, eps: float, rotary: tuple[Any, Any], heads: int,
+               kv_heads: int, scaling: float, kv: Any, mask: Any, scratch: Any,
+               final_norm: Any = None, head: Linear | None = None) -> Any:
+        """One decode step over every layer (``sureserve_decode``), in place on ``x``
+        (rows, hidden) float32 contiguous: this step's keys and values written into ``kv``
+        (a float32 contiguous ``PaddedKV``) at column ``kv.end``; ``mask`` (rows, width + 1)
+        bool or None; ``scratch`` float32 of at least ``scratch_size``. Returns the logits
+        (rows, vocab) when ``head`` is given (after ``final_norm``), else None."""
+        import torch
+
+        cos, sin = rotary
+        rows, hidden = x.shape
+        k, v = kv.k, kv.v
+        logits = None if head is None else torch.empty(rows, head.n, dtype=torch.float32)
+        self._decode(x.data_ptr(), rows, hidden, layers, len(layers), eps, cos.data_ptr(),
+                     sin.data_ptr(), cos.shape[-1], heads, kv_heads, scaling, k.data_ptr(),
+                     v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), kv.start, kv.end,
+                     _ptr(mask), scratch.data_ptr(), _ptr(final_norm),
+                     None if head is None else ctypes.byref(head), _ptr(logits))
+        return logits
+
+    @staticmethod
+    def scratch_size(rows: int, hidden: int, layer: Layer, heads: int, d: int) -> int:
+        """Floats of scratch ``decode`` needs for ``rows`` rows."""
+        nq = heads * d
+        return rows * (hidden + layer.q.n + layer.k.n + layer.v.n + nq + 2 * layer.gate.n)
 
     # The fused calls of one Llama decoder layer (``DirectDecode``'s kernel path): fewer,
     # larger calls, so that the small operations between the matmuls (RMSNorm, the bias,
@@ -225,15 +332,17 @@ class KernelPlan:
     # rows -> (F.linear ms, ms with each shape through the faster of the two), summed over
     # one decode step's matmuls
     step_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
-    # (out, in) weight shape -> the most rows at which the kernel beat F.linear for it
-    shape_rows: dict[tuple[int, int], int] = field(default_factory=dict)
+    # ``shape_key`` of a weight ((out, in), or (out, in, "int8")) -> the most rows at which
+    # the kernel beat torch's kernel for it (F.linear, or torch's int8 matmul)
+    shape_rows: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
     def active(self, rows: int) -> bool:
         return self.kernel is not None and rows <= self.max_rows
 
     def takes(self, weight: Any, rows: int) -> bool:
-        """Whether a ``weight`` times ``rows`` rows goes through the kernel."""
-        return rows <= self.shape_rows.get((weight.shape[0], weight.shape[1]), 0)
+        """Whether a ``weight`` (float32, or int8 weight-only) times ``rows`` rows goes
+        through the kernel."""
+        return rows <= self.shape_rows.get(shape_key(weight), 0)
 
     def describe(self) -> str:
         if self.kernel is None or self.max_rows == 0:
@@ -247,7 +356,8 @@ class KernelPlan:
         return {"kernel": None if self.kernel is None else self.kernel.isa,
                 "max_rows": self.max_rows,
                 "reason": self.reason,
-                "shape_rows": {f"{n}x{k}": r for (n, k), r in self.shape_rows.items()},
+                "shape_rows": {"x".join(map(str, key[:2])) + "".join(f":{t}" for t in key[2:]):
+                               r for key, r in self.shape_rows.items()},
                 "step_ms": {str(r): [round(a, 3), round(b, 3)]
                             for r, (a, b) in self.step_ms.items()}}
 
@@ -255,35 +365,38 @@ class KernelPlan:
 def plan(model: Any, device: str, home: Path | None, enabled: bool = True) -> KernelPlan:
     """Build the kernel and measure it against ``F.linear`` on ``model``'s weight shapes
     (cached per machine); the plan says up to how many rows it runs, or why it does not."""
-    import torch
 
     if not enabled:
         return KernelPlan(None, 0, "decode_kernel is off")
     if not str(device).startswith("cpu"):
         return KernelPlan(None, 0, "not a CPU")
-    shapes: dict[tuple[int, int], int] = {}
+    shapes: dict[tuple[Any, ...], int] = {}
     for m in model.modules():
-        if m.__class__ is torch.nn.Linear and m.weight.dtype == torch.float32 \
-                and m.weight.is_contiguous():
-            key = (int(m.weight.shape[0]), int(m.weight.shape[1]))
+        got = weights_of(m)
+        if got is not None:
+            key = shape_key(got[0])
             shapes[key] = shapes.get(key, 0) + 1
+            if len(key) > 2:  # measured in float32 too (counted for nothing in the step's
+                # figures): ``sureserve quantize`` may swap the layer back to float32
+                shapes.setdefault(key[:2], 0)
     if not shapes:
-        return KernelPlan(None, 0, "no float32 nn.Linear weights (another dtype or quantized)")
+        return KernelPlan(None, 0, "no linear layer the kernel reads (float32 nn.Linear or "
+                                   "int8 weight-only): another dtype or quantization")
     kernel, why = build(home)
     if kernel is None:
         return KernelPlan(None, 0, why)
     step: dict[int, tuple[float, float]] = {}
-    shape_rows = dict.fromkeys(shapes, 0)
+    shape_rows: dict[tuple[Any, ...], int] = dict.fromkeys(shapes, 0)
     for rows in ROWS:
         torch_ms = best_ms = 0.0
-        for (n, k), count in shapes.items():
-            a, b = _measured(home, kernel, n, k, rows)
+        for key, count in shapes.items():
+            a, b = _measured(home, kernel, key, rows)
             # a shape keeps the kernel for the longest run of row counts, from one, where
             # it won (a win at 16 rows after a loss at 8 is noise, not a regime)
             before = ROWS[ROWS.index(rows) - 1] if rows != ROWS[0] else 0
-            wins = a >= b * MIN_GAIN and shape_rows[(n, k)] == before
+            wins = a >= b * MIN_GAIN and shape_rows[key] == before
             if wins:
-                shape_rows[(n, k)] = rows
+                shape_rows[key] = rows
             torch_ms, best_ms = torch_ms + a * count, best_ms + (b if wins else a) * count
         step[rows] = (torch_ms, best_ms)
     max_rows = 0
@@ -299,26 +412,45 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True) -> Ke
     return out
 
 
-def measure(kernel: Gemv, n: int, k: int, rows: int) -> tuple[float, float]:
-    """(F.linear ms, kernel ms) for one ``(n, k)`` weight at ``rows`` rows, streamed over
-    enough copies that they come from memory."""
+def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False
+            ) -> tuple[float, float]:
+    """(torch ms, kernel ms) for one ``(n, k)`` weight at ``rows`` rows, streamed over
+    enough copies that they come from memory. Float32: ``F.linear`` against the kernel;
+    ``int8``: an int8 weight-only layer's own forward (torch's packed int8 matmul) against
+    the kernel reading the same int8 weights."""
     import torch
     import torch.nn.functional as F
 
     from sureserve.loading.machine import best_ms
 
+    size = 1 if int8 else 4
     # (at most 256: a tiny test model's shapes would need thousands to leave the caches)
-    copies = min(256, max(1, STREAM_BYTES // (n * k * 4)))
-    ws = [torch.empty(n, k).uniform_(-1, 1) for _ in range(copies)]
+    copies = min(256, max(1, STREAM_BYTES // (n * k * size)))
     x = torch.randn(rows, k)
+    if int8:
+        from sureserve.loading.kernels import Int8WeightOnlyLinear
 
-    def through_torch() -> None:
-        for w in ws:
-            F.linear(x, w)
+        mods = [Int8WeightOnlyLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(copies)]
+        structs = [linear_struct(m) for m in mods]
 
-    def through_kernel() -> None:
-        for w in ws:
-            kernel(x, w)
+        def through_torch() -> None:
+            for m in mods:
+                m(x)
+
+        def through_kernel() -> None:
+            for st in structs:
+                assert st is not None
+                kernel.linear(x, st)
+    else:
+        ws = [torch.empty(n, k).uniform_(-1, 1) for _ in range(copies)]
+
+        def through_torch() -> None:
+            for w in ws:
+                F.linear(x, w)
+
+        def through_kernel() -> None:
+            for w in ws:
+                kernel(x, w)
 
     # alternated, best of 3 each: drift of the machine hits both
     a = b = float("inf")
@@ -328,9 +460,9 @@ def measure(kernel: Gemv, n: int, k: int, rows: int) -> tuple[float, float]:
     return a / copies, b / copies
 
 
-def _measured(home: Path | None, kernel: Gemv, n: int, k: int, rows: int
+def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int
               ) -> tuple[float, float]:
-    """``measure``, cached per machine, thread count and kernel build
+    """``measure`` for a ``shape_key``, cached per machine, thread count and kernel build
     (``machine.measured_once``)."""
     from sureserve.loading.machine import measured_once
 
@@ -338,5 +470,7 @@ def _measured(home: Path | None, kernel: Gemv, n: int, k: int, rows: int
         a, b = v
         return float(a), float(b)
 
-    return measured_once(home, f"gemv-{kernel.key}", f"{n}x{k}:{rows}",
-                         lambda: list(measure(kernel, n, k, rows)), parse)
+    n, k, int8 = int(key[0]), int(key[1]), len(key) > 2
+    name = f"{n}x{k}:{rows}" + (":int8" if int8 else "")
+    return measured_once(home, f"gemv-{kernel.key}", name,
+                         lambda: list(measure(kernel, n, k, rows, int8)), parse)
