@@ -9,7 +9,8 @@ from the same client (greedy, ``max_tokens`` each, closed-loop clients over loop
 - ``sureserve``: ``sureserve serve smollm2`` (fp32), with prefix reuse on (the default), and
   for the shared-prefix workload also with it off (``--prefix-cache-mb 0``), and for the
   short one also with torch's matmul kernels in every decode step instead of sureserve's
-  GEMV kernel for the small ones (``--no-decode-kernel``).
+  GEMV kernel for the small ones (``--no-decode-kernel``), and optionally a folder that
+  ``sureserve quantize`` wrote (``--quantized DIR``: e.g. int8 weight-only).
 
 Workloads: short chat prompts at 1, 8 and 32 clients; and one ~400-token system prompt
 shared by every request, at 32 clients. Output tokens are what each server reports in the
@@ -178,11 +179,14 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                    requests: int = 64, single: int = 8, max_tokens: int = 64,
                    seed: int = 0, threads: int | None = None, out: Path | None = None,
                    log: Callable[[str], None] = print, only: Sequence[str] = (),
-                   shared_requests: int | None = None) -> dict[str, Any]:
+                   shared_requests: int | None = None,
+                   quantized: Path | None = None) -> dict[str, Any]:
     """Every contender (those whose name contains one of ``only``, when given) over every
     workload in one run; returns (and writes) the report. ``shared_requests`` (default
     ``requests``) sizes the shared-prefix workload: with as many requests as clients, its
-    TTFT figures are mostly the opening burst."""
+    TTFT figures are mostly the opening burst. ``quantized``: a folder written by
+    ``sureserve quantize smollm2 ... -o DIR`` runs as a contender too (short workload),
+    named after its method, its texts compared with fp32's like every other's."""
     import shutil
     import sys
 
@@ -225,6 +229,17 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                   Contender("sureserve fp32, torch kernels",
                             [exe, "serve", "smollm2", "--no-decode-kernel"],
                             workloads=("short",))]
+    if quantized is not None:
+        from sureserve.loading.precision import read_recipe
+
+        recipe = read_recipe(quantized)
+        if recipe is None:
+            raise ValueError(f"{quantized} holds no quantization recipe: write it with "
+                             "`sureserve quantize smollm2 --eval FILE -o DIR`")
+        how = "accepted by quantize" if recipe.evaluated else "not evaluated"
+        contenders.append(Contender(f"sureserve {recipe.method} ({how})",
+                                    [exe, "serve", str(quantized)], workloads=("short",)))
+
     def wants(name: str) -> bool:
         return not only or any(o in name for o in only)
 

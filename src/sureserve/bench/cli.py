@@ -194,6 +194,9 @@ def bench_generate(model: GenModel = "smollm2",
                    shared_requests: Annotated[int | None, typer.Option(
                        help="With --peer: requests of the shared-prefix workload (default "
                        "--requests).")] = None,
+                   quantized: Annotated[Path | None, typer.Option(
+                       help="With --peer: also serve this folder written by `sureserve "
+                       "quantize smollm2 --eval FILE -o DIR` (short workload).")] = None,
                    output: BenchOut = None) -> None:
     """Continuous batching vs generate one at a time vs static left-padded batches (or,
     with --peer llama.cpp, the server against llama.cpp's)."""
@@ -206,6 +209,7 @@ def bench_generate(model: GenModel = "smollm2",
                                               requests=n, single=sample, seed=seed,
                                               max_tokens=max_new, only=contender or (),
                                               shared_requests=shared_requests,
+                                              quantized=quantized,
                                               out=_bench_out(output, "generate-peer")),
                           _report)
         return
