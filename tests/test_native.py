@@ -36,14 +36,17 @@ def forced(model: Any, kernel: native.Gemv, rows: int = 16) -> native.KernelPlan
     return native.KernelPlan(kernel, rows, "", {1: (2.0, 1.0)}, shapes)
 
 
-def int8_model(model: Any) -> tuple[Any, Any]:
-    """(``model`` with every decoder linear layer int8 weight-only, lm_head kept as
-    ``sureserve quantize`` keeps heads; a float32 copy holding the dequantized weights, whose
-    forward is what the kernel must compute)."""
+def int8_model(model: Any, head: bool = False) -> tuple[Any, Any]:
+    """(``model`` with every decoder linear layer int8 weight-only, lm_head too with
+    ``head`` (``int8-weight-only-head``), else kept as ``sureserve quantize`` keeps heads;
+    a float32 copy holding the dequantized weights, whose forward is what the kernel must
+    compute)."""
     import copy
 
     from sureserve.loading.kernels import Int8WeightOnlyLinear
 
+    if head:
+        model.lm_head = Int8WeightOnlyLinear(model.lm_head)
     for layer in model.model.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
@@ -178,21 +181,26 @@ def test_the_direct_step_through_the_kernel_matches_the_forward(
 
 @pytest.mark.parametrize("lengths", [[5, 9, 3], [6]], ids=["padded", "one-row"])
 @pytest.mark.parametrize("whole", [True, False], ids=["one-call", "per-layer"])
+@pytest.mark.parametrize("head", [False, True], ids=["fp32-head", "int8-head"])
 def test_an_int8_weight_only_model_decodes_through_the_kernel(
-        gemv: native.Gemv, lengths: list[int], whole: bool) -> None:
-    """An int8 weight-only model (what ``sureserve quantize`` makes) decodes through the
-    kernel reading its int8 weights: logits and keys are the forward of the dequantized
-    float32 model to float32 rounding (torch's own int8 path rounds activations to bf16,
-    which this does not), and greedy tokens are the same."""
-    model, deq = int8_model(_model("qwen2"))
+        gemv: native.Gemv, lengths: list[int], whole: bool, head: bool) -> None:
+    """An int8 weight-only model (what ``sureserve quantize`` makes; lm_head in int8 too
+    with ``int8-weight-only-head``) decodes through the kernel reading its int8 weights:
+    logits and keys are the forward of the dequantized float32 model to float32 rounding
+    (torch's own int8 path rounds activations to bf16, which this does not), and greedy
+    tokens are the same."""
+    model, deq = int8_model(_model("qwen2"), head)
     plan_ = forced(model, gemv)
     assert (96, 64, "int8") in plan_.shape_rows
+    assert ((300, 64, "int8") in plan_.shape_rows) == head
     step = DirectDecode(model, kernel=plan_, whole=whole)
     ref, got, ref_k, got_k = _both(deq, lengths, step=step)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert (step._prep is not None and step._prep.ok) == whole
+    if whole:
+        assert step._prep.head is not None and bool(step._prep.head.scale) == head
 
 
 def test_the_whole_step_follows_swapped_layers(gemv: native.Gemv) -> None:

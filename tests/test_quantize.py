@@ -125,6 +125,28 @@ def test_layer_kernels_match_their_float_reference(method: str) -> None:
     assert Q.weights_bytes(q) < Q.weights_bytes(lin)
 
 
+def test_only_the_head_method_quantizes_the_output_head() -> None:
+    """Heads stay in full precision (where quantized models lose most) unless the method
+    says otherwise (``int8-weight-only-head``, judged by the same perplexity bar); its
+    sensitivity search may still keep lm_head."""
+    from sureserve.loading import kernels
+    from sureserve.loading.kernels import Int8WeightOnlyLinear
+    from tests.test_direct_decode import _model
+
+    plain, head = _model("llama"), _model("llama")
+    assert "lm_head" not in Q.linear_layers(plain)
+    assert Q.linear_layers(plain, heads=True)[-1] == "lm_head"
+    kernels.apply(plain, Q.get("int8-weight-only"))
+    kernels.apply(head, Q.get("int8-weight-only-head"))
+    assert type(plain.lm_head).__name__ == "Linear"
+    assert isinstance(head.lm_head, Int8WeightOnlyLinear)
+    assert isinstance(head.model.layers[0].mlp.down_proj, Int8WeightOnlyLinear)
+    kept = _model("llama")
+    kernels.apply(kept, Q.get("int8-weight-only-head"), keep=["lm_head"])
+    assert type(kept.lm_head).__name__ == "Linear"
+    assert Q.get("int8-weight-only-head").tasks == ("generate",)
+
+
 def test_int4_kernel_matches_its_dequantized_weights() -> None:
     import torch
 

@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     )
     quantization: str | None = Field(
         default=None,
-        description="Quantize at load: int8-dynamic, int8-weight-only, int4-weight-only (CPU); "
+        description="Quantize at load: int8-dynamic, int8-weight-only, int8-weight-only-head, "
+        "int4-weight-only (CPU); "
         "bf16, fp16, bnb-int8, bnb-nf4 (bitsandbytes, CPU or CUDA); bf16-flash (CUDA). "
         "Unmeasured, so it warns: prefer `sureserve quantize MODEL --eval FILE -o DIR` and "
         "load DIR.",

@@ -104,19 +104,19 @@ def workloads(tok: Any, n: int, seed: int, system_tokens: int = 400
 
 
 async def _one(client: httpx.AsyncClient, url: str, messages: list[dict[str, str]],
-               max_tokens: int, tok: Any) -> Result:
+               max_tokens: int, tok: Any, model: str = "smollm2") -> Result:
     """One request; sent again once when the server closed a kept-alive connection
     before answering (llama-server's HTTP library closes a connection after a few
     requests, and the client may already have sent the next one on it)."""
-    res = await _attempt(client, url, messages, max_tokens, tok)
+    res = await _attempt(client, url, messages, max_tokens, tok, model)
     if res.error and "RemoteProtocolError" in res.error and not res.text:
-        res = await _attempt(client, url, messages, max_tokens, tok)
+        res = await _attempt(client, url, messages, max_tokens, tok, model)
     return res
 
 
 async def _attempt(client: httpx.AsyncClient, url: str, messages: list[dict[str, str]],
-                   max_tokens: int, tok: Any) -> Result:
-    body = {"model": "smollm2", "messages": messages, "max_tokens": max_tokens,
+                   max_tokens: int, tok: Any, model: str = "smollm2") -> Result:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     res = Result()
     t0 = time.perf_counter()
@@ -149,7 +149,8 @@ async def _attempt(client: httpx.AsyncClient, url: str, messages: list[dict[str,
 
 
 async def _closed_loop(url: str, requests: Sequence[list[dict[str, str]]], clients: int,
-                       max_tokens: int, tok: Any) -> tuple[list[Result], float]:
+                       max_tokens: int, tok: Any, model: str = "smollm2"
+                       ) -> tuple[list[Result], float]:
     """``clients`` clients, each sending its next request when its previous one finished;
     results in request order."""
     out: list[Result | None] = [None] * len(requests)
@@ -159,7 +160,7 @@ async def _closed_loop(url: str, requests: Sequence[list[dict[str, str]]], clien
 
         async def worker() -> None:
             for i in todo:
-                out[i] = await _one(client, url, list(requests[i]), max_tokens, tok)
+                out[i] = await _one(client, url, list(requests[i]), max_tokens, tok, model)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -173,6 +174,7 @@ class Contender:
     cmd: list[str]
     env: dict[str, str] = field(default_factory=dict)
     workloads: tuple[str, ...] = ("short", "shared-prefix")
+    model: str = "smollm2"  # what requests name (a served folder is named by its path)
 
 
 def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
@@ -238,7 +240,8 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                              "`sureserve quantize smollm2 --eval FILE -o DIR`")
         how = "accepted by quantize" if recipe.evaluated else "not evaluated"
         contenders.append(Contender(f"sureserve {recipe.method} ({how})",
-                                    [exe, "serve", str(quantized)], workloads=("short",)))
+                                    [exe, "serve", str(quantized)], workloads=("short",),
+                                    model=str(quantized)))
 
     def wants(name: str) -> bool:
         return not only or any(o in name for o in only)
@@ -279,7 +282,7 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                           url, c.env)
         try:
             # warm-up: first requests allocate and choose kernels
-            asyncio.run(_closed_loop(url, loads["short"][:2], 2, 8, tok))
+            asyncio.run(_closed_loop(url, loads["short"][:2], 2, 8, tok, c.model))
             for wl in c.workloads:
                 for clients in levels if wl == "short" else (max(levels),):
                     reqs = (loads[wl][:shared_n] if wl == "shared-prefix"
@@ -287,7 +290,7 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                     run = Run(c.name, wl, clients)
                     with RssSampler(proc.pid) as rss:
                         run.results, run.seconds = asyncio.run(
-                            _closed_loop(url, reqs, clients, max_tokens, tok))
+                            _closed_loop(url, reqs, clients, max_tokens, tok, c.model))
                     run.peak_rss_mb = rss.peak / 2**20
                     texts = [r.text for r in run.results]
                     key = (wl, clients)

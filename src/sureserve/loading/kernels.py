@@ -107,6 +107,7 @@ class Int4WeightOnlyLinear(torch.nn.Module):
 LAYERS: dict[str, Callable[[torch.nn.Linear], torch.nn.Module]] = {
     "int8-dynamic": int8_dynamic,
     "int8-weight-only": Int8WeightOnlyLinear,
+    "int8-weight-only-head": Int8WeightOnlyLinear,
     "int4-weight-only": Int4WeightOnlyLinear,
 }
 
@@ -132,7 +133,7 @@ def apply(model: Any, method: Method, keep: Collection[str] = ()) -> list[str]:
     if not method.swaps_layers:
         return []
     skipped: list[str] = []
-    for name in linear_layers(model):
+    for name in linear_layers(model, method.heads):
         if name in keep:
             continue
         linear = model.get_submodule(name)

@@ -26,7 +26,7 @@ def sensitivity_search(engine: Any, base_model: Any, runner: Runner, ref: Any,
     are restored for the smallest k (binary search) that passes.
     """
     model = engine.model
-    names = [n for n in Q.linear_layers(base_model)
+    names = [n for n in Q.linear_layers(base_model, method.heads)
              if type(model.get_submodule(n)) is not type(base_model.get_submodule(n))]
     quantized = {n: model.get_submodule(n) for n in names}
     full = {n: copy.deepcopy(base_model.get_submodule(n)) for n in names}
