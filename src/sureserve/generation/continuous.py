@@ -364,7 +364,7 @@ class GenerationEngine:
             for seq_id in plan.prefill:
                 self._admit(self._seqs[seq_id])
             if self._prefilling:
-                self._deliver(self._prefill_some())
+                self._prefill_some()
             if self._rows:
                 try:
                     self._deliver(self._decode())
@@ -450,14 +450,15 @@ class GenerationEngine:
                     seq.past = shared.setdefault(seq.chain, (k, v))
                     seq.reused = seq.computed
 
-    def _prefill_some(self) -> list[Request]:
+    def _prefill_some(self) -> None:
         """Run up to ``prefill_tokens`` prompt tokens (at least one forward), oldest first: a
         prompt whose rest is longer than that runs a chunk on its own; otherwise it shares
         one forward with the waiting prompts closest to it in length (``_group``), each from
         its own starting point (nothing, or the stored prefix it found: a burst of chats with
-        different histories is one forward, not one per history). Returns the requests that
-        got their first token."""
-        budget, done = self.prefill_tokens, []
+        different histories is one forward, not one per history). Each forward's requests
+        get their first token out as soon as it ends, not after the step's other forwards
+        (a burst's earliest prompts do not wait for its latest)."""
+        budget = self.prefill_tokens
         while self._prefilling and budget > 0:
             self._reuse_prefixes()
             head = self._prefilling[0]
@@ -476,13 +477,15 @@ class GenerationEngine:
                 log.exception("prefill failed")
                 for seq in group:
                     self._finish(seq, "error", error=f"the model raised on this prompt: {exc}")
+            done = []
             for seq in group:
                 if seq.done is not None or seq.computed == len(seq.prompt):
-                    self._prefilling.remove(seq)
+                    if seq in self._prefilling:
+                        self._prefilling.remove(seq)
                     seq.past = None
                     if seq.done is None:
                         done.append(seq)
-        return done
+            self._deliver(done)
 
     def _group(self, head: Request, budget: int) -> list[Request]:
         """The oldest waiting prompt and those closest to it in length, while the padded

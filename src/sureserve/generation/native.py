@@ -5,18 +5,25 @@ Why: a decode step at a few rows is bound by how fast the weights stream from me
 torch's CPU GEMM reads a skinny product's weights far below the memory's speed on some
 CPUs (an AMD EPYC: ~11 GB/s through ``F.linear`` where a plain FMA loop over the same
 row-major weight reads ~25 GB/s; BENCHMARKS.md "Generation: a GEMV kernel for the decode
-step"). The kernel is ~250 lines of C compiled once per machine with ``-march=native``
+step"). The kernel is ~500 lines of C compiled once per machine with ``-march=native``
 (AVX-512, AVX2 or plain C, whichever this CPU has) and kept under
 ``<home>/kernels/``; loading it needs a C compiler the first time (``cc``, or ``$CC``).
+It reads float32 weights and int8 weight-only ones (``loading/kernels.py``'s
+``Int8WeightOnlyLinear``: int8 rows with one float32 scale each, widened in registers, the
+activations kept in float32), and runs either one product (``Gemv.__call__``,
+``Gemv.linear``), the fused parts of a Llama layer, or a whole decode step in one call
+(``Gemv.decode``: every layer, the attention over the KV cache, lm_head; BENCHMARKS.md
+"Generation: one call per decode step, int8 weights").
 
 It is chosen by measurement, never by CPU flags: every distinct weight shape of the model
-is timed through ``F.linear`` and through the kernel at 1, 4, 8 and 16 rows (cached per
-machine, beside the matmul speeds), and the kernel serves decode steps up to the largest
-row count at which the whole model's matmuls are faster with it. Its sums run in another
-order than torch's, so logits can differ in the last bits: greedy outputs are compared
-with ``transformers`` generation in the tests (a difference is allowed only at a near-tie)
-and by ``sureserve bench generate``; ``decode_kernel = false`` keeps torch's kernels, and
-the direct step's bit-identity with the model's forward.
+(float32, or int8 against torch's int8 matmul) is timed through torch and through the
+kernel at 1, 4, 8 and 16 rows (cached per machine, beside the matmul speeds), and the
+kernel serves decode steps up to the largest row count at which the whole model's matmuls
+are faster with it. Its sums run in another order than torch's, so logits can differ in
+the last bits: greedy outputs are compared with ``transformers`` generation in the tests
+(a difference is allowed only at a near-tie) and by ``sureserve bench generate``;
+``decode_kernel = false`` keeps torch's kernels, and the direct step's bit-identity with
+the model's forward.
 """
 
 from __future__ import annotations
