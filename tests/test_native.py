@@ -229,6 +229,17 @@ def test_the_whole_step_follows_swapped_layers(gemv: native.Gemv) -> None:
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+def test_a_final_norm_of_another_epsilon_runs_outside_the_call(gemv: native.Gemv) -> None:
+    """The call takes one RMSNorm epsilon: with the final norm's different, the layers run
+    in the call and the final norm and lm_head after it, with the same logits."""
+    model = _model("llama")
+    model.model.norm.variance_epsilon = 1e-2
+    step = DirectDecode(model, kernel=forced(model, gemv))
+    ref, got, _, _ = _both(model, [5, 9, 3], step=step)
+    assert step._prep is not None and step._prep.ok and step._prep.head is None
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_steps_above_the_planned_rows_keep_torchs_kernels(gemv: native.Gemv) -> None:
     """Above max_rows the step is the bit-identical TorchScript one; a shape planned for
     fewer rows than the step has goes through F.linear."""

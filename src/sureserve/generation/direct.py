@@ -364,7 +364,9 @@ class _Prepared:
         self.layers: Any = None
         self.head: Any = None  # lm_head's structure, or None: lm_head runs outside
         self.final_norm: torch.Tensor | None = None
-        self.norms: list[torch.Tensor] = []  # held: the structures point into them
+        # held: the structures point into these (norms; each layer's weight, scale, bias)
+        self.norms: list[torch.Tensor] = []
+        self.tensors: list[Any] = []
         # rows -> whether lm_head goes through the kernel at that many rows
         self.head_rows: dict[int, bool] = {}
 
@@ -385,11 +387,14 @@ class _Prepared:
         for i, (norm1, _, norm2, _) in enumerate(direct.layers):
             n1, n2 = norm1._parameters["weight"], norm2._parameters["weight"]
             norms += [n1, n2]
-            structs = [native.linear_struct(m) for m in modules[i * per:(i + 1) * per]]
-            if any(st is None for st in structs):
+            got = [native.weights_of(m) for m in modules[i * per:(i + 1) * per]]
+            if any(g is None for g in got):
                 self.why = "a linear layer is neither float32 nor int8 weight-only"
                 return self
-            layers.append(native.Layer(n1.data_ptr(), n2.data_ptr(), *structs))
+            self.tensors += got
+            layers.append(native.Layer(n1.data_ptr(), n2.data_ptr(),
+                                       *(native.linear_struct(m)
+                                         for m in modules[i * per:(i + 1) * per])))
         if any(n.dtype != f32 or not n.is_contiguous() for n in norms):
             self.why = "a norm is not float32"
             return self
@@ -398,7 +403,11 @@ class _Prepared:
             self.why = "unexpected q/k/v widths"
             return self
         self.layers = (native.Layer * len(layers))(*layers)
-        self.head = native.linear_struct(modules[-1])
+        # lm_head inside the call only after a final norm of the layers' epsilon (the
+        # kernel takes one); otherwise both run outside it
+        if direct.final_norm.variance_epsilon == direct.eps:
+            self.head = native.linear_struct(modules[-1])
+            self.tensors.append(native.weights_of(modules[-1]))
         self.final_norm = norms[0]
         self.norms = norms
         self.ok = True

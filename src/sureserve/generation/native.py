@@ -181,6 +181,7 @@ class Gemv:
         import torch
 
         x = x.contiguous()
+        residual = residual.contiguous() if residual is not None else None
         y = torch.empty(*x.shape[:-1], layer.n, dtype=torch.float32)
         self._linear(x.data_ptr(), ctypes.byref(layer), _ptr(residual), y.data_ptr(),
                      x.numel() // layer.k)
