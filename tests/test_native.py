@@ -166,6 +166,7 @@ def test_the_direct_step_through_the_kernel_matches_the_forward(
 
     step = DirectDecode(model, kernel=forced(model, gemv), whole=whole)
     assert "sureserve's GEMV kernel" in step.describe()
+    assert ("each step one call of the kernel" in step.describe()) == whole
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DirectDecode, "_fusable", spy)
         mp.setattr(DirectDecode, "_whole", spy_whole)
@@ -220,6 +221,7 @@ def test_the_whole_step_follows_swapped_layers(gemv: native.Gemv) -> None:
     mlp.down_proj = Int4WeightOnlyLinear(down)
     ref, got, _, _ = _both(model, [4, 6], step=step)
     assert step._prep is not first and not step._prep.ok and "neither" in step._prep.why
+    assert "in the Python loop (a linear layer is neither" in step.describe()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     mlp.down_proj = Int8WeightOnlyLinear(down)  # int8 64x96: no figure in the plan
     ref, got, _, _ = _both(model, [4, 6], step=step)

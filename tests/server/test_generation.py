@@ -510,7 +510,8 @@ def test_info_says_how_decoding_runs(gen_server: Server) -> None:
         assert model["decode_path"] == (
             f"direct decode step (30 layers; sureserve's GEMV kernel ({kernel['kernel']}) for "
             f"steps of up to {kernel['max_rows']} rows, matmuls {one[0] / one[1]:.2f}x faster "
-            "at 1 row, in the Python loop, sums in another order than torch's (greedy outputs "
+            "at 1 row, each step one call of the kernel (every layer and the attention), "
+            "sums in another order than torch's (greedy outputs "
             "checked against transformers); larger steps: TorchScript, bit-identical to the "
             "forward); " + layout), model
     else:

@@ -149,8 +149,14 @@ class DirectDecode:
         if self.kernel is None:
             return (f"direct decode step ({len(self.layers)} layers, {how}, bit-identical to "
                     "the forward)")
+        if not self.whole:
+            where = "in the Python loop (one call per step is off)"
+        elif self._prepared(1) is not None:
+            where = "each step one call of the kernel (every layer and the attention)"
+        else:
+            where = f"in the Python loop ({self._prep.why if self._prep else ''})"
         return (f"direct decode step ({len(self.layers)} layers; {self.kernel.describe()}, "
-                "in the Python loop, sums in another order than torch's (greedy outputs "
+                f"{where}, sums in another order than torch's (greedy outputs "
                 f"checked against transformers); larger steps: {how}, bit-identical to the "
                 "forward)")
 
