@@ -194,10 +194,12 @@ class DirectDecode:
         sin = (emb.sin() * scaling).to(dtype).unsqueeze(1)
         mask = padded[:, None, None, :] if padded is not None else None
         n, start, end = kv.n, kv.start, kv.end
-        apply = _apply
+        apply, flat = _apply, None
         if self.kernel is not None and self.kernel.active(rows):
             apply = self._kernel_apply
-            logits = self._whole(x, cos, sin, kv, padded)
+            # the kernel takes the rotary tables flat: (rows, head_dim) each
+            flat = (cos.reshape(rows, d).contiguous(), sin.reshape(rows, d).contiguous())
+            logits = self._whole(x, flat, kv, padded)
             if logits is not None:
                 return logits
         tensors = self._tensors() if self.script is not None and apply is _apply else None
@@ -209,9 +211,7 @@ class DirectDecode:
             x = _rms(x, self.final_norm)
             return _apply(self.model._modules["lm_head"], x)[:, -1]
         gemv = self.kernel.kernel if apply is not _apply and self.kernel is not None else None
-        # the fused calls take the rotary tables flat: (rows, head_dim) each
-        rotary = (cos.reshape(rows, d).contiguous(), sin.reshape(rows, d).contiguous()) \
-            if gemv is not None and cos.dtype == torch.float32 else None
+        rotary = flat if cos.dtype == torch.float32 else None
         for i, (norm1, attn, norm2, mlp) in enumerate(self.layers):
             fused = rotary is not None and self._fusable(norm1, attn, norm2, mlp, x)
             if fused:  # RMSNorm, q, k, v and the rotary embedding in one call of the kernel
@@ -260,11 +260,12 @@ class DirectDecode:
         x = _rms(x, self.final_norm)
         return apply(self.model._modules["lm_head"], x)[:, -1]
 
-    def _whole(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: Any,
+    def _whole(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], kv: Any,
                padded: torch.Tensor | None) -> torch.Tensor | None:
         """The step as one call of the kernel (``sureserve_decode``: every layer, the
         attention over the cache included, and lm_head when the kernel reads it), or None
-        when it cannot take this step (then the layer loop runs)."""
+        when it cannot take this step (then the layer loop runs). ``rotary``: the flat
+        (rows, head_dim) cos and sin tables."""
         rows = x.shape[0]
         prep = self._prepared(rows) if self.whole else None
         if prep is None or x.dtype != torch.float32 or kv.k.dtype != torch.float32 \
@@ -280,10 +281,9 @@ class DirectDecode:
         mask = padded.contiguous() if padded is not None else None
         assert self.eps is not None
         head = prep.head if prep.head_rows[rows] else None
-        logits = gemv.decode(h, prep.layers, self.eps,
-                             (cos.reshape(rows, d).contiguous(), sin.reshape(rows, d).contiguous()),
-                             self.heads, self.kv_heads, float(self.scaling), kv, mask,
-                             self._scratch, prep.final_norm, head)
+        logits = gemv.decode(h, prep.layers, self.eps, rotary, self.heads, self.kv_heads,
+                             float(self.scaling), kv, mask, self._scratch, prep.final_norm,
+                             head)
         if logits is not None:
             return logits
         h = _rms(h.view(rows, 1, -1), self.final_norm)
@@ -349,13 +349,13 @@ class DirectDecode:
             w, b = p["weight"], p["bias"]
             if self.kernel.takes(w, x.shape[0]) and gemv.accepts(x, w, b):
                 return gemv(x, w, b)
-        elif x.dtype == torch.float32 and "weight_int8" in module._buffers:
-            from sureserve.generation.native import linear_struct
+        elif x.dtype == torch.float32:  # an int8 weight-only layer (weights_of says)
+            from sureserve.generation.native import struct_of, weights_of
 
-            layer = linear_struct(module)
-            if layer is not None and x.shape[-1] == layer.k \
-                    and self.kernel.takes(module._buffers["weight_int8"], x.shape[0]):
-                return gemv.linear(x, layer)
+            got = weights_of(module)
+            if got is not None and x.shape[-1] == got[0].shape[1] \
+                    and self.kernel.takes(got[0], x.shape[0]):
+                return gemv.linear(x, struct_of(got))
         return _apply(module, x)
 
 
@@ -399,8 +399,7 @@ class _Prepared:
                 return self
             self.tensors += got
             layers.append(native.Layer(n1.data_ptr(), n2.data_ptr(),
-                                       *(native.linear_struct(m)
-                                         for m in modules[i * per:(i + 1) * per])))
+                                       *(native.struct_of(g) for g in got if g is not None)))
         if any(n.dtype != f32 or not n.is_contiguous() for n in norms):
             self.why = "a norm is not float32"
             return self
@@ -411,9 +410,10 @@ class _Prepared:
         self.layers = (native.Layer * len(layers))(*layers)
         # lm_head inside the call only after a final norm of the layers' epsilon (the
         # kernel takes one); otherwise both run outside it
-        if direct.final_norm.variance_epsilon == direct.eps:
-            self.head = native.linear_struct(modules[-1])
-            self.tensors.append(native.weights_of(modules[-1]))
+        head = native.weights_of(modules[-1])
+        if head is not None and direct.final_norm.variance_epsilon == direct.eps:
+            self.head = native.struct_of(head)
+            self.tensors.append(head)
         self.final_norm = norms[0]
         self.norms = norms
         self.ok = True

@@ -99,6 +99,14 @@ static inline __attribute__((always_inline)) vec wvec(const void *w, size_t i, i
 }
 #endif
 
+/* s + x[k:K] . w[w0 + k : w0 + K]: the scalar end of a row, past the last whole vector */
+static inline __attribute__((always_inline)) float dot_from(const float *x, const void *w,
+                                                            size_t w0, int k, int K, float s,
+                                                            int Q) {
+    for (; k < K; k++) s += x[k] * wget(w, w0 + k, Q);
+    return s;
+}
+
 /* out[m * NT + n] = x[m] . w[n] for m < MT, n < NT: MT rows of x against NT rows of W
  * (from element offset w0), MT x NT accumulators in registers (each loaded vector of W
  * serves MT rows of x, each vector of x NT rows of W). Inlined with constant MT, NT and Q,
@@ -124,12 +132,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, int ldx,
     for (int i = 0; i < MT * NT; i++) s[i] = 0.0f;
 #endif
     for (int m = 0; m < MT; m++)
-        for (int n = 0; n < NT; n++) {
-            float a = s[m * NT + n];
-            const float *xm = x + (size_t)m * ldx;
-            for (int kk = k; kk < K; kk++) a += xm[kk] * wget(w, w0 + (size_t)n * K + kk, Q);
-            out[m * NT + n] = a;
-        }
+        for (int n = 0; n < NT; n++)
+            out[m * NT + n] = dot_from(x + (size_t)m * ldx, w, w0 + (size_t)n * K, k, K,
+                                       s[m * NT + n], Q);
 }
 
 /* out[m] = x[m] . w (one row of W from element offset w0) for m < MT, the row read once,
@@ -166,12 +171,7 @@ static inline __attribute__((always_inline)) void row_tile(const float *x, int l
     (void)U;
     for (int m = 0; m < MT; m++) s[m] = 0.0f;
 #endif
-    for (int m = 0; m < MT; m++) {
-        float a = s[m];
-        const float *xm = x + (size_t)m * ldx;
-        for (int kk = k; kk < K; kk++) a += xm[kk] * wget(w, w0 + kk, Q);
-        out[m] = a;
-    }
+    for (int m = 0; m < MT; m++) out[m] = dot_from(x + (size_t)m * ldx, w, w0, k, K, s[m], Q);
 }
 
 /* up to this many rows of x, int8 weights are read one row after another (row_tile);

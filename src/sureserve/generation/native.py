@@ -102,20 +102,28 @@ def weights_of(module: Any) -> tuple[Any, Any, Any] | None:
             return None
     else:
         return None
-    if w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
-        return None
-    if b is not None and (b.dtype != f32 or not b.is_contiguous()):
-        return None
-    return w, scale, b
+    return (w, scale, b) if _readable(w, b) else None
+
+
+def _readable(weight: Any, bias: Any) -> bool:
+    """A CPU weight, 2-D and row-major contiguous (nn.Linear's own layout), and a float32
+    contiguous bias or none: what every entry point reads, whatever the weight's dtype."""
+    import torch
+
+    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
+
+
+def struct_of(weights: tuple[Any, Any, Any]) -> Linear:
+    """``weights_of``'s (weight, scale, bias) as a ``Linear``."""
+    w, scale, b = weights
+    return Linear(w.data_ptr(), _ptr(scale), _ptr(b), int(w.shape[0]), int(w.shape[1]))
 
 
 def linear_struct(module: Any) -> Linear | None:
     """``module``'s weights as a ``Linear`` (None: not one the kernel reads)."""
     got = weights_of(module)
-    if got is None:
-        return None
-    w, scale, b = got
-    return Linear(w.data_ptr(), _ptr(scale), _ptr(b), int(w.shape[0]), int(w.shape[1]))
+    return None if got is None else struct_of(got)
 
 
 def shape_key(weight: Any) -> tuple[Any, ...]:
@@ -160,10 +168,7 @@ class Gemv:
         float32 contiguous bias or none."""
         import torch
 
-        f32 = torch.float32
-        return (weight.dtype == f32 and weight.device.type == "cpu" and weight.dim() == 2
-                and weight.is_contiguous()
-                and (bias is None or (bias.dtype == f32 and bias.is_contiguous())))
+        return weight.dtype == torch.float32 and _readable(weight, bias)
 
     def __call__(self, x: Any, weight: Any, bias: Any = None) -> Any:
         import torch
