@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sureserve.bench import chat, llamacpp
+from tests.cli import cli
 
 
 def test_no_compiler_means_a_clear_reason_and_nothing_built(
@@ -49,3 +50,14 @@ def test_ratios_follow_the_issue_targets() -> None:
     assert r["TTFT p99 llama.cpp F32 / sureserve fp32, 32 clients"] == 2.0
     assert r["shared prefix: TTFT p50 without / with reuse"] == 4.0
     assert chat.ratios([]) == {}
+
+
+def test_a_quantized_contender_needs_a_folder_quantize_wrote(tmp_path: Path) -> None:
+    """``--quantized DIR`` names a folder ``sureserve quantize`` wrote; any other is refused
+    before anything starts, with the command that makes one."""
+    r = cli("bench", "generate", "--peer", "llama.cpp", "--quantized", str(tmp_path),
+            "--contender", "int8", "-o", str(tmp_path / "out.json"))
+    assert r.returncode != 0
+    assert "holds no quantization recipe" in r.stderr, r.stderr
+    assert "sureserve quantize smollm2 --eval FILE -o DIR" in r.stderr, r.stderr
+    assert not (tmp_path / "out.json").exists()

@@ -232,12 +232,14 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                             [exe, "serve", "smollm2", "--no-decode-kernel"],
                             workloads=("short",))]
     if quantized is not None:
+        from sureserve.errors import SettingsError
         from sureserve.loading.precision import read_recipe
 
         recipe = read_recipe(quantized)
         if recipe is None:
-            raise ValueError(f"{quantized} holds no quantization recipe: write it with "
-                             "`sureserve quantize smollm2 --eval FILE -o DIR`")
+            raise SettingsError(f"--quantized {quantized} holds no quantization recipe",
+                                "write one with `sureserve quantize smollm2 --eval FILE "
+                                "-o DIR` and pass DIR")
         how = "accepted by quantize" if recipe.evaluated else "not evaluated"
         contenders.append(Contender(f"sureserve {recipe.method} ({how})",
                                     [exe, "serve", str(quantized)], workloads=("short",),
