@@ -93,6 +93,20 @@ def test_the_kernel_is_f_linear(gemv: native.Gemv, m: int, n: int, k: int) -> No
     torch.testing.assert_close(gemv(wide, w), F.linear(wide, w), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k", [(576, 576), (49, 33), (96, 1536)])
+def test_float32_rows_do_not_depend_on_how_many_rows_ran_together(gemv: native.Gemv, n: int,
+                                                                   k: int) -> None:
+    """A few rows read W one row after another, more rows take register tiles: both add a
+    row's products in the same order, so a row's float32 result is bit-identical whether it
+    ran alone, with a few others or in a batch (a request's tokens do not change with the
+    company it decodes in)."""
+    torch.manual_seed(n + 3 * k)
+    w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(12, k)
+    alone = torch.cat([gemv(x[i:i + 1], w, b) for i in range(12)])
+    for m in (2, 3, 4, 5, 8, 12):
+        assert torch.equal(gemv(x[:m], w, b), alone[:m]), m
+
+
 @pytest.mark.parametrize("n,k", [(576, 576), (49, 33), (7, 16), (40, 100), (1, 5), (96, 1536)])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_int8_weights_are_their_dequantized_product(gemv: native.Gemv, m: int, n: int,

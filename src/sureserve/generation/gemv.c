@@ -11,8 +11,8 @@
  * Layout: W is nn.Linear's weight, row-major (N, K), contiguous, float32 or int8 with one
  * float32 scale per row (int8 weight-only quantization: y = scale * (x . q)); x is (M, K),
  * y is (M, N), both contiguous float32. Each thread takes a contiguous run of R-row blocks
- * of W (one stream of memory per thread). One row of x keeps R accumulators, so that R
- * rows of W are read side by side (enough loads in flight to keep DRAM busy); several rows
+ * of W (one stream of memory per thread). Up to a few rows of x (F_ROWS, Q_ROWS) read W
+ * one row after another, front to back (the stream the prefetchers follow best); more rows
  * use register tiles of MT_MAX rows of x by 4 rows of W (each loaded vector used several
  * times). int8 weights are widened to float32 in registers: a quarter of the bytes to
  * stream, the arithmetic in float32 (activations are not rounded).
@@ -138,10 +138,14 @@ static inline __attribute__((always_inline)) void tile(const float *x, int ldx,
 }
 
 /* out[m] = x[m] . w (one row of W from element offset w0) for m < MT, the row read once,
- * front to back, U vectors at a time (U accumulators per row of x). This is how int8
- * weights are read: interleaving R rows of int8, 16 bytes of each at a time, streamed at
- * ~10 GB/s where one row after another streams at ~25 GB/s (measured on an AMD EPYC;
- * float32 rows, 64 bytes of each at a time, stream at full speed interleaved). */
+ * front to back, U vectors at a time (U accumulators per row of x). This is how a few rows
+ * of x read W: one row of W after another is one sequential stream per thread, which the
+ * hardware prefetchers follow best. Interleaving R rows of int8, 16 bytes of each at a
+ * time, streamed at ~10 GB/s where one row after another streams at ~25 GB/s; for float32
+ * a whole decode step of smollm2 at one row took 0.80x the time of 16 rows side by side,
+ * and 0.70x at four rows (AMD EPYC, BENCHMARKS.md). With U = 1 the sums are added in the
+ * order `tile` adds them, so float32 results do not depend on which path (or how many
+ * rows) computed them. */
 static inline __attribute__((always_inline)) void row_tile(const float *x, int ldx,
                                                            const void *w, size_t w0, int K,
                                                            int MT, int U, int Q, float *out) {
@@ -181,23 +185,17 @@ static inline __attribute__((always_inline)) void row_tile(const float *x, int l
 #ifndef Q_ROWS
 #define Q_ROWS 2
 #endif
+/* the same for float32 weights (measured on an AMD EPYC: 1.2x the tiles' step at one row,
+ * 1.4x at four, level at eight) */
+#ifndef F_ROWS
+#define F_ROWS 4
+#endif
 
 #if defined(__AVX512F__)
 #define MT_MAX 4 /* 32 vector registers: 4 x 4 accumulators, 4 of x, 1 of W */
 #else
 #define MT_MAX 2 /* 16 vector registers: 2 x 4 accumulators */
 #endif
-
-/* one row of x against rows n0 .. n0 + rows of W (rows <= R) */
-static inline __attribute__((always_inline)) void one_row(const float *xm, const void *w,
-                                                          int n0, int rows, int K, int Q,
-                                                          float *out) {
-    if (rows == R) {
-        tile(xm, K, w, (size_t)n0 * K, K, 1, R, Q, out);
-        return;
-    }
-    for (int r = 0; r < rows; r++) tile(xm, K, w, (size_t)(n0 + r) * K, K, 1, 1, Q, out + r);
-}
 
 /* mt rows of x (mt <= MT_MAX) against 4 rows of W from row n (or fewer: nt); out is
  * (mt, 4) */
@@ -224,7 +222,8 @@ static inline __attribute__((always_inline)) void sub_tile(const float *x, int l
 
 /* y[m, n] = x[m] . w[n] (* scale[n]) + b[n] (+ res[m, n]) for the blocks of n in this
  * thread's share; x has row stride ldx, y and res ldy (res may be y: each element is read
- * before it is written, by the thread that writes it). Called inside a parallel region. */
+ * before it is written, by the thread that writes it). Called inside a parallel region;
+ * no barrier at its end (gemv_for adds one). */
 static inline __attribute__((always_inline)) void gemv_body(
         const float *x, int ldx, const sureserve_linear *L, const float *res, float *y,
         int ldy, int M, int Q) {
@@ -232,38 +231,33 @@ static inline __attribute__((always_inline)) void gemv_body(
     const float *b = L->bias, *sc = L->scale;
     int N = L->n, K = L->k;
     int blocks = (N + R - 1) / R;
-    #pragma omp for schedule(static)
+    #pragma omp for schedule(static) nowait
     for (int blk = 0; blk < blocks; blk++) {
         int n0 = blk * R, rows = N - n0 < R ? N - n0 : R;
-        if (Q && M <= Q_ROWS) {  /* int8, few rows: one row of W after another (row_tile) */
+        if (M <= (Q ? Q_ROWS : F_ROWS)) {  /* few rows: one row of W after another */
             for (int n = n0; n < n0 + rows; n++)
                 for (int m0 = 0; m0 < M; m0 += MT_MAX) {
                     int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
                     const float *xm = x + (size_t)m0 * ldx;
                     size_t wn = (size_t)n * K;
                     float out[4];
+                    /* int8: several accumulators (the widening adds latency); float32:
+                     * one, the order of `tile` (same results at any row count) */
                     switch (mt) {
-                    case 1: row_tile(xm, ldx, w, wn, K, 1, 4, Q, out); break;
-                    case 2: row_tile(xm, ldx, w, wn, K, 2, 2, Q, out); break;
+                    case 1: row_tile(xm, ldx, w, wn, K, 1, Q ? 4 : 1, Q, out); break;
+                    case 2: row_tile(xm, ldx, w, wn, K, 2, Q ? 2 : 1, Q, out); break;
 #if MT_MAX >= 4
-                    case 3: row_tile(xm, ldx, w, wn, K, 3, 2, Q, out); break;
-                    default: row_tile(xm, ldx, w, wn, K, 4, 2, Q, out); break;
+                    case 3: row_tile(xm, ldx, w, wn, K, 3, Q ? 2 : 1, Q, out); break;
+                    default: row_tile(xm, ldx, w, wn, K, 4, Q ? 2 : 1, Q, out); break;
 #endif
                     }
                     for (int m = 0; m < mt; m++) {
                         float *ym = y + (size_t)(m0 + m) * ldy;
                         const float *rm = res ? res + (size_t)(m0 + m) * ldy : 0;
-                        ym[n] = out[m] * sc[n] + (b ? b[n] : 0.0f) + (rm ? rm[n] : 0.0f);
+                        ym[n] = (Q ? out[m] * sc[n] : out[m]) + (b ? b[n] : 0.0f) +
+                                (rm ? rm[n] : 0.0f);
                     }
                 }
-            continue;
-        }
-        if (M == 1) {  /* one row: R rows of W side by side (memory-bound: many streams) */
-            float out[R];
-            one_row(x, w, n0, rows, K, Q, out);
-            for (int r = 0; r < rows; r++)
-                y[n0 + r] = (Q ? out[r] * sc[n0 + r] : out[r]) + (b ? b[n0 + r] : 0.0f) +
-                            (res ? res[n0 + r] : 0.0f);
             continue;
         }
         /* several rows: register tiles of MT_MAX rows of x by 4 rows of W, the block of W
@@ -288,12 +282,21 @@ static inline __attribute__((always_inline)) void gemv_body(
     }
 }
 
-static void gemv_for(const float *x, int ldx, const sureserve_linear *L, const float *res,
-                     float *y, int ldy, int M) {
+/* one linear layer, this thread's share; no barrier: for products whose outputs nothing
+ * reads before a later barrier (q and k before v; gate before up) */
+static void gemv_nowait(const float *x, int ldx, const sureserve_linear *L,
+                        const float *res, float *y, int ldy, int M) {
     if (L->scale)
         gemv_body(x, ldx, L, res, y, ldy, M, 1);
     else
         gemv_body(x, ldx, L, res, y, ldy, M, 0);
+}
+
+/* one linear layer, then a barrier (its output is read next) */
+static void gemv_for(const float *x, int ldx, const sureserve_linear *L, const float *res,
+                     float *y, int ldy, int M) {
+    gemv_nowait(x, ldx, L, res, y, ldy, M);
+    #pragma omp barrier
 }
 
 static sureserve_linear f32(const float *w, const float *b, int n, int k) {
@@ -393,7 +396,7 @@ void sureserve_norm_gemv3(const float *x, const float *norm_w, float eps, float 
 static void mlp_for(float *x, const float *h, const sureserve_linear *gate,
                     const sureserve_linear *up, const sureserve_linear *down, float *a, int M) {
     int K = gate->k, F = gate->n;
-    gemv_for(h, K, gate, 0, a, 2 * F, M);
+    gemv_nowait(h, K, gate, 0, a, 2 * F, M);
     gemv_for(h, K, up, 0, a + F, 2 * F, M);
     #pragma omp for schedule(static)
     for (int i = 0; i < M * F; i++) {
@@ -499,8 +502,8 @@ void sureserve_decode(float *x, int M, int H, const sureserve_layer *layers, int
             const sureserve_layer *ly = &layers[i];
             float *kl = kc + (size_t)i * layer_stride, *vl = vc + (size_t)i * layer_stride;
             rms_for(x, ly->norm1, eps, h, M, H);
-            gemv_for(h, H, &ly->q, 0, qkv, ld, M);
-            gemv_for(h, H, &ly->k, 0, qkv + nq, ld, M);
+            gemv_nowait(h, H, &ly->q, 0, qkv, ld, M);
+            gemv_nowait(h, H, &ly->k, 0, qkv + nq, ld, M);
             gemv_for(h, H, &ly->v, 0, qkv + nq + nk, ld, M);
             /* rotary on q's and k's heads; k and v into the cache at column `end` */
             #pragma omp for schedule(static)
