@@ -61,3 +61,49 @@ def test_a_quantized_contender_needs_a_folder_quantize_wrote(tmp_path: Path) -> 
     assert "holds no quantization recipe" in r.stderr, r.stderr
     assert "sureserve quantize smollm2 --eval FILE -o DIR" in r.stderr, r.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_alternated_phase_sends_each_request_to_every_server_in_turn(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every contender up at once; each request goes to each of them, the order rotated per
+    request; a contender's tok/s is its tokens over its own requests' seconds; texts are
+    compared with sureserve fp32's; every server is stopped, and the ratios name the rows."""
+    calls: list[tuple[str, str]] = []
+    stopped: list[str] = []
+    speed = {"u-fp32": 0.5, "u-f32": 1.0, "u-q8": 0.25}  # seconds a request takes
+
+    def launch(c: chat.Contender, report: object, log: object) -> tuple[str, str]:
+        return c.name, f"u-{c.model}"
+
+    async def closed_loop(url: str, reqs: list[object], clients: int, max_tokens: int,
+                          tok: object, model: str) -> tuple[list[chat.Result], float]:
+        if max_tokens == 8:  # the warm-up
+            return [chat.Result(text="w", tokens=1, seconds=1.0)], 1.0
+        calls.append((url, str(reqs[0])))
+        text = "same" if url != "u-q8" else f"other {len(calls)}"
+        return [chat.Result(text=text, tokens=10, ttft=0.1, seconds=speed[url])], 0.0
+
+    monkeypatch.setattr(chat, "_launch", launch)
+    monkeypatch.setattr(chat, "_closed_loop", closed_loop)
+    monkeypatch.setattr(chat, "_stop", lambda proc: stopped.append(proc))
+    contenders = [chat.Contender("sureserve fp32", [], model="fp32"),
+                  chat.Contender("llama.cpp F32", [], model="f32"),
+                  chat.Contender("sureserve int8-weight-only-head (accepted)", [],
+                                 model="q8")]
+    reqs = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    report: dict[str, object] = {"runs": [], "peers": {}}
+    chat._alternated(contenders, reqs, 2, 64, None, report, lambda m: None)
+    assert [u for u, _ in calls] == ["u-fp32", "u-f32", "u-q8", "u-f32", "u-q8", "u-fp32",
+                                     "u-q8", "u-fp32", "u-f32", "u-fp32", "u-f32", "u-q8"]
+    for i, r in enumerate(reqs):  # each request went to all three
+        assert sum(str(r) == m for _, m in calls) == 3, i
+    assert sorted(stopped) == sorted(c.name for c in contenders)
+    rows = {r["contender"]: r for r in report["runs"]}  # type: ignore[attr-defined]
+    assert rows["sureserve fp32"]["tokens_per_s"] == 20.0  # 40 tokens in 4 x 0.5 s
+    assert rows["llama.cpp F32"]["tokens_per_s"] == 10.0
+    assert rows["llama.cpp F32"]["identical"] == 4
+    assert rows["sureserve int8-weight-only-head (accepted)"]["identical"] == 0
+    r = chat.ratios(report["runs"])  # type: ignore[arg-type]
+    assert r["tok/s sureserve fp32 / llama.cpp F32, 1 clients, alternated"] == 2.0
+    assert r["tok/s sureserve int8-weight-only-head (accepted) / llama.cpp F32, 1 client, "
+             "alternated"] == 4.0

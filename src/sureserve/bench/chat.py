@@ -182,13 +182,19 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                    seed: int = 0, threads: int | None = None, out: Path | None = None,
                    log: Callable[[str], None] = print, only: Sequence[str] = (),
                    shared_requests: int | None = None,
-                   quantized: Path | None = None) -> dict[str, Any]:
+                   quantized: Path | None = None, alternate: int = 3) -> dict[str, Any]:
     """Every contender (those whose name contains one of ``only``, when given) over every
     workload in one run; returns (and writes) the report. ``shared_requests`` (default
     ``requests``) sizes the shared-prefix workload: with as many requests as clients, its
     TTFT figures are mostly the opening burst. ``quantized``: a folder written by
     ``sureserve quantize smollm2 ... -o DIR`` runs as a contender too (short workload),
-    named after its method, its texts compared with fp32's like every other's."""
+    named after its method, its texts compared with fp32's like every other's.
+
+    ``alternate``: rounds of the one-client phase run again with every contender of the
+    short workload up at once, each request sent to one contender after the other. The
+    machines drift (a decode step measured 12.9 ms in one minute and 17.7 ms a few minutes
+    later on the same EPYC), and the phases above run each contender minutes apart; the
+    alternated rows compare them under the same conditions."""
     import shutil
     import sys
 
@@ -211,7 +217,7 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
     # cache, our prefix store) would otherwise answer a later phase's prompts from what an
     # earlier phase left, and its TTFT would measure that cache, not a burst of new prompts
     sizes = [single if clients == 1 else requests for clients in levels]
-    loads = workloads(tok, max(2 + sum(sizes), shared_n), seed)
+    loads = workloads(tok, max(2 + sum(sizes) + single * alternate, shared_n), seed)
     phase: dict[int, list[list[dict[str, str]]]] = {}
     offset = 2
     for clients, size in zip(levels, sizes, strict=True):
@@ -268,20 +274,7 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
 
     reference: dict[tuple[str, int], list[str]] = {}
     for c in contenders:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log(f"starting {c.name}")
-        try:
-            proc = _start([*c.cmd, "--host", "127.0.0.1", "--port", str(port)], url, c.env)
-        except RuntimeError as exc:
-            if not c.name.startswith("llama.cpp"):
-                raise
-            # seen on a Xeon with AMX: ggml's weight repacking for Q4_1 dies with a general
-            # protection fault at load; without it llama.cpp runs its plain CPU kernels
-            log(f"{c.name} did not start ({exc}); again with --no-repack")
-            report["peers"][c.name] = f"started with --no-repack: the default died ({exc})"
-            proc = _start([*c.cmd, "--no-repack", "--host", "127.0.0.1", "--port", str(port)],
-                          url, c.env)
+        proc, url = _launch(c, report, log)
         try:
             # warm-up: first requests allocate and choose kernels
             asyncio.run(_closed_loop(url, loads["short"][:2], 2, 8, tok, c.model))
@@ -306,6 +299,10 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                     log(_line(run.row()))
         finally:
             _stop(proc)
+    if alternate > 0:
+        _alternated([c for c in contenders if "short" in c.workloads],
+                    loads["short"][offset:offset + single * alternate], single, max_tokens,
+                    tok, report, log)
     report["ratios"] = ratios(report["runs"])
     for k, v in report["ratios"].items():
         log(f"{k}: {v}")
@@ -315,17 +312,86 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
     return report
 
 
+def _launch(c: Contender, report: dict[str, Any], log: Callable[[str], None]
+            ) -> tuple[Any, str]:
+    """``c``'s server on a free loopback port, ready: (its process, its URL)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log(f"starting {c.name}")
+    try:
+        return _start([*c.cmd, "--host", "127.0.0.1", "--port", str(port)], url, c.env), url
+    except RuntimeError as exc:
+        if not c.name.startswith("llama.cpp"):
+            raise
+        # seen on a Xeon with AMX: ggml's weight repacking for Q4_1 dies with a general
+        # protection fault at load; without it llama.cpp runs its plain CPU kernels
+        log(f"{c.name} did not start ({exc}); again with --no-repack")
+        report["peers"][c.name] = f"started with --no-repack: the default died ({exc})"
+        return _start([*c.cmd, "--no-repack", "--host", "127.0.0.1", "--port", str(port)],
+                      url, c.env), url
+
+
+ALTERNATED = "short, alternated"
+
+
+def _alternated(contenders: Sequence[Contender], reqs: Sequence[list[dict[str, str]]],
+                per_round: int, max_tokens: int, tok: Any, report: dict[str, Any],
+                log: Callable[[str], None]) -> None:
+    """One client: every contender up at once, each request sent to each contender in
+    turn (the order rotated per request), so that the machine's drift hits all alike. A
+    contender's tok/s is its tokens over the seconds its own requests took. Prompts are
+    new to every server (none answers from a prompt cache); RSS is not sampled here."""
+    if len(contenders) < 2 or not reqs:
+        return
+    procs: list[tuple[Contender, Any, str]] = []
+    try:
+        for c in contenders:
+            proc, url = _launch(c, report, log)
+            asyncio.run(_closed_loop(url, [reqs[0]], 1, 8, tok, c.model))  # warm-up
+            procs.append((c, proc, url))
+        log(f"one client, alternated: {len(reqs)} requests ({len(reqs) // per_round} "
+            f"rounds) to each of {len(procs)} servers in turn")
+        got: dict[str, list[Result]] = {c.name: [] for c, _, _ in procs}
+        for i, messages in enumerate(reqs):
+            turn = procs[i % len(procs):] + procs[:i % len(procs)]
+            for c, _, url in turn:
+                res, _ = asyncio.run(_closed_loop(url, [messages], 1, max_tokens, tok,
+                                                  c.model))
+                got[c.name].append(res[0])
+    finally:
+        for _, proc, _ in procs:
+            _stop(proc)
+    ref = got.get("sureserve fp32")
+    for c, _, _ in procs:
+        run = Run(c.name, ALTERNATED, 1)
+        run.results = got[c.name]
+        run.seconds = sum(r.seconds for r in run.results)
+        if ref is not None and c.name != "sureserve fp32":
+            run.compared = len(ref)
+            run.identical = sum(a.text == b.text for a, b in zip(run.results, ref,
+                                                                  strict=True))
+        report["runs"].append(run.row())
+        log(_line(run.row()))
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The issue's targets as ratios, for the rows present."""
     by = {(r["contender"], r["workload"], r["clients"]): r for r in rows}
     out: dict[str, float] = {}
     for (name, wl, c), r in by.items():
-        if not name.startswith("llama.cpp") or wl != "short":
+        if not name.startswith("llama.cpp") or wl not in ("short", ALTERNATED):
             continue
         ours = by.get(("sureserve fp32", wl, c))
+        how = ", alternated" if wl == ALTERNATED else ""
         if ours and r["tokens_per_s"]:
-            out[f"tok/s sureserve fp32 / {name}, {c} clients"] = round(
+            out[f"tok/s sureserve fp32 / {name}, {c} clients{how}"] = round(
                 ours["tokens_per_s"] / r["tokens_per_s"], 2)
+        if wl == ALTERNATED:  # reduced precision against Q4_1, in the same turns
+            for (q, qwl, _), qr in by.items():
+                if qwl == ALTERNATED and q.startswith("sureserve int") and r["tokens_per_s"]:
+                    out[f"tok/s {q} / {name}, 1 client, alternated"] = round(
+                        qr["tokens_per_s"] / r["tokens_per_s"], 2)
+            continue
         if ours and r["ttft_p99_s"] and ours["ttft_p99_s"]:
             out[f"TTFT p99 {name} / sureserve fp32, {c} clients"] = round(
                 r["ttft_p99_s"] / ours["ttft_p99_s"], 2)

@@ -197,6 +197,10 @@ def bench_generate(model: GenModel = "smollm2",
                    quantized: Annotated[Path | None, typer.Option(
                        help="With --peer: also serve this folder written by `sureserve "
                        "quantize smollm2 --eval FILE -o DIR` (short workload).")] = None,
+                   alternate: Annotated[int, typer.Option(
+                       help="With --peer: rounds of --sample one-client requests run "
+                       "again with every contender up at once, each request sent to one "
+                       "after the other (the machine's drift hits all alike); 0: off.")] = 3,
                    output: BenchOut = None) -> None:
     """Continuous batching vs generate one at a time vs static left-padded batches (or,
     with --peer llama.cpp, the server against llama.cpp's)."""
@@ -209,7 +213,7 @@ def bench_generate(model: GenModel = "smollm2",
                                               requests=n, single=sample, seed=seed,
                                               max_tokens=max_new, only=contender or (),
                                               shared_requests=shared_requests,
-                                              quantized=quantized,
+                                              quantized=quantized, alternate=alternate,
                                               out=_bench_out(output, "generate-peer")),
                           _report)
         return
