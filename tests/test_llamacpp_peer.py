@@ -102,6 +102,7 @@ def test_the_alternated_phase_sends_each_request_to_every_server_in_turn(
     assert rows["sureserve fp32"]["tokens_per_s"] == 20.0  # 40 tokens in 4 x 0.5 s
     assert rows["llama.cpp F32"]["tokens_per_s"] == 10.0
     assert rows["llama.cpp F32"]["identical"] == 4
+    assert rows["llama.cpp F32"]["peak_rss_mb"] is None  # not sampled here
     assert rows["sureserve int8-weight-only-head (accepted)"]["identical"] == 0
     r = chat.ratios(report["runs"])  # type: ignore[arg-type]
     assert r["tok/s sureserve fp32 / llama.cpp F32, 1 clients, alternated"] == 2.0

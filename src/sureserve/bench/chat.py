@@ -56,7 +56,7 @@ class Run:
     clients: int
     results: list[Result] = field(default_factory=list)
     seconds: float = 0.0
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float | None = None  # None: not sampled (the alternated phase)
     identical: int | None = None  # texts equal to sureserve's, of those compared
     compared: int | None = None
 
@@ -74,7 +74,8 @@ class Run:
                 "seconds": round(self.seconds, 2),
                 "tokens_per_s": round(toks / self.seconds, 2) if self.seconds else 0.0,
                 "ttft_p50_s": pct(50), "ttft_p99_s": pct(99),
-                "peak_rss_mb": round(self.peak_rss_mb), "identical": self.identical,
+                "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb),
+                "identical": self.identical,
                 "compared": self.compared,
                 "first_error": next((r.error for r in self.results if r.error), None)}
 
@@ -409,7 +410,7 @@ def _line(r: dict[str, Any]) -> str:
     return (f"{r['contender']:>32} {r['workload']:>13} x{r['clients']:<3}: {r['requests']} "
             f"req, {r['output_tokens']} tok in {r['seconds']}s = {r['tokens_per_s']} tok/s, "
             f"TTFT p50 {r['ttft_p50_s']}s p99 {r['ttft_p99_s']}s, peak RSS "
-            f"{r['peak_rss_mb']} MiB{same}{err}")
+            f"{r['peak_rss_mb'] if r['peak_rss_mb'] is not None else '—'} MiB{same}{err}")
 
 
 def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -423,7 +424,7 @@ def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:
     for r in rep["runs"]:
         t.add_row(r["contender"], r["workload"], str(r["clients"]), str(r["requests"]),
                   str(r["tokens_per_s"]), str(r["ttft_p50_s"]), str(r["ttft_p99_s"]),
-                  str(r["peak_rss_mb"]),
+                  "—" if r["peak_rss_mb"] is None else str(r["peak_rss_mb"]),
                   "ref" if r["compared"] is None else f"{r['identical']}/{r['compared']}")
     Console(width=200).print(t)
     for k, v in rep["peers"].items():

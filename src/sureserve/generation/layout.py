@@ -81,16 +81,18 @@ class LayoutPlan:
                             "column_major": c.column_major} for c in self.shapes]}
 
 
-def measure_shape(out_f: int, in_f: int, dtype: Any) -> tuple[tuple[float, float],
-                                                             tuple[float, float]]:
-    """(row-major ms, column-major ms), each at (1 row, BATCH_ROWS rows), per matrix."""
+def measure_shape(out_f: int, in_f: int, dtype: Any, stream_bytes: int = STREAM_BYTES
+                  ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(row-major ms, column-major ms), each at (1 row, BATCH_ROWS rows), per matrix, over
+    copies of the matrix that add up to ``stream_bytes`` (so that it streams from memory,
+    as in a decode step, instead of sitting in the caches)."""
     import torch
     import torch.nn.functional as F
 
     from sureserve.loading.machine import best_ms
 
     size = out_f * in_f * torch.tensor([], dtype=dtype).element_size()
-    copies = max(1, STREAM_BYTES // size)
+    copies = max(1, stream_bytes // size)
     rows = [torch.empty(out_f, in_f, dtype=dtype).uniform_(-1, 1) for _ in range(copies)]
     cols = [torch.empty(in_f, out_f, dtype=dtype).uniform_(-1, 1).t() for _ in range(copies)]
     result = []
