@@ -142,8 +142,8 @@ static inline __attribute__((always_inline)) void tile(const float *x, int ldx,
  * of x read W: one row of W after another is one sequential stream per thread, which the
  * hardware prefetchers follow best. Interleaving R rows of int8, 16 bytes of each at a
  * time, streamed at ~10 GB/s where one row after another streams at ~25 GB/s; for float32
- * a whole decode step of smollm2 at one row took 0.80x the time of 16 rows side by side,
- * and 0.70x at four rows (AMD EPYC, BENCHMARKS.md). With U = 1 the sums are added in the
+ * a whole decode step of smollm2 took 0.77-1.0x the time of 16 rows side by side at one
+ * row, 0.70-0.74x at four (AMD EPYC, BENCHMARKS.md). With U = 1 the sums are added in the
  * order `tile` adds them, so float32 results do not depend on which path (or how many
  * rows) computed them. */
 static inline __attribute__((always_inline)) void row_tile(const float *x, int ldx,
@@ -185,8 +185,8 @@ static inline __attribute__((always_inline)) void row_tile(const float *x, int l
 #ifndef Q_ROWS
 #define Q_ROWS 2
 #endif
-/* the same for float32 weights (measured on an AMD EPYC: 1.2x the tiles' step at one row,
- * 1.4x at four, level at eight) */
+/* the same for float32 weights (measured on an AMD EPYC: up to 1.3x the tiles' step at
+ * one row, 1.4x at four, level at eight) */
 #ifndef F_ROWS
 #define F_ROWS 4
 #endif
