@@ -77,7 +77,8 @@ def test_the_alternated_phase_sends_each_request_to_every_server_in_turn(
 
     async def closed_loop(url: str, reqs: list[object], clients: int, max_tokens: int,
                           tok: object, model: str) -> tuple[list[chat.Result], float]:
-        if max_tokens == 8:  # the warm-up
+        if max_tokens == 8:  # the warm-up: a prompt of its own, not a timed one
+            assert reqs == [[{"role": "user", "content": "warm"}]]
             return [chat.Result(text="w", tokens=1, seconds=1.0)], 1.0
         calls.append((url, str(reqs[0])))
         text = "same" if url != "u-q8" else f"other {len(calls)}"
@@ -92,7 +93,8 @@ def test_the_alternated_phase_sends_each_request_to_every_server_in_turn(
                                  model="q8")]
     reqs = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
     report: dict[str, object] = {"runs": [], "peers": {}}
-    chat._alternated(contenders, reqs, 2, 64, None, report, lambda m: None)
+    chat._alternated(contenders, reqs, 2, 64, None, report, lambda m: None,
+                     warm=[{"role": "user", "content": "warm"}])
     assert [u for u, _ in calls] == ["u-fp32", "u-f32", "u-q8", "u-f32", "u-q8", "u-fp32",
                                      "u-q8", "u-fp32", "u-f32", "u-fp32", "u-f32", "u-q8"]
     for i, r in enumerate(reqs):  # each request went to all three

@@ -303,7 +303,7 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
     if alternate > 0:
         _alternated([c for c in contenders if "short" in c.workloads],
                     loads["short"][offset:offset + single * alternate], single, max_tokens,
-                    tok, report, log)
+                    tok, report, log, warm=loads["short"][0])
     report["ratios"] = ratios(report["runs"])
     for k, v in report["ratios"].items():
         log(f"{k}: {v}")
@@ -337,19 +337,20 @@ ALTERNATED = "short, alternated"
 
 def _alternated(contenders: Sequence[Contender], reqs: Sequence[list[dict[str, str]]],
                 per_round: int, max_tokens: int, tok: Any, report: dict[str, Any],
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], warm: list[dict[str, str]] | None = None) -> None:
     """One client: every contender up at once, each request sent to each contender in
     turn (the order rotated per request), so that the machine's drift hits all alike. A
-    contender's tok/s is its tokens over the seconds its own requests took. Prompts are
-    new to every server (none answers from a prompt cache); RSS is not sampled here."""
+    contender's tok/s is its tokens over the seconds its own requests took. The timed
+    prompts are new to every server (none answers from a prompt cache: the warm-up sends
+    ``warm``, another prompt); RSS is not sampled here."""
     if len(contenders) < 2 or not reqs:
         return
     procs: list[tuple[Contender, Any, str]] = []
     try:
         for c in contenders:
             proc, url = _launch(c, report, log)
-            asyncio.run(_closed_loop(url, [reqs[0]], 1, 8, tok, c.model))  # warm-up
-            procs.append((c, proc, url))
+            procs.append((c, proc, url))  # stopped below, whatever happens next
+            asyncio.run(_closed_loop(url, [warm or reqs[0]], 1, 8, tok, c.model))
         log(f"one client, alternated: {len(reqs)} requests ({len(reqs) // per_round} "
             f"rounds) to each of {len(procs)} servers in turn")
         got: dict[str, list[Result]] = {c.name: [] for c, _, _ in procs}
