@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -540,3 +541,37 @@ def test_sigterm_finishes_the_stream_in_flight(gen_server: Server) -> None:
         assert s.proc.wait(timeout=60) == 0
     finally:
         stop_server(s)
+
+
+def test_the_bench_alternated_phase_times_real_streams(gen_server: Server,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench generate --peer``'s alternated phase against a real server and the bench's
+    real streaming client: the server stands for two contenders (no server start in the
+    suite), so each gets every request in turn, greedy texts equal, and its rows and
+    ratios come out of real token counts and timings."""
+    from transformers import AutoTokenizer
+
+    from sureserve.bench import chat
+    from sureserve.loading.source import resolve
+
+    monkeypatch.setattr(chat, "_launch", lambda c, report, log: (c.name, gen_server.url))
+    stopped: list[str] = []
+    monkeypatch.setattr(chat, "_stop", stopped.append)
+    contenders = [chat.Contender("sureserve fp32", []), chat.Contender("llama.cpp F32", [])]
+    reqs = [[{"role": "user", "content": q}] for q in ("Name a river.", "Name a town.")]
+    report: dict[str, Any] = {"runs": [], "peers": {}}
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2").path)
+    chat._alternated(contenders, reqs, 1, 6, tok, report, lambda m: None,
+                     warm=[{"role": "user", "content": "Hello."}])
+    assert sorted(stopped) == ["llama.cpp F32", "sureserve fp32"]
+    rows = {r["contender"]: r for r in report["runs"]}
+    for row in rows.values():
+        assert row["workload"] == chat.ALTERNATED and row["clients"] == 1
+        assert row["requests"] == 2 and row["errors"] == 0, row
+        assert 2 <= row["output_tokens"] <= 12 and row["tokens_per_s"] > 0
+        assert row["ttft_p50_s"] is not None and row["peak_rss_mb"] is None
+    assert rows["llama.cpp F32"]["identical"] == rows["llama.cpp F32"]["compared"] == 2
+    ratio = chat.ratios(report["runs"])["tok/s sureserve fp32 / llama.cpp F32, 1 clients, "
+                                        "alternated"]
+    assert ratio == round(rows["sureserve fp32"]["tokens_per_s"]
+                          / rows["llama.cpp F32"]["tokens_per_s"], 2)
