@@ -522,27 +522,6 @@ def test_info_says_how_decoding_runs(gen_server: Server) -> None:
             kernel["reason"] + "); " + layout, model
 
 
-def test_sigterm_finishes_the_stream_in_flight(gen_server: Server) -> None:
-    """The module's last test: it stops the module's server (one smollm2 start less)."""
-    s = gen_server
-    try:
-        body = {"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0,
-                "stream": True}
-        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as resp:
-            lines = []
-            for line in resp.iter_lines():
-                if line.startswith("data: "):
-                    lines.append(line)
-                    if len(lines) == 2:
-                        s.proc.send_signal(signal.SIGTERM)
-        assert lines[-1] == "data: [DONE]"
-        finals = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
-        assert finals[-1] in ("stop", "length")
-        assert s.proc.wait(timeout=60) == 0
-    finally:
-        stop_server(s)
-
-
 def test_the_bench_alternated_phase_times_real_streams(gen_server: Server,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """``bench generate --peer``'s alternated phase against a real server and the bench's
@@ -575,3 +554,24 @@ def test_the_bench_alternated_phase_times_real_streams(gen_server: Server,
                                         "alternated"]
     assert ratio == round(rows["sureserve fp32"]["tokens_per_s"]
                           / rows["llama.cpp F32"]["tokens_per_s"], 2)
+
+
+def test_sigterm_finishes_the_stream_in_flight(gen_server: Server) -> None:
+    """The module's last test: it stops the module's server (one smollm2 start less)."""
+    s = gen_server
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as resp:
+            lines = []
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 2:
+                        s.proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]"
+        finals = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
+        assert finals[-1] in ("stop", "length")
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        stop_server(s)
