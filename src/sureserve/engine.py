@@ -33,6 +33,7 @@ from sureserve.generation.continuous import Completion, GenerationEngine, Prompt
 from sureserve.generation.sampling import SamplingParams
 from sureserve.loading.inspect import kv_bytes_per_token
 from sureserve.loading.loader import Loaded
+from sureserve.loading.packed import plan_and_apply as plan_packing
 from sureserve.settings import Settings
 from sureserve.tasks import TASK_CLASSES, Task
 from sureserve.tasks.base import merge
@@ -166,6 +167,10 @@ class Engine:
         self.gate_report: GateReport | None = None
         self.watch: DriftWatch | None = None  # set by sureserve.load (drift_watch setting)
         self.generation: GenerationEngine | None = None
+        # before anything runs the model (the gate included): it is checked as it will run
+        self.packing = plan_packing(loaded.model, loaded.plan.device, settings.home_dir(),
+                                    settings.packed_linear,
+                                    int(settings.packed_linear_mb * 2**20))
         if loaded.task_name == "generate":
             self.generation = GenerationEngine(loaded, kv_budget_tokens(loaded, settings),
                                                settings.max_running_seqs,
@@ -174,6 +179,7 @@ class Engine:
                                                direct_decode=settings.direct_decode,
                                                decode_script=settings.decode_script,
                                                decode_kernel=settings.decode_kernel,
+                                               packing=self.packing,
                                                prefill_tokens=settings.prefill_tokens,
                                                prefix_cache_bytes=int(
                                                    settings.prefix_cache_mb * 2**20))

@@ -128,7 +128,7 @@ class GenerationEngine:
                  layout_home: Path | None = None, prefill_tokens: int = 512,
                  prefix_cache_bytes: int = 0, prefix_block: int = 16,
                  direct_decode: bool = True, decode_script: bool = True,
-                 decode_kernel: bool = False) -> None:
+                 decode_kernel: bool = False, packing: Any = None) -> None:
         from sureserve.generation import native
         from sureserve.generation.direct import plan as plan_decode
         from sureserve.generation.layout import plan_and_apply
@@ -139,9 +139,14 @@ class GenerationEngine:
         # after the layout: the direct step holds the weights as they will be
         # the GEMV kernel is measured against torch's on this model's shapes (cached per
         # machine); only the direct step uses it, so it is not built without one
+        # oneDNN packed linears (``loading/packed.py``, applied by the Engine before this):
+        # the kernel is weighed against them where they run, and decode steps above the
+        # kernel's rows take them
+        self.packing = packing
         self.kernel = native.plan(loaded.model, loaded.plan.device, layout_home,
-                                  decode_kernel and direct_decode)
-        self.decode = plan_decode(loaded.model, direct_decode, decode_script, self.kernel)
+                                  decode_kernel and direct_decode, packing)
+        self.decode = plan_decode(loaded.model, direct_decode, decode_script, self.kernel,
+                                  packing=packing)
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = loaded.plan.device
@@ -183,6 +188,8 @@ class GenerationEngine:
         parts = [self.decode.describe()]
         if self.decode.direct is None or self.decode.direct.kernel is None:
             parts.append(f"decode matmuls: {self.kernel.describe()}")
+        if self.packing is not None:
+            parts.append(self.packing.describe())
         return "; ".join([*parts, self.layout.describe()])
 
     # ---- requests ---------------------------------------------------------------------

@@ -87,6 +87,9 @@ def _apply(module: Any, x: torch.Tensor) -> torch.Tensor:
     at every step, never cached: ``sureserve quantize``'s search swaps layers in and out
     of a live engine's model."""
     if module.__class__ is _LINEAR:
+        packed = module.__dict__.get("forward")  # a PackedForward (loading/packed.py)
+        if packed is not None:
+            return packed(x)
         p = module._parameters
         return F.linear(x, p["weight"], p["bias"])  # type: ignore[arg-type]
     return module.forward(x)
@@ -99,7 +102,7 @@ class DirectDecode:
     """One decode step of a Llama-family model over a ``PaddedKV``."""
 
     def __init__(self, model: Any, script: bool = True, kernel: Any = None,
-                 whole: bool = True) -> None:
+                 whole: bool = True, packing: Any = None) -> None:
         cfg = model.config
         inner = model.model
         self.model = model
@@ -118,6 +121,10 @@ class DirectDecode:
         # (then its fused calls per layer, in the Python loop: the tests and the
         # benchmark script compare the two)
         self.whole = whole
+        # oneDNN packed linears (``loading.packed.PackPlan``): the script and the Python
+        # loop call them wherever the forward would (``_lin``, ``_apply``)
+        self.packing = packing if packing is not None and packing.min_rows() is not None \
+            else None
         # (input norm, attention, post-attention norm, MLP) per layer: their linear
         # children are read at each step (see ``_apply``)
         self.layers = [(layer.input_layernorm, layer.self_attn._modules,
@@ -146,6 +153,9 @@ class DirectDecode:
         how = "TorchScript" if self.script is not None else f"Python loop: {self.why_python}"
         if self.script is not None and self._tensors() is None:
             how = "Python loop: a linear layer is not a plain nn.Linear (quantized)"
+        if self.packing is not None:
+            how += (f", oneDNN's packed linears at {self.packing.min_rows()}+ rows as the "
+                    "forward runs them")
         if self.kernel is None:
             return (f"direct decode step ({len(self.layers)} layers, {how}, bit-identical to "
                     "the forward)")
@@ -160,21 +170,31 @@ class DirectDecode:
                 f"checked against transformers); larger steps: {how}, bit-identical to the "
                 "forward)")
 
-    def _tensors(self) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor | None]]] | None:
-        """Each layer's weights (input norm, q, k, v, o, post-attention norm, gate, up, down)
-        and the linear layers' biases, read now (never cached: see ``_apply``); None when a
-        linear layer is not a plain ``nn.Linear``."""
-        weights, biases = [], []
+    def _tensors(self, rows: int = 0, dtype: torch.dtype | None = None
+                 ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor | None]],
+                            list[list[bool]]] | None:
+        """Each layer's weights (input norm, q, k, v, o, post-attention norm, gate, up, down),
+        the linear layers' biases and, per linear layer, whether it runs packed for a step
+        of ``rows`` rows of ``dtype`` (then its weight here is the packed copy: exactly
+        where its ``PackedForward`` would take it), read now (never cached: see
+        ``_apply``); None when a linear layer is not a plain ``nn.Linear``."""
+        weights, biases, flags = [], [], []
         for norm1, attn, norm2, mlp in self.layers:
             linears = (attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"],
                        mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"])
             if any(m.__class__ is not _LINEAR for m in linears):
                 return None
-            w = [m._parameters["weight"] for m in linears]
+            w, f = [], []
+            for m in linears:
+                fwd = m.__dict__.get("forward")
+                use = fwd is not None and fwd.takes_rows(rows, dtype)
+                w.append(fwd.packed if use else m._parameters["weight"])
+                f.append(use)
             weights.append([norm1._parameters["weight"], *w[:4],
                             norm2._parameters["weight"], *w[4:]])
             biases.append([m._parameters["bias"] for m in linears])
-        return weights, biases
+            flags.append(f)
+        return weights, biases, flags
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, kv: Any,
              padded: torch.Tensor | None) -> torch.Tensor:
@@ -202,12 +222,13 @@ class DirectDecode:
             logits = self._whole(x, flat, kv, padded)
             if logits is not None:
                 return logits
-        tensors = self._tensors() if self.script is not None and apply is _apply else None
+        tensors = self._tensors(rows, dtype) if self.script is not None and apply is _apply \
+            else None
         if tensors is not None:
             assert self.eps is not None  # a script is only made with one epsilon
             x = self.script(x, cos, sin, kv.k, kv.v, n, start, end, mask, tensors[0],
-                            tensors[1], float(self.eps), d, self.kv_heads, self.groups,
-                            float(self.scaling))
+                            tensors[1], tensors[2], float(self.eps), d, self.kv_heads,
+                            self.groups, float(self.scaling))
             x = _rms(x, self.final_norm)
             return _apply(self.model._modules["lm_head"], x)[:, -1]
         gemv = self.kernel.kernel if apply is not _apply and self.kernel is not None else None
@@ -432,7 +453,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
             cache_v: torch.Tensor, n: int, start: int, end: int, mask: torch.Tensor | None,
             weights: list[list[torch.Tensor]], biases: list[list[torch.Tensor | None]],
-            eps: float, d: int, kv_heads: int, groups: int, scaling: float) -> torch.Tensor:
+            packed: list[list[bool]], eps: float, d: int, kv_heads: int, groups: int,
+            scaling: float) -> torch.Tensor:
     """``DirectDecode.step``'s layer loop over plain tensors, operation for operation (the
     tests hold both to the model's forward with ``torch.equal``), for TorchScript."""
     rows = x.shape[0]
@@ -441,11 +463,11 @@ def _layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torc
     new_k, new_v = cache_k[:, :n, :, end:end + 1], cache_v[:, :n, :, end:end + 1]
     span_k, span_v = cache_k[:, :n, :, start:end + 1], cache_v[:, :n, :, start:end + 1]
     for i in range(len(weights)):
-        w, b = weights[i], biases[i]
+        w, b, p = weights[i], biases[i], packed[i]
         h = _rms_weight(x, w[0], eps)
-        q = F.linear(h, w[1], b[0]).view(rows, 1, -1, d).transpose(1, 2)
-        k = F.linear(h, w[2], b[1]).view(rows, 1, -1, d).transpose(1, 2)
-        v = F.linear(h, w[3], b[2]).view(rows, 1, -1, d).transpose(1, 2)
+        q = _lin(h, w[1], b[0], p[0]).view(rows, 1, -1, d).transpose(1, 2)
+        k = _lin(h, w[2], b[1], p[1]).view(rows, 1, -1, d).transpose(1, 2)
+        v = _lin(h, w[3], b[2], p[2]).view(rows, 1, -1, d).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         new_k[i].copy_(k)
@@ -459,10 +481,23 @@ def _layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torc
             o = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, groups, d), keys,
                                                values, attn_mask=mask, scale=scaling)
         o = o.reshape(rows, -1, 1, d).transpose(1, 2).contiguous()
-        x = x + F.linear(o.reshape(rows, 1, -1).contiguous(), w[4], b[3])
+        x = x + _lin(o.reshape(rows, 1, -1).contiguous(), w[4], b[3], p[3])
         h = _rms_weight(x, w[5], eps)
-        x = x + F.linear(F.silu(F.linear(h, w[6], b[4])) * F.linear(h, w[7], b[5]), w[8], b[6])
+        x = x + _lin(F.silu(_lin(h, w[6], b[4], p[4])) * _lin(h, w[7], b[5], p[5]), w[8],
+                     b[6], p[6])
     return x
+
+
+def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: bool
+         ) -> torch.Tensor:
+    """``F.linear``, or oneDNN's packed product when ``w`` is a packed copy
+    (``loading/packed.py``): the op ``PackedForward`` calls, spelled so TorchScript takes
+    it (its ``scalars`` argument needs this exact list type)."""
+    if packed:
+        return torch.ops.mkldnn._linear_pointwise(
+            x, w, b, "none", torch.jit.annotate(list[int | float | complex | None], []),
+            "")
+    return F.linear(x, w, b)
 
 
 def _rms_weight(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -502,12 +537,13 @@ class DecodePlan:
 
 
 def plan(model: Any, enabled: bool = True, script: bool = True,
-         kernel: Any = None, whole: bool = True) -> DecodePlan:
+         kernel: Any = None, whole: bool = True, packing: Any = None) -> DecodePlan:
     """``script``: the layers in TorchScript where possible (``decode_script``);
-    ``kernel``: a ``native.KernelPlan`` (``decode_kernel``) for steps of few rows."""
+    ``kernel``: a ``native.KernelPlan`` (``decode_kernel``) for steps of few rows;
+    ``packing``: the model's ``loading.packed.PackPlan`` (``packed_linear``)."""
     if not enabled:
         return DecodePlan(None, "direct_decode is off")
     reason = why_not(model)
     if reason is not None:
         return DecodePlan(None, reason)
-    return DecodePlan(DirectDecode(model, script, kernel, whole), "")
+    return DecodePlan(DirectDecode(model, script, kernel, whole, packing), "")

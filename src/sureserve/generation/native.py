@@ -375,9 +375,12 @@ class KernelPlan:
                             for r, (a, b) in self.step_ms.items()}}
 
 
-def plan(model: Any, device: str, home: Path | None, enabled: bool = True) -> KernelPlan:
+def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
+         packing: Any = None) -> KernelPlan:
     """Build the kernel and measure it against ``F.linear`` on ``model``'s weight shapes
-    (cached per machine); the plan says up to how many rows it runs, or why it does not."""
+    (cached per machine); the plan says up to how many rows it runs, or why it does not.
+    ``packing``: a ``loading.packed.PackPlan``; where it runs a float32 shape packed at a
+    row count, the kernel is weighed against the packed product's time instead."""
 
     if not enabled:
         return KernelPlan(None, 0, "decode_kernel is off")
@@ -404,6 +407,10 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True) -> Ke
         torch_ms = best_ms = 0.0
         for key, count in shapes.items():
             a, b = _measured(home, kernel, key, rows)
+            other = packing.packed_ms((key[0], key[1]), "float32", rows) \
+                if packing is not None and len(key) == 2 else None
+            if other is not None:
+                a = min(a, other)
             # a shape keeps the kernel for the longest run of row counts, from one, where
             # it won (a win at 16 rows after a loss at 8 is noise, not a regime)
             before = ROWS[ROWS.index(rows) - 1] if rows != ROWS[0] else 0

@@ -374,4 +374,5 @@ def _model_info(slot: Slot) -> S.ModelInfo | None:
         else None, warnings=list(e.loaded.warnings),
         decode_path=e.generation.decode_path() if e.generation is not None else None,
         decode_kernel=e.generation.kernel.to_dict() if e.generation is not None else None,
+        packed_linear=e.packing.to_dict(),
         drift=e.watch.info() if e.watch is not None else None)

@@ -375,6 +375,11 @@ class ModelInfo(BaseModel):
         "(max_rows, 0: not used), why not (reason), and the measurement it was chosen by "
         "(step_ms: per row count, ms of one step's matmuls through torch and with the "
         "kernel where faster; shape_rows: per weight shape, the most rows it serves)")
+    packed_linear: dict[str, Any] | None = Field(
+        default=None, description="oneDNN packed linears (packed_linear): the path "
+        "(measured, or off and why), how many layers and MiB are packed under the bound, "
+        "the fewest rows that take them, and per weight shape the measurement it was chosen "
+        "by (ms: per row count, F.linear and packed ms per matrix)")
     drift: dict[str, Any] | None = Field(
         default=None, description="The drift watch: baseline (reference file or first "
         "window of traffic) and whether it is complete, window, every signal with its score, "

@@ -1,0 +1,356 @@
+"""Linear layers through oneDNN's prepacked weights, where that measured faster (CPU).
+
+Why: ``F.linear`` on a CPU hands ``x @ W.T`` to MKL's GEMM, which re-reads the row-major
+weight in a layout it was not blocked for. oneDNN can reorder a weight once, at load, into
+the blocked layout its own GEMM streams (``torch.ops.mkldnn._reorder_linear_weight``) and
+then multiply by it directly (``torch.ops.mkldnn._linear_pointwise``: the op inductor's
+CPU backend emits for frozen linears). Measured on a 2-core AMD EPYC (BENCHMARKS.md
+"Generation: oneDNN prepacked linears"): 1.4-1.7x on smollm2's body shapes at 8-32 rows,
+2.4-3.6x on its lm_head, 1.1-1.5x at prefill sizes; so a 32-row decode step, a short
+prompt's prefill and an encoder's batch all gain. Which shapes gain is the CPU's and the
+BLAS build's business, so it is measured here per distinct weight shape and dtype, at the
+row counts of ``ROWS``, on copies that stream from memory as a real forward does (cached
+per machine, like the decode kernel's figures), and a shape is packed only from the row
+count where it won at every larger measured count.
+
+What it costs: the packed copy is a second copy of the weight (the plain one stays: the
+GEMV kernel, ``sureserve quantize``, the lock and ``state_dict`` read it), bounded by the
+``packed_linear_mb`` setting (shapes that save the most time go first). Its sums run in
+another order than MKL's, so outputs differ from an unpacked model in the last bits (max
+abs logit difference ~1e-4 on smollm2): greedy generation is compared with
+``transformers`` under the near-tie rule in the tests and in ``sureserve bench
+generate``; ``packed_linear = false`` keeps ``F.linear`` everywhere.
+
+How it is applied: each packed ``nn.Linear`` gets a ``PackedForward`` as its instance
+``forward`` (the module's class, parameters and ``state_dict`` are unchanged, so every
+check of the form ``module.__class__ is nn.Linear`` and every swap by ``sureserve
+quantize`` keeps working). It takes the packed path only when the input has at least the
+shape's ``min_rows`` rows, autograd is off, and the weight is still the one it packed
+(same storage, dtype and version: a weight changed in place or converted falls back to
+``F.linear``, never to a stale copy). A deep copy or a pickle of the module carries no
+packed copy (oneDNN's opaque tensors cannot be copied): it runs ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sureserve.loading")
+
+#: row counts a shape is measured at (1-16: decode steps; 32: a full decode batch; 128: a
+#: prefill or an encoder batch, and what larger ones are taken to be like)
+ROWS = (1, 4, 8, 16, 32, 128)
+#: the packed product must beat F.linear by this much at a row count (noise margin)
+MIN_GAIN = 1.05
+#: bytes of weight copies a shape is timed over (so that they come from memory)
+STREAM_BYTES = 64 * 2**20
+
+
+def why_unavailable() -> str | None:
+    """None when this torch can pack linear weights with oneDNN; else why not."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    ops = getattr(torch.ops, "mkldnn", None)
+    for name in ("_reorder_linear_weight", "_linear_pointwise"):
+        try:
+            getattr(ops, name)
+        except (AttributeError, RuntimeError):
+            return f"this torch has no torch.ops.mkldnn.{name}"
+    return None
+
+
+def pack(weight: Any) -> Any:
+    """oneDNN's blocked copy of a (out, in) weight (an opaque tensor)."""
+    import torch
+
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def packed_linear(x: Any, packed: Any, bias: Any) -> Any:
+    """``F.linear(x, weight, bias)`` through the packed copy of ``weight``."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedForward:
+    """A packed ``nn.Linear``'s instance ``forward`` (see the module docstring)."""
+
+    def __init__(self, module: Any, packed: Any, min_rows: int) -> None:
+        self.module, self.packed, self.min_rows = module, packed, min_rows
+        self.ptr = self.version = 0
+        self.dtype: Any = None
+        if packed is not None:
+            w = module._parameters["weight"]
+            self.ptr, self.version, self.dtype = w.data_ptr(), w._version, w.dtype
+
+    def takes(self, x: Any) -> bool:
+        """Whether ``x`` goes through the packed copy."""
+        import torch
+
+        w = self.module._parameters["weight"]
+        return (self.packed is not None and x.dtype == self.dtype
+                and x.numel() >= self.min_rows * w.shape[1] and w.data_ptr() == self.ptr
+                and w._version == self.version and w.dtype == self.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+    def takes_rows(self, rows: int, dtype: Any) -> bool:
+        """``takes`` for an input of ``rows`` rows of ``dtype`` (no autograd: the direct
+        decode step, which asks before it calls the packed op itself)."""
+        w = self.module._parameters["weight"]
+        return (self.packed is not None and dtype == self.dtype and rows >= self.min_rows
+                and w.data_ptr() == self.ptr and w._version == self.version
+                and w.dtype == self.dtype)
+
+    def __call__(self, x: Any) -> Any:
+        import torch.nn.functional as F
+
+        p = self.module._parameters
+        if self.takes(x):
+            return packed_linear(x, self.packed, p["bias"])
+        return F.linear(x, p["weight"], p["bias"])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PackedForward:
+        # the copy of the module is already in ``memo`` (copying it is what led here)
+        return PackedForward(copy.deepcopy(self.module, memo), None, self.min_rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"module": self.module, "min_rows": self.min_rows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["module"], None, state["min_rows"])  # type: ignore[misc]
+
+
+def packed_forward(module: Any) -> PackedForward | None:
+    """The module's ``PackedForward`` when it has one."""
+    fwd = module.__dict__.get("forward")
+    return fwd if isinstance(fwd, PackedForward) else None
+
+
+@dataclass
+class ShapePack:
+    """One distinct weight shape and dtype: its measurement and the verdict."""
+
+    shape: tuple[int, int]  # (out, in)
+    dtype: str
+    layers: int
+    ms: dict[int, tuple[float, float]]  # rows -> (F.linear ms, packed ms), per matrix
+    min_rows: int | None  # packed from this many rows (None: not faster)
+    packed: bool = False  # within the byte bound
+    why: str = ""  # why a faster shape is not packed
+
+    @property
+    def bytes(self) -> int:
+        size = 2 if self.dtype in ("bfloat16", "float16") else 4
+        return self.shape[0] * self.shape[1] * size * self.layers
+
+    def saving_ms(self) -> float:
+        """Time one forward of 32 rows saves on this shape's layers (the bound's order)."""
+        a, b = self.ms.get(32, (0.0, 0.0))
+        return (a - b) * self.layers
+
+    def describe(self) -> str:
+        head = f"{self.shape[0]}x{self.shape[1]} {self.dtype} x{self.layers}"
+        if self.min_rows is None:
+            return f"{head}: F.linear (packed no faster)"
+        gains = ", ".join(f"{a / max(b, 1e-9):.2f}x at {r}" for r, (a, b) in self.ms.items()
+                          if r >= self.min_rows)
+        if not self.packed:
+            return f"{head}: F.linear ({self.why}; packed measured {gains})"
+        return f"{head}: packed from {self.min_rows} rows ({gains})"
+
+
+@dataclass
+class PackPlan:
+    """What runs: the path, the shapes and why (``/info``'s ``packed_linear``)."""
+
+    path: str  # "measured" | "off: <why>"
+    shapes: list[ShapePack] = field(default_factory=list)
+    seconds: float = 0.0
+    max_bytes: int = 0
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(s.bytes for s in self.shapes if s.packed)
+
+    @property
+    def packed_layers(self) -> int:
+        return sum(s.layers for s in self.shapes if s.packed)
+
+    def min_rows(self) -> int | None:
+        """The fewest rows at which any packed shape takes the packed path."""
+        rows = [s.min_rows for s in self.shapes if s.packed and s.min_rows is not None]
+        return min(rows) if rows else None
+
+    def active(self, rows: int) -> bool:
+        low = self.min_rows()
+        return low is not None and rows >= low
+
+    def packed_ms(self, shape: tuple[int, int], dtype: str, rows: int) -> float | None:
+        """The packed product's measured ms for a packed shape at ``rows`` (where it takes
+        the packed path), else None: ``native.plan`` weighs its kernel against it."""
+        for s in self.shapes:
+            if s.packed and s.shape == shape and s.dtype == dtype and s.min_rows is not None \
+                    and rows >= s.min_rows and rows in s.ms:
+                return s.ms[rows][1]
+        return None
+
+    def describe(self) -> str:
+        if not self.shapes:
+            return f"linear layers through F.linear ({self.path})"
+        return (f"oneDNN packed linears: {self.packed_layers} layers "
+                f"({self.packed_bytes / 2**20:.0f} MiB of packed copies, bound "
+                f"{self.max_bytes / 2**20:.0f} MiB; measured in {self.seconds:.1f}s): "
+                + "; ".join(s.describe() for s in self.shapes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "packed_layers": self.packed_layers,
+                "packed_mb": round(self.packed_bytes / 2**20, 1),
+                "max_mb": round(self.max_bytes / 2**20, 1),
+                "min_rows": self.min_rows(), "seconds": round(self.seconds, 2),
+                "shapes": [{"shape": list(s.shape), "dtype": s.dtype, "layers": s.layers,
+                            "min_rows": s.min_rows, "packed": s.packed, "why": s.why,
+                            "ms": {str(r): [round(a, 4), round(b, 4)]
+                                   for r, (a, b) in s.ms.items()}}
+                           for s in self.shapes]}
+
+
+def measure(n: int, k: int, rows: int, dtype: Any, stream_bytes: int = STREAM_BYTES
+            ) -> tuple[float, float]:
+    """(F.linear ms, packed ms) for one ``(n, k)`` weight at ``rows`` rows, per matrix,
+    over copies that add up to ``stream_bytes`` (at most 256 copies), alternated."""
+    import torch
+    import torch.nn.functional as F
+
+    from sureserve.loading.machine import best_ms
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    copies = min(256, max(1, stream_bytes // (n * k * size)))
+    ws = [torch.empty(n, k).uniform_(-1, 1).to(dtype) for _ in range(copies)]
+    ps = [pack(w) for w in ws]
+    x = torch.randn(rows, k).to(dtype)
+
+    def plain() -> None:
+        for w in ws:
+            F.linear(x, w)
+
+    def packed() -> None:
+        for p in ps:
+            packed_linear(x, p, None)
+
+    a = b = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):  # alternated, best of each: the machine's drift hits both
+            a = min(a, best_ms(plain, 1))
+            b = min(b, best_ms(packed, 1))
+    return a / copies, b / copies
+
+
+def _measured(home: Path | None, n: int, k: int, rows: int, dtype: Any
+              ) -> tuple[float, float]:
+    """``measure``, cached per machine (``machine.measured_once``)."""
+    from sureserve.loading.machine import measured_once
+
+    def parse(v: Any) -> tuple[float, float]:
+        a, b = v
+        return float(a), float(b)
+
+    name = f"{n}x{k}:{rows}:{str(dtype).removeprefix('torch.')}"
+    # also kept for the process: an engine loaded with another home (a test's, a quantize
+    # candidate's) reads this process's figure instead of measuring the machine again
+    memo = (_ident(), name)
+    if memo not in _MEMO:
+        _MEMO[memo] = measured_once(home, "packed", name,
+                                    lambda: list(measure(n, k, rows, dtype)), list)
+    elif home is not None:  # stored in that home too, as if measured there
+        measured_once(home, "packed", name, lambda: _MEMO[memo], list)
+    return parse(_MEMO[memo])
+
+
+_MEMO: dict[tuple[str, str], list[float]] = {}
+
+
+def _ident() -> str:
+    from sureserve.loading.machine import speeds_path
+
+    return speeds_path(Path("/")).name  # the CPU model, torch version and thread count
+
+
+def choose_min_rows(ms: dict[int, tuple[float, float]]) -> int | None:
+    """The fewest measured rows from which the packed product won (by MIN_GAIN) at every
+    larger measured count; None when it did not win at the largest."""
+    best = None
+    for rows in sorted(ms, reverse=True):
+        a, b = ms[rows]
+        if a < b * MIN_GAIN:
+            break
+        best = rows
+    return best
+
+
+def plan_and_apply(model: Any, device: str, home: Path | None = None, enabled: bool = True,
+                   max_bytes: int = 1024 * 2**20) -> PackPlan:
+    """Measure each distinct plain ``nn.Linear`` weight shape of ``model`` (cached under
+    ``home``) and pack the layers of the shapes that are faster packed, within
+    ``max_bytes`` of packed copies. Done once per model (a second engine on it gets the
+    same plan)."""
+    done = getattr(model, "_sureserve_packed", None)
+    if isinstance(done, PackPlan):
+        return done
+    plan = _plan(model, device, home, enabled, max_bytes)
+    model._sureserve_packed = plan
+    return plan
+
+
+def _plan(model: Any, device: str, home: Path | None, enabled: bool,
+          max_bytes: int) -> PackPlan:
+    import torch
+
+    if not enabled:
+        return PackPlan("off: packed_linear = false")
+    if not str(device).startswith("cpu"):
+        return PackPlan("off: not a CPU")
+    why = why_unavailable()
+    if why is not None:
+        return PackPlan(f"off: {why}")
+    linears = [m for m in model.modules()
+               if m.__class__ is torch.nn.Linear and type(m.weight) is torch.nn.Parameter
+               and m.weight.device.type == "cpu" and m.weight.dim() == 2
+               and m.weight.is_contiguous()
+               and m.weight.dtype in (torch.float32, torch.bfloat16)
+               and (m.bias is None or m.bias.dtype == m.weight.dtype)
+               and packed_forward(m) is None]
+    if not linears:
+        return PackPlan("off: no plain float32/bfloat16 nn.Linear (quantized or offloaded)")
+    started = time.perf_counter()
+    groups: dict[tuple[int, int, Any], list[Any]] = {}
+    for m in linears:
+        groups.setdefault((int(m.weight.shape[0]), int(m.weight.shape[1]), m.weight.dtype),
+                          []).append(m)
+    plan = PackPlan("measured", max_bytes=max_bytes)
+    for (n, k, dtype), mods in sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
+        ms = {rows: _measured(home, n, k, rows, dtype) for rows in ROWS}
+        plan.shapes.append(ShapePack((n, k), str(dtype).removeprefix("torch."), len(mods), ms,
+                                     choose_min_rows(ms)))
+    left = max_bytes
+    for shape in sorted(plan.shapes, key=lambda s: -s.saving_ms()):
+        if shape.min_rows is None:
+            continue
+        if shape.bytes > left:
+            shape.why = f"over the packed_linear_mb bound ({max_bytes / 2**20:.0f} MiB)"
+            continue
+        left -= shape.bytes
+        shape.packed = True
+        dtype = getattr(torch, shape.dtype)
+        for m in groups[(shape.shape[0], shape.shape[1], dtype)]:
+            m.forward = PackedForward(m, pack(m.weight), shape.min_rows)
+    plan.seconds = time.perf_counter() - started
+    log.info("%s", plan.describe())
+    return plan
