@@ -502,24 +502,39 @@ def test_info_says_how_decoding_runs(gen_server: Server) -> None:
     # smollm2 is a llama: the direct step runs, its layers in TorchScript; the layout
     # setting is off by default, and /info says so rather than saying nothing. Whether the
     # GEMV kernel serves small steps is this machine's measurement: the test reads it
-    kernel = model["decode_kernel"]
+    kernel, packing = model["decode_kernel"], model["packed_linear"]
     layout = "decode weight layout unchanged: turned off (decode_weight_layout = false)"
+    # oneDNN packed linears: which shapes are packed is this machine's measurement too
+    assert packing["path"] == "measured", packing
+    assert set(packing["shapes"][0]["ms"]) == {"1", "4", "8", "16", "32", "128"}, packing
+    for shape in packing["shapes"]:
+        if shape["packed"]:  # packed because it measured faster from its min_rows up
+            assert all(a >= b * 1.05 for r, (a, b) in shape["ms"].items()
+                       if int(r) >= shape["min_rows"]), shape
+    assert packing["packed_mb"] <= packing["max_mb"] == 1024
+    script = "TorchScript"
+    if packing["min_rows"] is not None:
+        script += (f", oneDNN's packed linears at {packing['min_rows']}+ rows as the forward "
+                   "runs them")
+        tail = f"; oneDNN packed linears: {packing['packed_layers']} layers ("
+    else:
+        tail = "; linear layers through F.linear ("
     assert set(kernel["step_ms"]) == {"1", "4", "8", "16"} or kernel["reason"], kernel
     if kernel["max_rows"]:
         one = kernel["step_ms"]["1"]
         assert one[0] >= one[1] * 1.2, kernel  # chosen because it measured faster
-        assert model["decode_path"] == (
-            f"direct decode step (30 layers; sureserve's GEMV kernel ({kernel['kernel']}) for "
-            f"steps of up to {kernel['max_rows']} rows, matmuls {one[0] / one[1]:.2f}x faster "
-            "at 1 row, each step one call of the kernel (every layer and the attention), "
-            "sums in another order than torch's (greedy outputs "
-            "checked against transformers); larger steps: TorchScript, bit-identical to the "
-            "forward); " + layout), model
+        head = (f"direct decode step (30 layers; sureserve's GEMV kernel ({kernel['kernel']}) "
+                f"for steps of up to {kernel['max_rows']} rows, matmuls "
+                f"{one[0] / one[1]:.2f}x faster at 1 row, each step one call of the kernel "
+                "(every layer and the attention), sums in another order than torch's (greedy "
+                f"outputs checked against transformers); larger steps: {script}, "
+                "bit-identical to the forward)")
     else:
         assert kernel["reason"], kernel
-        assert model["decode_path"] == "direct decode step (30 layers, TorchScript, " \
-            "bit-identical to the forward); decode matmuls: torch's kernels (" + \
-            kernel["reason"] + "); " + layout, model
+        head = (f"direct decode step (30 layers, {script}, bit-identical to the forward); "
+                f"decode matmuls: torch's kernels ({kernel['reason']})")
+    path = model["decode_path"]
+    assert path.startswith(head + tail) and path.endswith("; " + layout), (path, head + tail)
 
 
 def test_the_bench_alternated_phase_times_real_streams(gen_server: Server,
