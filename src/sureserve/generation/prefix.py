@@ -77,6 +77,14 @@ class PrefixCache:
         else:
             self.misses += 1
 
+    def match(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+        """``lookup``'s (length, id of the last block) without its tensors (nothing is
+        copied or counted, the chain is not refreshed): the engine asks this for every
+        waiting prompt before each prefill, and builds a prefix's tensors once for all the
+        prompts that share it."""
+        chain = self._chain(prompt, len(prompt) - 1) if self.budget_bytes > 0 else []
+        return (len(chain) * self.block, chain[-1].id) if chain else None
+
     def lookup(self, prompt: Sequence[int], count: bool = True
                ) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
         """The longest stored prefix of ``prompt`` that leaves at least one token to
