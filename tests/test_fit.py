@@ -129,3 +129,22 @@ def test_load_on_gpus_applies_the_plan(monkeypatch: pytest.MonkeyPatch, tmp_path
     warnings = []
     kw = loader.gpu_placement(tmp_path, cfg, "generate", Settings(allow_offload=True), warnings)
     assert "cpu" in kw["max_memory"] and any("OFFLOAD" in w for w in warnings)
+
+
+def test_packed_copies_count_on_a_cpu_only() -> None:
+    """packed_linear keeps a second copy of 16/32-bit linear weights on a CPU (up to
+    packed_linear_mb): a CPU plan counts it, a GPU plan and 8/4-bit rows do not."""
+    small = ModelSize(135_000_000, 3_500_000, 46_080)  # smollm2-sized: 0.5 GiB in fp32
+    cpu = Machine((), cpu_gib=24.0)
+    rows, plan = plan_fit(small, cpu, kv_mb=1024)
+    rows_p, plan_p = plan_fit(small, cpu, kv_mb=1024, packed_mb=1024)
+    by, by_p = ({r["precision"]: r["needs_gib"] for r in x} for x in (rows, rows_p))
+    fp32 = need_gib(small, "float32", 1024)[0]
+    assert by_p["float32"] == pytest.approx(by["float32"] + fp32, abs=0.01)  # all of it
+    assert by_p["int8"] == by["int8"] and by_p["int4"] == by["int4"]
+    assert "packed copies" in " ".join(plan_p.reasons) and "packed" not in " ".join(plan.reasons)
+    # the bound caps it
+    capped = need_gib(SEVEN_B, "float32", 0, packed_mb=1024)[2] - need_gib(SEVEN_B, "float32", 0)[2]
+    assert capped == pytest.approx(1.0)
+    gpu_rows, _ = plan_fit(SEVEN_B, Machine((80.0,)), kv_mb=2048, packed_mb=1024)
+    assert gpu_rows == plan_fit(SEVEN_B, Machine((80.0,)), kv_mb=2048)[0]
