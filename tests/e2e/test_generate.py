@@ -29,15 +29,29 @@ _REFERENCES: dict[tuple[int, str], list[int]] = {}
 REFERENCE_TOKENS = 12  # the most any test here compares
 
 
+_PLAIN: dict[int, object] = {}
+
+
 def _reference(engine: sureserve.Engine, prompt: str, n: int) -> list[int]:
     """Plain ``transformers`` greedy generation's first ``n`` new tokens. Computed once per
     model and prompt (12 tokens; greedy decoding's first n tokens do not depend on how many
-    follow), so the tests that compare against it do not generate it again."""
+    follow), so the tests that compare against it do not generate it again. It runs on a
+    copy of the engine's model: a copy carries none of the packed linears
+    (``loading/packed.py``) the engine's model may run through, so the reference is
+    ``F.linear``'s sums, as ``transformers`` alone computes them."""
+    import copy
+
     assert n <= REFERENCE_TOKENS
     key = (id(engine), prompt)
     if key not in _REFERENCES:
+        if id(engine) not in _PLAIN:
+            _PLAIN[id(engine)] = copy.deepcopy(engine.model)
+        plain = _PLAIN[id(engine)]
+        assert not any("forward" in m.__dict__ and m.__dict__["forward"].packed is not None
+                       for m in plain.modules())  # type: ignore[attr-defined]
         ids = engine.tokenizer(prompt, return_tensors="pt")
-        ref = engine.model.generate(**ids, max_new_tokens=REFERENCE_TOKENS, do_sample=False)
+        ref = plain.generate(**ids, max_new_tokens=REFERENCE_TOKENS,  # type: ignore[attr-defined]
+                             do_sample=False)
         _REFERENCES[key] = list(ref[0, ids["input_ids"].shape[1]:].tolist())
     return _REFERENCES[key][:n]
 
