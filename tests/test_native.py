@@ -304,6 +304,11 @@ def test_the_plan_follows_the_measurement(monkeypatch: pytest.MonkeyPatch,
     assert q.max_rows == 4 and q.shape_rows[(96, 64, "int8")] == 4
     assert q.shape_rows[(300, 64)] == 8 and (96, 64) in q.shape_rows
     assert q.to_dict()["shape_rows"]["96x64:int8"] == 4
+    # a step gain under STEP_GAIN but over MIN_GAIN: a float32 model keeps its TorchScript
+    # loop there, an int8 one (Python loop either way) takes the kernel
+    timings.update({8: (1.1, 1.0), 16: (2.0, 2.0)})
+    assert native.plan(model, "cpu", tmp_path).max_rows == 4
+    assert native.plan(int8_model(_model("llama"))[0], "cpu", tmp_path).max_rows == 8
 
 
 def test_without_a_compiler_decoding_keeps_torchs_kernels_and_says_why(
