@@ -99,6 +99,24 @@ def test_copies_and_pickles_run_f_linear() -> None:
     assert mod.forward.packed is not None  # type: ignore[attr-defined]
 
 
+def test_copy_packed_keeps_the_packed_path_of_every_layer() -> None:
+    """What ``sureserve quantize`` restores a layer from: unlike a deep copy, it runs as
+    the original does (packed from the same rows), on its own weight."""
+    from sureserve.loading.packed import copy_packed, packed_forward
+
+    seq = torch.nn.Sequential(_packed(_linear(), min_rows=4), torch.nn.ReLU(), _linear(32, 48))
+    got = copy_packed(seq)
+    fwd = packed_forward(got[0])
+    assert fwd is not None and fwd.packed is not None and fwd.module is got[0]
+    assert fwd.min_rows == 4 and got[0].weight is not seq[0].weight
+    assert packed_forward(got[2]) is None  # a plain layer stays plain
+    x = torch.randn(8, 32)
+    with torch.inference_mode():
+        assert fwd.takes(x) and torch.equal(got(x), seq(x))
+        got[0].weight.mul_(0)  # its own weight: the original is untouched
+        assert not torch.equal(got(x), seq(x))
+
+
 def test_min_rows_is_where_it_wins_at_every_larger_count() -> None:
     assert choose_min_rows({1: (1.0, 2.0), 4: (1.0, 0.5), 8: (1.0, 0.5)}) == 4
     # a win at few rows after a loss at more is noise, not a regime

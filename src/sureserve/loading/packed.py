@@ -128,6 +128,21 @@ class PackedForward:
         self.__init__(state["module"], None, state["min_rows"])  # type: ignore[misc]
 
 
+def copy_packed(module: Any) -> Any:
+    """A deep copy of ``module`` whose packed linears keep their packed path (a plain deep
+    copy runs ``F.linear``): each copied layer packs its own copied weight, from the same
+    row count. ``sureserve quantize``'s search restores layers to full precision from such
+    copies, so a candidate's kept layers run as they will be served (the served folder is
+    packed again at load)."""
+    new = copy.deepcopy(module)
+    for (_, old), (_, mod) in zip(module.named_modules(), new.named_modules(), strict=True):
+        fwd = packed_forward(old)
+        if fwd is not None and fwd.packed is not None and fwd.takes_rows(fwd.min_rows,
+                                                                          fwd.dtype):
+            mod.forward = PackedForward(mod, pack(mod.weight), fwd.min_rows)
+    return new
+
+
 def packed_forward(module: Any) -> PackedForward | None:
     """The module's ``PackedForward`` when it has one."""
     fwd = module.__dict__.get("forward")

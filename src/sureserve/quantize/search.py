@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
 from sureserve.loading import precision as Q
+from sureserve.loading.packed import copy_packed
 from sureserve.quantize import measure as M
 from sureserve.quantize.runner import Runner
 
@@ -29,7 +29,8 @@ def sensitivity_search(engine: Any, base_model: Any, runner: Runner, ref: Any,
     names = [n for n in Q.linear_layers(base_model, method.heads)
              if type(model.get_submodule(n)) is not type(base_model.get_submodule(n))]
     quantized = {n: model.get_submodule(n) for n in names}
-    full = {n: copy.deepcopy(base_model.get_submodule(n)) for n in names}
+    # restored layers keep the baseline's packed linears (loading/packed.py), as served
+    full = {n: copy_packed(base_model.get_submodule(n)) for n in names}
 
     def configure(keep: set[str]) -> None:
         for n in names:
