@@ -84,15 +84,17 @@ class Settings(BaseSettings):
         "ONEDNN_PRIMITIVE_CACHE_CAPACITY is set (that wins); 0 turns the cache off.",
     )
     packed_linear: bool = Field(
-        default=True,
+        default=False,
         description="On a CPU, multiply by each linear layer's weight through a copy packed "
         "once, at load, into oneDNN's blocked layout wherever that measured faster than "
         "F.linear on this machine (per weight shape, dtype and row count; measured once, "
         "cached). Measured on a 2-core AMD EPYC: 1.4-1.7x on smollm2's layers at 8-32 rows, "
-        "2.4x on its lm_head (BENCHMARKS.md). Costs a second copy of the packed weights "
-        "(bounded by packed_linear_mb) and changes sums in the last bits (greedy generation "
-        "is checked against transformers under the near-tie rule). /info's packed_linear "
-        "gives the figures. Off: F.linear everywhere.",
+        "2.4x on its lm_head, 32 generation clients 1.45x llama.cpp F32 (BENCHMARKS.md). "
+        "Costs a second copy of the packed weights (bounded by packed_linear_mb) and changes "
+        "sums in the last bits (greedy generation is checked against transformers under the "
+        "near-tie rule). Off by default: in a 10-minute mixed soak the server's RSS grew "
+        "+20.7% with it (flattening near the end) where it stays flat without it, not yet "
+        "explained. /info's packed_linear gives the figures and the path.",
     )
     packed_linear_mb: float = Field(
         default=1024.0, ge=0,

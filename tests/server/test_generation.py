@@ -504,14 +504,18 @@ def test_info_says_how_decoding_runs(gen_server: Server) -> None:
     # GEMV kernel serves small steps is this machine's measurement: the test reads it
     kernel, packing = model["decode_kernel"], model["packed_linear"]
     layout = "decode weight layout unchanged: turned off (decode_weight_layout = false)"
-    # oneDNN packed linears: which shapes are packed is this machine's measurement too
-    assert packing["path"] == "measured", packing
-    assert set(packing["shapes"][0]["ms"]) == {"1", "4", "8", "16", "32", "128"}, packing
+    # oneDNN packed linears: off by default (packed_linear); where on, which shapes are
+    # packed is this machine's measurement
+    if packing["path"] != "measured":
+        assert packing["path"] == "off: packed_linear = false", packing
+        assert packing["packed_layers"] == 0 and packing["min_rows"] is None, packing
+    else:
+        assert set(packing["shapes"][0]["ms"]) == {"1", "4", "8", "16", "32", "128"}, packing
     for shape in packing["shapes"]:
         if shape["packed"]:  # packed because it measured faster from its min_rows up
             assert all(a >= b * 1.05 for r, (a, b) in shape["ms"].items()
                        if int(r) >= shape["min_rows"]), shape
-    assert packing["packed_mb"] <= packing["max_mb"] == 1024
+    assert packing["packed_mb"] <= packing["max_mb"]
     script = "TorchScript"
     if packing["min_rows"] is not None:
         script += (f", oneDNN's packed linears at {packing['min_rows']}+ rows as the forward "

@@ -25,9 +25,11 @@ reference the script is tested against, and ``describe`` says which runs.
 
 Only decode steps (one new token per row over the in-place ``PaddedKV``) take this path;
 prefill, prompt scoring and everything else call the model as before. Linear layers that
-are plain ``nn.Linear`` run as ``F.linear`` (what ``nn.Linear.forward`` does); quantized
-replacements (``loading/kernels.py``) are called as modules, so every precision sureserve
-serves takes the same path.
+are plain ``nn.Linear`` run as ``F.linear`` (what ``nn.Linear.forward`` does), or as
+oneDNN's packed product wherever the layer's ``PackedForward`` (``loading/packed.py``) would
+take a step of this many rows (what the forward then runs); quantized replacements
+(``loading/kernels.py``) are called as modules, so every precision sureserve serves takes
+the same path.
 """
 
 from __future__ import annotations

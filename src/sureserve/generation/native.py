@@ -431,8 +431,10 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
         if step[rows][0] < step[rows][1] * margin:
             break
         max_rows = rows
+    against = "F.linear" if packing is None or packing.min_rows() is None \
+        else "oneDNN's packed linears"
     reason = "" if max_rows else (
-        f"no faster than F.linear here ({step[1][1]:.2f} vs {step[1][0]:.2f} ms of matmuls "
+        f"no faster than {against} here ({step[1][1]:.2f} vs {step[1][0]:.2f} ms of matmuls "
         "a step at 1 row)")
     out = KernelPlan(kernel, max_rows, reason, step, shape_rows)
     log.info("decode matmuls: %s", out.describe())
