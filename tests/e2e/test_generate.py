@@ -522,3 +522,17 @@ def test_prefix_store_under_pressure_evicts_and_stays_correct(smollm2: sureserve
 def gen_kv_bytes(engine: sureserve.Engine) -> int:
     assert engine.generation is not None
     return engine.generation.bytes_per_token
+
+
+def test_packed_linears_keep_greedy_outputs(smollm2: sureserve.Engine) -> None:
+    """smollm2 with oneDNN's packed linears on (``packed_linear``, off by default) wherever
+    this machine measured them faster: the 7 prompts decoded together and one alone give
+    plain ``transformers`` generation's tokens (the reference runs on an unpacked copy)."""
+    packed = sureserve.load("smollm2", packed_linear=True)
+    assert packed.packing.path.startswith(("measured", "off: this torch"))
+    assert packed.generation is not None
+    prompts = [list(packed.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    for prompt, ids in zip(PROMPTS, packed.generation.generate_ids(prompts, 12), strict=True):
+        assert ids == _reference(smollm2, prompt, 12), prompt
+    assert packed.generation.generate_ids(prompts[:1], 12)[0] == \
+        _reference(smollm2, PROMPTS[0], 12)
