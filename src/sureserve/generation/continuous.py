@@ -136,13 +136,13 @@ class GenerationEngine:
         self.loaded = loaded
         # before anything runs the model (the gate included): it is checked as it will run
         self.layout = plan_and_apply(loaded.model, loaded.plan.device, layout_home, layout)
-        # after the layout: the direct step holds the weights as they will be
-        # the GEMV kernel is measured against torch's on this model's shapes (cached per
-        # machine); only the direct step uses it, so it is not built without one
         # oneDNN packed linears (``loading/packed.py``, applied by the Engine before this):
         # the kernel is weighed against them where they run, and decode steps above the
         # kernel's rows take them
         self.packing = packing
+        # after the layout: the direct step holds the weights as they will be
+        # the GEMV kernel is measured against torch's on this model's shapes (cached per
+        # machine); only the direct step uses it, so it is not built without one
         self.kernel = native.plan(loaded.model, loaded.plan.device, layout_home,
                                   decode_kernel and direct_decode, packing)
         self.decode = plan_decode(loaded.model, direct_decode, decode_script, self.kernel,

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sureserve.loading.packed import packed_forward
+
 log = logging.getLogger("sureserve.generation")
 
 #: architectures whose decoder layer is Llama's (pre-norm RMSNorm, rotary q/k, SDPA, SiLU
@@ -89,7 +91,7 @@ def _apply(module: Any, x: torch.Tensor) -> torch.Tensor:
     at every step, never cached: ``sureserve quantize``'s search swaps layers in and out
     of a live engine's model."""
     if module.__class__ is _LINEAR:
-        packed = module.__dict__.get("forward")  # a PackedForward (loading/packed.py)
+        packed = packed_forward(module)  # loading/packed.py
         if packed is not None:
             return packed(x)
         p = module._parameters
@@ -188,10 +190,13 @@ class DirectDecode:
                 return None
             w, f = [], []
             for m in linears:
-                fwd = m.__dict__.get("forward")
-                use = fwd is not None and fwd.takes_rows(rows, dtype)
-                w.append(fwd.packed if use else m._parameters["weight"])
-                f.append(use)
+                fwd = packed_forward(m)
+                if fwd is not None and fwd.takes_rows(rows, dtype):
+                    w.append(fwd.packed)
+                    f.append(True)
+                else:
+                    w.append(m._parameters["weight"])
+                    f.append(False)
             weights.append([norm1._parameters["weight"], *w[:4],
                             norm2._parameters["weight"], *w[4:]])
             biases.append([m._parameters["bias"] for m in linears])

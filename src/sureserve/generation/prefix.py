@@ -77,12 +77,17 @@ class PrefixCache:
         else:
             self.misses += 1
 
+    def _longest(self, prompt: Sequence[int]) -> list[_Block]:
+        """The longest stored chain that begins ``prompt`` and leaves at least one of its
+        tokens to compute (the first generated token needs the last position's logits)."""
+        return self._chain(prompt, len(prompt) - 1) if self.budget_bytes > 0 else []
+
     def match(self, prompt: Sequence[int]) -> tuple[int, int] | None:
         """``lookup``'s (length, id of the last block) without its tensors (nothing is
         copied or counted, the chain is not refreshed): the engine asks this for every
         waiting prompt before each prefill, and builds a prefix's tensors once for all the
         prompts that share it."""
-        chain = self._chain(prompt, len(prompt) - 1) if self.budget_bytes > 0 else []
+        chain = self._longest(prompt)
         return (len(chain) * self.block, chain[-1].id) if chain else None
 
     def lookup(self, prompt: Sequence[int], count: bool = True
@@ -92,7 +97,7 @@ class PrefixCache:
         ``(layers, heads, length, head_dim)``; two prompts given the same id got the same
         prefix. None when nothing is stored for it. Counts a hit or a miss unless
         ``count`` is false (the caller then ``record``s the outcome it acted on)."""
-        chain = self._chain(prompt, len(prompt) - 1) if self.budget_bytes > 0 else []
+        chain = self._longest(prompt)
         if not chain:
             if count:
                 self.record(0)

@@ -83,7 +83,6 @@ def plan_fit(size: ModelSize, machine: Machine, kv_mb: float,
     CPU only: a GPU packs nothing)."""
     order = precisions(machine)
     packed_mb = 0.0 if machine.gpus else packed_mb
-
     one = max(machine.gpus) - GPU_RUNTIME_GIB if machine.gpus else machine.cpu_gib
     where = "GPU" if machine.gpus else "CPU"
     rows = []

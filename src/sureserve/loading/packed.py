@@ -91,23 +91,26 @@ class PackedForward:
             w = module._parameters["weight"]
             self.ptr, self.version, self.dtype = w.data_ptr(), w._version, w.dtype
 
+    def fresh(self) -> bool:
+        """Whether the packed copy is still the layer's weight (same storage, version and
+        dtype): a weight changed in place or converted since runs ``F.linear``."""
+        w = self.module._parameters["weight"]
+        return (self.packed is not None and w.data_ptr() == self.ptr
+                and w._version == self.version and w.dtype == self.dtype)
+
+    def takes_rows(self, rows: int, dtype: Any) -> bool:
+        """Whether an input of ``rows`` rows of ``dtype`` goes through the packed copy,
+        autograd aside (the direct decode step asks this before it calls the packed op
+        itself, under inference mode)."""
+        return dtype == self.dtype and rows >= self.min_rows and self.fresh()
+
     def takes(self, x: Any) -> bool:
-        """Whether ``x`` goes through the packed copy."""
+        """Whether ``x`` goes through the packed copy (the packed op has no backward)."""
         import torch
 
         w = self.module._parameters["weight"]
-        return (self.packed is not None and x.dtype == self.dtype
-                and x.numel() >= self.min_rows * w.shape[1] and w.data_ptr() == self.ptr
-                and w._version == self.version and w.dtype == self.dtype
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
-
-    def takes_rows(self, rows: int, dtype: Any) -> bool:
-        """``takes`` for an input of ``rows`` rows of ``dtype`` (no autograd: the direct
-        decode step, which asks before it calls the packed op itself)."""
-        w = self.module._parameters["weight"]
-        return (self.packed is not None and dtype == self.dtype and rows >= self.min_rows
-                and w.data_ptr() == self.ptr and w._version == self.version
-                and w.dtype == self.dtype)
+        return (not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and self.takes_rows(x.numel() // w.shape[1], x.dtype))
 
     def __call__(self, x: Any) -> Any:
         import torch.nn.functional as F
@@ -137,8 +140,7 @@ def copy_packed(module: Any) -> Any:
     new = copy.deepcopy(module)
     for (_, old), (_, mod) in zip(module.named_modules(), new.named_modules(), strict=True):
         fwd = packed_forward(old)
-        if fwd is not None and fwd.packed is not None and fwd.takes_rows(fwd.min_rows,
-                                                                          fwd.dtype):
+        if fwd is not None and fwd.fresh():
             mod.forward = PackedForward(mod, pack(mod.weight), fwd.min_rows)
     return new
 
