@@ -149,3 +149,31 @@ def test_a_batch_that_fails_outside_the_model_answers_its_requests() -> None:
     failed, after = asyncio.run(main())
     assert failed is not None and "batch holding this input failed" in str(failed.message)
     assert float(after[0][0]) == 6
+
+
+def test_the_pass_cost_is_measured_once_per_machine_and_architecture(
+        tiny_bert: Any, home: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second start of the same architecture on this machine reads the cost it measured
+    (each encoder's start paid ~1.4 s for it); another precision is measured anew."""
+    import sureserve
+    from sureserve.server import batcher as B
+
+    calls: list[int] = []
+    real = B.measure_cost
+
+    def counted(task: Any, max_len: int) -> PassCost:
+        calls.append(max_len)
+        return real(task, max_len)
+
+    monkeypatch.setattr(B, "measure_cost", counted)
+    engine = sureserve.load(str(tiny_bert), accept_gate_failure=True, drift_watch=False)
+    settings = Settings()
+    first, how = B.cached_cost(engine, settings)
+    assert how == "measured" and len(calls) == 1
+    again, how = B.cached_cost(engine, settings)
+    assert (again, how) == (first, "as measured before on this machine") and len(calls) == 1
+    assert list((home / "machine").glob("passcost-*.json"))
+    bf16 = sureserve.load(str(tiny_bert), dtype="bfloat16", accept_gate_failure=True,
+                          drift_watch=False)
+    assert B.cost_key(bf16) != B.cost_key(engine)
+    assert B.cached_cost(bf16, settings)[1] == "measured" and len(calls) == 2

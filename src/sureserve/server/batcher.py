@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -262,12 +264,53 @@ class Batcher:
                   tokenizer_pool: Executor, workers: int) -> Batcher:
         """A batcher for a loaded model, after measuring its pass cost (which is also its
         warm-up) and deciding whether to pack its batches. Runs off the event loop."""
-        cost = measure_cost(engine.text_task(), engine.loaded.limit.value)
+        cost, how = cached_cost(engine, settings)
         log.info("%s: a forward pass costs %.0f tokens' worth plus its tokens "
-                 "(attention: %.4f more per token of length)", name, cost.overhead,
-                 cost.attention)
+                 "(attention: %.4f more per token of length; %s)", name, cost.overhead,
+                 cost.attention, how)
         return cls(name, engine, settings, metrics, tokenizer_pool, cost, workers,
                    _may_pack(name, engine, settings))
+
+
+def cost_key(engine: Engine) -> str:
+    """What a pass's cost depends on besides the machine (which the cache file's name
+    holds: CPU model, torch version, thread count): the architecture (config), the task,
+    the load plan, the quantization recipe, the length limit and which linear layers run
+    packed. Not the weights' values: two fine-tunes of one architecture cost the same."""
+    loaded = engine.loaded
+    recipe = loaded.quantization.summary() if loaded.quantization else None
+    packing = [(s.shape, s.dtype, s.min_rows, s.packed) for s in engine.packing.shapes]
+    plan = loaded.plan
+    what = {"config": {k: v for k, v in loaded.config.items() if not k.startswith("_")},
+            "task": type(engine.text_task()).__name__,
+            "plan": [plan.device, plan.dtype, plan.attn_implementation],
+            "quantization": recipe, "max_len": loaded.limit.value, "packing": packing}
+    blob = json.dumps(what, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def cached_cost(engine: Engine, settings: Settings) -> tuple[PassCost, str]:
+    """``measure_cost``, cached per machine and architecture on a CPU (under
+    ``SURESERVE_HOME/machine/``, like the decode paths' timings): it took ~1.4 s of each
+    encoder's start here, paid again by every server, replica and restart of the same model
+    on the same machine; the figures only steer how batches are split, never an answer.
+    The gate's probes have run the model by then, so no warm-up is lost. On a GPU it is
+    measured at every start (the cache is keyed by the CPU)."""
+    from sureserve.loading.machine import measured_once
+
+    fresh: list[PassCost] = []
+
+    def measure() -> list[float]:
+        fresh.append(measure_cost(engine.text_task(), engine.loaded.limit.value))
+        return [fresh[-1].overhead, fresh[-1].attention]
+
+    if engine.loaded.plan.device != "cpu":
+        measure()
+        return fresh[0], "measured"
+    overhead, attention = measured_once(settings.home_dir(), "passcost", cost_key(engine),
+                                        measure, lambda v: (float(v[0]), float(v[1])))
+    return PassCost(overhead, attention), ("measured" if fresh else
+                                           "as measured before on this machine")
 
 
 def measure_cost(task: Task, max_len: int) -> PassCost:
