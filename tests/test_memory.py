@@ -90,3 +90,45 @@ def test_the_default_is_bounded() -> None:
 def test_outputs_do_not_depend_on_the_cache(runs: dict[str, Any], capacity: str) -> None:
     """Vectors with a bounded (or no) cache equal those with oneDNN's 1,024 kernels."""
     assert (runs[capacity][1] == runs["explicit 1024"][1]).all()
+
+
+# packed linears (loading/packed.py) keep one primitive per input row count in ideep's
+# cache, which oneDNN's capacity does not bound: 300 row counts through one packed weight
+IDEEP_SCRIPT = """
+import psutil, torch
+from sureserve.loading.machine import bound_onednn_cache
+from sureserve.loading.packed import pack, packed_linear
+bound_onednn_cache(8)
+p = pack(torch.randn(256, 256))
+rss = lambda: psutil.Process().memory_info().rss
+with torch.inference_mode():
+    for m in range(1, 41):  # warm-up: the allocator's and oneDNN's first use
+        packed_linear(torch.randn(m, 256), p, None)
+    before = rss()
+    for m in range(41, 341):
+        packed_linear(torch.randn(m, 256), p, None)
+print((rss() - before) / 2**20)
+"""
+
+
+def test_packed_linears_row_counts_are_bounded_too() -> None:
+    """With the setting's bound, 300 new row counts leave a few MB; with ideep's own
+    default (a user's explicit variable wins) the same run keeps ~0.4 MB per row count
+    (122 MB measured here): the control shows the figure can fail."""
+    from sureserve.loading.packed import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    procs = {name: subprocess.Popen([sys.executable, "-c", IDEEP_SCRIPT],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**clean, "OMP_NUM_THREADS": "1", **env})
+             for name, env in (("bounded", {}), ("ideep default", {"LRU_CACHE_CAPACITY":
+                                                                   "1024"}))}
+    grew = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        grew[name] = float(out.split()[-1])
+    assert grew["bounded"] < 20 and grew["ideep default"] > 3 * grew["bounded"] + 40, grew

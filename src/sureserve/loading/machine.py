@@ -27,6 +27,7 @@ BF16_WORTH = 1.2
 #: a dtype whose matmuls run below this share of fp32 has no native support here
 SLOW_DTYPE = 0.5
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+IDEEP_CACHE_ENV = "LRU_CACHE_CAPACITY"
 SIZE, SECONDS = 512, 0.12
 
 
@@ -55,7 +56,14 @@ def bound_onednn_cache(capacity: int) -> int:
     new shape almost every time (batch size x padded length x packing), so the cache, and
     the heap it pins, grew for as long as traffic ran (BENCHMARKS.md "Memory under load").
     oneDNN reads the variable once, when it first compiles a primitive, so this must run
-    before any model does; a value the user set wins."""
+    before any model does; a value the user set wins.
+
+    The same bound goes to ideep's cache (``LRU_CACHE_CAPACITY``, also 1,024 by default):
+    torch's oneDNN ops on prepacked weights (``loading/packed.py``) keep their primitives
+    there, one per input row count (~0.3-0.5 MB each), and oneDNN's own capacity does not
+    bound it. Without it a server with packed linears grew ~700 MB over ten minutes of
+    mixed traffic until that cache filled (BENCHMARKS.md "Memory with packed linears")."""
+    os.environ.setdefault(IDEEP_CACHE_ENV, str(capacity))
     return int(os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity)))
 
 
