@@ -132,3 +132,19 @@ def test_packed_linears_row_counts_are_bounded_too() -> None:
         assert proc.returncode == 0, err[-3000:]
         grew[name] = float(out.split()[-1])
     assert grew["bounded"] < 20 and grew["ideep default"] > 3 * grew["bounded"] + 40, grew
+
+
+def test_a_zero_capacity_keeps_one_ideep_entry_and_packing_refuses_a_zero(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's packed ops crash (segmentation fault) with ``LRU_CACHE_CAPACITY=0``: the
+    setting's 0 turns off oneDNN's cache only, and a 0 the user exported turns packing off
+    with the reason instead of crashing the first forward."""
+    from sureserve.loading import machine, packed
+
+    for name in (machine.ONEDNN_CACHE_ENV, machine.IDEEP_CACHE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert machine.bound_onednn_cache(0) == 0
+    assert os.environ[machine.IDEEP_CACHE_ENV] == "1"
+    monkeypatch.setenv(machine.IDEEP_CACHE_ENV, "0")
+    why = packed.why_unavailable()
+    assert why is not None and "LRU_CACHE_CAPACITY=0" in why

@@ -80,11 +80,14 @@ class Settings(BaseSettings):
         description="Most compiled oneDNN kernels kept per process (CPU). oneDNN caches one per "
         "tensor shape (1,024 by default) and the server makes a new shape for almost every "
         "batch, so its memory grew by megabytes a minute until the cache filled (BENCHMARKS.md "
-        "'Memory under load'). Applied when the first model loads, unless "
-        "ONEDNN_PRIMITIVE_CACHE_CAPACITY is set (that wins); 0 turns the cache off.",
+        "'Memory under load'). The same bound goes to ideep's cache (LRU_CACHE_CAPACITY), "
+        "where torch keeps the packed linears' kernels, one per input row count. Applied "
+        "when the first model loads, unless ONEDNN_PRIMITIVE_CACHE_CAPACITY or "
+        "LRU_CACHE_CAPACITY is set (that one wins); 0 turns oneDNN's cache off (ideep's keeps "
+        "1: torch's packed ops crash without it).",
     )
     packed_linear: bool = Field(
-        default=False,
+        default=True,
         description="On a CPU, multiply by each linear layer's weight through a copy packed "
         "once, at load, into oneDNN's blocked layout wherever that measured faster than "
         "F.linear on this machine (per weight shape, dtype and row count; measured once, "
@@ -92,9 +95,9 @@ class Settings(BaseSettings):
         "2.4x on its lm_head, 32 generation clients 1.45x llama.cpp F32 (BENCHMARKS.md). "
         "Costs a second copy of the packed weights (bounded by packed_linear_mb) and changes "
         "sums in the last bits (greedy generation is checked against transformers under the "
-        "near-tie rule). Off by default: in a 10-minute mixed soak the server's RSS grew "
-        "+20.7% with it (flattening near the end) where it stays flat without it, not yet "
-        "explained. /info's packed_linear gives the figures and the path.",
+        "near-tie rule); the kernels it compiles per row count are bounded by "
+        "onednn_cache_capacity (a 10-minute mixed soak: RSS +5.9%). /info's packed_linear "
+        "gives the figures and the path. Off: F.linear everywhere.",
     )
     packed_linear_mb: float = Field(
         default=1024.0, ge=0,

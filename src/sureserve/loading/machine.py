@@ -62,8 +62,10 @@ def bound_onednn_cache(capacity: int) -> int:
     torch's oneDNN ops on prepacked weights (``loading/packed.py``) keep their primitives
     there, one per input row count (~0.3-0.5 MB each), and oneDNN's own capacity does not
     bound it. Without it a server with packed linears grew ~700 MB over ten minutes of
-    mixed traffic until that cache filled (BENCHMARKS.md "Memory with packed linears")."""
-    os.environ.setdefault(IDEEP_CACHE_ENV, str(capacity))
+    mixed traffic until that cache filled (BENCHMARKS.md "Memory with packed linears").
+    At least 1 there: torch's packed ops crash (segmentation fault) with an ideep cache of
+    0, so a capacity of 0 turns off oneDNN's cache only."""
+    os.environ.setdefault(IDEEP_CACHE_ENV, str(max(1, capacity)))
     return int(os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity)))
 
 

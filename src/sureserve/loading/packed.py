@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,12 @@ def why_unavailable() -> str | None:
     """None when this torch can pack linear weights with oneDNN; else why not."""
     import torch
 
+    from sureserve.loading.machine import IDEEP_CACHE_ENV
+
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
+    if os.environ.get(IDEEP_CACHE_ENV, "").strip() == "0":  # torch 2.13 crashes on it
+        return f"{IDEEP_CACHE_ENV}=0 is set (torch's packed ops crash without that cache)"
     ops = getattr(torch.ops, "mkldnn", None)
     for name in ("_reorder_linear_weight", "_linear_pointwise"):
         try:
