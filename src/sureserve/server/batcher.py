@@ -276,7 +276,8 @@ def cost_key(engine: Engine) -> str:
     """What a pass's cost depends on besides the machine (which the cache file's name
     holds: CPU model, torch version, thread count): the architecture (config), the task,
     the load plan, the quantization recipe, the length limit and which linear layers run
-    packed. Not the weights' values: two fine-tunes of one architecture cost the same."""
+    packed (and with a fused GELU). Not the weights' values: two fine-tunes of one
+    architecture cost the same."""
     loaded = engine.loaded
     recipe = loaded.quantization.summary() if loaded.quantization else None
     packing = [(s.shape, s.dtype, s.min_rows, s.packed) for s in engine.packing.shapes]
@@ -284,7 +285,8 @@ def cost_key(engine: Engine) -> str:
     what = {"config": {k: v for k, v in loaded.config.items() if not k.startswith("_")},
             "task": type(engine.text_task()).__name__,
             "plan": [plan.device, plan.dtype, plan.attn_implementation],
-            "quantization": recipe, "max_len": loaded.limit.value, "packing": packing}
+            "quantization": recipe, "max_len": loaded.limit.value, "packing": packing,
+            "fused_gelu": engine.packing.fused_gelu}
     blob = json.dumps(what, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
