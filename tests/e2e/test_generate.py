@@ -525,7 +525,7 @@ def gen_kv_bytes(engine: sureserve.Engine) -> int:
 
 
 def test_packed_linears_keep_greedy_outputs(smollm2: sureserve.Engine) -> None:
-    """smollm2 with oneDNN's packed linears on (``packed_linear``, off by default) wherever
+    """smollm2 with oneDNN's packed linears on (``packed_linear``, asked for explicitly) wherever
     this machine measured them faster: the 7 prompts decoded together and one alone give
     plain ``transformers`` generation's tokens (the reference runs on an unpacked copy)."""
     packed = sureserve.load("smollm2", packed_linear=True)

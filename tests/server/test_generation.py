@@ -17,6 +17,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from sureserve.loading.packed import why_unavailable
 from tests.server.conftest import Server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -504,13 +505,16 @@ def test_info_says_how_decoding_runs(gen_server: Server) -> None:
     # GEMV kernel serves small steps is this machine's measurement: the test reads it
     kernel, packing = model["decode_kernel"], model["packed_linear"]
     layout = "decode weight layout unchanged: turned off (decode_weight_layout = false)"
-    # oneDNN packed linears: off by default (packed_linear); where on, which shapes are
-    # packed is this machine's measurement
-    if packing["path"] != "measured":
-        assert packing["path"] == "off: packed_linear = false", packing
+    # oneDNN packed linears: on by default (packed_linear) wherever this torch has them;
+    # which shapes are packed is this machine's measurement
+    unavailable = why_unavailable()
+    if unavailable is not None:
+        assert packing["path"] == f"off: {unavailable}", packing
         assert packing["packed_layers"] == 0 and packing["min_rows"] is None, packing
     else:
+        assert packing["path"] == "measured", packing
         assert set(packing["shapes"][0]["ms"]) == {"1", "4", "8", "16", "32", "128"}, packing
+        assert packing["max_mb"] == 1024
     for shape in packing["shapes"]:
         if shape["packed"]:  # packed because it measured faster from its min_rows up
             assert all(a >= b * 1.05 for r, (a, b) in shape["ms"].items()

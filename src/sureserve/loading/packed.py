@@ -78,11 +78,13 @@ def pack(weight: Any) -> Any:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def packed_linear(x: Any, packed: Any, bias: Any) -> Any:
-    """``F.linear(x, weight, bias)`` through the packed copy of ``weight``."""
+def packed_linear(x: Any, packed: Any, bias: Any, post_op: str = "none") -> Any:
+    """``F.linear(x, weight, bias)`` through the packed copy of ``weight``; ``post_op``
+    ``"gelu"``: its exact GELU, applied inside the product (``FusedGelu``)."""
     import torch
 
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post_op, [],
+                                              "none" if post_op == "gelu" else "")
 
 
 class PackedForward:
@@ -156,13 +158,11 @@ class FusedGelu:
         self.module = module
 
     def __call__(self, hidden_states: Any) -> Any:
-        import torch
-
         m = self.module
         fwd = packed_forward(m.dense)  # looked up each call: a copy re-packs its own layer
         if fwd is not None and fwd.takes(hidden_states):
-            return torch.ops.mkldnn._linear_pointwise(
-                hidden_states, fwd.packed, m.dense._parameters["bias"], "gelu", [], "none")
+            return packed_linear(hidden_states, fwd.packed, m.dense._parameters["bias"],
+                                 "gelu")
         return type(m).forward(m, hidden_states)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FusedGelu:
