@@ -42,6 +42,12 @@ def test_health_and_info(server: Server) -> None:
     assert models["minilm"]["precision"] == "float32"
     assert models["minilm"]["quantization_evaluated"] is None
     assert isinstance(models["minilm"]["warnings"], list)
+    # the GELU inside the packed product: per feed-forward block (6 in minilm), only where a
+    # layer is packed and the load's probe agreed bit for bit (this machine's verdict)
+    for name in ("minilm", "rerank-demo"):
+        packing = models[name]["packed_linear"]
+        assert packing["fused_gelu"] in (0, 6), packing
+        assert packing["fused_gelu"] == 0 or packing["packed_layers"] >= 6, packing
 
 
 def test_embed_matches_offline(server: Server, minilm: sureserve.Engine) -> None:
