@@ -33,7 +33,15 @@ def test_rows_join_step_and_leave_like_a_rebuilt_cache() -> None:
         if (action < 0.25 or not rows) and len(rows) < 6:
             n = rng.randint(1, 90)
             k = torch.randn(1, H, n, D)
-            kv.add_row([k] * L, [-k] * L)
+            if n > 1 and rng.random() < 0.5:  # a reused prefix and a chunk, as pieces
+                cut = rng.randint(1, n - 1)
+                kv.add_row([(k[:, :, :cut], k[:, :, cut:])] * L,
+                           [(-k[:, :, :cut], -k[:, :, cut:])] * L)
+            else:
+                kv.add_row([k] * L, [-k] * L)
+            keys, values = kv.row(kv.n - 1, n)  # views of what was just written
+            assert all(torch.equal(t, k) for t in keys)
+            assert all(torch.equal(t, -k) for t in values)
             rows.append([k[0, :, j] for j in range(n)])
         elif action < 0.4:
             r = rng.randrange(len(rows))

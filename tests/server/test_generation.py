@@ -504,7 +504,10 @@ def test_info_says_how_decoding_runs(gen_server: Server) -> None:
     # setting is off by default, and /info says so rather than saying nothing. Whether the
     # GEMV kernel serves small steps is this machine's measurement: the test reads it
     kernel, packing = model["decode_kernel"], model["packed_linear"]
-    layout = "decode weight layout unchanged: turned off (decode_weight_layout = false)"
+    # smollm2 has grouped-query heads (9 over 3) and runs on a CPU: its masked prefills read
+    # them in place (generation/attention.py)
+    layout = ("masked prefills read grouped key/value heads in place; "
+              "decode weight layout unchanged: turned off (decode_weight_layout = false)")
     # oneDNN packed linears: on by default (packed_linear) wherever this torch has them;
     # which shapes are packed is this machine's measurement
     unavailable = why_unavailable()

@@ -133,7 +133,12 @@ class GenerationEngine:
         from sureserve.generation.direct import plan as plan_decode
         from sureserve.generation.layout import plan_and_apply
 
+        from sureserve.generation import attention
+
         self.loaded = loaded
+        # masked prefills of a grouped-query model read its key/value heads in place instead
+        # of copies per query head (the same bits; ``attention.py``)
+        self.gqa_prefill = attention.apply(loaded.model, loaded.plan.device)
         # before anything runs the model (the gate included): it is checked as it will run
         self.layout = plan_and_apply(loaded.model, loaded.plan.device, layout_home, layout)
         # oneDNN packed linears (``loading/packed.py``, applied by the Engine before this):
@@ -190,6 +195,8 @@ class GenerationEngine:
             parts.append(f"decode matmuls: {self.kernel.describe()}")
         if self.packing is not None:
             parts.append(self.packing.describe())
+        if self.gqa_prefill:
+            parts.append("masked prefills read grouped key/value heads in place")
         return "; ".join([*parts, self.layout.describe()])
 
     # ---- requests ---------------------------------------------------------------------
@@ -597,22 +604,21 @@ class GenerationEngine:
             seq.computed = s + len(c)
             keys = [self._row(layer.keys, r, start, s, width, len(c)) for layer in layers]
             values = [self._row(layer.values, r, start, s, width, len(c)) for layer in layers]
-            if self.prefix is not None:
-                self.prefix.store(seq.prompt, keys, values)
             self._join(seq, keys, values, token)
+            if self.prefix is not None:  # read back from the row it joined (no copy)
+                assert self._kv is not None
+                self.prefix.store(seq.prompt, *self._kv.row(self._kv.n - 1, seq.computed))
         _note_logprobs(res.logits[:, -1], group)
         return n * width
 
     @staticmethod
     def _row(t: Any, r: int, start: int, own: int, width: int, length: int) -> Any:
-        """Row ``r``'s real columns: its ``own`` prefix (right-aligned at ``start``), then
-        its chunk without the padding."""
-        import torch
-
+        """Row ``r``'s real columns as views: its ``own`` prefix (right-aligned at
+        ``start``), then its chunk without the padding (two pieces, which the batch cache
+        writes in place: joining them first cost a copy of the row)."""
         if width == length and own == start:
             return t[r:r + 1]
-        return torch.cat([t[r:r + 1, :, start - own:start],
-                          t[r:r + 1, :, start + width - length:]], dim=2)
+        return (t[r:r + 1, :, start - own:start], t[r:r + 1, :, start + width - length:])
 
     def _layers(self) -> int:
         return int(getattr(self.loaded.config, "num_hidden_layers", 0) or
@@ -636,7 +642,9 @@ class GenerationEngine:
     def _join(self, seq: Request, keys: list[Any], values: list[Any], token: int) -> None:
         """A fully prefilled row enters the batch cache with its first token."""
         if self._kv is None:
-            self._room(1, keys[0].shape[2], keys[0])
+            first = keys[0] if not isinstance(keys[0], tuple) else keys[0][-1]
+            self._room(1, sum(p.shape[2] for p in (keys[0] if isinstance(keys[0], tuple)
+                                                   else (first,))), first)
         assert self._kv is not None
         self._kv.add_row(keys, values)
         seq.length = len(seq.prompt)

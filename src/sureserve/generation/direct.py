@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sureserve.generation.attention import is_sdpa
 from sureserve.loading.packed import packed_forward
 
 log = logging.getLogger("sureserve.generation")
@@ -61,7 +62,7 @@ def why_not(model: Any) -> str | None:
     if kind not in ARCHITECTURES:
         return f"architecture {kind!r} (direct steps exist for {', '.join(ARCHITECTURES)})"
     attn = getattr(cfg, "_attn_implementation", None)
-    if attn != "sdpa":
+    if not is_sdpa(attn):
         return f"attention implementation {attn!r} (the direct step reproduces sdpa)"
     if getattr(cfg, "hidden_act", None) != "silu":
         return f"activation {getattr(cfg, 'hidden_act', None)!r}"

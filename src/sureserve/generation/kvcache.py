@@ -29,12 +29,20 @@ The model sees a ``transformers.Cache`` whose layers return views of the span.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Union
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 COLUMN_HEADROOM = 32  # free columns after a reallocation; also the most dead ones kept
+
+# one layer of a joining row: a tensor, or consecutive pieces of it along the length
+Piece = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _pieces(layer: Piece) -> Sequence[torch.Tensor]:
+    return (layer,) if isinstance(layer, torch.Tensor) else layer
 
 
 class _SpanLayer(DynamicLayer):
@@ -134,9 +142,12 @@ class PaddedKV:
             self._realloc(min(self.max_rows, max(self.n + rows, have + have // 4, 4)),
                           max(length - self.width, 0), ahead + COLUMN_HEADROOM)
 
-    def add_row(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Append one prefilled row (per layer: (1, heads, length, head_dim)), right-aligned."""
-        length = keys[0].shape[2]
+    def add_row(self, keys: Sequence[Piece], values: Sequence[Piece]) -> None:
+        """Append one prefilled row (per layer: (1, heads, length, head_dim)), right-aligned.
+        A layer may come as consecutive pieces along the length (a reused prefix and the
+        row's own chunk, straight from a group's forward: written in place, never joined
+        into a temporary first)."""
+        length = sum(t.shape[2] for t in _pieces(keys[0]))
         rows = self.k.shape[1]
         if self.n == 0:
             self.start = self.end = self.k.shape[3]  # empty: any alignment will do
@@ -151,10 +162,20 @@ class PaddedKV:
         self.k[:, r, :, new_start:self.end - length] = 0
         self.v[:, r, :, new_start:self.end - length] = 0
         for i, (kk, vv) in enumerate(zip(keys, values, strict=True)):
-            self.k[i, r, :, self.end - length:self.end] = kk[0]
-            self.v[i, r, :, self.end - length:self.end] = vv[0]
+            for buf, layer in ((self.k, kk), (self.v, vv)):
+                col = self.end - length
+                for piece in _pieces(layer):
+                    buf[i, r, :, col:col + piece.shape[2]] = piece[0]
+                    col += piece.shape[2]
         self.start = new_start
         self.n += 1
+
+    def row(self, r: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Row ``r``'s last ``length`` columns per layer, as views ``(1, heads, length,
+        head_dim)`` (what a row just added holds: its prompt's keys and values)."""
+        cols = slice(self.end - length, self.end)
+        return ([self.k[i, r:r + 1, :, cols] for i in range(self.layers)],
+                [self.v[i, r:r + 1, :, cols] for i in range(self.layers)])
 
     def remove_row(self, r: int) -> None:
         """Drop row ``r`` by moving the last row into its slot (the caller mirrors it)."""
