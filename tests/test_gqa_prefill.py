@@ -13,7 +13,6 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from sureserve.generation import attention
 from sureserve.generation.direct import why_not
-
 from tests.test_direct_decode import _model
 
 

@@ -129,11 +129,9 @@ class GenerationEngine:
                  prefix_cache_bytes: int = 0, prefix_block: int = 16,
                  direct_decode: bool = True, decode_script: bool = True,
                  decode_kernel: bool = False, packing: Any = None) -> None:
-        from sureserve.generation import native
+        from sureserve.generation import attention, native
         from sureserve.generation.direct import plan as plan_decode
         from sureserve.generation.layout import plan_and_apply
-
-        from sureserve.generation import attention
 
         self.loaded = loaded
         # masked prefills of a grouped-query model read its key/value heads in place instead
@@ -642,9 +640,10 @@ class GenerationEngine:
     def _join(self, seq: Request, keys: list[Any], values: list[Any], token: int) -> None:
         """A fully prefilled row enters the batch cache with its first token."""
         if self._kv is None:
-            first = keys[0] if not isinstance(keys[0], tuple) else keys[0][-1]
-            self._room(1, sum(p.shape[2] for p in (keys[0] if isinstance(keys[0], tuple)
-                                                   else (first,))), first)
+            from sureserve.generation.kvcache import pieces
+
+            layer = pieces(keys[0])
+            self._room(1, sum(p.shape[2] for p in layer), layer[0])
         assert self._kv is not None
         self._kv.add_row(keys, values)
         seq.length = len(seq.prompt)

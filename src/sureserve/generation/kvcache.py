@@ -30,7 +30,7 @@ The model sees a ``transformers.Cache`` whose layers return views of the span.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -38,10 +38,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 COLUMN_HEADROOM = 32  # free columns after a reallocation; also the most dead ones kept
 
 # one layer of a joining row: a tensor, or consecutive pieces of it along the length
-Piece = Union[torch.Tensor, Sequence[torch.Tensor]]
+Piece = torch.Tensor | Sequence[torch.Tensor]
 
 
-def _pieces(layer: Piece) -> Sequence[torch.Tensor]:
+def pieces(layer: Piece) -> Sequence[torch.Tensor]:
     return (layer,) if isinstance(layer, torch.Tensor) else layer
 
 
@@ -147,7 +147,7 @@ class PaddedKV:
         A layer may come as consecutive pieces along the length (a reused prefix and the
         row's own chunk, straight from a group's forward: written in place, never joined
         into a temporary first)."""
-        length = sum(t.shape[2] for t in _pieces(keys[0]))
+        length = sum(t.shape[2] for t in pieces(keys[0]))
         rows = self.k.shape[1]
         if self.n == 0:
             self.start = self.end = self.k.shape[3]  # empty: any alignment will do
@@ -164,7 +164,7 @@ class PaddedKV:
         for i, (kk, vv) in enumerate(zip(keys, values, strict=True)):
             for buf, layer in ((self.k, kk), (self.v, vv)):
                 col = self.end - length
-                for piece in _pieces(layer):
+                for piece in pieces(layer):
                     buf[i, r, :, col:col + piece.shape[2]] = piece[0]
                     col += piece.shape[2]
         self.start = new_start
