@@ -142,7 +142,7 @@ def load(
     if method is not None and recipe is not None:
         from sureserve.loading import kernels
 
-        left = kernels.apply(model, method, recipe.keep)
+        left = kernels.apply(model, method, recipe.keep, recipe.calibration)
         if left:
             warnings.append(f"{len(left)} linear layers stay in full precision because "
                             f"{method.name}'s kernel cannot take their shape: "

@@ -12,6 +12,9 @@ Methods, and why these libraries (measured, see BENCHMARKS.md "Precision and fit
   ``sureserve quantize`` keeps them only when they measure faster.
 - ``int8-dynamic``: int8 weights (per output channel) and int8 activations quantized per
   call: torch's own dynamic quantization (fbgemm/x86 kernels, no extra dependency).
+- ``int8-smooth``: int8 weights per channel and int8 activations per token, after
+  SmoothQuant's per-channel smoothing measured on the calibration texts, through oneDNN's
+  int8 matmul (``kernels.SmoothInt8Linear``); a text's result does not depend on its batch.
 - ``int8-weight-only`` / ``int4-weight-only``: int8 (per channel) or 4-bit (per group of
   32) weights, activations in float, with torch's packed CPU matmul kernels
   (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); these save memory and help
@@ -58,6 +61,8 @@ class Method:
     #: the output heads (HEAD_NAMES) are quantized too, not kept in full precision; the
     #: sensitivity search can still keep one
     heads: bool = False
+    #: needs activation ranges measured on calibration texts (``Recipe.calibration``)
+    calibrated: bool = False
 
     @property
     def swaps_layers(self) -> bool:
@@ -74,6 +79,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # the batch move a text's result a little: the tolerance says how much is accepted
     Method("int8-dynamic", ALL, "cpu", True, 6e-2,
            "int8 weights per channel, int8 activations per call (torch dynamic quantization)"),
+    # activations scaled per token: a text's result does not depend on its batch, so it is
+    # held to bf16's tolerance, not int8-dynamic's
+    Method("int8-smooth", ("embed", "classify"), "cpu", True, 3e-2,
+           "int8 weights per channel, int8 activations per token, smoothed per channel "
+           "from the calibration texts (SmoothQuant), oneDNN's int8 matmul",
+           calibrated=True),
     # activations enter these kernels in bf16 where that is measured faster (nearly
     # everywhere: kernels.activation_dtype), so they are held to bf16's tolerance
     Method("int8-weight-only", ALL, "cpu", True, 3e-2,
@@ -100,6 +111,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 RECIPE_FILE = "sureserve_quantization.json"
 REPORT_FILE = "quantization_report.json"
+#: a calibrated method's measured input ranges (per linear layer, per channel)
+CALIBRATION_FILE = "sureserve_calibration.safetensors"
+#: the fewest calibration texts a calibrated method accepts (the calibration slice is a
+#: quarter of the eval file, at most 64 texts)
+MIN_CALIBRATION = 16
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,8 @@ class Recipe:
     evaluated: bool = False
     base: str | None = None  # the model it was made from
     golden: dict[str, Any] | None = field(default=None, compare=False)
+    #: calibrated methods: each quantized layer's largest absolute input per channel
+    calibration: dict[str, Any] | None = field(default=None, compare=False)
 
     def summary(self) -> dict[str, Any]:
         """What the recipe is, without its golden outputs (for info, /info and locks)."""
@@ -129,9 +147,15 @@ def read_recipe(folder: Path) -> Recipe | None:
         return None
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
+        calibration = None
+        if (folder / CALIBRATION_FILE).is_file():
+            from safetensors.torch import load_file
+
+            calibration = load_file(str(folder / CALIBRATION_FILE))
         return Recipe(str(d["method"]), tuple(d.get("full_precision_layers") or ()),
-                      bool(d.get("evaluated")), d.get("base_model"), d.get("golden"))
-    except (ValueError, KeyError, TypeError) as exc:
+                      bool(d.get("evaluated")), d.get("base_model"), d.get("golden"),
+                      calibration)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
         raise SettingsError(f"{path} is not a readable quantization recipe: {exc}",
                             "re-create the folder with `sureserve quantize ... -o DIR`") from exc
 
@@ -162,6 +186,10 @@ def unavailable(method: Method, task: str, device: str, caps: DeviceCaps) -> str
             return "the flash_attn package is not installed"
         if (caps.cuda_capability or (0, 0)) < (8, 0):
             return "flash attention needs compute capability >= 8.0"
+    if method.calibrated:
+        from sureserve.loading.kernels import int8_matmul_available
+
+        return int8_matmul_available()
     if method.device == "cpu" and method.name != "int8-dynamic":
         import torch
 

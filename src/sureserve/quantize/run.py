@@ -166,9 +166,24 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
             cand.status, cand.reason = "rejected", slow
             say(f"{name}: rejected ({slow})")
             continue
+        ranges = None
+        if method.calibrated:
+            if len(calib_idx) < Q.MIN_CALIBRATION:
+                why = (f"{name} measures activation ranges on the calibration slice, which "
+                       f"has {len(calib_idx)} texts here; it needs at least "
+                       f"{Q.MIN_CALIBRATION} (a quarter of the eval file is the slice: give "
+                       f"at least {4 * Q.MIN_CALIBRATION} texts)")
+                if methods is not None:  # asked for by name: refused, not skipped
+                    raise InputError(why, f"give an eval file of at least "
+                                          f"{4 * Q.MIN_CALIBRATION} texts")
+                cand.reason = why
+                say(f"{name}: skipped ({why})")
+                continue
+            ranges = _calibrate(baseline, calib)
         say(f"{name}: loading and measuring")
         engine, gate = load_and_gate(model, None, None, None, base_settings.model_copy(
-            update={"dtype": None}), Q.Recipe(name, evaluated=True, base=model))
+            update={"dtype": None}), Q.Recipe(name, evaluated=True, base=model,
+                                              calibration=ranges))
         new_failures = [c for c in gate.failures if c.name not in base_failures]
         if new_failures:  # what already failed on the baseline is not the method's doing
             cand.status = "rejected"
@@ -265,18 +280,29 @@ def _measure_vectors(baseline: Any, rows: Any, calib_rows: Any, dimensions: Sequ
     return dims, precs, ranges if precisions else None
 
 
+def _calibrate(baseline: Any, calib: Runner) -> dict[str, Any]:
+    """Every linear layer's largest absolute input per channel on the calibration slice,
+    measured on the full-precision baseline as it serves (``kernels.calibrate``)."""
+    from sureserve.loading import kernels
+
+    names = Q.linear_layers(baseline.model)
+    return kernels.calibrate(baseline.model, names, lambda: calib.outputs(baseline))
+
+
 def _copy_base(src: Path, out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise InputError(f"the output folder {out} is not empty", "choose a new folder")
     shutil.copytree(src, out, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl",
-                                                  Q.RECIPE_FILE, Q.REPORT_FILE))
+                                                  Q.RECIPE_FILE, Q.REPORT_FILE,
+                                                  Q.CALIBRATION_FILE))
 
 
 def _hopeless_dtype(method: Q.Method, device: str, settings: Settings) -> str | None:
     """bf16/fp16 on a CPU whose matmuls in that dtype measured far slower than fp32
     (loading/machine.py): not worth a full measurement (bf16 ran at 0.01x here)."""
-    if device != "cpu" or method.name not in ("bf16", "fp16"):
+    if device != "cpu" or method.dtype not in ("bfloat16", "float16") or \
+            method.name.startswith("bnb-"):  # bitsandbytes computes in fp32 on a CPU
         return None
     from sureserve.loading.machine import SLOW_DTYPE, cpu_speeds
 
@@ -296,10 +322,17 @@ def write_folder(engine: Any, cand: Candidate, base: str, report: dict[str, Any]
     from sureserve.gate.lock import golden_outputs
 
     _copy_base(engine.loaded.source.path, out)
+    q = engine.loaded.quantization
+    used = q.calibration if q is not None else None
     recipe = Q.Recipe(cand.method, tuple(cand.full_precision_layers), True, base,
                       golden_outputs(engine))
     (out / Q.RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=1) + "\n",
                                      encoding="utf-8")
+    if used is not None:  # what loading re-applies the method from
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in used.items()},
+                  str(out / Q.CALIBRATION_FILE))
     (out / Q.REPORT_FILE).write_text(json.dumps(report | {"output": str(out)}, indent=1) + "\n",
                                      encoding="utf-8")
 
