@@ -66,6 +66,8 @@ class Settings(BaseSettings):
         description="Quantize at load: int8-dynamic, int8-weight-only, int8-weight-only-head, "
         "int4-weight-only (CPU); "
         "bf16, fp16, bnb-int8, bnb-nf4 (bitsandbytes, CPU or CUDA); bf16-flash (CUDA). "
+        "int8-smooth needs ranges measured on your texts: only from a folder that "
+        "`sureserve quantize` wrote. "
         "Unmeasured, so it warns: prefer `sureserve quantize MODEL --eval FILE -o DIR` and "
         "load DIR.",
     )

@@ -1,0 +1,160 @@
+"""int8-smooth (issue #28): SmoothQuant smoothing is exact algebra before quantization;
+per-token int8 activations make a text's result independent of its batch; sibling layers
+quantize their shared input once; a quantized folder stores its calibration, reloads,
+passes its gate and matches its golden outputs; too few calibration texts are refused with
+the minimum; a bare load without calibration says how to make one. Tiny random BERTs,
+any CPU (where this torch lacks oneDNN's int8 matmul the method is skipped with that
+reason, and so are these tests)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import sureserve
+from sureserve.errors import InputError, SettingsError
+from sureserve.loading import kernels
+from sureserve.loading import precision as Q
+from sureserve.quantize.run import quantize
+from tests.test_quantize import LOOSE, RANDOM, SENTENCES
+
+pytestmark = pytest.mark.skipif(kernels.int8_matmul_available() is not None,
+                                reason=str(kernels.int8_matmul_available()))
+
+# 72 texts: a calibration slice of 18 (a quarter), above the 16 the method needs
+TEXTS = [f"{s} {tail}" for tail in ("", "Really.", "Or so they say today.") for s in SENTENCES]
+
+
+def _bert(path: Path) -> Any:
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path).eval()
+
+
+def _batch(model_dir: Path, texts: list[str]) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return dict(tok(texts, padding=True, return_tensors="pt"))
+
+
+def _calibrated(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = Q.linear_layers(model)
+    with torch.inference_mode():
+        return kernels.calibrate(model, names, lambda: model(**inputs))
+
+
+def test_smoothing_alone_leaves_fp32_outputs_unchanged(tiny_bert: Path) -> None:
+    """x / s times W * s is x times W: the smoothing moves range, not values."""
+    model = _bert(tiny_bert)
+    inputs = _batch(tiny_bert, SENTENCES)
+    ranges = _calibrated(model, inputs)
+    with torch.inference_mode():
+        ref = model(**inputs).last_hidden_state
+        for name in Q.linear_layers(model):
+            lin = model.get_submodule(name)
+            s = kernels.smoothing(ranges[name], lin.weight)
+            assert bool((s > 0).all())
+            inv = 1.0 / s
+            lin.weight.mul_(s[None, :])
+            lin.register_forward_pre_hook(lambda m, a, inv=inv: (a[0] * inv,))
+        got = model(**inputs).last_hidden_state
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_texts_result_does_not_depend_on_its_batch(tiny_bert: Path) -> None:
+    model = _bert(tiny_bert)
+    ranges = _calibrated(model, _batch(tiny_bert, SENTENCES))
+    Q_ = Q.get("int8-smooth")
+    assert kernels.apply(model, Q_, (), ranges) == []
+    alone = _batch(tiny_bert, SENTENCES[:1])
+    mixed = _batch(tiny_bert, [SENTENCES[0], SENTENCES[5], "short"])
+    n = int(alone["attention_mask"].sum())
+    with torch.inference_mode():
+        a = model(**alone).last_hidden_state[0, :n]
+        b = model(**mixed).last_hidden_state[0, :n]
+    # per-token scales: the same text gives the same int8 products in any batch
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_siblings_share_one_quantizer_and_quantize_their_input_once(
+        tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _bert(tiny_bert)
+    inputs = _batch(tiny_bert, SENTENCES[:4])
+    ranges = _calibrated(model, inputs)
+    kernels.apply(model, Q.get("int8-smooth"), (), ranges)
+    attn = model.encoder.layer[0].attention.self
+    shared = attn.query.quantizer
+    assert attn.key.quantizer is shared and attn.value.quantizer is shared
+    assert model.encoder.layer[0].output.dense.quantizer is not shared
+    assert model.encoder.layer[0].intermediate.dense.quantizer is not shared
+    calls: list[int] = []
+    real = kernels._scratch
+
+    def counting(numel: int) -> torch.Tensor:  # one call per quantized input
+        calls.append(numel)
+        return real(numel)
+
+    with torch.inference_mode():
+        ref = model(**inputs).last_hidden_state
+        monkeypatch.setattr(kernels, "_scratch", counting)
+        again = model(**inputs).last_hidden_state
+        monkeypatch.undo()
+        # 2 layers x (query/key/value once, attention output, intermediate, output)
+        assert len(calls) == 2 * 4
+        torch.testing.assert_close(again, ref, rtol=0, atol=0)
+        clone = copy.deepcopy(model)  # oneDNN's packed weight is rebuilt, not copied
+        torch.testing.assert_close(clone(**inputs).last_hidden_state, ref, rtol=0, atol=0)
+
+
+def test_folder_stores_its_calibration_reloads_and_matches_its_golden_outputs(
+        tiny_bert: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    rep = quantize(str(tiny_bert), TEXTS, methods=["int8-smooth"], thresholds=LOOSE,
+                   output=out, settings=RANDOM)
+    (cand,) = rep["candidates"]
+    assert cand["status"] == "accepted", cand
+    assert 0.9 <= cand["min_cosine"] <= 1.0  # tiny random BERT: a loose floor
+    assert (out / Q.CALIBRATION_FILE).is_file()
+    recipe = Q.read_recipe(out)
+    assert recipe is not None and recipe.method == "int8-smooth" and recipe.calibration
+    assert set(recipe.calibration) == set(Q.linear_layers(_bert(tiny_bert)))
+    engine = sureserve.load(str(out), accept_gate_failure=True)
+    assert engine.loaded.precision == "int8-smooth"
+    assert isinstance(engine.model.get_submodule("encoder.layer.0.output.dense"),
+                      kernels.SmoothInt8Linear)
+    assert engine.gate_report is not None
+    by = {c.name: c for c in engine.gate_report.checks}
+    assert by["quantization"].status == "pass", by["quantization"].evidence
+    batch = by.get("batch-invariance")
+    assert batch is None or batch.status != "fail", batch.evidence
+    # without its calibration the folder cannot be re-applied: said, with the fix
+    (out / Q.CALIBRATION_FILE).unlink()
+    with pytest.raises(SettingsError, match="activation ranges measured on your texts"):
+        sureserve.load(str(out), accept_gate_failure=True)
+
+
+def test_too_few_calibration_texts_are_refused_with_the_minimum(tiny_bert: Path) -> None:
+    with pytest.raises(InputError, match="needs at least 16") as err:
+        quantize(str(tiny_bert), SENTENCES, methods=["int8-smooth"], thresholds=LOOSE,
+                 settings=RANDOM)
+    assert "at least 64 texts" in str(err.value.fix)
+
+
+def test_a_bare_load_says_how_to_measure_the_ranges(tiny_bert: Path) -> None:
+    with pytest.raises(SettingsError, match="sureserve quantize MODEL --eval FILE"):
+        sureserve.load(str(tiny_bert), quantization="int8-smooth", accept_gate_failure=True)
+
+
+def test_a_torch_without_onednn_int8_skips_it_with_the_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    m = Q.get("int8-smooth")
+    assert m.calibrated and m.swaps_layers and m.tasks == ("embed", "classify")
+    assert Q.unavailable(m, "embed", "cpu", None) is None  # type: ignore[arg-type]
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert Q.unavailable(m, "embed", "cpu", None) == \
+        "this torch build has no oneDNN"  # type: ignore[arg-type]
