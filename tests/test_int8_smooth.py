@@ -106,6 +106,8 @@ def test_siblings_share_one_quantizer_and_quantize_their_input_once(
         monkeypatch.undo()
         # 2 layers x (query/key/value once, attention output, intermediate, output)
         assert len(calls) == 2 * 4
+        # once the three have read it, the shared quantized input is let go
+        assert getattr(shared._local, "last", None) is None
         torch.testing.assert_close(again, ref, rtol=0, atol=0)
         clone = copy.deepcopy(model)  # oneDNN's packed weight is rebuilt, not copied
         torch.testing.assert_close(clone(**inputs).last_hidden_state, ref, rtol=0, atol=0)

@@ -160,14 +160,18 @@ class TokenQuantizer:
     is kept per thread (forward workers share the model) and reused while the same tensor,
     unchanged, comes again (a weak reference: the input is not kept alive)."""
 
-    def __init__(self, inv_smooth: torch.Tensor) -> None:
-        self.inv_smooth = inv_smooth
+    def __init__(self, inv_smooth: torch.Tensor, users: int = 1) -> None:
+        self.inv_smooth, self.users = inv_smooth, users
         self._local = threading.local()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        last = getattr(self._local, "last", None)
+        local = self._local
+        last = getattr(local, "last", None)
         version = _version(x)
         if last is not None and last[0]() is x and last[1] == version:
+            local.uses += 1
+            if local.uses >= self.users:  # every sibling has read it: let it go
+                local.last = None
             return last[2], last[3]
         # smoothed into this thread's scratch buffer, quantized in place below
         flat = x.reshape(-1, x.shape[-1])
@@ -178,14 +182,17 @@ class TokenQuantizer:
         step = torch.maximum(h.amax(1, keepdim=True), h.amin(1, keepdim=True).neg_())
         step = step.clamp_(min=1e-8).div_(127)
         q = h.div_(step).round_().add_(128).to(torch.uint8)  # symmetric, zero point 128
-        self._local.last = (weakref.ref(x), version, q, step)
+        # kept for the siblings (a sibling swapped back to full precision never reads it:
+        # then it stays until the next input, one entry per thread)
+        local.last = (weakref.ref(x), version, q, step) if self.users > 1 else None
+        local.uses = 1
         return q, step
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"inv_smooth": self.inv_smooth}
+        return {"inv_smooth": self.inv_smooth, "users": self.users}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["inv_smooth"])  # type: ignore[misc]
+        self.__init__(state["inv_smooth"], state.get("users", 1))  # type: ignore[misc]
 
 
 class SmoothInt8Linear(torch.nn.Module):
@@ -265,7 +272,7 @@ def smooth_int8(model: Any, names: Collection[str], calibration: dict[str, torch
         linears = [model.get_submodule(n) for n in members]
         smooth = smoothing(calibration[members[0]],
                            torch.cat([lin.weight.detach() for lin in linears]))
-        shared = TokenQuantizer(1.0 / smooth)
+        shared = TokenQuantizer(1.0 / smooth, len(members))
         for n, lin in zip(members, linears, strict=True):
             out[n] = SmoothInt8Linear(lin, smooth, shared)
     return out
@@ -280,13 +287,15 @@ def calibrate(model: Any, names: Collection[str], run: Callable[[], Any]
     from sureserve.loading.packed import FusedGelu
 
     seen: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()  # forward workers run batches side by side
 
     def observe(name: str) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             m = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]).float(), float("inf"),
                                          dim=0)
-            seen[name] = m if name not in seen else torch.maximum(seen[name], m)
+            with lock:
+                seen[name] = m if name not in seen else torch.maximum(seen[name], m)
         return hook
 
     handles = []
