@@ -93,15 +93,15 @@ def test_siblings_share_one_quantizer_and_quantize_their_input_once(
     assert model.encoder.layer[0].output.dense.quantizer is not shared
     assert model.encoder.layer[0].intermediate.dense.quantizer is not shared
     calls: list[int] = []
-    real = kernels._scratch
+    real = kernels.TokenQuantizer._keep
 
-    def counting(numel: int) -> torch.Tensor:  # one call per quantized input
-        calls.append(numel)
-        return real(numel)
+    def counting(self: Any, *a: Any) -> None:  # one call per quantized input
+        calls.append(1)
+        real(self, *a)
 
     with torch.inference_mode():
         ref = model(**inputs).last_hidden_state
-        monkeypatch.setattr(kernels, "_scratch", counting)
+        monkeypatch.setattr(kernels.TokenQuantizer, "_keep", counting)
         again = model(**inputs).last_hidden_state
         monkeypatch.undo()
         # 2 layers x (query/key/value once, attention output, intermediate, output)
@@ -160,3 +160,45 @@ def test_a_torch_without_onednn_int8_skips_it_with_the_reason(
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert Q.unavailable(m, "embed", "cpu", None) == \
         "this torch build has no oneDNN"  # type: ignore[arg-type]
+
+
+def test_the_compiled_quantization_gives_the_same_bits_as_torch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = kernels._rows_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler here: the torch operations are the only path")
+    torch.manual_seed(0)
+    for rows, cols in ((1, 384), (37, 384), (300, 1536)):
+        x = torch.randn(rows, cols) * torch.rand(cols) * 10
+        x[0] = 0.0  # an all-zero token: the smallest step, zeros quantized to 128
+        inv = 1 / (torch.rand(cols) + 0.1)
+        q, step = kernel.quantize_rows(x, inv)
+        with monkeypatch.context() as mp:
+            mp.setattr(kernels, "_rows_kernel", lambda: None)
+            tq, tstep = kernels.TokenQuantizer(inv)(x)
+        assert torch.equal(q, tq) and torch.equal(step, tstep)
+        assert bool((q[0] == 128).all())
+        y, bias = torch.randn(rows, 64), torch.randn(64)
+        mine = y.clone()
+        kernel.dequantize_rows(mine, step, bias)
+        assert torch.equal(mine, y.clone().mul_(step).add_(bias))
+
+
+def test_the_gelu_is_written_over_the_int8_product(tiny_bert: Path) -> None:
+    model = _bert(tiny_bert)
+    inputs = _batch(tiny_bert, SENTENCES[:3])
+    ranges = _calibrated(model, inputs)
+    with torch.inference_mode():
+        kernels.apply(model, Q.get("int8-smooth"), (), ranges)
+        block = model.encoder.layer[0].intermediate
+        assert isinstance(block.__dict__.get("forward"), kernels.InplaceGelu)
+        fused = model(**inputs).last_hidden_state
+        for layer in model.encoder.layer:
+            del layer.intermediate.__dict__["forward"]  # the block's own forward
+        torch.testing.assert_close(model(**inputs).last_hidden_state, fused, rtol=0, atol=0)
+        # a restored full-precision dense (the sensitivity search) runs the block's forward
+        block.forward = kernels.InplaceGelu(block)
+        block.dense = torch.nn.Linear(block.dense.in_features, block.dense.out_features)
+        x = torch.randn(2, block.dense.in_features)
+        torch.testing.assert_close(block(x), type(block).forward(block, x), rtol=0, atol=0)
+

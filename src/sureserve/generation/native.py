@@ -152,6 +152,9 @@ class Gemv:
         self._decode = _bind(lib.sureserve_decode,
                              [P, N, N, ctypes.POINTER(Layer), N, Fl, P, P, N, N, N, Fl, P, P,
                               Lg, Lg, Lg, N, N, P, P, P, ctypes.POINTER(Linear), P])
+        # per-token int8 quantization and dequantization (loading/kernels.py)
+        self._quant_rows = _bind(lib.sureserve_quantize_rows, [P, P, P, P, N, N])
+        self._dequant_rows = _bind(lib.sureserve_dequantize_rows, [P, P, P, N, N])
         isa = lib.sureserve_gemv_isa
         isa.restype = ctypes.c_char_p
         self.isa: str = isa().decode()
@@ -224,6 +227,24 @@ class Gemv:
     # larger calls, so that the small operations between the matmuls (RMSNorm, the bias,
     # SiLU, the residual adds) stop costing a Python call each. Inputs: contiguous float32
     # (rows, 1, width) activations; the caller checked the weights with ``accepts``.
+
+    def quantize_rows(self, x: Any, inv_smooth: Any) -> tuple[Any, Any]:
+        """(uint8 rows, float32 steps (M, 1)) of ``x`` (M, K) float32 contiguous, each row
+        smoothed by ``inv_smooth`` and scaled by its own largest magnitude (zero point
+        128): ``SmoothInt8Linear``'s quantization in one call."""
+        import torch
+
+        m, k = x.shape
+        q = torch.empty((m, k), dtype=torch.uint8)
+        step = torch.empty((m, 1), dtype=torch.float32)
+        self._quant_rows(x.data_ptr(), inv_smooth.data_ptr(), q.data_ptr(), step.data_ptr(),
+                         m, k)
+        return q, step
+
+    def dequantize_rows(self, y: Any, step: Any, bias: Any) -> None:
+        """In place: ``y`` (M, N) float32 contiguous times each row's step, plus ``bias``."""
+        m, n = y.shape
+        self._dequant_rows(y.data_ptr(), step.data_ptr(), _ptr(bias), m, n)
 
     def linear_add(self, x: Any, weight: Any, bias: Any, residual: Any) -> Any:
         """``residual + F.linear(x, weight, bias)``."""
