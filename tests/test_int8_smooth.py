@@ -184,7 +184,7 @@ def test_the_compiled_quantization_gives_the_same_bits_as_torch(
         assert torch.equal(mine, y.clone().mul_(step).add_(bias))
 
 
-def test_the_gelu_is_written_over_the_int8_product(tiny_bert: Path) -> None:
+def test_gelu_and_skip_connections_are_fused_with_the_same_bits(tiny_bert: Path) -> None:
     model = _bert(tiny_bert)
     inputs = _batch(tiny_bert, SENTENCES[:3])
     ranges = _calibrated(model, inputs)
@@ -192,9 +192,12 @@ def test_the_gelu_is_written_over_the_int8_product(tiny_bert: Path) -> None:
         kernels.apply(model, Q.get("int8-smooth"), (), ranges)
         block = model.encoder.layer[0].intermediate
         assert isinstance(block.__dict__.get("forward"), kernels.InplaceGelu)
+        for out in (model.encoder.layer[0].output, model.encoder.layer[0].attention.output):
+            assert isinstance(out.__dict__.get("forward"), kernels.ResidualNorm)
         fused = model(**inputs).last_hidden_state
-        for layer in model.encoder.layer:
-            del layer.intermediate.__dict__["forward"]  # the block's own forward
+        for layer in model.encoder.layer:  # the blocks' own forwards
+            for m in (layer.intermediate, layer.output, layer.attention.output):
+                del m.__dict__["forward"]
         torch.testing.assert_close(model(**inputs).last_hidden_state, fused, rtol=0, atol=0)
         # a restored full-precision dense (the sensitivity search) runs the block's forward
         block.forward = kernels.InplaceGelu(block)

@@ -565,20 +565,22 @@ void sureserve_quantize_rows(const float *x, const float *inv_s, uint8_t *q, flo
     }
 }
 
-/* y (M, N) = y * step[m] (+ bias[n]): the per-token dequantization after the int8 matmul,
- * in one pass; the product is rounded before the sum, as torch's mul_ then add_ do. */
+/* y (M, N) = y * step[m] (+ bias[n]) (+ res[m, n]): the per-token dequantization after
+ * the int8 matmul, with the block's residual when it comes next, in one pass; each step is
+ * rounded in torch's order (mul_, add_ bias, then + residual). */
 __attribute__((optimize("fp-contract=off")))
-void sureserve_dequantize_rows(float *y, const float *step, const float *bias, int M, int N) {
+void sureserve_dequantize_rows(float *y, const float *step, const float *bias,
+                               const float *res, int M, int N) {
     #pragma omp parallel for schedule(static)
     for (int m = 0; m < M; m++) {
         float *yr = y + (size_t)m * N;
+        const float *rr = res ? res + (size_t)m * N : 0;
         const float s = step[m];
-        if (bias)
-            for (int n = 0; n < N; n++) {
-                float t = yr[n] * s;
-                yr[n] = t + bias[n];
-            }
-        else
-            for (int n = 0; n < N; n++) yr[n] = yr[n] * s;
+        for (int n = 0; n < N; n++) {
+            float t = yr[n] * s;
+            if (bias) t = t + bias[n];
+            if (rr) t = t + rr[n];
+            yr[n] = t;
+        }
     }
 }

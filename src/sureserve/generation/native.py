@@ -154,7 +154,7 @@ class Gemv:
                               Lg, Lg, Lg, N, N, P, P, P, ctypes.POINTER(Linear), P])
         # per-token int8 quantization and dequantization (loading/kernels.py)
         self._quant_rows = _bind(lib.sureserve_quantize_rows, [P, P, P, P, N, N])
-        self._dequant_rows = _bind(lib.sureserve_dequantize_rows, [P, P, P, N, N])
+        self._dequant_rows = _bind(lib.sureserve_dequantize_rows, [P, P, P, P, N, N])
         isa = lib.sureserve_gemv_isa
         isa.restype = ctypes.c_char_p
         self.isa: str = isa().decode()
@@ -241,10 +241,11 @@ class Gemv:
                          m, k)
         return q, step
 
-    def dequantize_rows(self, y: Any, step: Any, bias: Any) -> None:
-        """In place: ``y`` (M, N) float32 contiguous times each row's step, plus ``bias``."""
+    def dequantize_rows(self, y: Any, step: Any, bias: Any, residual: Any = None) -> None:
+        """In place: ``y`` (M, N) float32 contiguous times each row's step, plus ``bias``,
+        plus ``residual`` (M, N) float32 contiguous when given."""
         m, n = y.shape
-        self._dequant_rows(y.data_ptr(), step.data_ptr(), _ptr(bias), m, n)
+        self._dequant_rows(y.data_ptr(), step.data_ptr(), _ptr(bias), _ptr(residual), m, n)
 
     def linear_add(self, x: Any, weight: Any, bias: Any, residual: Any) -> Any:
         """``residual + F.linear(x, weight, bias)``."""
