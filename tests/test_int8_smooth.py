@@ -22,8 +22,8 @@ from sureserve.loading import precision as Q
 from sureserve.quantize.run import quantize
 from tests.test_quantize import LOOSE, RANDOM, SENTENCES
 
-pytestmark = pytest.mark.skipif(kernels.int8_matmul_available() is not None,
-                                reason=str(kernels.int8_matmul_available()))
+pytestmark = pytest.mark.skipif(Q.int8_matmul_available() is not None,
+                                reason=str(Q.int8_matmul_available()))
 
 # 72 texts: a calibration slice of 18 (a quarter), above the 16 the method needs
 TEXTS = [f"{s} {tail}" for tail in ("", "Really.", "Or so they say today.") for s in SENTENCES]

@@ -29,21 +29,18 @@ the model's forward.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
 import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sureserve.loading import cbuild
+
 log = logging.getLogger("sureserve.generation")
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
-LIBS = ("-lm",)
 #: row counts the kernel is measured at; it serves up to the largest one where it wins
 ROWS = (1, 4, 8, 16)
 #: a weight shape goes through the kernel at a row count where it beat F.linear by this
@@ -152,9 +149,6 @@ class Gemv:
         self._decode = _bind(lib.sureserve_decode,
                              [P, N, N, ctypes.POINTER(Layer), N, Fl, P, P, N, N, N, Fl, P, P,
                               Lg, Lg, Lg, N, N, P, P, P, ctypes.POINTER(Linear), P])
-        # per-token int8 quantization and dequantization (loading/kernels.py)
-        self._quant_rows = _bind(lib.sureserve_quantize_rows, [P, P, P, P, N, N])
-        self._dequant_rows = _bind(lib.sureserve_dequantize_rows, [P, P, P, P, N, N])
         isa = lib.sureserve_gemv_isa
         isa.restype = ctypes.c_char_p
         self.isa: str = isa().decode()
@@ -228,25 +222,6 @@ class Gemv:
     # SiLU, the residual adds) stop costing a Python call each. Inputs: contiguous float32
     # (rows, 1, width) activations; the caller checked the weights with ``accepts``.
 
-    def quantize_rows(self, x: Any, inv_smooth: Any) -> tuple[Any, Any]:
-        """(uint8 rows, float32 steps (M, 1)) of ``x`` (M, K) float32 contiguous, each row
-        smoothed by ``inv_smooth`` and scaled by its own largest magnitude (zero point
-        128): ``SmoothInt8Linear``'s quantization in one call."""
-        import torch
-
-        m, k = x.shape
-        q = torch.empty((m, k), dtype=torch.uint8)
-        step = torch.empty((m, 1), dtype=torch.float32)
-        self._quant_rows(x.data_ptr(), inv_smooth.data_ptr(), q.data_ptr(), step.data_ptr(),
-                         m, k)
-        return q, step
-
-    def dequantize_rows(self, y: Any, step: Any, bias: Any, residual: Any = None) -> None:
-        """In place: ``y`` (M, N) float32 contiguous times each row's step, plus ``bias``,
-        plus ``residual`` (M, N) float32 contiguous when given."""
-        m, n = y.shape
-        self._dequant_rows(y.data_ptr(), step.data_ptr(), _ptr(bias), _ptr(residual), m, n)
-
     def linear_add(self, x: Any, weight: Any, bias: Any, residual: Any) -> Any:
         """``residual + F.linear(x, weight, bias)``."""
         import torch
@@ -309,47 +284,26 @@ def _ptr(t: Any) -> int | None:
 
 def _cpu_flags() -> str:
     """This CPU's instruction-set flags (part of a build's key; the tests read them)."""
-    import platform
-
-    from sureserve.loading.machine import cpuinfo_field
-
-    return cpuinfo_field("flags", "Features") or platform.processor() or platform.machine()
+    return cbuild.cpu_flags()
 
 
 def build(home: Path | None, march: str = "native") -> tuple[Gemv | None, str]:
     """(the kernel, "") or (None, why it is unavailable); compiled once per machine and
-    source (cached under ``<home>/kernels/``), loaded once per process. ``march``: the
-    instruction set compiled for (the tests build the other ones too)."""
-    import torch  # first: the kernel's libgomp must resolve to the one torch loaded
+    source (cached under ``<home>/kernels/``, ``loading/cbuild.py``), loaded once per
+    process. ``march``: the instruction set compiled for (the tests build the other ones
+    too)."""
+    import torch  # noqa: F401  first: the kernel's libgomp must resolve to torch's
 
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None, "no C compiler to build it (install gcc, or set CC)"
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"the C compiler {compiler!r} does not run ({exc})"
-    flags = (*FLAGS, f"-march={march}")
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + version.encode()
-                         + " ".join(flags + LIBS).encode() + torch.__version__.encode()
-                         ).hexdigest()[:16]
+    cc, version, why = cbuild.compiler()
+    if cc is None:
+        return None, why
+    key = cbuild.build_key(SOURCE, version, march)
     with _LOCK:
         if key in _BUILT:
             return _BUILT[key]
-        folder = (home if home is not None else Path(os.environ.get("TMPDIR", "/tmp"))
-                  / "sureserve") / "kernels"
-        so = folder / f"gemv-{key}.so"
         got: tuple[Gemv | None, str]
         try:
-            if not so.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = so.with_suffix(f".{os.getpid()}.tmp.so")
-                r = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), *LIBS],
-                                   capture_output=True, text=True, timeout=120)
-                if r.returncode != 0:
-                    raise OSError(f"{compiler} failed: {r.stderr.strip()[-300:]}")
-                tmp.replace(so)
+            so = cbuild.compiled(SOURCE, home, cc, key, march)
             got = (Gemv(ctypes.CDLL(str(so)), key), "")
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             log.warning("decode GEMV kernel unavailable: %s", exc)

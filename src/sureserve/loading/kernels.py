@@ -5,11 +5,15 @@ in ``precision.py``; this module is the only one that builds its layers."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import logging
+import subprocess
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +23,8 @@ from torch.ao.quantization import per_channel_dynamic_qconfig
 from sureserve.errors import SettingsError
 from sureserve.loading.machine import best_ms
 from sureserve.loading.precision import INT4_GROUP, Method, linear_layers
+
+log = logging.getLogger("sureserve.loading")
 
 
 def int8_dynamic(linear: torch.nn.Linear) -> torch.nn.Module:
@@ -123,25 +129,60 @@ def smoothing(absmax: torch.Tensor, weight: torch.Tensor,
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5, max=1e5)
 
 
-def int8_matmul_available() -> str | None:
-    """Why oneDNN's int8 matmul (``onednn::qlinear_pointwise``) cannot run here, or None."""
-    if not torch.backends.mkldnn.is_available():
-        return "this torch build has no oneDNN"
-    if not hasattr(torch.ops.onednn, "qlinear_pointwise") or \
-            not hasattr(torch.ops.onednn, "qlinear_prepack"):
-        return "this torch build has no oneDNN int8 matmul (onednn::qlinear_pointwise)"
-    return None
+class RowsKernel:
+    """``int8rows.c`` loaded: the per-token quantization and dequantization of
+    ``SmoothInt8Linear`` in one pass each, the same bits as the torch operations."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        P, N = ctypes.c_void_p, ctypes.c_int
+        self._quant = lib.sureserve_quantize_rows
+        self._quant.argtypes, self._quant.restype = [P, P, P, P, N, N], None
+        self._dequant = lib.sureserve_dequantize_rows
+        self._dequant.argtypes, self._dequant.restype = [P, P, P, P, N, N], None
+
+    def quantize_rows(self, x: torch.Tensor, inv_smooth: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 rows, float32 steps (M, 1)) of ``x`` (M, K) float32 contiguous, each row
+        smoothed by ``inv_smooth`` and scaled by its own largest magnitude (zero point
+        128)."""
+        m, k = x.shape
+        q = torch.empty((m, k), dtype=torch.uint8)
+        step = torch.empty((m, 1), dtype=torch.float32)
+        self._quant(x.data_ptr(), inv_smooth.data_ptr(), q.data_ptr(), step.data_ptr(), m, k)
+        return q, step
+
+    def dequantize_rows(self, y: torch.Tensor, step: torch.Tensor, bias: Any,
+                        residual: Any = None) -> None:
+        """In place: ``y`` (M, N) float32 contiguous times each row's step, plus ``bias``,
+        plus ``residual`` (M, N) float32 contiguous when given."""
+        m, n = y.shape
+        self._dequant(y.data_ptr(), step.data_ptr(),
+                      None if bias is None else bias.data_ptr(),
+                      None if residual is None else residual.data_ptr(), m, n)
+
+
+ROWS_SOURCE = Path(__file__).with_name("int8rows.c")
 
 
 @functools.cache
-def _rows_kernel() -> Any:
-    """sureserve's compiled kernel (``generation/native.py``), for the per-token
-    quantization and dequantization in one pass each; None where it cannot be built (no C
-    compiler): then the same arithmetic runs as torch operations."""
-    from sureserve.generation import native
+def _rows_kernel() -> RowsKernel | None:
+    """``int8rows.c`` compiled for this machine (``cbuild.py``, once, under
+    ``SURESERVE_HOME/kernels/``); None where it cannot be (no C compiler): then the same
+    arithmetic runs as torch operations."""
+    from sureserve.loading import cbuild
     from sureserve.settings import Settings
 
-    return native.build(Settings().home_dir())[0]
+    cc, version, why = cbuild.compiler()
+    if cc is None:
+        log.info("int8-smooth quantizes with torch operations: %s", why)
+        return None
+    try:
+        so = cbuild.compiled(ROWS_SOURCE, Settings().home_dir(), cc,
+                             cbuild.build_key(ROWS_SOURCE, version, "native"))
+        return RowsKernel(ctypes.CDLL(str(so)))
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        log.warning("int8-smooth quantizes with torch operations: %s", exc)
+        return None
 
 
 _SCRATCH = threading.local()

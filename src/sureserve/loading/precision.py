@@ -187,8 +187,6 @@ def unavailable(method: Method, task: str, device: str, caps: DeviceCaps) -> str
         if (caps.cuda_capability or (0, 0)) < (8, 0):
             return "flash attention needs compute capability >= 8.0"
     if method.calibrated:
-        from sureserve.loading.kernels import int8_matmul_available
-
         return int8_matmul_available()
     if method.device == "cpu" and method.name != "int8-dynamic":
         import torch
@@ -196,6 +194,19 @@ def unavailable(method: Method, task: str, device: str, caps: DeviceCaps) -> str
         op = "_weight_int4pack_mm_for_cpu" if "int4" in method.name else "_weight_int8pack_mm"
         if not hasattr(torch.ops.aten, op):
             return f"this torch build has no {op} kernel"
+    return None
+
+
+def int8_matmul_available() -> str | None:
+    """Why oneDNN's int8 matmul (``onednn::qlinear_pointwise``, ``int8-smooth``'s kernel)
+    cannot run here, or None."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise") or \
+            not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        return "this torch build has no oneDNN int8 matmul (onednn::qlinear_pointwise)"
     return None
 
 
