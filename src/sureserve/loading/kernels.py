@@ -22,6 +22,7 @@ from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from sureserve.errors import SettingsError
 from sureserve.loading.machine import best_ms
+from sureserve.loading.packed import BlockForward, FusedGelu, _erf_gelu, install_if_same
 from sureserve.loading.precision import INT4_GROUP, Method, linear_layers
 
 log = logging.getLogger("sureserve.loading")
@@ -350,16 +351,13 @@ def smooth_int8(model: Any, names: Collection[str], calibration: dict[str, torch
     return out
 
 
-class InplaceGelu:
+class InplaceGelu(BlockForward):
     """A BERT-style feed-forward block's instance ``forward`` (``*Intermediate``: ``dense``
     then the exact GELU) while ``dense`` is a ``SmoothInt8Linear``: the GELU is written over
     the product (which only this block holds) instead of into a new rows x 1,536 tensor —
     the same kernel, the same bits, without the allocation (GELU was 13% of an int8 minilm
     forward). Any other ``dense`` (a layer the sensitivity search restored) runs the
     block's own forward."""
-
-    def __init__(self, module: Any) -> None:
-        self.module = module
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         m = self.module
@@ -368,27 +366,14 @@ class InplaceGelu:
         y = m.dense(hidden_states)
         return torch._C._nn.gelu(y, out=y)  # type: ignore[call-arg]
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> InplaceGelu:
-        import copy
-
-        return InplaceGelu(copy.deepcopy(self.module, memo))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"module": self.module}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["module"])  # type: ignore[misc]
 
 
-class ResidualNorm:
+class ResidualNorm(BlockForward):
     """A BERT-style output block's instance ``forward`` (``*Output``/``*SelfOutput``:
     ``dense``, dropout, then ``LayerNorm(h + input_tensor)``) while ``dense`` is a
     ``SmoothInt8Linear`` and the model is evaluating: the skip connection is added in the
     dequantization pass (the same roundings in the same order) instead of a pass of its
     own. Anything else runs the block's own forward."""
-
-    def __init__(self, module: Any) -> None:
-        self.module = module
 
     def __call__(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor
                  ) -> torch.Tensor:
@@ -397,16 +382,6 @@ class ResidualNorm:
             return type(m).forward(m, hidden_states, input_tensor)
         return m.LayerNorm(m.dense(hidden_states, residual=input_tensor))
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> ResidualNorm:
-        import copy
-
-        return ResidualNorm(copy.deepcopy(self.module, memo))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"module": self.module}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["module"])  # type: ignore[misc]
 
 
 def residual_norm(model: Any) -> int:
@@ -421,18 +396,8 @@ def residual_norm(model: Any) -> int:
                 not isinstance(getattr(m, "dropout", None), torch.nn.Dropout) or \
                 not type(m).__name__.endswith("Output"):
             continue
-        fused = ResidualNorm(m)
-        probe = torch.randn(3, dense.in_features)
-        skip = torch.randn(3, dense.out_features)
-        with torch.inference_mode():
-            try:
-                want = m(probe, skip)
-            except TypeError:  # another signature: not this pattern
-                continue
-            got = fused(probe, skip)
-        if got.shape == want.shape and torch.equal(got, want):
-            m.forward = fused
-            count += 1
+        count += install_if_same(m, ResidualNorm(m), torch.randn(3, dense.in_features),
+                                 torch.randn(3, dense.out_features))
     return count
 
 
@@ -440,20 +405,12 @@ def inplace_gelu(model: Any) -> int:
     """Give each BERT-style feed-forward block with an int8-smooth ``dense`` and the exact
     GELU an ``InplaceGelu`` forward, where a probe agrees bit for bit with the block's own
     forward. Returns how many."""
-    from sureserve.loading.packed import _erf_gelu
-
     count = 0
     for m in model.modules():
         if type(getattr(m, "dense", None)) is not SmoothInt8Linear or "forward" in m.__dict__ \
                 or not _erf_gelu(getattr(m, "intermediate_act_fn", None)):
             continue
-        fused = InplaceGelu(m)
-        probe = torch.randn(3, m.dense.in_features)
-        with torch.inference_mode():
-            want, got = m(probe), fused(probe)
-        if got.shape == want.shape and torch.equal(got, want):
-            m.forward = fused
-            count += 1
+        count += install_if_same(m, InplaceGelu(m), torch.randn(3, m.dense.in_features))
     return count
 
 
@@ -463,8 +420,6 @@ def calibrate(model: Any, names: Collection[str], run: Callable[[], Any]
     calibration texts through the model as it serves them). A layer whose block runs it
     inside a fused call (``packed.FusedGelu``) is observed at the block's input, which is
     the layer's input."""
-    from sureserve.loading.packed import FusedGelu
-
     seen: dict[str, torch.Tensor] = {}
     lock = threading.Lock()  # forward workers run batches side by side
 
