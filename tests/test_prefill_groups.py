@@ -34,3 +34,43 @@ def test_finished_and_chunked_prompts_are_left_out() -> None:
     gen._prefilling[1].done = object()  # cancelled while waiting
     group = gen._group(gen._prefilling[0], 512)  # type: ignore[arg-type]
     assert [s.id for s in group] == [0, 3]
+
+
+def _stepping(lengths: list[int], decoding: bool) -> tuple[GenerationEngine, list[list[int]]]:
+    """An engine whose forwards only record which prompts (by length) they took."""
+    gen = _engine(lengths)
+    gen.prefix, gen.prefill_tokens, gen.prefill_group_tokens = None, 512, 128
+    gen._rows = [object()] if decoding else []  # type: ignore[list-item]
+    forwards: list[list[int]] = []
+
+    def forward(group: list[SimpleNamespace], budget: int) -> int:
+        forwards.append([len(s.prompt) for s in group])
+        for s in group:
+            s.computed = len(s.prompt)
+        return len(group) * max(len(s.prompt) for s in group)
+
+    gen._prefill_group = forward  # type: ignore[assignment,method-assign]
+    gen._deliver = lambda done: None  # type: ignore[method-assign]
+    return gen, forwards
+
+
+def test_a_burst_is_prefilled_in_groups_of_the_group_budget() -> None:
+    """32 prompts of 30 tokens: groups of 4 (120 <= 128 padded tokens), one after the other
+    up to the step's 512 tokens when nothing is decoding; a 200-token prompt still runs
+    whole (the group budget limits who joins, never truncates)."""
+    gen, forwards = _stepping([30] * 32, decoding=False)
+    gen._prefill_some()
+    # 4 x 120 = 480 tokens, then what fits in the last 32: one more prompt
+    assert forwards == [[30] * 4] * 4 + [[30]] and len(gen._prefilling) == 15
+    gen, forwards = _stepping([200, 30], decoding=False)
+    gen._prefill_some()
+    assert forwards == [[200], [30]]
+
+
+def test_while_rows_decode_no_forward_starts_past_half_the_budget() -> None:
+    gen, forwards = _stepping([30] * 32, decoding=True)
+    gen._prefill_some()
+    assert forwards == [[30] * 4] * 3  # 240 < 256 after two: a third starts, not a fourth
+    gen, forwards = _stepping([300, 30, 30], decoding=True)
+    gen._prefill_some()
+    assert forwards == [[300]]  # past half: the rest waits for the next step

@@ -181,6 +181,8 @@ class Engine:
                                                decode_kernel=settings.decode_kernel,
                                                packing=self.packing,
                                                prefill_tokens=settings.prefill_tokens,
+                                               prefill_group_tokens=(
+                                                   settings.prefill_group_tokens),
                                                prefix_cache_bytes=int(
                                                    settings.prefix_cache_mb * 2**20))
 

@@ -179,11 +179,19 @@ class Settings(BaseSettings):
     )
     prefill_tokens: int = Field(
         default=512, ge=1,
-        description="Prompt tokens a generation model prefills per step. Waiting prompts "
-        "that fit are prefilled together in one forward (short prompts in a burst); a "
-        "longer prompt is prefilled in chunks of this size, the running sequences decoding "
-        "a token between chunks. Lower: smoother streams while long prompts arrive; "
-        "higher: fewer, larger forwards.",
+        description="Prompt tokens a generation model prefills per step (half of it while "
+        "sequences are decoding: no new prefill forward starts past that). Waiting prompts "
+        "that fit are prefilled together (prefill_group_tokens); a longer prompt is "
+        "prefilled in chunks of this size, the running sequences decoding a token between "
+        "chunks. Lower: smoother streams while long prompts arrive; higher: fewer, larger "
+        "forwards.",
+    )
+    prefill_group_tokens: int = Field(
+        default=128, ge=1,
+        description="Padded prompt tokens several waiting prompts may share in one prefill "
+        "forward (a prompt longer than this still runs whole, up to prefill_tokens). Each "
+        "forward's requests get their first token as it ends: smaller gets a burst's first "
+        "tokens out sooner; larger, fewer forwards.",
     )
     prefix_cache_mb: float = Field(
         default=256, ge=0,
@@ -488,6 +496,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",
                  "forward_workers", "sparse_top_k"),
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "prefill_tokens",
+                   "prefill_group_tokens",
                    "prefix_cache_mb", "max_schema_bytes", "direct_decode", "decode_script",
                    "decode_kernel",
                    "decode_weight_layout"),

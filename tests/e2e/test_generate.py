@@ -401,7 +401,7 @@ def test_prompts_with_different_stored_prefixes_prefill_in_one_forward(
     import torch
 
     gen = GenerationEngine(smollm2.loaded, prefix_cache_bytes=64 * 2**20, prefix_block=16,
-                           prefill_tokens=1024)
+                           prefill_tokens=1024, prefill_group_tokens=1024)
     assert gen.prefix is not None
     other = SYSTEM.split(". ")[0] + "."
     assert smollm2.generation is not None
@@ -448,7 +448,7 @@ def test_batched_prefill_matches_one_at_a_time_prefill(smollm2: sureserve.Engine
     import torch
 
     ids = [list(smollm2.tokenizer(p)["input_ids"]) for p in PROMPTS]
-    together = GenerationEngine(smollm2.loaded, prefill_tokens=1024)
+    together = GenerationEngine(smollm2.loaded, prefill_tokens=1024, prefill_group_tokens=1024)
     together.submit(ids, SamplingParams(max_new_tokens=4))
     together.step()  # every prompt in one forward (then one decode step for all)
     kv = together._kv
