@@ -67,10 +67,14 @@ def test_a_burst_is_prefilled_in_groups_of_the_group_budget() -> None:
     assert forwards == [[200], [30]]
 
 
-def test_while_rows_decode_no_forward_starts_past_half_the_budget() -> None:
+def test_while_rows_decode_no_forward_starts_past_one_group_of_tokens() -> None:
     gen, forwards = _stepping([30] * 32, decoding=True)
     gen._prefill_some()
-    assert forwards == [[30] * 4] * 3  # 240 < 256 after two: a third starts, not a fourth
+    assert forwards == [[30] * 4] * 2  # 120 < 128 after one: a second starts, not a third
     gen, forwards = _stepping([300, 30, 30], decoding=True)
     gen._prefill_some()
-    assert forwards == [[300]]  # past half: the rest waits for the next step
+    assert forwards == [[300]]  # a whole prompt of 300 (never cut to the group budget)
+    gen, forwards = _stepping([30] * 32, decoding=False)
+    gen.prefill_group_tokens = 512  # one group of the whole budget, as before the setting
+    gen._prefill_some()
+    assert forwards == [[30] * 17]

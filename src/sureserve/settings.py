@@ -179,9 +179,10 @@ class Settings(BaseSettings):
     )
     prefill_tokens: int = Field(
         default=512, ge=1,
-        description="Prompt tokens a generation model prefills per step (half of it while "
-        "sequences are decoding: no new prefill forward starts past that). Waiting prompts "
-        "that fit are prefilled together (prefill_group_tokens); a longer prompt is "
+        description="Prompt tokens a generation model prefills per step (while sequences "
+        "are decoding, no new prefill forward starts once prefill_group_tokens are spent). "
+        "Waiting prompts that fit are prefilled together (prefill_group_tokens); a longer "
+        "prompt is "
         "prefilled in chunks of this size, the running sequences decoding a token between "
         "chunks. Lower: smoother streams while long prompts arrive; higher: fewer, larger "
         "forwards.",
