@@ -66,6 +66,12 @@ def alerts(server: LocalServer, model: str) -> dict[str, dict[str, Any]]:
     return {a["signal"]: a for a in body["drift"] if a["model"] == model}
 
 
+def signals(server: LocalServer, model: str) -> list[dict[str, Any]]:
+    info = next(m for m in httpx.get(f"{server.url}/info").json()["models"]
+                if m["name"] == model)["drift"]
+    return list(info["signals"]) if info["baseline_ready"] else [{"score": None}]
+
+
 def wait_until(check: Callable[[], bool], seconds: float = 10) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -86,7 +92,10 @@ def test_classifier_drift_alerts_start_and_clear(watched: LocalServer,
     ordinary = iter(texts["ordinary"])
     model = "sentiment-demo"
     send(watched, model, [next(ordinary) for _ in range(2 * WINDOW)])  # baseline + a window
-    time.sleep(2.5)  # a few evaluations
+    # the server evaluates every second: wait for one that has scored the window (instead of
+    # a fixed 2.5 s), then one more, so that the checks below read a settled evaluation
+    assert wait_until(lambda: all(s["score"] is not None for s in signals(watched, model)))
+    time.sleep(1.1)
     health = httpx.get(f"{watched.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok", health.text
     info = next(m for m in httpx.get(f"{watched.url}/info").json()["models"]
@@ -125,7 +134,8 @@ def test_classifier_drift_alerts_start_and_clear(watched: LocalServer,
 def test_embedding_collapse_alert(watched: LocalServer, texts: dict[str, list[str]]) -> None:
     model = "minilm"
     send(watched, model, texts["ordinary"][-2 * WINDOW:], "/embed")
-    time.sleep(2.5)
+    assert wait_until(lambda: all(s["score"] is not None for s in signals(watched, model)))
+    time.sleep(1.1)  # one more evaluation of the same window
     assert not alerts(watched, model)
     send(watched, model, boilerplate(WINDOW), "/embed")
     assert wait_until(lambda: "collapse" in alerts(watched, model)), \
