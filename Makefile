@@ -42,7 +42,7 @@ browser:
 	browser test will fail"
 
 test: setup browser lint
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/python scripts/test_lanes.py -q --durations=25
 
 bench: setup
 	$(BIN)/sureserve bench embed

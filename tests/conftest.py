@@ -21,7 +21,8 @@ _PRESET: list[Path] = []
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     kind = os.environ.get(MACHINE_KIND_ENV)
-    if kind:
+    # scripts/test_lanes.py presets once for its two pytest lanes and removes it after both
+    if kind and not os.environ.get("SURESERVE_TEST_PRESET_HELD"):
         from sureserve.loading import machine
         from sureserve.settings import Settings
 
