@@ -3,7 +3,10 @@ model: the oldest, then those closest to it in length, within the padded token b
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from sureserve.generation.continuous import GenerationEngine
 
@@ -78,3 +81,20 @@ def test_while_rows_decode_no_forward_starts_past_one_group_of_tokens() -> None:
     gen.prefill_group_tokens = 512  # one group of the whole budget, as before the setting
     gen._prefill_some()
     assert forwards == [[30] * 17]
+
+
+def test_the_setting_reaches_the_engine(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    """``prefill_group_tokens`` as a keyword and as its environment variable (what
+    ``serve --prefill-group-tokens`` sets) ends up in the generation engine."""
+    import sureserve
+    from sureserve.errors import SettingsError
+    from sureserve.settings import Settings
+
+    engine = sureserve.load(str(tiny_llama), accept_gate_failure=True, drift_watch=False,
+                            prefill_group_tokens=64)
+    assert engine.generation is not None and engine.generation.prefill_group_tokens == 64
+    monkeypatch.setenv("SURESERVE_PREFILL_GROUP_TOKENS", "32")
+    assert Settings().prefill_group_tokens == 32
+    with pytest.raises(SettingsError, match="prefill_group_tokens: Input should be greater"):
+        Settings(prefill_group_tokens=0)

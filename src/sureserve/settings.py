@@ -182,10 +182,9 @@ class Settings(BaseSettings):
         description="Prompt tokens a generation model prefills per step (while sequences "
         "are decoding, no new prefill forward starts once prefill_group_tokens are spent). "
         "Waiting prompts that fit are prefilled together (prefill_group_tokens); a longer "
-        "prompt is "
-        "prefilled in chunks of this size, the running sequences decoding a token between "
-        "chunks. Lower: smoother streams while long prompts arrive; higher: fewer, larger "
-        "forwards.",
+        "prompt is prefilled in chunks of this size, the running sequences decoding a "
+        "token between chunks. Lower: smoother streams while long prompts arrive; higher: "
+        "fewer, larger forwards.",
     )
     prefill_group_tokens: int = Field(
         default=128, ge=1,
