@@ -283,10 +283,11 @@ class SmoothInt8Linear(torch.nn.Module):
         self.register_buffer("weight_int8", torch.round(ws / scale[:, None]).clamp_(-127, 127)
                              .to(torch.int8))
         self.register_buffer("scale", scale)
-        self.register_buffer("inv_smooth", 1.0 / smooth)
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.quantizer = quantizer or TokenQuantizer(self.inv_smooth)
+        self.quantizer = quantizer or TokenQuantizer(1.0 / smooth)
+        # the quantizer's own factors (one tensor for siblings that share it), not a copy
+        self.register_buffer("inv_smooth", self.quantizer.inv_smooth)
         self._packed: torch.Tensor | None = None
         self._zeros = torch.zeros(self.out_features, dtype=torch.long)  # weight zero points
 
@@ -367,7 +368,6 @@ class InplaceGelu(BlockForward):
         return torch._C._nn.gelu(y, out=y)  # type: ignore[call-arg]
 
 
-
 class ResidualNorm(BlockForward):
     """A BERT-style output block's instance ``forward`` (``*Output``/``*SelfOutput``:
     ``dense``, dropout, then ``LayerNorm(h + input_tensor)``) while ``dense`` is a
@@ -381,7 +381,6 @@ class ResidualNorm(BlockForward):
         if type(m.dense) is not SmoothInt8Linear or m.training:
             return type(m).forward(m, hidden_states, input_tensor)
         return m.LayerNorm(m.dense(hidden_states, residual=input_tensor))
-
 
 
 def residual_norm(model: Any) -> int:
