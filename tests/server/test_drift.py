@@ -66,9 +66,14 @@ def alerts(server: LocalServer, model: str) -> dict[str, dict[str, Any]]:
     return {a["signal"]: a for a in body["drift"] if a["model"] == model}
 
 
+def drift_info(server: LocalServer, model: str) -> dict[str, Any]:
+    """The model's drift section of /info."""
+    return dict(next(m for m in httpx.get(f"{server.url}/info").json()["models"]
+                     if m["name"] == model)["drift"])
+
+
 def signals(server: LocalServer, model: str) -> list[dict[str, Any]]:
-    info = next(m for m in httpx.get(f"{server.url}/info").json()["models"]
-                if m["name"] == model)["drift"]
+    info = drift_info(server, model)
     return list(info["signals"]) if info["baseline_ready"] else [{"score": None}]
 
 
@@ -98,8 +103,7 @@ def test_classifier_drift_alerts_start_and_clear(watched: LocalServer,
     time.sleep(1.1)
     health = httpx.get(f"{watched.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok", health.text
-    info = next(m for m in httpx.get(f"{watched.url}/info").json()["models"]
-                if m["name"] == model)["drift"]
+    info = drift_info(watched, model)
     assert info["baseline_ready"] and info["baseline"] == f"first {WINDOW} inputs of traffic"
     assert {s["signal"] for s in info["signals"]} >= {"unknown_tokens", "label_js",
                                                        "dominant_label", "length_psi"}
