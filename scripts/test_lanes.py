@@ -42,10 +42,10 @@ def _preset() -> list[Path]:
     from sureserve.loading import machine
     from sureserve.settings import Settings
 
-    if kind not in machine.KINDS:
-        sys.exit(f"SURESERVE_TEST_MACHINE_KIND={kind}: choose one of "
-                 f"{', '.join(sorted(machine.KINDS))}")
-    return machine.preset_kind(Settings().home_dir(), kind)
+    try:
+        return machine.preset_kind(Settings().home_dir(), kind)
+    except ValueError as exc:
+        sys.exit(f"SURESERVE_TEST_MACHINE_KIND={kind}: {exc}")
 
 
 def main(args: list[str]) -> int:

@@ -26,10 +26,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         from sureserve.loading import machine
         from sureserve.settings import Settings
 
-        if kind not in machine.KINDS:
-            raise pytest.UsageError(f"{MACHINE_KIND_ENV}={kind}: choose one of "
-                                    f"{', '.join(sorted(machine.KINDS))}")
-        _PRESET.extend(machine.preset_kind(Settings().home_dir(), kind))
+        try:
+            _PRESET.extend(machine.preset_kind(Settings().home_dir(), kind))
+        except ValueError as exc:
+            raise pytest.UsageError(f"{MACHINE_KIND_ENV}={kind}: {exc}") from exc
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

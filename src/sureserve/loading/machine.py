@@ -180,7 +180,10 @@ KINDS: dict[str, dict[str, float]] = {
 
 def preset_kind(home: Path, kind: str) -> list[Path]:
     """Make this machine read as ``kind`` (a key of KINDS) for every thread count a process
-    here may run with; returns the files written (delete them to measure again)."""
+    here may run with; returns the files written (delete them to measure again). Another
+    ``kind`` is a ValueError that lists the kinds."""
+    if kind not in KINDS:
+        raise ValueError(f"choose one of {', '.join(sorted(KINDS))}")
     written = []
     for threads in range(1, (os.cpu_count() or 1) + 1):
         write_speeds(home, KINDS[kind], note=f"preset: {kind}", threads=threads)
