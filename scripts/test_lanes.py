@@ -31,6 +31,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTEST = [sys.executable, "-m", "pytest"]
+NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def combined(rest: int, ray: int) -> int:
+    """The runner's exit status from the two lanes': the first failure; a lane that had
+    nothing to run counts as passed unless neither lane had anything."""
+    if rest == ray == NO_TESTS:
+        return NO_TESTS
+    codes = [c for c in (rest, ray) if c not in (0, NO_TESTS)]
+    return codes[0] if codes else 0
 
 
 def _preset() -> list[Path]:
@@ -76,7 +86,7 @@ def main(args: list[str]) -> int:
     total = time.monotonic() - started
     print(f"pytest lanes: the rest exited {rest} after {rest_s:.1f} s, the Ray lane exited "
           f"{ray_code}; both done in {total:.1f} s", flush=True)
-    return rest or ray_code
+    return combined(rest, ray_code)
 
 
 if __name__ == "__main__":
