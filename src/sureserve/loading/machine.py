@@ -8,13 +8,14 @@ and thread count), kept under ``<home>/machine/``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -111,14 +112,24 @@ def speeds_path(home: Path, threads: int | None = None) -> Path:
 
 
 def cpu_speeds(home: Path) -> dict[str, float]:
-    """Matmul GFLOP/s of each dtype on this CPU (cached per machine)."""
+    """Matmul GFLOP/s of each dtype on this CPU (cached per machine; measured by one process
+    at a time, see ``_one_at_a_time``)."""
     path = speeds_path(home)
-    try:
-        return {k: float(v) for k, v in json.loads(path.read_text())["gflops"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    speeds = {d: round(gemm_gflops(d, SIZE, SECONDS), 2) for d in DTYPES}
-    write_speeds(home, speeds)
+
+    def read() -> dict[str, float] | None:
+        try:
+            return {k: float(v) for k, v in json.loads(path.read_text())["gflops"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    speeds = read()
+    if speeds is not None:
+        return speeds
+    with _one_at_a_time(path):
+        speeds = read()  # another process may have measured while this one waited
+        if speeds is None:
+            speeds = {d: round(gemm_gflops(d, SIZE, SECONDS), 2) for d in DTYPES}
+            write_speeds(home, speeds)
     return speeds
 
 
@@ -129,11 +140,44 @@ def write_speeds(home: Path, speeds: dict[str, float], note: str = "measured",
     path = speeds_path(home, threads)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"machine": _ident(threads), "note": note, "gflops": speeds}))
-        tmp.replace(path)
+        _write_atomic(path, {"machine": _ident(threads), "note": note, "gflops": speeds})
     except OSError:
         pass  # a read-only home still gets the advice, measured again next time
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    # a temporary name of this process and thread: two threads writing must not share one
+    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+#: how long a process waits for another's measurement before measuring on its own
+LOCK_WAIT_S = 300.0
+
+
+@contextlib.contextmanager
+def _one_at_a_time(path: Path) -> Iterator[None]:
+    """Hold ``path``'s lock file while a measurement runs and its result is merged in. Why:
+    processes started together (two pytest lanes, Ray replicas, a server and a CLI job)
+    measured the same entry at once, each at a fraction of the CPU, so the cache kept a
+    speed that the machine does not have; and each wrote its own read of the file back,
+    dropping the entry another had just added (measured again at the next start, maybe to
+    another verdict). A home where no lock file can be made (read-only) or a lock held
+    past ``LOCK_WAIT_S`` measures without it, as before."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path.with_name(f".{path.name}.lock")), timeout=LOCK_WAIT_S)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except (OSError, Timeout):
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def measured_once(home: Path | None, prefix: str, key: str, measure: Callable[[], Any],
@@ -146,26 +190,34 @@ def measured_once(home: Path | None, prefix: str, key: str, measure: Callable[[]
     chosen by (generation/layout.py, generation/native.py): the same shapes load again and
     again, and one verdict per machine keeps the choice stable from one start to the
     next."""
-    path = None
-    cached: dict[str, Any] = {}
-    if home is not None:
-        base = speeds_path(home)
-        path = base.with_name(f"{prefix}-{base.name}")
+    if home is None:
+        return parse(measure())
+    base = speeds_path(home)
+    path = base.with_name(f"{prefix}-{base.name}")
+
+    def read() -> tuple[dict[str, Any], list[T]]:  # the file's entries; [the parsed entry]
         try:
             loaded = json.loads(path.read_text())
-            cached = loaded if isinstance(loaded, dict) else {}
-            return parse(cached[key])
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            pass
-    value = measure()
-    if path is not None:
+        except (OSError, ValueError):
+            return {}, []
+        cached = loaded if isinstance(loaded, dict) else {}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**cached, key: value}))
-            tmp.replace(path)
-        except OSError:
-            pass  # measured again next time
+            return cached, [parse(cached[key])]
+        except (ValueError, KeyError, TypeError, IndexError):
+            return cached, []
+
+    _, hit = read()
+    if hit:
+        return hit[0]
+    with _one_at_a_time(path):
+        cached, hit = read()  # measured by another process while this one waited
+        if hit:
+            return hit[0]
+        value = measure()
+        # merged into what the file holds now, not what this process read first; a home
+        # that cannot be written measures again next time
+        with contextlib.suppress(OSError):
+            _write_atomic(path, {**cached, key: value})
     return parse(value)
 
 
