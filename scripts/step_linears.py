@@ -5,8 +5,9 @@ CPU's fp32 rate a step's M-row products reach when the weights do not fit in cac
 whether weight streaming is hidden behind the arithmetic.
 
 smollm2's shapes (30 layers of q, k, v, o, gate, up, down; lm_head left out), random
-weights, `F.linear` and oneDNN's packed linear (`mkldnn._reorder_linear_weight`, packed for
-the row count, what sureserve's packed layers run).
+weights: `F.linear`, oneDNN's packed linear (`mkldnn._reorder_linear_weight`, packed for
+the row count, what sureserve's packed layers run) and sureserve's own decode kernel
+(`generation/gemv.c`, built once into SURESERVE_HOME; left out where it cannot be built).
 
     .venv/bin/python scripts/step_linears.py [-o out.json]
 """
@@ -33,7 +34,12 @@ def main() -> None:
     torch.manual_seed(0)
     ws = [[torch.randn(n, k) for n, k in SHAPES] for _ in range(LAYERS)]
     flops_per_row = 2 * sum(n * k for n, k in SHAPES) * LAYERS
-    rep: dict[str, object] = {"threads": torch.get_num_threads(), "rows": {}}
+    from sureserve.generation.native import build
+    from sureserve.settings import Settings
+
+    kernel, why = build(Settings().home_dir())
+    rep: dict[str, object] = {"threads": torch.get_num_threads(), "rows": {},
+                              "kernel": why or "built"}
     for m in (1, 8, 32):
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
         packed = [[torch.ops.mkldnn._reorder_linear_weight(w, m) for w in layer] for layer in ws]
@@ -49,8 +55,17 @@ def main() -> None:
                 for w, p in zip(layer, pl, strict=True):
                     torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
 
+        def own(xs: dict[int, torch.Tensor] = xs) -> None:
+            assert kernel is not None
+            for layer in ws:
+                for w in layer:
+                    kernel(xs[w.shape[1]], w)
+
         row = {}
-        for name, fn in (("F.linear", plain), ("onednn_packed", pack)):
+        variants = [("F.linear", plain), ("onednn_packed", pack)]
+        if kernel is not None:
+            variants.append(("sureserve_kernel", own))
+        for name, fn in variants:
             fn()
             start = time.perf_counter()
             for _ in range(10):
