@@ -164,7 +164,8 @@ def _one_at_a_time(path: Path) -> Iterator[None]:
     speed that the machine does not have; and each wrote its own read of the file back,
     dropping the entry another had just added (measured again at the next start, maybe to
     another verdict). A home where no lock file can be made (read-only) or a lock held
-    past ``LOCK_WAIT_S`` measures without it, as before."""
+    past ``LOCK_WAIT_S`` measures without it, as before. A measurement must not itself
+    measure into the same file (a second lock on it would wait for the first)."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(path.with_name(f".{path.name}.lock")), timeout=LOCK_WAIT_S)
