@@ -172,13 +172,14 @@ def _one_at_a_time(path: Path) -> Iterator[None]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+        held = True
     except (OSError, Timeout):
-        yield
-        return
+        held = False
     try:
         yield
     finally:
-        lock.release()
+        if held:
+            lock.release()
 
 
 def measured_once(home: Path | None, prefix: str, key: str, measure: Callable[[], Any],
