@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,43 @@ def test_the_setting_reaches_the_engine(tiny_llama: Path, monkeypatch: pytest.Mo
     assert Settings().prefill_group_tokens == 32
     with pytest.raises(SettingsError, match="prefill_group_tokens: Input should be greater"):
         Settings(prefill_group_tokens=0)
+
+
+def test_first_events_split_the_wait_into_queue_and_prefill(tiny_llama: Path) -> None:
+    """A request's first event says how long it waited before its prompt's first forward
+    (``queued_s``, what /metrics' sureserve_generation_queue_seconds shows); the rest of
+    its time to first token is the prefill. While a row decodes, a burst is prefilled one
+    group per step, so the burst's later prompts wait longer."""
+    import time
+
+    import sureserve
+    from sureserve.generation.sampling import SamplingParams
+
+    engine = sureserve.load(str(tiny_llama), accept_gate_failure=True, drift_watch=False,
+                            prefill_group_tokens=12, prefix_cache_mb=0)
+    gen = engine.generation
+    assert gen is not None
+    events: dict[int, list[Any]] = {}
+
+    def on_event(ev: Any) -> None:
+        events.setdefault(ev.seq_id, []).append(ev)
+
+    [first] = gen.submit([list(range(5, 15))], SamplingParams(max_new_tokens=30), on_event)
+    gen.step()  # prefilled, now decoding
+    burst = gen.submit([list(range(20 + k, 32 + k)) for k in range(3)],
+                       SamplingParams(max_new_tokens=2), on_event)
+    time.sleep(0.05)  # waiting in the queue
+    steps = 0
+    while any(len(events.get(i, [])) == 0 for i in burst):
+        gen.step()
+        steps += 1
+    assert steps == 3  # 12-token prompts, 12-token groups: one per step while decoding
+    queued = []
+    for i in [first, *burst]:
+        head, *rest = events[i]
+        assert head.first and head.queued_s is not None
+        assert 0.0 <= head.queued_s <= head.wait_s  # the rest of the wait is the prefill
+        assert all(ev.queued_s is None for ev in rest)
+        queued.append(head.queued_s)
+    assert min(queued[1:]) >= 0.05  # the burst waited at least the sleep
+    assert queued[1] < queued[2] < queued[3]  # one 12-token group per step while decoding

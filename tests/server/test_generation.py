@@ -464,11 +464,18 @@ def test_flood_gets_429_while_accepted_requests_finish(gen_server: Server) -> No
 def test_generation_metrics_are_exported(gen_server: Server) -> None:
     text = httpx.get(f"{gen_server.url}/metrics", timeout=10).text
     for name in ("sureserve_time_to_first_token_seconds_count",
+                 "sureserve_generation_queue_seconds_count",
                  "sureserve_inter_token_latency_seconds_count", "sureserve_running_sequences",
                  "sureserve_waiting_sequences", "sureserve_kv_cache_reserved_tokens",
                  "sureserve_kv_cache_budget_tokens", "sureserve_generated_tokens_total"):
         assert name in text, name
     assert _metric(gen_server.url, "sureserve_kv_cache_budget_tokens") == 2048
+    # every first token's wait is split: as many queue waits as first tokens, none longer
+    firsts = _metric(gen_server.url, "sureserve_time_to_first_token_seconds_count")
+    assert firsts > 0
+    assert _metric(gen_server.url, "sureserve_generation_queue_seconds_count") == firsts
+    assert _metric(gen_server.url, "sureserve_generation_queue_seconds_sum") <= \
+        _metric(gen_server.url, "sureserve_time_to_first_token_seconds_sum")
     schema = httpx.get(f"{gen_server.url}/openapi.json", timeout=10).json()
     assert {"/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
 
@@ -580,6 +587,29 @@ def test_the_bench_alternated_phase_times_real_streams(gen_server: Server,
                                         "alternated"]
     assert ratio == round(rows["sureserve fp32"]["tokens_per_s"]
                           / rows["llama.cpp F32"]["tokens_per_s"], 2)
+
+
+def test_the_bench_reads_the_servers_split_of_the_first_token_wait(
+        gen_server: Server) -> None:
+    """``bench generate``'s rows for sureserve carry the server's own means over the phase:
+    the wait before each prompt's first forward, and the whole time to first token."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from sureserve.bench import chat
+    from sureserve.loading.source import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2").path)
+    before = chat._first_token_split(gen_server.url)
+    assert before is not None
+    reqs = [[{"role": "user", "content": q}] for q in ("Name a river.", "Name a town.",
+                                                       "Name a sea.")]
+    res, _ = asyncio.run(chat._closed_loop(gen_server.url, reqs, 3, 4, tok, "smollm2"))
+    assert all(r.error is None for r in res)
+    queue, ttft = chat._phase_means(before, chat._first_token_split(gen_server.url))
+    assert queue is not None and ttft is not None and 0.0 <= queue <= ttft
+    assert chat._phase_means(before, None) == (None, None)  # /metrics unreadable
 
 
 def test_sigterm_finishes_the_stream_in_flight(gen_server: Server) -> None:

@@ -59,6 +59,10 @@ class Run:
     peak_rss_mb: float | None = None  # None: not sampled (the alternated phase)
     identical: int | None = None  # texts equal to sureserve's, of those compared
     compared: int | None = None
+    # sureserve's own split of the time to first token over this phase (means from its
+    # /metrics histograms): waiting before the prompt's first forward, and the whole wait
+    server_queue_mean_s: float | None = None
+    server_ttft_mean_s: float | None = None
 
     def row(self) -> dict[str, Any]:
         ok = [r for r in self.results if r.error is None]
@@ -77,6 +81,8 @@ class Run:
                 "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb),
                 "identical": self.identical,
                 "compared": self.compared,
+                "server_queue_mean_s": self.server_queue_mean_s,
+                "server_ttft_mean_s": self.server_ttft_mean_s,
                 "first_error": next((r.error for r in self.results if r.error), None)}
 
 
@@ -284,10 +290,15 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                     reqs = (loads[wl][:shared_n] if wl == "shared-prefix"
                             else phase[clients])
                     run = Run(c.name, wl, clients)
+                    ours = c.name.startswith("sureserve")
+                    before = _first_token_split(url) if ours else None
                     with RssSampler(proc.pid) as rss:
                         run.results, run.seconds = asyncio.run(
                             _closed_loop(url, reqs, clients, max_tokens, tok, c.model))
                     run.peak_rss_mb = rss.peak / 2**20
+                    if before is not None:
+                        run.server_queue_mean_s, run.server_ttft_mean_s = \
+                            _phase_means(before, _first_token_split(url))
                     texts = [r.text for r in run.results]
                     key = (wl, clients)
                     if key not in reference and c.name.startswith("sureserve"):
@@ -311,6 +322,33 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
     return report
+
+
+#: the server's histograms behind a phase's split of the time to first token
+SPLIT = ("sureserve_generation_queue_seconds", "sureserve_time_to_first_token_seconds")
+
+
+def _first_token_split(url: str) -> dict[str, float] | None:
+    """Sums and counts of ``SPLIT`` on the server now (None: /metrics unreadable)."""
+    from sureserve.server.metrics import Scrape
+
+    try:
+        page = Scrape(httpx.get(f"{url}/metrics", timeout=30).text)
+    except (httpx.HTTPError, ValueError):
+        return None
+    return {f"{h}_{part}": page.total(f"{h}_{part}") for h in SPLIT for part in ("sum", "count")}
+
+
+def _phase_means(before: dict[str, float], after: dict[str, float] | None
+                 ) -> tuple[float | None, float | None]:
+    """(mean queue wait, mean time to first token) of the requests between two scrapes."""
+    if after is None:
+        return None, None
+    out: list[float | None] = []
+    for h in SPLIT:
+        n = after[f"{h}_count"] - before[f"{h}_count"]
+        out.append(round((after[f"{h}_sum"] - before[f"{h}_sum"]) / n, 3) if n > 0 else None)
+    return out[0], out[1]
 
 
 def _launch(c: Contender, report: dict[str, Any], log: Callable[[str], None]
@@ -411,7 +449,9 @@ def _line(r: dict[str, Any]) -> str:
     return (f"{r['contender']:>32} {r['workload']:>13} x{r['clients']:<3}: {r['requests']} "
             f"req, {r['output_tokens']} tok in {r['seconds']}s = {r['tokens_per_s']} tok/s, "
             f"TTFT p50 {r['ttft_p50_s']}s p99 {r['ttft_p99_s']}s, peak RSS "
-            f"{r['peak_rss_mb'] if r['peak_rss_mb'] is not None else '—'} MiB{same}{err}")
+            f"{r['peak_rss_mb'] if r['peak_rss_mb'] is not None else '—'} MiB{same}{err}"
+            + (f"; server: TTFT mean {r['server_ttft_mean_s']}s, of it before the first "
+               f"forward {r['server_queue_mean_s']}s" if r.get("server_ttft_mean_s") else ""))
 
 
 def print_report(rep: dict[str, Any], log: Callable[[str], None]) -> None:

@@ -93,6 +93,9 @@ class GenEvent:
     error: str | None = None
     completion: Completion | None = None  # on the last event
     logprob: TokenLogprob | None = None  # this event's token's, when asked
+    # on the first event: from submission to the start of the prompt's first forward (the
+    # rest of wait_s is the prefill); None on the others
+    queued_s: float | None = None
 
 
 @dataclass
@@ -117,6 +120,7 @@ class Request:
     past: Any = None
     chain: int = 0
     reused: int = 0  # prompt tokens taken from the prefix cache
+    started: float = 0.0  # when the prompt's first forward began (0: not yet)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
 
     @property
@@ -582,6 +586,9 @@ class GenerationEngine:
         cache. Returns the padded tokens computed."""
         import torch
 
+        now = time.perf_counter()
+        for seq in group:
+            seq.started = seq.started or now
         starts = [seq.computed for seq in group]
         start = max(starts)
         n = len(group)
@@ -689,7 +696,8 @@ class GenerationEngine:
             self._finish(seq, reason, delta=delta, wait=wait, first=first, logprob=logprob)
         elif seq.on_event is not None:
             seq.on_event(GenEvent(seq.id, delta, None, len(seq.prompt), len(seq.tokens),
-                                  wait, first, logprob=logprob))
+                                  wait, first, logprob=logprob,
+                                  queued_s=_queued(seq) if first else None))
 
     def _finish(self, seq: Request, reason: str, *, delta: str = "", wait: float = 0.0,
                 first: bool = False, error: str | None = None,
@@ -704,7 +712,8 @@ class GenerationEngine:
                 self._finished[seq.id] = seq.done
         else:
             seq.on_event(GenEvent(seq.id, delta, reason, len(seq.prompt), len(seq.tokens),
-                                  wait, first, error, seq.done, logprob))
+                                  wait, first, error, seq.done, logprob,
+                                  _queued(seq) if first else None))
 
     def _drop_finished(self) -> None:
         """Free finished requests: scheduler slots, cache rows, padding columns."""
@@ -732,6 +741,12 @@ class GenerationEngine:
             kv.trim(max(s.length for s in rows))
         else:  # idle: give the whole buffer back (the next prefill allocates a fresh one)
             self._kv = None
+
+
+def _queued(seq: Request) -> float | None:
+    """How long ``seq`` waited before its prompt's first forward began (None: it never
+    began one)."""
+    return max(0.0, seq.started - seq.submitted) if seq.started else None
 
 
 def _note_logprobs(logits: Any, seqs: Sequence[Request]) -> None:

@@ -108,6 +108,8 @@ class GenWorker:
         def on_event(ev: GenEvent) -> None:  # runs on the stepping thread
             if ev.finish_reason not in ("cancelled", "error"):  # one event = one token
                 (m.ttft if ev.first else m.itl).labels(name).observe(ev.wait_s)
+                if ev.queued_s is not None:
+                    m.gen_queue.labels(name).observe(ev.queued_s)
                 m.gen_tokens.labels(name).inc()
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 

@@ -51,6 +51,11 @@ class Metrics:
         self.ttft = Histogram("sureserve_time_to_first_token_seconds",
                               "From a request's arrival to its first generated token",
                               ["model"], buckets=LATENCY, registry=r)
+        self.gen_queue = Histogram(
+            "sureserve_generation_queue_seconds",
+            "From a request's arrival to the start of its prompt's first forward (waiting for "
+            "a slot, KV-cache room, or the step in flight to end); time to first token is this "
+            "plus the prefill", ["model"], buckets=LATENCY, registry=r)
         self.itl = Histogram("sureserve_inter_token_latency_seconds",
                              "Between consecutive tokens of one sequence", ["model"],
                              buckets=LATENCY, registry=r)
