@@ -16,27 +16,15 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
-          (576, 1536)]
-LAYERS = 30
-
-
-def best_ms(fn: Callable[[], object]) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(10):
-            fn()
-        best = min(best, (time.perf_counter() - start) / 10)
-    return best * 1e3
+# this folder (where the script runs from): the step's shapes, weights, timing and the
+# contenders step_linears.py measures
+from step_linears import LAYERS, SHAPES, step_ms, step_weights, torch_variants
 
 
 def main() -> None:
@@ -57,8 +45,7 @@ def main() -> None:
     from sureserve.settings import Settings
 
     kernel, _ = build(Settings().home_dir())
-    torch.manual_seed(0)
-    ws = [[torch.randn(n, k) for n, k in SHAPES] for _ in range(LAYERS)]
+    ws = step_weights()
     panels = []
     for layer in ws:
         row = []
@@ -72,8 +59,6 @@ def main() -> None:
     for m in (1, 8, 32):
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
         ys = {n: torch.empty(m, n) for n in (576, 192, 1536)}
-        onednn = [[torch.ops.mkldnn._reorder_linear_weight(w, m) for w in layer]
-                  for layer in ws]
         diff = 0.0
         for w, p in zip(ws[0], panels[0], strict=True):
             y = torch.empty(m, w.shape[0])
@@ -90,23 +75,10 @@ def main() -> None:
                                  ys[w.shape[0]].data_ptr(), m, w.shape[0], w.shape[1], pf)
             return run
 
-        def packed(xs: dict[int, torch.Tensor] = xs,
-                   onednn: list[list[torch.Tensor]] = onednn) -> None:
-            for layer, pl in zip(ws, onednn, strict=True):
-                for w, p in zip(layer, pl, strict=True):
-                    torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
-
-        def own(xs: dict[int, torch.Tensor] = xs) -> None:
-            assert kernel is not None
-            for layer in ws:
-                for w in layer:
-                    kernel(xs[w.shape[1]], w)
-
-        variants: list[tuple[str, Callable[[], object]]] = [
-            ("panel", panel(0)), ("panel_prefetch", panel(1)), ("onednn_packed", packed)]
-        if kernel is not None:
-            variants.append(("sureserve_kernel", own))
-        row = {name: round(best_ms(fn), 2) for name, fn in variants}
+        variants = [("panel", panel(0)), ("panel_prefetch", panel(1)),
+                    *((name, fn) for name, fn in torch_variants(ws, xs, m, kernel)
+                      if name != "F.linear")]
+        row = {name: round(step_ms(fn, 3), 2) for name, fn in variants}
         row_rep = {"ms": row, "panel_gflops": round(flops * m / row["panel"] / 1e6, 1),
                    "panel_max_abs_diff_vs_F.linear": diff}
         rep["rows"][str(m)] = row_rep  # type: ignore[index]

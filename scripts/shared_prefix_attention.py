@@ -26,23 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-def best_ms(fn: Callable[[], object], reps: int = 10) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return best * 1e3
+# this folder (where the script runs from): the decode-step scripts' timing
+from step_linears import step_ms
 
 
 def main() -> None:
@@ -120,9 +110,10 @@ def main() -> None:
     diff = max(float((cascade_layer(k, v) - F.scaled_dot_product_attention(
         q, k, v, enable_gqa=True)).abs().max()) for k, v in zip(ks[:3], vs[:3], strict=True))
     rep = {"threads": torch.get_num_threads(), "rows": R, "prefix": P, "own": S, "layers": L,
-           "full_ms": round(best_ms(full), 2),
-           "full_masked_views_ms": round(best_ms(full_masked), 2), "own_ms": round(best_ms(own), 2),
-           "cascade_ms": round(best_ms(cascade), 2), "cascade_max_abs_diff": diff}
+           "full_ms": round(step_ms(full, 3), 2),
+           "full_masked_views_ms": round(step_ms(full_masked, 3), 2),
+           "own_ms": round(step_ms(own, 3), 2),
+           "cascade_ms": round(step_ms(cascade, 3), 2), "cascade_max_abs_diff": diff}
     print(json.dumps(rep))
     if a.out:
         a.out.write_text(json.dumps(rep, indent=1))

@@ -16,23 +16,64 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from sureserve.loading.machine import best_ms
+
+#: smollm2's linear layers (q, k, v, o, gate, up, down) and their count
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
           (576, 1536)]
 LAYERS = 30
+
+
+def step_ms(fn: Callable[[], object], runs: int = 1) -> float:
+    """ms per call of ``fn``: the best of ``runs`` timings of ten calls (after ten to warm
+    up). Also used by the other decode-step scripts here."""
+    return best_ms(lambda: [fn() for _ in range(10)], runs) / 10
+
+
+def step_weights() -> list[list[torch.Tensor]]:
+    """Every layer's weights, each its own tensor (so that a step streams them from memory
+    as a real one does)."""
+    torch.manual_seed(0)
+    return [[torch.randn(n, k) for n, k in SHAPES] for _ in range(LAYERS)]
+
+
+def torch_variants(ws: list[list[torch.Tensor]], xs: dict[int, torch.Tensor], m: int,
+                   kernel: Any) -> list[tuple[str, Callable[[], None]]]:
+    """One step's linears at ``m`` rows through ``F.linear``, oneDNN's packed linear and
+    sureserve's decode kernel (when it could be built): name, step."""
+    packed = [[torch.ops.mkldnn._reorder_linear_weight(w, m) for w in layer] for layer in ws]
+
+    def plain() -> None:
+        for layer in ws:
+            for w in layer:
+                F.linear(xs[w.shape[1]], w)
+
+    def pack() -> None:
+        for layer, pl in zip(ws, packed, strict=True):
+            for w, p in zip(layer, pl, strict=True):
+                torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
+
+    def own() -> None:
+        for layer in ws:
+            for w in layer:
+                kernel(xs[w.shape[1]], w)
+
+    out = [("F.linear", plain), ("onednn_packed", pack)]
+    return [*out, ("sureserve_kernel", own)] if kernel is not None else out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--out", type=Path)
     a = ap.parse_args()
-    torch.manual_seed(0)
-    ws = [[torch.randn(n, k) for n, k in SHAPES] for _ in range(LAYERS)]
+    ws = step_weights()
     flops_per_row = 2 * sum(n * k for n, k in SHAPES) * LAYERS
     from sureserve.generation.native import build
     from sureserve.settings import Settings
@@ -42,47 +83,17 @@ def main() -> None:
                               "kernel": why or "built"}
     for m in (1, 8, 32):
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
-        packed = [[torch.ops.mkldnn._reorder_linear_weight(w, m) for w in layer] for layer in ws]
-
-        def plain(xs: dict[int, torch.Tensor] = xs) -> None:
-            for layer in ws:
-                for w in layer:
-                    F.linear(xs[w.shape[1]], w)
-
-        def pack(xs: dict[int, torch.Tensor] = xs,
-                 packed: list[list[torch.Tensor]] = packed) -> None:
-            for layer, pl in zip(ws, packed, strict=True):
-                for w, p in zip(layer, pl, strict=True):
-                    torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
-
-        def own(xs: dict[int, torch.Tensor] = xs) -> None:
-            assert kernel is not None
-            for layer in ws:
-                for w in layer:
-                    kernel(xs[w.shape[1]], w)
-
         row = {}
-        variants = [("F.linear", plain), ("onednn_packed", pack)]
-        if kernel is not None:
-            variants.append(("sureserve_kernel", own))
-        for name, fn in variants:
-            fn()
-            start = time.perf_counter()
-            for _ in range(10):
-                fn()
-            ms = (time.perf_counter() - start) / 10 * 1e3
+        for name, fn in torch_variants(ws, xs, m, kernel):
+            ms = step_ms(fn)
             row[name] = {"ms": round(ms, 2), "gflops": round(flops_per_row * m / ms / 1e6, 1)}
         rep["rows"][str(m)] = row  # type: ignore[index]
         print(m, "rows:", json.dumps(row))
     w, x = torch.randn(1536, 576), torch.randn(32, 576)
     p = torch.ops.mkldnn._reorder_linear_weight(w, 32)
-    for _ in range(10):
-        torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-    start = time.perf_counter()
-    for _ in range(2000):
-        torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-    s = (time.perf_counter() - start) / 2000
-    rep["one_weight_in_cache_32x576x1536_gflops"] = round(2 * 32 * 576 * 1536 / s / 1e9, 1)
+    ms = best_ms(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+                          for _ in range(2000)], 1) / 2000
+    rep["one_weight_in_cache_32x576x1536_gflops"] = round(2 * 32 * 576 * 1536 / ms / 1e6, 1)
     print("one 1536x576 weight kept in cache, 32 rows:",
           rep["one_weight_in_cache_32x576x1536_gflops"], "GFLOP/s")
     if a.out:
