@@ -301,7 +301,7 @@ def run_chat_bench(peer: str = "llama.cpp", levels: Sequence[int] = (1, 8, 32),
                             _phase_means(before, _first_token_split(url))
                     texts = [r.text for r in run.results]
                     key = (wl, clients)
-                    if key not in reference and c.name.startswith("sureserve"):
+                    if key not in reference and ours:
                         reference[key] = texts
                     elif key in reference:
                         run.compared = len(texts)
