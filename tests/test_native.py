@@ -277,13 +277,14 @@ def test_the_plan_follows_the_measurement(monkeypatch: pytest.MonkeyPatch,
     run of row counts from one where the step's matmuls gain STEP_GAIN, each shape up to
     where it won; a kernel slower everywhere is not used, with the figures."""
     model = _model("llama")  # shapes: 64x64 (q, o), 32x64 (k, v), 96x64, 64x96, 300x64
-    timings = {1: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 1.0), 16: (1.0, 2.0)}
+    timings = {1: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 1.0), 16: (1.0, 2.0), 32: (1.0, 2.0)}
 
-    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int) -> tuple[float, float]:
+    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int
+             ) -> tuple[float, float, float | None]:
         a, b = timings[rows]
         if key == (300, 64) and rows == 8:
             b = 0.5  # the head still wins at 8 rows
-        return a, b
+        return a, b, None  # (no panels: test_panels_follow_the_measurement)
 
     monkeypatch.setattr(native, "_measured", fake)
     got = native.plan(model, "cpu", tmp_path)
@@ -337,6 +338,135 @@ def test_the_measurement_is_cached_per_machine(gemv: native.Gemv, tmp_path: Path
     assert list((tmp_path / "machine").glob(f"gemv-{gemv.key}-*.json"))
 
 
+def paneled(model: Any, kernel: native.Gemv, rows: int = 1) -> Any:
+    """``model`` with every float32 linear layer given panels read from ``rows`` rows (as
+    ``plan`` gives them where they measured no slower)."""
+    shapes = {native.shape_key(got[0]): rows for got in map(native.weights_of, model.modules())
+              if got is not None and got[1] is None}
+    native._give_panels(model, kernel, shapes)
+    return model
+
+
+@pytest.mark.parametrize("n,k", [(576, 576), (49, 33), (40, 100), (1, 5), (300, 64)])
+def test_panels_are_f_linear_and_rows_do_not_depend_on_their_company(
+        gemv: native.Gemv, n: int, k: int) -> None:
+    """Panels (widths that are not a multiple of the panel or the vector, row counts past a
+    tile): F.linear to float32 rounding, and each row's result bit for bit the same whatever
+    the number of rows computed with it (one FMA chain per output); below ``pmin`` rows the
+    row-major path runs."""
+    if not gemv.panel_width:
+        pytest.skip("this build has no vector unit: no panels")
+    torch.manual_seed(0)
+    w, b, res = torch.randn(n, k), torch.randn(n), torch.randn(37, n)
+    x = torch.randn(37, k)
+    held = native.Panels(w, gemv.pack_panels(w), 1)
+    st = native.struct_of((w, None, b), held)
+    assert held.panels.numel() == -(-n // gemv.panel_width) * gemv.panel_width * k
+    alone = gemv.linear(x, st)
+    torch.testing.assert_close(alone, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv.linear(x, st, res), F.linear(x, w, b) + res, rtol=1e-4,
+                               atol=1e-4)
+    for m in (1, 2, 7, 8, 9, 16, 33):
+        assert torch.equal(gemv.linear(x[:m], st), alone[:m]), m
+        assert torch.equal(gemv.linear(x[m:m + 1], st), alone[m:m + 1]), m
+    st.pmin = 8  # fewer rows: the row-major weights
+    assert torch.equal(gemv.linear(x[:7], st), gemv(x[:7], w, b))
+    assert torch.equal(gemv.linear(x[:8], st), alone[:8])
+
+
+def test_stale_panels_are_never_read(gemv: native.Gemv) -> None:
+    """Panels belong to the weight they were made from: a weight changed in place, swapped
+    or converted runs the row-major path; a copy or a pickle of the layer carries none."""
+    import copy
+    import pickle
+
+    if not gemv.panel_width:
+        pytest.skip("this build has no vector unit: no panels")
+    layer = torch.nn.Linear(40, 24)
+    native._give_panels(layer, gemv, {(24, 40): 1})
+    st = native.linear_struct(layer)
+    assert native.panels_of(layer) is not None and st is not None and st.p and st.pmin == 1
+    assert native.panels_of(copy.deepcopy(layer)) is None
+    assert native.panels_of(pickle.loads(pickle.dumps(layer))) is None
+    with torch.no_grad():
+        layer.weight.mul_(2)  # in place: the panels hold the old values
+    assert native.panels_of(layer) is None
+    st = native.linear_struct(layer)
+    assert st is not None and not st.p
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(gemv.linear(x, st), layer(x), rtol=1e-4, atol=1e-4)
+    native._give_panels(layer, gemv, {(24, 40): 1})
+    assert native.panels_of(layer) is not None
+    layer.weight = torch.nn.Parameter(torch.randn(24, 40))  # swapped
+    assert native.panels_of(layer) is None
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_the_direct_step_reads_panels_and_follows_in_place_changes(
+        gemv: native.Gemv, whole: bool) -> None:
+    """The whole-step call and the fused calls of the Python loop read the layers' panels
+    and give the forward's logits; a weight changed in place afterwards is read row-major
+    (the step's structures are made again), never through the stale panels."""
+    if not gemv.panel_width:
+        pytest.skip("this build has no vector unit: no panels")
+    model = paneled(_model("llama"), gemv)
+    step = DirectDecode(model, kernel=forced(model, gemv, rows=16), whole=whole)
+    ref, got, ref_k, got_k = _both(model, [5, 40, 3, 9, 9, 1, 12, 30], step=step)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    if whole:
+        prep = step._prep
+        assert prep is not None and prep.ok and prep.layers[0].q.p and prep.head.p
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-1)
+    ref, got, _, _ = _both(model, [5, 40, 3], step=step)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    if whole:
+        assert step._prep is not prep and not step._prep.layers[0].down.p
+        assert step._prep.layers[0].up.p
+
+
+def test_panels_follow_the_measurement(monkeypatch: pytest.MonkeyPatch, gemv: native.Gemv,
+                                       tmp_path: Path) -> None:
+    """Faked timings: a shape reads panels from the smallest row count from which they
+    measured no slower than its row-major weights at every larger one; the shapes that save
+    the most go first within the byte bound, the rest keep row-major weights (said in the
+    plan); none are made when the bound is 0 or the kernel does not run."""
+    model = _model("llama")  # 64x64 (q, o), 32x64 (k, v), 96x64, 64x96, 300x64 (+ 2 layers)
+
+    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int
+             ) -> tuple[float, float, float | None]:
+        panel = {1: 0.5, 4: 0.5, 8: 0.5, 16: 0.5, 32: 0.5}[rows]
+        if key == (64, 96) and rows == 1:
+            panel = 0.9  # the down projection: slower than row-major at one row
+        if key == (32, 64):
+            panel = 2.0  # k and v: never faster
+        return 2.0, 0.5 if rows < 8 else 1.5, panel
+
+    monkeypatch.setattr(native, "_measured", fake)
+    got = native.plan(model, "cpu", tmp_path, panel_bytes=2**30)
+    assert got.max_rows == 32
+    assert got.panel_rows == {(64, 64): 1, (96, 64): 1, (64, 96): 4, (300, 64): 1}
+    assert native.panels_of(model.model.layers[1].mlp.down_proj).min_rows == 4
+    assert native.panels_of(model.model.layers[0].self_attn.k_proj) is None
+    made = {id(p.panels): p.panels.numel() * 4 for p in map(native.panels_of, model.modules())
+            if p is not None}
+    assert got.panel_mb == pytest.approx(sum(made.values()) / 2**20)
+    assert "panels" in got.describe() and got.to_dict()["panel_rows"]["300x64"] == 1
+    # the bound holds q and o only (the most time saved a step: 4 matrices)
+    small = native.plan(_model("llama"), "cpu", tmp_path, panel_bytes=4 * 64 * 64 * 4)
+    assert small.panel_rows == {(64, 64): 1} and "decode_panels_mb bound" in small.panel_why
+    assert "300x64" in small.panel_why
+    off = native.plan(m := _model("llama"), "cpu", tmp_path, panel_bytes=0)
+    assert off.panel_rows == {} and "decode_panels_mb is 0" in off.panel_why
+    assert native.panels_of(m.lm_head) is None
+    monkeypatch.setattr(native, "_measured", lambda *a: (1.0, 2.0, 2.0))  # kernel unused
+    unused = native.plan(m, "cpu", tmp_path, panel_bytes=2**30)
+    assert unused.max_rows == 0 and unused.panel_rows == {} and native.panels_of(m.lm_head) \
+        is None
+
+
 @pytest.mark.parametrize("march,isa", [("x86-64-v3", "avx2"), ("x86-64", "scalar")])
 def test_the_other_instruction_sets_compute_the_same(march: str, isa: str, tmp_path: Path
                                                      ) -> None:
@@ -349,22 +479,34 @@ def test_the_other_instruction_sets_compute_the_same(march: str, isa: str, tmp_p
     if kernel is None:
         pytest.skip(f"the GEMV kernel is unavailable here: {why}")
     assert kernel.isa == isa
+    assert kernel.panel_width == (0 if isa == "scalar" else 16)
     torch.manual_seed(0)
-    for m in (1, 3, 5):
+    for m, panels in ((1, False), (3, False), (5, False), (1, True), (7, True), (13, True)):
+        if panels and not kernel.panel_width:
+            continue
+        held: list[Any] = []
+
+        def lin(w: torch.Tensor, b: torch.Tensor | None = None) -> native.Linear:
+            p = native.Panels(w, kernel.pack_panels(w), 1) if panels else None
+            held.append(p)  # the structure points into it
+            return native.struct_of((w, None, b), p)
+
         x, res = torch.randn(m, 1, 40), torch.randn(m, 1, 40)
         w, b = torch.randn(40, 40), torch.randn(40)
         tol = dict(rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(kernel(x, w, b), F.linear(x, w, b), **tol)
-        torch.testing.assert_close(kernel.linear_add(x, w, b, res), res + F.linear(x, w, b),
+        torch.testing.assert_close(kernel.linear(x, lin(w, b), res), res + F.linear(x, w, b),
                                    **tol)
         norm = torch.rand(40) + 0.5
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm
         ws = [(torch.randn(n, 40), torch.randn(n)) for n in (16, 8, 8)]
         ref = torch.cat([F.linear(h, wi, bi) for wi, bi in ws], -1)
-        torch.testing.assert_close(kernel.norm_qkv(x, norm, 1e-5, ws), ref, **tol)
+        torch.testing.assert_close(kernel.norm_qkv(x, norm, 1e-5, [lin(*wb) for wb in ws]),
+                                   ref, **tol)
         gate, up, down = torch.randn(24, 40), torch.randn(24, 40), torch.randn(40, 24)
         mlp = x + F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
-        torch.testing.assert_close(kernel.mlp(x, norm, 1e-5, gate, up, down), mlp, **tol)
+        torch.testing.assert_close(kernel.mlp(x, norm, 1e-5, lin(gate), lin(up), lin(down)),
+                                   mlp, **tol)
         layer, wq, st = q8(24, 40)
         torch.testing.assert_close(kernel.linear(x, st), F.linear(x, wq, layer.bias), **tol)
     # the whole step (attention included) with this build, float32 and int8 weights

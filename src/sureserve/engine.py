@@ -180,6 +180,8 @@ class Engine:
                                                decode_script=settings.decode_script,
                                                decode_kernel=settings.decode_kernel,
                                                packing=self.packing,
+                                               panel_bytes=int(
+                                                   settings.decode_panels_mb * 2**20),
                                                prefill_tokens=settings.prefill_tokens,
                                                prefill_group_tokens=(
                                                    settings.prefill_group_tokens),

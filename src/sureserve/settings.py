@@ -231,6 +231,17 @@ class Settings(BaseSettings):
         "can differ in the last bits (greedy outputs are checked against transformers in "
         "the tests and the benchmark). Off: torch's kernels, bit-identical to the forward.",
     )
+    decode_panels_mb: float = Field(
+        default=1024.0, ge=0,
+        description="With decode_kernel: most MiB of the kernel's panel copies of a "
+        "generation model's float32 weights (each linear weight repacked once, at load, so "
+        "that a decode step of any row count streams it once and every loaded vector "
+        "serves up to 8 rows; measured on a 2-core AMD EPYC: a 32-row step's matmuls 1.3x "
+        "faster than oneDNN's packed linears, 8 rows 2.2x faster than the row-major "
+        "kernel, BENCHMARKS.md). Shapes measured no faster keep the row-major weights; the "
+        "ones that save the most go first. A row's logits are the same whatever the number "
+        "of rows decoded with it. /info's decode_path gives the figures. 0: none.",
+    )
     decode_weight_layout: bool = Field(
         default=False,
         description="On a CPU, store each decoder weight shape in the memory order this "
@@ -498,7 +509,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "generation": ("kv_cache_mb", "max_running_seqs", "max_new_tokens", "prefill_tokens",
                    "prefill_group_tokens",
                    "prefix_cache_mb", "max_schema_bytes", "direct_decode", "decode_script",
-                   "decode_kernel",
+                   "decode_kernel", "decode_panels_mb",
                    "decode_weight_layout"),
     "drift": ("drift_watch", "drift_window", "drift_reference", "drift_unhealthy",
               "drift_unknown_tokens", "drift_cut_share", "drift_empty_inputs",

@@ -135,7 +135,8 @@ class GenerationEngine:
                  prefill_group_tokens: int = 128,
                  prefix_cache_bytes: int = 0, prefix_block: int = 16,
                  direct_decode: bool = True, decode_script: bool = True,
-                 decode_kernel: bool = False, packing: Any = None) -> None:
+                 decode_kernel: bool = False, packing: Any = None,
+                 panel_bytes: int = 0) -> None:
         from sureserve.generation import attention, native
         from sureserve.generation.direct import plan as plan_decode
         from sureserve.generation.layout import plan_and_apply
@@ -154,7 +155,7 @@ class GenerationEngine:
         # the GEMV kernel is measured against torch's on this model's shapes (cached per
         # machine); only the direct step uses it, so it is not built without one
         self.kernel = native.plan(loaded.model, loaded.plan.device, layout_home,
-                                  decode_kernel and direct_decode, packing)
+                                  decode_kernel and direct_decode, packing, panel_bytes)
         self.decode = plan_decode(loaded.model, direct_decode, decode_script, self.kernel,
                                   packing=packing)
         self.model = loaded.model

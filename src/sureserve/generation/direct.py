@@ -246,8 +246,8 @@ class DirectDecode:
             if fused:  # RMSNorm, q, k, v and the rotary embedding in one call of the kernel
                 assert gemv is not None
                 qkv = gemv.norm_qkv(x, norm1._parameters["weight"], norm1.variance_epsilon,
-                                    [(attn[p]._parameters["weight"], attn[p]._parameters["bias"])
-                                     for p in ("q_proj", "k_proj", "v_proj")], rotary)
+                                    [_struct(attn[p]) for p in ("q_proj", "k_proj", "v_proj")],
+                                    rotary)
                 nq, nk = attn["q_proj"].out_features, attn["k_proj"].out_features
                 q = qkv[..., :nq].view(rows, 1, -1, d).transpose(1, 2)
                 k = qkv[..., nq:nq + nk].view(rows, 1, -1, d).transpose(1, 2)
@@ -276,11 +276,9 @@ class DirectDecode:
             o = o.reshape(rows, -1, 1, d).transpose(1, 2).contiguous()
             if fused:  # the output projection with its residual; the MLP block whole
                 assert gemv is not None
-                p = attn["o_proj"]._parameters
-                x = gemv.linear_add(o.reshape(rows, 1, -1), p["weight"], p["bias"], x)
+                x = gemv.linear(o.reshape(rows, 1, -1), _struct(attn["o_proj"]), x)
                 x = gemv.mlp(x, norm2._parameters["weight"], norm2.variance_epsilon,
-                             *(mlp[p]._parameters["weight"]
-                               for p in ("gate_proj", "up_proj", "down_proj")))
+                             *(_struct(mlp[p]) for p in ("gate_proj", "up_proj", "down_proj")))
                 continue
             x = x + apply(attn["o_proj"], o.reshape(rows, 1, -1).contiguous())
             h = _rms(x, norm2)
@@ -320,8 +318,9 @@ class DirectDecode:
 
     def _prepared(self, rows: int) -> _Prepared | None:
         """The layers as the kernel's structures, made again whenever a linear layer or
-        its weight was swapped (``sureserve quantize`` swaps layers of a live model: the
-        check costs ~0.1 ms a step), or None when a layer is not one the kernel reads (see
+        its weight was swapped (``sureserve quantize`` swaps layers of a live model) or
+        changed in place (then its panels are stale: it runs row-major; the checks cost
+        ~0.1 ms a step), or None when a layer is not one the kernel reads (see
         ``_Prepared.make``). Every layer goes through the kernel, even a shape that alone
         measured no faster than torch's at this many rows: the step as a whole was measured
         faster up to ``max_rows`` (``native.plan``), and the alternative is the layer loop
@@ -331,7 +330,8 @@ class DirectDecode:
                    else m._buffers.get("weight_int8") for m in mods]
         prep = self._prep
         if prep is None or any(a is not b for a, b in zip(mods, prep.modules, strict=True)) \
-                or any(a is not b for a, b in zip(weights, prep.weights, strict=True)):
+                or any(a is not b for a, b in zip(weights, prep.weights, strict=True)) \
+                or any(_version(a) != v for a, v in zip(weights, prep.versions, strict=True)):
             assert self.kernel is not None
             prep = self._prep = _Prepared.make(self, mods, weights)
         if not prep.ok:
@@ -377,7 +377,7 @@ class DirectDecode:
             p = module._parameters
             w, b = p["weight"], p["bias"]
             if self.kernel.takes(w, x.shape[0]) and gemv.accepts(x, w, b):
-                return gemv(x, w, b)
+                return gemv.linear(x, _struct(module))  # with its panels, where it has them
         elif x.dtype == torch.float32:  # an int8 weight-only layer (weights_of says)
             from sureserve.generation.native import struct_of, weights_of
 
@@ -394,6 +394,7 @@ class _Prepared:
 
     def __init__(self, modules: list[Any], weights: list[Any]) -> None:
         self.modules, self.weights = modules, weights
+        self.versions = [_version(w) for w in weights]  # in-place changes since
         self.ok = False  # whether every layer is one the kernel takes
         self.why = ""
         self.layers: Any = None
@@ -426,9 +427,12 @@ class _Prepared:
             if any(g is None for g in got):
                 self.why = "a linear layer is neither float32 nor int8 weight-only"
                 return self
-            self.tensors += got
+            panels = [native.panels_of(m) for m in modules[i * per:(i + 1) * per]]
+            self.tensors += got + [p.panels for p in panels if p is not None]
             layers.append(native.Layer(n1.data_ptr(), n2.data_ptr(),
-                                       *(native.struct_of(g) for g in got if g is not None)))
+                                       *(native.struct_of(g, p)
+                                         for g, p in zip(got, panels, strict=True)
+                                         if g is not None)))
         if any(n.dtype != f32 or not n.is_contiguous() for n in norms):
             self.why = "a norm is not float32"
             return self
@@ -441,12 +445,27 @@ class _Prepared:
         # kernel takes one); otherwise both run outside it
         head = native.weights_of(modules[-1])
         if head is not None and direct.final_norm.variance_epsilon == direct.eps:
-            self.head = native.struct_of(head)
-            self.tensors.append(head)
+            head_panels = native.panels_of(modules[-1])
+            self.head = native.struct_of(head, head_panels)
+            self.tensors += [head] + ([head_panels.panels] if head_panels else [])
         self.final_norm = norms[0]
         self.norms = norms
         self.ok = True
         return self
+
+
+def _version(t: Any) -> int:
+    return -1 if t is None else int(t._version)
+
+
+def _struct(module: Any) -> Any:
+    """A float32 ``nn.Linear`` the kernel takes (the caller checked) as its ``Linear``, with
+    its panels where it has fresh ones."""
+    from sureserve.generation.native import linear_struct
+
+    got = linear_struct(module)
+    assert got is not None
+    return got
 
 
 def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:

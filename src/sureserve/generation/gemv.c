@@ -86,6 +86,9 @@ typedef struct {
     const float *scale; /* (n,): int8 weights' per-row scale; NULL: float32 weights */
     const float *bias;  /* (n,) or NULL */
     int n, k;
+    const float *p;     /* float32 weights only: the same weights in panels
+                         * (sureserve_pack_panels), or NULL */
+    int pmin;           /* products of at least this many rows read the panels */
 } sureserve_linear;
 
 /* W's element i (an element offset: the weight is float32 or int8, Q says which; Q is a
@@ -282,10 +285,112 @@ static inline __attribute__((always_inline)) void gemv_body(
     }
 }
 
+/* Panels: float32 weights repacked so that a product of any row count reads them as one
+ * forward stream and every loaded vector serves several rows of x.
+ *
+ * Why: row-major tiles re-read each block of W from the caches for every tile of rows, and
+ * spend a horizontal sum per output; at 8-32 rows that measured 2-2.5x slower than the
+ * weights' streaming speed allows, and oneDNN's packed GEMM 1.3x slower than this layout
+ * at 32 rows (AMD EPYC, scripts/panel_gemm.py, BENCHMARKS.md "Generation: panel-packed
+ * weights"). Panel j holds output columns j*NR .. j*NR + NR - 1, k-major: P[j][k][c] =
+ * W[j*NR + c][k] (the last panel zero-padded), so a panel is one contiguous run of K x NR
+ * floats that stays in L2 while every tile of rows reads it. A tile is PR rows of x by
+ * one panel (PR x 2 vector accumulators; each element of x broadcast once per k).
+ *
+ * Each output is one FMA chain over k in order, whatever the row count or the tile a row
+ * fell in: a row's result does not depend on how many rows ran with it. */
+#if defined(VW)
+#define NR (2 * VW)
+#if defined(__AVX512F__)
+#define PR 8 /* 8 x 2 accumulators, 2 of W, 1 broadcast of 32 registers */
+#else
+#define PR 6 /* 6 x 2 accumulators, 2 of W, 1 broadcast of 16 registers */
+#endif
+int sureserve_panel_width(void) { return NR; }
+
+/* p (ceil(n / NR) * NR * k floats) = w (n, k) row-major in panels */
+void sureserve_pack_panels(const float *w, float *p, int n, int k) {
+    int panels = (n + NR - 1) / NR;
+    #pragma omp parallel for schedule(static)
+    for (int j = 0; j < panels; j++)
+        for (int kk = 0; kk < k; kk++)
+            for (int c = 0; c < NR; c++) {
+                int r = j * NR + c;
+                p[((size_t)j * k + kk) * NR + c] = r < n ? w[(size_t)r * k + kk] : 0.0f;
+            }
+}
+
+/* out[m * NR + c] = x[m] . W[col0 + c] for m < MT: MT rows of x against one panel */
+static inline __attribute__((always_inline)) void panel_tile(const float *x, int ldx,
+                                                             const float *pj, int K, int MT,
+                                                             float *out) {
+    vec a0[PR], a1[PR];
+    for (int m = 0; m < MT; m++) { a0[m] = vzero(); a1[m] = vzero(); }
+    for (int k = 0; k < K; k++) {
+        vec w0 = vload(pj + (size_t)k * NR), w1 = vload(pj + (size_t)k * NR + VW);
+        for (int m = 0; m < MT; m++) {
+            vec xb = vset1(x[(size_t)m * ldx + k]);
+            a0[m] = vfma(xb, w0, a0[m]);
+            a1[m] = vfma(xb, w1, a1[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) {
+        vstore(out + m * NR, a0[m]);
+        vstore(out + m * NR + VW, a1[m]);
+    }
+}
+
+/* gemv_body for float32 weights in panels: this thread's panels, no barrier */
+static void panel_body(const float *x, int ldx, const sureserve_linear *L, const float *res,
+                       float *y, int ldy, int M) {
+    const float *b = L->bias;
+    int N = L->n, K = L->k, panels = (N + NR - 1) / NR;
+    #pragma omp for schedule(static) nowait
+    for (int j = 0; j < panels; j++) {
+        const float *pj = L->p + (size_t)j * K * NR;
+        int c0 = j * NR, nc = N - c0 < NR ? N - c0 : NR;
+        for (int m0 = 0; m0 < M; m0 += PR) {
+            int mt = M - m0 < PR ? M - m0 : PR;
+            const float *xm = x + (size_t)m0 * ldx;
+            float out[PR * NR];
+            switch (mt) {
+            case 1: panel_tile(xm, ldx, pj, K, 1, out); break;
+            case 2: panel_tile(xm, ldx, pj, K, 2, out); break;
+            case 3: panel_tile(xm, ldx, pj, K, 3, out); break;
+            case 4: panel_tile(xm, ldx, pj, K, 4, out); break;
+            case 5: panel_tile(xm, ldx, pj, K, 5, out); break;
+#if PR > 6
+            case 6: panel_tile(xm, ldx, pj, K, 6, out); break;
+            case 7: panel_tile(xm, ldx, pj, K, 7, out); break;
+#endif
+            default: panel_tile(xm, ldx, pj, K, PR, out); break;
+            }
+            for (int m = 0; m < mt; m++) {
+                float *ym = y + (size_t)(m0 + m) * ldy + c0;
+                const float *rm = res ? res + (size_t)(m0 + m) * ldy + c0 : 0;
+                for (int c = 0; c < nc; c++)
+                    ym[c] = out[m * NR + c] + (b ? b[c0 + c] : 0.0f) + (rm ? rm[c] : 0.0f);
+            }
+        }
+    }
+}
+#else
+int sureserve_panel_width(void) { return 0; } /* no vectors: no panels */
+void sureserve_pack_panels(const float *w, float *p, int n, int k) {
+    (void)w; (void)p; (void)n; (void)k;
+}
+#endif
+
 /* one linear layer, this thread's share; no barrier: for products whose outputs nothing
  * reads before a later barrier (q and k before v; gate before up) */
 static void gemv_nowait(const float *x, int ldx, const sureserve_linear *L,
                         const float *res, float *y, int ldy, int M) {
+#if defined(VW)
+    if (!L->scale && L->p && M >= L->pmin) {
+        panel_body(x, ldx, L, res, y, ldy, M);
+        return;
+    }
+#endif
     if (L->scale)
         gemv_body(x, ldx, L, res, y, ldy, M, 1);
     else
@@ -300,7 +405,7 @@ static void gemv_for(const float *x, int ldx, const sureserve_linear *L, const f
 }
 
 static sureserve_linear f32(const float *w, const float *b, int n, int k) {
-    sureserve_linear l = {w, 0, b, n, k};
+    sureserve_linear l = {w, 0, b, n, k, 0, 0};
     return l;
 }
 
@@ -354,31 +459,22 @@ void sureserve_linear_apply(const float *x, const sureserve_linear *l, const flo
     gemv_for(x, l->k, l, res, y, l->n, M);
 }
 
-/* y = res + x W^T (+ b): the attention's output projection and its residual */
-void sureserve_gemv_add(const float *x, const float *w, const float *b, const float *res,
-                        float *y, int M, int N, int K) {
-    sureserve_linear l = f32(w, b, N, K);
-    #pragma omp parallel
-    gemv_for(x, K, &l, res, y, N, M);
-}
-
 /* y = [h W1^T + b1 | h W2^T + b2 | h W3^T + b3], h = RMSNorm(x) (norm_w may be NULL: h = x);
  * y is (M, n1 + n2 + n3), h is scratch (M, K): the attention's q, k and v in one call.
  * With cos and sin ((M, d) each; NULL: none), the rotary embedding is applied to the
  * first n1 + n2 columns (q and k) in heads of d. */
 void sureserve_norm_gemv3(const float *x, const float *norm_w, float eps, float *h, int M,
-                          int K, const float *w1, const float *b1, int n1, const float *w2,
-                          const float *b2, int n2, const float *w3, const float *b3, int n3,
-                          float *y, const float *cos, const float *sin, int d) {
-    int ld = n1 + n2 + n3;
+                          const sureserve_linear *l1, const sureserve_linear *l2,
+                          const sureserve_linear *l3, float *y, const float *cos,
+                          const float *sin, int d) {
+    int K = l1->k, n1 = l1->n, n2 = l2->n, ld = n1 + n2 + l3->n;
     const float *in = x;
-    sureserve_linear l1 = f32(w1, b1, n1, K), l2 = f32(w2, b2, n2, K), l3 = f32(w3, b3, n3, K);
     if (norm_w) { rms_norm(x, norm_w, eps, h, M, K); in = h; }
     #pragma omp parallel
     {
-        gemv_for(in, K, &l1, 0, y, ld, M);  /* each "omp for" ends in a barrier */
-        gemv_for(in, K, &l2, 0, y + n1, ld, M);
-        gemv_for(in, K, &l3, 0, y + n1 + n2, ld, M);
+        gemv_for(in, K, l1, 0, y, ld, M);  /* each "omp for" ends in a barrier */
+        gemv_for(in, K, l2, 0, y + n1, ld, M);
+        gemv_for(in, K, l3, 0, y + n1 + n2, ld, M);
         if (cos && sin && d > 1) {
             int heads = (n1 + n2) / d;
             #pragma omp for schedule(static)
@@ -409,14 +505,14 @@ static void mlp_for(float *x, const float *h, const sureserve_linear *gate,
 
 /* y = x + down(silu(gate(h)) * up(h)), h = RMSNorm(x): a Llama MLP block and its residual.
  * h (M, K) and a (M, 2F) are scratch. */
-void sureserve_mlp(const float *x, const float *norm_w, float eps, const float *wg,
-                   const float *wu, const float *wd, float *h, float *a, float *y, int M,
-                   int K, int F) {
-    sureserve_linear g = f32(wg, 0, F, K), u = f32(wu, 0, F, K), dn = f32(wd, 0, K, F);
+void sureserve_mlp(const float *x, const float *norm_w, float eps,
+                   const sureserve_linear *g, const sureserve_linear *u,
+                   const sureserve_linear *dn, float *h, float *a, float *y, int M) {
+    int K = g->k;
     rms_norm(x, norm_w, eps, h, M, K);
     for (size_t i = 0; i < (size_t)M * K; i++) y[i] = x[i];
     #pragma omp parallel
-    mlp_for(y, h, &g, &u, &dn, a, M);
+    mlp_for(y, h, g, u, dn, a, M);
 }
 
 /* One decoder layer's weights (float32 norms; linear layers of either kind). */

@@ -42,7 +42,8 @@ log = logging.getLogger("sureserve.generation")
 
 SOURCE = Path(__file__).with_name("gemv.c")
 #: row counts the kernel is measured at; it serves up to the largest one where it wins
-ROWS = (1, 4, 8, 16)
+#: (32: a full decode batch of the default max_running_seqs)
+ROWS = (1, 4, 8, 16, 32)
 #: a weight shape goes through the kernel at a row count where it beat F.linear by this
 #: much (noise margin)
 MIN_GAIN = 1.05
@@ -63,10 +64,54 @@ MAX_HEAD_DIM = 512
 
 class Linear(ctypes.Structure):
     """A linear layer as ``gemv.c`` reads it (``sureserve_linear``): float32 weights, or
-    int8 weights with one float32 scale per output row; the tensors must outlive it."""
+    int8 weights with one float32 scale per output row; float32 ones may carry their
+    panels (``p``, read by products of at least ``pmin`` rows); the tensors must outlive
+    it."""
 
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("n", ctypes.c_int), ("k", ctypes.c_int)]
+                ("n", ctypes.c_int), ("k", ctypes.c_int), ("p", ctypes.c_void_p),
+                ("pmin", ctypes.c_int)]
+
+
+#: where a module's panels are kept (``Panels``), in its ``__dict__``
+PANELS = "_sureserve_panels"
+
+
+class Panels:
+    """A float32 linear layer's weight in the kernel's panel layout (``gemv.c``: products
+    of ``min_rows`` rows or more read it), held on the module. Used only while the weight is
+    still the one it was made from (same storage, version and dtype: a weight changed in
+    place or swapped runs the row-major path, never a stale copy). A deep copy or a pickle
+    of the module carries none (a copy would double the memory for a weight it no longer
+    matches)."""
+
+    def __init__(self, weight: Any, panels: Any, min_rows: int) -> None:
+        self.panels, self.min_rows = panels, min_rows
+        self.key = None if weight is None else (weight.data_ptr(), weight._version,
+                                                weight.dtype, tuple(weight.shape))
+
+    def fresh(self, weight: Any) -> bool:
+        return self.panels is not None and self.key == (
+            weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Panels:
+        return Panels(None, None, self.min_rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"min_rows": self.min_rows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(None, None, state["min_rows"])  # type: ignore[misc]
+
+
+def panels_of(module: Any) -> Panels | None:
+    """``module``'s panels when it has fresh ones (a float32 ``nn.Linear`` given them by
+    ``plan``)."""
+    got = module.__dict__.get(PANELS)
+    if not isinstance(got, Panels):
+        return None
+    w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return got if w is not None and got.fresh(w) else None
 
 
 LAYER_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -112,16 +157,20 @@ def _readable(weight: Any, bias: Any) -> bool:
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
 
 
-def struct_of(weights: tuple[Any, Any, Any]) -> Linear:
-    """``weights_of``'s (weight, scale, bias) as a ``Linear``."""
+def struct_of(weights: tuple[Any, Any, Any], panels: Panels | None = None) -> Linear:
+    """``weights_of``'s (weight, scale, bias) as a ``Linear``, with the weight's panels
+    when given (float32 weights)."""
     w, scale, b = weights
-    return Linear(w.data_ptr(), _ptr(scale), _ptr(b), int(w.shape[0]), int(w.shape[1]))
+    p = panels if panels is not None and scale is None else None
+    return Linear(w.data_ptr(), _ptr(scale), _ptr(b), int(w.shape[0]), int(w.shape[1]),
+                  None if p is None else _ptr(p.panels), 0 if p is None else p.min_rows)
 
 
 def linear_struct(module: Any) -> Linear | None:
-    """``module``'s weights as a ``Linear`` (None: not one the kernel reads)."""
+    """``module``'s weights as a ``Linear``, with its panels where it has fresh ones (None:
+    not a layer the kernel reads)."""
     got = weights_of(module)
-    return None if got is None else struct_of(got)
+    return None if got is None else struct_of(got, panels_of(module))
 
 
 def shape_key(weight: Any) -> tuple[Any, ...]:
@@ -139,12 +188,16 @@ class Gemv:
         self.key = key
         P, N, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         # ctypes releases the GIL for each call
+        LP = ctypes.POINTER(Linear)
         self._fn = _bind(lib.sureserve_gemv, [P, P, P, P, N, N, N])
-        self._add = _bind(lib.sureserve_gemv_add, [P, P, P, P, P, N, N, N])
-        self._qkv = _bind(lib.sureserve_norm_gemv3,
-                          [P, P, Fl, P, N, N, P, P, N, P, P, N, P, P, N, P, P, P, N])
-        self._mlp = _bind(lib.sureserve_mlp, [P, P, Fl, P, P, P, P, P, P, N, N, N])
-        self._linear = _bind(lib.sureserve_linear_apply, [P, ctypes.POINTER(Linear), P, P, N])
+        self._qkv = _bind(lib.sureserve_norm_gemv3, [P, P, Fl, P, N, LP, LP, LP, P, P, P, N])
+        self._mlp = _bind(lib.sureserve_mlp, [P, P, Fl, LP, LP, LP, P, P, P, N])
+        self._linear = _bind(lib.sureserve_linear_apply, [P, LP, P, P, N])
+        self._pack = _bind(lib.sureserve_pack_panels, [P, P, N, N])
+        width = lib.sureserve_panel_width
+        width.restype = ctypes.c_int
+        #: output columns per panel (0: this build has no vector unit, hence no panels)
+        self.panel_width: int = int(width())
         Lg = ctypes.c_long
         self._decode = _bind(lib.sureserve_decode,
                              [P, N, N, ctypes.POINTER(Layer), N, Fl, P, P, N, N, N, Fl, P, P,
@@ -152,6 +205,18 @@ class Gemv:
         isa = lib.sureserve_gemv_isa
         isa.restype = ctypes.c_char_p
         self.isa: str = isa().decode()
+
+    def pack_panels(self, weight: Any) -> Any:
+        """``weight`` (float32 (n, k), row-major contiguous) in panels: a flat float32
+        tensor of ceil(n / panel_width) * panel_width * k (the last panel zero-padded)."""
+        import torch
+
+        n, k = int(weight.shape[0]), int(weight.shape[1])
+        width = self.panel_width
+        assert width > 0 and weight.dtype == torch.float32 and weight.is_contiguous()
+        p = torch.empty(-(-n // width) * width * k, dtype=torch.float32)
+        self._pack(weight.data_ptr(), p.data_ptr(), n, k)
+        return p
 
     @staticmethod
     def accepts(x: Any, weight: Any, bias: Any) -> bool:
@@ -222,53 +287,40 @@ class Gemv:
     # SiLU, the residual adds) stop costing a Python call each. Inputs: contiguous float32
     # (rows, 1, width) activations; the caller checked the weights with ``accepts``.
 
-    def linear_add(self, x: Any, weight: Any, bias: Any, residual: Any) -> Any:
-        """``residual + F.linear(x, weight, bias)``."""
+    def norm_qkv(self, x: Any, norm_weight: Any, eps: float, linears: list[Linear],
+                 rotary: tuple[Any, Any] | None = None) -> Any:
+        """``cat([layer(rms_norm(x)) for layer in linears], -1)`` for three float32 linear
+        layers of the same input width (q, k and v); with ``rotary`` = (cos, sin), each
+        ``(rows, head_dim)`` float32 contiguous, the rotary embedding is applied to the
+        first two's heads (q and k), as ``apply_rotary_pos_emb`` does."""
         import torch
 
-        x, residual = x.contiguous(), residual.contiguous()
-        n, k = weight.shape
-        y = torch.empty_like(residual)
-        self._add(x.data_ptr(), weight.data_ptr(), _ptr(bias), residual.data_ptr(),
-                  y.data_ptr(), x.numel() // k, n, k)
-        return y
-
-    def norm_qkv(self, x: Any, norm_weight: Any, eps: float,
-                 linears: list[tuple[Any, Any]], rotary: tuple[Any, Any] | None = None
-                 ) -> Any:
-        """``cat([F.linear(rms_norm(x), w, b) for w, b in linears], -1)`` for three
-        linear layers of the same input width (q, k and v); with ``rotary`` = (cos, sin),
-        each ``(rows, head_dim)`` float32 contiguous, the rotary embedding is applied to
-        the first two's heads (q and k), as ``apply_rotary_pos_emb`` does."""
-        import torch
-
-        (w1, b1), (w2, b2), (w3, b3) = linears
+        q, k, v = linears
         cos, sin = rotary if rotary is not None else (None, None)
         x = x.contiguous()
-        k = w1.shape[1]
-        rows = x.numel() // k
-        h = torch.empty(rows, k, dtype=torch.float32)
-        y = torch.empty(*x.shape[:-1], w1.shape[0] + w2.shape[0] + w3.shape[0],
-                        dtype=torch.float32)
-        self._qkv(x.data_ptr(), norm_weight.data_ptr(), eps, h.data_ptr(), rows, k,
-                  w1.data_ptr(), _ptr(b1), w1.shape[0], w2.data_ptr(), _ptr(b2), w2.shape[0],
-                  w3.data_ptr(), _ptr(b3), w3.shape[0], y.data_ptr(), _ptr(cos), _ptr(sin),
-                  0 if cos is None else cos.shape[-1])
+        rows = x.numel() // q.k
+        h = torch.empty(rows, q.k, dtype=torch.float32)
+        y = torch.empty(*x.shape[:-1], q.n + k.n + v.n, dtype=torch.float32)
+        self._qkv(x.data_ptr(), norm_weight.data_ptr(), eps, h.data_ptr(), rows,
+                  ctypes.byref(q), ctypes.byref(k), ctypes.byref(v), y.data_ptr(), _ptr(cos),
+                  _ptr(sin), 0 if cos is None else cos.shape[-1])
         return y
 
-    def mlp(self, x: Any, norm_weight: Any, eps: float, gate: Any, up: Any,
-            down: Any) -> Any:
-        """``x + down(silu(gate(h)) * up(h))`` with ``h = rms_norm(x)`` (no biases)."""
+    def mlp(self, x: Any, norm_weight: Any, eps: float, gate: Linear, up: Linear,
+            down: Linear) -> Any:
+        """``x + down(silu(gate(h)) * up(h))`` with ``h = rms_norm(x)`` (float32 layers,
+        no biases)."""
         import torch
 
         x = x.contiguous()
-        k, f = x.shape[-1], gate.shape[0]
+        k, f = x.shape[-1], gate.n
         rows = x.numel() // k
         h = torch.empty(rows, k, dtype=torch.float32)
         a = torch.empty(rows, 2 * f, dtype=torch.float32)
         y = torch.empty_like(x)
-        self._mlp(x.data_ptr(), norm_weight.data_ptr(), eps, gate.data_ptr(), up.data_ptr(),
-                  down.data_ptr(), h.data_ptr(), a.data_ptr(), y.data_ptr(), rows, k, f)
+        self._mlp(x.data_ptr(), norm_weight.data_ptr(), eps, ctypes.byref(gate),
+                  ctypes.byref(up), ctypes.byref(down), h.data_ptr(), a.data_ptr(),
+                  y.data_ptr(), rows)
         return y
 
 
@@ -325,6 +377,11 @@ class KernelPlan:
     # ``shape_key`` of a weight ((out, in), or (out, in, "int8")) -> the most rows at which
     # the kernel beat torch's kernel for it (F.linear, or torch's int8 matmul)
     shape_rows: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    # float32 (out, in) -> from how many rows its weights are read in panels (shapes given
+    # panels only), the MiB of panels made, and why a shape that gains from them has none
+    panel_rows: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    panel_mb: float = 0.0
+    panel_why: str = ""
 
     def active(self, rows: int) -> bool:
         return self.kernel is not None and rows <= self.max_rows
@@ -339,25 +396,44 @@ class KernelPlan:
             return f"torch's matmul kernels ({self.reason})"
         one = self.step_ms.get(1)
         gain = f", matmuls {one[0] / max(one[1], 1e-9):.2f}x faster at 1 row" if one else ""
+        top = self.step_ms.get(self.max_rows)
+        if top and self.max_rows != 1:
+            gain += f", {top[0] / max(top[1], 1e-9):.2f}x at {self.max_rows}"
+        panels = ""
+        if self.panel_rows:
+            lo = min(self.panel_rows.values())
+            panels = (f"; float32 weights in panels ({self.panel_mb:.0f} MiB) from "
+                      f"{lo} row{'s' if lo > 1 else ''}")
+        if self.panel_why:
+            panels += f"; {self.panel_why}"
         return (f"sureserve's GEMV kernel ({self.kernel.isa}) for steps of up to "
-                f"{self.max_rows} rows{gain}")
+                f"{self.max_rows} rows{gain}{panels}")
 
     def to_dict(self) -> dict[str, Any]:
+        def name(key: tuple[Any, ...]) -> str:
+            return "x".join(map(str, key[:2])) + "".join(f":{t}" for t in key[2:])
+
         return {"kernel": None if self.kernel is None else self.kernel.isa,
                 "max_rows": self.max_rows,
                 "reason": self.reason,
-                "shape_rows": {"x".join(map(str, key[:2])) + "".join(f":{t}" for t in key[2:]):
-                               r for key, r in self.shape_rows.items()},
+                "shape_rows": {name(key): r for key, r in self.shape_rows.items()},
                 "step_ms": {str(r): [round(a, 3), round(b, 3)]
-                            for r, (a, b) in self.step_ms.items()}}
+                            for r, (a, b) in self.step_ms.items()},
+                "panel_rows": {name(key): r for key, r in self.panel_rows.items()},
+                "panel_mb": round(self.panel_mb, 1),
+                "panel_why": self.panel_why}
 
 
 def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
-         packing: Any = None) -> KernelPlan:
+         packing: Any = None, panel_bytes: int = 0) -> KernelPlan:
     """Build the kernel and measure it against ``F.linear`` on ``model``'s weight shapes
     (cached per machine); the plan says up to how many rows it runs, or why it does not.
     ``packing``: a ``loading.packed.PackPlan``; where it runs a float32 shape packed at a
-    row count, the kernel is weighed against the packed product's time instead."""
+    row count, the kernel is weighed against the packed product's time instead.
+    ``panel_bytes``: the most bytes of panel copies to make (``decode_panels_mb``): a
+    float32 shape whose panels measured no slower than its row-major weights from some row
+    count on gets them (the shapes that save the most first), and the model's layers of
+    that shape hold them (``Panels``) when the kernel is used at all."""
 
     if not enabled:
         return KernelPlan(None, 0, "decode_kernel is off")
@@ -378,12 +454,18 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
     kernel, why = build(home)
     if kernel is None:
         return KernelPlan(None, 0, why)
+    # shape -> rows -> (torch's ms, the kernel's row-major ms, its panels' ms or None)
+    got_ms = {key: {rows: _measured(home, kernel, key, rows) for rows in ROWS}
+              for key in shapes}
+    panel_rows, panel_why = _panel_plan(shapes, got_ms, panel_bytes, kernel.panel_width)
     step: dict[int, tuple[float, float]] = {}
     shape_rows: dict[tuple[Any, ...], int] = dict.fromkeys(shapes, 0)
     for rows in ROWS:
         torch_ms = best_ms = 0.0
         for key, count in shapes.items():
-            a, b = _measured(home, kernel, key, rows)
+            a, b, c = got_ms[key][rows]
+            if c is not None and rows >= panel_rows.get(key, rows + 1):
+                b = c
             other = packing.packed_ms((key[0], key[1]), "float32", rows) \
                 if packing is not None and len(key) == 2 else None
             if other is not None:
@@ -412,17 +494,84 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
     reason = "" if max_rows else (
         f"no faster than {against} here ({step[1][1]:.2f} vs {step[1][0]:.2f} ms of matmuls "
         "a step at 1 row)")
-    out = KernelPlan(kernel, max_rows, reason, step, shape_rows)
+    # panels only for shapes the kernel runs at a row count that reads them
+    panel_rows = {key: r for key, r in panel_rows.items()
+                  if r <= min(shape_rows[key], max_rows)}
+    made = _give_panels(model, kernel, panel_rows) if panel_rows else 0
+    out = KernelPlan(kernel, max_rows, reason, step, shape_rows, panel_rows, made / 2**20,
+                     panel_why)
     log.info("decode matmuls: %s", out.describe())
     return out
 
 
+def _panel_plan(shapes: dict[tuple[Any, ...], int],
+                got_ms: dict[tuple[Any, ...], dict[int, tuple[float, float, float | None]]],
+                max_bytes: int, width: int) -> tuple[dict[tuple[Any, ...], int], str]:
+    """(float32 shape -> from how many rows it reads panels, why a shape that would gain
+    has none). A shape reads panels from the smallest row count from which they measured
+    no slower than its row-major weights (within the noise margin) at every larger one:
+    the same panels at every row count keep a row's logits independent of how many rows
+    ran with it. Shapes go in order of the time they save a step at the most rows, within
+    ``max_bytes``; ``width``: the kernel's panel width (0: none)."""
+    if not width:
+        return {}, ""
+    want: dict[tuple[Any, ...], int] = {}
+    saved: dict[tuple[Any, ...], float] = {}
+    for key, count in shapes.items():
+        if len(key) > 2 or not count:
+            continue
+        start = None
+        for rows in reversed(ROWS):
+            _, b, c = got_ms[key][rows]
+            if c is None or c > b * MIN_GAIN:
+                break
+            start = rows
+        if start is not None:
+            _, b, c = got_ms[key][ROWS[-1]]
+            want[key], saved[key] = start, (b - (c or 0.0)) * count
+    if not want:
+        return {}, ""
+    out: dict[tuple[Any, ...], int] = {}
+    left, over = max_bytes, []
+    for key in sorted(want, key=lambda k: -saved[k]):
+        size = -(-int(key[0]) // width) * width * int(key[1]) * 4 * shapes[key]
+        if size <= left:
+            out[key] = want[key]
+            left -= size
+        else:
+            over.append("x".join(map(str, key)))
+    why = "" if not over else (
+        "off (decode_panels_mb is 0)" if max_bytes <= 0 else
+        f"no panels for {', '.join(over)}: over the decode_panels_mb bound "
+        f"({max_bytes / 2**20:.0f} MiB)")
+    return out, why
+
+
+def _give_panels(model: Any, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int]) -> int:
+    """Pack the weights of every float32 layer of a ``panel_rows`` shape into panels, held
+    on the layer (``Panels``); returns the bytes made."""
+    made = 0
+    for m in model.modules():
+        got = weights_of(m)
+        if got is None or got[1] is not None:
+            continue
+        rows = panel_rows.get(shape_key(got[0]))
+        if rows is None:
+            continue
+        have = panels_of(m)  # another engine on the same model made them: shared
+        panels = have.panels if have is not None else kernel.pack_panels(got[0])
+        m.__dict__[PANELS] = Panels(got[0], panels, rows)
+        made += panels.numel() * 4
+    return made
+
+
 def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False
-            ) -> tuple[float, float]:
-    """(torch ms, kernel ms) for one ``(n, k)`` weight at ``rows`` rows, streamed over
-    enough copies that they come from memory. Float32: ``F.linear`` against the kernel;
-    ``int8``: an int8 weight-only layer's own forward (torch's packed int8 matmul) against
-    the kernel reading the same int8 weights."""
+            ) -> tuple[float, float, float | None]:
+    """(torch ms, kernel ms, kernel ms through panels or None) for one ``(n, k)`` weight at
+    ``rows`` rows, streamed over enough copies that they come from memory. Float32:
+    ``F.linear`` against the kernel on the row-major weight and on its panels (None: this
+    build has none); ``int8``: an int8 weight-only layer's own forward (torch's packed int8
+    matmul) against the kernel reading the same int8 weights (no panels)."""
     import torch
     import torch.nn.functional as F
 
@@ -432,6 +581,7 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False
     # (at most 256: a tiny test model's shapes would need thousands to leave the caches)
     copies = min(256, max(1, STREAM_BYTES // (n * k * size)))
     x = torch.randn(rows, k)
+    through_panels = None
     if int8:
         from sureserve.loading.kernels import Int8WeightOnlyLinear
 
@@ -457,23 +607,36 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False
             for w in ws:
                 kernel(x, w)
 
+        if kernel.panel_width:
+            held = [Panels(w, kernel.pack_panels(w), 1) for w in ws]
+            panel_structs = [struct_of((w, None, None), p) for w, p in zip(ws, held,
+                                                                           strict=True)]
+
+            def through_panels_() -> None:
+                for st in panel_structs:
+                    kernel.linear(x, st)
+
+            through_panels = through_panels_
+
     # alternated, best of 3 each: drift of the machine hits both
-    a = b = float("inf")
+    a = b = c = float("inf")
     for _ in range(3):
         a = min(a, best_ms(through_torch, 1))
         b = min(b, best_ms(through_kernel, 1))
-    return a / copies, b / copies
+        if through_panels is not None:
+            c = min(c, best_ms(through_panels, 1))
+    return a / copies, b / copies, None if through_panels is None else c / copies
 
 
 def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int
-              ) -> tuple[float, float]:
+              ) -> tuple[float, float, float | None]:
     """``measure`` for a ``shape_key``, cached per machine, thread count and kernel build
     (``machine.measured_once``)."""
     from sureserve.loading.machine import measured_once
 
-    def parse(v: Any) -> tuple[float, float]:
-        a, b = v
-        return float(a), float(b)
+    def parse(v: Any) -> tuple[float, float, float | None]:
+        a, b, c = v
+        return float(a), float(b), None if c is None else float(c)
 
     n, k, int8 = int(key[0]), int(key[1]), len(key) > 2
     name = f"{n}x{k}:{rows}" + (":int8" if int8 else "")

@@ -60,15 +60,18 @@ class FitPlan:
                 "max_memory_gib": self.max_memory}
 
 
-def need_gib(size: ModelSize, precision: str, kv_mb: float, packed_mb: float = 0.0
-             ) -> tuple[float, float, float]:
+def need_gib(size: ModelSize, precision: str, kv_mb: float, packed_mb: float = 0.0,
+             panel_mb: float = 0.0) -> tuple[float, float, float]:
     """(weights GiB, KV budget GiB, total GiB with activations) at ``precision``;
     ``packed_mb``: the bound on oneDNN's packed copies of float32/bfloat16 linear weights
-    (``packed_linear_mb``, CPU only): at most the weights again."""
+    (``packed_linear_mb``, CPU only): at most the weights again; ``panel_mb``: the bound on
+    the decode kernel's panel copies of float32 weights (``decode_panels_mb``, CPU
+    generation only): at most the weights again."""
     weights = size.params * PRECISION_BYTES[precision] / GIB
     kv = kv_mb / 1024 if size.kv_bytes_per_token else 0.0
     packed = min(packed_mb / 1024, weights) if precision in ("float32", "bfloat16") else 0.0
-    return weights, kv, weights * (1 + ACTIVATION_SHARE) + kv + packed
+    panels = min(panel_mb / 1024, weights) if precision == "float32" else 0.0
+    return weights, kv, weights * (1 + ACTIVATION_SHARE) + kv + packed + panels
 
 
 def precisions(machine: Machine) -> list[str]:
@@ -77,29 +80,33 @@ def precisions(machine: Machine) -> list[str]:
 
 
 def plan_fit(size: ModelSize, machine: Machine, kv_mb: float,
-             allow_offload: bool = False, packed_mb: float = 0.0
+             allow_offload: bool = False, packed_mb: float = 0.0, panel_mb: float = 0.0
              ) -> tuple[list[dict[str, Any]], FitPlan]:
-    """``packed_mb``: the packed_linear_mb bound when packed_linear is on (counted on a
-    CPU only: a GPU packs nothing)."""
+    """``packed_mb``: the packed_linear_mb bound when packed_linear is on; ``panel_mb``:
+    the decode_panels_mb bound for a generation model whose decode kernel is on (both
+    counted on a CPU only: a GPU packs nothing)."""
     order = precisions(machine)
     packed_mb = 0.0 if machine.gpus else packed_mb
+    panel_mb = 0.0 if machine.gpus else panel_mb
     one = max(machine.gpus) - GPU_RUNTIME_GIB if machine.gpus else machine.cpu_gib
     where = "GPU" if machine.gpus else "CPU"
     rows = []
     for p in ["float32", "bfloat16", "int8", "int4"]:
-        w, kv, total = need_gib(size, p, kv_mb, packed_mb)
+        w, kv, total = need_gib(size, p, kv_mb, packed_mb, panel_mb)
         rows.append({"precision": p, "weights_gib": round(w, 2),
                      "kv_bytes_per_token": int(size.kv_bytes_per_token * (2 if p == "float32"
                                                                           else 1)),
                      "kv_gib": round(kv, 2), "needs_gib": round(total, 2),
                      "fits_one_device": total <= one})
     best = order[0]
-    _, _, need = need_gib(size, best, kv_mb, packed_mb)
+    _, _, need = need_gib(size, best, kv_mb, packed_mb, panel_mb)
     assumed = (f"needs = weights x {1 + ACTIVATION_SHARE:g} (activations) + KV budget "
                f"{kv_mb:g} MB" + (f"; {GPU_RUNTIME_GIB:g} GiB per GPU kept for the runtime"
                                     if machine.gpus else "")
                + (f" + packed copies of 16/32-bit linear weights (up to packed_linear_mb, "
-                  f"{packed_mb:g} MB)" if packed_mb else ""))
+                  f"{packed_mb:g} MB)" if packed_mb else "")
+               + (f" + the decode kernel's panel copies of float32 weights (up to "
+                  f"decode_panels_mb, {panel_mb:g} MB)" if panel_mb else ""))
     first = "cuda:0" if machine.gpus else "cpu"
     if need <= one:
         return rows, FitPlan("single", best, [first], [
@@ -119,7 +126,7 @@ def plan_fit(size: ModelSize, machine: Machine, kv_mb: float,
                 f"(~{need / n:.1f} GiB each, no layer on the CPU)", assumed], max_memory=per)
     short = "the GPUs hold" if machine.gpus else "the CPU has"
     for q in ("int8", "int4"):
-        _, _, qneed = need_gib(size, q, kv_mb, packed_mb)
+        _, _, qneed = need_gib(size, q, kv_mb, packed_mb, panel_mb)
         if qneed <= one:
             return rows, FitPlan("quantize", q, [first], [
                 f"{best} needs {need:.1f} GiB, more than {short}; {q} needs {qneed:.1f} GiB "
@@ -127,7 +134,7 @@ def plan_fit(size: ModelSize, machine: Machine, kv_mb: float,
                 assumed], [f"{q} needs `sureserve quantize MODEL --eval FILE` to accept it on "
                            "your data before serving"])
     total_mem = sum(g - GPU_RUNTIME_GIB for g in machine.gpus) + machine.cpu_gib
-    w, _, _ = need_gib(size, best, kv_mb, packed_mb)
+    w, _, _ = need_gib(size, best, kv_mb, packed_mb, panel_mb)
     if allow_offload and machine.gpus and need <= total_mem:
         offloaded = max(0.0, need - sum(g - GPU_RUNTIME_GIB for g in machine.gpus))
         per_token_s = offloaded * GIB / (PCIE_GBPS * 1e9)
@@ -146,7 +153,7 @@ def plan_fit(size: ModelSize, machine: Machine, kv_mb: float,
             "read from disk (--allow-offload)", assumed], [
             "OFFLOAD to disk: every step reads the offloaded layers from disk; expect well "
             "under 1 token/s"])
-    smallest = need_gib(size, "int4", kv_mb, packed_mb)[2]
+    smallest = need_gib(size, "int4", kv_mb, packed_mb, panel_mb)[2]
     return rows, FitPlan("refuse", None, [], [
         f"{best} needs {need:.1f} GiB (weights {w:.1f}); even int4 needs {smallest:.1f} GiB and "
         f"one {where} has {one:.1f} GiB" + (
@@ -220,8 +227,10 @@ def fit_model(identifier: str, settings: Any, *, task: str | None = None,
     n = gpus if gpus is not None else (len(real.gpus) if gpu_memory is None else 1)
     per = [gpu_memory if gpu_memory is not None else 80.0] * n if simulated else list(real.gpus)
     machine = Machine(tuple(per), cpu_memory if cpu_memory is not None else real.cpu_gib)
+    panels = task == "generate" and settings.direct_decode and settings.decode_kernel
     rows, plan = plan_fit(size, machine, settings.kv_cache_mb, allow_offload,
-                          settings.packed_linear_mb if settings.packed_linear else 0.0)
+                          settings.packed_linear_mb if settings.packed_linear else 0.0,
+                          settings.decode_panels_mb if panels else 0.0)
     return {"model": identifier, "task": task, "params": size.params,
             "largest_block_params": size.largest_block,
             "kv_cache_mb": settings.kv_cache_mb if size.kv_bytes_per_token else None,
