@@ -461,10 +461,12 @@ def test_panels_follow_the_measurement(monkeypatch: pytest.MonkeyPatch, gemv: na
     off = native.plan(m := _model("llama"), "cpu", tmp_path, panel_bytes=0)
     assert off.panel_rows == {} and "decode_panels_mb is 0" in off.panel_why
     assert native.panels_of(m.lm_head) is None
-    monkeypatch.setattr(native, "_measured", lambda *a: (1.0, 2.0, 2.0))  # kernel unused
+    # a kernel that ends up unused: the decode plan frees the panels
+    monkeypatch.setattr(native, "_measured", lambda *a: (1.0, 2.0, 2.0))
     unused = native.plan(m, "cpu", tmp_path, panel_bytes=2**30)
-    assert unused.max_rows == 0 and unused.panel_rows == {} and native.panels_of(m.lm_head) \
-        is None
+    assert unused.max_rows == 0 and native.panels_of(m.lm_head) is not None
+    assert plan(m, kernel=unused, calibrate=False).direct is not None
+    assert unused.panel_rows == {} and native.panels_of(m.lm_head) is None
 
 
 @pytest.mark.parametrize("march,isa", [("x86-64-v3", "avx2"), ("x86-64", "scalar")])
@@ -486,7 +488,8 @@ def test_the_other_instruction_sets_compute_the_same(march: str, isa: str, tmp_p
             continue
         held: list[Any] = []
 
-        def lin(w: torch.Tensor, b: torch.Tensor | None = None) -> native.Linear:
+        def lin(w: torch.Tensor, b: torch.Tensor | None = None, panels: bool = panels,
+                held: list[Any] = held) -> native.Linear:
             p = native.Panels(w, kernel.pack_panels(w), 1) if panels else None
             held.append(p)  # the structure points into it
             return native.struct_of((w, None, b), p)
@@ -516,3 +519,50 @@ def test_the_other_instruction_sets_compute_the_same(march: str, isa: str, tmp_p
         assert step._prep is not None and step._prep.ok
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-4)
+
+
+def test_whole_steps_decide_the_rows_the_kernel_serves(monkeypatch: pytest.MonkeyPatch,
+                                                       gemv: native.Gemv,
+                                                       tmp_path: Path) -> None:
+    """Where the kernel takes whole steps, timed whole steps (not the per-shape sums) decide
+    up to how many rows it serves: faked timings (the verdict must not depend on this CPU),
+    cached per machine; a real calibration's verdict is what it measured."""
+    from sureserve.generation import direct
+
+    model = paneled(_model("llama"), gemv)
+    calls: list[int] = []
+    ratio = {1: 3.0, 4: 2.0, 8: 1.5, 16: 1.01, 32: 2.0}  # torch's ms / the kernel's
+
+    def fake(model: Any, fast: Any, slow: Any, rows: int) -> tuple[float, float]:
+        assert fast.kernel is not None and slow.kernel is None
+        calls.append(rows)
+        return ratio[rows], 1.0
+
+    monkeypatch.setattr(direct, "_time_steps", fake)
+    kp = forced(model, gemv, rows=0)
+    got = plan(model, kernel=kp, home=tmp_path)
+    assert calls == list(native.ROWS) and kp.max_rows == 8  # 16: under MIN_GAIN
+    assert kp.whole_ms[4] == (2.0, 1.0) and "whole steps 3.00x faster at 1 row" in \
+        kp.describe() and "1.50x at 8" in kp.describe()
+    assert got.direct is not None and got.direct.kernel is kp
+    assert kp.to_dict()["whole_step_ms"]["32"] == [2.0, 1.0]
+    again = forced(model, gemv, rows=0)
+    plan(model, kernel=again, home=tmp_path)  # cached: not timed again
+    assert calls == list(native.ROWS) and again.max_rows == 8
+    ratio[1] = 1.0  # the kernel's step no faster at one row: unused, panels freed
+    slow = forced(model, gemv, rows=0)
+    slow.panel_rows = {(64, 64): 1}
+    assert plan(model, kernel=slow, home=None).direct.kernel is None  # type: ignore[union-attr]
+    assert slow.max_rows == 0 and "whole step is no faster" in slow.reason
+    assert slow.panel_rows == {} and native.panels_of(model.lm_head) is None
+    monkeypatch.undo()
+    m = paneled(_model("llama"), gemv)
+    real = forced(m, gemv, rows=0)
+    plan(m, kernel=real, home=None)
+    want = 0
+    for rows in native.ROWS:
+        a, b = real.whole_ms[rows]
+        if a < b * native.MIN_GAIN:
+            break
+        want = rows
+    assert real.max_rows == want and (native.panels_of(m.lm_head) is None) == (want == 0)

@@ -157,7 +157,7 @@ class GenerationEngine:
         self.kernel = native.plan(loaded.model, loaded.plan.device, layout_home,
                                   decode_kernel and direct_decode, packing, panel_bytes)
         self.decode = plan_decode(loaded.model, direct_decode, decode_script, self.kernel,
-                                  packing=packing)
+                                  packing=packing, home=layout_home)
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = loaded.plan.device

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -564,13 +565,107 @@ class DecodePlan:
 
 
 def plan(model: Any, enabled: bool = True, script: bool = True,
-         kernel: Any = None, whole: bool = True, packing: Any = None) -> DecodePlan:
+         kernel: Any = None, whole: bool = True, packing: Any = None,
+         home: Path | None = None, calibrate: bool = True) -> DecodePlan:
     """``script``: the layers in TorchScript where possible (``decode_script``);
     ``kernel``: a ``native.KernelPlan`` (``decode_kernel``) for steps of few rows;
-    ``packing``: the model's ``loading.packed.PackPlan`` (``packed_linear``)."""
-    if not enabled:
-        return DecodePlan(None, "direct_decode is off")
-    reason = why_not(model)
+    ``packing``: the model's ``loading.packed.PackPlan`` (``packed_linear``). With
+    ``calibrate``, where the kernel can take whole steps, the row counts it serves are
+    chosen by timing whole steps of both paths on this model (``calibrate_steps``, cached
+    under ``home``)."""
+    from sureserve.generation import native
+
+    reason = "direct_decode is off" if not enabled else why_not(model)
+    if reason is None and calibrate and whole and kernel is not None \
+            and kernel.kernel is not None:
+        calibrate_steps(model, kernel, script, packing, home)
+    if kernel is not None and (reason is not None or not kernel.max_rows):
+        native.drop_panels(model, kernel)  # nothing reads them
     if reason is not None:
         return DecodePlan(None, reason)
     return DecodePlan(DirectDecode(model, script, kernel, whole, packing), "")
+
+
+#: key/value columns in the cache while whole steps are timed (a chat's prompt and the
+#: first replies; the attention is a small part of a step at this length)
+CALIBRATION_CONTEXT = 64
+
+
+def calibrate_steps(model: Any, kernel: Any, script: bool, packing: Any,
+                    home: Path | None) -> None:
+    """Choose up to how many rows the kernel's whole-step call serves by timing whole
+    decode steps, kernel against torch's path (TorchScript, oneDNN's packed linears where
+    they run), at each of ``native.ROWS`` on this model (random cache of
+    ``CALIBRATION_CONTEXT`` columns; cached per machine, kernel build and model shape).
+
+    Why: per-shape timings, one matmul per call, charge each small product a call and a
+    parallel region that the one-call step does not pay, and miss what the step saves
+    between the matmuls: on smollm2 (AMD EPYC) they put the kernel at 1.14x torch's at 4
+    rows, under the margin, where whole steps measured 2.1x (12.9 vs 27.7 ms) and still
+    1.39x at 32 rows. Sets ``kernel.max_rows`` (the longest run of row counts from one
+    where the kernel's step won by ``native.MIN_GAIN``) and ``kernel.whole_ms``; a model
+    the whole step cannot take (``_Prepared``) keeps the per-shape plan."""
+    import dataclasses
+
+    from sureserve.generation import native
+    from sureserve.loading.machine import measured_once
+
+    top = max(native.ROWS)
+    trial = dataclasses.replace(kernel, max_rows=top)
+    fast = DirectDecode(model, script, trial, True, packing)
+    if fast.kernel is None or fast._prepared(1) is None:
+        return
+    slow = DirectDecode(model, script, None, True, packing)
+    cfg = model.config
+    name = ":".join(str(v) for v in (
+        type(model).__name__, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+        cfg.num_attention_heads, cfg.num_key_value_heads, fast.head_dim,
+        model.get_output_embeddings().weight.shape[0], CALIBRATION_CONTEXT,
+        sorted(kernel.panel_rows.items()), sorted(kernel.shape_rows.items()),
+        None if packing is None else packing.min_rows(), script and fast.script is not None))
+
+    def measure() -> dict[str, list[float]]:
+        return {str(r): list(_time_steps(model, fast, slow, r)) for r in native.ROWS}
+
+    def parse(v: Any) -> dict[int, tuple[float, float]]:
+        return {int(r): (float(a), float(b)) for r, (a, b) in v.items()}
+
+    got = measured_once(home, f"decode-step-{kernel.kernel.key}", name, measure, parse)
+    max_rows = 0
+    for rows in native.ROWS:
+        if rows not in got or got[rows][0] < got[rows][1] * native.MIN_GAIN:
+            break
+        max_rows = rows
+    kernel.whole_ms = got
+    kernel.max_rows = max_rows
+    if not max_rows:
+        kernel.reason = (f"its whole step is no faster than torch's here ({got[1][1]:.1f} vs "
+                         f"{got[1][0]:.1f} ms at 1 row)")
+    log.info("decode steps: %s", kernel.describe())
+
+
+def _time_steps(model: Any, fast: DirectDecode, slow: DirectDecode, rows: int
+                ) -> tuple[float, float]:
+    """(torch's path ms, the kernel's ms) for one decode step of ``rows`` rows over a
+    random cache, best of 3 each, alternated (drift of the machine hits both)."""
+    from sureserve.generation.kvcache import PaddedKV
+    from sureserve.loading.machine import best_ms
+
+    cfg, d = model.config, fast.head_dim
+    dtype = model.get_output_embeddings().weight.dtype
+    kv = PaddedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, d, dtype, "cpu",
+                  max_rows=rows)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(rows):
+        part = [torch.randn(1, cfg.num_key_value_heads, CALIBRATION_CONTEXT, d,
+                            generator=gen).to(dtype) for _ in range(cfg.num_hidden_layers)]
+        kv.add_row(part, part)
+    kv.reserve(1)
+    ids = torch.randint(0, int(cfg.vocab_size), (rows, 1), generator=gen)
+    pos = torch.full((rows, 1), CALIBRATION_CONTEXT)
+    a = b = float("inf")
+    with torch.inference_mode():
+        for _ in range(2):
+            a = min(a, best_ms(lambda: slow.step(ids, pos, kv, None), 3))
+            b = min(b, best_ms(lambda: fast.step(ids, pos, kv, None), 3))
+    return a, b

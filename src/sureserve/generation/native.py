@@ -382,6 +382,9 @@ class KernelPlan:
     panel_rows: dict[tuple[Any, ...], int] = field(default_factory=dict)
     panel_mb: float = 0.0
     panel_why: str = ""
+    # rows -> (torch's path ms, the kernel's ms) for whole decode steps of this model
+    # (``direct.calibrate_steps``): when measured, what ``max_rows`` was chosen by
+    whole_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def active(self, rows: int) -> bool:
         return self.kernel is not None and rows <= self.max_rows
@@ -394,9 +397,11 @@ class KernelPlan:
     def describe(self) -> str:
         if self.kernel is None or self.max_rows == 0:
             return f"torch's matmul kernels ({self.reason})"
-        one = self.step_ms.get(1)
-        gain = f", matmuls {one[0] / max(one[1], 1e-9):.2f}x faster at 1 row" if one else ""
-        top = self.step_ms.get(self.max_rows)
+        figures = self.whole_ms or self.step_ms
+        what = "whole steps" if self.whole_ms else "matmuls"
+        one = figures.get(1)
+        gain = f", {what} {one[0] / max(one[1], 1e-9):.2f}x faster at 1 row" if one else ""
+        top = figures.get(self.max_rows)
         if top and self.max_rows != 1:
             gain += f", {top[0] / max(top[1], 1e-9):.2f}x at {self.max_rows}"
         panels = ""
@@ -421,7 +426,9 @@ class KernelPlan:
                             for r, (a, b) in self.step_ms.items()},
                 "panel_rows": {name(key): r for key, r in self.panel_rows.items()},
                 "panel_mb": round(self.panel_mb, 1),
-                "panel_why": self.panel_why}
+                "panel_why": self.panel_why,
+                "whole_step_ms": {str(r): [round(a, 3), round(b, 3)]
+                                  for r, (a, b) in self.whole_ms.items()}}
 
 
 def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
@@ -494,9 +501,8 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
     reason = "" if max_rows else (
         f"no faster than {against} here ({step[1][1]:.2f} vs {step[1][0]:.2f} ms of matmuls "
         "a step at 1 row)")
-    # panels only for shapes the kernel runs at a row count that reads them
-    panel_rows = {key: r for key, r in panel_rows.items()
-                  if r <= min(shape_rows[key], max_rows)}
+    # given now: the whole steps that decide the row counts read them
+    # (``direct.calibrate_steps``); ``drop_panels`` where the kernel ends up unused
     made = _give_panels(model, kernel, panel_rows) if panel_rows else 0
     out = KernelPlan(kernel, max_rows, reason, step, shape_rows, panel_rows, made / 2**20,
                      panel_why)
@@ -551,6 +557,8 @@ def _give_panels(model: Any, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int
     """Pack the weights of every float32 layer of a ``panel_rows`` shape into panels, held
     on the layer (``Panels``); returns the bytes made."""
     made = 0
+    if not kernel.panel_width:
+        return 0
     for m in model.modules():
         got = weights_of(m)
         if got is None or got[1] is not None:
@@ -563,6 +571,13 @@ def _give_panels(model: Any, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int
         m.__dict__[PANELS] = Panels(got[0], panels, rows)
         made += panels.numel() * 4
     return made
+
+
+def drop_panels(model: Any, kernel_plan: KernelPlan) -> None:
+    """Free the panels ``plan`` gave ``model``'s layers (the kernel does not serve)."""
+    for m in model.modules():
+        m.__dict__.pop(PANELS, None)
+    kernel_plan.panel_rows, kernel_plan.panel_mb = {}, 0.0
 
 
 def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False
