@@ -223,13 +223,14 @@ class Settings(BaseSettings):
     )
     decode_kernel: bool = Field(
         default=True,
-        description="With direct_decode, on a CPU: decode steps of few rows multiply by "
-        "the float32 weights through sureserve's own GEMV kernel (compiled here once with "
-        "the C compiler, cc or $CC) wherever it measured faster than torch's on this "
-        "machine and model (measured once, cached; /info's decode_path gives the figures "
-        "and the row count it serves). Its sums run in another order than torch's: logits "
-        "can differ in the last bits (greedy outputs are checked against transformers in "
-        "the tests and the benchmark). Off: torch's kernels, bit-identical to the forward.",
+        description="With direct_decode, on a CPU: decode steps of up to 32 rows run as "
+        "one call of sureserve's own kernel (compiled here once with the C compiler, cc or "
+        "$CC; float32 and int8 weight-only layers) up to the row count where whole steps "
+        "measured faster than torch's path on this machine and model (timed once, cached; "
+        "/info's decode_path gives the figures and the row count it serves). Its sums run "
+        "in another order than torch's: logits can differ in the last bits (greedy outputs "
+        "are checked against transformers in the tests and the benchmark). Off: torch's "
+        "kernels, bit-identical to the forward.",
     )
     decode_panels_mb: float = Field(
         default=1024.0, ge=0,
@@ -239,8 +240,8 @@ class Settings(BaseSettings):
         "serves up to 8 rows; measured on a 2-core AMD EPYC: a 32-row step's matmuls 1.3x "
         "faster than oneDNN's packed linears, 8 rows 2.2x faster than the row-major "
         "kernel, BENCHMARKS.md). Shapes measured no faster keep the row-major weights; the "
-        "ones that save the most go first. A row's logits are the same whatever the number "
-        "of rows decoded with it. /info's decode_path gives the figures. 0: none.",
+        "ones that save the most go first. Each row's products are the same whatever the "
+        "number of rows decoded with it. /info's decode_path gives the figures. 0: none.",
     )
     decode_weight_layout: bool = Field(
         default=False,
