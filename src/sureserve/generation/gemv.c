@@ -15,10 +15,13 @@
  * one row after another, front to back (the stream the prefetchers follow best); more rows
  * use register tiles of MT_MAX rows of x by 4 rows of W (each loaded vector used several
  * times). int8 weights are widened to float32 in registers: a quarter of the bytes to
- * stream, the arithmetic in float32 (activations are not rounded).
+ * stream, the arithmetic in float32 (activations are not rounded). A float32 layer may
+ * also carry its weight in panels (see "Panels" below: the faster layout from a few rows
+ * up, measured per shape), which products of at least its `pmin` rows read instead.
  *
  * Beside the plain product, fused entry points cover a Llama decoder layer (RMSNorm + q/k/v
- * + rotary; output projection + residual; the MLP block), and ``sureserve_decode`` runs
+ * + rotary; the MLP block; each taking its layers as sureserve_linear, panels included;
+ * the output projection with its residual is sureserve_linear_apply), and ``sureserve_decode`` runs
  * every layer of one decode step (attention over the KV cache included) in one call and
  * one parallel region, so that the operations between the matmuls cost no Python call.
  * The threads are OpenMP's: the same libgomp torch loaded, so one pool, sized by

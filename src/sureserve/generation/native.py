@@ -15,11 +15,16 @@ activations kept in float32), and runs either one product (``Gemv.__call__``,
 (``Gemv.decode``: every layer, the attention over the KV cache, lm_head; BENCHMARKS.md
 "Generation: one call per decode step, int8 weights").
 
+Float32 weights may also be repacked into panels (``Panels``, ``gemv.c``: one forward
+stream per product at any row count, tiles of several rows per loaded vector), a second
+copy bounded by ``decode_panels_mb``, read from the row count where they measured no
+slower than the row-major weights.
+
 It is chosen by measurement, never by CPU flags: every distinct weight shape of the model
 (float32, or int8 against torch's int8 matmul) is timed through torch and through the
-kernel at 1, 4, 8 and 16 rows (cached per machine, beside the matmul speeds), and the
-kernel serves decode steps up to the largest row count at which the whole model's matmuls
-are faster with it. Its sums run in another order than torch's, so logits can differ in
+kernel (row-major and panels) at the row counts of ``ROWS`` (cached per machine, beside
+the matmul speeds); where the kernel takes whole steps, timed whole steps then decide the
+row counts it serves (``direct.calibrate_steps``), elsewhere the matmuls' sum does. Its sums run in another order than torch's, so logits can differ in
 the last bits: greedy outputs are compared with ``transformers`` generation in the tests
 (a difference is allowed only at a near-tie) and by ``sureserve bench generate``;
 ``decode_kernel = false`` keeps torch's kernels, and the direct step's bit-identity with
