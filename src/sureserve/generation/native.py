@@ -24,7 +24,8 @@ It is chosen by measurement, never by CPU flags: every distinct weight shape of 
 (float32, or int8 against torch's int8 matmul) is timed through torch and through the
 kernel (row-major and panels) at the row counts of ``ROWS`` (cached per machine, beside
 the matmul speeds); where the kernel takes whole steps, timed whole steps then decide the
-row counts it serves (``direct.calibrate_steps``), elsewhere the matmuls' sum does. Its sums run in another order than torch's, so logits can differ in
+row counts it serves (``direct.calibrate_steps``), elsewhere the matmuls' sum does. Its
+sums run in another order than torch's, so logits can differ in
 the last bits: greedy outputs are compared with ``transformers`` generation in the tests
 (a difference is allowed only at a near-tie) and by ``sureserve bench generate``;
 ``decode_kernel = false`` keeps torch's kernels, and the direct step's bit-identity with
