@@ -247,12 +247,13 @@ def test_column_major_decode_weights_keep_greedy_outputs(smollm2: sureserve.Engi
         assert ids == _reference(plain, prompt, 12), prompt
 
 
-def test_the_gemv_kernel_keeps_greedy_outputs(smollm2: sureserve.Engine,
-                                              tmp_path: object) -> None:
+@pytest.mark.parametrize("panels", [False, True])
+def test_the_gemv_kernel_keeps_greedy_outputs(smollm2: sureserve.Engine, panels: bool) -> None:
     """sureserve's GEMV kernel forced on every linear layer of smollm2 for steps of up to
-    16 rows (whatever this machine measured): the 7 prompts decoded together, and one
-    alone, give plain ``transformers`` generation's tokens (its sums run in another order:
-    a difference would only be allowed at a near-tie, and none occurs on these prompts)."""
+    32 rows (whatever this machine measured), its float32 weights row-major or in panels
+    from one row: the 7 prompts decoded together, and one alone, give plain
+    ``transformers`` generation's tokens (its sums run in another order: a difference would
+    only be allowed at a near-tie, and none occurs on these prompts)."""
     import torch
 
     from sureserve.generation import native
@@ -261,15 +262,31 @@ def test_the_gemv_kernel_keeps_greedy_outputs(smollm2: sureserve.Engine,
     kernel, why = native.build(smollm2.settings.home_dir())
     if kernel is None:
         pytest.skip(f"the GEMV kernel is unavailable here: {why}")
+    if panels and not kernel.panel_width:
+        pytest.skip("this build has no vector unit: no panels")
     gen = GenerationEngine(smollm2.loaded, decode_kernel=False)
-    shapes = {(int(m.weight.shape[0]), int(m.weight.shape[1])): 16
+    shapes = {(int(m.weight.shape[0]), int(m.weight.shape[1])): 32
               for m in smollm2.model.modules() if isinstance(m, torch.nn.Linear)}
-    gen.decode = plan(smollm2.model, kernel=native.KernelPlan(kernel, 16, "", {}, shapes))
-    assert gen.decode.direct is not None and gen.decode.direct.kernel is not None
-    prompts = [list(smollm2.tokenizer(p)["input_ids"]) for p in PROMPTS]
-    for prompt, ids in zip(PROMPTS, gen.generate_ids(prompts, 12), strict=True):
-        assert ids == _reference(smollm2, prompt, 12), prompt
-    assert gen.generate_ids(prompts[:1], 12)[0] == _reference(smollm2, PROMPTS[0], 12)
+    # the shared engine's own panels (what this machine measured) set aside meanwhile
+    saved = {m: m.__dict__.pop(native.PANELS) for m in smollm2.model.modules()
+             if native.PANELS in m.__dict__}
+    try:
+        if panels:
+            native._give_panels(smollm2.model, kernel, dict.fromkeys(shapes, 1))
+        gen.decode = plan(smollm2.model, kernel=native.KernelPlan(kernel, 32, "", {}, shapes),
+                          calibrate=False)
+        direct = gen.decode.direct
+        assert direct is not None and direct.kernel is not None
+        prompts = [list(smollm2.tokenizer(p)["input_ids"]) for p in PROMPTS]
+        for prompt, ids in zip(PROMPTS, gen.generate_ids(prompts, 12), strict=True):
+            assert ids == _reference(smollm2, prompt, 12), prompt
+        assert gen.generate_ids(prompts[:1], 12)[0] == _reference(smollm2, PROMPTS[0], 12)
+        assert direct._prep is not None and bool(direct._prep.layers[0].q.p) == panels
+    finally:
+        for m in smollm2.model.modules():
+            m.__dict__.pop(native.PANELS, None)
+        for m, p in saved.items():
+            m.__dict__[native.PANELS] = p
 
 
 def test_logprobs_are_the_models_log_softmax(smollm2: sureserve.Engine) -> None:

@@ -580,7 +580,11 @@ def _give_panels(model: Any, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int
 
 
 def drop_panels(model: Any, kernel_plan: KernelPlan) -> None:
-    """Free the panels ``plan`` gave ``model``'s layers (the kernel does not serve)."""
+    """Free the panels ``plan`` gave ``model``'s layers (the kernel does not serve); a plan
+    that gave none leaves the model's alone (another engine on the same model may read
+    them)."""
+    if not kernel_plan.panel_rows:
+        return
     for m in model.modules():
         m.__dict__.pop(PANELS, None)
     kernel_plan.panel_rows, kernel_plan.panel_mb = {}, 0.0
