@@ -399,6 +399,10 @@ def test_stale_panels_are_never_read(gemv: native.Gemv) -> None:
     assert native.panels_of(layer) is not None
     layer.weight = torch.nn.Parameter(torch.randn(24, 40))  # swapped
     assert native.panels_of(layer) is None
+    with torch.inference_mode():  # weights made in inference mode keep no version counter
+        made = torch.nn.Linear(40, 24)
+    native._give_panels(made, gemv, {(24, 40): 1})
+    assert made.weight.is_inference() and native.panels_of(made) is not None
 
 
 @pytest.mark.parametrize("whole", [True, False])

@@ -93,12 +93,10 @@ class Panels:
 
     def __init__(self, weight: Any, panels: Any, min_rows: int) -> None:
         self.panels, self.min_rows = panels, min_rows
-        self.key = None if weight is None else (weight.data_ptr(), weight._version,
-                                                weight.dtype, tuple(weight.shape))
+        self.key = None if weight is None else _identity(weight)
 
     def fresh(self, weight: Any) -> bool:
-        return self.panels is not None and self.key == (
-            weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+        return self.panels is not None and self.key == _identity(weight)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Panels:
         return Panels(None, None, self.min_rows)
@@ -108,6 +106,16 @@ class Panels:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(None, None, state["min_rows"])  # type: ignore[misc]
+
+
+def version_of(t: Any) -> int:
+    """``t``'s in-place version counter; -1 for None and for inference tensors (which keep
+    none: torch raises on ``_version``)."""
+    return -1 if t is None or t.is_inference() else int(t._version)
+
+
+def _identity(weight: Any) -> tuple[Any, ...]:
+    return (weight.data_ptr(), version_of(weight), weight.dtype, tuple(weight.shape))
 
 
 def panels_of(module: Any) -> Panels | None:
