@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sureserve.generation.attention import is_sdpa
-from sureserve.generation.native import version_of
+from sureserve.loading.kernels import tensor_version
 from sureserve.loading.packed import packed_forward
 
 log = logging.getLogger("sureserve.generation")
@@ -333,7 +333,7 @@ class DirectDecode:
         prep = self._prep
         if prep is None or any(a is not b for a, b in zip(mods, prep.modules, strict=True)) \
                 or any(a is not b for a, b in zip(weights, prep.weights, strict=True)) \
-                or any(version_of(a) != v for a, v in zip(weights, prep.versions, strict=True)):
+                or any(_version(a) != v for a, v in zip(weights, prep.versions, strict=True)):
             assert self.kernel is not None
             prep = self._prep = _Prepared.make(self, mods, weights)
         if not prep.ok:
@@ -396,7 +396,7 @@ class _Prepared:
 
     def __init__(self, modules: list[Any], weights: list[Any]) -> None:
         self.modules, self.weights = modules, weights
-        self.versions = [version_of(w) for w in weights]  # in-place changes since
+        self.versions = [_version(w) for w in weights]  # in-place changes since
         self.ok = False  # whether every layer is one the kernel takes
         self.why = ""
         self.layers: Any = None
@@ -454,6 +454,10 @@ class _Prepared:
         self.norms = norms
         self.ok = True
         return self
+
+
+def _version(t: Any) -> int | None:
+    return None if t is None else tensor_version(t)
 
 
 def _struct(module: Any) -> Any:

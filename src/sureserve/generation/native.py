@@ -108,14 +108,10 @@ class Panels:
         self.__init__(None, None, state["min_rows"])  # type: ignore[misc]
 
 
-def version_of(t: Any) -> int:
-    """``t``'s in-place version counter; -1 for None and for inference tensors (which keep
-    none: torch raises on ``_version``)."""
-    return -1 if t is None or t.is_inference() else int(t._version)
-
-
 def _identity(weight: Any) -> tuple[Any, ...]:
-    return (weight.data_ptr(), version_of(weight), weight.dtype, tuple(weight.shape))
+    from sureserve.loading.kernels import tensor_version
+
+    return (weight.data_ptr(), tensor_version(weight), weight.dtype, tuple(weight.shape))
 
 
 def panels_of(module: Any) -> Panels | None:

@@ -200,9 +200,11 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-def _version(x: torch.Tensor) -> int | None:
-    """The tensor's in-place version, or None for an inference tensor (it has none; the
-    layers that share an input read it back to back, nothing writes it in between)."""
+def tensor_version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place version, or None for an inference tensor (it has none: torch
+    raises on ``_version``; the layers that share an input read it back to back, nothing
+    writes it in between; the decode kernel's panels and whole-step structures compare
+    it too, generation/native.py)."""
     return None if x.is_inference() else x._version
 
 
@@ -220,7 +222,7 @@ class TokenQuantizer:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         local = self._local
         last = getattr(local, "last", None)
-        version = _version(x)
+        version = tensor_version(x)
         if last is not None and last[0]() is x and last[1] == version:
             local.uses += 1
             if local.uses >= self.users:  # every sibling has read it: let it go
