@@ -148,3 +148,29 @@ def test_packed_copies_count_on_a_cpu_only() -> None:
     assert capped == pytest.approx(1.0)
     gpu_rows, _ = plan_fit(SEVEN_B, Machine((80.0,)), kv_mb=2048, packed_mb=1024)
     assert gpu_rows == plan_fit(SEVEN_B, Machine((80.0,)), kv_mb=2048)[0]
+
+
+def test_decode_panel_copies_count_for_float32_generation_on_a_cpu(tmp_path: Path) -> None:
+    """decode_panels_mb: the decode kernel's panel copies of float32 weights (generation on
+    a CPU) are counted on top of the packed copies, capped at the weights, float32 rows
+    only, never on a GPU; ``sureserve fit`` takes the flag and counts it for a decoder."""
+    small = ModelSize(135_000_000, 3_500_000, 46_080)
+    cpu = Machine((), cpu_gib=24.0)
+    rows, _ = plan_fit(small, cpu, kv_mb=1024, packed_mb=1024)
+    rows_p, plan_p = plan_fit(small, cpu, kv_mb=1024, packed_mb=1024, panel_mb=1024)
+    by, by_p = ({r["precision"]: r["needs_gib"] for r in x} for x in (rows, rows_p))
+    fp32 = need_gib(small, "float32", 1024)[0]
+    assert by_p["float32"] == pytest.approx(by["float32"] + fp32, abs=0.01)  # capped
+    assert by_p["bfloat16"] == by["bfloat16"] and by_p["int8"] == by["int8"]
+    assert "decode_panels_mb" in " ".join(plan_p.reasons)
+    gpu = Machine((80.0,))
+    assert plan_fit(SEVEN_B, gpu, 2048, panel_mb=1024)[0] == plan_fit(SEVEN_B, gpu, 2048)[0]
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B))
+    runner = CliRunner()
+    args = ["fit", str(tmp_path), "--gpus", "0", "--cpu-memory", "64", "--json"]
+    with_panels = json.loads(runner.invoke(app, args).stdout)
+    without = json.loads(runner.invoke(app, [*args, "--decode-panels-mb", "0"]).stdout)
+    need = {r["precision"]: r["needs_gib"] for r in with_panels["precisions"]}
+    need0 = {r["precision"]: r["needs_gib"] for r in without["precisions"]}
+    assert need["float32"] == pytest.approx(need0["float32"] + 1.0, abs=0.01)  # 1024 MB
+    assert need["bfloat16"] == need0["bfloat16"]
