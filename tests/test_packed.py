@@ -19,6 +19,11 @@ from sureserve.loading.packed import PackedForward, PackPlan, choose_min_rows, p
 
 pytestmark = pytest.mark.skipif(packed.why_unavailable() is not None,
                                 reason=f"{packed.why_unavailable()}")
+#: bfloat16 where this CPU can pack it (the refusal elsewhere is tested on every CPU below)
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    packed.dtype_unavailable(torch.bfloat16) is not None,
+    reason=f"{packed.dtype_unavailable(torch.bfloat16)}"))
+DTYPES = [torch.float32, BF16]
 
 
 def _fake(monkeypatch: pytest.MonkeyPatch, faster_from: int | None) -> list[tuple[Any, ...]]:
@@ -47,7 +52,7 @@ def _packed(mod: torch.nn.Linear, min_rows: int = 1) -> torch.nn.Linear:
     return mod
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_product_is_f_linear_up_to_rounding(dtype: torch.dtype) -> None:
     mod = _linear(dtype=dtype)
     plain = copy.deepcopy(mod)
@@ -176,6 +181,27 @@ def test_a_machine_where_packing_is_slower_keeps_f_linear(monkeypatch: pytest.Mo
     assert plan_and_apply(_llama(), "cuda:0", tmp_path).path == "off: not a CPU"
 
 
+def test_a_cpu_that_cannot_pack_bfloat16_runs_it_through_f_linear(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """torch's bfloat16 reorder raises on CPUs without AVX-512 or AVX-NE-CONVERT (an
+    AVX2-only EPYC failed to load a bfloat16 model): such a CPU keeps F.linear with the
+    reason, float32 models still pack, and the check is faked so both run on any CPU."""
+    asked = _fake(monkeypatch, faster_from=1)
+    monkeypatch.setattr(packed, "_bf16_packable", lambda: False)
+    assert "AVX-512" in (packed.dtype_unavailable(torch.bfloat16) or "")
+    assert packed.dtype_unavailable(torch.float32) is None
+    model = _llama().to(torch.bfloat16)
+    plan = plan_and_apply(model, "cpu", tmp_path)
+    assert plan.path.startswith("off: oneDNN packs bfloat16 weights only") and not asked
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    x = torch.randint(0, 300, (2, 5))
+    with torch.inference_mode():
+        assert model(input_ids=x).logits.dtype == torch.bfloat16  # runs, unpacked
+    assert plan_and_apply(_llama(), "cpu", tmp_path).packed_layers > 0
+    monkeypatch.setattr(packed, "_bf16_packable", lambda: True)
+    assert packed.dtype_unavailable(torch.bfloat16) is None
+
+
 def test_the_byte_bound_packs_the_largest_savings_first(monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
     _fake(monkeypatch, faster_from=1)
@@ -188,7 +214,7 @@ def test_the_byte_bound_packs_the_largest_savings_first(monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize("script", [True, False], ids=["torchscript", "python"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_step_stays_bit_identical_to_the_packed_forward(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, script: bool,
         dtype: torch.dtype) -> None:
@@ -246,7 +272,7 @@ def _bert(act: str = "gelu") -> Any:
     return BertModel(cfg).eval()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_the_feed_forward_gelu_runs_inside_the_packed_product_bit_for_bit(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dtype: torch.dtype) -> None:
     _fake(monkeypatch, faster_from=1)

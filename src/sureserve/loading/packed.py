@@ -72,6 +72,28 @@ def why_unavailable() -> str | None:
     return None
 
 
+def dtype_unavailable(dtype: Any) -> str | None:
+    """None when oneDNN can pack weights of ``dtype`` on this CPU; else why not. torch's
+    bfloat16 reorder raises on CPUs without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT (seen
+    on an AVX2-only EPYC: loading a bfloat16 model failed in the packing plan)."""
+    import torch
+
+    if dtype == torch.bfloat16 and not _bf16_packable():
+        return ("oneDNN packs bfloat16 weights only on CPUs with AVX-512 (BW, VL, DQ) or "
+                "AVX-NE-CONVERT, which this one lacks")
+    return None
+
+
+def _bf16_packable() -> bool:
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
 def pack(weight: Any) -> Any:
     """oneDNN's blocked copy of a (out, in) weight (an opaque tensor)."""
     import torch
@@ -439,6 +461,11 @@ def _plan(model: Any, device: str, home: Path | None, enabled: bool,
                and packed_forward(m) is None]
     if not linears:
         return PackPlan("off: no plain float32/bfloat16 nn.Linear (quantized or offloaded)")
+    refused = {m.weight.dtype: why for m in linears
+               if (why := dtype_unavailable(m.weight.dtype)) is not None}
+    linears = [m for m in linears if m.weight.dtype not in refused]
+    if not linears:
+        return PackPlan("off: " + "; ".join(refused.values()))
     started = time.perf_counter()
     groups: dict[tuple[int, int, Any], list[Any]] = {}
     for m in linears:
