@@ -88,15 +88,6 @@ class Settings(BaseSettings):
         "LRU_CACHE_CAPACITY is set (that one wins); 0 turns oneDNN's cache off (ideep's keeps "
         "1: torch's packed ops crash without it).",
     )
-    malloc_arenas: int = Field(
-        default=2, ge=0,
-        description="Most glibc malloc arenas (per-thread heaps) in a serving or job process "
-        "(Linux with glibc). glibc's default, 8 per core, lets each allocating thread keep "
-        "freed memory the others cannot reuse: RSS crept up under long mixed traffic "
-        "(BENCHMARKS.md 'Memory under load'). Applied before the server starts its threads "
-        "and at load, unless MALLOC_ARENA_MAX is set (that one wins); 0 keeps glibc's "
-        "default. Raise it on machines with many cores if allocation contends.",
-    )
     packed_linear: bool = Field(
         default=True,
         description="On a CPU, multiply by each linear layer's weight through a copy packed "
@@ -511,7 +502,7 @@ class Settings(BaseSettings):
 GROUPS: dict[str, tuple[str, ...]] = {
     "source": ("home", "allow_download", "allow_pickle", "trust_remote_code"),
     "plan": ("device", "dtype", "attn_implementation", "quantization", "allow_offload",
-             "onednn_cache_capacity", "malloc_arenas", "packed_linear", "packed_linear_mb",
+             "onednn_cache_capacity", "packed_linear", "packed_linear_mb",
              "accept_gate_failure"),
     "batching": ("truncation", "chunk_stride", "max_batch_tokens", "min_batch_tokens",
                  "max_padding_share", "max_batch_size", "planner_window", "skip_bad_lines",

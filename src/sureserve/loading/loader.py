@@ -24,7 +24,7 @@ from sureserve.loading.inspect import (
     sentence_transformers_config,
     usable_max,
 )
-from sureserve.loading.machine import bound_malloc_arenas, bound_onednn_cache
+from sureserve.loading.machine import bound_onednn_cache
 from sureserve.loading.plan import LoadPlan, detect_caps, make_plan
 from sureserve.loading.source import Source, resolve, vet_weights
 from sureserve.settings import Settings
@@ -89,7 +89,6 @@ def load(
 
     settings = settings or Settings()
     bound_onednn_cache(settings.onednn_cache_capacity)
-    bound_malloc_arenas(settings.malloc_arenas)
     started = time.perf_counter()
     source = resolve(identifier, revision, settings)
     config = read_json(source.path / "config.json")

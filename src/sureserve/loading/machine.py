@@ -70,42 +70,6 @@ def bound_onednn_cache(capacity: int) -> int:
     return int(os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity)))
 
 
-MALLOC_ARENA_ENV = "MALLOC_ARENA_MAX"
-_M_ARENA_MAX = -8  # mallopt's parameter number for the arena cap (glibc's malloc.h)
-
-
-def bound_malloc_arenas(arenas: int) -> int | None:
-    """Cap glibc's malloc arenas for this process; returns the cap in force (None where
-    none was set: 0 asked, another C library, or the user's ``MALLOC_ARENA_MAX`` already
-    applied by glibc at start-up, which wins).
-
-    glibc gives each thread that allocates its own heap ("arena"), up to 8 per core, and
-    memory freed in one arena is reused only by the threads on it. A server runs many
-    threads that allocate (the event loop, tokenizer pool, forward workers, torch's and
-    the decode kernel's threads), each holding freed blocks the others cannot use: a
-    10-minute generation soak with the decode kernel's panels grew +9.8%, +2.8% with two
-    arenas (BENCHMARKS.md "Memory under load"). Only arenas made after the call are
-    capped, so it runs before the server starts its threads and again at load (offline
-    jobs); calling it twice is harmless."""
-    if arenas <= 0 or os.environ.get(MALLOC_ARENA_ENV):
-        return None
-    libc = _glibc()
-    if libc is None or libc.mallopt(_M_ARENA_MAX, arenas) != 1:
-        return None
-    return arenas
-
-
-def _glibc() -> Any:
-    import ctypes
-
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return None
-        return ctypes.CDLL(None)
-    except (ValueError, OSError, AttributeError):  # no such name: not glibc
-        return None
-
-
 def gemm_gflops(dtype_name: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
     """Measured matrix-multiply rate of this machine, in GFLOP/s, for square n x n (also
     the benchmarks' GEMM figure)."""

@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 
 import uvicorn
 
-from sureserve.loading.machine import bound_malloc_arenas
 from sureserve.settings import Settings
 
 
@@ -38,9 +37,6 @@ def serve(models: Sequence[str], settings: Settings) -> None:
     # loads its OpenMP runtime; an explicit user setting wins.
     if not any(_generates(m, settings) for m in models):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # before uvicorn, the tokenizer pool and torch start threads: each would get its own
-    # malloc arena (loading/machine.py)
-    bound_malloc_arenas(settings.malloc_arenas)
     # start-up decisions (workers and threads, measured pass cost, packing on or off and
     # why, gate summary) are worth a line each; nothing is logged per request at INFO
     logging.getLogger("sureserve.server").setLevel(logging.INFO)
