@@ -156,4 +156,3 @@ def test_a_zero_capacity_keeps_one_ideep_entry_and_packing_refuses_a_zero(
     monkeypatch.setenv(machine.IDEEP_CACHE_ENV, "0")
     why = packed.why_unavailable()
     assert why is not None and "LRU_CACHE_CAPACITY=0" in why
-
