@@ -259,6 +259,36 @@ class TokenQuantizer:
         self.__init__(state["inv_smooth"], state.get("users", 1))  # type: ignore[misc]
 
 
+@functools.cache
+def int8_pairs_saturate() -> bool:
+    """Whether oneDNN's u8 x s8 matmul loses precision on this CPU, measured once per
+    process on the worst case (every activation 255, every weight 127).
+
+    Without VNNI (an AVX2-only EPYC) oneDNN multiplies with ``vpmaddubsw``, which adds
+    each pair of u8 x s8 products into a saturating int16: 255 x 127 x 2 does not fit, and
+    random full-range weights there gave errors of 18% of the output's range (oneDNN's
+    "Nuances of int8 computations"). VNNI sums into int32 and is exact. Measured, not read
+    from CPU flags; no oneDNN int8 op here: False (the int8 path is not used then)."""
+    k, n = 64, 8
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    x = torch.full((2, k), 255, dtype=torch.uint8)
+    try:
+        y = torch.ops.onednn.qlinear_pointwise(
+            x, 1.0, 128, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(n),
+            torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    exact = 127.0 * 127.0 * k
+    return bool((y - exact).abs().max() > 0.5)
+
+
+def int8_levels() -> int:
+    """Largest int8 weight magnitude the int8 matmul takes exactly here: 127, or 63 (7 bits)
+    where u8 x s8 pairs saturate, so that 255 x 63 x 2 fits an int16 (fbgemm narrows its
+    range on such CPUs for the same reason)."""
+    return 63 if int8_pairs_saturate() else 127
+
+
 class SmoothInt8Linear(torch.nn.Module):
     """int8 weights (one scale per output channel) times int8 activations quantized per
     token, through oneDNN's int8 matmul (VNNI where the CPU has it), after SmoothQuant's
@@ -281,23 +311,31 @@ class SmoothInt8Linear(torch.nn.Module):
                  quantizer: TokenQuantizer | None = None) -> None:
         super().__init__()
         ws = linear.weight.detach().float() * smooth[None, :]
-        scale = ws.abs().amax(1).clamp(min=1e-8) / 127
-        self.register_buffer("weight_int8", torch.round(ws / scale[:, None]).clamp_(-127, 127)
-                             .to(torch.int8))
+        levels = int8_levels()  # 7 bits where this CPU's int8 matmul would saturate
+        scale = ws.abs().amax(1).clamp(min=1e-8) / levels
+        self.register_buffer("weight_int8", torch.round(ws / scale[:, None])
+                             .clamp_(-levels, levels).to(torch.int8))
         self.register_buffer("scale", scale)
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quantizer = quantizer or TokenQuantizer(1.0 / smooth)
         # the quantizer's own factors (one tensor for siblings that share it), not a copy
         self.register_buffer("inv_smooth", self.quantizer.inv_smooth)
-        self._packed: torch.Tensor | None = None
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._zeros = torch.zeros(self.out_features, dtype=torch.long)  # weight zero points
 
-    def packed(self) -> torch.Tensor:
-        # oneDNN's blocked layout, made on first use (a deep copy or a reload rebuilds it
-        # from ``weight_int8``, the state that is saved)
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """oneDNN's blocked copy of the weights and their scales, made on first use (a deep
+        copy or a reload rebuilds it from ``weight_int8``, the state that is saved). A
+        folder quantized on a CPU with VNNI (8-bit weights) and loaded where u8 x s8 pairs
+        saturate is narrowed to 7 bits here, not run wrong."""
         if self._packed is None:
-            self._packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
+            w, scale = self.weight_int8, self.scale
+            levels = int8_levels()
+            if int(w.abs().max()) > levels:
+                w = torch.round(w.float() / 2).clamp_(-levels, levels).to(torch.int8)
+                scale = scale * 2
+            self._packed = (torch.ops.onednn.qlinear_prepack(w, None), scale)
         return self._packed
 
     def __getstate__(self) -> dict[str, Any]:
@@ -307,7 +345,8 @@ class SmoothInt8Linear(torch.nn.Module):
         """``linear(x)``, plus ``residual`` (the block's skip connection) when given."""
         shape = x.shape
         q, step = self.quantizer(x)
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed(), self.scale,
+        packed, scale = self.packed()
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, scale,
                                                self._zeros, None, 1.0, 0, torch.float32,
                                                "none", [], "")
         kernel = _rows_kernel()
