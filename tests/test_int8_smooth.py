@@ -121,6 +121,8 @@ def test_folder_stores_its_calibration_reloads_and_matches_its_golden_outputs(
     (cand,) = rep["candidates"]
     assert cand["status"] == "accepted", cand
     assert 0.9 <= cand["min_cosine"] <= 1.0  # tiny random BERT: a loose floor
+    # the report says when the weights were 7 bits: where this CPU's int8 pairs saturate
+    assert ("7-bit weights" in cand["reason"]) == kernels.int8_pairs_saturate(), cand
     assert (out / Q.CALIBRATION_FILE).is_file()
     recipe = Q.read_recipe(out)
     assert recipe is not None and recipe.method == "int8-smooth" and recipe.calibration

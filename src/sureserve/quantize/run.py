@@ -243,6 +243,12 @@ def quantize(model: str, texts: list[str], labels: list[str] | None = None, *,
             cand.status, cand.reason = "accepted", f"holds the thresholds and is faster{where}"
             if best is None or speed > max(best[0].speedup or 0, best[0].speedup_one or 0):
                 best = (cand, engine)
+        if name == "int8-smooth":
+            from sureserve.loading.kernels import int8_pairs_saturate
+
+            if int8_pairs_saturate():  # what ran, said where the figures are read
+                cand.reason += ("; 7-bit weights: this CPU's int8 matmul saturates with 8 "
+                                "(measured; no VNNI)")
         say(f"{name}: {cand.status}, {cand.reason}; speedup {cand.speedup:.2f}x")
     report["candidates"] = [c.to_dict() for c in results]
     if best is not None:
