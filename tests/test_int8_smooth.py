@@ -208,7 +208,6 @@ def test_gelu_and_skip_connections_are_fused_with_the_same_bits(tiny_bert: Path)
         torch.testing.assert_close(block(x), type(block).forward(block, x), rtol=0, atol=0)
 
 
-
 def test_the_int8_product_is_exact_on_this_cpu_whatever_it_lacks(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Without VNNI, oneDNN's u8 x s8 pairs add into a saturating int16 (measured on an

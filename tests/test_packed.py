@@ -85,6 +85,9 @@ def test_it_falls_back_to_f_linear_whenever_the_copy_could_be_stale() -> None:
         mod.weight.mul_(2)  # changed in place (its version moves): never the old copy
         x = torch.randn(8, 32)
         assert not fwd.takes(x) and torch.equal(mod(x), F.linear(x, mod.weight, mod.bias))
+    with torch.inference_mode():  # weights made in inference mode keep no version counter
+        made = _packed(torch.nn.Linear(32, 48))
+        assert made.forward.fresh() and made.forward.takes(x)  # type: ignore[attr-defined]
     mod = _packed(_linear())
     mod.to(torch.bfloat16)  # converted (the Parameter keeps its identity, not its data)
     with torch.inference_mode():

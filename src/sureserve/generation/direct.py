@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sureserve.generation.attention import is_sdpa
-from sureserve.loading.kernels import tensor_version
-from sureserve.loading.packed import packed_forward
+from sureserve.loading.packed import packed_forward, tensor_version
 
 log = logging.getLogger("sureserve.generation")
 

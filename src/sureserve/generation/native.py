@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from sureserve.loading import cbuild
+from sureserve.loading.packed import tensor_version
 
 log = logging.getLogger("sureserve.generation")
 
@@ -109,8 +110,6 @@ class Panels:
 
 
 def _identity(weight: Any) -> tuple[Any, ...]:
-    from sureserve.loading.kernels import tensor_version
-
     return (weight.data_ptr(), tensor_version(weight), weight.dtype, tuple(weight.shape))
 
 

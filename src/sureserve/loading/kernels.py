@@ -22,7 +22,13 @@ from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from sureserve.errors import SettingsError
 from sureserve.loading.machine import best_ms
-from sureserve.loading.packed import BlockForward, FusedGelu, _erf_gelu, install_if_same
+from sureserve.loading.packed import (
+    BlockForward,
+    FusedGelu,
+    _erf_gelu,
+    install_if_same,
+    tensor_version,
+)
 from sureserve.loading.precision import INT4_GROUP, Method, linear_layers
 
 log = logging.getLogger("sureserve.loading")
@@ -198,14 +204,6 @@ def _scratch(numel: int) -> torch.Tensor:
     if buf is None or buf.numel() < numel:
         buf = _SCRATCH.buf = torch.empty(numel)
     return buf[:numel]
-
-
-def tensor_version(x: torch.Tensor) -> int | None:
-    """The tensor's in-place version, or None for an inference tensor (it has none: torch
-    raises on ``_version``; the layers that share an input read it back to back, nothing
-    writes it in between; the decode kernel's panels and whole-step structures compare
-    it too, generation/native.py)."""
-    return None if x.is_inference() else x._version
 
 
 class TokenQuantizer:

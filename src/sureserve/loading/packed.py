@@ -72,6 +72,15 @@ def why_unavailable() -> str | None:
     return None
 
 
+def tensor_version(x: Any) -> int | None:
+    """The tensor's in-place version, or None for an inference tensor (it has none: torch
+    raises on ``_version``). Every cached copy of a weight compares it to tell a weight
+    changed in place: the packed forward here, the decode kernel's panels and whole-step
+    structures (generation/); and ``TokenQuantizer`` for the input its sibling layers share
+    (read back to back, nothing writes it in between)."""
+    return None if x.is_inference() else x._version
+
+
 def dtype_unavailable(dtype: Any) -> str | None:
     """None when oneDNN can pack weights of ``dtype`` on this CPU; else why not. torch's
     bfloat16 reorder raises on CPUs without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT (seen
@@ -115,18 +124,19 @@ class PackedForward:
 
     def __init__(self, module: Any, packed: Any, min_rows: int) -> None:
         self.module, self.packed, self.min_rows = module, packed, min_rows
-        self.ptr = self.version = 0
+        self.ptr = 0
+        self.version: int | None = 0
         self.dtype: Any = None
         if packed is not None:
             w = module._parameters["weight"]
-            self.ptr, self.version, self.dtype = w.data_ptr(), w._version, w.dtype
+            self.ptr, self.version, self.dtype = w.data_ptr(), tensor_version(w), w.dtype
 
     def fresh(self) -> bool:
         """Whether the packed copy is still the layer's weight (same storage, version and
         dtype): a weight changed in place or converted since runs ``F.linear``."""
         w = self.module._parameters["weight"]
         return (self.packed is not None and w.data_ptr() == self.ptr
-                and w._version == self.version and w.dtype == self.dtype)
+                and tensor_version(w) == self.version and w.dtype == self.dtype)
 
     def takes_rows(self, rows: int, dtype: Any) -> bool:
         """Whether an input of ``rows`` rows of ``dtype`` goes through the packed copy,
@@ -461,8 +471,8 @@ def _plan(model: Any, device: str, home: Path | None, enabled: bool,
                and packed_forward(m) is None]
     if not linears:
         return PackPlan("off: no plain float32/bfloat16 nn.Linear (quantized or offloaded)")
-    refused = {m.weight.dtype: why for m in linears
-               if (why := dtype_unavailable(m.weight.dtype)) is not None}
+    refused = {dt: why for dt in {m.weight.dtype for m in linears}
+               if (why := dtype_unavailable(dt)) is not None}
     linears = [m for m in linears if m.weight.dtype not in refused]
     if not linears:
         return PackPlan("off: " + "; ".join(refused.values()))
