@@ -441,7 +441,7 @@ def test_panels_follow_the_measurement(monkeypatch: pytest.MonkeyPatch, gemv: na
 
     def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int
              ) -> tuple[float, float, float | None]:
-        panel = {1: 0.5, 4: 0.5, 8: 0.5, 16: 0.5, 32: 0.5}[rows]
+        panel = {1: 0.5, 4: 0.5, 8: 0.5, 16: 0.5, 32: 0.5, 128: 0.5}[rows]
         if key == (64, 96) and rows == 1:
             panel = 0.9  # the down projection: slower than row-major at one row
         if key == (32, 64):
@@ -471,6 +471,114 @@ def test_panels_follow_the_measurement(monkeypatch: pytest.MonkeyPatch, gemv: na
     assert unused.max_rows == 0 and native.panels_of(m.lm_head) is not None
     assert plan(m, kernel=unused, calibrate=False).direct is not None
     assert unused.panel_rows == {} and native.panels_of(m.lm_head) is None
+
+
+def test_prompts_read_the_panels_where_they_measured_faster(
+        monkeypatch: pytest.MonkeyPatch, gemv: native.Gemv, tmp_path: Path) -> None:
+    """Faked timings: a shape whose panels beat torch's product at every prompt row count
+    gets a ``PromptPanels`` forward (one that lost at 128 rows does not; nor does a shape
+    without panels). Inside ``prompt_panels`` it is the kernel over the panels at any row
+    count (Qwen2's biases included), outside and on other threads exactly the layer's
+    ``F.linear``; a copy or a pickle carries a plain forward; the forward of the whole
+    model stays within rounding; freeing the panels restores every layer's forward."""
+    import copy
+    import pickle
+    import threading
+
+    if not gemv.panel_width:
+        pytest.skip("this build has no vector unit: no panels")
+    model = _model("qwen2")  # 64x64 (q, o), 32x64 (k, v), 96x64, 64x96, 300x64
+
+    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int
+             ) -> tuple[float, float, float | None]:
+        if key == (32, 64):
+            return 2.0, 0.5, 3.0  # k and v: panels never faster (so none are made)
+        if key == (96, 64) and rows == 128:
+            return 2.0, 1.5, 2.5  # gate and up: the panels lose at a prefill's rows
+        return 2.0, 1.5 if rows > 4 else 0.5, 0.5
+
+    monkeypatch.setattr(native, "_measured", fake)
+    got = native.plan(model, "cpu", tmp_path, panel_bytes=2**30)
+    assert set(got.prompt_ms) == {(64, 64), (96, 64), (64, 96), (300, 64)}
+    assert got.prompt_ms[(96, 64)] == {32: (2.0, 0.5), 128: (2.0, 2.5)}
+    assert sorted(got.prompt_shapes) == [(64, 64), (64, 96), (300, 64)]
+    assert "prompts' products read the panels too (3 of 4 shapes, 4.00x at 32, 4.00x at " \
+        "128 rows)" in got.describe()
+    assert got.to_dict()["prompt_shapes"] == ["64x64", "64x96", "300x64"]
+    # the plan's test above left this build's panels alone: ``plan`` made them here
+    assert native.give_prompt_panels(model, got) == 2 * 3 + 1  # q, o, down; lm_head
+    q = model.model.layers[0].self_attn.q_proj
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(q.forward, native.PromptPanels)
+    assert "forward" not in up.__dict__
+    panels = native.panels_of(q)
+    assert panels is not None
+    torch.manual_seed(3)
+    ref = model.model.layers[0].self_attn.k_proj  # a layer with a bias but no panels
+    assert "forward" not in ref.__dict__
+    for rows in (1, 7, 40, 130):
+        x = torch.randn(1, rows, 64)
+        st = native.struct_of(native.weights_of(q), panels)  # type: ignore[arg-type]
+        st.pmin = 1
+        want = gemv.linear(x, st)
+        with torch.inference_mode():
+            assert torch.equal(q(x), F.linear(x, q.weight, q.bias))  # outside: as before
+            with native.prompt_panels():
+                assert torch.equal(q(x), want)
+                other: list[torch.Tensor] = []
+                t = threading.Thread(target=lambda o=other, x=x: o.append(q(x)))
+                t.start()
+                t.join()
+                assert torch.equal(other[0], F.linear(x, q.weight, q.bias))
+        torch.testing.assert_close(want, F.linear(x, q.weight, q.bias), rtol=1e-5,
+                                   atol=1e-5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 50))
+    calls: list[int] = []
+    through = gemv.linear
+    monkeypatch.setattr(gemv, "linear", lambda x, st, res=None: calls.append(1) or
+                        through(x, st, res))
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        assert not calls
+        with native.prompt_panels():
+            fast = model(input_ids=ids).logits
+    assert len(calls) == 7  # q, o and down of both layers, and lm_head
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    for other_model in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        fwd = other_model.model.layers[0].self_attn.q_proj.forward
+        assert not isinstance(fwd, native.PromptPanels) and fwd.packed is None
+        with torch.inference_mode(), native.prompt_panels():
+            assert torch.equal(other_model(input_ids=ids).logits, plain)
+    native.drop_panels(model, got)
+    assert not any(isinstance(m.__dict__.get("forward"), native.PromptPanels)
+                   for m in model.modules())
+    assert "forward" not in q.__dict__ and got.prompt_ms == {}
+    assert "prompts'" not in got.describe()
+
+
+def test_a_packed_layer_keeps_its_packed_path_under_prompt_panels(
+        monkeypatch: pytest.MonkeyPatch, gemv: native.Gemv, tmp_path: Path) -> None:
+    """A layer oneDNN packs keeps its packed copy for everyone else (the direct decode
+    step reads it through ``packed_forward``) and gets it back when the panels go."""
+    from sureserve.loading import packed
+
+    if not gemv.panel_width or packed.why_unavailable() is not None:
+        pytest.skip("no panels or no oneDNN packing in this build")
+    model = _model("llama")
+    q = model.model.layers[0].self_attn.q_proj
+    q.forward = packed.PackedForward(q, packed.pack(q.weight), 4)  # type: ignore[method-assign]
+    monkeypatch.setattr(native, "_measured", lambda *a: (2.0, 1.0, 0.5))
+    got = native.plan(model, "cpu", tmp_path, panel_bytes=2**30)
+    assert native.give_prompt_panels(model, got) > 0
+    fwd = packed.packed_forward(q)
+    assert isinstance(fwd, native.PromptPanels) and fwd.takes_rows(4, torch.float32)
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        assert torch.equal(q(x), packed.packed_linear(x, fwd.packed, q.bias))
+    native.drop_panels(model, got)
+    back = packed.packed_forward(q)
+    assert type(back) is packed.PackedForward and back.packed is fwd.packed
+    assert back.fresh() and back.min_rows == 4
 
 
 @pytest.mark.parametrize("march,isa", [("x86-64-v3", "avx2"), ("x86-64", "scalar")])

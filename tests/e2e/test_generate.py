@@ -251,9 +251,10 @@ def test_column_major_decode_weights_keep_greedy_outputs(smollm2: sureserve.Engi
 def test_the_gemv_kernel_keeps_greedy_outputs(smollm2: sureserve.Engine, panels: bool) -> None:
     """sureserve's GEMV kernel forced on every linear layer of smollm2 for steps of up to
     32 rows (whatever this machine measured), its float32 weights row-major or in panels
-    from one row: the 7 prompts decoded together, and one alone, give plain
-    ``transformers`` generation's tokens (its sums run in another order: a difference would
-    only be allowed at a near-tie, and none occurs on these prompts)."""
+    from one row (and then the prompts' prefill through the panels too): the 7 prompts
+    decoded together, and one alone, give plain ``transformers`` generation's tokens (its
+    sums run in another order: a difference would only be allowed at a near-tie, and none
+    occurs on these prompts)."""
     import torch
 
     from sureserve.generation import native
@@ -270,21 +271,43 @@ def test_the_gemv_kernel_keeps_greedy_outputs(smollm2: sureserve.Engine, panels:
     # the shared engine's own panels (what this machine measured) set aside meanwhile
     saved = {m: m.__dict__.pop(native.PANELS) for m in smollm2.model.modules()
              if native.PANELS in m.__dict__}
+    # and the prompt panels the shared engine gave (if this machine measured them faster)
+    had = {m for m in smollm2.model.modules()
+           if isinstance(m.__dict__.get("forward"), native.PromptPanels)}
+    calls: list[int] = []
     try:
+        kplan = native.KernelPlan(kernel, 32, "", {}, shapes)
         if panels:
             native._give_panels(smollm2.model, kernel, dict.fromkeys(shapes, 1))
-        gen.decode = plan(smollm2.model, kernel=native.KernelPlan(kernel, 32, "", {}, shapes),
-                          calibrate=False)
+            kplan.panel_rows = dict.fromkeys(shapes, 1)
+            kplan.prompt_ms = {key: {r: (2.0, 1.0) for r in native.PROMPT_ROWS}
+                               for key in shapes}
+        gen.decode = plan(smollm2.model, kernel=kplan, calibrate=False)
+        gen.prompt_panels = native.give_prompt_panels(smollm2.model, kplan) > 0
+        assert gen.prompt_panels == panels
         direct = gen.decode.direct
         assert direct is not None and direct.kernel is not None
+        if panels:  # count the prompts' products through the panels
+            through = kernel.linear
+            kernel.linear = lambda x, st, res=None: calls.append(1) or \
+                through(x, st, res)  # type: ignore[method-assign]
         prompts = [list(smollm2.tokenizer(p)["input_ids"]) for p in PROMPTS]
         for prompt, ids in zip(PROMPTS, gen.generate_ids(prompts, 12), strict=True):
             assert ids == _reference(smollm2, prompt, 12), prompt
         assert gen.generate_ids(prompts[:1], 12)[0] == _reference(smollm2, PROMPTS[0], 12)
         assert direct._prep is not None and bool(direct._prep.layers[0].q.p) == panels
+        assert len(calls) >= (2 * (30 * 7 + 1) if panels else 0)  # prefill forwards
     finally:
+        kernel.__dict__.pop("linear", None)
         for m in smollm2.model.modules():
             m.__dict__.pop(native.PANELS, None)
+            fwd = m.__dict__.get("forward")
+            if isinstance(fwd, native.PromptPanels) and m not in had:
+                inner = fwd.inner()
+                if inner is None:
+                    del m.__dict__["forward"]
+                else:
+                    m.forward = inner
         for m, p in saved.items():
             m.__dict__[native.PANELS] = p
 

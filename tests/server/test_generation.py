@@ -556,6 +556,21 @@ def test_info_says_how_decoding_runs(gen_server: Server) -> None:
                      f"row{'s' if lo > 1 else ''}")
         if kernel["panel_why"]:
             gain += f"; {kernel['panel_why']}"
+        prompts = kernel["prompt_ms"]  # prompts read the panels where they won at 32, 128
+        took = kernel["prompt_shapes"]
+        assert set(took) == {name for name, ms in prompts.items()
+                             if name in kernel["panel_rows"]
+                             and all(c < a for a, c in ms.values())}, kernel
+        assert not prompts or set(prompts) == set(kernel["panel_rows"]), kernel
+        if prompts and took:
+            def ratio(r: str) -> float:
+                return sum(prompts[n][r][0] for n in took) / sum(prompts[n][r][1]
+                                                                 for n in took)
+            gains = ", ".join(f"{ratio(r):.2f}x at {r}" for r in ("32", "128"))
+            gain += (f"; prompts' products read the panels too ({len(took)} of "
+                     f"{len(prompts)} shapes, {gains} rows)")
+        elif prompts:
+            gain += "; prompts' products through torch's (the panels measured no faster)"
         head = (f"direct decode step (30 layers; sureserve's GEMV kernel ({kernel['kernel']}) "
                 f"for steps of up to {top} rows, {gain}, each step one call of the kernel "
                 "(every layer and the attention), sums in another order than torch's (greedy "

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,6 +159,10 @@ class GenerationEngine:
                                   decode_kernel and direct_decode, packing, panel_bytes)
         self.decode = plan_decode(loaded.model, direct_decode, decode_script, self.kernel,
                                   packing=packing, home=layout_home)
+        # prompts' products read the kernel's panels where they measured faster than
+        # torch's at prompt-sized row counts (the prefill is most of a short request's
+        # time to first token; ``native.PromptPanels``)
+        self.prompt_panels = native.give_prompt_panels(loaded.model, self.kernel) > 0
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = loaded.plan.device
@@ -587,6 +592,8 @@ class GenerationEngine:
         cache. Returns the padded tokens computed."""
         import torch
 
+        from sureserve.generation import native
+
         now = time.perf_counter()
         for seq in group:
             seq.started = seq.started or now
@@ -610,7 +617,9 @@ class GenerationEngine:
         kw: dict[str, Any] = {"attention_mask": mask} if n > 1 or start else {}
         if n > 1 or start:
             kw["position_ids"] = pos
-        res = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kw)
+        with native.prompt_panels() if self.prompt_panels else nullcontext():
+            res = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1,
+                             **kw)
         if n == 1 and start + len(chunks[0]) < len(group[0].prompt):
             # a long prompt's chunk: keep its own cache, choose nothing yet (a seeded
             # sampler's stream must not move)

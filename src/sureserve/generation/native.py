@@ -38,12 +38,14 @@ import ctypes
 import logging
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sureserve.loading import cbuild
-from sureserve.loading.packed import tensor_version
+from sureserve.loading.packed import PackedForward, packed_forward, tensor_version
 
 log = logging.getLogger("sureserve.generation")
 
@@ -51,6 +53,9 @@ SOURCE = Path(__file__).with_name("gemv.c")
 #: row counts the kernel is measured at; it serves up to the largest one where it wins
 #: (32: a full decode batch of the default max_running_seqs)
 ROWS = (1, 4, 8, 16, 32)
+#: row counts a prompt's products (the prefill's) are measured at: a short chat's prompt,
+#: and a prefill group (``prefill_group_tokens``)
+PROMPT_ROWS = (32, 128)
 #: a weight shape goes through the kernel at a row count where it beat F.linear by this
 #: much (noise margin)
 MIN_GAIN = 1.05
@@ -394,6 +399,16 @@ class KernelPlan:
     # rows -> (torch's path ms, the kernel's ms) for whole decode steps of this model
     # (``direct.calibrate_steps``): when measured, what ``max_rows`` was chosen by
     whole_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # float32 shape with panels -> PROMPT_ROWS -> (torch's ms: the packed product where it
+    # runs, else F.linear; the panels' ms); the shapes whose panels won at every one of
+    # them read their panels in prompts' forwards too (``prompt_shapes``, ``prompt_panels``)
+    prompt_ms: dict[tuple[Any, ...], dict[int, tuple[float, float]]] = \
+        field(default_factory=dict)
+
+    @property
+    def prompt_shapes(self) -> list[tuple[Any, ...]]:
+        return [key for key, ms in self.prompt_ms.items()
+                if key in self.panel_rows and all(c < a for a, c in ms.values())]
 
     def active(self, rows: int) -> bool:
         return self.kernel is not None and rows <= self.max_rows
@@ -420,8 +435,23 @@ class KernelPlan:
                       f"{lo} row{'s' if lo > 1 else ''}")
         if self.panel_why:
             panels += f"; {self.panel_why}"
+        panels += self._describe_prompts()
         return (f"sureserve's GEMV kernel ({self.kernel.isa}) for steps of up to "
                 f"{self.max_rows} rows{gain}{panels}")
+
+    def _describe_prompts(self) -> str:
+        if not self.prompt_ms:
+            return ""
+        took = self.prompt_shapes
+        if not took:
+            return "; prompts' products through torch's (the panels measured no faster)"
+        gains = []
+        for rows in PROMPT_ROWS:
+            a = sum(self.prompt_ms[key][rows][0] for key in took)
+            c = sum(self.prompt_ms[key][rows][1] for key in took)
+            gains.append(f"{a / max(c, 1e-9):.2f}x at {rows}")
+        return (f"; prompts' products read the panels too ({len(took)} of "
+                f"{len(self.prompt_ms)} shapes, {', '.join(gains)} rows)")
 
     def to_dict(self) -> dict[str, Any]:
         def name(key: tuple[Any, ...]) -> str:
@@ -437,7 +467,11 @@ class KernelPlan:
                 "panel_mb": round(self.panel_mb, 1),
                 "panel_why": self.panel_why,
                 "whole_step_ms": {str(r): [round(a, 3), round(b, 3)]
-                                  for r, (a, b) in self.whole_ms.items()}}
+                                  for r, (a, b) in self.whole_ms.items()},
+                "prompt_ms": {name(key): {str(r): [round(a, 6), round(c, 6)]
+                                          for r, (a, c) in ms.items()}
+                              for key, ms in self.prompt_ms.items()},
+                "prompt_shapes": [name(key) for key in self.prompt_shapes]}
 
 
 def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
@@ -515,6 +549,8 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
     made = _give_panels(model, kernel, panel_rows) if panel_rows else 0
     out = KernelPlan(kernel, max_rows, reason, step, shape_rows, panel_rows, made / 2**20,
                      panel_why)
+    if made:
+        out.prompt_ms = _prompt_plan(home, kernel, panel_rows, got_ms, packing)
     log.info("decode matmuls: %s", out.describe())
     return out
 
@@ -562,6 +598,142 @@ def _panel_plan(shapes: dict[tuple[Any, ...], int],
     return out, why
 
 
+def _prompt_plan(home: Path | None, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int],
+                 got_ms: dict[tuple[Any, ...], dict[int, tuple[float, float, float | None]]],
+                 packing: Any) -> dict[tuple[Any, ...], dict[int, tuple[float, float]]]:
+    """Each shape with panels at ``PROMPT_ROWS``: (torch's ms, the panels' ms), torch's
+    being the packed product where it runs at that row count, else ``F.linear`` (cached
+    per machine like the decode row counts)."""
+    out: dict[tuple[Any, ...], dict[int, tuple[float, float]]] = {}
+    for key in panel_rows:
+        ms: dict[int, tuple[float, float]] = {}
+        for rows in PROMPT_ROWS:
+            a, _, c = got_ms[key].get(rows) or _measured(home, kernel, key, rows)
+            if c is None:
+                break
+            other = packing.packed_ms((key[0], key[1]), "float32", rows) \
+                if packing is not None else None
+            ms[rows] = (a if other is None else min(a, other), c)
+        else:
+            out[key] = ms
+    return out
+
+
+_PROMPT = threading.local()
+
+
+@contextmanager
+def prompt_panels() -> Iterator[None]:
+    """Within it, this thread's forwards read the panels of the layers that have
+    ``PromptPanels`` (the generation engine's prefill: a prompt's products are tens to
+    hundreds of rows, where the panels measured faster than oneDNN's packed GEMM and
+    ``F.linear``). Any other caller of the model, and every other thread, runs the layers
+    as before: ``transformers``' own forward, for one, stays the reference it is in tests."""
+    before = getattr(_PROMPT, "on", False)
+    _PROMPT.on = True
+    try:
+        yield
+    finally:
+        _PROMPT.on = before
+
+
+#: ``PromptPanels.min_rows`` of a layer that is not packed (its packed path never runs)
+_NEVER = 1 << 62
+
+
+class PromptPanels(PackedForward):
+    """A float32 ``nn.Linear``'s instance ``forward`` that, inside ``prompt_panels`` on this
+    thread, reads the layer's panels at any row count (the same panels at every row count:
+    a prompt's keys and values do not depend on how it was split into chunks or groups),
+    and is otherwise exactly the layer's ``PackedForward`` (its packed copy and row bound,
+    ``F.linear`` where it had none). It is a ``PackedForward`` so that whoever reads the
+    packed copy (the direct decode step, ``copy_packed``) still finds it; a deep copy or a
+    pickle is a plain ``PackedForward`` of the copy (which has no panels)."""
+
+    def __init__(self, module: Any, kernel: Gemv, inner: PackedForward | None) -> None:
+        super().__init__(module, None, _NEVER)
+        if inner is not None:  # its packed path as it was (checked fresh by the caller)
+            self.packed, self.min_rows = inner.packed, inner.min_rows
+            self.ptr, self.version, self.dtype = inner.ptr, inner.version, inner.dtype
+        self.kernel = kernel
+        self._key: tuple[Any, ...] | None = None
+        self._struct: Linear | None = None
+
+    def __call__(self, x: Any) -> Any:
+        if getattr(_PROMPT, "on", False):
+            y = self._through_panels(x)
+            if y is not None:
+                return y
+        return super().__call__(x)
+
+    def _through_panels(self, x: Any) -> Any:
+        import torch
+
+        m = self.module
+        panels = panels_of(m)  # fresh ones only: a weight changed since runs as before
+        got = weights_of(m) if panels is not None else None
+        if got is None or got[1] is not None or not Gemv.accepts(x, got[0], got[2]) \
+                or (torch.is_grad_enabled() and (x.requires_grad or got[0].requires_grad)):
+            return None
+        w, _, b = got
+        key = (id(panels), w.data_ptr(), None if b is None else b.data_ptr())
+        if key != self._key or self._struct is None:
+            self._struct = struct_of(got, panels)
+            self._struct.pmin = 1  # every row count: one rounding for a prompt's rows
+            self._key = key
+        return self.kernel.linear(x, self._struct)
+
+    def inner(self) -> PackedForward | None:
+        """The ``PackedForward`` it stands in for (None: the layer was not packed)."""
+        if self.min_rows == _NEVER:
+            return None
+        fwd = PackedForward(self.module, None, self.min_rows)
+        fwd.packed, fwd.ptr, fwd.version, fwd.dtype = \
+            self.packed, self.ptr, self.version, self.dtype
+        return fwd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PackedForward, (self.module, None, self.min_rows))
+
+
+def give_prompt_panels(model: Any, kernel_plan: KernelPlan) -> int:
+    """Give every layer of a ``prompt_shapes`` shape that holds panels a ``PromptPanels``
+    forward (a layer whose forward is anything but its ``PackedForward`` keeps it);
+    returns how many. After ``direct.plan``: the panels it drops are not read."""
+    if kernel_plan.kernel is None or not kernel_plan.prompt_shapes:
+        return 0
+    took = set(kernel_plan.prompt_shapes)
+    count = 0
+    for m in model.modules():
+        got = weights_of(m)
+        if got is None or got[1] is not None or shape_key(got[0]) not in took \
+                or panels_of(m) is None:
+            continue
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, PromptPanels):  # another engine on the same model gave it
+            count += 1
+            continue
+        inner = packed_forward(m)
+        if (fwd is not None and inner is None) or (inner is not None and not inner.fresh()):
+            continue
+        m.forward = PromptPanels(m, kernel_plan.kernel, inner)
+        count += 1
+    return count
+
+
+def _take_prompt_panels(model: Any) -> None:
+    """Undo ``give_prompt_panels``: each layer's forward is its ``PackedForward`` again, or
+    its class's."""
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, PromptPanels):
+            inner = fwd.inner()
+            if inner is None:
+                del m.__dict__["forward"]
+            else:
+                m.forward = inner
+
+
 def _give_panels(model: Any, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int]) -> int:
     """Pack the weights of every float32 layer of a ``panel_rows`` shape into panels, held
     on the layer (``Panels``); returns the bytes made."""
@@ -588,9 +760,11 @@ def drop_panels(model: Any, kernel_plan: KernelPlan) -> None:
     them)."""
     if not kernel_plan.panel_rows:
         return
+    _take_prompt_panels(model)
     for m in model.modules():
         m.__dict__.pop(PANELS, None)
     kernel_plan.panel_rows, kernel_plan.panel_mb = {}, 0.0
+    kernel_plan.prompt_ms = {}
 
 
 def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False
