@@ -556,6 +556,17 @@ def test_prompts_read_the_panels_where_they_measured_faster(
     assert "prompts'" not in got.describe()
 
 
+def test_a_prompts_row_count_times_torch_and_the_panels_only(gemv: native.Gemv,
+                                                              tmp_path: Path) -> None:
+    """At a prompt's row count (outside ``ROWS``) the row-major product, which nothing
+    reads there, is not timed; the cached figure reads it as infinitely slow."""
+    a, b, c = native.measure(gemv, 48, 64, 128, row_major=False)
+    assert a > 0 and b is None and (c is None) == (not gemv.panel_width)
+    got = native._measured(tmp_path, gemv, (48, 64), 128)
+    assert got[1] == float("inf") and got[0] > 0
+    assert native._measured(tmp_path, gemv, (48, 64), 32)[1] < float("inf")
+
+
 def test_a_packed_layer_keeps_its_packed_path_under_prompt_panels(
         monkeypatch: pytest.MonkeyPatch, gemv: native.Gemv, tmp_path: Path) -> None:
     """A layer oneDNN packs keeps its packed copy for everyone else (the direct decode

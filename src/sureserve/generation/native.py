@@ -767,13 +767,15 @@ def drop_panels(model: Any, kernel_plan: KernelPlan) -> None:
     kernel_plan.prompt_ms = {}
 
 
-def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False
-            ) -> tuple[float, float, float | None]:
+def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
+            row_major: bool = True) -> tuple[float, float | None, float | None]:
     """(torch ms, kernel ms, kernel ms through panels or None) for one ``(n, k)`` weight at
     ``rows`` rows, streamed over enough copies that they come from memory. Float32:
     ``F.linear`` against the kernel on the row-major weight and on its panels (None: this
     build has none); ``int8``: an int8 weight-only layer's own forward (torch's packed int8
-    matmul) against the kernel reading the same int8 weights (no panels)."""
+    matmul) against the kernel reading the same int8 weights (no panels). Without
+    ``row_major`` the kernel's row-major product is not timed (None): a prompt's row
+    counts only weigh the panels against torch."""
     import torch
     import torch.nn.functional as F
 
@@ -824,23 +826,27 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False
     a = b = c = float("inf")
     for _ in range(3):
         a = min(a, best_ms(through_torch, 1))
-        b = min(b, best_ms(through_kernel, 1))
+        if row_major or through_panels is None:
+            b = min(b, best_ms(through_kernel, 1))
         if through_panels is not None:
             c = min(c, best_ms(through_panels, 1))
-    return a / copies, b / copies, None if through_panels is None else c / copies
+    return (a / copies, b / copies if b != float("inf") else None,
+            None if through_panels is None else c / copies)
 
 
 def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int
               ) -> tuple[float, float, float | None]:
     """``measure`` for a ``shape_key``, cached per machine, thread count and kernel build
-    (``machine.measured_once``)."""
+    (``machine.measured_once``); at a row count outside ``ROWS`` (a prompt's) the
+    row-major product is not timed (nothing reads it there: it reads as infinitely slow)."""
     from sureserve.loading.machine import measured_once
 
     def parse(v: Any) -> tuple[float, float, float | None]:
         a, b, c = v
-        return float(a), float(b), None if c is None else float(c)
+        return (float(a), float("inf") if b is None else float(b),
+                None if c is None else float(c))
 
     n, k, int8 = int(key[0]), int(key[1]), len(key) > 2
     name = f"{n}x{k}:{rows}" + (":int8" if int8 else "")
     return measured_once(home, f"gemv-{kernel.key}", name,
-                         lambda: list(measure(kernel, n, k, rows, int8)), parse)
+                         lambda: list(measure(kernel, n, k, rows, int8, rows in ROWS)), parse)
