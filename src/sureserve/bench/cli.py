@@ -111,7 +111,8 @@ def bench_sparse(texts: Annotated[int, typer.Option(help="Texts of the realistic
 def bench_soak(minutes: Annotated[float, typer.Option(help="Minutes of load.")] = 30.0,
                clients: Annotated[int, typer.Option(help="Closed-loop clients.")] = 64,
                warmup: Annotated[float, typer.Option(help="Minutes before the RSS baseline "
-                                                     "is taken.")] = 2.0,
+                                                     "is taken (on the slowest CPU measured, "
+                                                     "RSS reached its plateau by ~4).")] = 5.0,
                sample: Annotated[float, typer.Option(help="Seconds between samples.")] = 10.0,
                server_env: Annotated[list[str] | None, typer.Option(
                    "--server-env", help="NAME=VALUE for the server process (repeatable), "

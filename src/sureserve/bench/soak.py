@@ -198,7 +198,7 @@ def summarize(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
             "statuses": statuses, "verdict": "pass" if ok else "fail"}
 
 
-def run_soak(minutes: float = 30.0, clients: int = 64, warmup_minutes: float = 2.0,
+def run_soak(minutes: float = 30.0, clients: int = 64, warmup_minutes: float = 5.0,
              sample_s: float = 10.0, seed: int = 0, extra_args: Sequence[str] = (),
              env: dict[str, str] | None = None, out: Path | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
