@@ -303,11 +303,7 @@ def test_the_gemv_kernel_keeps_greedy_outputs(smollm2: sureserve.Engine, panels:
             m.__dict__.pop(native.PANELS, None)
             fwd = m.__dict__.get("forward")
             if isinstance(fwd, native.PromptPanels) and m not in had:
-                inner = fwd.inner()
-                if inner is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.forward = inner
+                fwd.undo()
         for m, p in saved.items():
             m.__dict__[native.PANELS] = p
 

@@ -655,6 +655,7 @@ class PromptPanels(PackedForward):
         if inner is not None:  # its packed path as it was (checked fresh by the caller)
             self.packed, self.min_rows = inner.packed, inner.min_rows
             self.ptr, self.version, self.dtype = inner.ptr, inner.version, inner.dtype
+        self.inner = inner  # what ``undo`` puts back
         self.kernel = kernel
         self._key: tuple[Any, ...] | None = None
         self._struct: Linear | None = None
@@ -683,14 +684,13 @@ class PromptPanels(PackedForward):
             self._key = key
         return self.kernel.linear(x, self._struct)
 
-    def inner(self) -> PackedForward | None:
-        """The ``PackedForward`` it stands in for (None: the layer was not packed)."""
-        if self.min_rows == _NEVER:
-            return None
-        fwd = PackedForward(self.module, None, self.min_rows)
-        fwd.packed, fwd.ptr, fwd.version, fwd.dtype = \
-            self.packed, self.ptr, self.version, self.dtype
-        return fwd
+    def undo(self) -> None:
+        """The layer's forward as it was: the ``PackedForward`` this stands in for, or its
+        class's where it had none."""
+        if self.inner is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self.inner
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (PackedForward, (self.module, None, self.min_rows))
@@ -727,11 +727,7 @@ def _take_prompt_panels(model: Any) -> None:
     for m in model.modules():
         fwd = m.__dict__.get("forward")
         if isinstance(fwd, PromptPanels):
-            inner = fwd.inner()
-            if inner is None:
-                del m.__dict__["forward"]
-            else:
-                m.forward = inner
+            fwd.undo()
 
 
 def _give_panels(model: Any, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int]) -> int:
