@@ -155,7 +155,11 @@ def test_blank_inputs_are_refused_and_counted(watched: LocalServer) -> None:
         assert r.status_code == 422 and "input 1 is empty" in r.json()["error"]
     assert wait_until(lambda: "empty_inputs" in alerts(watched, model)), \
         httpx.get(f"{watched.url}/health").text
-    assert alerts(watched, model)["empty_inputs"]["score"] >= 0.09
+    # the alert starts at the evaluation that first sees 5% blanks, which on a slow machine
+    # can fall while the requests above are still arriving (0.08 was read once); the score
+    # of every blank sent is the next evaluation's
+    assert wait_until(lambda: alerts(watched, model).get("empty_inputs", {})
+                      .get("score", 0) >= 0.09), alerts(watched, model)
 
 
 def test_alerts_are_logged_once_when_they_start_and_once_when_they_clear(
