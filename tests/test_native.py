@@ -690,3 +690,23 @@ def test_whole_steps_decide_the_rows_the_kernel_serves(monkeypatch: pytest.Monke
             break
         want = rows
     assert real.max_rows == want and (native.panels_of(m.lm_head) is None) == (want == 0)
+
+
+def test_an_int8_head_model_times_its_whole_steps(gemv: native.Gemv, tmp_path: Path) -> None:
+    """``int8-weight-only-head`` leaves lm_head without a float ``weight``: the whole-step
+    calibration (what every engine load with the kernel runs, ``sureserve quantize``'s
+    candidates included) still times both paths at every row count, the cache keyed by
+    the head's width, and the step it chose decodes as the forward of the dequantized
+    model does (within bf16 rounding: at row counts the timings gave torch, the int8
+    layers' own forward rounds activations to bf16 where that is faster)."""
+    model, deq = int8_model(_model("llama"), head=True)
+    assert not hasattr(model.lm_head, "weight")
+    kp = forced(model, gemv, rows=0)
+    got = plan(model, kernel=kp, home=tmp_path)
+    assert sorted(kp.whole_ms) == sorted(native.ROWS)
+    assert all(a > 0 and b > 0 for a, b in kp.whole_ms.values())
+    cached = list((tmp_path / "machine").glob("decode-step-*.json"))
+    assert len(cached) == 1 and ":300:" in cached[0].read_text()
+    if got.direct is not None and got.direct.kernel is not None:
+        ref, out, _, _ = _both(deq, [5, 2], step=got.direct)
+        torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)

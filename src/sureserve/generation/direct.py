@@ -620,7 +620,7 @@ def calibrate_steps(model: Any, kernel: Any, script: bool, packing: Any,
     name = ":".join(str(v) for v in (
         type(model).__name__, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
         cfg.num_attention_heads, cfg.num_key_value_heads, fast.head_dim,
-        model.get_output_embeddings().weight.shape[0], CALIBRATION_CONTEXT,
+        _vocab(model), CALIBRATION_CONTEXT,
         sorted(kernel.panel_rows.items()), sorted(kernel.shape_rows.items()),
         None if packing is None else packing.min_rows(), script and fast.script is not None))
 
@@ -644,6 +644,13 @@ def calibrate_steps(model: Any, kernel: Any, script: bool, packing: Any,
     log.info("decode steps: %s", kernel.describe())
 
 
+def _vocab(model: Any) -> int:
+    """The logits' width: lm_head's rows, read from what any head has (an int8 weight-only
+    head, ``int8-weight-only-head``, keeps no float ``weight``)."""
+    head = model.get_output_embeddings()
+    return int(getattr(head, "out_features", 0) or model.config.vocab_size)
+
+
 def _time_steps(model: Any, fast: DirectDecode, slow: DirectDecode, rows: int
                 ) -> tuple[float, float]:
     """(torch's path ms, the kernel's ms) for one decode step of ``rows`` rows over a
@@ -652,7 +659,7 @@ def _time_steps(model: Any, fast: DirectDecode, slow: DirectDecode, rows: int
     from sureserve.loading.machine import best_ms
 
     cfg, d = model.config, fast.head_dim
-    dtype = model.get_output_embeddings().weight.dtype
+    dtype = model.get_input_embeddings().weight.dtype
     kv = PaddedKV(cfg.num_hidden_layers, cfg.num_key_value_heads, d, dtype, "cpu",
                   max_rows=rows)
     gen = torch.Generator().manual_seed(0)
