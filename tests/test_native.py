@@ -123,6 +123,27 @@ def test_int8_weights_are_their_dequantized_product(gemv: native.Gemv, m: int, n
         torch.testing.assert_close(gemv.linear(x, st, res), want + res, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k", [(576, 576), (49, 33), (1, 5), (300, 130)])
+def test_int8_products_that_widen_panels_are_their_dequantized_product(
+        gemv: native.Gemv, n: int, k: int) -> None:
+    """A prompt's int8 product (``pmin`` set: each panel of columns widened to float32 as
+    the product goes) is ``F.linear`` of the dequantized weights, with a bias and with a
+    residual, where the outputs leave a partial panel and the inner size is not a multiple
+    of the four bytes read at a time; a row's result is bit-identical whatever rows ran with
+    it (a prompt's keys do not depend on its chunking or its group)."""
+    torch.manual_seed(n + 5 * k)
+    layer, w, st = q8(n, k)
+    st.pmin = 1
+    x, res = torch.randn(45, k), torch.randn(45, n)
+    want = F.linear(x, w, layer.bias)
+    whole = gemv.linear(x, st)
+    torch.testing.assert_close(whole, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv.linear(x, st, res), want + res, rtol=1e-4, atol=1e-4)
+    for rows in (1, 2, 5, 6, 7, 8, 13):
+        assert torch.equal(gemv.linear(x[:rows], st), whole[:rows]), rows
+        assert torch.equal(gemv.linear(x[rows:rows + 9], st), whole[rows:rows + 9]), rows
+
+
 def test_it_refuses_what_it_cannot_take(gemv: native.Gemv) -> None:
     w, x = torch.randn(8, 4), torch.randn(2, 4)
     assert gemv.accepts(x, w, None)
@@ -279,9 +300,9 @@ def test_the_plan_follows_the_measurement(monkeypatch: pytest.MonkeyPatch,
     model = _model("llama")  # shapes: 64x64 (q, o), 32x64 (k, v), 96x64, 64x96, 300x64
     timings = {1: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 1.0), 16: (1.0, 2.0), 32: (1.0, 2.0)}
 
-    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int
+    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int, prompt: bool = False
              ) -> tuple[float, float, float | None]:
-        a, b = timings[rows]
+        a, b = timings[rows] if not prompt else (1.0, 0.5)  # (an int8 model's prompt rows)
         if key == (300, 64) and rows == 8:
             b = 0.5  # the head still wins at 8 rows
         return a, b, None  # (no panels: test_panels_follow_the_measurement)
@@ -556,6 +577,81 @@ def test_prompts_read_the_panels_where_they_measured_faster(
     assert "prompts'" not in got.describe()
 
 
+def test_int8_prompts_go_through_the_kernel_where_it_measured_faster(
+        monkeypatch: pytest.MonkeyPatch, gemv: native.Gemv, tmp_path: Path) -> None:
+    """An int8 weight-only model (``sureserve quantize``'s): each int8 shape is timed at the
+    prompt row counts as a prompt runs it (``prompt=True``: the product that widens panels
+    as it goes), and the shapes that won at both read it inside ``prompt_panels`` (one that
+    lost at 128 rows keeps the layer's own forward). Outside the context, and on another
+    thread, a layer is exactly its own forward; inside, the kernel's product, and the
+    model's logits are the dequantized float32 model's within bf16 rounding. Copies and pickles
+    carry the layer's own forward; a kernel unused for decode steps keeps the prompts'."""
+    import copy
+    import pickle
+    import threading
+
+    from sureserve.loading.kernels import Int8WeightOnlyLinear
+
+    if not gemv.panel_width:
+        pytest.skip("this build has no vector unit: no panels")
+    model, deq = int8_model(_model("qwen2"), head=True)
+    asked: list[tuple[Any, ...]] = []
+
+    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int, prompt: bool = False
+             ) -> tuple[float, float, float | None]:
+        if rows in native.PROMPT_ROWS and prompt:
+            asked.append((key, rows))
+            return (2.0, 3.0, None) if key == (96, 64, "int8") and rows == 128 else \
+                (2.0, 1.0, None)
+        return 2.0, 1.0, None
+
+    monkeypatch.setattr(native, "_measured", fake)
+    got = native.plan(model, "cpu", tmp_path, panel_bytes=2**30)
+    int8 = {(64, 64, "int8"), (32, 64, "int8"), (96, 64, "int8"), (64, 96, "int8"),
+            (300, 64, "int8")}
+    assert {k for k, _ in asked} == int8 and set(got.prompt_ms) == int8
+    assert sorted(got.prompt_shapes) == sorted(int8 - {(96, 64, "int8")})
+    assert "int8 prompts' products through the kernel too (4 of 5 shapes, 2.00x at 32, " \
+        "2.00x at 128 rows)" in got.describe()
+    assert native.give_prompt_panels(model, got) == 2 * 5 + 1  # q, k, v, o, down; lm_head
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, Int8WeightOnlyLinear) and isinstance(q.forward, native.PromptInt8)
+    assert "forward" not in model.model.layers[0].mlp.up_proj.__dict__
+    torch.manual_seed(5)
+    for rows in (1, 7, 40):
+        x = torch.randn(1, rows, 64)
+        own = Int8WeightOnlyLinear.forward(q, x)
+        st = native.linear_struct(q)
+        assert st is not None
+        st.pmin = 1
+        with torch.inference_mode():
+            assert torch.equal(q(x), own)
+            with native.prompt_panels():
+                assert torch.equal(q(x), gemv.linear(x, st))
+                other: list[torch.Tensor] = []
+                t = threading.Thread(target=lambda o=other, x=x: o.append(q(x)))
+                t.start()
+                t.join()
+                assert torch.equal(other[0], own)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.inference_mode():
+        want = deq(ids).logits
+        with native.prompt_panels():
+            inside = model(ids).logits
+    # gate and up keep their own forward, which rounds activations to bf16 on CPUs where
+    # torch's int8 matmul measured faster so (the bound the other int8 tests use)
+    torch.testing.assert_close(inside, want, rtol=3e-2, atol=3e-2)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        fwd = twin.model.layers[0].self_attn.q_proj.forward
+        assert isinstance(fwd, native.PromptInt8) and fwd.kernel is None
+        with torch.inference_mode():
+            mine = model(ids).logits
+            with native.prompt_panels():  # the copy's layers: their own forward, even here
+                assert torch.equal(twin(ids).logits, mine)
+    native.drop_panels(model, got)  # the kernel unused for decode steps
+    assert set(got.prompt_ms) == int8 and isinstance(q.forward, native.PromptInt8)
+
+
 def test_a_prompts_row_count_times_torch_and_the_panels_only(gemv: native.Gemv,
                                                               tmp_path: Path) -> None:
     """At a prompt's row count (outside ``ROWS``) the row-major product, which nothing
@@ -634,6 +730,8 @@ def test_the_other_instruction_sets_compute_the_same(march: str, isa: str, tmp_p
         torch.testing.assert_close(kernel.mlp(x, norm, 1e-5, lin(gate), lin(up), lin(down)),
                                    mlp, **tol)
         layer, wq, st = q8(24, 40)
+        torch.testing.assert_close(kernel.linear(x, st), F.linear(x, wq, layer.bias), **tol)
+        st.pmin = 1  # a prompt's product: panels widened from int8 as it goes
         torch.testing.assert_close(kernel.linear(x, st), F.linear(x, wq, layer.bias), **tol)
     # the whole step (attention included) with this build, float32 and int8 weights
     for model, ref_model in ((_model("llama"), None), int8_model(_model("llama"))):

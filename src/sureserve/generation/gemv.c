@@ -29,6 +29,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -91,7 +92,10 @@ typedef struct {
     int n, k;
     const float *p;     /* float32 weights only: the same weights in panels
                          * (sureserve_pack_panels), or NULL */
-    int pmin;           /* products of at least this many rows read the panels */
+    int pmin;           /* products of at least this many rows read the panels; int8
+                         * weights (p NULL): from this many rows (0: never), each panel's
+                         * columns are widened into float32 panels as the product goes
+                         * (int8_panel_body) */
 } sureserve_linear;
 
 /* W's element i (an element offset: the weight is float32 or int8, Q says which; Q is a
@@ -384,6 +388,107 @@ void sureserve_pack_panels(const float *w, float *p, int n, int k) {
 }
 #endif
 
+#if defined(VW)
+/* int8 weights' panels, made as the product goes: for products of many rows (a prompt's),
+ * each of this thread's panels of NR output columns is widened from int8 into float32
+ * once, in the k-major panel layout, and then read by every tile of rows from L1/L2 as
+ * panel_body reads packed float32 panels. Why: the row-major int8 tiles widen every
+ * weight again for each tile of MT_MAX rows and sum horizontally per output; at 32-128
+ * rows they ran at ~1.3-1.8x torch's int8 matmul but well under the float32 panels' rate
+ * (AVX2 EPYC, BENCHMARKS.md). The widening costs one pass over the panel per product, a
+ * few percent at prompt row counts. y = (x . q) * scale + b: the scale is applied to each
+ * output, as the row-major int8 path does. */
+#if defined(__AVX512F__)
+typedef __m512i ivec;
+static inline ivec iv_index(int K) {
+    return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
+                                               2, 1, 0), _mm512_set1_epi32(K));
+}
+static inline ivec iv_gather(const int8_t *base, ivec idx) {
+    return _mm512_i32gather_epi32(idx, (const void *)base, 1);
+}
+static inline ivec iv_min(ivec a, int b) { return _mm512_min_epi32(a, _mm512_set1_epi32(b)); }
+#define IV_BYTE(v, sh) _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32((v), (sh)), 24))
+#else
+typedef __m256i ivec;
+static inline ivec iv_index(int K) {
+    return _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(K));
+}
+static inline ivec iv_gather(const int8_t *base, ivec idx) {
+    return _mm256_i32gather_epi32((const int *)(const void *)base, idx, 1);
+}
+static inline ivec iv_min(ivec a, int b) { return _mm256_min_epi32(a, _mm256_set1_epi32(b)); }
+#define IV_BYTE(v, sh) _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32((v), (sh)), 24))
+#endif
+
+/* buf (K x NR, k-major) = float(q[c0 + c][k]) for c < nc (columns past nc repeat the last
+ * one: never written out) */
+static void widen_panel(const int8_t *q, int c0, int nc, int K, float *buf) {
+    ivec idx[NR / VW], base = iv_index(K);
+    for (int h = 0; h < NR / VW; h++) {  /* byte offsets of the columns this vector holds */
+#if defined(__AVX512F__)
+        ivec off = _mm512_add_epi32(base, _mm512_set1_epi32(h * VW * K));
+#else
+        ivec off = _mm256_add_epi32(base, _mm256_set1_epi32(h * VW * K));
+#endif
+        idx[h] = iv_min(off, (nc - 1) * K);
+    }
+    const int8_t *q0 = q + (size_t)c0 * K;
+    int k = 0;
+    for (; k + 4 <= K; k += 4)
+        for (int h = 0; h < NR / VW; h++) {
+            ivec v = iv_gather(q0 + k, idx[h]);  /* 4 bytes (k .. k+3) of VW columns */
+            float *o = buf + (size_t)k * NR + h * VW;
+            vstore(o, IV_BYTE(v, 24));
+            vstore(o + NR, IV_BYTE(v, 16));
+            vstore(o + 2 * NR, IV_BYTE(v, 8));
+            vstore(o + 3 * NR, IV_BYTE(v, 0));
+        }
+    for (; k < K; k++)
+        for (int c = 0; c < NR; c++)
+            buf[(size_t)k * NR + c] = (float)q0[(size_t)(c < nc ? c : nc - 1) * K + k];
+}
+
+static void int8_panel_body(const float *x, int ldx, const sureserve_linear *L,
+                            const float *res, float *y, int ldy, int M) {
+    const float *b = L->bias, *sc = L->scale;
+    const int8_t *q = (const int8_t *)L->w;
+    int N = L->n, K = L->k, panels = (N + NR - 1) / NR;
+    float *buf = 0;
+    #pragma omp for schedule(static) nowait
+    for (int j = 0; j < panels; j++) {
+        if (!buf) buf = (float *)malloc((size_t)K * NR * sizeof(float));
+        int c0 = j * NR, nc = N - c0 < NR ? N - c0 : NR;
+        widen_panel(q, c0, nc, K, buf);
+        for (int m0 = 0; m0 < M; m0 += PR) {
+            int mt = M - m0 < PR ? M - m0 : PR;
+            const float *xm = x + (size_t)m0 * ldx;
+            float out[PR * NR];
+            switch (mt) {
+            case 1: panel_tile(xm, ldx, buf, K, 1, out); break;
+            case 2: panel_tile(xm, ldx, buf, K, 2, out); break;
+            case 3: panel_tile(xm, ldx, buf, K, 3, out); break;
+            case 4: panel_tile(xm, ldx, buf, K, 4, out); break;
+            case 5: panel_tile(xm, ldx, buf, K, 5, out); break;
+#if PR > 6
+            case 6: panel_tile(xm, ldx, buf, K, 6, out); break;
+            case 7: panel_tile(xm, ldx, buf, K, 7, out); break;
+#endif
+            default: panel_tile(xm, ldx, buf, K, PR, out); break;
+            }
+            for (int m = 0; m < mt; m++) {
+                float *ym = y + (size_t)(m0 + m) * ldy + c0;
+                const float *rm = res ? res + (size_t)(m0 + m) * ldy + c0 : 0;
+                for (int c = 0; c < nc; c++)
+                    ym[c] = out[m * NR + c] * sc[c0 + c] + (b ? b[c0 + c] : 0.0f) +
+                            (rm ? rm[c] : 0.0f);
+            }
+        }
+    }
+    free(buf);
+}
+#endif
+
 /* one linear layer, this thread's share; no barrier: for products whose outputs nothing
  * reads before a later barrier (q and k before v; gate before up) */
 static void gemv_nowait(const float *x, int ldx, const sureserve_linear *L,
@@ -391,6 +496,10 @@ static void gemv_nowait(const float *x, int ldx, const sureserve_linear *L,
 #if defined(VW)
     if (!L->scale && L->p && M >= L->pmin) {
         panel_body(x, ldx, L, res, y, ldy, M);
+        return;
+    }
+    if (L->scale && L->pmin > 0 && M >= L->pmin) {
+        int8_panel_body(x, ldx, L, res, y, ldy, M);
         return;
     }
 #endif

@@ -38,7 +38,7 @@ import ctypes
 import logging
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,15 +400,18 @@ class KernelPlan:
     # (``direct.calibrate_steps``): when measured, what ``max_rows`` was chosen by
     whole_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
     # float32 shape with panels -> PROMPT_ROWS -> (torch's ms: the packed product where it
-    # runs, else F.linear; the panels' ms); the shapes whose panels won at every one of
-    # them read their panels in prompts' forwards too (``prompt_shapes``, ``prompt_panels``)
+    # runs, else F.linear; the panels' ms); int8 shape -> PROMPT_ROWS -> (the int8 layer's
+    # own forward ms, the kernel's int8 product ms). The shapes that won at every one of
+    # them go through the kernel in prompts' forwards too (``prompt_shapes``,
+    # ``prompt_panels``)
     prompt_ms: dict[tuple[Any, ...], dict[int, tuple[float, float]]] = \
         field(default_factory=dict)
 
     @property
     def prompt_shapes(self) -> list[tuple[Any, ...]]:
         return [key for key, ms in self.prompt_ms.items()
-                if key in self.panel_rows and all(c < a for a, c in ms.values())]
+                if (len(key) > 2 or key in self.panel_rows)
+                and all(c < a for a, c in ms.values())]
 
     def active(self, rows: int) -> bool:
         return self.kernel is not None and rows <= self.max_rows
@@ -440,18 +443,26 @@ class KernelPlan:
                 f"{self.max_rows} rows{gain}{panels}")
 
     def _describe_prompts(self) -> str:
-        if not self.prompt_ms:
-            return ""
-        took = self.prompt_shapes
-        if not took:
-            return "; prompts' products through torch's (the panels measured no faster)"
-        gains = []
-        for rows in PROMPT_ROWS:
-            a = sum(self.prompt_ms[key][rows][0] for key in took)
-            c = sum(self.prompt_ms[key][rows][1] for key in took)
-            gains.append(f"{a / max(c, 1e-9):.2f}x at {rows}")
-        return (f"; prompts' products read the panels too ({len(took)} of "
-                f"{len(self.prompt_ms)} shapes, {', '.join(gains)} rows)")
+        out = ""
+        for int8 in (False, True):
+            measured = [key for key in self.prompt_ms if (len(key) > 2) == int8]
+            if not measured:
+                continue
+            took = [key for key in self.prompt_shapes if key in measured]
+            what = "int8 prompts' products" if int8 else "prompts' products"
+            if not took:
+                out += (f"; {what} through torch's (the "
+                        f"{'int8 product' if int8 else 'panels'} measured no faster)")
+                continue
+            gains = []
+            for rows in PROMPT_ROWS:
+                a = sum(self.prompt_ms[key][rows][0] for key in took)
+                c = sum(self.prompt_ms[key][rows][1] for key in took)
+                gains.append(f"{a / max(c, 1e-9):.2f}x at {rows}")
+            how = "through the kernel too" if int8 else "read the panels too"
+            out += (f"; {what} {how} ({len(took)} of {len(measured)} shapes, "
+                    f"{', '.join(gains)} rows)")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         def name(key: tuple[Any, ...]) -> str:
@@ -549,8 +560,10 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
     made = _give_panels(model, kernel, panel_rows) if panel_rows else 0
     out = KernelPlan(kernel, max_rows, reason, step, shape_rows, panel_rows, made / 2**20,
                      panel_why)
-    if made:
-        out.prompt_ms = _prompt_plan(home, kernel, panel_rows, got_ms, packing)
+    int8 = [key for key, count in shapes.items() if len(key) > 2 and count]
+    if made or int8:
+        out.prompt_ms = _prompt_plan(home, kernel, panel_rows if made else {}, got_ms,
+                                     packing, int8)
     log.info("decode matmuls: %s", out.describe())
     return out
 
@@ -600,19 +613,25 @@ def _panel_plan(shapes: dict[tuple[Any, ...], int],
 
 def _prompt_plan(home: Path | None, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int],
                  got_ms: dict[tuple[Any, ...], dict[int, tuple[float, float, float | None]]],
-                 packing: Any) -> dict[tuple[Any, ...], dict[int, tuple[float, float]]]:
+                 packing: Any, int8: Sequence[tuple[Any, ...]] = ()
+                 ) -> dict[tuple[Any, ...], dict[int, tuple[float, float]]]:
     """Each shape with panels at ``PROMPT_ROWS``: (torch's ms, the panels' ms), torch's
-    being the packed product where it runs at that row count, else ``F.linear`` (cached
-    per machine like the decode row counts)."""
+    being the packed product where it runs at that row count, else ``F.linear``; each
+    ``int8`` shape: (the int8 layer's own forward ms, the kernel's int8 product ms). Cached
+    per machine like the decode row counts."""
     out: dict[tuple[Any, ...], dict[int, tuple[float, float]]] = {}
-    for key in panel_rows:
+    for key in [*panel_rows, *int8]:
         ms: dict[int, tuple[float, float]] = {}
         for rows in PROMPT_ROWS:
-            a, _, c = got_ms[key].get(rows) or _measured(home, kernel, key, rows)
+            if len(key) > 2:  # int8: the product that widens panels as it goes
+                a, b, _ = _measured(home, kernel, key, rows, prompt=True)
+                c = None if b == float("inf") else b
+            else:
+                a, _, c = got_ms[key].get(rows) or _measured(home, kernel, key, rows)
             if c is None:
                 break
             other = packing.packed_ms((key[0], key[1]), "float32", rows) \
-                if packing is not None else None
+                if packing is not None and len(key) == 2 else None
             ms[rows] = (a if other is None else min(a, other), c)
         else:
             out[key] = ms
@@ -696,16 +715,68 @@ class PromptPanels(PackedForward):
         return (PackedForward, (self.module, None, self.min_rows))
 
 
+class PromptInt8:
+    """An int8 weight-only layer's instance ``forward``: inside ``prompt_panels`` on this
+    thread, the kernel's int8 product (each panel of columns widened to float32 once per
+    product and read by every tile of rows; the activations not rounded, where torch's
+    int8 matmul rounds them to bf16 on CPUs that measured that faster), measured faster
+    than the layer's own forward at prompt-sized row counts; at every row count, so that a
+    prompt's rows do not depend on how it was chunked. Otherwise exactly the layer's own
+    forward. A copy
+    or a pickle carries one without the kernel (the layer's own forward)."""
+
+    def __init__(self, module: Any, kernel: Gemv | None) -> None:
+        self.module, self.kernel = module, kernel
+        self._key: tuple[Any, ...] | None = None
+        self._struct: Linear | None = None
+
+    def __call__(self, x: Any) -> Any:
+        if self.kernel is not None and getattr(_PROMPT, "on", False):
+            y = self._through_kernel(x)
+            if y is not None:
+                return y
+        return type(self.module).forward(self.module, x)
+
+    def _through_kernel(self, x: Any) -> Any:
+        import torch
+
+        assert self.kernel is not None
+        got = weights_of(self.module)
+        if got is None or got[1] is None or x.dtype != torch.float32 \
+                or x.device.type != "cpu" or x.shape[-1] != got[0].shape[1] \
+                or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        key = tuple(None if t is None else t.data_ptr() for t in got)
+        if key != self._key or self._struct is None:
+            self._struct, self._key = struct_of(got), key
+            self._struct.pmin = 1  # every row count: one rounding for a prompt's rows
+        return self.kernel.linear(x, self._struct)
+
+    def undo(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PromptInt8, (self.module, None))
+
+
 def give_prompt_panels(model: Any, kernel_plan: KernelPlan) -> int:
     """Give every layer of a ``prompt_shapes`` shape that holds panels a ``PromptPanels``
-    forward (a layer whose forward is anything but its ``PackedForward`` keeps it);
-    returns how many. After ``direct.plan``: the panels it drops are not read."""
+    forward (a layer whose forward is anything but its ``PackedForward`` keeps it), and
+    every int8 weight-only layer of such a shape a ``PromptInt8`` one (unless it has a
+    forward of its own already); returns how many. After ``direct.plan``: the panels it
+    drops are not read."""
     if kernel_plan.kernel is None or not kernel_plan.prompt_shapes:
         return 0
     took = set(kernel_plan.prompt_shapes)
     count = 0
     for m in model.modules():
         got = weights_of(m)
+        if got is not None and got[1] is not None and shape_key(got[0]) in took:
+            fwd = m.__dict__.get("forward")
+            if fwd is None:
+                m.forward = PromptInt8(m, kernel_plan.kernel)
+            count += fwd is None or isinstance(fwd, PromptInt8)
+            continue
         if got is None or got[1] is not None or shape_key(got[0]) not in took \
                 or panels_of(m) is None:
             continue
@@ -751,16 +822,17 @@ def _give_panels(model: Any, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int
 
 
 def drop_panels(model: Any, kernel_plan: KernelPlan) -> None:
-    """Free the panels ``plan`` gave ``model``'s layers (the kernel does not serve); a plan
-    that gave none leaves the model's alone (another engine on the same model may read
-    them)."""
+    """Free the panels ``plan`` gave ``model``'s layers (the kernel does not serve decode
+    steps); a plan that gave none leaves the model's alone (another engine on the same
+    model may read them). int8 shapes keep their prompt measurement: their prompts' path
+    reads no panels."""
     if not kernel_plan.panel_rows:
         return
     _take_prompt_panels(model)
     for m in model.modules():
         m.__dict__.pop(PANELS, None)
     kernel_plan.panel_rows, kernel_plan.panel_mb = {}, 0.0
-    kernel_plan.prompt_ms = {}
+    kernel_plan.prompt_ms = {k: v for k, v in kernel_plan.prompt_ms.items() if len(k) > 2}
 
 
 def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
@@ -770,8 +842,9 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
     ``F.linear`` against the kernel on the row-major weight and on its panels (None: this
     build has none); ``int8``: an int8 weight-only layer's own forward (torch's packed int8
     matmul) against the kernel reading the same int8 weights (no panels). Without
-    ``row_major`` the kernel's row-major product is not timed (None): a prompt's row
-    counts only weigh the panels against torch."""
+    ``row_major`` the kernel's row-major float32 product is not timed (None): a prompt's
+    row counts only weigh the panels against torch; for ``int8`` the kernel's product is
+    then the one that widens panels as it goes (``PromptInt8``'s)."""
     import torch
     import torch.nn.functional as F
 
@@ -787,6 +860,10 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
 
         mods = [Int8WeightOnlyLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(copies)]
         structs = [linear_struct(m) for m in mods]
+        if not row_major:  # a prompt's rows: the product ``PromptInt8`` runs
+            for st in structs:
+                assert st is not None
+                st.pmin = 1
 
         def through_torch() -> None:
             for m in mods:
@@ -830,11 +907,12 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
             None if through_panels is None else c / copies)
 
 
-def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int
-              ) -> tuple[float, float, float | None]:
+def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int,
+              prompt: bool = False) -> tuple[float, float, float | None]:
     """``measure`` for a ``shape_key``, cached per machine, thread count and kernel build
     (``machine.measured_once``); at a row count outside ``ROWS`` (a prompt's) the
-    row-major product is not timed (nothing reads it there: it reads as infinitely slow)."""
+    row-major product is not timed (nothing reads it there: it reads as infinitely slow).
+    ``prompt``: an int8 shape's product as a prompt runs it (``PromptInt8``)."""
     from sureserve.loading.machine import measured_once
 
     def parse(v: Any) -> tuple[float, float, float | None]:
@@ -843,6 +921,7 @@ def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int
                 None if c is None else float(c))
 
     n, k, int8 = int(key[0]), int(key[1]), len(key) > 2
-    name = f"{n}x{k}:{rows}" + (":int8" if int8 else "")
-    return measured_once(home, f"gemv-{kernel.key}", name,
-                         lambda: list(measure(kernel, n, k, rows, int8, rows in ROWS)), parse)
+    prompt = prompt and int8
+    name = f"{n}x{k}:{rows}" + (":int8" if int8 else "") + (":prompt" if prompt else "")
+    return measured_once(home, f"gemv-{kernel.key}", name, lambda: list(
+        measure(kernel, n, k, rows, int8, rows in ROWS and not prompt)), parse)
