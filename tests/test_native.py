@@ -218,14 +218,20 @@ def test_the_direct_step_through_the_kernel_matches_the_forward(
 @pytest.mark.parametrize("lengths", [[5, 9, 3], [6]], ids=["padded", "one-row"])
 @pytest.mark.parametrize("whole", [True, False], ids=["one-call", "per-layer"])
 @pytest.mark.parametrize("head", [False, True], ids=["fp32-head", "int8-head"])
+@pytest.mark.parametrize("widen", [0, 1], ids=["row-major", "widened"])
 def test_an_int8_weight_only_model_decodes_through_the_kernel(
-        gemv: native.Gemv, lengths: list[int], whole: bool, head: bool) -> None:
+        gemv: native.Gemv, lengths: list[int], whole: bool, head: bool, widen: int) -> None:
     """An int8 weight-only model (what ``sureserve quantize`` makes; lm_head in int8 too
-    with ``int8-weight-only-head``) decodes through the kernel reading its int8 weights:
-    logits and keys are the forward of the dequantized float32 model to float32 rounding
-    (torch's own int8 path rounds activations to bf16, which this does not), and greedy
-    tokens are the same."""
+    with ``int8-weight-only-head``) decodes through the kernel reading its int8 weights,
+    row-major or widened into panels as the products go: logits and keys are the forward of
+    the dequantized float32 model to float32 rounding (torch's own int8 path rounds
+    activations to bf16, which this does not), and greedy tokens are the same."""
     model, deq = int8_model(_model("qwen2"), head)
+    if widen and gemv.panel_width:  # products widen int8 panels as they go, from one row
+        got = [g for g in map(native.weights_of, model.modules()) if g is not None]
+        native._give_widen(model, {native.shape_key(g[0]): widen for g in got
+                                   if g[1] is not None})
+        assert native.widen_of(model.model.layers[0].mlp.down_proj) == widen
     plan_ = forced(model, gemv)
     assert (96, 64, "int8") in plan_.shape_rows
     assert ((300, 64, "int8") in plan_.shape_rows) == head
@@ -237,6 +243,7 @@ def test_an_int8_weight_only_model_decodes_through_the_kernel(
     assert (step._prep is not None and step._prep.ok) == whole
     if whole:
         assert step._prep.head is not None and bool(step._prep.head.scale) == head
+        assert step._prep.layers[0].down.pmin == (widen if gemv.panel_width else 0)
 
 
 def test_the_whole_step_follows_swapped_layers(gemv: native.Gemv) -> None:
@@ -300,9 +307,9 @@ def test_the_plan_follows_the_measurement(monkeypatch: pytest.MonkeyPatch,
     model = _model("llama")  # shapes: 64x64 (q, o), 32x64 (k, v), 96x64, 64x96, 300x64
     timings = {1: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 1.0), 16: (1.0, 2.0), 32: (1.0, 2.0)}
 
-    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int, prompt: bool = False
+    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int
              ) -> tuple[float, float, float | None]:
-        a, b = timings[rows] if not prompt else (1.0, 0.5)  # (an int8 model's prompt rows)
+        a, b = timings.get(rows, (1.0, 0.5))  # (128: an int8 model's prompt rows)
         if key == (300, 64) and rows == 8:
             b = 0.5  # the head still wins at 8 rows
         return a, b, None  # (no panels: test_panels_follow_the_measurement)
@@ -580,12 +587,14 @@ def test_prompts_read_the_panels_where_they_measured_faster(
 def test_int8_prompts_go_through_the_kernel_where_it_measured_faster(
         monkeypatch: pytest.MonkeyPatch, gemv: native.Gemv, tmp_path: Path) -> None:
     """An int8 weight-only model (``sureserve quantize``'s): each int8 shape is timed at the
-    prompt row counts as a prompt runs it (``prompt=True``: the product that widens panels
-    as it goes), and the shapes that won at both read it inside ``prompt_panels`` (one that
-    lost at 128 rows keeps the layer's own forward). Outside the context, and on another
-    thread, a layer is exactly its own forward; inside, the kernel's product, and the
-    model's logits are the dequantized float32 model's within bf16 rounding. Copies and pickles
-    carry the layer's own forward; a kernel unused for decode steps keeps the prompts'."""
+    prompt row counts too (the product that widens panels as it goes against the layer's
+    own forward), and the shapes that won at both read it inside ``prompt_panels`` (one
+    that lost at 128 rows keeps the layer's own forward); where widening won at decode row
+    counts, the layers' structures widen from there (``widen_rows``). Outside the context,
+    and on another thread, a layer is exactly its own forward; inside, the kernel's
+    product, and the model's logits are the dequantized float32 model's within bf16
+    rounding. Copies and pickles carry the layer's own forward; a kernel unused for decode
+    steps keeps the prompts'."""
     import copy
     import pickle
     import threading
@@ -597,20 +606,25 @@ def test_int8_prompts_go_through_the_kernel_where_it_measured_faster(
     model, deq = int8_model(_model("qwen2"), head=True)
     asked: list[tuple[Any, ...]] = []
 
-    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int, prompt: bool = False
+    def fake(home: Any, kernel: Any, key: tuple[Any, ...], rows: int
              ) -> tuple[float, float, float | None]:
-        if rows in native.PROMPT_ROWS and prompt:
+        if len(key) > 2:
             asked.append((key, rows))
-            return (2.0, 3.0, None) if key == (96, 64, "int8") and rows == 128 else \
-                (2.0, 1.0, None)
+            if key == (96, 64, "int8") and rows == 128:
+                return 2.0, float("inf"), 3.0  # widening loses to torch at 128 rows
+            return 2.0, 1.5 if rows >= 4 else 0.5, 1.0  # widening wins from 4 rows
         return 2.0, 1.0, None
 
     monkeypatch.setattr(native, "_measured", fake)
     got = native.plan(model, "cpu", tmp_path, panel_bytes=2**30)
     int8 = {(64, 64, "int8"), (32, 64, "int8"), (96, 64, "int8"), (64, 96, "int8"),
             (300, 64, "int8")}
-    assert {k for k, _ in asked} == int8 and set(got.prompt_ms) == int8
+    assert {k for k, r in asked if r == 128} == int8 and set(got.prompt_ms) == int8
     assert sorted(got.prompt_shapes) == sorted(int8 - {(96, 64, "int8")})
+    assert got.widen_rows == dict.fromkeys(int8, 4)
+    assert "int8 weights widened into panels as products go, from 4 rows (5 shapes)" in \
+        got.describe() and got.to_dict()["widen_rows"]["300x64:int8"] == 4
+    assert native.widen_of(model.lm_head) == 4 and native.linear_struct(model.lm_head).pmin == 4
     assert "int8 prompts' products through the kernel too (4 of 5 shapes, 2.00x at 32, " \
         "2.00x at 128 rows)" in got.describe()
     assert native.give_prompt_panels(model, got) == 2 * 5 + 1  # q, k, v, o, down; lm_head

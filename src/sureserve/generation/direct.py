@@ -380,12 +380,12 @@ class DirectDecode:
             if self.kernel.takes(w, x.shape[0]) and gemv.accepts(x, w, b):
                 return gemv.linear(x, _struct(module))  # with its panels, where it has them
         elif x.dtype == torch.float32:  # an int8 weight-only layer (weights_of says)
-            from sureserve.generation.native import struct_of, weights_of
+            from sureserve.generation.native import struct_of, weights_of, widen_of
 
             got = weights_of(module)
             if got is not None and x.shape[-1] == got[0].shape[1] \
                     and self.kernel.takes(got[0], x.shape[0]):
-                return gemv.linear(x, struct_of(got))
+                return gemv.linear(x, struct_of(got, None, widen_of(module)))
         return _apply(module, x)
 
 
@@ -424,15 +424,16 @@ class _Prepared:
         for i, (norm1, _, norm2, _) in enumerate(direct.layers):
             n1, n2 = norm1._parameters["weight"], norm2._parameters["weight"]
             norms += [n1, n2]
-            got = [native.weights_of(m) for m in modules[i * per:(i + 1) * per]]
+            mods = modules[i * per:(i + 1) * per]
+            got = [native.weights_of(m) for m in mods]
             if any(g is None for g in got):
                 self.why = "a linear layer is neither float32 nor int8 weight-only"
                 return self
-            panels = [native.panels_of(m) for m in modules[i * per:(i + 1) * per]]
+            panels = [native.panels_of(m) for m in mods]
             self.tensors += got + [p.panels for p in panels if p is not None]
             layers.append(native.Layer(n1.data_ptr(), n2.data_ptr(),
-                                       *(native.struct_of(g, p)
-                                         for g, p in zip(got, panels, strict=True)
+                                       *(native.struct_of(g, p, native.widen_of(m))
+                                         for g, p, m in zip(got, panels, mods, strict=True)
                                          if g is not None)))
         if any(n.dtype != f32 or not n.is_contiguous() for n in norms):
             self.why = "a norm is not float32"
@@ -447,7 +448,7 @@ class _Prepared:
         head = native.weights_of(modules[-1])
         if head is not None and direct.final_norm.variance_epsilon == direct.eps:
             head_panels = native.panels_of(modules[-1])
-            self.head = native.struct_of(head, head_panels)
+            self.head = native.struct_of(head, head_panels, native.widen_of(modules[-1]))
             self.tensors += [head] + ([head_panels.panels] if head_panels else [])
         self.final_norm = norms[0]
         self.norms = norms

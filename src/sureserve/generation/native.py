@@ -77,8 +77,9 @@ MAX_HEAD_DIM = 512
 class Linear(ctypes.Structure):
     """A linear layer as ``gemv.c`` reads it (``sureserve_linear``): float32 weights, or
     int8 weights with one float32 scale per output row; float32 ones may carry their
-    panels (``p``, read by products of at least ``pmin`` rows); the tensors must outlive
-    it."""
+    panels (``p``, read by products of at least ``pmin`` rows); int8 ones from ``pmin``
+    rows (0: never) widen each panel of columns to float32 as the product goes; the
+    tensors must outlive it."""
 
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("n", ctypes.c_int), ("k", ctypes.c_int), ("p", ctypes.c_void_p),
@@ -87,6 +88,14 @@ class Linear(ctypes.Structure):
 
 #: where a module's panels are kept (``Panels``), in its ``__dict__``
 PANELS = "_sureserve_panels"
+#: where an int8 weight-only module keeps from how many rows its products widen panels
+#: as they go (``KernelPlan.widen_rows``), in its ``__dict__``
+WIDEN = "_sureserve_widen_rows"
+
+
+def widen_of(module: Any) -> int:
+    """From how many rows ``module``'s int8 products widen panels as they go (0: never)."""
+    return int(module.__dict__.get(WIDEN, 0))
 
 
 class Panels:
@@ -171,20 +180,24 @@ def _readable(weight: Any, bias: Any) -> bool:
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
 
 
-def struct_of(weights: tuple[Any, Any, Any], panels: Panels | None = None) -> Linear:
+def struct_of(weights: tuple[Any, Any, Any], panels: Panels | None = None,
+              widen: int = 0) -> Linear:
     """``weights_of``'s (weight, scale, bias) as a ``Linear``, with the weight's panels
-    when given (float32 weights)."""
+    when given (float32 weights); int8 weights widen panels as they go from ``widen`` rows
+    (0: never)."""
     w, scale, b = weights
     p = panels if panels is not None and scale is None else None
+    pmin = p.min_rows if p is not None else (widen if scale is not None else 0)
     return Linear(w.data_ptr(), _ptr(scale), _ptr(b), int(w.shape[0]), int(w.shape[1]),
-                  None if p is None else _ptr(p.panels), 0 if p is None else p.min_rows)
+                  None if p is None else _ptr(p.panels), pmin)
 
 
 def linear_struct(module: Any) -> Linear | None:
-    """``module``'s weights as a ``Linear``, with its panels where it has fresh ones (None:
-    not a layer the kernel reads)."""
+    """``module``'s weights as a ``Linear``, with its panels where it has fresh ones, or
+    for int8 weights the row count its products widen panels from (None: not a layer the
+    kernel reads)."""
     got = weights_of(module)
-    return None if got is None else struct_of(got, panels_of(module))
+    return None if got is None else struct_of(got, panels_of(module), widen_of(module))
 
 
 def shape_key(weight: Any) -> tuple[Any, ...]:
@@ -406,6 +419,10 @@ class KernelPlan:
     # ``prompt_panels``)
     prompt_ms: dict[tuple[Any, ...], dict[int, tuple[float, float]]] = \
         field(default_factory=dict)
+    # int8 (out, in, "int8") -> from how many rows of a decode step its products widen
+    # each panel of columns to float32 as they go (measured no slower than the row-major
+    # int8 product from there on; no copy is kept)
+    widen_rows: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
     @property
     def prompt_shapes(self) -> list[tuple[Any, ...]]:
@@ -438,6 +455,10 @@ class KernelPlan:
                       f"{lo} row{'s' if lo > 1 else ''}")
         if self.panel_why:
             panels += f"; {self.panel_why}"
+        if self.widen_rows:
+            lo = min(self.widen_rows.values())
+            panels += (f"; int8 weights widened into panels as products go, from {lo} "
+                       f"row{'s' if lo > 1 else ''} ({len(self.widen_rows)} shapes)")
         panels += self._describe_prompts()
         return (f"sureserve's GEMV kernel ({self.kernel.isa}) for steps of up to "
                 f"{self.max_rows} rows{gain}{panels}")
@@ -482,7 +503,8 @@ class KernelPlan:
                 "prompt_ms": {name(key): {str(r): [round(a, 6), round(c, 6)]
                                           for r, (a, c) in ms.items()}
                               for key, ms in self.prompt_ms.items()},
-                "prompt_shapes": [name(key) for key in self.prompt_shapes]}
+                "prompt_shapes": [name(key) for key in self.prompt_shapes],
+                "widen_rows": {name(key): r for key, r in self.widen_rows.items()}}
 
 
 def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
@@ -519,13 +541,15 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
     got_ms = {key: {rows: _measured(home, kernel, key, rows) for rows in ROWS}
               for key in shapes}
     panel_rows, panel_why = _panel_plan(shapes, got_ms, panel_bytes, kernel.panel_width)
+    widen_rows = _widen_plan(shapes, got_ms)
     step: dict[int, tuple[float, float]] = {}
     shape_rows: dict[tuple[Any, ...], int] = dict.fromkeys(shapes, 0)
     for rows in ROWS:
         torch_ms = best_ms = 0.0
         for key, count in shapes.items():
             a, b, c = got_ms[key][rows]
-            if c is not None and rows >= panel_rows.get(key, rows + 1):
+            if c is not None and rows >= (widen_rows if len(key) > 2 else panel_rows).get(
+                    key, rows + 1):
                 b = c
             other = packing.packed_ms((key[0], key[1]), "float32", rows) \
                 if packing is not None and len(key) == 2 else None
@@ -558,8 +582,9 @@ def plan(model: Any, device: str, home: Path | None, enabled: bool = True,
     # given now: the whole steps that decide the row counts read them
     # (``direct.calibrate_steps``); ``drop_panels`` where the kernel ends up unused
     made = _give_panels(model, kernel, panel_rows) if panel_rows else 0
+    _give_widen(model, widen_rows)
     out = KernelPlan(kernel, max_rows, reason, step, shape_rows, panel_rows, made / 2**20,
-                     panel_why)
+                     panel_why, widen_rows=widen_rows)
     int8 = [key for key, count in shapes.items() if len(key) > 2 and count]
     if made or int8:
         out.prompt_ms = _prompt_plan(home, kernel, panel_rows if made else {}, got_ms,
@@ -611,6 +636,41 @@ def _panel_plan(shapes: dict[tuple[Any, ...], int],
     return out, why
 
 
+def _widen_plan(shapes: dict[tuple[Any, ...], int],
+                got_ms: dict[tuple[Any, ...], dict[int, tuple[float, float, float | None]]]
+                ) -> dict[tuple[Any, ...], int]:
+    """int8 shape -> the smallest row count from which widening panels as the product
+    goes measured no slower than the row-major int8 product (within the noise margin) at
+    every larger one (as ``_panel_plan`` chooses for float32 panels, but nothing is kept:
+    no memory bound)."""
+    out: dict[tuple[Any, ...], int] = {}
+    for key, count in shapes.items():
+        if len(key) <= 2 or not count:
+            continue
+        start = None
+        for rows in reversed(ROWS):
+            _, b, c = got_ms[key][rows]
+            if c is None or c > b * MIN_GAIN:
+                break
+            start = rows
+        if start is not None:
+            out[key] = start
+    return out
+
+
+def _give_widen(model: Any, widen_rows: dict[tuple[Any, ...], int]) -> None:
+    """Mark every int8 weight-only layer of a ``widen_rows`` shape with its row count (the
+    structures the decode step builds read it: ``widen_of``)."""
+    for m in model.modules():
+        got = weights_of(m)
+        if got is not None and got[1] is not None:
+            rows = widen_rows.get(shape_key(got[0]))
+            if rows is None:
+                m.__dict__.pop(WIDEN, None)
+            else:
+                m.__dict__[WIDEN] = rows
+
+
 def _prompt_plan(home: Path | None, kernel: Gemv, panel_rows: dict[tuple[Any, ...], int],
                  got_ms: dict[tuple[Any, ...], dict[int, tuple[float, float, float | None]]],
                  packing: Any, int8: Sequence[tuple[Any, ...]] = ()
@@ -623,11 +683,8 @@ def _prompt_plan(home: Path | None, kernel: Gemv, panel_rows: dict[tuple[Any, ..
     for key in [*panel_rows, *int8]:
         ms: dict[int, tuple[float, float]] = {}
         for rows in PROMPT_ROWS:
-            if len(key) > 2:  # int8: the product that widens panels as it goes
-                a, b, _ = _measured(home, kernel, key, rows, prompt=True)
-                c = None if b == float("inf") else b
-            else:
-                a, _, c = got_ms[key].get(rows) or _measured(home, kernel, key, rows)
+            # (int8: c is the product that widens panels as it goes)
+            a, _, c = got_ms[key].get(rows) or _measured(home, kernel, key, rows)
             if c is None:
                 break
             other = packing.packed_ms((key[0], key[1]), "float32", rows) \
@@ -841,10 +898,10 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
     ``rows`` rows, streamed over enough copies that they come from memory. Float32:
     ``F.linear`` against the kernel on the row-major weight and on its panels (None: this
     build has none); ``int8``: an int8 weight-only layer's own forward (torch's packed int8
-    matmul) against the kernel reading the same int8 weights (no panels). Without
-    ``row_major`` the kernel's row-major float32 product is not timed (None): a prompt's
-    row counts only weigh the panels against torch; for ``int8`` the kernel's product is
-    then the one that widens panels as it goes (``PromptInt8``'s)."""
+    matmul) against the kernel reading the same int8 weights row-major and widening each
+    panel of columns to float32 as it goes (None: no panels in this build). Without
+    ``row_major`` the kernel's row-major product is not timed (None): a prompt's row
+    counts only weigh the panels against torch."""
     import torch
     import torch.nn.functional as F
 
@@ -859,11 +916,8 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
         from sureserve.loading.kernels import Int8WeightOnlyLinear
 
         mods = [Int8WeightOnlyLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(copies)]
-        structs = [linear_struct(m) for m in mods]
-        if not row_major:  # a prompt's rows: the product ``PromptInt8`` runs
-            for st in structs:
-                assert st is not None
-                st.pmin = 1
+        structs = [struct_of(got) for got in map(weights_of, mods) if got is not None]
+        widened = [struct_of(got, widen=1) for got in map(weights_of, mods) if got is not None]
 
         def through_torch() -> None:
             for m in mods:
@@ -871,8 +925,14 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
 
         def through_kernel() -> None:
             for st in structs:
-                assert st is not None
                 kernel.linear(x, st)
+
+        if kernel.panel_width:
+            def through_widened() -> None:
+                for st in widened:
+                    kernel.linear(x, st)
+
+            through_panels = through_widened
     else:
         ws = [torch.empty(n, k).uniform_(-1, 1) for _ in range(copies)]
 
@@ -907,12 +967,11 @@ def measure(kernel: Gemv, n: int, k: int, rows: int, int8: bool = False,
             None if through_panels is None else c / copies)
 
 
-def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int,
-              prompt: bool = False) -> tuple[float, float, float | None]:
+def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int
+              ) -> tuple[float, float, float | None]:
     """``measure`` for a ``shape_key``, cached per machine, thread count and kernel build
     (``machine.measured_once``); at a row count outside ``ROWS`` (a prompt's) the
-    row-major product is not timed (nothing reads it there: it reads as infinitely slow).
-    ``prompt``: an int8 shape's product as a prompt runs it (``PromptInt8``)."""
+    row-major product is not timed (nothing reads it there: it reads as infinitely slow)."""
     from sureserve.loading.machine import measured_once
 
     def parse(v: Any) -> tuple[float, float, float | None]:
@@ -921,7 +980,7 @@ def _measured(home: Path | None, kernel: Gemv, key: tuple[Any, ...], rows: int,
                 None if c is None else float(c))
 
     n, k, int8 = int(key[0]), int(key[1]), len(key) > 2
-    prompt = prompt and int8
-    name = f"{n}x{k}:{rows}" + (":int8" if int8 else "") + (":prompt" if prompt else "")
-    return measured_once(home, f"gemv-{kernel.key}", name, lambda: list(
-        measure(kernel, n, k, rows, int8, rows in ROWS and not prompt)), parse)
+    # (int8 entries hold the widened panels' time too: a name of their own)
+    name = f"{n}x{k}:{rows}" + (":int8-widen" if int8 else "")
+    return measured_once(home, f"gemv-{kernel.key}", name,
+                         lambda: list(measure(kernel, n, k, rows, int8, rows in ROWS)), parse)
