@@ -347,6 +347,37 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, int
     }
 }
 
+/* every row of x against one panel (columns c0 .. c0 + nc - 1): y = out (* scale) + b
+ * (+ res), in tiles of PR rows */
+static inline __attribute__((always_inline)) void panel_rows(
+        const float *x, int ldx, const float *pj, int K, int c0, int nc, const float *sc,
+        const float *b, const float *res, float *y, int ldy, int M) {
+    for (int m0 = 0; m0 < M; m0 += PR) {
+        int mt = M - m0 < PR ? M - m0 : PR;
+        const float *xm = x + (size_t)m0 * ldx;
+        float out[PR * NR];
+        switch (mt) {
+        case 1: panel_tile(xm, ldx, pj, K, 1, out); break;
+        case 2: panel_tile(xm, ldx, pj, K, 2, out); break;
+        case 3: panel_tile(xm, ldx, pj, K, 3, out); break;
+        case 4: panel_tile(xm, ldx, pj, K, 4, out); break;
+        case 5: panel_tile(xm, ldx, pj, K, 5, out); break;
+#if PR > 6
+        case 6: panel_tile(xm, ldx, pj, K, 6, out); break;
+        case 7: panel_tile(xm, ldx, pj, K, 7, out); break;
+#endif
+        default: panel_tile(xm, ldx, pj, K, PR, out); break;
+        }
+        for (int m = 0; m < mt; m++) {
+            float *ym = y + (size_t)(m0 + m) * ldy + c0;
+            const float *rm = res ? res + (size_t)(m0 + m) * ldy + c0 : 0;
+            for (int c = 0; c < nc; c++)
+                ym[c] = (sc ? out[m * NR + c] * sc[c0 + c] : out[m * NR + c]) +
+                        (b ? b[c0 + c] : 0.0f) + (rm ? rm[c] : 0.0f);
+        }
+    }
+}
+
 /* gemv_body for float32 weights in panels: this thread's panels, no barrier */
 static void panel_body(const float *x, int ldx, const sureserve_linear *L, const float *res,
                        float *y, int ldy, int M) {
@@ -354,31 +385,8 @@ static void panel_body(const float *x, int ldx, const sureserve_linear *L, const
     int N = L->n, K = L->k, panels = (N + NR - 1) / NR;
     #pragma omp for schedule(static) nowait
     for (int j = 0; j < panels; j++) {
-        const float *pj = L->p + (size_t)j * K * NR;
         int c0 = j * NR, nc = N - c0 < NR ? N - c0 : NR;
-        for (int m0 = 0; m0 < M; m0 += PR) {
-            int mt = M - m0 < PR ? M - m0 : PR;
-            const float *xm = x + (size_t)m0 * ldx;
-            float out[PR * NR];
-            switch (mt) {
-            case 1: panel_tile(xm, ldx, pj, K, 1, out); break;
-            case 2: panel_tile(xm, ldx, pj, K, 2, out); break;
-            case 3: panel_tile(xm, ldx, pj, K, 3, out); break;
-            case 4: panel_tile(xm, ldx, pj, K, 4, out); break;
-            case 5: panel_tile(xm, ldx, pj, K, 5, out); break;
-#if PR > 6
-            case 6: panel_tile(xm, ldx, pj, K, 6, out); break;
-            case 7: panel_tile(xm, ldx, pj, K, 7, out); break;
-#endif
-            default: panel_tile(xm, ldx, pj, K, PR, out); break;
-            }
-            for (int m = 0; m < mt; m++) {
-                float *ym = y + (size_t)(m0 + m) * ldy + c0;
-                const float *rm = res ? res + (size_t)(m0 + m) * ldy + c0 : 0;
-                for (int c = 0; c < nc; c++)
-                    ym[c] = out[m * NR + c] + (b ? b[c0 + c] : 0.0f) + (rm ? rm[c] : 0.0f);
-            }
-        }
+        panel_rows(x, ldx, L->p + (size_t)j * K * NR, K, c0, nc, 0, b, res, y, ldy, M);
     }
 }
 #else
@@ -452,30 +460,7 @@ static void int8_panel_body(const float *x, int ldx, const sureserve_linear *L,
         if (!buf) buf = (float *)malloc((size_t)K * NR * sizeof(float));
         int c0 = j * NR, nc = N - c0 < NR ? N - c0 : NR;
         widen_panel(q, c0, nc, K, buf);
-        for (int m0 = 0; m0 < M; m0 += PR) {
-            int mt = M - m0 < PR ? M - m0 : PR;
-            const float *xm = x + (size_t)m0 * ldx;
-            float out[PR * NR];
-            switch (mt) {
-            case 1: panel_tile(xm, ldx, buf, K, 1, out); break;
-            case 2: panel_tile(xm, ldx, buf, K, 2, out); break;
-            case 3: panel_tile(xm, ldx, buf, K, 3, out); break;
-            case 4: panel_tile(xm, ldx, buf, K, 4, out); break;
-            case 5: panel_tile(xm, ldx, buf, K, 5, out); break;
-#if PR > 6
-            case 6: panel_tile(xm, ldx, buf, K, 6, out); break;
-            case 7: panel_tile(xm, ldx, buf, K, 7, out); break;
-#endif
-            default: panel_tile(xm, ldx, buf, K, PR, out); break;
-            }
-            for (int m = 0; m < mt; m++) {
-                float *ym = y + (size_t)(m0 + m) * ldy + c0;
-                const float *rm = res ? res + (size_t)(m0 + m) * ldy + c0 : 0;
-                for (int c = 0; c < nc; c++)
-                    ym[c] = out[m * NR + c] * sc[c0 + c] + (b ? b[c0 + c] : 0.0f) +
-                            (rm ? rm[c] : 0.0f);
-            }
-        }
+        panel_rows(x, ldx, buf, K, c0, nc, sc, b, res, y, ldy, M);
     }
     free(buf);
 }

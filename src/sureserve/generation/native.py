@@ -609,12 +609,7 @@ def _panel_plan(shapes: dict[tuple[Any, ...], int],
     for key, count in shapes.items():
         if len(key) > 2 or not count:
             continue
-        start = None
-        for rows in reversed(ROWS):
-            _, b, c = got_ms[key][rows]
-            if c is None or c > b * MIN_GAIN:
-                break
-            start = rows
+        start = _wins_from(got_ms[key])
         if start is not None:
             _, b, c = got_ms[key][ROWS[-1]]
             want[key], saved[key] = start, (b - (c or 0.0)) * count
@@ -636,6 +631,19 @@ def _panel_plan(shapes: dict[tuple[Any, ...], int],
     return out, why
 
 
+def _wins_from(ms: dict[int, tuple[float, float, float | None]]) -> int | None:
+    """The smallest of ``ROWS`` from which the third figure (panels, or widened panels)
+    measured no slower than the second (the row-major product) within the noise margin at
+    every larger row count; None: not even at the most rows."""
+    start = None
+    for rows in reversed(ROWS):
+        _, b, c = ms[rows]
+        if c is None or c > b * MIN_GAIN:
+            break
+        start = rows
+    return start
+
+
 def _widen_plan(shapes: dict[tuple[Any, ...], int],
                 got_ms: dict[tuple[Any, ...], dict[int, tuple[float, float, float | None]]]
                 ) -> dict[tuple[Any, ...], int]:
@@ -647,12 +655,7 @@ def _widen_plan(shapes: dict[tuple[Any, ...], int],
     for key, count in shapes.items():
         if len(key) <= 2 or not count:
             continue
-        start = None
-        for rows in reversed(ROWS):
-            _, b, c = got_ms[key][rows]
-            if c is None or c > b * MIN_GAIN:
-                break
-            start = rows
+        start = _wins_from(got_ms[key])
         if start is not None:
             out[key] = start
     return out
